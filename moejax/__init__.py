@@ -1,0 +1,6 @@
+"""moejax: serve Mixture-of-Experts models sharded over a JAX device mesh, and find the layout that serves them best."""
+
+from moejax.config import ModelConfig, load_model_config
+from moejax.mesh import Layout, make_mesh
+
+__all__ = ["Layout", "ModelConfig", "load_model_config", "make_mesh"]
