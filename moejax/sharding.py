@@ -92,3 +92,11 @@ def axis_size(mesh: jax.sharding.Mesh, logical: str) -> int:
     for axis in mesh_axes(logical):
         size *= mesh.shape[axis]
     return size
+
+
+def ppermute(x, logical: str, perm: list[tuple[int, int]]):
+    """Send x between shards along the mesh axis splitting `logical`; receivers not in perm get zeros."""
+    axes = mesh_axes(logical)
+    if not axes:
+        return x
+    return jax.lax.ppermute(x, axes if len(axes) > 1 else axes[0], perm)

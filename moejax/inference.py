@@ -1,0 +1,167 @@
+"""The user-facing model handle: `moejax.load(...)` -> `Model` with `forward` and greedy `generate`.
+
+`generate` is the simple batch path (all prompts start together, contiguous pages per sequence);
+the serving engine (`moejax.engine`) drives the same compiled step with in-flight batching.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax import steps as steps_lib
+from moejax.config import ModelConfig, ceil_div, round_up
+from moejax.mesh import Layout, make_mesh
+from moejax.weights import RandomSource, WeightSource, abstract_model, place
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def bucket(n: int, minimum: int = 8) -> int:
+    """Smallest power of two >= n (and >= minimum): the static shapes steps compile for."""
+    size = minimum
+    while size < n:
+        size *= 2
+    return size
+
+
+@dataclass
+class GenerateStats:
+    ttft_s: float = 0.0  # prefill through the first token
+    tpot_s: float = 0.0  # mean time per output token after the first
+    token_times_s: list[float] = field(default_factory=list)
+
+
+class Model:
+    """A model placed on a mesh for one layout, with compiled forward and step functions."""
+
+    def __init__(self, cfg: ModelConfig, source: WeightSource, layout: Layout | str = "DP1",
+                 dtype: str = "float32", moe_strategy: str = "auto", devices=None):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.cfg = cfg
+        self.layout = Layout.parse(layout).validate(cfg)
+        self.mesh = make_mesh(self.layout, devices)
+        self.dtype = DTYPES[dtype]
+        with jax.set_mesh(self.mesh):
+            self.module = place(abstract_model(cfg, self.layout, self.dtype), source, self.mesh)
+        self.steps = steps_lib.Steps(self.module, self.mesh, moe_strategy)
+        self.last_stats = GenerateStats()
+
+    @classmethod
+    def random(cls, cfg: ModelConfig, seed: int = 0, **kwargs) -> Model:
+        return cls(cfg, RandomSource(cfg, seed), **kwargs)
+
+    @property
+    def params(self):
+        return self.steps.params
+
+    # ---- full forward ---------------------------------------------------------------------------
+
+    def forward(self, token_ids) -> np.ndarray:
+        """Logits [B, T, V] (float32 numpy) for a full sequence per row, no cache."""
+        tokens_BT = self._check_ids(np.asarray(token_ids))
+        if tokens_BT.ndim != 2:
+            raise ValueError(f"token_ids must be 2-D [batch, tokens], got shape {tokens_BT.shape}")
+        B, T = tokens_BT.shape
+        Bp = round_up(B, self.layout.data)
+        tokens = np.zeros((Bp, T), np.int32)
+        tokens[:B] = tokens_BT
+        pos = np.where(np.arange(Bp)[:, None] < B, np.arange(T, dtype=np.int32)[None], -1)
+        with jax.set_mesh(self.mesh):
+            logits = self.steps.forward(self.params, self._put(tokens), self._put(pos))
+        return np.asarray(logits, dtype=np.float32)[:B]
+
+    # ---- greedy generation ----------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, stop_token_ids=(),
+                 page_size: int = 16) -> list[list[int]]:
+        """Greedy continuation of each prompt: prefill all prompts in one step, then decode steps.
+
+        Returns the new token ids per prompt (up to max_new_tokens; shorter if a stop id is made,
+        which is included). Timing of the last call is in `self.last_stats`.
+        """
+        prompts = [list(map(int, p)) for p in prompts]
+        self._check_generate(prompts, max_new_tokens)
+        B = len(prompts)
+        Bp = round_up(B, self.layout.data)
+        lens = np.array([len(p) for p in prompts] + [0] * (Bp - B), np.int32)
+        pages_per_seq = ceil_div(int(lens.max()) + max_new_tokens, page_size)
+        per_group = Bp // self.layout.data
+        table = (np.arange(Bp)[:, None] % per_group) * pages_per_seq + np.arange(pages_per_seq)[None]
+        cache = self.steps.new_cache(per_group * pages_per_seq * self.layout.data, page_size, self.dtype)
+        T = bucket(int(lens.max()))
+        tokens = np.zeros((Bp, T), np.int32)
+        for b, p in enumerate(prompts):
+            tokens[b, : len(p)] = p
+        pos = np.where(np.arange(T)[None] < lens[:, None], np.arange(T, dtype=np.int32)[None], -1)
+        stops = set(map(int, stop_token_ids))
+        out: list[list[int]] = [[] for _ in range(B)]
+        live = np.arange(Bp) < B
+        stats = GenerateStats()
+        start = time.perf_counter()
+        with jax.set_mesh(self.mesh):
+            table_d = self._put(table.astype(np.int32))
+            index = np.maximum(lens - 1, 0)
+            for i in range(max_new_tokens):
+                _, next_B, cache = self.steps.step(self.params, cache, self._put(tokens), self._put(pos),
+                                                   table_d, self._put(index, steps_lib.TOKENS_B))
+                next_B = np.asarray(next_B)
+                stats.token_times_s.append(time.perf_counter() - start)
+                for b in np.flatnonzero(live):
+                    out[b].append(int(next_B[b]))
+                    if next_B[b] in stops:
+                        live[b] = False
+                if not live.any():
+                    break
+                tokens = next_B[:, None].astype(np.int32)
+                pos = np.where(live, lens + i, -1)[:, None].astype(np.int32)
+                index = np.zeros(Bp, np.int32)
+        times = stats.token_times_s
+        stats.ttft_s = times[0]
+        stats.tpot_s = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
+        self.last_stats = stats
+        return out
+
+    # ---- checks and helpers ---------------------------------------------------------------------
+
+    def _check_ids(self, ids: np.ndarray) -> np.ndarray:
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+        bad = ids[(ids < 0) | (ids >= self.cfg.vocab_size)]
+        if bad.size:
+            raise ValueError(f"Token id {int(bad[0])} is out of vocabulary (vocab_size={self.cfg.vocab_size})")
+        return ids.astype(np.int32)
+
+    def _check_generate(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        if not prompts:
+            raise ValueError("prompts cannot be empty: pass at least one list of token ids")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} cannot be empty")
+            self._check_ids(np.asarray(p))
+            limit = self.cfg.max_position_embeddings
+            if len(p) + max_new_tokens > limit:
+                raise ValueError(f"prompt {i} has {len(p)} tokens + max_new_tokens {max_new_tokens} = "
+                                 f"{len(p) + max_new_tokens}, over the context limit {limit}")
+
+    def _put(self, array: np.ndarray, spec=steps_lib.BATCH):
+        return steps_lib.put(self.mesh, array, spec)
+
+
+def load(path: str | Path, layout: Layout | str = "DP1", dtype: str = "float32", **kwargs) -> Model:
+    """Load a Hugging Face MoE checkpoint directory onto a mesh for `layout`.
+
+    Each weight goes straight into its sharding (a device reads only its shard).
+    """
+    from moejax.checkpoint.hf import HFSource
+
+    source = HFSource(path)
+    return Model(source.cfg, source, layout=layout, dtype=dtype, **kwargs)

@@ -1,0 +1,173 @@
+"""Mixture-of-Experts FFN: router, dropless expert dispatch strategies, combine, shared expert.
+
+Expert parallelism here is "replicated tokens, sharded experts": every device of an `expert`
+group sees the same tokens, computes only the (token, expert) pairs routed to its local experts,
+and one all-reduce over the axes splitting `experts` and `ffn` combines the partial outputs (the
+same all-reduce finishes the tensor-parallel FFN). No token is ever dropped.
+
+Strategies for the local expert computation (`dispatch`), all exact, selectable by name:
+
+- ``"loop"``: for each local expert, skip it (`lax.cond`) unless a token is routed to it, else
+  run it on all local tokens with a zero weight for unrouted ones. Reads each used expert's
+  weights once and nothing else: the right choice for decode, where there are few tokens.
+- ``"blocks"``: sort (token, expert) pairs by expert into fixed-size blocks of one expert each
+  (block-sparse grouped matmul with gathered weights). FLOPs stay close to the routed ones:
+  the right choice for prefill.
+- ``"ragged"``: sort pairs and call `jax.lax.ragged_dot`. XLA lowers it to a masked dense matmul
+  on CPU (E times the FLOPs); kept for measurement on GPU.
+- ``"auto"``: "loop" when the local pair count is at most `loop_max_pairs`, else "blocks".
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax import sharding
+from moejax.config import ModelConfig
+from moejax.model.layers import declare
+
+STRATEGIES = ("auto", "loop", "blocks", "ragged")
+
+
+class MoE(nnx.Module):
+    """Router, routed experts (SwiGLU) and optional shared expert for all (padded) layers."""
+
+    def __init__(self, cfg: ModelConfig, num_layers: int, dtype):
+        L, D, E, F = num_layers, cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        self.cfg = cfg
+        self.router = declare((L, D, E), ("layers", "embed", "experts_all"), dtype)
+        self.wg = declare((L, E, D, F), ("layers", "experts", "embed", "ffn"), dtype)
+        self.wu = declare((L, E, D, F), ("layers", "experts", "embed", "ffn"), dtype)
+        self.wd = declare((L, E, F, D), ("layers", "experts", "ffn", "embed"), dtype)
+        if cfg.shared_expert_intermediate_size:
+            Fs = cfg.shared_expert_intermediate_size
+            self.shared_wg = declare((L, D, Fs), ("layers", "embed", "ffn"), dtype)
+            self.shared_wu = declare((L, D, Fs), ("layers", "embed", "ffn"), dtype)
+            self.shared_wd = declare((L, Fs, D), ("layers", "ffn", "embed"), dtype)
+        if cfg.shared_expert_gate:
+            self.shared_gate = declare((L, D), ("layers", "embed"), dtype)
+
+    def __call__(self, l: int, x_BTD, strategy: str = "auto", loop_max_pairs: int = 64):
+        """MoE output of layer `l` (local index), reduced over the expert and tensor axes."""
+        B, T, D = x_BTD.shape
+        x_MD = x_BTD.reshape(B * T, D)
+        with jax.named_scope("moe/route"):
+            weights_MX, experts_MX = route(x_MD, self.router[l], self.cfg.num_experts_per_tok,
+                                           self.cfg.norm_topk_prob)
+        with jax.named_scope("moe/experts"):
+            y_MD = dispatch(x_MD, weights_MX.astype(x_MD.dtype), experts_MX,
+                            (self.wg[l], self.wu[l], self.wd[l]), strategy, loop_max_pairs)
+        if self.cfg.shared_expert_intermediate_size:
+            with jax.named_scope("moe/shared"):
+                shared_MD = _swiglu(x_MD, self.shared_wg[l], self.shared_wu[l], self.shared_wd[l])
+                if self.cfg.shared_expert_gate:
+                    gate_M = jax.nn.sigmoid(x_MD @ self.shared_gate[l])
+                    shared_MD = shared_MD * gate_M[:, None]
+                # Replicated over `expert`: count it once, on the first expert shard.
+                y_MD = y_MD + jnp.where(sharding.axis_index("experts") == 0, shared_MD, 0)
+        with jax.named_scope("moe/combine"):
+            y_MD = sharding.psum(y_MD, "experts", "ffn")
+        return y_MD.reshape(B, T, D)
+
+
+def route(x_MD, router_DE, k: int, normalize: bool):
+    """Softmax-then-top-k routing. Returns (weights [M, X] float32, expert ids [M, X] int32).
+
+    Logits and softmax in float32 (numerics policy); weights renormalised over the k chosen
+    experts when `normalize` (Mixtral always, Qwen when norm_topk_prob).
+    """
+    logits_ME = jnp.einsum("MD,DE->ME", x_MD, router_DE, preferred_element_type=jnp.float32)
+    probs_ME = jax.nn.softmax(logits_ME, axis=-1)
+    weights_MX, experts_MX = jax.lax.top_k(probs_ME, k)
+    if normalize:
+        weights_MX = weights_MX / jnp.sum(weights_MX, axis=-1, keepdims=True)
+    return weights_MX, experts_MX.astype(jnp.int32)
+
+
+def dispatch(x_MD, weights_MX, experts_MX, w, strategy: str = "auto", loop_max_pairs: int = 64):
+    """Sum over the routed local experts of weight * expert(x), for this shard's experts.
+
+    Args:
+      x_MD: local tokens. weights_MX / experts_MX: routing (global expert ids).
+      w: (wg [El, D, F], wu [El, D, F], wd [El, F, D]) local expert weights; the local experts
+        are global ids [i * El, (i + 1) * El) on expert shard i.
+    Returns:
+      y_MD, a partial sum (this shard's experts, this shard's FFN slice).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown MoE dispatch strategy {strategy!r}; choose from {STRATEGIES}")
+    num_local = w[0].shape[0]
+    local_MX = experts_MX - sharding.axis_index("experts") * num_local
+    local_MX = jnp.where((local_MX >= 0) & (local_MX < num_local), local_MX, num_local)  # El: not here
+    if strategy == "auto":
+        strategy = "loop" if local_MX.size <= loop_max_pairs else "blocks"
+    fn = {"loop": _dispatch_loop, "blocks": _dispatch_blocks, "ragged": _dispatch_ragged}[strategy]
+    return fn(x_MD, weights_MX, local_MX, w)
+
+
+def _swiglu(x_MD, wg_DF, wu_DF, wd_FD):
+    h_MF = jax.nn.silu(x_MD @ wg_DF) * (x_MD @ wu_DF)
+    return h_MF @ wd_FD
+
+
+def _dispatch_loop(x_MD, weights_MX, local_MX, w):
+    wg, wu, wd = w
+    y_MD = jnp.zeros_like(x_MD)
+    for e in range(wg.shape[0]):
+        hit_MX = local_MX == e
+        gate_M = jnp.sum(jnp.where(hit_MX, weights_MX, 0), axis=-1)
+        y_MD = jax.lax.cond(
+            jnp.any(hit_MX),
+            lambda y, e=e, gate_M=gate_M: y + _swiglu(x_MD, wg[e], wu[e], wd[e]) * gate_M[:, None],
+            lambda y: y,
+            y_MD,
+        )
+    return y_MD
+
+
+def _sort_pairs(local_MX, num_local: int):
+    """Flatten (token, slot) pairs and sort them by local expert; absent experts sort last."""
+    M, X = local_MX.shape
+    expert_N = local_MX.reshape(-1)
+    order_N = jnp.argsort(expert_N, stable=True)
+    counts_E = jnp.bincount(expert_N, length=num_local + 1)[:num_local]
+    return order_N, expert_N[order_N], order_N // X, counts_E
+
+
+def _dispatch_blocks(x_MD, weights_MX, local_MX, w, block: int = 32):
+    wg, wu, wd = w
+    El = wg.shape[0]
+    order_N, expert_N, token_N, counts_E = _sort_pairs(local_MX, El)
+    N = expert_N.shape[0]
+    block = min(block, N)
+    num_blocks = -(-N // block) + El  # upper bound: each expert's last block may be partial
+    padded_E = -(-counts_E // block) * block
+    pend_E = jnp.cumsum(padded_E)
+    rank_N = jnp.arange(N) - (jnp.cumsum(counts_E) - counts_E)[jnp.minimum(expert_N, El - 1)]
+    dest_N = jnp.where(expert_N < El, (pend_E - padded_E)[jnp.minimum(expert_N, El - 1)] + rank_N,
+                       num_blocks * block)
+    buf_RD = jnp.zeros((num_blocks * block, x_MD.shape[1]), x_MD.dtype)
+    buf_RD = buf_RD.at[dest_N].set(x_MD[token_N], mode="drop")
+    block_expert = jnp.minimum(jnp.searchsorted(pend_E, jnp.arange(num_blocks) * block, side="right"), El - 1)
+    xb = buf_RD.reshape(num_blocks, block, -1)
+    h = jax.nn.silu(jnp.einsum("bgD,bDF->bgF", xb, wg[block_expert]))
+    h = h * jnp.einsum("bgD,bDF->bgF", xb, wu[block_expert])
+    out_RD = jnp.einsum("bgF,bFD->bgD", h, wd[block_expert]).reshape(num_blocks * block, -1)
+    pair_ND = out_RD.at[dest_N].get(mode="fill", fill_value=0)
+    pair_ND = pair_ND * weights_MX.reshape(-1)[order_N][:, None]
+    return jnp.zeros_like(x_MD).at[token_N].add(pair_ND)
+
+
+def _dispatch_ragged(x_MD, weights_MX, local_MX, w):
+    wg, wu, wd = w
+    El = wg.shape[0]
+    order_N, expert_N, token_N, counts_E = _sort_pairs(local_MX, El)
+    # Pairs for other shards' experts ride along in the last group with a zero weight.
+    counts_E = counts_E.at[-1].add(expert_N.shape[0] - jnp.sum(counts_E))
+    weight_N = jnp.where(expert_N < El, weights_MX.reshape(-1)[order_N], 0)
+    xs_ND = x_MD[token_N]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs_ND, wg, counts_E)) * jax.lax.ragged_dot(xs_ND, wu, counts_E)
+    out_ND = jax.lax.ragged_dot(h, wd, counts_E) * weight_N[:, None].astype(x_MD.dtype)
+    return jnp.zeros_like(x_MD).at[token_N].add(out_ND)

@@ -1,0 +1,123 @@
+"""The MoE transformer: embedding, decoder blocks grouped by pipeline stage, final norm, unembedding.
+
+`Transformer.run` is the local (per-shard) computation called inside `jax.shard_map` by
+`moejax.steps`. Stages run one after another in this version: each stage runs its contiguous
+group of layers when its turn comes (`lax.cond` on the stage index) and sends the activations to
+the next stage (`ppermute`); the last stage's output is broadcast to all for the unembedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax import sharding
+from moejax.config import ModelConfig, ceil_div
+from moejax.mesh import Layout
+from moejax.model.attention import Attention
+from moejax.model.layers import declare, rms_norm, rope_tables
+from moejax.model.moe import MoE
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a model is laid out for one Layout: padded layer count and stored kv heads."""
+
+    num_layers_padded: int  # stage * layers per stage
+    layers_per_stage: int
+    num_kv_heads: int  # kv heads stored (replicated up to `tensor` when fewer)
+    stage_layers: tuple[int, ...]  # real layers in each stage
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, layout: Layout) -> Geometry:
+        per_stage = ceil_div(cfg.num_layers, layout.stage)
+        return cls(per_stage * layout.stage, per_stage, layout.kv_heads_per_model(cfg),
+                   tuple(layout.stage_layers(cfg.num_layers)))
+
+    def slot_of_layer(self) -> list[int]:
+        """Padded slot index of each real layer, in order."""
+        slots = []
+        for s, n in enumerate(self.stage_layers):
+            slots += [s * self.layers_per_stage + j for j in range(n)]
+        return slots
+
+
+class Transformer(nnx.Module):
+    """Weights of the whole model for one layout (layer axis padded, kv heads replicated as needed)."""
+
+    def __init__(self, cfg: ModelConfig, layout: Layout, dtype=jnp.float32):
+        cfg.check_runtime_support()
+        layout.validate(cfg)
+        self.cfg = cfg
+        self.geometry = geo = Geometry.of(cfg, layout)
+        L, D, V = geo.num_layers_padded, cfg.hidden_size, cfg.vocab_size
+        self.embed = declare((V, D), ("vocab", "embed"), dtype)
+        if not cfg.tie_word_embeddings:
+            self.unembed = declare((D, V), ("embed", "vocab"), dtype)
+        self.final_norm = declare((D,), ("embed",), dtype)
+        self.attn_norm = declare((L, D), ("layers", "embed"), dtype)
+        self.mlp_norm = declare((L, D), ("layers", "embed"), dtype)
+        self.attn = Attention(cfg, L, geo.num_kv_heads, dtype)
+        self.moe = MoE(cfg, L, dtype)
+
+    # ---- local computation (inside shard_map) -------------------------------------------------
+
+    def run(self, tokens_BT, pos_BT, cache, page_table_BP, *, logits_index_B=None, moe_strategy="auto"):
+        """Logits for new tokens, writing their KV into `cache`.
+
+        Args:
+          tokens_BT: token ids (local batch). pos_BT: their positions; < 0 marks padding.
+          cache: None (no cache: attend within tokens_BT) or the (k, v) page pools, local shards.
+          page_table_BP: [B, pages per sequence] local page ids.
+          logits_index_B: if given, only the logits at tokens_BT[b, logits_index_B[b]] are made.
+        Returns:
+          (logits [B, T, V_local] or [B, V_local], updated cache).
+        """
+        cfg = self.cfg
+        x_BTD = self._embed(tokens_BT)
+        rope = rope_tables(pos_BT, cfg.head_dim, cfg.rope_theta)
+
+        def run_stage(x_BTD, cache):
+            for j in range(self.geometry.layers_per_stage):
+                x_BTD, cache = self._block(j, x_BTD, pos_BT, rope, cache, page_table_BP, moe_strategy)
+            return x_BTD, cache
+
+        num_stages = len(self.geometry.stage_layers)
+        if num_stages == 1:
+            x_BTD, cache = run_stage(x_BTD, cache)
+        else:
+            me = sharding.axis_index("layers")
+            for s in range(num_stages):
+                x_BTD, cache = jax.lax.cond(me == s, run_stage, lambda x, c: (x, c), x_BTD, cache)
+                if s + 1 < num_stages:
+                    x_BTD = sharding.ppermute(x_BTD, "layers", [(s, s + 1)])
+            x_BTD = sharding.psum(jnp.where(me == num_stages - 1, x_BTD, 0), "layers")
+        x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps)
+        if logits_index_B is not None:
+            x_BTD = jnp.take_along_axis(x_BTD, logits_index_B[:, None, None], axis=1)[:, 0]
+        return self._unembed(x_BTD), cache
+
+    def _block(self, j, x_BTD, pos_BT, rope, cache, page_table_BP, moe_strategy):
+        eps = self.cfg.rms_norm_eps
+        h_BTD = rms_norm(x_BTD, self.attn_norm[j], eps)
+        a_BTD, cache = self.attn(j, h_BTD, pos_BT, rope, cache, page_table_BP)
+        x_BTD = x_BTD + a_BTD
+        h_BTD = rms_norm(x_BTD, self.mlp_norm[j], eps)
+        return x_BTD + self.moe(j, h_BTD, moe_strategy), cache
+
+    def _embed(self, tokens_BT):
+        with jax.named_scope("embed"):
+            table_VD = self.embed[...]
+            local_BT = tokens_BT - sharding.axis_index("vocab") * table_VD.shape[0]
+            here_BT = (local_BT >= 0) & (local_BT < table_VD.shape[0])
+            x_BTD = jnp.where(here_BT[..., None], table_VD[jnp.where(here_BT, local_BT, 0)], 0)
+            return sharding.psum(x_BTD, "vocab")
+
+    def _unembed(self, x_D):
+        with jax.named_scope("unembed"):
+            if self.cfg.tie_word_embeddings:
+                return jnp.einsum("...D,VD->...V", x_D, self.embed[...])
+            return jnp.einsum("...D,DV->...V", x_D, self.unembed[...])

@@ -1,0 +1,150 @@
+"""Accelerator descriptions for the planner: peak rates, memory, links, and efficiency factors.
+
+Every figure is per device and comes from a YAML file in `configs/hardware/` that cites its source. Peak
+FLOP/s are *dense* (vendor sheets often print 2:4-sparse figures, twice as large). Link bandwidths are per
+device and per direction.
+
+Efficiency factors turn peaks into what kernels achieve. They are the only free parameters of the cost model
+(`moejax.planner.cost`), default to round uncalibrated guesses, and are what `moejax.planner.calibrate` fits:
+
+- `compute`: achieved fraction of peak FLOP/s in matmuls and attention.
+- `memory`: achieved fraction of peak memory bandwidth when streaming weights and KV cache.
+- `network`: achieved fraction of link bandwidth in collectives (NVLink and inter-node alike).
+- `step_overhead_s`: fixed time per forward step per pipeline stage (kernel launches, scheduling, sampling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moejax.config import configs_dir
+
+PRECISIONS = ("fp32", "bf16", "fp8", "fp4")
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Achieved fractions of peak, and the fixed per-step overhead (see module docstring)."""
+
+    compute: float = 0.6
+    memory: float = 0.8
+    network: float = 0.7
+    step_overhead_s: float = 2e-4
+
+    def __post_init__(self):
+        for name in ("compute", "memory", "network"):
+            value = getattr(self, name)
+            if not 0 < value <= 1.5:
+                raise ValueError(f"Efficiency.{name} must lie in (0, 1.5], got {value!r}")
+        if self.step_overhead_s < 0:
+            raise ValueError(f"Efficiency.step_overhead_s must be >= 0, got {self.step_overhead_s!r}")
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One accelerator type and the fabric around it. All rates are per device; bandwidths per direction."""
+
+    name: str
+    peak_flops: dict[str, float]  # dense FLOP/s by compute precision
+    memory_bytes: float
+    memory_bandwidth: float  # bytes/s
+    nvlink_bandwidth: float  # bytes/s within the NVLink (scale-up) domain
+    nvlink_latency_s: float  # per collective step within the domain
+    network_bandwidth: float  # bytes/s across domains (scale-out NIC per device)
+    network_latency_s: float
+    devices_per_node: int
+    nvlink_domain: int  # devices that share the NVLink domain (8 for HGX, 72 for GB200 NVL72)
+    reserved_memory_bytes: float = 0.0  # runtime, collectives buffers, fragmentation
+    efficiency: Efficiency = field(default_factory=Efficiency)
+
+    def __post_init__(self):
+        unknown = set(self.peak_flops) - set(PRECISIONS)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown precisions {sorted(unknown)} in peak_flops; known {PRECISIONS}")
+        if "bf16" not in self.peak_flops:
+            raise ValueError(f"{self.name}: peak_flops must give at least bf16")
+        if self.nvlink_domain < 1 or self.devices_per_node < 1:
+            raise ValueError(f"{self.name}: nvlink_domain and devices_per_node must be >= 1")
+
+    @property
+    def usable_memory_bytes(self) -> float:
+        return self.memory_bytes - self.reserved_memory_bytes
+
+    def compute_precision(self, weight_precision: str) -> str:
+        """The precision matmuls run in: the weights' own if the device has tensor cores for it, else the next wider.
+
+        fp4 weights on an H100 (no fp4 tensor cores) compute in fp8; fp8 on a CPU computes in bf16.
+        """
+        order = PRECISIONS[PRECISIONS.index(weight_precision):: -1]
+        for precision in order:
+            if precision in self.peak_flops:
+                return precision
+        return "bf16"
+
+    def peak(self, weight_precision: str) -> float:
+        """Dense peak FLOP/s for matmuls with weights in `weight_precision`."""
+        return self.peak_flops[self.compute_precision(weight_precision)]
+
+    def link(self, group_span: int) -> tuple[float, float]:
+        """(bandwidth, latency) of a collective whose devices span `group_span` consecutive devices.
+
+        A group that fits in one NVLink domain uses NVLink; a group that crosses domains is bounded by the
+        scale-out network for all its traffic (conservative: a hierarchical collective would do better).
+        """
+        if group_span <= self.nvlink_domain:
+            return self.nvlink_bandwidth, self.nvlink_latency_s
+        return self.network_bandwidth, self.network_latency_s
+
+    def with_efficiency(self, efficiency: Efficiency | dict[str, float]) -> Hardware:
+        """A copy with other efficiency factors (a dict may give only some of them)."""
+        if isinstance(efficiency, dict):
+            efficiency = dataclasses.replace(self.efficiency, **efficiency)
+        return dataclasses.replace(self, efficiency=efficiency)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Hardware:
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown Hardware keys {unknown}; known keys: {sorted(known)}")
+        data["efficiency"] = Efficiency(**data.get("efficiency", {}))
+        data["peak_flops"] = {k: float(v) for k, v in data["peak_flops"].items()}
+        return cls(**data)
+
+
+def load_hardware(source: str | Path, efficiency: str | Path | dict | None = None) -> Hardware:
+    """Load a Hardware from `configs/hardware/<name>.yaml` (bare name) or a YAML path.
+
+    Args:
+        source: bare name such as 'h100-sxm', or a path to a YAML file.
+        efficiency: optional efficiency factors overriding the file's: a dict, or a path to a YAML/JSON file
+            written by `moejax.planner.calibrate.save_efficiency`.
+    """
+    path = Path(source)
+    if not path.exists() and "/" not in str(source):
+        path = configs_dir() / "hardware" / f"{source}.yaml"
+        if not path.exists():
+            raise FileNotFoundError(f"no hardware config {source!r}; built-in: {list_hardware()}")
+    data = yaml.safe_load(path.read_text())
+    data.setdefault("name", path.stem)
+    hw = Hardware.from_dict(data)
+    if efficiency is not None:
+        if not isinstance(efficiency, dict):
+            loaded = yaml.safe_load(Path(efficiency).read_text())  # JSON is YAML
+            efficiency = loaded.get("efficiency", loaded)
+        hw = hw.with_efficiency(efficiency)
+    return hw
+
+
+def list_hardware() -> list[str]:
+    """Names of the built-in hardware configs."""
+    return sorted(p.stem for p in (configs_dir() / "hardware").glob("*.yaml"))
