@@ -116,8 +116,13 @@ class Hardware:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown Hardware keys {unknown}; known keys: {sorted(known)}")
-        data["efficiency"] = Efficiency(**data.get("efficiency", {}))
+        # PyYAML reads 1.0e9 (no exponent sign) as a string: coerce every number explicitly.
+        data["efficiency"] = Efficiency(**{k: float(v) for k, v in data.get("efficiency", {}).items()})
         data["peak_flops"] = {k: float(v) for k, v in data["peak_flops"].items()}
+        for name in ("memory_bytes", "memory_bandwidth", "nvlink_bandwidth", "nvlink_latency_s",
+                     "network_bandwidth", "network_latency_s", "reserved_memory_bytes"):
+            if name in data:
+                data[name] = float(data[name])
         return cls(**data)
 
 

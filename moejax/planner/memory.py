@@ -1,0 +1,229 @@
+"""Parameter counts and memory per device: weights by precision, KV cache, activation workspace.
+
+Counting conventions (each a stated approximation, all < 0.1% of a model's parameters):
+- Linear layers only, SwiGLU FFNs (3 matrices of D x F per expert), no biases, norms ignored.
+- GQA attention: q and o are D x (N H), k and v are D x (K H).
+- MLA attention (DeepSeek-V3): q = D x q_lora + q_lora x N (H + R) (or D x N (H + R) without q_lora),
+  kv = D x (kv_lora + R) + kv_lora x N (H + Hv), o = N Hv x D, with H = qk_nope (head_dim), R = qk_rope_head_dim,
+  Hv = v_head_dim. The cache holds kv_lora + R values per token per layer for all heads together.
+- Router D x E per MoE layer (bf16). Shared expert 3 D Fs per MoE layer. Dense leading layers 3 D Fd.
+- Embedding V x D on the first stage and LM head V x D on the last (one copy if tied and single-stage).
+
+Placement per device (the runtime's sharding rules, `moejax.sharding.RULES`): attention heads, FFN width and
+vocabulary split over `tensor`; experts over `expert`; layers over `stage` (`Layout.stage_layers`: the first
+stages take the extra layers); nothing is split over `data`. KV heads fewer than `tensor` are replicated, so a
+device holds max(K, TP) / TP of them; an MLA latent cache is not split by `tensor` at all.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from moejax.config import ModelConfig
+from moejax.mesh import Layout
+from moejax.planner.workload import Options, Workload
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters of one model by component (counts, not bytes)."""
+
+    attention: int  # per layer
+    expert: int  # one routed expert
+    router: int  # per MoE layer
+    shared: int  # shared expert(s) per MoE layer
+    dense_ffn: int  # per dense leading layer
+    embed: int
+    unembed: int  # 0 if tied
+    num_moe_layers: int
+    num_dense_layers: int
+    num_experts: int
+    experts_per_token: int
+
+    @property
+    def total(self) -> int:
+        moe = self.num_moe_layers * (self.attention + self.num_experts * self.expert + self.router + self.shared)
+        dense = self.num_dense_layers * (self.attention + self.dense_ffn)
+        return moe + dense + self.embed + self.unembed
+
+    @property
+    def active(self) -> int:
+        """Parameters one token touches (top-X experts; embedding lookup counted as its D x V table)."""
+        moe = self.num_moe_layers * (self.attention + self.experts_per_token * self.expert + self.router + self.shared)
+        dense = self.num_dense_layers * (self.attention + self.dense_ffn)
+        return moe + dense + self.embed + self.unembed
+
+
+def attention_params(cfg: ModelConfig) -> int:
+    """Linear-layer parameters of one attention block (GQA or MLA, see module docstring)."""
+    d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    if cfg.attention == "gqa":
+        return 2 * d * n * h + 2 * d * cfg.num_kv_heads * h
+    r, hv = cfg.qk_rope_head_dim, cfg.v_head_dim or h
+    q = d * cfg.q_lora_rank + cfg.q_lora_rank * n * (h + r) if cfg.q_lora_rank else d * n * (h + r)
+    kv = d * (cfg.kv_lora_rank + r) + cfg.kv_lora_rank * n * (h + hv)
+    return q + kv + n * hv * d
+
+
+@functools.lru_cache(maxsize=64)
+def param_counts(cfg: ModelConfig) -> ParamCounts:
+    """Count the parameters of `cfg` by component."""
+    d, v = cfg.hidden_size, cfg.vocab_size
+    return ParamCounts(
+        attention=attention_params(cfg),
+        expert=3 * d * cfg.moe_intermediate_size,
+        router=d * cfg.num_experts,
+        shared=3 * d * cfg.shared_expert_intermediate_size,
+        dense_ffn=3 * d * cfg.dense_intermediate_size,
+        embed=v * d,
+        unembed=0 if cfg.tie_word_embeddings else v * d,
+        num_moe_layers=cfg.num_moe_layers,
+        num_dense_layers=cfg.first_dense_layers,
+        num_experts=cfg.num_experts,
+        experts_per_token=cfg.num_experts_per_tok,
+    )
+
+
+@dataclass(frozen=True)
+class StageShape:
+    """Which layers one pipeline stage holds."""
+
+    index: int
+    moe_layers: int
+    dense_layers: int
+    first: bool
+    last: bool
+
+    @property
+    def layers(self) -> int:
+        return self.moe_layers + self.dense_layers
+
+
+def stages(cfg: ModelConfig, layout: Layout) -> list[StageShape]:
+    """The stages of `layout` for `cfg`, with the dense leading layers in the first stage(s)."""
+    out, start = [], 0
+    sizes = layout.stage_layers(cfg.num_layers)
+    for i, n in enumerate(sizes):
+        dense = max(0, min(start + n, cfg.first_dense_layers) - start)
+        out.append(StageShape(i, n - dense, dense, first=i == 0, last=i == len(sizes) - 1))
+        start += n
+    return out
+
+
+def stage_weight_bytes(cfg: ModelConfig, layout: Layout, workload: Workload, stage: StageShape) -> float:
+    """Weight bytes one device of `stage` holds."""
+    pc, t, wb = param_counts(cfg), layout.tensor, workload.weight_bytes
+    linear = stage.layers * pc.attention + stage.moe_layers * pc.shared + stage.dense_layers * pc.dense_ffn
+    experts = stage.moe_layers * (pc.num_experts // layout.expert) * pc.expert
+    bf16 = stage.moe_layers * pc.router * 2.0  # router replicated
+    if stage.first:
+        bf16 += pc.embed / t * 2.0
+    if stage.last and (pc.unembed or not stage.first):
+        bf16 += pc.embed / t * 2.0  # LM head (a tied head on another stage needs its own copy)
+    return (linear + experts) / t * wb + bf16
+
+
+def kv_bytes_per_token_layer(cfg: ModelConfig, layout: Layout, workload: Workload) -> float:
+    """KV-cache bytes one device stores per cached token per layer."""
+    if cfg.attention == "mla":
+        return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * workload.kv_bytes
+    kv_heads_local = layout.kv_heads_per_model(cfg) / layout.tensor
+    return 2 * cfg.head_dim * kv_heads_local * workload.kv_bytes
+
+
+def cached_positions(cfg: ModelConfig, context: float) -> float:
+    """Positions a request of `context` tokens keeps in cache (capped by a sliding window)."""
+    return min(context, cfg.sliding_window) if cfg.sliding_window else context
+
+
+def stage_kv_bytes(cfg: ModelConfig, layout: Layout, workload: Workload, options: Options,
+                   batch: int, stage: StageShape) -> float:
+    """KV-cache bytes one device of `stage` holds for `batch` requests per replica at full context."""
+    requests = math.ceil(batch / options.attention_groups(layout.expert))  # the busiest group's
+    positions = cached_positions(cfg, workload.max_context)
+    return requests * positions * stage.layers * kv_bytes_per_token_layer(cfg, layout, workload)
+
+
+def workspace_bytes(cfg: ModelConfig, layout: Layout, workload: Workload, options: Options,
+                    batch: int, chunk: int) -> float:
+    """Activation workspace of one device: the largest layer's live activations at a full step.
+
+    A step carries every request's decode token plus a full prefill chunk, per attention group, split over
+    the pipeline microbatches. Live at once: the residual stream and attention projections (2 D + 3 N H / TP
+    per token), the routed tokens' expert activations (X / EP of the replica's tokens, D + 2 F / TP each, plus
+    the same again as dispatch buffers), and fp32 logits for the decode tokens (V / TP each).
+    """
+    groups = options.attention_groups(layout.expert)
+    m = microbatches(layout, batch, options)
+    tokens_group = (batch / groups + chunk) / m
+    tokens_replica = tokens_group * groups
+    t, d, ab = layout.tensor, cfg.hidden_size, workload.act_bytes
+    attn = tokens_group * (2 * d + 3 * cfg.num_heads * cfg.head_dim / t)
+    ffn_width = max(cfg.moe_intermediate_size, cfg.dense_intermediate_size, cfg.shared_expert_intermediate_size)
+    routed = tokens_replica * cfg.num_experts_per_tok / layout.expert * (2 * d + 2 * ffn_width / t)
+    logits = batch / groups / m * cfg.vocab_size / t * 4.0
+    return (attn + routed) * ab + logits
+
+
+def microbatches(layout: Layout, batch: int, options: Options) -> int:
+    """Pipeline microbatches per round: `options.microbatches`, else one per stage; never more than requests."""
+    m = options.microbatches or layout.stage
+    return max(1, min(m, int(batch)))
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    """Bytes one device needs (the heaviest stage) against what it has."""
+
+    weights: float
+    kv_cache: float
+    workspace: float
+    reserved: float
+    capacity: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.kv_cache + self.workspace + self.reserved
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+    @property
+    def reason(self) -> str:
+        if self.fits:
+            return ""
+        return (f"needs {self.total / GIB:.1f} GiB per device > {self.capacity / GIB:.1f} GiB "
+                f"(weights {self.weights / GIB:.1f}, KV {self.kv_cache / GIB:.1f}, "
+                f"workspace {self.workspace / GIB:.1f}, reserved {self.reserved / GIB:.1f})")
+
+
+def memory_fit(cfg: ModelConfig, layout: Layout, hw, workload: Workload, options: Options,
+               batch: int, chunk: int) -> MemoryFit:
+    """Memory per device for `batch` requests per replica and prefill chunk `chunk` (heaviest stage).
+
+    Args:
+        cfg: the model.
+        layout: the parallel layout.
+        hw: a `moejax.planner.hardware.Hardware`.
+        workload: request shape and formats.
+        options: modelling options (`ep_attention` decides whether the expert axis splits the KV cache).
+        batch: concurrent requests per model replica (per `data` group).
+        chunk: prefill tokens per step per attention group.
+    """
+    per_stage = [(stage_weight_bytes(cfg, layout, workload, s), stage_kv_bytes(cfg, layout, workload, options,
+                                                                               batch, s))
+                 for s in stages(cfg, layout)]
+    weights, kv = max(per_stage, key=lambda wk: wk[0] + wk[1])
+    return MemoryFit(weights=weights, kv_cache=kv,
+                     workspace=workspace_bytes(cfg, layout, workload, options, batch, chunk),
+                     reserved=hw.reserved_memory_bytes, capacity=hw.memory_bytes)
+
+
+def weights_per_device(cfg: ModelConfig, layout: Layout, workload: Workload) -> float:
+    """Weight bytes on the heaviest device."""
+    return max(stage_weight_bytes(cfg, layout, workload, s) for s in stages(cfg, layout))

@@ -1,0 +1,95 @@
+"""Which (DP, TP, EP, PP) layouts of N devices the planner considers, and why the others are rejected.
+
+Every layout whose factors multiply to N is generated (`Layout.enumerate(n)`), then each rule below either
+accepts it or names the numbers that break it. With default `Rules()` the accepted set is exactly the
+runtime's (`Layout.enumerate(n, cfg)`, i.e. `Layout.problems`); a test keeps the two in step. Flags relax
+rules the runtime needs but a production engine may not (vocabulary padding), or tighten them with
+deployment knowledge (keep tensor or expert groups inside one NVLink domain, a minimum of layers per stage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moejax.config import ModelConfig
+from moejax.mesh import Layout
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Switches over the layout rules.
+
+    Attributes:
+        allow_vocab_padding: relax 'vocab divisible by TP' (an engine pads the embedding instead).
+        allow_kv_replication: allow TP above the KV-head count (KV heads are replicated, as the runtime does);
+            False tightens to TP <= K.
+        tp_within_domain: tighten: the tensor group must fit one NVLink domain.
+        ep_within_domain: tighten: the tensor x expert group must fit one NVLink domain.
+        min_layers_per_stage: tighten: each pipeline stage holds at least this many layers.
+    """
+
+    allow_vocab_padding: bool = False
+    allow_kv_replication: bool = True
+    tp_within_domain: bool = False
+    ep_within_domain: bool = False
+    min_layers_per_stage: int = 1
+
+    def describe(self, nvlink_domain: int | None = None) -> list[str]:
+        """The rules in force, one line each, as printed with the count."""
+        domain = f" ({nvlink_domain} devices)" if nvlink_domain else ""
+        lines = [
+            "DP x TP x EP x PP = number of devices",
+            "TP divides the attention heads",
+            ("TP divides the KV heads, or the KV heads divide TP (KV heads replicated)" if self.allow_kv_replication
+             else "TP divides the KV heads (no KV-head replication)"),
+            "TP divides the expert, shared-expert and dense FFN widths",
+            "vocabulary padded to a multiple of TP (relaxed)" if self.allow_vocab_padding
+            else "TP divides the vocabulary",
+            "EP divides the number of routed experts",
+            f"PP <= layers / {self.min_layers_per_stage} (at least {self.min_layers_per_stage} layer(s) per stage)",
+        ]
+        if self.tp_within_domain:
+            lines.append(f"TP fits one NVLink domain{domain}")
+        if self.ep_within_domain:
+            lines.append(f"TP x EP fits one NVLink domain{domain}")
+        return lines
+
+    def problems(self, layout: Layout, cfg: ModelConfig, nvlink_domain: int | None = None) -> list[str]:
+        """Every rule `layout` breaks for `cfg`, each naming the numbers involved."""
+        t, e, s = layout.tensor, layout.expert, layout.stage
+        out = [p for p in layout.problems(cfg) if not (self.allow_vocab_padding and p.startswith("vocab_size"))]
+        out = [p for p in out if not p.startswith("stage (")]  # restated below with min_layers_per_stage
+        if not self.allow_kv_replication and t > cfg.num_kv_heads:
+            out.append(f"TP ({t}) exceeds the kv heads ({cfg.num_kv_heads}) and KV replication is disallowed")
+        if s * self.min_layers_per_stage > cfg.num_layers:
+            out.append(f"PP ({s}) x min layers per stage ({self.min_layers_per_stage}) exceeds the layers "
+                       f"({cfg.num_layers})")
+        if nvlink_domain and self.tp_within_domain and t > nvlink_domain:
+            out.append(f"TP ({t}) exceeds the NVLink domain ({nvlink_domain})")
+        if nvlink_domain and self.ep_within_domain and t * e > nvlink_domain:
+            out.append(f"TP x EP ({t * e}) exceeds the NVLink domain ({nvlink_domain})")
+        return out
+
+
+def enumerate_layouts(n_devices: int, cfg: ModelConfig, rules: Rules | None = None,
+                      nvlink_domain: int | None = None) -> tuple[list[Layout], list[tuple[Layout, list[str]]]]:
+    """All layouts of exactly `n_devices`, split into accepted ones and rejected ones with their reasons.
+
+    Args:
+        n_devices: the device count N.
+        cfg: the model the rules are checked against.
+        rules: rule switches (default: the runtime's rules).
+        nvlink_domain: devices per NVLink domain, for the domain rules.
+
+    Returns:
+        (accepted layouts, [(rejected layout, reasons)]), both sorted.
+    """
+    rules = rules or Rules()
+    accepted, rejected = [], []
+    for layout in Layout.enumerate(n_devices):
+        problems = rules.problems(layout, cfg, nvlink_domain)
+        if problems:
+            rejected.append((layout, problems))
+        else:
+            accepted.append(layout)
+    return accepted, rejected

@@ -1,0 +1,91 @@
+"""What is being served, and the modelling choices that are not properties of the model or the hardware.
+
+`Workload` fixes the request shape and the number formats; `Options` holds the assumptions a researcher may
+want to flip (how the expert axis treats attention, pipeline microbatches, communication overlap). Both are
+frozen and carried unchanged through memory fit, cost model and sweep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Bytes per weight, block scales included:
+#   fp8: e4m3 values with one fp32 scale per 128x128 block (DeepSeek-V3 style) -> 1 + 4 / 16384.
+#   fp4: NVFP4, e2m1 values with one e4m3 scale per 16 values (the per-tensor fp32 scale is negligible)
+#        -> 0.5 + 1 / 16.
+WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0 + 4.0 / (128 * 128), "fp4": 0.5 + 1.0 / 16}
+KV_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0}
+EP_ATTENTION_MODES = ("data", "replicated")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Request shape and number formats.
+
+    Attributes:
+        isl: input (prompt) tokens per request.
+        osl: output tokens per request (the first comes out of prefill, the other osl - 1 out of decode steps).
+        precision: format of the linear-layer weights (attention, experts, shared and dense FFN). Embeddings,
+            the LM head, norms and the router stay bf16.
+        kv_precision: format of the KV cache.
+        act_bytes: bytes per activation value on the wire and in workspace (bf16).
+    """
+
+    isl: int = 1024
+    osl: int = 256
+    precision: str = "bf16"
+    kv_precision: str = "bf16"
+    act_bytes: float = 2.0
+
+    def __post_init__(self):
+        if self.isl < 1 or self.osl < 1:
+            raise ValueError(f"isl and osl must be >= 1, got isl={self.isl}, osl={self.osl}")
+        if self.precision not in WEIGHT_BYTES:
+            raise ValueError(f"unknown weight precision {self.precision!r}; known {sorted(WEIGHT_BYTES)}")
+        if self.kv_precision not in KV_BYTES:
+            raise ValueError(f"unknown kv precision {self.kv_precision!r}; known {sorted(KV_BYTES)}")
+
+    @property
+    def weight_bytes(self) -> float:
+        return WEIGHT_BYTES[self.precision]
+
+    @property
+    def kv_bytes(self) -> float:
+        return KV_BYTES[self.kv_precision]
+
+    @property
+    def max_context(self) -> int:
+        return self.isl + self.osl
+
+
+@dataclass(frozen=True)
+class Options:
+    """Modelling assumptions (see docs/planner.md).
+
+    Attributes:
+        ep_attention: what the expert axis does outside the MoE blocks.
+            'data' (default; DeepSeek-V3 / wide-EP serving): attention, dense and shared-expert layers are
+            data-parallel over the expert axis (each expert rank serves its own requests and holds their KV
+            cache); MoE blocks exchange tokens with an all-to-all dispatch and combine.
+            'replicated' (the moejax runtime today, `moejax.sharding.RULES`): every expert rank runs the same
+            attention on the same tokens; each computes its own experts and an all-reduce over the expert axis
+            combines them.
+        microbatches: pipeline microbatches per round; None: as many as stages (capped by the batch).
+        comm_overlap: fraction of TP/EP collective time hidden behind compute and memory traffic (0: none).
+    """
+
+    ep_attention: str = "data"
+    microbatches: int | None = None
+    comm_overlap: float = 0.0
+
+    def __post_init__(self):
+        if self.ep_attention not in EP_ATTENTION_MODES:
+            raise ValueError(f"ep_attention must be one of {EP_ATTENTION_MODES}, got {self.ep_attention!r}")
+        if self.microbatches is not None and self.microbatches < 1:
+            raise ValueError(f"microbatches must be >= 1, got {self.microbatches}")
+        if not 0.0 <= self.comm_overlap <= 1.0:
+            raise ValueError(f"comm_overlap must lie in [0, 1], got {self.comm_overlap}")
+
+    def attention_groups(self, expert: int) -> int:
+        """How many independent attention groups (sets of requests) one model replica holds."""
+        return expert if self.ep_attention == "data" else 1
