@@ -36,11 +36,11 @@ class Steps:
     def __init__(self, model: Transformer, mesh: jax.sharding.Mesh, moe_strategy: str = "auto"):
         self.mesh = mesh
         self.graphdef, state = nnx.split(model)
-        self.params = state.to_pure_dict()
+        self.params = nnx.to_pure_dict(state)
         self._abstract = state
-        self.param_specs = jax.tree.map(
-            lambda v: sharding.spec(v.get_metadata()["out_sharding"]), state,
-            is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+        self.param_specs = nnx.to_pure_dict(jax.tree.map(
+            lambda v: v.replace(sharding.spec(v.get_metadata()["out_sharding"])), state,
+            is_leaf=lambda x: isinstance(x, nnx.Variable)))
         self.moe_strategy = moe_strategy
         self.cache_spec = sharding.spec(CACHE_AXES)
         self.forward = jax.jit(self._forward)

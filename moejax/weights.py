@@ -68,7 +68,7 @@ def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> 
     def build(path, var):
         name = ".".join(str(p.key) for p in path[:-1] if hasattr(p, "key"))
         axes = var.get_metadata()["out_sharding"]
-        shape, dtype = var.value.shape, var.value.dtype
+        shape, dtype = var.get_value().shape, var.get_value().dtype
 
         def shard(index: Index) -> np.ndarray:
             if axes[0] != "layers":

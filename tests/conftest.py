@@ -10,3 +10,22 @@ if "xla_force_host_platform_device_count" not in _flags:
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+
+import pytest  # noqa: E402
+
+from tests import hf_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """family -> (checkpoint dir, torch reference model), built once per session."""
+    root = tmp_path_factory.mktemp("hf")
+    return {family: (root / family, hf_models.build(family, root / family)) for family in hf_models.FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def models_1dev(hf_checkpoints):
+    """family -> moejax Model on one device (the baseline every layout is compared with)."""
+    import moejax
+
+    return {family: moejax.load(path, layout="DP1") for family, (path, _) in hf_checkpoints.items()}

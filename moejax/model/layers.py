@@ -19,7 +19,7 @@ def declare(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.
     shard by shard by `moejax.weights`.
     """
     assert len(shape) == len(axes), (shape, axes)
-    return nnx.Param(jnp.zeros(shape, dtype), sharding_names=axes, eager_sharding=False)
+    return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
 def rms_norm(x, weight, eps: float):

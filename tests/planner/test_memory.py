@@ -1,0 +1,97 @@
+"""Memory formulas against hand-computed cases."""
+
+import pytest
+
+from moejax.config import load_model_config
+from moejax.mesh import Layout
+from moejax.planner.hardware import load_hardware
+from moejax.planner.memory import (
+    GIB,
+    kv_bytes_per_token_layer,
+    memory_fit,
+    param_counts,
+    stages,
+    weights_per_device,
+)
+from moejax.planner.workload import Options, Workload
+
+
+def test_mixtral_8x7b_params_by_hand():
+    counts = param_counts(load_model_config("mixtral-8x7b"))
+    attention = 2 * 4096 * 32 * 128 + 2 * 4096 * 8 * 128  # q, o + k, v
+    expert = 3 * 4096 * 14336
+    assert counts.attention == attention == 41_943_040
+    assert counts.expert == expert == 176_160_768
+    assert counts.total == 32 * (attention + 8 * expert + 4096 * 8) + 2 * 32000 * 4096 == 46_702_526_464
+    assert counts.active == 32 * (attention + 2 * expert + 4096 * 8) + 2 * 32000 * 4096
+
+
+def test_deepseek_v3_mla_params_by_hand():
+    counts = param_counts(load_model_config("deepseek-v3"))
+    q = 7168 * 1536 + 1536 * 128 * (128 + 64)
+    kv = 7168 * (512 + 64) + 512 * 128 * (128 + 128)
+    o = 128 * 128 * 7168
+    assert counts.attention == q + kv + o == 187_105_280
+    assert counts.shared == 3 * 7168 * 2048
+    assert (counts.num_dense_layers, counts.num_moe_layers) == (3, 58)
+
+
+def test_weights_per_device_gpt_tp8ep8_fp8_by_hand():
+    cfg = load_model_config("gpt-moe-1800b")
+    counts = param_counts(cfg)
+    fp8 = 1 + 4 / 16384
+    linear = 120 * (counts.attention + 16 // 8 * counts.expert) / 8 * fp8
+    bf16 = 120 * 12288 * 16 * 2 + 2 * (100352 * 12288 / 8 * 2)  # router + embedding + LM head
+    expected = linear + bf16
+    assert weights_per_device(cfg, Layout.parse("TP8EP8"), Workload(precision="fp8")) == pytest.approx(expected)
+    assert expected / GIB == pytest.approx(30.5, abs=0.05)  # 2.139G params per layer x 120 / 8 in fp8, + 0.62 GB bf16
+
+
+def test_fp4_block_scales_and_pipeline_split():
+    cfg = load_model_config("gpt-moe-1800b")
+    fp4 = weights_per_device(cfg, Layout.parse("TP8EP8"), Workload(precision="fp4"))
+    bf16 = weights_per_device(cfg, Layout.parse("TP8EP8"), Workload(precision="bf16"))
+    counts = param_counts(cfg)
+    linear = 120 * (counts.attention + 2 * counts.expert) / 8
+    assert bf16 - fp4 == pytest.approx(linear * (2 - 0.5625))  # NVFP4: 4 bits + one e4m3 scale per 16
+    pp4 = weights_per_device(cfg, Layout.parse("TP8EP2PP4"), Workload(precision="fp4"))
+    assert pp4 == pytest.approx((120 / 4 * (counts.attention + 8 * counts.expert) / 8) * 0.5625
+                                + 30 * counts.router * 2 + 100352 * 12288 / 8 * 2)
+
+
+def test_stages_put_dense_layers_first():
+    cfg = load_model_config("deepseek-v3")
+    shapes = stages(cfg, Layout(stage=4))
+    assert [s.layers for s in shapes] == [16, 15, 15, 15]
+    assert [s.dense_layers for s in shapes] == [3, 0, 0, 0]
+    assert shapes[0].first and shapes[-1].last
+
+
+def test_kv_bytes_per_token_gqa_replication_and_mla():
+    mixtral, ds = load_model_config("mixtral-8x7b"), load_model_config("deepseek-v3")
+    w = Workload(kv_precision="bf16")
+    assert kv_bytes_per_token_layer(mixtral, Layout(), w) == 2 * 8 * 128 * 2
+    assert kv_bytes_per_token_layer(mixtral, Layout(tensor=8), w) == 2 * 1 * 128 * 2
+    # 16-way TP over 8 KV heads: each device still holds one (replicated) head
+    assert kv_bytes_per_token_layer(mixtral, Layout(tensor=16), w) == 2 * 1 * 128 * 2
+    # MLA latent cache: kv_lora_rank + rope dims, not split by TP
+    assert kv_bytes_per_token_layer(ds, Layout(tensor=8), w) == (512 + 64) * 2 == kv_bytes_per_token_layer(ds, Layout(), w)
+
+
+def test_kv_cache_split_over_attention_groups():
+    cfg, hw = load_model_config("mixtral-8x7b"), load_hardware("h100-sxm")
+    w = Workload(isl=1024, osl=1024)
+    layout = Layout(tensor=2, expert=4)
+    data = memory_fit(cfg, layout, hw, w, Options(ep_attention="data"), batch=64, chunk=512)
+    rep = memory_fit(cfg, layout, hw, w, Options(ep_attention="replicated"), batch=64, chunk=512)
+    per_request = 2048 * 32 * (2 * 4 * 128 * 2)  # positions x layers x bytes per token-layer (4 kv heads / device)
+    assert rep.kv_cache == 64 * per_request
+    assert data.kv_cache == 16 * per_request
+
+
+def test_infeasible_config_names_the_reason():
+    cfg, hw = load_model_config("gpt-moe-1800b"), load_hardware("h100-sxm")
+    fit = memory_fit(cfg, Layout(tensor=8), hw, Workload(precision="bf16"), Options(), batch=1, chunk=512)
+    assert not fit.fits
+    assert "needs" in fit.reason and "GiB per device" in fit.reason and "weights" in fit.reason
+    assert fit.weights > 400 * GIB  # 1.78T bf16 over 8 devices
