@@ -75,7 +75,8 @@ def test_kv_bytes_per_token_gqa_replication_and_mla():
     # 16-way TP over 8 KV heads: each device still holds one (replicated) head
     assert kv_bytes_per_token_layer(mixtral, Layout(tensor=16), w) == 2 * 1 * 128 * 2
     # MLA latent cache: kv_lora_rank + rope dims, not split by TP
-    assert kv_bytes_per_token_layer(ds, Layout(tensor=8), w) == (512 + 64) * 2 == kv_bytes_per_token_layer(ds, Layout(), w)
+    mla = (512 + 64) * 2
+    assert kv_bytes_per_token_layer(ds, Layout(tensor=8), w) == mla == kv_bytes_per_token_layer(ds, Layout(), w)
 
 
 def test_kv_cache_split_over_attention_groups():

@@ -1,0 +1,46 @@
+"""`moejax plan` end to end: the 64-GPU study of the 1.8T model, as JSON and as the printed summary."""
+
+import json
+import subprocess
+import sys
+import time
+
+from moejax.planner import cli
+
+ARGS = ["--model", "gpt-moe-1800b", "--devices", "64", "--precision", "fp4", "--isl", "1024", "--osl", "256",
+        "--target-tps-user", "20"]
+
+
+def test_plan_json(tmp_path, capsys):
+    assert cli.main(ARGS + ["--hardware", "gb200-nvl72", "--json", "--out", str(tmp_path), "--no-plot"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert {"rules", "count", "configs", "pareto"} <= set(obj)
+    assert obj["count"]["layouts_total"] == 84 and obj["count"]["configs"] == len(obj["configs"])
+    keys = {"layout", "chunk_size", "batch_size", "feasible", "reason", "mem_per_device_bytes", "ttft_s", "tpot_s",
+            "tokens_per_s_per_device", "tokens_per_s_per_user"}
+    assert keys <= set(obj["configs"][0])
+    assert obj["pareto"] and all(p["feasible"] for p in obj["pareto"])
+    assert any(not c["feasible"] and c["reason"] for c in obj["configs"]) or obj["count"]["configs_infeasible"] == 0
+    assert (tmp_path / "configs.csv").exists() and (tmp_path / "pareto.csv").exists()
+
+
+def test_plan_summary_under_10_seconds(tmp_path):
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "moejax.planner.cli", *ARGS, "--hardware", "h100-sxm",
+                          "--out", str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    elapsed = time.perf_counter() - start
+    assert elapsed < 10, elapsed
+    assert "Rules:" in out and "TP divides the attention heads" in out
+    assert "Layouts: 84 of 64 devices, 79 valid" in out
+    assert "Best configuration per layout at >= 20 tokens/s/user" in out
+    assert str(tmp_path / "pareto.png") in out
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000
+
+
+def test_add_parser_wires_a_subcommand():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="moejax")
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["plan", *ARGS, "--hardware", "h100-sxm", "--tp-within-domain"])
+    assert args.func is cli.run and args.tp_within_domain and args.devices == 64

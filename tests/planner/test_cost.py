@@ -1,0 +1,114 @@
+"""Cost-model formulas against hand-computed cases and the worked decode example of "How to Scale Your Model"."""
+
+import math
+
+import pytest
+
+from moejax.config import load_model_config
+from moejax.mesh import Layout
+from moejax.planner.cost import (
+    Load,
+    allreduce_time,
+    expert_fanout,
+    layer_flops_per_token,
+    stage_comm_time,
+    stage_cost,
+)
+from moejax.planner.hardware import Efficiency, Hardware, load_hardware
+from moejax.planner.memory import param_counts, stages
+from moejax.planner.workload import Options, Workload
+
+
+def test_flops_per_token_by_hand():
+    cfg = load_model_config("mixtral-8x7b")
+    f = layer_flops_per_token(cfg, context=1000, phase="decode")
+    assert f["attention"] == 2 * 41_943_040 + 2 * 32 * (128 + 128) * 1000  # projections + QK^T and AV
+    assert f["experts"] == 2 * 2 * 3 * 4096 * 14336  # top-2 SwiGLU experts
+    per_token = 32 * (f["attention"] + f["experts"] + f["router"]) + 2 * 32000 * 4096
+    counts = param_counts(cfg)
+    assert per_token - 32 * 2 * 32 * 256 * 1000 == pytest.approx(2 * (counts.active - counts.embed))  # 2 x active
+
+
+def test_mla_attention_flops_absorbed_in_decode():
+    cfg = load_model_config("deepseek-v3")
+    dec = layer_flops_per_token(cfg, context=4096, phase="decode")["attention"]
+    pre = layer_flops_per_token(cfg, context=4096, phase="prefill")["attention"]
+    proj = 2 * param_counts(cfg).attention
+    assert dec - proj == 2 * 128 * (576 + 512) * 4096  # scores over the 576-wide latent, values in the 512 latent
+    assert pre - proj == 2 * 128 * (192 + 128) * 4096
+
+
+def test_expert_fanout_by_hand():
+    assert expert_fanout(16, 2, 8) == pytest.approx(8 * (1 - math.comb(14, 2) / math.comb(16, 2)))  # 1.933
+    assert expert_fanout(16, 2, 1) == pytest.approx(1.0)
+    assert expert_fanout(16, 2, 16) == pytest.approx(2.0)  # one expert per rank: k distinct ranks
+    assert expert_fanout(256, 8, 64) == pytest.approx(64 * (1 - math.comb(252, 8) / math.comb(256, 8)))
+
+
+def _ideal(hw: Hardware) -> Hardware:
+    return hw.with_efficiency(Efficiency(compute=1.0, memory=1.0, network=1.0, step_overhead_s=0.0))
+
+
+def test_comm_volume_per_layout_by_hand():
+    cfg, hw = load_model_config("gpt-moe-1800b"), _ideal(load_hardware("gb200-nvl72"))
+    w, load = Workload(), Load(decode=64, group_decode=64 / 8)
+    stage = stages(cfg, Layout())[0]
+    token = 12288 * 2
+    # TP8EP8, attention data-parallel over EP: 2 all-reduces per layer of the group's 8 tokens,
+    # plus dispatch + combine to the remote share of the top-2 fan-out.
+    volume, seconds = stage_comm_time(cfg, Layout(tensor=8, expert=8), hw, w, Options(), stage, load)
+    tp = 2 * 120 * 2 * 7 / 8 * 8 * token
+    a2a = 120 * 2 * 8 * token * expert_fanout(16, 2, 8) * 7 / 8
+    assert volume == pytest.approx(tp + a2a)
+    assert seconds > (tp + a2a) / hw.nvlink_bandwidth
+    # replicated attention: the MoE output is all-reduced over the expert axis instead
+    rep = Load(decode=64, group_decode=64)
+    volume, _ = stage_comm_time(cfg, Layout(tensor=8, expert=8), hw, w, Options(ep_attention="replicated"),
+                                stage, rep)
+    assert volume == pytest.approx(2 * 120 * 2 * 7 / 8 * 64 * token + 120 * 2 * 7 / 8 * 64 * token)
+
+
+def test_allreduce_ring_formula():
+    assert allreduce_time(8e6, 8, 1e9, 1e-6) == pytest.approx(2 * 7 / 8 * 8e6 / 1e9 + 2 * 3 * 1e-6)
+    assert allreduce_time(8e6, 1, 1e9, 1e-6) == 0.0
+
+
+# "How to Scale Your Model" (Austin et al., 2025), Part 8 "Serving LLaMA 3-70B"
+# (https://jax-ml.github.io/scaling-book/applied-inference/): LLaMA 3-70B in int8 on a TPU v5e 4x2 (8 chips,
+# 8.1e11 B/s HBM each) at batch 32 and 8192 context: KV per token 2 * 8 * 128 * 80 = 160 kB, KV caches
+# 160e3 * 8192 * 32 = 41.9 GB, step T = (70e9 + 41.9e9) / (8 * 8.1e11) = 17 ms, 32 / 0.017 / 8 = 235 tok/s/chip;
+# bf16 critical batch B* = 1.97e14 / 8.2e11 = 240. A dense model is a one-expert MoE to the planner.
+LLAMA3_70B = dict(family="mixtral", vocab_size=128256, hidden_size=8192, num_layers=80, num_heads=64,
+                  num_kv_heads=8, head_dim=128, moe_intermediate_size=28672, num_experts=1, num_experts_per_tok=1)
+V5E = Hardware(name="tpu-v5e", peak_flops={"bf16": 1.97e14, "fp8": 3.94e14}, memory_bytes=16e9,
+               memory_bandwidth=8.1e11, nvlink_bandwidth=4.5e10, nvlink_latency_s=0.0, network_bandwidth=4.5e10,
+               network_latency_s=0.0, devices_per_node=8, nvlink_domain=256,
+               efficiency=Efficiency(compute=1.0, memory=1.0, network=1.0, step_overhead_s=0.0))
+
+
+def test_scaling_book_llama3_70b_decode_step():
+    cfg = load_model_config(LLAMA3_70B)
+    w = Workload(precision="fp8", kv_precision="fp8")  # 1-byte weights and cache, as int8 in the book
+    layout = Layout(tensor=8)
+    assert 2 * 8 * 128 * 80 * 1 == 163_840  # the book's "160 kB" per token
+    kv = 163_840 * 8192 * 32
+    assert kv == pytest.approx(41.9e9, rel=0.03)
+    load = Load(decode=32, group_decode=32, logits=32, decode_context=8192)
+    cost = stage_cost(cfg, layout, V5E, w, Options(comm_overlap=1.0), stages(cfg, layout)[0], load)
+    assert cost.t_memory > cost.t_compute  # B = 32 < B* = 120: bandwidth-bound
+    assert cost.time == pytest.approx(0.017, rel=0.05)
+    assert 32 / cost.time / 8 == pytest.approx(235, rel=0.05)
+
+
+def test_scaling_book_critical_batch_bf16():
+    cfg = load_model_config(LLAMA3_70B)
+    layout, stage = Layout(tensor=8), stages(cfg, Layout(tensor=8))[0]
+    hw = V5E.__class__(**{**V5E.__dict__, "memory_bandwidth": 8.2e11})
+
+    def bound(batch):
+        c = stage_cost(cfg, layout, hw, Workload(), Options(comm_overlap=1.0), stage,
+                       Load(decode=batch, group_decode=batch, decode_context=1))
+        return c.t_compute >= c.t_memory
+
+    first = next(b for b in range(1, 1000) if bound(b))
+    assert first == pytest.approx(240, rel=0.05)  # B* = 1.97e14 / 8.2e11
