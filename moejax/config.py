@@ -176,7 +176,7 @@ def load_model_config(source: str | Path | dict) -> ModelConfig:
     if isinstance(source, dict):
         return ModelConfig.from_hf(source) if "model_type" in source else ModelConfig.from_dict(source)
     path = Path(source)
-    if not path.exists() and path.suffix == "" and "/" not in str(source):
+    if not path.exists() and path.suffix not in (".yaml", ".yml", ".json") and "/" not in str(source):
         candidate = configs_dir() / "models" / f"{source}.yaml"
         if not candidate.exists():
             known = sorted(p.stem for p in (configs_dir() / "models").glob("*.yaml"))

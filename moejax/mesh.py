@@ -148,8 +148,12 @@ def make_mesh(layout: Layout | str, devices: list | None = None) -> jax.sharding
         raise ValueError(
             f"layout {layout} needs {layout.size} devices but only {len(devices)} are available "
             f"({devices[0].platform}); on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={layout.size}")
-    axis_types = (jax.sharding.AxisType.Explicit,) * len(AXES)
-    return jax.make_mesh(layout.shape, AXES, axis_types=axis_types, devices=devices[: layout.size])
+    # Device order: `tensor` varies fastest, then expert, stage, data, so tensor groups are neighbouring
+    # devices (one NVLink domain on GPUs) and data groups the farthest apart (what the planner assumes).
+    order = ("data", "stage", "expert", "tensor")
+    axis_types = (jax.sharding.AxisType.Explicit,) * len(order)
+    shape = tuple(getattr(layout, a) for a in order)
+    return jax.make_mesh(shape, order, axis_types=axis_types, devices=devices[: layout.size])
 
 
 def initialize_distributed(**kwargs) -> None:

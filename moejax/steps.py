@@ -73,7 +73,7 @@ class Steps:
                            in_specs=(self.param_specs, cache_specs, BATCH, BATCH, BATCH, TOKENS_B),
                            out_specs=(LOGITS_BV, cache_specs), check_vma=False)
         logits_BV, cache = fn(params, cache, tokens_BT, pos_BT, page_table_BP, logits_index_B)
-        logits_BV = jax.sharding.reshard(logits_BV, TOKENS_B)
+        logits_BV = jax.sharding.reshard(logits_BV, jax.NamedSharding(self.mesh, TOKENS_B))
         return logits_BV, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), cache
 
     def new_cache(self, num_pages: int, page_size: int, dtype=None):

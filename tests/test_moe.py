@@ -1,0 +1,100 @@
+"""The MoE layer against a naive per-token, per-expert loop, for every dispatch strategy and EP/TP split."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import sharding
+from moejax.mesh import Layout, make_mesh
+from moejax.model import moe
+
+E, D, F, X = 8, 16, 12, 2
+
+
+def _naive(x_MD, weights_MX, experts_MX, wg, wu, wd):
+    out = np.zeros_like(x_MD)
+    for m in range(x_MD.shape[0]):
+        for w, e in zip(weights_MX[m], experts_MX[m], strict=True):
+            h = (x_MD[m] @ wg[e]) / (1 + np.exp(-(x_MD[m] @ wg[e]))) * (x_MD[m] @ wu[e])
+            out[m] += w * (h @ wd[e])
+    return out
+
+
+def _routing(M, rng, skip_expert=3):
+    """Random routing over X distinct experts per token; `skip_expert` gets no token; expert 0 gets every token."""
+    experts = np.zeros((M, X), np.int32)
+    for m in range(M):
+        others = [e for e in range(1, E) if e != skip_expert]
+        experts[m] = [0, rng.choice(others)]
+    weights = rng.random((M, X)).astype(np.float32)
+    return weights, experts
+
+
+def _run_dispatch(layout, strategy, x, weights, experts, wg, wu, wd, **kwargs):
+    """moe.dispatch inside a shard_map over `layout` (experts over `expert`, F over `tensor`), reduced."""
+    mesh = make_mesh(Layout.parse(layout))
+    w_spec = sharding.spec(("experts", "embed", "ffn"))
+    wd_spec = sharding.spec(("experts", "ffn", "embed"))
+    rep = jax.sharding.PartitionSpec()
+
+    def body(x_, w_, e_, wg_, wu_, wd_):
+        y_ = moe.dispatch(x_, w_, e_, (wg_, wu_, wd_), strategy, **kwargs)
+        return sharding.psum(y_, "experts", "ffn")
+
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(rep, rep, rep, w_spec, w_spec, wd_spec), out_specs=rep,
+                               check_vma=False))
+    put = lambda a, spec: jax.device_put(np.asarray(a), jax.NamedSharding(mesh, spec))  # noqa: E731
+    return np.asarray(fn(put(x, rep), put(weights, rep), put(experts, rep), put(wg, w_spec), put(wu, w_spec),
+                         put(wd, wd_spec)))
+
+
+@pytest.mark.parametrize("strategy", ["loop", "blocks", "ragged"])
+@pytest.mark.parametrize("layout", ["DP1", "EP4", "TP2EP4", "EP8"])
+@pytest.mark.parametrize("M", [3, 40])
+def test_dispatch_equals_naive_loop(strategy, layout, M):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((M, D)).astype(np.float32)
+    wg, wu = (rng.standard_normal((E, D, F)).astype(np.float32) * 0.3 for _ in range(2))
+    wd = rng.standard_normal((E, F, D)).astype(np.float32) * 0.3
+    weights, experts = _routing(M, rng)
+    ref = _naive(x, weights, experts, wg, wu, wd)
+
+    out = _run_dispatch(layout, strategy, x, weights, experts, wg, wu, wd)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_picks_loop_for_few_pairs_and_blocks_for_many():
+    """"auto" must equal both explicit strategies on either side of its threshold."""
+    rng = np.random.default_rng(1)
+    w = tuple(rng.standard_normal(s).astype(np.float32) for s in ((E, D, F), (E, D, F), (E, F, D)))
+    for M in (4, 200):
+        x = rng.standard_normal((M, D)).astype(np.float32)
+        weights, experts = _routing(M, rng)
+        auto = _run_dispatch("EP2", "auto", x, weights, experts, *w, loop_max_pairs=64)
+        expected = _run_dispatch("EP2", "loop" if M * X <= 64 else "blocks", x, weights, experts, *w)
+        np.testing.assert_array_equal(auto, expected)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_route_softmax_topk(normalize):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((10, D)).astype(np.float32)
+    router = rng.standard_normal((D, E)).astype(np.float32)
+    weights, experts = moe.route(jnp.asarray(x), jnp.asarray(router), X, normalize)
+    logits = x @ router
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    top = np.argsort(-probs, axis=-1)[:, :X]
+    ref_w = np.take_along_axis(probs, top, -1)
+    if normalize:
+        ref_w /= ref_w.sum(-1, keepdims=True)
+    np.testing.assert_array_equal(np.sort(np.asarray(experts), -1), np.sort(top, -1))
+    np.testing.assert_allclose(np.asarray(weights), ref_w, atol=1e-6)
+
+
+def test_unknown_strategy_is_rejected():
+    z = np.zeros((E, D, F), np.float32)
+    with pytest.raises(ValueError, match="unknown MoE dispatch strategy 'dense'"):
+        _run_dispatch("DP1", "dense", np.zeros((2, D), np.float32), np.zeros((2, X), np.float32),
+                      np.zeros((2, X), np.int32), z, z, z.transpose(0, 2, 1))
