@@ -1,0 +1,318 @@
+"""The serving engine: requests in, a jitted prefill-chunk step and a jitted decode step per engine step.
+
+Each `Engine.step()` asks the scheduler for a plan, builds numpy batches, dispatches (at most) one
+prefill-chunk call [data * max_prefill_seqs, chunk_size] and one decode call [data * bucket, 1]
+of the same compiled step function (model step + on-device sampler, KV pools donated), then reads
+back only the sampled ids. Shapes are static: the prefill shape is fixed by the config, the decode
+batch per data group is rounded up to one of `decode_buckets`; `warmup()` compiles them all.
+
+Batch rows are split evenly over the `data` groups (row b belongs to group b // (B / data)), and
+each row's page table holds that group's local page ids (see `moejax.kv_cache`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import numpy as np
+
+from moejax import steps as steps_lib
+from moejax.engine.sampling import SamplingParams, sample
+from moejax.engine.scheduler import Plan, Request, Scheduler, Work
+from moejax.kv_cache import PageAllocator, fill_table, pages_for
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Engine knobs. Counts of requests and pages are totals over the mesh except where noted.
+
+    Attributes:
+      max_running: most requests running at once (a multiple of the `data` size).
+      page_size: tokens per KV page.
+      num_pages: KV pages per data group (each group has its own pool).
+      chunk_size: prefill tokens per step per data group (the chunked-prefill knob).
+      max_prefill_seqs: prefill rows per step per data group.
+      max_model_len: longest sequence (prompt + new tokens); None: the model's position limit.
+      decode_buckets: decode batch sizes per data group; None: powers of two up to the slots.
+      seed: seeds the draws of requests that give no seed.
+    """
+
+    max_running: int = 8
+    page_size: int = 16
+    num_pages: int = 256
+    chunk_size: int = 64
+    max_prefill_seqs: int = 1
+    max_model_len: int | None = None
+    decode_buckets: tuple[int, ...] | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request: its new tokens, and whether (and why) it finished."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_calls: int = 0
+    decode_calls: int = 0
+    preemptions: int = 0
+    host_s: float = 0.0  # wall time of step() outside waiting for device results
+    device_wait_s: float = 0.0
+
+
+_STEP_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _sampled_step(steps: steps_lib.Steps):
+    """The model step followed by the sampler, jitted once per `Steps` (engines share compilations)."""
+    if steps not in _STEP_FNS:
+        def fn(params, cache, tokens_BT, pos_BT, table_BP, index_B, temperature_B, top_k_B, top_p_B, seed_B,
+               counter_B):
+            logits_BV, _, cache = steps.step(params, cache, tokens_BT, pos_BT, table_BP, index_B)
+            return sample(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, counter_B), cache
+
+        _STEP_FNS[steps] = jax.jit(fn, donate_argnums=(1,))
+    return _STEP_FNS[steps]
+
+
+class Engine:
+    """In-flight batching over a paged KV cache for one placed `moejax.Model`.
+
+    Args:
+      model: a `moejax.Model` (weights on its mesh).
+      config: `ServeConfig`.
+    """
+
+    def __init__(self, model, config: ServeConfig | None = None):
+        config = config or ServeConfig()
+        self.model, self.config = model, config
+        self.data = model.layout.data
+        self.max_len = config.max_model_len or model.cfg.max_position_embeddings
+        self._check_config(config)
+        self.slots = config.max_running // self.data
+        self.decode_buckets = tuple(sorted(config.decode_buckets or _powers_of_two(self.slots)))
+        self.pages_per_seq = pages_for(self.max_len, config.page_size)
+        self.allocator = PageAllocator(self.data, config.num_pages)
+        self.scheduler = Scheduler(self.allocator, config.page_size, self.slots, config.chunk_size,
+                                   config.max_prefill_seqs)
+        self.cache = model.steps.new_cache(config.num_pages * self.data, config.page_size, model.dtype)
+        self._fn = _sampled_step(model.steps)
+        self.requests: dict[str, Request] = {}  # every request not yet released, finished ones included
+        self._pending: list[RequestOutput] = []  # abort outputs, delivered by the next step()
+        self._order = itertools.count()
+        self._ids = itertools.count()
+        self._rng = np.random.default_rng(config.seed)
+        self.stats = EngineStats()
+
+    def _check_config(self, c: ServeConfig) -> None:
+        for name in ("max_running", "page_size", "num_pages", "chunk_size", "max_prefill_seqs"):
+            if getattr(c, name) < 1:
+                raise ValueError(f"ServeConfig.{name} must be at least 1, got {getattr(c, name)}")
+        if c.max_running % self.data:
+            raise ValueError(f"ServeConfig.max_running ({c.max_running}) must be a multiple of the data size "
+                             f"({self.data})")
+        if self.max_len > self.model.cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len ({self.max_len}) exceeds the model's max_position_embeddings "
+                             f"({self.model.cfg.max_position_embeddings})")
+        if c.decode_buckets and max(c.decode_buckets) < c.max_running // self.data:
+            raise ValueError(f"decode_buckets {c.decode_buckets} must reach the slots per data group "
+                             f"({c.max_running // self.data})")
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def add_request(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue a request; returns its id. Raises ValueError (engine state untouched) on bad input."""
+        params = params or SamplingParams()
+        prompt = self._check_request(prompt_ids, params, request_id)
+        rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
+        seed = int(params.seed) if params.seed is not None else int(self._rng.integers(2**32))
+        req = Request(rid, next(self._order), len(prompt), prompt, params, seed, arrival_s=time.perf_counter())
+        self.requests[rid] = req
+        self.scheduler.add(req)
+        return rid
+
+    def _check_request(self, prompt_ids, params: SamplingParams, request_id) -> list[int]:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        ids = np.asarray(prompt_ids)
+        if ids.size == 0:
+            raise ValueError("prompt cannot be empty: pass at least one token id")
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"prompt must be a 1-D sequence of integer token ids, got shape {ids.shape} "
+                             f"dtype {ids.dtype}")
+        vocab = self.model.cfg.vocab_size
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.size:
+            raise ValueError(f"Token id {int(bad[0])} is out of vocabulary (vocab_size={vocab})")
+        params.check(vocab)
+        total = ids.size + params.max_new_tokens
+        if total > self.max_len:
+            raise ValueError(f"prompt of {ids.size} tokens + max_new_tokens {params.max_new_tokens} = {total} "
+                             f"exceeds the context limit max_model_len={self.max_len}")
+        need, have = pages_for(total, self.config.page_size), self.config.num_pages
+        if need > have:
+            raise ValueError(f"request needs {need} KV pages ({total} tokens at page_size {self.config.page_size}) "
+                             f"but the whole pool of a data group has {have} pages")
+        if request_id is not None and str(request_id) in self.requests \
+                and not self.requests[str(request_id)].finished:
+            raise ValueError(f"request id {request_id!r} is already running")
+        return ids.astype(int).tolist()
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now: its pages are freed; the next step() reports finish reason "abort"."""
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return
+        self.scheduler.remove(req)
+        self._finish(req, "abort", time.perf_counter())
+        self._pending.append(RequestOutput(req.request_id, [], True, "abort"))
+
+    def release(self, request_id: str) -> Request | None:
+        """Forget a finished request (its record and metrics); returns it."""
+        req = self.requests.get(request_id)
+        if req is not None and req.finished:
+            return self.requests.pop(request_id)
+        return None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- stepping -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; returns the outputs of every request that made a token or finished."""
+        t0 = time.perf_counter()
+        outputs, self._pending = self._pending, []
+        plan = self.scheduler.schedule()
+        self.stats.preemptions += len(plan.preempted)
+        calls = []
+        if any(plan.prefill):
+            calls.append((plan.prefill, self._dispatch(plan.prefill, self.config.max_prefill_seqs,
+                                                       self.config.chunk_size)))
+            self.stats.prefill_calls += 1
+        if any(plan.decode):
+            rows = _bucket(max(len(w) for w in plan.decode), self.decode_buckets)
+            calls.append((plan.decode, self._dispatch(plan.decode, rows, 1)))
+            self.stats.decode_calls += 1
+        t1 = time.perf_counter()
+        ids = [np.asarray(ids_B) for _, ids_B in calls]
+        now = t2 = time.perf_counter()
+        for (per_group, _), ids_B in zip(calls, ids, strict=True):
+            rows = len(ids_B) // self.data
+            for g, works in enumerate(per_group):
+                for i, work in enumerate(works):
+                    out = self._commit(work, int(ids_B[g * rows + i]), now)
+                    if out is not None:
+                        outputs.append(out)
+        self.stats.steps += 1
+        self.stats.device_wait_s += t2 - t1
+        self.stats.host_s += (t1 - t0) + (time.perf_counter() - t2)
+        return outputs
+
+    def _commit(self, work: Work, token: int, now: float) -> RequestOutput | None:
+        req = work.req
+        req.num_computed += work.num
+        if not work.samples:
+            return None
+        req.tokens.append(token)
+        req.token_times_s.append(now)
+        reason = None
+        if token in req.params.stop_token_ids:
+            reason = "stop"
+        elif req.num_output >= req.params.max_new_tokens:
+            reason = "length"
+        if reason:
+            self.scheduler.remove(req)
+            self._finish(req, reason, now)
+        return RequestOutput(req.request_id, [token], reason is not None, reason)
+
+    def _finish(self, req: Request, reason: str, now: float) -> None:
+        req.finished, req.finish_reason, req.finished_s = True, reason, now
+
+    def _dispatch(self, per_group: list[list[Work]], rows: int, T: int):
+        """Build the [data * rows, T] batch for `per_group` works and dispatch the compiled step."""
+        B = self.data * rows
+        tokens = np.zeros((B, T), np.int32)
+        pos = np.full((B, T), -1, np.int32)
+        table = np.zeros((B, self.pages_per_seq), np.int32)
+        index = np.zeros(B, np.int32)
+        temp, top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
+        top_k, seed, counter = np.zeros(B, np.int32), np.zeros(B, np.uint32), np.zeros(B, np.int32)
+        for g, works in enumerate(per_group):
+            for i, w in enumerate(works):
+                r, req, p = g * rows + i, w.req, w.req.params
+                tokens[r, : w.num] = req.tokens[w.start: w.start + w.num]
+                pos[r, : w.num] = np.arange(w.start, w.start + w.num)
+                fill_table(table, r, req.pages)
+                index[r] = w.num - 1
+                temp[r], top_k[r], top_p[r] = p.temperature, p.top_k, p.top_p
+                seed[r], counter[r] = req.seed, req.num_output
+        return self._call(tokens, pos, table, index, temp, top_k, top_p, seed, counter)
+
+    def _call(self, tokens, pos, table, index, *sampling):
+        model, put = self.model, partial(steps_lib.put, self.model.mesh)
+        with jax.set_mesh(model.mesh):
+            args = [put(tokens, steps_lib.BATCH), put(pos, steps_lib.BATCH), put(table, steps_lib.BATCH)]
+            args += [put(a, steps_lib.TOKENS_B) for a in (index, *sampling)]
+            ids_B, self.cache = self._fn(model.params, self.cache, *args)
+        return ids_B
+
+    def warmup(self) -> None:
+        """Compile the prefill shape and every decode bucket (all-padding batches: nothing is written)."""
+        shapes = [(self.config.max_prefill_seqs, self.config.chunk_size)] + [(b, 1) for b in self.decode_buckets]
+        for rows, T in shapes:
+            empty: Plan = Plan([[] for _ in range(self.data)], [], [])
+            np.asarray(self._dispatch(empty.prefill, rows, T))
+
+    # ---- drivers --------------------------------------------------------------------------------
+
+    def stream(self, prompt_ids, params: SamplingParams | None = None,
+               request_id: str | None = None) -> Iterator[RequestOutput]:
+        """Add a request and yield its outputs as they come, stepping the engine (others progress too;
+        their tokens stay in `engine.requests`)."""
+        rid = self.add_request(prompt_ids, params, request_id)
+        while True:
+            for out in self.step():
+                if out.request_id == rid:
+                    yield out
+                    if out.finished:
+                        return
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[list[int]]:
+        """Run prompts to completion (with whatever else is queued); returns the new token ids per prompt."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        while not all(self.requests[i].finished for i in ids):
+            self.step()
+        return [self.requests[i].output_ids for i in ids]
+
+
+def _powers_of_two(n: int) -> list[int]:
+    out = [1]
+    while out[-1] < n:
+        out.append(out[-1] * 2)
+    return out
+
+
+def _bucket(n: int, buckets: tuple[int, ...]) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"batch of {n} exceeds the largest decode bucket {buckets[-1]}")

@@ -1,0 +1,215 @@
+"""In-flight batching scheduler: who runs this step, with how many tokens, on which pages.
+
+Pure host logic (no JAX), so its policy is cheap and testable on its own.
+
+Policy, per engine step and per data group:
+
+- Running requests are visited oldest first. One with a single uncomputed token decodes (one
+  token, in the decode batch); one with more is prefilling and takes a chunk of up to the group's
+  remaining token budget (`chunk_size`) in one of `max_prefill_seqs` prefill rows.
+- A request's sequence is prompt + outputs so far; a chunk that reaches its end makes a token.
+  After a preemption the whole sequence is recomputed as one long prompt, and the seeded sampler
+  keys on the output count, so outputs are the same as without the preemption.
+- Pages are taken just before the tokens that need them. When a group runs out, its youngest
+  running request is preempted (pages freed, back to the waiting queue to be recomputed later);
+  if that is the request asking, it waits. The oldest request therefore always progresses.
+- Waiting requests are admitted first come, first served (no overtaking) while a group has a
+  free running slot, prefill budget and the pages for the first chunk; a request goes to the
+  group with the fewest running requests. No admission in a step that preempted (no thrash).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from moejax.kv_cache import PageAllocator, pages_for
+
+
+@dataclass
+class Request:
+    """Host state of one request. `tokens` is prompt + outputs; KV exists for tokens[:num_computed]."""
+
+    request_id: str
+    order: int  # arrival order: FCFS and "youngest" are decided by it
+    prompt_len: int
+    tokens: list[int]
+    params: object  # SamplingParams
+    seed: int
+    group: int = -1  # data group while running, else -1
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    finished: bool = False
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    arrival_s: float = 0.0
+    token_times_s: list[float] = field(default_factory=list)
+    finished_s: float | None = None
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Time to first token (arrival to the first token), seconds."""
+        return self.token_times_s[0] - self.arrival_s if self.token_times_s else None
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first, seconds."""
+        t = self.token_times_s
+        return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None
+
+
+@dataclass
+class Work:
+    """Tokens tokens[start:start + num] of `req` computed this step; `samples`: the last one makes a token."""
+
+    req: Request
+    start: int
+    num: int
+    samples: bool
+
+
+@dataclass
+class Plan:
+    prefill: list[list[Work]]  # per data group, at most max_prefill_seqs each
+    decode: list[list[Work]]  # per data group
+    preempted: list[Request]
+
+    @property
+    def works(self):
+        for per_group in (self.prefill, self.decode):
+            for works in per_group:
+                yield from works
+
+
+class Scheduler:
+    """FCFS in-flight batching with chunked prefill and recompute preemption over paged KV.
+
+    Args:
+      allocator: the page allocator (one pool per data group).
+      page_size: tokens per page.
+      slots_per_group: max running requests per data group.
+      chunk_size: prefill token budget per step per data group.
+      max_prefill_seqs: prefill rows per step per data group.
+    """
+
+    def __init__(self, allocator: PageAllocator, page_size: int, slots_per_group: int, chunk_size: int,
+                 max_prefill_seqs: int):
+        self.alloc = allocator
+        self.page_size = page_size
+        self.slots = slots_per_group
+        self.chunk_size = chunk_size
+        self.max_prefill_seqs = max_prefill_seqs
+        self.waiting: list[Request] = []  # sorted by arrival order
+        self.running: list[list[Request]] = [[] for _ in range(allocator.num_groups)]  # each sorted by order
+        self.num_preemptions = 0
+
+    @property
+    def num_running(self) -> int:
+        return sum(len(r) for r in self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.num_running > 0
+
+    def add(self, req: Request) -> None:
+        bisect.insort(self.waiting, req, key=lambda r: r.order)
+
+    def remove(self, req: Request) -> None:
+        """Take a request out (finished or aborted) and free its pages."""
+        if req.group >= 0:
+            self.running[req.group].remove(req)
+            self._release(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
+    def schedule(self) -> Plan:
+        groups = range(self.alloc.num_groups)
+        plan = Plan([[] for _ in groups], [[] for _ in groups], [])
+        budget = [self.chunk_size] * len(groups)
+        for g in groups:
+            budget[g] = self._schedule_running(g, plan, budget[g])
+        if not plan.preempted:
+            self._admit(plan, budget)
+        return plan
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _schedule_running(self, g: int, plan: Plan, budget: int) -> int:
+        running = self.running[g]
+        i = 0
+        while i < len(running):
+            req = running[i]
+            remaining = len(req.tokens) - req.num_computed
+            decode = remaining == 1
+            if not decode and (budget == 0 or len(plan.prefill[g]) == self.max_prefill_seqs):
+                i += 1
+                continue
+            num = 1 if decode else min(remaining, budget)
+            if not self._grow(req, req.num_computed + num):
+                victim = running[-1]  # youngest; never one already scheduled (those are older)
+                self._preempt(victim)
+                plan.preempted.append(victim)
+                if victim is req:
+                    break
+                continue
+            work = Work(req, req.num_computed, num, req.num_computed + num == len(req.tokens))
+            if decode:
+                plan.decode[g].append(work)
+            else:
+                plan.prefill[g].append(work)
+                budget -= num
+            i += 1
+        return budget
+
+    def _admit(self, plan: Plan, budget: list[int]) -> None:
+        while self.waiting:
+            req = self.waiting[0]
+            best = None
+            for g in range(self.alloc.num_groups):
+                num = min(len(req.tokens), budget[g])
+                if (len(self.running[g]) >= self.slots or num == 0
+                        or len(plan.prefill[g]) == self.max_prefill_seqs
+                        or self.alloc.num_free(g) < pages_for(num, self.page_size)):
+                    continue
+                rank = (len(self.running[g]), -self.alloc.num_free(g))
+                if best is None or rank < best[0]:
+                    best = (rank, g, num)
+            if best is None:
+                return  # first come, first served: nobody overtakes the head of the queue
+            _, g, num = best
+            self.waiting.pop(0)
+            req.group = g
+            self._grow(req, num)
+            bisect.insort(self.running[g], req, key=lambda r: r.order)
+            plan.prefill[g].append(Work(req, 0, num, num == len(req.tokens)))
+            budget[g] -= num
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        need = pages_for(num_tokens, self.page_size) - len(req.pages)
+        if need <= 0:
+            return True
+        pages = self.alloc.allocate(req.group, need)
+        if pages is None:
+            return False
+        req.pages.extend(pages)
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running[req.group].remove(req)
+        self._release(req)
+        req.num_computed = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(req)
+
+    def _release(self, req: Request) -> None:
+        self.alloc.free(req.group, req.pages)
+        req.pages = []
+        req.group = -1

@@ -1,0 +1,75 @@
+"""Paged KV cache: the host-side page allocator and page-table helpers.
+
+The device pools are `(k, v)`, each [L_padded, P_total, page_size, K, H] (see `moejax.steps`):
+layers split over `stage`, kv heads over `tensor`, pages over `data`. Data group g owns the
+global pages [g * P_group, (g + 1) * P_group) and addresses them by LOCAL ids 0..P_group-1; a
+request lives in one data group and only ever holds that group's pages.
+
+Invariant (from `moejax.model.attention`): token at position p of a sequence lives in page
+`table[p // page_size]` at slot `p % page_size`. Pages beyond a sequence's length may hold stale
+data from earlier owners; attention never reads past the query position, so reuse needs no zeroing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moejax.config import ceil_div
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    """Pages needed to hold `num_tokens` positions."""
+    return ceil_div(num_tokens, page_size)
+
+
+class PageAllocator:
+    """Free lists of local page ids, one per data group. Pure host state, O(pages) per call.
+
+    Args:
+      num_groups: data groups (the `data` mesh size).
+      pages_per_group: pages in each group's pool.
+    """
+
+    def __init__(self, num_groups: int, pages_per_group: int):
+        if num_groups < 1 or pages_per_group < 1:
+            raise ValueError(f"need at least one group and one page, got {num_groups} groups x {pages_per_group} pages")
+        self.num_groups = num_groups
+        self.pages_per_group = pages_per_group
+        # Stack of free ids; popping from the end hands out low ids first.
+        self._free = [list(range(pages_per_group - 1, -1, -1)) for _ in range(num_groups)]
+
+    def num_free(self, group: int) -> int:
+        return len(self._free[group])
+
+    @property
+    def total_free(self) -> int:
+        return sum(len(f) for f in self._free)
+
+    def allocate(self, group: int, n: int) -> list[int] | None:
+        """n local page ids of `group`, or None (nothing taken) when fewer are free."""
+        free = self._free[group]
+        if n > len(free):
+            return None
+        if n == 0:
+            return []
+        taken = free[-n:]
+        del free[-n:]
+        return taken[::-1]
+
+    def free(self, group: int, pages: list[int]) -> None:
+        """Return pages to `group`'s pool (most recently freed are reused first)."""
+        free = self._free[group]
+        if len(free) + len(pages) > self.pages_per_group:
+            raise RuntimeError(f"double free in data group {group}: {len(pages)} pages back, {len(free)} already free")
+        free.extend(reversed(pages))
+
+
+def fill_table(table_BP: np.ndarray, row: int, pages: list[int]) -> None:
+    """Write one sequence's pages into row `row` of a page table; the rest points at page 0.
+
+    Entries past the sequence are never attended to (their positions exceed the query's), so any
+    valid id does.
+    """
+    n = len(pages)
+    table_BP[row, :n] = pages
+    table_BP[row, n:] = 0
