@@ -71,6 +71,7 @@ class EngineStats:
     prefill_calls: int = 0
     decode_calls: int = 0
     preemptions: int = 0
+    mixed_steps: int = 0  # steps that ran a prefill chunk and a decode together
     host_s: float = 0.0  # wall time of step() outside waiting for device results
     device_wait_s: float = 0.0
 
@@ -209,6 +210,7 @@ class Engine:
             rows = _bucket(max(len(w) for w in plan.decode), self.decode_buckets)
             calls.append((plan.decode, self._dispatch(plan.decode, rows, 1)))
             self.stats.decode_calls += 1
+        self.stats.mixed_steps += len(calls) == 2
         t1 = time.perf_counter()
         ids = [np.asarray(ids_B) for _, ids_B in calls]
         now = t2 = time.perf_counter()

@@ -1,0 +1,66 @@
+"""Engine fixtures: the tiny Mixtral placed on two 8-device layouts (data > 1, stage > 1), engines
+that share one compiled step per shape, and a cache of "run alone" reference outputs."""
+
+from __future__ import annotations
+
+import pytest
+
+LAYOUTS = ["DP2TP2EP2", "TP2EP2PP2"]
+MAX_LEN = 64  # prompt + new tokens; 16 pages of 4
+PAGE_SIZE = 4
+NUM_PAGES = 32  # per data group: small, so busy workloads preempt
+
+
+@pytest.fixture(scope="session", params=LAYOUTS)
+def engine_model(request, hf_checkpoints):
+    import moejax
+
+    path, torch_model = hf_checkpoints["mixtral"]
+    model = moejax.load(path, layout=request.param)
+    model.torch_reference = torch_model
+    return model
+
+
+def base_config(model, **overrides):
+    import moejax
+
+    slots = 8 // model.layout.data
+    kw = dict(max_running=8, page_size=PAGE_SIZE, num_pages=NUM_PAGES, chunk_size=16, max_prefill_seqs=2,
+              max_model_len=MAX_LEN, decode_buckets=(slots,), seed=0)
+    kw.update(overrides)
+    return moejax.ServeConfig(**kw)
+
+
+@pytest.fixture(scope="session")
+def engines():
+    """(model, **config overrides) -> a warm Engine, reused across tests (they must leave it idle)."""
+    import moejax
+
+    cache = {}
+
+    def get(model, **overrides):
+        key = (id(model), tuple(sorted(overrides.items())))
+        if key not in cache:
+            engine = moejax.Engine(model, base_config(model, **overrides))
+            engine.warmup()
+            cache[key] = engine
+        engine = cache[key]
+        assert not engine.has_unfinished()
+        return engine
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def alone():
+    """(engine, prompt, params) -> the request's tokens when it runs alone in the engine (memoised)."""
+    memo = {}
+
+    def run(engine, prompt, params):
+        key = (id(engine.model), tuple(prompt), params)
+        if key not in memo:
+            assert not engine.has_unfinished()
+            memo[key] = engine.generate([list(prompt)], params)[0]
+        return memo[key]
+
+    return run

@@ -1,0 +1,106 @@
+"""Host-side policy: page allocator, FCFS admission, token budget, youngest-first preemption; sampler filters."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import SamplingParams
+from moejax.engine.sampling import sample
+from moejax.engine.scheduler import Request, Scheduler
+from moejax.kv_cache import PageAllocator, fill_table, pages_for
+
+
+def test_allocator_takes_all_or_nothing_and_rejects_double_free():
+    alloc = PageAllocator(2, 4)
+    a = alloc.allocate(0, 3)
+    assert sorted(a) == [0, 1, 2] and alloc.num_free(0) == 1 and alloc.num_free(1) == 4
+    assert alloc.allocate(0, 2) is None and alloc.num_free(0) == 1
+    alloc.free(0, a)
+    assert alloc.total_free == 8
+    with pytest.raises(RuntimeError, match="double free"):
+        alloc.free(0, [0])
+    table = np.full((2, 4), 9, np.int32)
+    fill_table(table, 1, [3, 2])
+    assert table[1].tolist() == [3, 2, 0, 0] and table[0].tolist() == [9] * 4
+    assert pages_for(8, 4) == 2 and pages_for(9, 4) == 3
+
+
+def _req(order, prompt_len, max_new=4):
+    return Request(f"r{order}", order, prompt_len, list(range(prompt_len)), SamplingParams(max_new_tokens=max_new), 0)
+
+
+def _execute(plan):
+    """Pretend the device ran the plan: KV computed, sampling works append a token."""
+    for w in plan.works:
+        w.req.num_computed += w.num
+        if w.samples:
+            w.req.tokens.append(0)
+
+
+def test_budget_rows_and_fcfs_admission():
+    sched = Scheduler(PageAllocator(1, 100), page_size=4, slots_per_group=2, chunk_size=10, max_prefill_seqs=2)
+    reqs = [_req(i, n) for i, n in enumerate([7, 9, 3])]
+    for r in reversed(reqs):
+        sched.add(r)
+    plan = sched.schedule()
+    assert [(w.req.order, w.num, w.samples) for w in plan.prefill[0]] == [(0, 7, True), (1, 3, False)]
+    assert sched.waiting == [reqs[2]]  # no free slot: waits although it would fit the budget
+    _execute(plan)
+    plan = sched.schedule()
+    assert [(w.req.order, w.num) for w in plan.decode[0]] == [(0, 1)]
+    assert [(w.req.order, w.start, w.num, w.samples) for w in plan.prefill[0]] == [(1, 3, 6, True)]
+
+
+def test_head_of_queue_is_not_overtaken():
+    sched = Scheduler(PageAllocator(1, 4), page_size=4, slots_per_group=4, chunk_size=16, max_prefill_seqs=4)
+    sched.add(_req(0, 12))  # 3 pages
+    _execute(sched.schedule())
+    sched.add(_req(1, 8))  # 2 pages: only 1 free
+    sched.add(_req(2, 2))  # would fit, but must not overtake r1
+    plan = sched.schedule()
+    assert [w.req.order for w in plan.works] == [0] and [r.order for r in sched.waiting] == [1, 2]
+
+
+def test_preemption_frees_the_youngest_and_everyone_finishes():
+    alloc = PageAllocator(1, 6)
+    sched = Scheduler(alloc, page_size=2, slots_per_group=3, chunk_size=8, max_prefill_seqs=3)
+    reqs = [_req(i, 3, max_new=6) for i in range(3)]  # 9 tokens = 5 pages each; 6 in the pool
+    for r in reqs:
+        sched.add(r)
+    preempted = []
+    for _ in range(200):
+        if not sched.has_work():
+            break
+        plan = sched.schedule()
+        preempted += [r.order for r in plan.preempted]
+        _execute(plan)
+        for r in reqs:
+            if r.group >= 0 and r.num_output >= r.params.max_new_tokens:
+                sched.remove(r)
+                r.finished = True
+    assert all(r.finished for r in reqs) and alloc.total_free == 6
+    assert preempted and preempted[0] == 2  # the youngest goes first
+    assert sched.num_preemptions == len(preempted)
+
+
+def test_sampler_filters_and_greedy():
+    V, B = 16, 256
+    logits = jnp.asarray(np.tile(np.linspace(3.0, 0.0, V, dtype=np.float32), (B, 1)))
+    seeds = jnp.arange(B, dtype=jnp.uint32)
+    zeros_i, ones_f = jnp.zeros(B, jnp.int32), jnp.ones(B, jnp.float32)
+    run = jax.jit(sample)
+    assert (np.asarray(run(logits, 0 * ones_f, zeros_i, ones_f, seeds, zeros_i)) == 0).all()  # greedy
+    free = np.asarray(run(logits, ones_f, zeros_i, ones_f, seeds, zeros_i))
+    assert len(set(free.tolist())) > 5  # the draw has power
+    top3 = np.asarray(run(logits, ones_f, zeros_i + 3, ones_f, seeds, zeros_i))
+    assert set(top3.tolist()) == {0, 1, 2}
+    probs = np.exp(np.linspace(3.0, 0.0, V)) / np.exp(np.linspace(3.0, 0.0, V)).sum()
+    nucleus = int(np.searchsorted(np.cumsum(probs), 0.5)) + 1  # smallest prefix with mass >= 0.5
+    topp = np.asarray(run(logits, ones_f, zeros_i, ones_f * 0.5, seeds, zeros_i))
+    assert set(topp.tolist()) == set(range(nucleus))
+    again = np.asarray(run(logits, ones_f, zeros_i, ones_f, seeds, zeros_i))
+    later = np.asarray(run(logits, ones_f, zeros_i, ones_f, seeds, zeros_i + 1))
+    assert (again == free).all() and (later != free).any()  # keyed on (seed, counter)
