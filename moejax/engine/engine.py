@@ -38,7 +38,8 @@ class ServeConfig:
       max_running: most requests running at once (a multiple of the `data` size).
       page_size: tokens per KV page.
       num_pages: KV pages per data group (each group has its own pool).
-      chunk_size: prefill tokens per step per data group (the chunked-prefill knob).
+      chunk_size: most prompt tokens one request prefills per step (the chunked-prefill knob); a
+        step prefills up to max_prefill_seqs * chunk_size tokens per data group.
       max_prefill_seqs: prefill rows per step per data group.
       max_model_len: longest sequence (prompt + new tokens); None: the model's position limit.
       decode_buckets: decode batch sizes per data group; None: powers of two up to the slots.

@@ -69,15 +69,15 @@ def _draw(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, counter_B):
     sorted_BV = -jnp.sort(-scaled_BV, axis=-1)  # descending
     # top-k: keep logits >= the k-th largest (k = 0 keeps all).
     k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, V), V)
-    kth_B = jnp.take_along_axis(sorted_BV, (k_B - 1)[:, None], axis=-1)[:, 0]
-    # top-p over the top-k survivors: the smallest prefix whose probability reaches top_p.
     ranks_V = jnp.arange(V)
+    kth_B = _at_rank(sorted_BV, k_B - 1)
+    # top-p over the top-k survivors: the smallest prefix whose probability reaches top_p.
     sorted_BV = jnp.where(ranks_V[None] < k_B[:, None], sorted_BV, -jnp.inf)
     probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
     before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass strictly above each rank
     keep_BV = (before_BV < top_p_B[:, None]) & (ranks_V[None] < k_B[:, None])
     last_B = jnp.sum(keep_BV, axis=-1) - 1  # >= 0: rank 0 always kept
-    floor_B = jnp.maximum(jnp.take_along_axis(sorted_BV, last_B[:, None], axis=-1)[:, 0], kth_B)
+    floor_B = jnp.maximum(_at_rank(sorted_BV, last_B), kth_B)
     masked_BV = jnp.where(scaled_BV >= floor_B[:, None], scaled_BV, -jnp.inf)
     gumbel_BV = jax.vmap(_gumbel, in_axes=(0, 0, None))(seed_B, counter_B, V)
     return jnp.argmax(masked_BV + gumbel_BV, axis=-1).astype(jnp.int32)
@@ -86,3 +86,9 @@ def _draw(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, counter_B):
 def _gumbel(seed, counter, V):
     key = jax.random.fold_in(jax.random.key(seed.astype(jnp.uint32)), counter)
     return jax.random.gumbel(key, (V,), jnp.float32)
+
+
+def _at_rank(sorted_BV, rank_B):
+    """sorted_BV[b, rank_B[b]] as a masked sum: no gather, so it shards like any row-wise op."""
+    hit_BV = jnp.arange(sorted_BV.shape[-1])[None] == rank_B[:, None]
+    return jnp.sum(jnp.where(hit_BV, sorted_BV, 0), axis=-1)

@@ -5,8 +5,9 @@ Pure host logic (no JAX), so its policy is cheap and testable on its own.
 Policy, per engine step and per data group:
 
 - Running requests are visited oldest first. One with a single uncomputed token decodes (one
-  token, in the decode batch); one with more is prefilling and takes a chunk of up to the group's
-  remaining token budget (`chunk_size`) in one of `max_prefill_seqs` prefill rows.
+  token, in the decode batch); one with more is prefilling and takes a chunk of up to
+  `chunk_size` tokens in one of `max_prefill_seqs` prefill rows (so a group prefills at most
+  max_prefill_seqs * chunk_size tokens per step: the static prefill shape).
 - A request's sequence is prompt + outputs so far; a chunk that reaches its end makes a token.
   After a preemption the whole sequence is recomputed as one long prompt, and the seeded sampler
   keys on the output count, so outputs are the same as without the preemption.
@@ -14,7 +15,7 @@ Policy, per engine step and per data group:
   running request is preempted (pages freed, back to the waiting queue to be recomputed later);
   if that is the request asking, it waits. The oldest request therefore always progresses.
 - Waiting requests are admitted first come, first served (no overtaking) while a group has a
-  free running slot, prefill budget and the pages for the first chunk; a request goes to the
+  free running slot, a free prefill row and the pages for the first chunk; a request goes to the
   group with the fewest running requests. No admission in a step that preempted (no thrash).
 """
 
@@ -96,7 +97,7 @@ class Scheduler:
       allocator: the page allocator (one pool per data group).
       page_size: tokens per page.
       slots_per_group: max running requests per data group.
-      chunk_size: prefill token budget per step per data group.
+      chunk_size: most prefill tokens per request per step (one prefill row).
       max_prefill_seqs: prefill rows per step per data group.
     """
 
@@ -132,26 +133,25 @@ class Scheduler:
     def schedule(self) -> Plan:
         groups = range(self.alloc.num_groups)
         plan = Plan([[] for _ in groups], [[] for _ in groups], [])
-        budget = [self.chunk_size] * len(groups)
         for g in groups:
-            budget[g] = self._schedule_running(g, plan, budget[g])
+            self._schedule_running(g, plan)
         if not plan.preempted:
-            self._admit(plan, budget)
+            self._admit(plan)
         return plan
 
     # ---- internals ------------------------------------------------------------------------------
 
-    def _schedule_running(self, g: int, plan: Plan, budget: int) -> int:
+    def _schedule_running(self, g: int, plan: Plan) -> None:
         running = self.running[g]
         i = 0
         while i < len(running):
             req = running[i]
             remaining = len(req.tokens) - req.num_computed
             decode = remaining == 1
-            if not decode and (budget == 0 or len(plan.prefill[g]) == self.max_prefill_seqs):
+            if not decode and len(plan.prefill[g]) == self.max_prefill_seqs:
                 i += 1
                 continue
-            num = 1 if decode else min(remaining, budget)
+            num = 1 if decode else min(remaining, self.chunk_size)
             if not self._grow(req, req.num_computed + num):
                 victim = running[-1]  # youngest; never one already scheduled (those are older)
                 self._preempt(victim)
@@ -164,17 +164,15 @@ class Scheduler:
                 plan.decode[g].append(work)
             else:
                 plan.prefill[g].append(work)
-                budget -= num
             i += 1
-        return budget
 
-    def _admit(self, plan: Plan, budget: list[int]) -> None:
+    def _admit(self, plan: Plan) -> None:
         while self.waiting:
             req = self.waiting[0]
             best = None
             for g in range(self.alloc.num_groups):
-                num = min(len(req.tokens), budget[g])
-                if (len(self.running[g]) >= self.slots or num == 0
+                num = min(len(req.tokens), self.chunk_size)
+                if (len(self.running[g]) >= self.slots
                         or len(plan.prefill[g]) == self.max_prefill_seqs
                         or self.alloc.num_free(g) < pages_for(num, self.page_size)):
                     continue
@@ -189,7 +187,6 @@ class Scheduler:
             self._grow(req, num)
             bisect.insort(self.running[g], req, key=lambda r: r.order)
             plan.prefill[g].append(Work(req, 0, num, num == len(req.tokens)))
-            budget[g] -= num
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
         need = pages_for(num_tokens, self.page_size) - len(req.pages)

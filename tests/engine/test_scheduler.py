@@ -40,18 +40,20 @@ def _execute(plan):
             w.req.tokens.append(0)
 
 
-def test_budget_rows_and_fcfs_admission():
+def test_chunks_rows_and_fcfs_admission():
     sched = Scheduler(PageAllocator(1, 100), page_size=4, slots_per_group=2, chunk_size=10, max_prefill_seqs=2)
     reqs = [_req(i, n) for i, n in enumerate([7, 9, 3])]
     for r in reversed(reqs):
         sched.add(r)
     plan = sched.schedule()
-    assert [(w.req.order, w.num, w.samples) for w in plan.prefill[0]] == [(0, 7, True), (1, 3, False)]
-    assert sched.waiting == [reqs[2]]  # no free slot: waits although it would fit the budget
+    assert [(w.req.order, w.num, w.samples) for w in plan.prefill[0]] == [(0, 7, True), (1, 9, True)]
+    assert sched.waiting == [reqs[2]]  # no free slot: waits although a row is free next step
     _execute(plan)
     plan = sched.schedule()
-    assert [(w.req.order, w.num) for w in plan.decode[0]] == [(0, 1)]
-    assert [(w.req.order, w.start, w.num, w.samples) for w in plan.prefill[0]] == [(1, 3, 6, True)]
+    assert [(w.req.order, w.num) for w in plan.decode[0]] == [(0, 1), (1, 1)] and not plan.prefill[0]
+    sched.remove(reqs[0])
+    plan = sched.schedule()
+    assert [(w.req.order, w.start, w.num, w.samples) for w in plan.prefill[0]] == [(2, 0, 3, True)]
 
 
 def test_head_of_queue_is_not_overtaken():
