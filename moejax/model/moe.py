@@ -7,9 +7,11 @@ same all-reduce finishes the tensor-parallel FFN). No token is ever dropped.
 
 Strategies for the local expert computation (`dispatch`), all exact, selectable by name:
 
-- ``"loop"``: for each local expert, skip it (`lax.cond`) unless a token is routed to it, else
-  run it on all local tokens with a zero weight for unrouted ones. Reads each used expert's
-  weights once and nothing else: the right choice for decode, where there are few tokens.
+- ``"loop"``: for each local expert, skip it (`lax.switch`) unless a token is routed to it, else
+  gather its tokens into the smallest of a few row capacities (8, 16, ..., all tokens) and run
+  it on those. Reads each used expert's weights once and nothing else: the right choice for
+  decode, where there are few tokens. The weights enter the branch as the whole stacked array
+  and are sliced inside it: slicing outside made XLA:CPU copy every expert of the layer per step.
 - ``"blocks"``: sort (token, expert) pairs by expert into fixed-size blocks of one expert each
   (block-sparse grouped matmul with gathered weights). FLOPs stay close to the routed ones:
   the right choice for prefill.
@@ -19,6 +21,8 @@ Strategies for the local expert computation (`dispatch`), all exact, selectable 
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +62,7 @@ class MoE(nnx.Module):
                                            self.cfg.norm_topk_prob)
         with jax.named_scope("moe/experts"):
             y_MD = dispatch(x_MD, weights_MX.astype(x_MD.dtype), experts_MX,
-                            (self.wg[l], self.wu[l], self.wd[l]), strategy, loop_max_pairs)
+                            (self.wg[...], self.wu[...], self.wd[...]), strategy, loop_max_pairs, layer=l)
         if self.cfg.shared_expert_intermediate_size:
             with jax.named_scope("moe/shared"):
                 shared_MD = _swiglu(x_MD, self.shared_wg[l], self.shared_wu[l], self.shared_wd[l])
@@ -86,25 +90,31 @@ def route(x_MD, router_DE, k: int, normalize: bool):
     return weights_MX, experts_MX.astype(jnp.int32)
 
 
-def dispatch(x_MD, weights_MX, experts_MX, w, strategy: str = "auto", loop_max_pairs: int = 64):
+def dispatch(x_MD, weights_MX, experts_MX, w, strategy: str = "auto", loop_max_pairs: int = 64,
+             layer: int | None = None):
     """Sum over the routed local experts of weight * expert(x), for this shard's experts.
 
     Args:
       x_MD: local tokens. weights_MX / experts_MX: routing (global expert ids).
       w: (wg [El, D, F], wu [El, D, F], wd [El, F, D]) local expert weights; the local experts
         are global ids [i * El, (i + 1) * El) on expert shard i.
+      layer: if given, w are stacked over layers ([L, El, D, F], ...) and this layer is used.
     Returns:
       y_MD, a partial sum (this shard's experts, this shard's FFN slice).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown MoE dispatch strategy {strategy!r}; choose from {STRATEGIES}")
-    num_local = w[0].shape[0]
+    if layer is None:
+        w, layer = tuple(a[None] for a in w), 0
+    num_local = w[0].shape[1]
     local_MX = experts_MX - sharding.axis_index("experts") * num_local
     local_MX = jnp.where((local_MX >= 0) & (local_MX < num_local), local_MX, num_local)  # El: not here
     if strategy == "auto":
         strategy = "loop" if local_MX.size <= loop_max_pairs else "blocks"
-    fn = {"loop": _dispatch_loop, "blocks": _dispatch_blocks, "ragged": _dispatch_ragged}[strategy]
-    return fn(x_MD, weights_MX, local_MX, w)
+    if strategy == "loop":
+        return _dispatch_loop(x_MD, weights_MX, local_MX, w, layer)
+    fn = {"blocks": _dispatch_blocks, "ragged": _dispatch_ragged}[strategy]
+    return fn(x_MD, weights_MX, local_MX, tuple(a[layer] for a in w))
 
 
 def _swiglu(x_MD, wg_DF, wu_DF, wd_FD):
@@ -112,19 +122,31 @@ def _swiglu(x_MD, wg_DF, wu_DF, wd_FD):
     return h_MF @ wd_FD
 
 
-def _dispatch_loop(x_MD, weights_MX, local_MX, w):
-    wg, wu, wd = w
+def _dispatch_loop(x_MD, weights_MX, local_MX, w, layer: int):
+    M = x_MD.shape[0]
+    caps = [c for c in (8, 16, 32, 64, 128) if c < M] + [M]  # row capacities, smallest that fits is used
     y_MD = jnp.zeros_like(x_MD)
-    for e in range(wg.shape[0]):
+    for e in range(w[0].shape[1]):
         hit_MX = local_MX == e
         gate_M = jnp.sum(jnp.where(hit_MX, weights_MX, 0), axis=-1)
-        y_MD = jax.lax.cond(
-            jnp.any(hit_MX),
-            lambda y, e=e, gate_M=gate_M: y + _swiglu(x_MD, wg[e], wu[e], wd[e]) * gate_M[:, None],
-            lambda y: y,
-            y_MD,
-        )
+        count = jnp.sum(jnp.any(hit_MX, axis=-1))
+        which = jnp.where(count == 0, 0, 1 + jnp.searchsorted(jnp.array(caps), count))
+        branches = [lambda y, *w: y] + [
+            partial(_expert_rows, x_MD, gate_M, jnp.any(hit_MX, axis=-1), layer, e, c) for c in caps]
+        y_MD = jax.lax.switch(which, branches, y_MD, *w)
     return y_MD
+
+
+def _expert_rows(x_MD, gate_M, hit_M, layer, e, cap, y_MD, *w):
+    """y + gate * expert e (of `layer`) on the (at most `cap`) tokens routed to it."""
+    wg, wu, wd = (jax.lax.dynamic_index_in_dim(jax.lax.dynamic_index_in_dim(a, layer, 0, False), e, 0, False)
+                  for a in w)
+    if cap == x_MD.shape[0]:
+        return y_MD + _swiglu(x_MD, wg, wu, wd) * gate_M[:, None]
+    rows_C = jnp.nonzero(hit_M, size=cap, fill_value=x_MD.shape[0])[0]
+    out_CD = _swiglu(x_MD.at[rows_C].get(mode="fill", fill_value=0), wg, wu, wd)
+    out_CD = out_CD * gate_M.at[rows_C].get(mode="fill", fill_value=0)[:, None]
+    return y_MD.at[rows_C].add(out_CD, mode="drop")
 
 
 def _sort_pairs(local_MX, num_local: int):
