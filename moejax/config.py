@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,6 +206,3 @@ def ceil_div(a: int, b: int) -> int:
 def round_up(a: int, b: int) -> int:
     return ceil_div(a, b) * b
 
-
-def is_power_of_two(n: int) -> bool:
-    return n > 0 and math.log2(n).is_integer()
