@@ -42,7 +42,9 @@ class Steps:
             lambda v: v.replace(sharding.spec(v.get_metadata()["out_sharding"])), state,
             is_leaf=lambda x: isinstance(x, nnx.Variable)))
         self.moe_strategy = moe_strategy
-        self.cache_spec = sharding.spec(CACHE_AXES)
+        geo, _ = self._model_meta()
+        # One (k, v) pair of pools per layer slot, each [stages, pages, page_size, K, H].
+        self.cache_specs = tuple((sharding.spec(CACHE_AXES),) * 2 for _ in range(geo.layers_per_stage))
         self.forward = jax.jit(self._forward)
         self.step = jax.jit(self._step, donate_argnums=(1,))
 
@@ -68,21 +70,25 @@ class Steps:
                                                        moe_strategy=self.moe_strategy)
             return logits_, cache_
 
-        cache_specs = (self.cache_spec, self.cache_spec)
         fn = jax.shard_map(body, mesh=self.mesh,
-                           in_specs=(self.param_specs, cache_specs, BATCH, BATCH, BATCH, TOKENS_B),
-                           out_specs=(LOGITS_BV, cache_specs), check_vma=False)
+                           in_specs=(self.param_specs, self.cache_specs, BATCH, BATCH, BATCH, TOKENS_B),
+                           out_specs=(LOGITS_BV, self.cache_specs), check_vma=False)
         logits_BV, cache = fn(params, cache, tokens_BT, pos_BT, page_table_BP, logits_index_B)
         logits_BV = jax.sharding.reshard(logits_BV, jax.NamedSharding(self.mesh, TOKENS_B))
         return logits_BV, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), cache
 
     def new_cache(self, num_pages: int, page_size: int, dtype=None):
-        """Zeroed (k, v) page pools [L, num_pages, page_size, K, H]; pages split over `data`."""
+        """Zeroed KV page pools: per layer slot a (k, v) pair [stages, num_pages, page_size, K, H];
+        stages split over `stage`, pages over `data`, kv heads over `tensor`.
+
+        Separate buffers per layer (not one [L, ...] array) let each step scatter into and gather
+        from a layer's pool in place, without slicing the layer out first."""
         geo, cfg = self._model_meta()
-        shape = (geo.num_layers_padded, num_pages, page_size, geo.num_kv_heads, cfg.head_dim)
+        shape = (geo.num_stages, num_pages, page_size, geo.num_kv_heads, cfg.head_dim)
         dtype = dtype or self.params["embed"].dtype
-        make = jax.jit(partial(jnp.zeros, shape, dtype), out_shardings=jax.NamedSharding(self.mesh, self.cache_spec))
-        return make(), make()
+        make = jax.jit(partial(jnp.zeros, shape, dtype),
+                       out_shardings=jax.NamedSharding(self.mesh, sharding.spec(CACHE_AXES)))
+        return tuple((make(), make()) for _ in range(geo.layers_per_stage))
 
     def _model_meta(self):
         model = nnx.merge(self.graphdef, self._abstract)

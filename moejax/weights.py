@@ -64,22 +64,30 @@ def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> 
     geo, cfg = model.geometry, model.cfg
     layer_of_slot = {slot: layer for layer, slot in enumerate(geo.slot_of_layer())}
     kv_repeat = geo.num_kv_heads // cfg.num_kv_heads
+    experts_per_shard = cfg.num_experts // geo.expert_shards
 
     def build(path, var):
-        name = ".".join(str(p.key) for p in path[:-1] if hasattr(p, "key"))
+        name, layer_slot, expert_slot = _canonical(path)
         axes = var.get_metadata()["out_sharding"]
         shape, dtype = var.get_value().shape, var.get_value().dtype
 
+        def read(stage: int, index: Index) -> np.ndarray:
+            """This weight's block for one stage; `index` excludes the stage axis."""
+            layer = layer_of_slot.get(stage * geo.layers_per_stage + layer_slot)
+            sub_shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape[1:], strict=True))
+            if layer is None:  # padding layer slot: zero weights make the block an exact identity
+                return np.zeros(sub_shape, np.float32)
+            if expert_slot is None:
+                return _read_kv(source, name, layer, index, axes[1:], kv_repeat)
+            experts = [s * experts_per_shard + expert_slot for s in range(*index[0].indices(shape[1]))]
+            return np.concatenate([_read_kv(source, name, layer, (slice(e, e + 1), *index[1:]), axes[1:], kv_repeat)
+                                   for e in experts])
+
         def shard(index: Index) -> np.ndarray:
-            if axes[0] != "layers":
+            if layer_slot is None:
                 block = _read_kv(source, name, None, index, axes, kv_repeat)
             else:
-                slots = range(*index[0].indices(shape[0]))
-                sub_shape = tuple(len(range(*s.indices(n))) for s, n in zip(index[1:], shape[1:], strict=True))
-                block = np.stack([
-                    _read_kv(source, name, layer_of_slot[s], index[1:], axes[1:], kv_repeat)
-                    if s in layer_of_slot else np.zeros(sub_shape, np.float32)
-                    for s in slots])
+                block = np.stack([read(p, index[1:]) for p in range(*index[0].indices(shape[0]))])
             return np.asarray(block, dtype=dtype)
 
         return jax.make_array_from_callback(shape, sharding.named(mesh, axes), shard)
@@ -87,6 +95,21 @@ def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> 
     values = {path: build(path, var) for path, var in _variables(state)}
     state = jax.tree_util.tree_map_with_path(lambda p, v: values.get(p, v), state)
     return nnx.merge(graphdef, state)
+
+
+def _canonical(path) -> tuple[str, int | None, int | None]:
+    """A parameter's state path -> (canonical name, layer slot, local expert slot).
+
+    `layers.3.attn.wq` -> ("attn.wq", 3, None); `layers.3.moe.experts.2.wg` -> ("moe.wg", 3, 2);
+    `embed` -> ("embed", None, None).
+    """
+    keys = [p.key for p in path[:-1] if hasattr(p, "key")]
+    if keys[0] != "layers":
+        return ".".join(map(str, keys)), None, None
+    layer_slot, rest = keys[1], keys[2:]
+    if rest[:2] == ["moe", "experts"]:
+        return f"moe.{rest[3]}", layer_slot, rest[2]
+    return ".".join(rest), layer_slot, None
 
 
 def _variables(state):

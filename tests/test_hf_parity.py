@@ -67,6 +67,10 @@ def test_fused_expert_checkpoint_loads_identically(hf_checkpoints, models_1dev, 
     save_file(state, tmp_path / "model.safetensors")
     ids = np.random.default_rng(6).integers(0, 128, (1, 20))
     fused = moejax.load(tmp_path, layout="DP1")
-    for name in ("wg", "wu", "wd"):
-        np.testing.assert_array_equal(fused.params["moe"][name], models_1dev["qwen2_moe"].params["moe"][name])
+    per_expert = models_1dev["qwen2_moe"].params
+    for layer in range(len(per_expert["layers"])):
+        for a, b in zip(fused.params["layers"][layer]["moe"]["experts"].values(),
+                        per_expert["layers"][layer]["moe"]["experts"].values(), strict=True):
+            for name in ("wg", "wu", "wd"):
+                np.testing.assert_array_equal(a[name], b[name])
     np.testing.assert_array_equal(fused.forward(ids), models_1dev["qwen2_moe"].forward(ids))

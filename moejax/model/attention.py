@@ -17,36 +17,37 @@ from flax import nnx
 
 from moejax import sharding
 from moejax.config import ModelConfig
-from moejax.model.layers import apply_rope, declare, rms_norm
+from moejax.model.layers import apply_rope, declare, local, rms_norm
 
 _MASKED = -1e30  # finite, so a fully masked (padding) row gives a uniform softmax rather than NaN
 
 
 class Attention(nnx.Module):
-    """Self-attention weights for all (padded) layers, stacked on a leading `layers` axis."""
+    """Self-attention weights of one layer slot, one entry per pipeline stage on a leading `layers` axis."""
 
-    def __init__(self, cfg: ModelConfig, num_layers: int, num_kv_heads: int, dtype):
-        L, D, N, K, H = num_layers, cfg.hidden_size, cfg.num_heads, num_kv_heads, cfg.head_dim
+    def __init__(self, cfg: ModelConfig, num_stages: int, num_kv_heads: int, dtype):
+        S, D, N, K, H = num_stages, cfg.hidden_size, cfg.num_heads, num_kv_heads, cfg.head_dim
         self.cfg = cfg
-        self.wq = declare((L, D, N, H), ("layers", "embed", "heads", "head_dim"), dtype)
-        self.wk = declare((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype)
-        self.wv = declare((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype)
-        self.wo = declare((L, N, H, D), ("layers", "heads", "head_dim", "embed"), dtype)
+        self.wq = declare((S, D, N, H), ("layers", "embed", "heads", "head_dim"), dtype)
+        self.wk = declare((S, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype)
+        self.wv = declare((S, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype)
+        self.wo = declare((S, N, H, D), ("layers", "heads", "head_dim", "embed"), dtype)
         if cfg.qkv_bias:
-            self.bq = declare((L, N, H), ("layers", "heads", "head_dim"), dtype)
-            self.bk = declare((L, K, H), ("layers", "kv_heads", "head_dim"), dtype)
-            self.bv = declare((L, K, H), ("layers", "kv_heads", "head_dim"), dtype)
+            self.bq = declare((S, N, H), ("layers", "heads", "head_dim"), dtype)
+            self.bk = declare((S, K, H), ("layers", "kv_heads", "head_dim"), dtype)
+            self.bv = declare((S, K, H), ("layers", "kv_heads", "head_dim"), dtype)
         if cfg.o_bias:
-            self.bo = declare((L, D), ("layers", "embed"), dtype)
+            self.bo = declare((S, D), ("layers", "embed"), dtype)
         if cfg.qk_norm:
-            self.q_norm = declare((L, H), ("layers", "head_dim"), dtype)
-            self.k_norm = declare((L, H), ("layers", "head_dim"), dtype)
+            self.q_norm = declare((S, H), ("layers", "head_dim"), dtype)
+            self.k_norm = declare((S, H), ("layers", "head_dim"), dtype)
 
-    def __call__(self, l: int, x_BTD, pos_BT, rope, cache, page_table_BP):
-        """Attention of layer `l` (local index) for new tokens x_BTD at positions pos_BT.
+    def __call__(self, x_BTD, pos_BT, rope, cache, page_table_BP):
+        """Attention of this layer for new tokens x_BTD at positions pos_BT.
 
         Args:
-          cache: None (attend within x only) or (k_pool, v_pool), each [L, P, page_size, K, H] local.
+          cache: None (attend within x only) or this layer's (k_pool, v_pool), each
+            [1, P, page_size, K, H] local (the leading axis is the stage's entry).
           page_table_BP: [B, pages per sequence] local page ids (ignored without a cache).
 
         Returns:
@@ -54,29 +55,38 @@ class Attention(nnx.Module):
         """
         cfg = self.cfg
         with jax.named_scope("attn/qkv"):
-            q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq[l])
-            k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wk[l])
-            v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wv[l])
+            q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, local(self.wq))
+            k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, local(self.wk))
+            v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, local(self.wv))
             if cfg.qkv_bias:
-                q_BTNH, k_BTKH, v_BTKH = q_BTNH + self.bq[l], k_BTKH + self.bk[l], v_BTKH + self.bv[l]
+                q_BTNH, k_BTKH, v_BTKH = (q_BTNH + local(self.bq), k_BTKH + local(self.bk),
+                                          v_BTKH + local(self.bv))
             if cfg.qk_norm:
-                q_BTNH = rms_norm(q_BTNH, self.q_norm[l], cfg.rms_norm_eps)
-                k_BTKH = rms_norm(k_BTKH, self.k_norm[l], cfg.rms_norm_eps)
+                q_BTNH = rms_norm(q_BTNH, local(self.q_norm), cfg.rms_norm_eps)
+                k_BTKH = rms_norm(k_BTKH, local(self.k_norm), cfg.rms_norm_eps)
             q_BTNH, k_BTKH = apply_rope(q_BTNH, *rope), apply_rope(k_BTKH, *rope)
         if cache is None:
             k_BSKH, v_BSKH, kpos_BS = k_BTKH, v_BTKH, pos_BT
         else:
             with jax.named_scope("attn/cache"):
-                cache = tuple(_write_pages(pool, l, new, pos_BT, page_table_BP) for pool, new in
+                # Write the new tokens into the pools in place, then read the sequence's pages.
+                # (Each variant here was checked for whole-pool copies in the compiled HLO: reading
+                # the old pool before the write, or reshaping the pool's unit stage axis away
+                # before the scatter, made XLA:CPU copy every pool every step.)
+                cache = tuple(_write_pages(pool, new, pos_BT, page_table_BP) for pool, new in
                               zip(cache, (k_BTKH, v_BTKH), strict=True))
-                k_BSKH, v_BSKH = (_gather_pages(pool, l, page_table_BP) for pool in cache)
+                k_BSKH, v_BSKH = (_gather_pages(pool, page_table_BP) for pool in cache)
                 kpos_BS = jnp.broadcast_to(jnp.arange(k_BSKH.shape[1], dtype=jnp.int32), k_BSKH.shape[:2])
         with jax.named_scope("attn/core"):
             o_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, pos_BT, kpos_BS, cfg.sliding_window)
         with jax.named_scope("attn/out"):
-            y_BTD = sharding.psum(jnp.einsum("BTNH,NHD->BTD", o_BTNH, self.wo[l]), "heads")
+            # Flatten heads on the (small) activation: contracting over (N, H) as two dims let
+            # XLA:CPU transpose the (large) weight instead, a copy of wo per layer per step.
+            B, T, N, H = o_BTNH.shape
+            wo_FD = local(self.wo).reshape(N * H, -1)
+            y_BTD = sharding.psum(jnp.einsum("BTF,FD->BTD", o_BTNH.reshape(B, T, N * H), wo_FD), "heads")
             if cfg.o_bias:
-                y_BTD = y_BTD + self.bo[l]
+                y_BTD = y_BTD + local(self.bo)
         return y_BTD, cache
 
 
@@ -97,16 +107,15 @@ def attend(q_BTNH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, window: int | None = None):
     return o_BTKGH.reshape(B, T, N, H)
 
 
-def _write_pages(pool_LPsKH, l, new_BTKH, pos_BT, page_table_BP):
-    page_size = pool_LPsKH.shape[2]
-    num_pages = pool_LPsKH.shape[1]
+def _write_pages(pool_1PsKH, new_BTKH, pos_BT, page_table_BP):
+    _, num_pages, page_size = pool_1PsKH.shape[:3]
     block = jnp.clip(pos_BT // page_size, 0, page_table_BP.shape[1] - 1)
     page_BT = jnp.take_along_axis(page_table_BP, block, axis=1)
     page_BT = jnp.where(pos_BT >= 0, page_BT, num_pages)  # padding: out of range, dropped
-    return pool_LPsKH.at[l, page_BT, pos_BT % page_size].set(new_BTKH.astype(pool_LPsKH.dtype), mode="drop")
+    return pool_1PsKH.at[0, page_BT, pos_BT % page_size].set(new_BTKH.astype(pool_1PsKH.dtype), mode="drop")
 
 
-def _gather_pages(pool_LPsKH, l, page_table_BP):
+def _gather_pages(pool_1PsKH, page_table_BP):
     B, MP = page_table_BP.shape
-    _, _, ps, K, H = pool_LPsKH.shape
-    return pool_LPsKH[l][page_table_BP].reshape(B, MP * ps, K, H)
+    _, _, ps, K, H = pool_1PsKH.shape
+    return pool_1PsKH[0][page_table_BP].reshape(B, MP * ps, K, H)

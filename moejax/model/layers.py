@@ -22,6 +22,19 @@ def declare(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.
     return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
+def local(param: nnx.Param, lead: int = 1):
+    """The local value of a weight stored with `lead` leading axes of local size 1, without them.
+
+    Per-layer weights are stored as their own buffers with a leading `layers` axis of one entry
+    per pipeline stage (split over `stage`, so 1 locally), and per-expert weights add an
+    `experts` axis of one entry per expert shard. Dropping unit axes is a free reshape; slicing a
+    stacked [L, ...] array is not (XLA:CPU copies the slice before each matmul reads it).
+    """
+    value = param[...]
+    assert value.shape[:lead] == (1,) * lead, value.shape
+    return value.reshape(value.shape[lead:])
+
+
 def rms_norm(x, weight, eps: float):
     """RMSNorm over the last dim, computed in float32 (as Hugging Face does), cast back to x's dtype."""
     x32 = x.astype(jnp.float32)

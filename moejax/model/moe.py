@@ -8,13 +8,13 @@ same all-reduce finishes the tensor-parallel FFN). No token is ever dropped.
 Strategies for the local expert computation (`dispatch`), all exact, selectable by name:
 
 - ``"loop"``: for each local expert, skip it (`lax.switch`) unless a token is routed to it, else
-  gather its tokens into the smallest of a few row capacities (8, 16, ..., all tokens) and run
+  gather its tokens into the smallest of a few row capacities (1, 2, 4, ..., all tokens) and run
   it on those. Reads each used expert's weights once and nothing else: the right choice for
-  decode, where there are few tokens. The weights enter the branch as the whole stacked array
-  and are sliced inside it: slicing outside made XLA:CPU copy every expert of the layer per step.
+  decode, where there are few tokens. Each expert is its own buffer (see `Expert`): a slice of
+  a stacked [E, D, F] array is copied by XLA:CPU before the matmul reads it.
 - ``"blocks"``: sort (token, expert) pairs by expert into fixed-size blocks of one expert each
-  (block-sparse grouped matmul with gathered weights). FLOPs stay close to the routed ones:
-  the right choice for prefill.
+  (block-sparse grouped matmul with gathered weights; the experts are stacked first). FLOPs
+  stay close to the routed ones: the right choice for prefill.
 - ``"ragged"``: sort pairs and call `jax.lax.ragged_dot`. XLA lowers it to a masked dense matmul
   on CPU (E times the FLOPs); kept for measurement on GPU.
 - ``"auto"``: "loop" when the local pair count is at most `loop_max_pairs`, else "blocks".
@@ -30,44 +30,57 @@ from flax import nnx
 
 from moejax import sharding
 from moejax.config import ModelConfig
-from moejax.model.layers import declare
+from moejax.model.layers import declare, local
 
 STRATEGIES = ("auto", "loop", "blocks", "ragged")
 
 
-class MoE(nnx.Module):
-    """Router, routed experts (SwiGLU) and optional shared expert for all (padded) layers."""
+class Expert(nnx.Module):
+    """One local expert slot of one layer slot: SwiGLU weights, its own buffers.
 
-    def __init__(self, cfg: ModelConfig, num_layers: int, dtype):
-        L, D, E, F = num_layers, cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    Global shape [stages, expert shards, ...]: entry [p, s] is global expert s * El + slot of the
+    stage-p layer, so each device holds exactly its (stage, expert shard) entry as a separate array.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_stages: int, num_shards: int, dtype):
+        S, X, D, F = num_stages, num_shards, cfg.hidden_size, cfg.moe_intermediate_size
+        self.wg = declare((S, X, D, F), ("layers", "experts", "embed", "ffn"), dtype)
+        self.wu = declare((S, X, D, F), ("layers", "experts", "embed", "ffn"), dtype)
+        self.wd = declare((S, X, F, D), ("layers", "experts", "ffn", "embed"), dtype)
+
+
+class MoE(nnx.Module):
+    """Router, routed experts (SwiGLU) and optional shared expert of one layer slot."""
+
+    def __init__(self, cfg: ModelConfig, num_stages: int, num_expert_shards: int, dtype):
+        S, D, E = num_stages, cfg.hidden_size, cfg.num_experts
         self.cfg = cfg
-        self.router = declare((L, D, E), ("layers", "embed", "experts_all"), dtype)
-        self.wg = declare((L, E, D, F), ("layers", "experts", "embed", "ffn"), dtype)
-        self.wu = declare((L, E, D, F), ("layers", "experts", "embed", "ffn"), dtype)
-        self.wd = declare((L, E, F, D), ("layers", "experts", "ffn", "embed"), dtype)
+        self.router = declare((S, D, E), ("layers", "embed", "experts_all"), dtype)
+        self.experts = nnx.List([Expert(cfg, S, num_expert_shards, dtype)
+                                 for _ in range(E // num_expert_shards)])
         if cfg.shared_expert_intermediate_size:
             Fs = cfg.shared_expert_intermediate_size
-            self.shared_wg = declare((L, D, Fs), ("layers", "embed", "ffn"), dtype)
-            self.shared_wu = declare((L, D, Fs), ("layers", "embed", "ffn"), dtype)
-            self.shared_wd = declare((L, Fs, D), ("layers", "ffn", "embed"), dtype)
+            self.shared_wg = declare((S, D, Fs), ("layers", "embed", "ffn"), dtype)
+            self.shared_wu = declare((S, D, Fs), ("layers", "embed", "ffn"), dtype)
+            self.shared_wd = declare((S, Fs, D), ("layers", "ffn", "embed"), dtype)
         if cfg.shared_expert_gate:
-            self.shared_gate = declare((L, D), ("layers", "embed"), dtype)
+            self.shared_gate = declare((S, D), ("layers", "embed"), dtype)
 
-    def __call__(self, l: int, x_BTD, strategy: str = "auto", loop_max_pairs: int = 64):
-        """MoE output of layer `l` (local index), reduced over the expert and tensor axes."""
+    def __call__(self, x_BTD, strategy: str = "auto", loop_max_pairs: int = 64):
+        """MoE output of this layer, reduced over the expert and tensor axes."""
         B, T, D = x_BTD.shape
         x_MD = x_BTD.reshape(B * T, D)
         with jax.named_scope("moe/route"):
-            weights_MX, experts_MX = route(x_MD, self.router[l], self.cfg.num_experts_per_tok,
+            weights_MX, experts_MX = route(x_MD, local(self.router), self.cfg.num_experts_per_tok,
                                            self.cfg.norm_topk_prob)
         with jax.named_scope("moe/experts"):
-            y_MD = dispatch(x_MD, weights_MX.astype(x_MD.dtype), experts_MX,
-                            (self.wg[...], self.wu[...], self.wd[...]), strategy, loop_max_pairs, layer=l)
+            w = tuple([local(getattr(ex, name), 2) for ex in self.experts] for name in ("wg", "wu", "wd"))
+            y_MD = dispatch(x_MD, weights_MX.astype(x_MD.dtype), experts_MX, w, strategy, loop_max_pairs)
         if self.cfg.shared_expert_intermediate_size:
             with jax.named_scope("moe/shared"):
-                shared_MD = _swiglu(x_MD, self.shared_wg[l], self.shared_wu[l], self.shared_wd[l])
+                shared_MD = _swiglu(x_MD, local(self.shared_wg), local(self.shared_wu), local(self.shared_wd))
                 if self.cfg.shared_expert_gate:
-                    gate_M = jax.nn.sigmoid(x_MD @ self.shared_gate[l])
+                    gate_M = jax.nn.sigmoid(x_MD @ local(self.shared_gate))
                     shared_MD = shared_MD * gate_M[:, None]
                 # Replicated over `expert`: count it once, on the first expert shard.
                 y_MD = y_MD + jnp.where(sharding.axis_index("experts") == 0, shared_MD, 0)
@@ -90,31 +103,30 @@ def route(x_MD, router_DE, k: int, normalize: bool):
     return weights_MX, experts_MX.astype(jnp.int32)
 
 
-def dispatch(x_MD, weights_MX, experts_MX, w, strategy: str = "auto", loop_max_pairs: int = 64,
-             layer: int | None = None):
+def dispatch(x_MD, weights_MX, experts_MX, w, strategy: str = "auto", loop_max_pairs: int = 64):
     """Sum over the routed local experts of weight * expert(x), for this shard's experts.
 
     Args:
       x_MD: local tokens. weights_MX / experts_MX: routing (global expert ids).
-      w: (wg [El, D, F], wu [El, D, F], wd [El, F, D]) local expert weights; the local experts
-        are global ids [i * El, (i + 1) * El) on expert shard i.
-      layer: if given, w are stacked over layers ([L, El, D, F], ...) and this layer is used.
+      w: (wg, wu, wd), each either a sequence of El per-expert arrays ([D, F], [D, F], [F, D]) or
+        one stacked [El, ...] array; the local experts are global ids [i * El, (i + 1) * El) on
+        expert shard i.
     Returns:
       y_MD, a partial sum (this shard's experts, this shard's FFN slice).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown MoE dispatch strategy {strategy!r}; choose from {STRATEGIES}")
-    if layer is None:
-        w, layer = tuple(a[None] for a in w), 0
-    num_local = w[0].shape[1]
+    num_local = len(w[0])
     local_MX = experts_MX - sharding.axis_index("experts") * num_local
     local_MX = jnp.where((local_MX >= 0) & (local_MX < num_local), local_MX, num_local)  # El: not here
     if strategy == "auto":
         strategy = "loop" if local_MX.size <= loop_max_pairs else "blocks"
     if strategy == "loop":
-        return _dispatch_loop(x_MD, weights_MX, local_MX, w, layer)
+        per_expert = tuple([a[e] for e in range(num_local)] if hasattr(a, "shape") else a for a in w)
+        return _dispatch_loop(x_MD, weights_MX, local_MX, per_expert)
+    stacked = tuple(a if hasattr(a, "shape") else jnp.stack(a) for a in w)
     fn = {"blocks": _dispatch_blocks, "ragged": _dispatch_ragged}[strategy]
-    return fn(x_MD, weights_MX, local_MX, tuple(a[layer] for a in w))
+    return fn(x_MD, weights_MX, local_MX, stacked)
 
 
 def _swiglu(x_MD, wg_DF, wu_DF, wd_FD):
@@ -122,25 +134,29 @@ def _swiglu(x_MD, wg_DF, wu_DF, wd_FD):
     return h_MF @ wd_FD
 
 
-def _dispatch_loop(x_MD, weights_MX, local_MX, w, layer: int):
-    M = x_MD.shape[0]
-    caps = [c for c in (8, 16, 32, 64, 128) if c < M] + [M]  # row capacities, smallest that fits is used
+def _dispatch_loop(x_MD, weights_MX, local_MX, w):
+    M, El = x_MD.shape[0], len(w[0])
+    # Row capacities (powers of two below M, then M): an expert runs on the smallest that holds
+    # its tokens, so a decode batch does about the routed FLOPs rather than M rows per expert.
+    caps = [c for c in (1, 2, 4, 8, 16, 32, 64, 128) if c < M] + [M]
+    # Routing bookkeeping for all experts at once (a handful of ops, not a handful per expert).
+    onehot_MXE = local_MX[..., None] == jnp.arange(El)
+    gate_ME = jnp.sum(jnp.where(onehot_MXE, weights_MX[..., None], 0), axis=1)
+    hit_ME = jnp.any(onehot_MXE, axis=1)
+    count_E = jnp.sum(hit_ME, axis=0)
+    which_E = jnp.where(count_E == 0, 0, 1 + jnp.searchsorted(jnp.array(caps), count_E))
     y_MD = jnp.zeros_like(x_MD)
-    for e in range(w[0].shape[1]):
-        hit_MX = local_MX == e
-        gate_M = jnp.sum(jnp.where(hit_MX, weights_MX, 0), axis=-1)
-        count = jnp.sum(jnp.any(hit_MX, axis=-1))
-        which = jnp.where(count == 0, 0, 1 + jnp.searchsorted(jnp.array(caps), count))
-        branches = [lambda y, *w: y] + [
-            partial(_expert_rows, x_MD, gate_M, jnp.any(hit_MX, axis=-1), layer, e, c) for c in caps]
-        y_MD = jax.lax.switch(which, branches, y_MD, *w)
+    for e, w_e in enumerate(zip(*w, strict=True)):
+        branches = [lambda y, *w: y] + [partial(_expert_rows, x_MD, gate_ME[:, e], hit_ME[:, e], c) for c in caps]
+        y_MD = jax.lax.switch(which_E[e], branches, y_MD, *w_e)
     return y_MD
 
 
-def _expert_rows(x_MD, gate_M, hit_M, layer, e, cap, y_MD, *w):
-    """y + gate * expert e (of `layer`) on the (at most `cap`) tokens routed to it."""
-    wg, wu, wd = (jax.lax.dynamic_index_in_dim(jax.lax.dynamic_index_in_dim(a, layer, 0, False), e, 0, False)
-                  for a in w)
+def _expert_rows(x_MD, gate_M, hit_M, cap, y_MD, wg, wu, wd):
+    """y + gate * expert(x) on the (at most `cap`) tokens routed to the expert.
+
+    The expert's weights are operands of the `lax.switch`, so a skipped expert is never read.
+    """
     if cap == x_MD.shape[0]:
         return y_MD + _swiglu(x_MD, wg, wu, wd) * gate_M[:, None]
     rows_C = jnp.nonzero(hit_M, size=cap, fill_value=x_MD.shape[0])[0]

@@ -18,7 +18,7 @@ from moejax import sharding
 from moejax.config import ModelConfig, ceil_div
 from moejax.mesh import Layout
 from moejax.model.attention import Attention
-from moejax.model.layers import declare, rms_norm, rope_tables
+from moejax.model.layers import declare, local, rms_norm, rope_tables
 from moejax.model.moe import MoE
 
 
@@ -30,12 +30,17 @@ class Geometry:
     layers_per_stage: int
     num_kv_heads: int  # kv heads stored (replicated up to `tensor` when fewer)
     stage_layers: tuple[int, ...]  # real layers in each stage
+    expert_shards: int  # the `expert` axis size: experts per device = num_experts / expert_shards
 
     @classmethod
     def of(cls, cfg: ModelConfig, layout: Layout) -> Geometry:
         per_stage = ceil_div(cfg.num_layers, layout.stage)
         return cls(per_stage * layout.stage, per_stage, layout.kv_heads_per_model(cfg),
-                   tuple(layout.stage_layers(cfg.num_layers)))
+                   tuple(layout.stage_layers(cfg.num_layers)), layout.expert)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_layers)
 
     def slot_of_layer(self) -> list[int]:
         """Padded slot index of each real layer, in order."""
@@ -45,23 +50,43 @@ class Geometry:
         return slots
 
 
+class Block(nnx.Module):
+    """One decoder layer slot: norms, attention and MoE, one entry per stage on each weight's leading axis.
+
+    Layer slot j of stage p is padded layer p * layers_per_stage + j (a zero-weight identity when
+    the stage has fewer real layers). Each weight is its own buffer rather than a slice of a
+    stacked [L, ...] array, so reading it costs no copy.
+    """
+
+    def __init__(self, cfg: ModelConfig, geo: Geometry, dtype):
+        S, D = geo.num_stages, cfg.hidden_size
+        self.attn_norm = declare((S, D), ("layers", "embed"), dtype)
+        self.mlp_norm = declare((S, D), ("layers", "embed"), dtype)
+        self.attn = Attention(cfg, S, geo.num_kv_heads, dtype)
+        self.moe = MoE(cfg, S, geo.expert_shards, dtype)
+
+    def __call__(self, x_BTD, pos_BT, rope, cache, page_table_BP, moe_strategy, eps):
+        h_BTD = rms_norm(x_BTD, local(self.attn_norm), eps)
+        a_BTD, cache = self.attn(h_BTD, pos_BT, rope, cache, page_table_BP)
+        x_BTD = x_BTD + a_BTD
+        h_BTD = rms_norm(x_BTD, local(self.mlp_norm), eps)
+        return x_BTD + self.moe(h_BTD, moe_strategy), cache
+
+
 class Transformer(nnx.Module):
-    """Weights of the whole model for one layout (layer axis padded, kv heads replicated as needed)."""
+    """Weights of the whole model for one layout (layer slots per stage, kv heads replicated as needed)."""
 
     def __init__(self, cfg: ModelConfig, layout: Layout, dtype=jnp.float32):
         cfg.check_runtime_support()
         layout.validate(cfg)
         self.cfg = cfg
         self.geometry = geo = Geometry.of(cfg, layout)
-        L, D, V = geo.num_layers_padded, cfg.hidden_size, cfg.vocab_size
+        D, V = cfg.hidden_size, cfg.vocab_size
         self.embed = declare((V, D), ("vocab", "embed"), dtype)
         if not cfg.tie_word_embeddings:
             self.unembed = declare((D, V), ("embed", "vocab"), dtype)
         self.final_norm = declare((D,), ("embed",), dtype)
-        self.attn_norm = declare((L, D), ("layers", "embed"), dtype)
-        self.mlp_norm = declare((L, D), ("layers", "embed"), dtype)
-        self.attn = Attention(cfg, L, geo.num_kv_heads, dtype)
-        self.moe = MoE(cfg, L, dtype)
+        self.layers = nnx.List([Block(cfg, geo, dtype) for _ in range(geo.layers_per_stage)])
 
     # ---- local computation (inside shard_map) -------------------------------------------------
 
@@ -70,7 +95,8 @@ class Transformer(nnx.Module):
 
         Args:
           tokens_BT: token ids (local batch). pos_BT: their positions; < 0 marks padding.
-          cache: None (no cache: attend within tokens_BT) or the (k, v) page pools, local shards.
+          cache: None (no cache: attend within tokens_BT) or one (k, v) pair of page pools per layer
+            slot, local shards [1, P, page_size, K, H].
           page_table_BP: [B, pages per sequence] local page ids.
           logits_index_B: if given, only the logits at tokens_BT[b, logits_index_B[b]] are made.
         Returns:
@@ -81,9 +107,12 @@ class Transformer(nnx.Module):
         rope = rope_tables(pos_BT, cfg.head_dim, cfg.rope_theta)
 
         def run_stage(x_BTD, cache):
-            for j in range(self.geometry.layers_per_stage):
-                x_BTD, cache = self._block(j, x_BTD, pos_BT, rope, cache, page_table_BP, moe_strategy)
-            return x_BTD, cache
+            new_cache = []
+            for j, block in enumerate(self.layers):
+                x_BTD, kv = block(x_BTD, pos_BT, rope, None if cache is None else cache[j], page_table_BP,
+                                  moe_strategy, cfg.rms_norm_eps)
+                new_cache.append(kv)
+            return x_BTD, None if cache is None else tuple(new_cache)
 
         num_stages = len(self.geometry.stage_layers)
         if num_stages == 1:
@@ -99,14 +128,6 @@ class Transformer(nnx.Module):
         if logits_index_B is not None:
             x_BTD = jnp.take_along_axis(x_BTD, logits_index_B[:, None, None], axis=1)[:, 0]
         return self._unembed(x_BTD), cache
-
-    def _block(self, j, x_BTD, pos_BT, rope, cache, page_table_BP, moe_strategy):
-        eps = self.cfg.rms_norm_eps
-        h_BTD = rms_norm(x_BTD, self.attn_norm[j], eps)
-        a_BTD, cache = self.attn(j, h_BTD, pos_BT, rope, cache, page_table_BP)
-        x_BTD = x_BTD + a_BTD
-        h_BTD = rms_norm(x_BTD, self.mlp_norm[j], eps)
-        return x_BTD + self.moe(j, h_BTD, moe_strategy), cache
 
     def _embed(self, tokens_BT):
         with jax.named_scope("embed"):
