@@ -64,6 +64,22 @@ def test_dispatch_equals_naive_loop(strategy, layout, M):
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("strategy", ["loop", "blocks", "ragged"])
+def test_tokens_routed_to_no_expert_cost_nothing(strategy):
+    """Expert id -1 (how the MoE layer marks batch padding) gives a zero output; other rows are unchanged."""
+    rng = np.random.default_rng(2)
+    M = 12
+    x = rng.standard_normal((M, D)).astype(np.float32)
+    w = tuple(rng.standard_normal(s).astype(np.float32) * 0.3 for s in ((E, D, F), (E, D, F), (E, F, D)))
+    weights, experts = _routing(M, rng)
+    padding = np.arange(M) % 3 == 0
+    experts[padding] = -1
+    out = _run_dispatch("EP4", strategy, x, weights, experts, *w)
+    assert not out[padding].any()
+    ref = _naive(x[~padding], weights[~padding], experts[~padding], *w)
+    np.testing.assert_allclose(out[~padding], ref, atol=1e-5, rtol=1e-5)
+
+
 def test_auto_picks_loop_for_few_pairs_and_blocks_for_many():
     """"auto" must equal both explicit strategies on either side of its threshold."""
     rng = np.random.default_rng(1)

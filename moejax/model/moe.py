@@ -66,13 +66,19 @@ class MoE(nnx.Module):
         if cfg.shared_expert_gate:
             self.shared_gate = declare((S, D), ("layers", "embed"), dtype)
 
-    def __call__(self, x_BTD, strategy: str = "auto", loop_max_pairs: int = 64):
-        """MoE output of this layer, reduced over the expert and tensor axes."""
+    def __call__(self, x_BTD, strategy: str = "auto", loop_max_pairs: int = 64, valid_BT=None):
+        """MoE output of this layer, reduced over the expert and tensor axes.
+
+        valid_BT: if given, tokens where it is False (batch padding) are routed to no expert, so
+        they cost no expert reads or FLOPs; their output is the shared expert's only (unused).
+        """
         B, T, D = x_BTD.shape
         x_MD = x_BTD.reshape(B * T, D)
         with jax.named_scope("moe/route"):
             weights_MX, experts_MX = route(x_MD, local(self.router), self.cfg.num_experts_per_tok,
                                            self.cfg.norm_topk_prob)
+            if valid_BT is not None:
+                experts_MX = jnp.where(valid_BT.reshape(B * T, 1), experts_MX, -1)  # -1: no shard's expert
         with jax.named_scope("moe/experts"):
             w = tuple([local(getattr(ex, name), 2) for ex in self.experts] for name in ("wg", "wu", "wd"))
             y_MD = dispatch(x_MD, weights_MX.astype(x_MD.dtype), experts_MX, w, strategy, loop_max_pairs)

@@ -70,7 +70,7 @@ class Block(nnx.Module):
         a_BTD, cache = self.attn(h_BTD, pos_BT, rope, cache, page_table_BP)
         x_BTD = x_BTD + a_BTD
         h_BTD = rms_norm(x_BTD, local(self.mlp_norm), eps)
-        return x_BTD + self.moe(h_BTD, moe_strategy), cache
+        return x_BTD + self.moe(h_BTD, moe_strategy, valid_BT=pos_BT >= 0), cache
 
 
 class Transformer(nnx.Module):
