@@ -1,6 +1,7 @@
 """Decode benchmark on one CPU device: moejax engine vs Hugging Face `generate` vs the memory-bandwidth limit.
 
     python -m moejax.bench.decode --batch-sizes 1,8,32 --isl 32 --osl 64 --out bench.jsonl
+    python -m moejax.bench.decode --batch-sizes 1,8,32 --no-hf     # engine only: step time and host overhead
 
 Builds a random Mixtral-format checkpoint from a model config (default `bench-moe-100m`), then for
 each batch size: (1) HF transformers `generate` (greedy, eager, float32) on those weights; (2) the
@@ -9,7 +10,9 @@ bandwidth measured in the same run. Bytes per step = weights read once per step 
 norms, unembedding, the token embeddings), the weights of the experts actually routed to (unique
 experts per layer per step, from HF's router on the generated sequences) and the KV of every row.
 
-Host overhead per decode step = engine step wall time - the same compiled call timed alone.
+Host overhead per decode step = engine step wall time - the device time of that step's compiled call,
+replayed alone on the very inputs the step used (median over the decode steps; see `run_moejax`).
+The engine's own in-step accounting (`EngineStats.host_s` per step) is reported beside it.
 Prints a table and writes one JSON line per (system, batch size) in the planner's calibration schema.
 """
 
@@ -110,7 +113,22 @@ def step_bytes(cfg, batch: int, isl: int, osl: int, unique_LS: np.ndarray) -> di
     return {k: 4.0 * v for k, v in dict(attention=attn, other=other, experts=experts, kv=kv).items()}
 
 
-def run_moejax(path: Path, batch: int, prompts: np.ndarray, osl: int, page_size: int = 16) -> dict:
+def run_moejax(path: Path, batch: int, prompts: np.ndarray, osl: int, page_size: int = 16,
+               replays: int = 3) -> dict:
+    """The moejax engine on `prompts`: TTFT, TPOT, tokens, and the host overhead of its decode steps.
+
+    Drives `Engine.step()` itself (as `generate` does) and times every step. Right after each
+    decode-only step, that step's compiled call is replayed alone `replays` times on the very
+    inputs it used (already on device): the median is the step's device time. So the tokens,
+    positions and page tables (hence the experts routed to and the KV read) are the run's, and
+    the pair (step wall, device time) is taken within milliseconds, which keeps load from other
+    processes from landing on one side only. Host overhead per decode step = median over the
+    decode steps of (step wall - device time); `host_s_per_step` is the engine's own in-step
+    accounting (`EngineStats.host_s`), which includes launching the compiled call
+    (`dispatch_s_per_step`: CPU work of the XLA runtime, which the replay counts as device time).
+    TPOT is the mean decode-step wall (the replays sit between steps, so the requests' token
+    times would count them).
+    """
     import moejax
     from moejax.kv_cache import pages_for
 
@@ -123,45 +141,61 @@ def run_moejax(path: Path, batch: int, prompts: np.ndarray, osl: int, page_size:
     engine = moejax.Engine(model, config)
     engine.warmup()
     engine.generate(prompts[:, :4].tolist(), moejax.SamplingParams(max_new_tokens=2))  # touch every code path
-    stats0 = _snapshot(engine.stats)
-    t = time.perf_counter()
-    out = engine.generate(prompts.tolist(), moejax.SamplingParams(max_new_tokens=osl))
-    wall = time.perf_counter() - t
-    reqs = [r for r in engine.requests.values() if r.num_output == osl]
-    stats = {k: v - stats0[k] for k, v in _snapshot(engine.stats).items()}
-    decode_steps = max(stats["decode_calls"], 1)
-    step_wall = (wall - np.mean([r.ttft_s for r in reqs])) / decode_steps
-    device = time_decode_call(engine, batch, isl + osl // 2)
-    return {"ttft_s": float(np.mean([r.ttft_s for r in reqs])), "tpot_s": float(np.mean([r.tpot_s for r in reqs])),
-            "tokens": out, "host_overhead_s": step_wall - device, "host_s_per_step": stats["host_s"] / stats["steps"],
-            "device_call_s": device}
+    fn, calls = engine._fn, []
+
+    def recording(*args, **kwargs):  # records each compiled call's batch inputs (not params / cache)
+        calls.append((tuple(a.copy() if isinstance(a, np.ndarray) else a for a in args[2:]), kwargs))
+        return fn(*args, **kwargs)
+
+    ids = [engine.add_request(p, moejax.SamplingParams(max_new_tokens=osl)) for p in prompts.tolist()]
+    walls, hosts, device = [], [], []  # per decode-only step
+    while not all(engine.requests[i].finished for i in ids):
+        prefills, n = engine.stats.prefill_calls, len(calls)
+        host, dispatch = engine.stats.host_s, engine.stats.dispatch_s
+        engine._fn = recording
+        t = time.perf_counter()
+        engine.step()
+        wall = time.perf_counter() - t
+        engine._fn = fn
+        if engine.stats.prefill_calls == prefills and len(calls) == n + 1:
+            walls.append(wall)
+            hosts.append((engine.stats.host_s - host, engine.stats.dispatch_s - dispatch))
+            device.append(time_decode_call(engine, calls[-1], replays))
+    reqs = [engine.requests[i] for i in ids]
+    overhead = np.array(walls) - np.array(device)
+    return {"ttft_s": float(np.mean([r.ttft_s for r in reqs])), "tpot_s": float(np.mean(walls)),
+            "tokens": [r.output_ids for r in reqs], "decode_steps": len(walls),
+            "step_wall_s": float(np.median(walls)), "device_call_s": float(np.median(device)),
+            "host_overhead_s": float(np.median(overhead)), "host_overhead_mean_s": float(np.mean(overhead)),
+            "host_s_per_step": float(np.mean([h for h, _ in hosts])),
+            "dispatch_s_per_step": float(np.mean([d for _, d in hosts]))}
 
 
 _model_cache: dict = {}
 
 
-def _snapshot(stats) -> dict[str, float]:
-    return dict(vars(stats))
+def time_decode_call(engine, inputs, repeats: int = 3) -> float:
+    """One recorded compiled call replayed alone, seconds, median of `repeats`.
 
-
-def time_decode_call(engine, batch: int, context: int, repeats: int = 20) -> float:
-    """The compiled decode call alone (inputs already on device), seconds per call, median."""
+    `inputs` is (positional args after params and cache, keyword args) as the engine passed them;
+    host (numpy) arrays are put on device first, split over `data` by rows, so only the call is
+    timed. Replaying a step rewrites the same KV entries with the same values, so the cache the
+    step left is unchanged and every replay reads what the original step read.
+    """
     import jax
 
     from moejax import steps as steps_lib
 
-    put = lambda a, spec=steps_lib.BATCH: steps_lib.put(engine.model.mesh, a, spec)  # noqa: E731
-    table = np.arange(batch * engine.pages_per_seq, dtype=np.int32).reshape(batch, -1) % engine.config.num_pages
-    with jax.set_mesh(engine.model.mesh):
-        args = [put(np.zeros((batch, 1), np.int32)), put(np.full((batch, 1), context, np.int32)), put(table)]
-        row = lambda a: put(a, steps_lib.TOKENS_B)  # noqa: E731
-        zeros_i = row(np.zeros(batch, np.int32))
-        args += [zeros_i, row(np.zeros(batch, np.float32)), zeros_i, row(np.ones(batch, np.float32)),
-                 row(np.zeros(batch, np.uint32)), zeros_i]
+    mesh = engine.model.mesh
+    args, kwargs = inputs
+    with jax.set_mesh(mesh):
+        args = [steps_lib.put(mesh, a, steps_lib.BATCH if a.ndim == 2 else steps_lib.TOKENS_B)
+                if isinstance(a, np.ndarray) else a for a in args]
+        jax.block_until_ready(args)
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            ids, engine.cache = engine._fn(engine.model.params, engine.cache, *args)
+            ids, engine.cache = engine._fn(engine.model.params, engine.cache, *args, **kwargs)
             ids.block_until_ready()
             times.append(time.perf_counter() - t)
     return float(np.median(times))
@@ -174,29 +208,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--isl", type=int, default=32, help="prompt tokens")
     p.add_argument("--osl", type=int, default=64, help="new tokens")
     p.add_argument("--out", default="", help="append JSON lines here")
+    p.add_argument("--no-hf", action="store_true",
+                   help="moejax only: skip HF generate, the routed-expert count and the bandwidth limit")
     args = p.parse_args(argv)
     import jax
 
     import moejax
 
     cfg = moejax.load_model_config(args.model)
-    bandwidth = measure_bandwidth()
-    limit_bw = max(bandwidth.values())
-    print(f"streaming bandwidth: copy {bandwidth['copy'] / 1e9:.1f} GB/s, read {bandwidth['read'] / 1e9:.1f} GB/s; "
-          f"limit uses {limit_bw / 1e9:.1f} GB/s")
+    limit_bw = None
+    if not args.no_hf:
+        bandwidth = measure_bandwidth()
+        limit_bw = max(bandwidth.values())
+        print(f"streaming bandwidth: copy {bandwidth['copy'] / 1e9:.1f} GB/s, read {bandwidth['read'] / 1e9:.1f} GB/s; "
+              f"limit uses {limit_bw / 1e9:.1f} GB/s")
     rng = np.random.default_rng(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         torch_model = build_checkpoint(cfg, Path(tmp))
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             prompts = rng.integers(0, cfg.vocab_size, (batch, args.isl))
-            hf = run_hf(torch_model, prompts, args.osl)
-            unique = routed_experts(torch_model, hf["sequences"], args.isl)
             ours = run_moejax(Path(tmp), batch, prompts, args.osl)
-            nbytes = step_bytes(cfg, batch, args.isl, args.osl, unique)
-            limit_s = sum(nbytes.values()) / limit_bw
-            same = np.array_equal(np.array(ours["tokens"]), hf["sequences"][:, args.isl:])
-            rows.append(dict(batch=batch, hf=hf, ours=ours, bytes=nbytes, limit_s=limit_s, same=same))
+            row = dict(batch=batch, ours=ours, hf=None)
+            if not args.no_hf:
+                hf = run_hf(torch_model, prompts, args.osl)
+                unique = routed_experts(torch_model, hf["sequences"], args.isl)
+                nbytes = step_bytes(cfg, batch, args.isl, args.osl, unique)
+                row.update(hf=hf, bytes=nbytes, limit_s=sum(nbytes.values()) / limit_bw,
+                           same=np.array_equal(np.array(ours["tokens"]), hf["sequences"][:, args.isl:]))
+            rows.append(row)
             _report(rows[-1])
     if args.out:
         _write_jsonl(args.out, rows, cfg, args, jax.devices()[0].platform)
@@ -205,28 +245,41 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(r: dict) -> None:
     ours, hf = r["ours"], r["hf"]
-    print(f"batch {r['batch']:>3}: moejax TPOT {ours['tpot_s'] * 1e3:7.2f} ms "
-          f"({r['batch'] / ours['tpot_s']:7.1f} tok/s)"
-          f" | HF {hf['tpot_s'] * 1e3:7.2f} ms -> {hf['tpot_s'] / ours['tpot_s']:.2f}x HF"
-          f" | bytes/step {sum(r['bytes'].values()) / 1e6:.1f} MB (experts {r['bytes']['experts'] / 1e6:.1f}),"
-          f" limit {r['limit_s'] * 1e3:.2f} ms -> {r['limit_s'] / ours['tpot_s']:.0%} of the bandwidth limit"
-          f" | host overhead {ours['host_overhead_s'] * 1e3:.2f} ms/step"
-          f" (in-step host {ours['host_s_per_step'] * 1e3:.2f})"
-          f" | TTFT {ours['ttft_s'] * 1e3:.1f} ms (HF {hf['ttft_s'] * 1e3:.1f}) | tokens == HF: {r['same']}")
+    line = (f"batch {r['batch']:>3}: moejax TPOT {ours['tpot_s'] * 1e3:7.2f} ms"
+            f" ({r['batch'] / ours['tpot_s']:7.1f} tok/s)")
+    if hf is not None:
+        line += (f" | HF {hf['tpot_s'] * 1e3:7.2f} ms -> {hf['tpot_s'] / ours['tpot_s']:.2f}x HF"
+                 f" | bytes/step {sum(r['bytes'].values()) / 1e6:.1f} MB (experts {r['bytes']['experts'] / 1e6:.1f}),"
+                 f" limit {r['limit_s'] * 1e3:.2f} ms -> {r['limit_s'] / ours['tpot_s']:.0%} of the bandwidth limit")
+    line += (f" | decode step {ours['step_wall_s'] * 1e3:.2f} ms = device {ours['device_call_s'] * 1e3:.2f}"
+             f" + host overhead {ours['host_overhead_s'] * 1e3:.2f} ms/step"
+             f" (mean {ours['host_overhead_mean_s'] * 1e3:.2f}; in-step host {ours['host_s_per_step'] * 1e3:.2f},"
+             f" of which call launch {ours['dispatch_s_per_step'] * 1e3:.2f})")
+    line += f" | TTFT {ours['ttft_s'] * 1e3:.1f} ms"
+    if hf is not None:
+        line += f" (HF {hf['ttft_s'] * 1e3:.1f}) | tokens == HF: {r['same']}"
+    print(line, flush=True)
 
 
 def _write_jsonl(path: str, rows: list[dict], cfg, args, platform: str) -> None:
     with open(path, "a") as f:
         for r in rows:
             for system, m in (("moejax", r["ours"]), ("hf-transformers", r["hf"])):
+                if m is None:  # --no-hf
+                    continue
                 f.write(json.dumps({
                     "model": cfg.name, "hardware": "cpu-host" if platform == "cpu" else platform,
                     "layout": "DP1" if system == "moejax" else "hf-eager", "precision": "float32",
                     "batch_size": r["batch"], "chunk_size": args.isl, "isl": args.isl, "osl": args.osl,
                     "ttft_s": m["ttft_s"], "tpot_s": m["tpot_s"], "tokens_per_s_per_device": r["batch"] / m["tpot_s"],
                     "tokens_per_s_per_user": 1.0 / m["tpot_s"], "system": system,
-                    "bandwidth_limit_fraction": r["limit_s"] / m["tpot_s"],
+                    "bandwidth_limit_fraction": r["limit_s"] / m["tpot_s"] if "limit_s" in r else None,
+                    **({k: m[k] for k in _HOST_FIELDS} if system == "moejax" else {}),
                 }) + "\n")
+
+
+_HOST_FIELDS = ("step_wall_s", "device_call_s", "host_overhead_s", "host_overhead_mean_s", "host_s_per_step",
+                "dispatch_s_per_step", "decode_steps")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,15 @@ batch per data group is rounded up to one of `decode_buckets`; `warmup()` compil
 
 Batch rows are split evenly over the `data` groups (row b belongs to group b // (B / data)), and
 each row's page table holds that group's local page ids (see `moejax.kv_cache`).
+
+Host work per call is kept small (it is paid every decode step, see `moejax.bench.decode`): a
+call's whole batch is ONE int32 array [B, W] (layout `_packed_layout`: tokens, page table,
+start, count, sample counter, then the per-request sampling parameters, floats and the uint32
+seed as their int32 bits), handed to the jitted function as numpy and placed by its
+`in_shardings` (rows split over `data`) in one transfer; positions, the logits index and the
+typed sampling arrays are unpacked on device. Each request keeps its page-table row
+(`Request.page_table`, kept by the scheduler) and its packed sampling fields
+(`Request.sampling_row`), so building a batch is a few vectorised copies.
 """
 
 from __future__ import annotations
@@ -17,15 +26,15 @@ import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from moejax import steps as steps_lib
 from moejax.engine.sampling import SamplingParams, sample
-from moejax.engine.scheduler import Plan, Request, Scheduler, Work
-from moejax.kv_cache import PageAllocator, fill_table, pages_for
+from moejax.engine.scheduler import Request, Scheduler, Work
+from moejax.kv_cache import PageAllocator, pages_for
 
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -74,21 +83,59 @@ class EngineStats:
     preemptions: int = 0
     mixed_steps: int = 0  # steps that ran a prefill chunk and a decode together
     host_s: float = 0.0  # wall time of step() outside waiting for device results
+    dispatch_s: float = 0.0  # the part of host_s spent inside the compiled calls until they return
     device_wait_s: float = 0.0
 
 
 _STEP_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+# Packed batch columns after the T tokens and the P page-table entries (one int32 row per request).
+_START, _NUM, _COUNTER, _TOP_K, _SEED, _TEMPERATURE, _TOP_P = range(7)
+_META = 7  # columns from _START on; _TOP_K.. are a request's `sampling_row`
+
+
+def _packed_layout(T: int, P: int) -> tuple[slice, slice, int]:
+    """Column slices (tokens, page table) and the first meta column of a [B, T + P + _META] batch."""
+    return slice(0, T), slice(T, T + P), T + P
+
+
+def _sampling_row(params: SamplingParams, seed: int) -> np.ndarray:
+    """A request's packed sampling columns: top_k, seed (uint32 bits), temperature and top_p (float32 bits)."""
+    row = np.zeros(_META - _TOP_K, np.int32)
+    row[_TOP_K - _TOP_K] = params.top_k
+    row[_SEED - _TOP_K] = np.uint32(seed).view(np.int32)
+    row[_TEMPERATURE - _TOP_K] = np.float32(params.temperature).view(np.int32)
+    row[_TOP_P - _TOP_K] = np.float32(params.top_p).view(np.int32)
+    return row
+
 
 def _sampled_step(steps: steps_lib.Steps):
-    """The model step followed by the sampler, jitted once per `Steps` (engines share compilations)."""
-    if steps not in _STEP_FNS:
-        def fn(params, cache, tokens_BT, pos_BT, table_BP, index_B, temperature_B, top_k_B, top_p_B, seed_B,
-               counter_B):
-            logits_BV, _, cache = steps.step(params, cache, tokens_BT, pos_BT, table_BP, index_B)
-            return sample(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, counter_B), cache
+    """The model step followed by the sampler, jitted once per `Steps` (engines share compilations).
 
-        _STEP_FNS[steps] = jax.jit(fn, donate_argnums=(1,))
+    The jitted function is `fn(params, cache, packed_BW, num_tokens)`: `packed_BW` is the host
+    int32 batch (see `_packed_layout`), placed rows-over-`data` by `in_shardings`; `num_tokens` (T,
+    static) splits its columns. Padding rows have count 0: positions -1 (no KV write, no attention).
+    """
+    if steps not in _STEP_FNS:
+        batch = jax.NamedSharding(steps.mesh, steps_lib.BATCH)
+
+        def fn(params, cache, packed_BW, num_tokens):
+            T = num_tokens
+            packed_BW = jax.sharding.reshard(packed_BW, batch)  # types the rows as split (already placed so)
+            tok, table, m = _packed_layout(T, packed_BW.shape[1] - T - _META)
+            col = lambda c: packed_BW[:, m + c]  # noqa: E731
+            as_f32 = lambda c: jax.lax.bitcast_convert_type(col(c), jnp.float32)  # noqa: E731
+            start_B, num_B = col(_START), col(_NUM)
+            t_T = jnp.arange(T, dtype=jnp.int32)
+            pos_BT = jnp.where(t_T[None] < num_B[:, None], start_B[:, None] + t_T[None], -1)
+            index_B = jnp.maximum(num_B - 1, 0)
+            logits_BV, _, cache = steps.step(params, cache, packed_BW[:, tok], pos_BT, packed_BW[:, table], index_B)
+            seed_B = jax.lax.bitcast_convert_type(col(_SEED), jnp.uint32)
+            ids_B = sample(logits_BV, as_f32(_TEMPERATURE), col(_TOP_K), as_f32(_TOP_P), seed_B, col(_COUNTER))
+            return ids_B, cache
+
+        _STEP_FNS[steps] = jax.jit(fn, in_shardings=(None, None, batch), donate_argnums=(1,),
+                                   static_argnums=(3,))
     return _STEP_FNS[steps]
 
 
@@ -119,6 +166,7 @@ class Engine:
         self._order = itertools.count()
         self._ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
+        self._pad: dict[tuple[int, int], np.ndarray] = {}
         self.stats = EngineStats()
 
     def _check_config(self, c: ServeConfig) -> None:
@@ -143,7 +191,8 @@ class Engine:
         prompt = self._check_request(prompt_ids, params, request_id)
         rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
         seed = int(params.seed) if params.seed is not None else int(self._rng.integers(2**32))
-        req = Request(rid, next(self._order), len(prompt), prompt, params, seed, arrival_s=time.perf_counter())
+        req = Request(rid, next(self._order), len(prompt), prompt, params, seed, arrival_s=time.perf_counter(),
+                      page_table=np.zeros(self.pages_per_seq, np.int32), sampling_row=_sampling_row(params, seed))
         self.requests[rid] = req
         self.scheduler.add(req)
         return rid
@@ -213,13 +262,13 @@ class Engine:
             self.stats.decode_calls += 1
         self.stats.mixed_steps += len(calls) == 2
         t1 = time.perf_counter()
-        ids = [np.asarray(ids_B) for _, ids_B in calls]
+        ids = [np.asarray(ids_B).tolist() for _, ids_B in calls]
         now = t2 = time.perf_counter()
         for (per_group, _), ids_B in zip(calls, ids, strict=True):
             rows = len(ids_B) // self.data
             for g, works in enumerate(per_group):
-                for i, work in enumerate(works):
-                    out = self._commit(work, int(ids_B[g * rows + i]), now)
+                for work, token in zip(works, ids_B[g * rows: g * rows + len(works)], strict=True):
+                    out = self._commit(work, token, now)
                     if out is not None:
                         outputs.append(out)
         self.stats.steps += 1
@@ -248,39 +297,52 @@ class Engine:
         req.finished, req.finish_reason, req.finished_s = True, reason, now
 
     def _dispatch(self, per_group: list[list[Work]], rows: int, T: int):
-        """Build the [data * rows, T] batch for `per_group` works and dispatch the compiled step."""
+        """Pack the [data * rows, T] batch of `per_group` works (one int32 array) and dispatch the step."""
         B = self.data * rows
-        tokens = np.zeros((B, T), np.int32)
-        pos = np.full((B, T), -1, np.int32)
-        table = np.zeros((B, self.pages_per_seq), np.int32)
-        index = np.zeros(B, np.int32)
-        temp, top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
-        top_k, seed, counter = np.zeros(B, np.int32), np.zeros(B, np.uint32), np.zeros(B, np.int32)
-        for g, works in enumerate(per_group):
-            for i, w in enumerate(works):
-                r, req, p = g * rows + i, w.req, w.req.params
-                tokens[r, : w.num] = req.tokens[w.start: w.start + w.num]
-                pos[r, : w.num] = np.arange(w.start, w.start + w.num)
-                fill_table(table, r, req.pages)
-                index[r] = w.num - 1
-                temp[r], top_k[r], top_p[r] = p.temperature, p.top_k, p.top_p
-                seed[r], counter[r] = req.seed, req.num_output
-        return self._call(tokens, pos, table, index, temp, top_k, top_p, seed, counter)
+        tok, table, m = _packed_layout(T, self.pages_per_seq)
+        packed = self._padding(B, T).copy()  # fresh each call: the transfer may alias host memory
+        works = [w for ws in per_group for w in ws]
+        if works:
+            r = np.array([g * rows + i for g, ws in enumerate(per_group) for i in range(len(ws))])
+            n = len(works)  # (concatenate + reshape: a third of np.stack's cost on a few dozen small rows)
+            packed[r, table] = np.concatenate([w.req.page_table for w in works]).reshape(n, -1)
+            packed[r, m + _TOP_K:] = np.concatenate([w.req.sampling_row for w in works]).reshape(n, -1)
+            packed[r, m:m + _TOP_K] = [(w.start, w.num, len(w.req.tokens) - w.req.prompt_len) for w in works]
+            if T == 1:
+                packed[r, 0] = [w.req.tokens[w.start] for w in works]
+            else:
+                for i, w in zip(r.tolist(), works, strict=True):
+                    packed[i, : w.num] = w.req.tokens[w.start: w.start + w.num]
+        return self._call(packed, T)
 
-    def _call(self, tokens, pos, table, index, *sampling):
-        model, put = self.model, partial(steps_lib.put, self.model.mesh)
-        with jax.set_mesh(model.mesh):
-            args = [put(tokens, steps_lib.BATCH), put(pos, steps_lib.BATCH), put(table, steps_lib.BATCH)]
-            args += [put(a, steps_lib.TOKENS_B) for a in (index, *sampling)]
-            ids_B, self.cache = self._fn(model.params, self.cache, *args)
+    def _padding(self, B: int, T: int) -> np.ndarray:
+        """The all-padding packed batch [B, T + P + _META] (count 0, greedy, top_p 1), built once per shape."""
+        key = (B, T)
+        if key not in self._pad:
+            _, _, m = _packed_layout(T, self.pages_per_seq)
+            pad = np.zeros((B, m + _META), np.int32)
+            pad[:, m + _TOP_K:] = _sampling_row(SamplingParams(), 0)
+            self._pad[key] = pad
+        return self._pad[key]
+
+    def _call(self, packed_BW: np.ndarray, T: int):
+        """Transfer the packed batch and launch the compiled step (asynchronous: returns the ids' future).
+
+        The launch itself is not free on XLA:CPU (a few hundred microseconds of this thread's time
+        for the bench model, more when the device threads already compete for the cores); it is
+        counted in `stats.dispatch_s`.
+        """
+        t = time.perf_counter()
+        with jax.set_mesh(self.model.mesh):
+            ids_B, self.cache = self._fn(self.model.params, self.cache, packed_BW, T)
+        self.stats.dispatch_s += time.perf_counter() - t
         return ids_B
 
     def warmup(self) -> None:
         """Compile the prefill shape and every decode bucket (all-padding batches: nothing is written)."""
         shapes = [(self.config.max_prefill_seqs, self.config.chunk_size)] + [(b, 1) for b in self.decode_buckets]
         for rows, T in shapes:
-            empty: Plan = Plan([[] for _ in range(self.data)], [], [])
-            np.asarray(self._dispatch(empty.prefill, rows, T))
+            np.asarray(self._dispatch([[] for _ in range(self.data)], rows, T))
 
     # ---- drivers --------------------------------------------------------------------------------
 

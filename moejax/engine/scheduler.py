@@ -24,12 +24,19 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from moejax.kv_cache import PageAllocator, pages_for
 
 
 @dataclass
 class Request:
-    """Host state of one request. `tokens` is prompt + outputs; KV exists for tokens[:num_computed]."""
+    """Host state of one request. `tokens` is prompt + outputs; KV exists for tokens[:num_computed].
+
+    `page_table`, when given (zeroed; the engine gives one of its max pages per sequence), is kept equal to
+    `pages` zero-padded by the scheduler as pages come and go, so a batch row copies it as is.
+    `sampling_row` is the engine's packed per-request sampling parameters (see `moejax.engine`).
+    """
 
     request_id: str
     order: int  # arrival order: FCFS and "youngest" are decided by it
@@ -46,6 +53,8 @@ class Request:
     arrival_s: float = 0.0
     token_times_s: list[float] = field(default_factory=list)
     finished_s: float | None = None
+    page_table: np.ndarray | None = None  # int32 [max pages per sequence]
+    sampling_row: np.ndarray | None = None
 
     @property
     def output_ids(self) -> list[int]:
@@ -189,13 +198,15 @@ class Scheduler:
             plan.prefill[g].append(Work(req, 0, num, num == len(req.tokens)))
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
-        need = pages_for(num_tokens, self.page_size) - len(req.pages)
-        if need <= 0:
+        have = len(req.pages)
+        if num_tokens <= have * self.page_size:
             return True
-        pages = self.alloc.allocate(req.group, need)
+        pages = self.alloc.allocate(req.group, pages_for(num_tokens, self.page_size) - have)
         if pages is None:
             return False
         req.pages.extend(pages)
+        if req.page_table is not None:
+            req.page_table[have:have + len(pages)] = pages
         return True
 
     def _preempt(self, req: Request) -> None:
@@ -210,3 +221,5 @@ class Scheduler:
         self.alloc.free(req.group, req.pages)
         req.pages = []
         req.group = -1
+        if req.page_table is not None:
+            req.page_table[:] = 0

@@ -28,8 +28,10 @@ def test_allocator_takes_all_or_nothing_and_rejects_double_free():
     assert pages_for(8, 4) == 2 and pages_for(9, 4) == 3
 
 
-def _req(order, prompt_len, max_new=4):
-    return Request(f"r{order}", order, prompt_len, list(range(prompt_len)), SamplingParams(max_new_tokens=max_new), 0)
+def _req(order, prompt_len, max_new=4, max_pages=None):
+    table = None if max_pages is None else np.zeros(max_pages, np.int32)
+    return Request(f"r{order}", order, prompt_len, list(range(prompt_len)), SamplingParams(max_new_tokens=max_new), 0,
+                   page_table=table)
 
 
 def _execute(plan):
@@ -69,7 +71,7 @@ def test_head_of_queue_is_not_overtaken():
 def test_preemption_frees_the_youngest_and_everyone_finishes():
     alloc = PageAllocator(1, 6)
     sched = Scheduler(alloc, page_size=2, slots_per_group=3, chunk_size=8, max_prefill_seqs=3)
-    reqs = [_req(i, 3, max_new=6) for i in range(3)]  # 9 tokens = 5 pages each; 6 in the pool
+    reqs = [_req(i, 3, max_new=6, max_pages=5) for i in range(3)]  # 9 tokens = 5 pages each; 6 in the pool
     for r in reqs:
         sched.add(r)
     preempted = []
@@ -78,12 +80,16 @@ def test_preemption_frees_the_youngest_and_everyone_finishes():
             break
         plan = sched.schedule()
         preempted += [r.order for r in plan.preempted]
+        for r in reqs:  # the engine copies page_table rows as is: it must track pages through grow and preempt
+            if r.group >= 0 or r.pages:
+                assert r.page_table.tolist() == r.pages + [0] * (5 - len(r.pages))
         _execute(plan)
         for r in reqs:
             if r.group >= 0 and r.num_output >= r.params.max_new_tokens:
                 sched.remove(r)
                 r.finished = True
     assert all(r.finished for r in reqs) and alloc.total_free == 6
+    assert all(r.page_table.tolist() == [0] * 5 for r in reqs)
     assert preempted and preempted[0] == 2  # the youngest goes first
     assert sched.num_preemptions == len(preempted)
 
@@ -106,3 +112,14 @@ def test_sampler_filters_and_greedy():
     again = np.asarray(run(logits, ones_f, zeros_i, ones_f, seeds, zeros_i))
     later = np.asarray(run(logits, ones_f, zeros_i, ones_f, seeds, zeros_i + 1))
     assert (again == free).all() and (later != free).any()  # keyed on (seed, counter)
+
+
+def test_packed_sampling_row_round_trips_through_int32():
+    from moejax.engine.engine import _TOP_K, _sampling_row
+
+    params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9)
+    row = jnp.asarray(_sampling_row(params, 2**32 - 3))
+    seed, temp, top_p = (jax.lax.bitcast_convert_type(row[i - _TOP_K], t) for i, t in
+                         ((_TOP_K + 1, jnp.uint32), (_TOP_K + 2, jnp.float32), (_TOP_K + 3, jnp.float32)))
+    assert int(row[0]) == 5 and int(seed) == 2**32 - 3
+    assert float(temp) == np.float32(0.7) and float(top_p) == np.float32(0.9)
