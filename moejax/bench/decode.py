@@ -10,9 +10,10 @@ bandwidth measured in the same run. Bytes per step = weights read once per step 
 norms, unembedding, the token embeddings), the weights of the experts actually routed to (unique
 experts per layer per step, from HF's router on the generated sequences) and the KV of every row.
 
-Host overhead per decode step = engine step wall time - the device time of that step's compiled call,
+Host overhead per decode step = engine step wall time - the time of that step's compiled call,
 replayed alone on the very inputs the step used (median over the decode steps; see `run_moejax`).
-The engine's own in-step accounting (`EngineStats.host_s` per step) is reported beside it.
+The call's launch (host work of the XLA runtime, inside the call time) and the engine's own in-step
+accounting (`EngineStats.host_s` per step) are reported beside it.
 Prints a table and writes one JSON line per (system, batch size) in the planner's calibration schema.
 """
 
@@ -125,7 +126,8 @@ def run_moejax(path: Path, batch: int, prompts: np.ndarray, osl: int, page_size:
     processes from landing on one side only. Host overhead per decode step = median over the
     decode steps of (step wall - device time); `host_s_per_step` is the engine's own in-step
     accounting (`EngineStats.host_s`), which includes launching the compiled call
-    (`dispatch_s_per_step`: CPU work of the XLA runtime, which the replay counts as device time).
+    (`dispatch_s_per_step`). The replayed call time includes its launch, which is host work of the
+    XLA runtime: `launch_s` (see `time_decode_call`) is reported so it can be added back.
     TPOT is the mean decode-step wall (the replays sit between steps, so the requests' token
     times would count them).
     """
@@ -148,7 +150,7 @@ def run_moejax(path: Path, batch: int, prompts: np.ndarray, osl: int, page_size:
         return fn(*args, **kwargs)
 
     ids = [engine.add_request(p, moejax.SamplingParams(max_new_tokens=osl)) for p in prompts.tolist()]
-    walls, hosts, device = [], [], []  # per decode-only step
+    walls, hosts, device, launch = [], [], [], []  # per decode-only step
     while not all(engine.requests[i].finished for i in ids):
         prefills, n = engine.stats.prefill_calls, len(calls)
         host, dispatch = engine.stats.host_s, engine.stats.dispatch_s
@@ -160,13 +162,16 @@ def run_moejax(path: Path, batch: int, prompts: np.ndarray, osl: int, page_size:
         if engine.stats.prefill_calls == prefills and len(calls) == n + 1:
             walls.append(wall)
             hosts.append((engine.stats.host_s - host, engine.stats.dispatch_s - dispatch))
-            device.append(time_decode_call(engine, calls[-1], replays))
+            call_s, launch_s = time_decode_call(engine, calls[-1], replays)
+            device.append(call_s)
+            launch.append(launch_s)
     reqs = [engine.requests[i] for i in ids]
     overhead = np.array(walls) - np.array(device)
     return {"ttft_s": float(np.mean([r.ttft_s for r in reqs])), "tpot_s": float(np.mean(walls)),
             "tokens": [r.output_ids for r in reqs], "decode_steps": len(walls),
             "step_wall_s": float(np.median(walls)), "device_call_s": float(np.median(device)),
             "host_overhead_s": float(np.median(overhead)), "host_overhead_mean_s": float(np.mean(overhead)),
+            "launch_s": float(np.median(launch)),
             "host_s_per_step": float(np.mean([h for h, _ in hosts])),
             "dispatch_s_per_step": float(np.mean([d for _, d in hosts]))}
 
@@ -174,13 +179,17 @@ def run_moejax(path: Path, batch: int, prompts: np.ndarray, osl: int, page_size:
 _model_cache: dict = {}
 
 
-def time_decode_call(engine, inputs, repeats: int = 3) -> float:
-    """One recorded compiled call replayed alone, seconds, median of `repeats`.
+def time_decode_call(engine, inputs, repeats: int = 3) -> tuple[float, float]:
+    """One recorded compiled call replayed alone: (call seconds, median of `repeats`; launch seconds).
 
     `inputs` is (positional args after params and cache, keyword args) as the engine passed them;
     host (numpy) arrays are put on device first, split over `data` by rows, so only the call is
     timed. Replaying a step rewrites the same KV entries with the same values, so the cache the
     step left is unchanged and every replay reads what the original step read.
+
+    The call time includes launching it, which on XLA:CPU is host work of the runtime (and may
+    start the computation in the calling thread). Launch = the time to return from a call whose
+    input (the cache) is still being written by the call before it: the runtime's own work only.
     """
     import jax
 
@@ -192,13 +201,19 @@ def time_decode_call(engine, inputs, repeats: int = 3) -> float:
         args = [steps_lib.put(mesh, a, steps_lib.BATCH if a.ndim == 2 else steps_lib.TOKENS_B)
                 if isinstance(a, np.ndarray) else a for a in args]
         jax.block_until_ready(args)
+        call = lambda: engine._fn(engine.model.params, engine.cache, *args, **kwargs)  # noqa: E731
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            ids, engine.cache = engine._fn(engine.model.params, engine.cache, *args, **kwargs)
+            ids, engine.cache = call()
             ids.block_until_ready()
             times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        ids, engine.cache = call()
+        t = time.perf_counter()
+        ids, engine.cache = call()
+        launch = time.perf_counter() - t
+        ids.block_until_ready()
+    return float(np.median(times)), launch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,10 +266,10 @@ def _report(r: dict) -> None:
         line += (f" | HF {hf['tpot_s'] * 1e3:7.2f} ms -> {hf['tpot_s'] / ours['tpot_s']:.2f}x HF"
                  f" | bytes/step {sum(r['bytes'].values()) / 1e6:.1f} MB (experts {r['bytes']['experts'] / 1e6:.1f}),"
                  f" limit {r['limit_s'] * 1e3:.2f} ms -> {r['limit_s'] / ours['tpot_s']:.0%} of the bandwidth limit")
-    line += (f" | decode step {ours['step_wall_s'] * 1e3:.2f} ms = device {ours['device_call_s'] * 1e3:.2f}"
-             f" + host overhead {ours['host_overhead_s'] * 1e3:.2f} ms/step"
+    line += (f" | decode step {ours['step_wall_s'] * 1e3:.2f} ms = call {ours['device_call_s'] * 1e3:.2f}"
+             f" (launch {ours['launch_s'] * 1e3:.2f}) + host overhead {ours['host_overhead_s'] * 1e3:.2f} ms/step"
              f" (mean {ours['host_overhead_mean_s'] * 1e3:.2f}; in-step host {ours['host_s_per_step'] * 1e3:.2f},"
-             f" of which call launch {ours['dispatch_s_per_step'] * 1e3:.2f})")
+             f" of which in the call {ours['dispatch_s_per_step'] * 1e3:.2f})")
     line += f" | TTFT {ours['ttft_s'] * 1e3:.1f} ms"
     if hf is not None:
         line += f" (HF {hf['ttft_s'] * 1e3:.1f}) | tokens == HF: {r['same']}"
@@ -278,8 +293,8 @@ def _write_jsonl(path: str, rows: list[dict], cfg, args, platform: str) -> None:
                 }) + "\n")
 
 
-_HOST_FIELDS = ("step_wall_s", "device_call_s", "host_overhead_s", "host_overhead_mean_s", "host_s_per_step",
-                "dispatch_s_per_step", "decode_steps")
+_HOST_FIELDS = ("step_wall_s", "device_call_s", "launch_s", "host_overhead_s", "host_overhead_mean_s",
+                "host_s_per_step", "dispatch_s_per_step", "decode_steps")
 
 
 if __name__ == "__main__":
