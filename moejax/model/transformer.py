@@ -24,9 +24,8 @@ from moejax.model.moe import MoE
 
 @dataclass(frozen=True)
 class Geometry:
-    """How a model is laid out for one Layout: padded layer count and stored kv heads."""
+    """How a model is laid out for one Layout: layer slots per stage, stored kv heads, expert shards."""
 
-    num_layers_padded: int  # stage * layers per stage
     layers_per_stage: int
     num_kv_heads: int  # kv heads stored (replicated up to `tensor` when fewer)
     stage_layers: tuple[int, ...]  # real layers in each stage
@@ -35,7 +34,7 @@ class Geometry:
     @classmethod
     def of(cls, cfg: ModelConfig, layout: Layout) -> Geometry:
         per_stage = ceil_div(cfg.num_layers, layout.stage)
-        return cls(per_stage * layout.stage, per_stage, layout.kv_heads_per_model(cfg),
+        return cls(per_stage, layout.kv_heads_per_model(cfg),
                    tuple(layout.stage_layers(cfg.num_layers)), layout.expert)
 
     @property
