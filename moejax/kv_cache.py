@@ -1,7 +1,8 @@
-"""Paged KV cache: the host-side page allocator and page-table helpers.
+"""Paged KV cache: the host-side page allocator (page-table rows live on each request, kept by
+`moejax.engine.scheduler`).
 
-The device pools are `(k, v)`, each [L_padded, P_total, page_size, K, H] (see `moejax.steps`):
-layers split over `stage`, kv heads over `tensor`, pages over `data`. Data group g owns the
+The device pools are one `(k, v)` pair per layer slot, each [stages, P_total, page_size, K, H]
+(see `moejax.steps`): stages split over `stage`, kv heads over `tensor`, pages over `data`. Data group g owns the
 global pages [g * P_group, (g + 1) * P_group) and addresses them by LOCAL ids 0..P_group-1; a
 request lives in one data group and only ever holds that group's pages.
 
@@ -11,8 +12,6 @@ data from earlier owners; attention never reads past the query position, so reus
 """
 
 from __future__ import annotations
-
-import numpy as np
 
 from moejax.config import ceil_div
 
@@ -63,13 +62,3 @@ class PageAllocator:
             raise RuntimeError(f"double free in data group {group}: {len(pages)} pages back, {len(free)} already free")
         free.extend(reversed(pages))
 
-
-def fill_table(table_BP: np.ndarray, row: int, pages: list[int]) -> None:
-    """Write one sequence's pages into row `row` of a page table; the rest points at page 0.
-
-    Entries past the sequence are never attended to (their positions exceed the query's), so any
-    valid id does.
-    """
-    n = len(pages)
-    table_BP[row, :n] = pages
-    table_BP[row, n:] = 0

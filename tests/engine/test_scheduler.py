@@ -10,7 +10,7 @@ import pytest
 from moejax import SamplingParams
 from moejax.engine.sampling import sample
 from moejax.engine.scheduler import Request, Scheduler
-from moejax.kv_cache import PageAllocator, fill_table, pages_for
+from moejax.kv_cache import PageAllocator, pages_for
 
 
 def test_allocator_takes_all_or_nothing_and_rejects_double_free():
@@ -22,9 +22,6 @@ def test_allocator_takes_all_or_nothing_and_rejects_double_free():
     assert alloc.total_free == 8
     with pytest.raises(RuntimeError, match="double free"):
         alloc.free(0, [0])
-    table = np.full((2, 4), 9, np.int32)
-    fill_table(table, 1, [3, 2])
-    assert table[1].tolist() == [3, 2, 0, 0] and table[0].tolist() == [9] * 4
     assert pages_for(8, 4) == 2 and pages_for(9, 4) == 3
 
 
