@@ -51,7 +51,7 @@ def _run_dispatch(layout, strategy, x, weights, experts, wg, wu, wd, **kwargs):
 
 @pytest.mark.parametrize("strategy", ["loop", "blocks", "ragged"])
 @pytest.mark.parametrize("layout", ["DP1", "EP4", "TP2EP4", "EP8"])
-@pytest.mark.parametrize("M", [3, 40])
+@pytest.mark.parametrize("M", [3, 40, 300])
 def test_dispatch_equals_naive_loop(strategy, layout, M):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((M, D)).astype(np.float32)
@@ -80,16 +80,12 @@ def test_tokens_routed_to_no_expert_cost_nothing(strategy):
     np.testing.assert_allclose(out[~padding], ref, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_picks_loop_for_few_pairs_and_blocks_for_many():
-    """"auto" must equal both explicit strategies on either side of its threshold."""
-    rng = np.random.default_rng(1)
-    w = tuple(rng.standard_normal(s).astype(np.float32) for s in ((E, D, F), (E, D, F), (E, F, D)))
-    for M in (4, 200):
-        x = rng.standard_normal((M, D)).astype(np.float32)
-        weights, experts = _routing(M, rng)
-        auto = _run_dispatch("EP2", "auto", x, weights, experts, *w, loop_max_pairs=64)
-        expected = _run_dispatch("EP2", "loop" if M * X <= 64 else "blocks", x, weights, experts, *w)
-        np.testing.assert_array_equal(auto, expected)
+def test_row_caps_are_powers_of_two_then_all_rows_and_bounded():
+    assert moe.row_caps(1) == [1]
+    assert moe.row_caps(8) == [1, 2, 4, 8]
+    assert moe.row_caps(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert moe.row_caps(300) == [4, 8, 16, 32, 64, 128, 256, 300]
+    assert moe.row_caps(300, max_caps=2) == [256, 300]
 
 
 @pytest.mark.parametrize("normalize", [True, False])
