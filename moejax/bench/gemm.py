@@ -19,7 +19,6 @@ dots of the backend run far below the roofline, so does the decode step (docs/be
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
@@ -58,12 +57,7 @@ def chain_time(rows: int, shape: tuple[int, int], count: int, repeats: int = 7) 
         return acc
 
     chain(x, ws).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        chain(x, ws).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return float(np.median([_timed(lambda: chain(x, ws).block_until_ready()) for _ in range(repeats)]))
 
 
 def main(argv: list[str] | None = None) -> int:
