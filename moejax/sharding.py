@@ -23,6 +23,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),
     "head_dim": (),
     "ffn": ("tensor",),
+    "shared_ffn": ("tensor", "expert"),  # the shared expert: computed once, split over the expert group too
     "experts": ("expert",),
     "experts_all": (),  # router output: every device scores every expert
     "vocab": ("tensor",),

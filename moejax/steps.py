@@ -42,9 +42,9 @@ class Steps:
             lambda v: v.replace(sharding.spec(v.get_metadata()["out_sharding"])), state,
             is_leaf=lambda x: isinstance(x, nnx.Variable)))
         self.moe_strategy = moe_strategy
-        geo, _ = self._model_meta()
-        # One (k, v) pair of pools per layer slot, each [stages, pages, page_size, K, H].
-        self.cache_specs = tuple((sharding.spec(CACHE_AXES),) * 2 for _ in range(geo.layers_per_stage))
+        self.geometry, self.cfg = self._model_meta()
+        # One (k, v) pair of pools, each [L_pad, pages, page_size, K, H] (layers over `stage`).
+        self.cache_specs = (sharding.spec(CACHE_AXES),) * 2
         self.forward = jax.jit(self._forward)
         self.step = jax.jit(self._step, donate_argnums=(1,))
 
@@ -60,7 +60,8 @@ class Steps:
 
         fn = jax.shard_map(body, mesh=self.mesh, in_specs=(self.param_specs, BATCH, BATCH), out_specs=LOGITS_BTV,
                            check_vma=False)
-        return fn(params, tokens_BT, pos_BT)
+        logits_BTV = jax.sharding.reshard(fn(params, tokens_BT, pos_BT), jax.NamedSharding(self.mesh, BATCH))
+        return logits_BTV[..., : self.cfg.vocab_size]  # padded vocabulary columns are never returned
 
     def _step(self, params, cache, tokens_BT, pos_BT, page_table_BP, logits_index_B):
         """One prefill chunk or decode step: writes KV, returns (last logits [B, V], greedy ids [B], cache)."""
@@ -75,20 +76,24 @@ class Steps:
                            out_specs=(LOGITS_BV, self.cache_specs), check_vma=False)
         logits_BV, cache = fn(params, cache, tokens_BT, pos_BT, page_table_BP, logits_index_B)
         logits_BV = jax.sharding.reshard(logits_BV, jax.NamedSharding(self.mesh, TOKENS_B))
+        logits_BV = logits_BV[:, : self.cfg.vocab_size]  # padded vocabulary columns are never sampled or returned
         return logits_BV, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), cache
 
-    def new_cache(self, num_pages: int, page_size: int, dtype=None):
-        """Zeroed KV page pools: per layer slot a (k, v) pair [stages, num_pages, page_size, K, H];
-        stages split over `stage`, pages over `data`, kv heads over `tensor`.
+    def cache_shape(self, num_pages: int, page_size: int) -> tuple[int, ...]:
+        """Global shape of each of the k and v pools: [L_pad, num_pages, page_size, K, H]."""
+        geo = self.geometry
+        return (geo.num_layers, num_pages, page_size, geo.num_kv_heads, self.cfg.head_dim)
 
-        Separate buffers per layer (not one [L, ...] array) let each step scatter into and gather
-        from a layer's pool in place, without slicing the layer out first."""
-        geo, cfg = self._model_meta()
-        shape = (geo.num_stages, num_pages, page_size, geo.num_kv_heads, cfg.head_dim)
+    def new_cache(self, num_pages: int, page_size: int, dtype=None):
+        """Zeroed KV page pools: a (k, v) pair, each `cache_shape(...)`; layers split over `stage`,
+        pages over `data`, kv heads over `tensor`.
+
+        Stacked over layers (one buffer per pool), so the decoder's layer scan writes and gathers a
+        layer's pages in place inside the loop (the pools are loop state and donated to the step)."""
         dtype = dtype or self.params["embed"].dtype
-        make = jax.jit(partial(jnp.zeros, shape, dtype),
+        make = jax.jit(partial(jnp.zeros, self.cache_shape(num_pages, page_size), dtype),
                        out_shardings=jax.NamedSharding(self.mesh, sharding.spec(CACHE_AXES)))
-        return tuple((make(), make()) for _ in range(geo.layers_per_stage))
+        return make(), make()
 
     def _model_meta(self):
         model = nnx.merge(self.graphdef, self._abstract)

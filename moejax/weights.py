@@ -3,8 +3,11 @@
 A *source* serves canonical, layout-independent tensors (`read(name, layer, index)`); names and
 shapes are listed by `canonical_shapes`. `place` builds each parameter of a `Transformer` with
 `jax.make_array_from_callback`, so a device receives only its own shard and no full replicated
-copy is ever made on a device. Layout-specific structure is applied here: padding layers (zeros)
-on the layer axis and repeated kv heads when there are fewer kv heads than the tensor size.
+copy is ever made on a device. Layout-specific structure is applied here, from the difference
+between a parameter's declared shape and its canonical shape: padding layers (zeros) on the
+stacked layer axis, zero padding of dims stored larger than the checkpoint's (vocabulary, FFN
+widths: see `moejax.model.transformer.Geometry`), and repeated kv heads when there are fewer kv
+heads than the tensor size.
 """
 
 from __future__ import annotations
@@ -64,31 +67,32 @@ def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> 
     geo, cfg = model.geometry, model.cfg
     layer_of_slot = {slot: layer for layer, slot in enumerate(geo.slot_of_layer())}
     kv_repeat = geo.num_kv_heads // cfg.num_kv_heads
-    experts_per_shard = cfg.num_experts // geo.expert_shards
+    canonical = canonical_shapes(cfg)
 
     def build(path, var):
-        name, layer_slot, expert_slot = _canonical(path)
+        name, stacked = _canonical(path)
         axes = var.get_metadata()["out_sharding"]
         shape, dtype = var.get_value().shape, var.get_value().dtype
+        inner_axes, inner_shape = (axes[1:], shape[1:]) if stacked else (axes, shape)
+        limit = canonical[name][0]  # checkpoint sizes; stored dims beyond them are zero padding
 
-        def read(stage: int, index: Index) -> np.ndarray:
-            """This weight's block for one stage; `index` excludes the stage axis."""
-            layer = layer_of_slot.get(stage * geo.layers_per_stage + layer_slot)
-            sub_shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape[1:], strict=True))
-            if layer is None:  # padding layer slot: zero weights make the block an exact identity
-                return np.zeros(sub_shape, np.float32)
-            if expert_slot is None:
-                return _read_kv(source, name, layer, index, axes[1:], kv_repeat)
-            experts = [s * experts_per_shard + expert_slot for s in range(*index[0].indices(shape[1]))]
-            return np.concatenate([_read_kv(source, name, layer, (slice(e, e + 1), *index[1:]), axes[1:], kv_repeat)
-                                   for e in experts])
+        def read(layer: int | None, index: Index) -> np.ndarray:
+            sub = tuple(len(range(*s.indices(n))) for s, n in zip(index, inner_shape, strict=True))
+            block = np.zeros(sub, np.float32)
+            if stacked and layer is None:  # a padding layer: zero weights make it an exact identity
+                return block
+            kept = tuple(_clip(s, n, c, axis == "kv_heads")
+                         for s, n, c, axis in zip(index, inner_shape, limit, inner_axes, strict=True))
+            if all(k is not None for k in kept):
+                part = _read_kv(source, name, layer, tuple(k[0] for k in kept), inner_axes, kv_repeat)
+                block[tuple(slice(0, k[1]) for k in kept)] = part
+            return block
 
         def shard(index: Index) -> np.ndarray:
-            if layer_slot is None:
-                block = _read_kv(source, name, None, index, axes, kv_repeat)
-            else:
-                block = np.stack([read(p, index[1:]) for p in range(*index[0].indices(shape[0]))])
-            return np.asarray(block, dtype=dtype)
+            if not stacked:
+                return np.asarray(read(None, index), dtype=dtype)
+            slots = range(*index[0].indices(shape[0]))
+            return np.stack([read(layer_of_slot.get(slot), index[1:]) for slot in slots]).astype(dtype)
 
         return jax.make_array_from_callback(shape, sharding.named(mesh, axes), shard)
 
@@ -97,19 +101,28 @@ def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> 
     return nnx.merge(graphdef, state)
 
 
-def _canonical(path) -> tuple[str, int | None, int | None]:
-    """A parameter's state path -> (canonical name, layer slot, local expert slot).
+def _clip(index: slice, stored: int, size: int, repeated: bool):
+    """(the part of a stored-dim slice inside the checkpoint's `size`, its length), or None if empty.
 
-    `layers.3.attn.wq` -> ("attn.wq", 3, None); `layers.3.moe.experts.2.wg` -> ("moe.wg", 3, 2);
-    `embed` -> ("embed", None, None).
+    A dim whose kv heads are repeated (`repeated`) is mapped by `_read_kv`, not clipped.
     """
-    keys = [p.key for p in path[:-1] if hasattr(p, "key")]
-    if keys[0] != "layers":
-        return ".".join(map(str, keys)), None, None
-    layer_slot, rest = keys[1], keys[2:]
-    if rest[:2] == ["moe", "experts"]:
-        return f"moe.{rest[3]}", layer_slot, rest[2]
-    return ".".join(rest), layer_slot, None
+    start, stop, step = index.indices(stored)
+    assert step == 1, index
+    if repeated or stored == size:
+        return slice(start, stop), stop - start
+    stop = min(stop, size)
+    return (slice(start, stop), stop - start) if stop > start else None
+
+
+def _canonical(path) -> tuple[str, bool]:
+    """A parameter's state path -> (canonical name, stacked over layers?).
+
+    `layers.attn.wq` -> ("attn.wq", True); `layers.moe.wg` -> ("moe.wg", True); `embed` -> ("embed", False).
+    """
+    keys = [str(p.key) for p in path[:-1] if hasattr(p, "key")]
+    if keys[0] == "layers":
+        return ".".join(keys[1:]), True
+    return ".".join(keys), False
 
 
 def _variables(state):

@@ -49,7 +49,7 @@ def _run_dispatch(layout, strategy, x, weights, experts, wg, wu, wd, **kwargs):
                          put(wd, wd_spec)))
 
 
-@pytest.mark.parametrize("strategy", ["loop", "blocks", "ragged"])
+@pytest.mark.parametrize("strategy", ["loop", "gather", "blocks", "ragged"])
 @pytest.mark.parametrize("layout", ["DP1", "EP4", "TP2EP4", "EP8"])
 @pytest.mark.parametrize("M", [3, 40, 300])
 def test_dispatch_equals_naive_loop(strategy, layout, M):
@@ -64,7 +64,7 @@ def test_dispatch_equals_naive_loop(strategy, layout, M):
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["loop", "blocks", "ragged"])
+@pytest.mark.parametrize("strategy", ["loop", "gather", "blocks", "ragged"])
 def test_tokens_routed_to_no_expert_cost_nothing(strategy):
     """Expert id -1 (how the MoE layer marks batch padding) gives a zero output; other rows are unchanged."""
     rng = np.random.default_rng(2)

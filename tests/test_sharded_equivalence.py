@@ -31,16 +31,15 @@ def test_weights_are_sharded_as_the_rules_say(hf_checkpoints):
     path, _ = hf_checkpoints["qwen2_moe"]
     model = moejax.load(path, layout="TP2EP2PP2")
     p = model.params
-    # 3 layers padded to 2 stages x 2 layer slots; each slot's weights are [stages, ...] split over stage,
-    # each of the 4 local expert slots [stages, expert shards, ...] split over stage and expert.
-    assert len(p["layers"]) == 2 and len(p["layers"][0]["moe"]["experts"]) == 4
+    # 3 layers padded to 2 stages x 2 layers, stacked [4, ...] and split over stage; experts stacked
+    # [4, 8, ...] split over stage and expert; the shared expert's width (40) over tensor x expert.
     expected = {
-        ("layers", 1, "moe", "experts", 3, "wg"): (1, 1, 48, 16),  # F / tensor
-        ("layers", 0, "moe", "experts", 0, "wd"): (1, 1, 16, 48),
-        ("layers", 0, "moe", "router"): (1, 48, 8),  # every device scores every expert
-        ("layers", 1, "moe", "shared_wg"): (1, 48, 20),
-        ("layers", 0, "attn", "wq"): (1, 48, 4, 16),  # heads / tensor
-        ("layers", 0, "attn", "wk"): (1, 48, 1, 16),  # kv heads / tensor
+        ("layers", "moe", "wg"): (2, 4, 48, 16),  # layers / stage, experts / expert, F / tensor
+        ("layers", "moe", "wd"): (2, 4, 16, 48),
+        ("layers", "moe", "router"): (2, 48, 8),  # every device scores every expert
+        ("layers", "moe", "shared_wg"): (2, 48, 10),  # computed once: 40 / (tensor x expert)
+        ("layers", "attn", "wq"): (2, 48, 4, 16),  # heads / tensor
+        ("layers", "attn", "wk"): (2, 48, 1, 16),  # kv heads / tensor
         ("embed",): (64, 48),  # vocab / tensor
         ("unembed",): (48, 64),
     }
@@ -52,8 +51,8 @@ def test_weights_are_sharded_as_the_rules_say(hf_checkpoints):
         assert shapes == {shard_shape}, (path_, shapes)
         assert len(array.sharding.device_set) == 8
     # A device holds 1/8 of the expert weights, not a replicated copy.
-    wg = p["layers"][0]["moe"]["experts"][0]["wg"]
-    assert wg.shape == (2, 2, 48, 32) and wg.addressable_shards[0].data.size * 8 == wg.size
+    wg = p["layers"]["moe"]["wg"]
+    assert wg.shape == (4, 8, 48, 32) and wg.addressable_shards[0].data.size * 8 == wg.size
     assert jax.device_count() == 8
 
 
@@ -61,7 +60,7 @@ def test_kv_heads_fewer_than_tensor_are_replicated(hf_checkpoints, models_1dev):
     """2 kv heads on tensor=4: each shard holds the kv head its query heads read."""
     path, _ = hf_checkpoints["mixtral"]
     model = moejax.load(path, layout="TP4")
-    assert model.params["layers"][0]["attn"]["wk"].shape[2] == 4
+    assert model.params["layers"]["attn"]["wk"].shape[2] == 4
     ids = np.random.default_rng(9).integers(0, 128, (2, 16))
     np.testing.assert_allclose(model.forward(ids), models_1dev["mixtral"].forward(ids), atol=1e-5, rtol=0)
 
@@ -70,8 +69,8 @@ def test_stage_padding_layers_are_identity(hf_checkpoints, models_1dev):
     """3 layers over 2 stages: stage 0 runs layers 0-1, stage 1 runs layer 2 and a zero padding layer."""
     path, _ = hf_checkpoints["mixtral"]
     model = moejax.load(path, layout="PP2")
-    # Layer slot 1 of stage 1 is padded layer 3; slot 0 of stage 1 is layer 2.
-    wq0, wq1 = (np.asarray(model.params["layers"][j]["attn"]["wq"]) for j in (0, 1))
-    assert wq1.shape[0] == 2 and not wq1[1].any() and wq1[0].any() and wq0[1].any()
+    # Stored layers: 0, 1 (stage 0), 2, padding (stage 1).
+    wq = np.asarray(model.params["layers"]["attn"]["wq"])
+    assert wq.shape[0] == 4 and not wq[3].any() and all(wq[i].any() for i in range(3))
     ids = np.random.default_rng(10).integers(0, 128, (1, 12))
     np.testing.assert_allclose(model.forward(ids), models_1dev["mixtral"].forward(ids), atol=1e-5, rtol=0)

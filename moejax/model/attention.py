@@ -7,6 +7,11 @@ one kv head its query heads read (`Layout.kv_heads_per_model`).
 
 Cache invariant: token at position p of a sequence lives in page `page_table[b, p // page_size]`
 at slot `p % page_size`. Positions < 0 mark padding: nothing is written and nothing attends to it.
+
+Isolation invariant: a row reads only cache slots it owns. The pages a row gathers include
+slots past its own length (unused page-table entries point at page 0; freed pages keep an earlier
+owner's values, possibly NaN), and a masked probability of 0 times a NaN value is still NaN; so
+values at positions past the row's last query position are zeroed before any arithmetic.
 """
 
 from __future__ import annotations
@@ -17,16 +22,16 @@ from flax import nnx
 
 from moejax import sharding
 from moejax.config import ModelConfig
-from moejax.model.layers import apply_rope, declare, local, rms_norm
+from moejax.model.layers import apply_rope, at_layer, declare, rms_norm
 
 _MASKED = -1e30  # finite, so a fully masked (padding) row gives a uniform softmax rather than NaN
 
 
 class Attention(nnx.Module):
-    """Self-attention weights of one layer slot, one entry per pipeline stage on a leading `layers` axis."""
+    """Self-attention weights of every layer, stacked on a leading `layers` axis (split over `stage`)."""
 
-    def __init__(self, cfg: ModelConfig, num_stages: int, num_kv_heads: int, dtype):
-        S, D, N, K, H = num_stages, cfg.hidden_size, cfg.num_heads, num_kv_heads, cfg.head_dim
+    def __init__(self, cfg: ModelConfig, num_layers: int, num_kv_heads: int, dtype):
+        S, D, N, K, H = num_layers, cfg.hidden_size, cfg.num_heads, num_kv_heads, cfg.head_dim
         self.cfg = cfg
         self.wq = declare((S, D, N, H), ("layers", "embed", "heads", "head_dim"), dtype)
         self.wk = declare((S, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype)
@@ -42,18 +47,19 @@ class Attention(nnx.Module):
             self.q_norm = declare((S, H), ("layers", "head_dim"), dtype)
             self.k_norm = declare((S, H), ("layers", "head_dim"), dtype)
 
-    def __call__(self, x_BTD, pos_BT, rope, cache, page_table_BP):
-        """Attention of this layer for new tokens x_BTD at positions pos_BT.
+    def __call__(self, layer, x_BTD, pos_BT, rope, cache, page_table_BP):
+        """Attention of local layer `layer` for new tokens x_BTD at positions pos_BT.
 
         Args:
-          cache: None (attend within x only) or this layer's (k_pool, v_pool), each
-            [1, P, page_size, K, H] local (the leading axis is the stage's entry).
+          cache: None (attend within x only) or (k_pool, v_pool) of the stage's layers, each
+            [L_local, P, page_size, K, H] local; layer `layer`'s pages are written and read in place.
           page_table_BP: [B, pages per sequence] local page ids (ignored without a cache).
 
         Returns:
           (y_BTD reduced over the tensor axis, updated cache).
         """
         cfg = self.cfg
+        local = lambda p: at_layer(p, layer)  # noqa: E731
         with jax.named_scope("attn/qkv"):
             q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, local(self.wq))
             k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, local(self.wk))
@@ -73,10 +79,14 @@ class Attention(nnx.Module):
                 # (Each variant here was checked for whole-pool copies in the compiled HLO: reading
                 # the old pool before the write, or reshaping the pool's unit stage axis away
                 # before the scatter, made XLA:CPU copy every pool every step.)
-                cache = tuple(_write_pages(pool, new, pos_BT, page_table_BP) for pool, new in
+                cache = tuple(_write_pages(pool, layer, new, pos_BT, page_table_BP) for pool, new in
                               zip(cache, (k_BTKH, v_BTKH), strict=True))
-                k_BSKH, v_BSKH = (_gather_pages(pool, page_table_BP) for pool in cache)
+                k_BSKH, v_BSKH = (_gather_pages(pool, layer, page_table_BP) for pool in cache)
                 kpos_BS = jnp.broadcast_to(jnp.arange(k_BSKH.shape[1], dtype=jnp.int32), k_BSKH.shape[:2])
+                # Slots past the row's last position are not its own (stale or another's): they
+                # must not reach the arithmetic, not even as 0 * value (isolation invariant).
+                owned_BS = kpos_BS <= jnp.max(pos_BT, axis=1, keepdims=True)
+                k_BSKH, v_BSKH = (jnp.where(owned_BS[..., None, None], a, 0) for a in (k_BSKH, v_BSKH))
         with jax.named_scope("attn/core"):
             o_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, pos_BT, kpos_BS, cfg.sliding_window)
         with jax.named_scope("attn/out"):
@@ -107,15 +117,16 @@ def attend(q_BTNH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, window: int | None = None):
     return o_BTKGH.reshape(B, T, N, H)
 
 
-def _write_pages(pool_1PsKH, new_BTKH, pos_BT, page_table_BP):
-    _, num_pages, page_size = pool_1PsKH.shape[:3]
+def _write_pages(pool_LPsKH, layer, new_BTKH, pos_BT, page_table_BP):
+    _, num_pages, page_size = pool_LPsKH.shape[:3]
     block = jnp.clip(pos_BT // page_size, 0, page_table_BP.shape[1] - 1)
     page_BT = jnp.take_along_axis(page_table_BP, block, axis=1)
     page_BT = jnp.where(pos_BT >= 0, page_BT, num_pages)  # padding: out of range, dropped
-    return pool_1PsKH.at[0, page_BT, pos_BT % page_size].set(new_BTKH.astype(pool_1PsKH.dtype), mode="drop")
+    return pool_LPsKH.at[layer, page_BT, pos_BT % page_size].set(new_BTKH.astype(pool_LPsKH.dtype), mode="drop")
 
 
-def _gather_pages(pool_1PsKH, page_table_BP):
+def _gather_pages(pool_LPsKH, layer, page_table_BP):
+    """The row's pages of one layer, [B, pages * page_size, K, H]: one gather (never a copy of the pool)."""
     B, MP = page_table_BP.shape
-    _, _, ps, K, H = pool_1PsKH.shape
-    return pool_1PsKH[0][page_table_BP].reshape(B, MP * ps, K, H)
+    _, _, ps, K, H = pool_LPsKH.shape
+    return pool_LPsKH[layer, page_table_BP].reshape(B, MP * ps, K, H)

@@ -22,17 +22,15 @@ def declare(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.
     return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
-def local(param: nnx.Param, lead: int = 1):
-    """The local value of a weight stored with `lead` leading axes of local size 1, without them.
+def at_layer(param: nnx.Param, layer):
+    """Layer `layer` of a weight stacked over the local layers of a stage ([L_local, ...] -> [...]).
 
-    Per-layer weights are stored as their own buffers with a leading `layers` axis of one entry
-    per pipeline stage (split over `stage`, so 1 locally), and per-expert weights add an
-    `experts` axis of one entry per expert shard. Dropping unit axes is a free reshape; slicing a
-    stacked [L, ...] array is not (XLA:CPU copies the slice before each matmul reads it).
+    Inside the decoder's `lax.scan` the index is traced, so this is a dynamic slice. XLA:CPU
+    materialises it before a matmul reads it (one copy of the layer's weight per step); routed
+    experts are therefore never sliced here as a whole layer, but one expert at a time inside
+    the MoE dispatch (`moejax.model.moe`).
     """
-    value = param[...]
-    assert value.shape[:lead] == (1,) * lead, value.shape
-    return value.reshape(value.shape[lead:])
+    return param[...][layer]
 
 
 def rms_norm(x, weight, eps: float):

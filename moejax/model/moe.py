@@ -3,22 +3,24 @@
 Expert parallelism here is "replicated tokens, sharded experts": every device of an `expert`
 group sees the same tokens, computes only the (token, expert) pairs routed to its local experts,
 and one all-reduce over the axes splitting `experts` and `ffn` combines the partial outputs (the
-same all-reduce finishes the tensor-parallel FFN). No token is ever dropped.
+same all-reduce finishes the tensor-parallel FFN and the shared expert, whose width is split over
+tensor x expert so it is computed once). No token is ever dropped.
 
-Strategies for the local expert computation (`dispatch`), all exact, selectable by name:
+Routed experts are stacked: each weight is [L, E, D, F] (layers over `stage`, experts over
+`expert`, F over `tensor`), so the compiled program does not grow with the number of experts or
+layers. Strategies for the local expert computation (`dispatch`), all exact, side by side:
 
-- ``"loop"``: for each local expert, skip it (`lax.switch`) unless a token is routed to it, else
-  gather its tokens into the smallest of a few row capacities (powers of two, then all tokens;
-  see `row_caps`) and run it on those. Reads each used expert's weights once, in place, and
-  does at most twice the routed FLOPs: the fastest on CPU for decode and prefill alike. Each
-  expert is its own buffer (see `Expert`): a slice of a stacked [E, D, F] array is copied by
-  XLA:CPU before the matmul reads it.
-- ``"blocks"``: sort (token, expert) pairs by expert into fixed-size blocks of one expert each
-  (block-sparse grouped matmul). The experts are stacked and gathered per block, which copies
-  weights: 2x slower than "loop" for a 256-token prefill on CPU. Kept for measurement on GPU.
+- ``"loop"``: a `lax.fori_loop` over the experts that received tokens (a traced trip count: an
+  expert nobody routed to costs nothing). Pairs are sorted by expert; each iteration slices one
+  expert's weights (`w[layer, e]`) and runs it on the smallest of a few row capacities that holds
+  its tokens (`row_caps`, a `lax.switch`). Reads only routed experts, at most 2x the routed FLOPs.
+- ``"gather"``: one row per (token, expert) pair with that pair's expert weights gathered: the
+  simplest form for a handful of pairs (decode at batch 1); it copies k experts' weights per token.
+- ``"blocks"``: sort pairs into fixed-size blocks of one expert each (block-sparse grouped matmul);
+  weights gathered per block. Kept for measurement on GPU.
 - ``"ragged"``: sort pairs and call `jax.lax.ragged_dot`. XLA lowers it to a masked dense matmul
-  on CPU (E times the FLOPs); kept for measurement on GPU.
-- ``"auto"``: "loop" (the measured best on CPU; GPU not yet measured).
+  on CPU (E times the FLOPs); a grouped kernel on GPU. Kept for measurement on GPU.
+- ``"auto"``: chosen per backend and token count by `choose_strategy` (one place).
 """
 
 from __future__ import annotations
@@ -31,44 +33,36 @@ from flax import nnx
 
 from moejax import sharding
 from moejax.config import ModelConfig
-from moejax.model.layers import declare, local
+from moejax.model.layers import at_layer, declare
 
-STRATEGIES = ("auto", "loop", "blocks", "ragged")
-
-
-class Expert(nnx.Module):
-    """One local expert slot of one layer slot: SwiGLU weights, its own buffers.
-
-    Global shape [stages, expert shards, ...]: entry [p, s] is global expert s * El + slot of the
-    stage-p layer, so each device holds exactly its (stage, expert shard) entry as a separate array.
-    """
-
-    def __init__(self, cfg: ModelConfig, num_stages: int, num_shards: int, dtype):
-        S, X, D, F = num_stages, num_shards, cfg.hidden_size, cfg.moe_intermediate_size
-        self.wg = declare((S, X, D, F), ("layers", "experts", "embed", "ffn"), dtype)
-        self.wu = declare((S, X, D, F), ("layers", "experts", "embed", "ffn"), dtype)
-        self.wd = declare((S, X, F, D), ("layers", "experts", "ffn", "embed"), dtype)
+STRATEGIES = ("auto", "loop", "gather", "blocks", "ragged")
 
 
 class MoE(nnx.Module):
-    """Router, routed experts (SwiGLU) and optional shared expert of one layer slot."""
+    """Router, routed experts (SwiGLU, stacked) and optional shared expert of every layer.
 
-    def __init__(self, cfg: ModelConfig, num_stages: int, num_expert_shards: int, dtype):
-        S, D, E = num_stages, cfg.hidden_size, cfg.num_experts
+    Args:
+      num_layers: layers stored (the stage-padded count). ffn / shared_ffn: the FFN widths stored,
+        padded with zero columns to a multiple of the axes that split them (exact: a zero column
+        adds silu(0) * 0 = 0).
+    """
+
+    def __init__(self, cfg: ModelConfig, num_layers: int, ffn: int, shared_ffn: int, dtype):
+        L, D, E, F = num_layers, cfg.hidden_size, cfg.num_experts, ffn
         self.cfg = cfg
-        self.router = declare((S, D, E), ("layers", "embed", "experts_all"), dtype)
-        self.experts = nnx.List([Expert(cfg, S, num_expert_shards, dtype)
-                                 for _ in range(E // num_expert_shards)])
-        if cfg.shared_expert_intermediate_size:
-            Fs = cfg.shared_expert_intermediate_size
-            self.shared_wg = declare((S, D, Fs), ("layers", "embed", "ffn"), dtype)
-            self.shared_wu = declare((S, D, Fs), ("layers", "embed", "ffn"), dtype)
-            self.shared_wd = declare((S, Fs, D), ("layers", "ffn", "embed"), dtype)
+        self.router = declare((L, D, E), ("layers", "embed", "experts_all"), dtype)
+        self.wg = declare((L, E, D, F), ("layers", "experts", "embed", "ffn"), dtype)
+        self.wu = declare((L, E, D, F), ("layers", "experts", "embed", "ffn"), dtype)
+        self.wd = declare((L, E, F, D), ("layers", "experts", "ffn", "embed"), dtype)
+        if shared_ffn:
+            self.shared_wg = declare((L, D, shared_ffn), ("layers", "embed", "shared_ffn"), dtype)
+            self.shared_wu = declare((L, D, shared_ffn), ("layers", "embed", "shared_ffn"), dtype)
+            self.shared_wd = declare((L, shared_ffn, D), ("layers", "shared_ffn", "embed"), dtype)
         if cfg.shared_expert_gate:
-            self.shared_gate = declare((S, D), ("layers", "embed"), dtype)
+            self.shared_gate = declare((L, D), ("layers", "embed"), dtype)
 
-    def __call__(self, x_BTD, strategy: str = "auto", valid_BT=None):
-        """MoE output of this layer, reduced over the expert and tensor axes.
+    def __call__(self, layer, x_BTD, strategy: str = "auto", valid_BT=None):
+        """MoE output of local layer `layer`, reduced over the expert and tensor axes.
 
         valid_BT: if given, tokens where it is False (batch padding) are routed to no expert, so
         they cost no expert reads or FLOPs; their output is the shared expert's only (unused).
@@ -76,21 +70,23 @@ class MoE(nnx.Module):
         B, T, D = x_BTD.shape
         x_MD = x_BTD.reshape(B * T, D)
         with jax.named_scope("moe/route"):
-            weights_MX, experts_MX = route(x_MD, local(self.router), self.cfg.num_experts_per_tok,
+            weights_MX, experts_MX = route(x_MD, at_layer(self.router, layer), self.cfg.num_experts_per_tok,
                                            self.cfg.norm_topk_prob)
             if valid_BT is not None:
                 experts_MX = jnp.where(valid_BT.reshape(B * T, 1), experts_MX, -1)  # -1: no shard's expert
         with jax.named_scope("moe/experts"):
-            w = tuple([local(getattr(ex, name), 2) for ex in self.experts] for name in ("wg", "wu", "wd"))
-            y_MD = dispatch(x_MD, weights_MX.astype(x_MD.dtype), experts_MX, w, strategy)
+            w = (self.wg[...], self.wu[...], self.wd[...])
+            y_MD = dispatch(x_MD, weights_MX.astype(x_MD.dtype), experts_MX, w, strategy, layer=layer)
         if self.cfg.shared_expert_intermediate_size:
             with jax.named_scope("moe/shared"):
-                shared_MD = _swiglu(x_MD, local(self.shared_wg), local(self.shared_wu), local(self.shared_wd))
+                # This device's slice of the shared FFN width (split over tensor x expert): a partial
+                # sum that the combine all-reduce completes, so the shared expert is computed once.
+                shared_MD = _swiglu(x_MD, at_layer(self.shared_wg, layer), at_layer(self.shared_wu, layer),
+                                    at_layer(self.shared_wd, layer))
                 if self.cfg.shared_expert_gate:
-                    gate_M = jax.nn.sigmoid(x_MD @ local(self.shared_gate))
+                    gate_M = jax.nn.sigmoid(x_MD @ at_layer(self.shared_gate, layer))
                     shared_MD = shared_MD * gate_M[:, None]
-                # Replicated over `expert`: count it once, on the first expert shard.
-                y_MD = y_MD + jnp.where(sharding.axis_index("experts") == 0, shared_MD, 0)
+                y_MD = y_MD + shared_MD
         with jax.named_scope("moe/combine"):
             y_MD = sharding.psum(y_MD, "experts", "ffn")
         return y_MD.reshape(B, T, D)
@@ -110,28 +106,40 @@ def route(x_MD, router_DE, k: int, normalize: bool):
     return weights_MX, experts_MX.astype(jnp.int32)
 
 
-def dispatch(x_MD, weights_MX, experts_MX, w, strategy: str = "auto"):
-    """Sum over the routed local experts of weight * expert(x), for this shard's experts.
+def choose_strategy(strategy: str, num_tokens: int, backend: str | None = None) -> str:
+    """The dispatch strategy to run for `num_tokens` local tokens: the one place "auto" is decided.
 
-    Args:
-      x_MD: local tokens. weights_MX / experts_MX: routing (global expert ids).
-      w: (wg, wu, wd), each either a sequence of El per-expert arrays ([D, F], [D, F], [F, D]) or
-        one stacked [El, ...] array; the local experts are global ids [i * El, (i + 1) * El) on
-        expert shard i.
-    Returns:
-      y_MD, a partial sum (this shard's experts, this shard's FFN slice).
+    CPU (measured, docs/benchmarks.md): "loop" at every token count; it reads only routed experts
+    in place of a stacked copy and does at most 2x the routed FLOPs. GPU: not yet measured on this
+    project's hardware; "loop" until a measurement says a grouped kernel ("ragged") is faster.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown MoE dispatch strategy {strategy!r}; choose from {STRATEGIES}")
-    num_local = len(w[0])
+    if strategy != "auto":
+        return strategy
+    del num_tokens, backend  # one measured answer so far; the signature is where the next one goes
+    return "loop"
+
+
+def dispatch(x_MD, weights_MX, experts_MX, w, strategy: str = "auto", layer=None):
+    """Sum over the routed local experts of weight * expert(x), for this shard's experts.
+
+    Args:
+      x_MD: local tokens. weights_MX / experts_MX: routing (global expert ids; -1: none).
+      w: (wg, wu, wd) local stacked weights, [El, D, F], [El, D, F], [El, F, D]; or with a leading
+        local-layers axis [L, El, ...] when `layer` (an index, may be traced) is given. The local
+        experts are global ids [i * El, (i + 1) * El) on expert shard i.
+    Returns:
+      y_MD, a partial sum (this shard's experts, this shard's FFN slice).
+    """
+    if layer is None:
+        w, layer = tuple(a[None] for a in w), 0
+    num_local = w[0].shape[1]
     local_MX = experts_MX - sharding.axis_index("experts") * num_local
     local_MX = jnp.where((local_MX >= 0) & (local_MX < num_local), local_MX, num_local)  # El: not here
-    if strategy in ("auto", "loop"):
-        per_expert = tuple([a[e] for e in range(num_local)] if hasattr(a, "shape") else a for a in w)
-        return _dispatch_loop(x_MD, weights_MX, local_MX, per_expert)
-    stacked = tuple(a if hasattr(a, "shape") else jnp.stack(a) for a in w)
-    fn = {"blocks": _dispatch_blocks, "ragged": _dispatch_ragged}[strategy]
-    return fn(x_MD, weights_MX, local_MX, stacked)
+    fn = {"loop": _dispatch_loop, "gather": _dispatch_gather, "blocks": _dispatch_blocks,
+          "ragged": _dispatch_ragged}[choose_strategy(strategy, x_MD.shape[0], jax.default_backend())]
+    return fn(x_MD, weights_MX, local_MX, w, layer)
 
 
 def _swiglu(x_MD, wg_DF, wu_DF, wd_FD):
@@ -139,49 +147,12 @@ def _swiglu(x_MD, wg_DF, wu_DF, wd_FD):
     return h_MF @ wd_FD
 
 
-def _dispatch_loop(x_MD, weights_MX, local_MX, w):
-    M, El = x_MD.shape[0], len(w[0])
-    caps = row_caps(M)
-    # Routing bookkeeping for all experts at once (a handful of ops, not a handful per expert).
-    onehot_MXE = local_MX[..., None] == jnp.arange(El)
-    gate_ME = jnp.sum(jnp.where(onehot_MXE, weights_MX[..., None], 0), axis=1)
-    hit_ME = jnp.any(onehot_MXE, axis=1)
-    count_E = jnp.sum(hit_ME, axis=0)
-    which_E = jnp.where(count_E == 0, 0, 1 + jnp.searchsorted(jnp.array(caps), count_E))
-    y_MD = jnp.zeros_like(x_MD)
-    for e, w_e in enumerate(zip(*w, strict=True)):
-        branches = [lambda y, *w: y] + [partial(_expert_rows, x_MD, gate_ME[:, e], hit_ME[:, e], c) for c in caps]
-        y_MD = jax.lax.switch(which_E[e], branches, y_MD, *w_e)
-    return y_MD
-
-
-def row_caps(num_rows: int, max_caps: int = 8) -> list[int]:
-    """Row capacities of the "loop" strategy: powers of two below `num_rows`, then `num_rows`.
-
-    An expert runs on the smallest capacity that holds its tokens, so it does at most twice its
-    routed FLOPs (decode: 1, 2, 4, ... rows rather than the whole batch). Only the `max_caps`
-    largest are kept, which bounds the branches compiled per expert; a large prefill chunk then
-    pads an expert with few tokens up to num_rows / 2**(max_caps - 1) rows.
-    """
-    caps = [1 << i for i in range(num_rows.bit_length()) if 1 << i < num_rows] + [num_rows]
-    return caps[-max_caps:]
-
-
-def _expert_rows(x_MD, gate_M, hit_M, cap, y_MD, wg, wu, wd):
-    """y + gate * expert(x) on the (at most `cap`) tokens routed to the expert.
-
-    The expert's weights are operands of the `lax.switch`, so a skipped expert is never read.
-    """
-    if cap == x_MD.shape[0]:
-        return y_MD + _swiglu(x_MD, wg, wu, wd) * gate_M[:, None]
-    rows_C = jnp.nonzero(hit_M, size=cap, fill_value=x_MD.shape[0])[0]
-    out_CD = _swiglu(x_MD.at[rows_C].get(mode="fill", fill_value=0), wg, wu, wd)
-    out_CD = out_CD * gate_M.at[rows_C].get(mode="fill", fill_value=0)[:, None]
-    return y_MD.at[rows_C].add(out_CD, mode="drop")
-
-
 def _sort_pairs(local_MX, num_local: int):
-    """Flatten (token, slot) pairs and sort them by local expert; absent experts sort last."""
+    """Flatten (token, slot) pairs and sort them by local expert; absent experts sort last.
+
+    Returns (pair order [N], expert of each sorted pair [N], token of each sorted pair [N],
+    pairs per local expert [El]).
+    """
     M, X = local_MX.shape
     expert_N = local_MX.reshape(-1)
     order_N = jnp.argsort(expert_N, stable=True)
@@ -189,8 +160,66 @@ def _sort_pairs(local_MX, num_local: int):
     return order_N, expert_N[order_N], order_N // X, counts_E
 
 
-def _dispatch_blocks(x_MD, weights_MX, local_MX, w, block: int = 32):
-    wg, wu, wd = w
+def _dispatch_loop(x_MD, weights_MX, local_MX, w, layer):
+    M, El = x_MD.shape[0], w[0].shape[1]
+    caps = row_caps(M)
+    order_N, _, token_N, count_E = _sort_pairs(local_MX, El)
+    start_E = jnp.cumsum(count_E) - count_E
+    # Sorted pair lists padded by M entries, so any expert's window of `cap` pairs is in range;
+    # padding and other experts' pairs in a window are masked by the expert's count.
+    token_N = jnp.concatenate([token_N, jnp.full((M,), M, token_N.dtype)])
+    gate_N = jnp.concatenate([weights_MX.reshape(-1)[order_N], jnp.zeros((M,), weights_MX.dtype)])
+    used_U = jnp.nonzero(count_E > 0, size=El, fill_value=0)[0]  # routed experts first
+
+    def run_expert(u, y_MD):
+        e = used_U[u]
+        branches = [partial(_expert_rows, x_MD, token_N, gate_N, w, layer, cap) for cap in caps]
+        which = jnp.searchsorted(jnp.array(caps), count_E[e])
+        return jax.lax.switch(which, branches, y_MD, e, start_E[e], count_E[e])
+
+    return jax.lax.fori_loop(0, jnp.sum(count_E > 0), run_expert, jnp.zeros_like(x_MD))
+
+
+def row_caps(num_rows: int, max_caps: int = 8) -> list[int]:
+    """Row capacities of the "loop" strategy: powers of two below `num_rows`, then `num_rows`.
+
+    An expert runs on the smallest capacity that holds its tokens, so it does at most twice its
+    routed FLOPs (decode: 1, 2, 4, ... rows rather than the whole batch). Only the `max_caps`
+    largest are kept, which bounds the branches compiled; a large prefill chunk then pads an
+    expert with few tokens up to num_rows / 2**(max_caps - 1) rows.
+    """
+    caps = [1 << i for i in range(num_rows.bit_length()) if 1 << i < num_rows] + [num_rows]
+    return caps[-max_caps:]
+
+
+def _expert_rows(x_MD, token_N, gate_N, w, layer, cap, y_MD, e, start, count):
+    """y + gate * expert_e(x) on the expert's (at most `cap`) tokens: its pairs start..start+count.
+
+    The expert's weights are sliced here, one expert at a time (a copy of that expert only on
+    XLA:CPU), never the layer's whole stack.
+    """
+    in_C = jnp.arange(cap) < count
+    rows_C = jnp.where(in_C, jax.lax.dynamic_slice_in_dim(token_N, start, cap), x_MD.shape[0])
+    gate_C = jnp.where(in_C, jax.lax.dynamic_slice_in_dim(gate_N, start, cap), 0)
+    wg, wu, wd = (a[layer, e] for a in w)
+    out_CD = _swiglu(x_MD.at[rows_C].get(mode="fill", fill_value=0), wg, wu, wd) * gate_C[:, None]
+    return y_MD.at[rows_C].add(out_CD, mode="drop")
+
+
+def _dispatch_gather(x_MD, weights_MX, local_MX, w, layer):
+    M, X = local_MX.shape
+    El = w[0].shape[1]
+    here_N = local_MX.reshape(-1) < El
+    expert_N = jnp.where(here_N, local_MX.reshape(-1), 0)
+    wg, wu, wd = (a[layer, expert_N] for a in w)  # [M * X, ...]: each pair's expert weights
+    x_ND = jnp.repeat(x_MD, X, axis=0)
+    h_NF = jax.nn.silu(jnp.einsum("ND,NDF->NF", x_ND, wg)) * jnp.einsum("ND,NDF->NF", x_ND, wu)
+    out_ND = jnp.einsum("NF,NFD->ND", h_NF, wd) * jnp.where(here_N, weights_MX.reshape(-1), 0)[:, None]
+    return jnp.sum(out_ND.reshape(M, X, -1), axis=1)
+
+
+def _dispatch_blocks(x_MD, weights_MX, local_MX, w, layer, block: int = 32):
+    wg, wu, wd = (a[layer] for a in w)
     El = wg.shape[0]
     order_N, expert_N, token_N, counts_E = _sort_pairs(local_MX, El)
     N = expert_N.shape[0]
@@ -213,8 +242,8 @@ def _dispatch_blocks(x_MD, weights_MX, local_MX, w, block: int = 32):
     return jnp.zeros_like(x_MD).at[token_N].add(pair_ND)
 
 
-def _dispatch_ragged(x_MD, weights_MX, local_MX, w):
-    wg, wu, wd = w
+def _dispatch_ragged(x_MD, weights_MX, local_MX, w, layer):
+    wg, wu, wd = (a[layer] for a in w)
     El = wg.shape[0]
     order_N, expert_N, token_N, counts_E = _sort_pairs(local_MX, El)
     # Pairs for other shards' experts ride along in the last group with a zero weight.

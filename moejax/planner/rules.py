@@ -57,7 +57,15 @@ class Rules:
     def problems(self, layout: Layout, cfg: ModelConfig, nvlink_domain: int | None = None) -> list[str]:
         """Every rule `layout` breaks for `cfg`, each naming the numbers involved."""
         t, e, s = layout.tensor, layout.expert, layout.stage
-        out = [p for p in layout.problems(cfg) if not (self.allow_vocab_padding and p.startswith("vocab_size"))]
+        out = layout.problems(cfg)
+        # The runtime pads the vocabulary and FFN widths per shard; the planner's default rules still
+        # ask for divisibility (the layouts production engines run without padding).
+        for name, value in (("expert FFN width moe_intermediate_size", cfg.moe_intermediate_size),
+                            ("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size)):
+            if value % t:
+                out.append(f"{name} ({value}) must be divisible by tensor ({t})")
+        if not self.allow_vocab_padding and cfg.vocab_size % t:
+            out.append(f"vocab_size ({cfg.vocab_size}) must be divisible by tensor ({t})")
         out = [p for p in out if not p.startswith("stage (")]  # restated below with min_layers_per_stage
         if not self.allow_kv_replication and t > cfg.num_kv_heads:
             out.append(f"TP ({t}) exceeds the kv heads ({cfg.num_kv_heads}) and KV replication is disallowed")
