@@ -5,35 +5,34 @@ Experts may be stored per expert (`experts.{e}.w1/w2/w3`, `experts.{e}.gate_proj
 or fused (`experts.gate_up_proj` [E, 2F, D] with gate rows first, `experts.down_proj` [E, D, F]).
 The whole checkpoint is checked against the config before any tensor is read: a missing,
 unexpected or mis-shaped tensor is an error naming it with the expected and found shapes.
+Malformed files (JSON, safetensors headers, paths) are refused by `safetensors_files`, and every
+block read is checked for NaN/inf unless `allow_nonfinite=True`.
 """
 
 from __future__ import annotations
 
-import json
-import struct
+import os
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
-from moejax.config import ModelConfig, load_model_config
+from moejax.checkpoint.safetensors_files import DTYPES as _DTYPES
+from moejax.checkpoint.safetensors_files import CheckpointError, TensorEntry, open_tensor, read_json, tensor_files
+from moejax.config import ModelConfig
 
-_INDEX = "model.safetensors.index.json"
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match its config."""
+__all__ = ["CheckpointError", "HFSource"]
 
 
 class HFSource:
     """Serves canonical moejax tensors (see `moejax.weights.canonical_shapes`) from a HF checkpoint."""
 
-    def __init__(self, path: str | Path, cfg: ModelConfig | None = None):
+    def __init__(self, path: str | Path, cfg: ModelConfig | None = None, allow_nonfinite: bool = False):
         self.path = Path(path)
-        if not (self.path / "config.json").exists():
+        if not os.path.lexists(self.path / "config.json"):
             raise FileNotFoundError(f"{self.path} is not a Hugging Face checkpoint: no config.json")
-        self.cfg = cfg or load_model_config(self.path)
+        self.cfg = cfg or _load_config(self.path / "config.json")
+        self.allow_nonfinite = allow_nonfinite
+        self._last_tensor = ""  # the stored tensor `read` served last, named if its block is not finite
         self.files = _tensor_files(self.path)
         self.shapes = {name: info[1] for name, info in self.files.items()}
         self.moe_prefix = self._moe_prefix()
@@ -110,8 +109,8 @@ class HFSource:
 
     def tensor(self, name: str) -> np.ndarray:
         """A memory-mapped view of one stored tensor (bytes are read only when sliced)."""
-        file, shape, dtype, offset = self.files[name]
-        return np.memmap(file, dtype=_DTYPES[dtype], mode="r", offset=offset, shape=shape)
+        self._last_tensor = name
+        return open_tensor(name, self.files[name])
 
     def read(self, name: str, layer: int | None, index: tuple[slice, ...]) -> np.ndarray:
         c = self.cfg
@@ -142,7 +141,9 @@ class HFSource:
             "moe.shared_wd": lambda: self.tensor(f"{p}.mlp.shared_expert.down_proj.weight").T,
             "moe.shared_gate": lambda: self.tensor(f"{p}.mlp.shared_expert_gate.weight")[0],
         }
-        return np.asarray(getters[name]())[index]
+        block = np.asarray(getters[name]())[index]
+        return self._checked(block, f"{self._last_tensor} ({name}, layer {layer})" if layer is not None
+                             else f"{self._last_tensor} ({name})")
 
     def _experts(self, name: str, layer: int, index: tuple[slice, ...]) -> np.ndarray:
         """[E, D, F] (gate, up) or [E, F, D] (down) slice, reading only the experts in the slice."""
@@ -159,27 +160,33 @@ class HFSource:
             else:
                 gate, up, down = self._expert_names(layer, e)
                 w = self.tensor({"moe.wg": gate, "moe.wu": up, "moe.wd": down}[name]).T
-            out.append(w[index[1:]])
+            out.append(self._checked(w[index[1:]], f"{self._last_tensor} (expert {e})" if self.fused
+                                     else self._last_tensor))
         return np.stack(out)
 
+    def _checked(self, block: np.ndarray, what: str) -> np.ndarray:
+        """`block` unchanged, or an error naming the tensor if it holds NaN/inf (unless allowed)."""
+        if self.allow_nonfinite:
+            return block
+        finite = np.isfinite(block)
+        if not finite.all():
+            bad = finite.size - int(np.count_nonzero(finite))
+            raise CheckpointError(f"checkpoint {self.path}: tensor {what} has {bad} non-finite value(s) (NaN or inf) "
+                                  f"in the block read; pass allow_nonfinite=True to load it anyway")
+        return block
 
-def _tensor_files(path: Path) -> dict[str, tuple[Path, tuple[int, ...], str, int]]:
+
+def _tensor_files(path: Path) -> dict[str, TensorEntry]:
     """name -> (file, shape, dtype, byte offset) over the checkpoint's safetensors files (headers only)."""
-    index = path / _INDEX
-    if index.exists():
-        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path}")
-    out = {}
-    for file in files:
-        if not file.exists():
-            raise FileNotFoundError(f"{index} lists {file.name}, which does not exist")
-        with open(file, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        for name, info in header.items():
-            if name != "__metadata__":
-                out[name] = (file, tuple(info["shape"]), info["dtype"], 8 + header_len + info["data_offsets"][0])
-    return out
+    return tensor_files(path)
+
+
+def _load_config(file: Path) -> ModelConfig:
+    """The ModelConfig of a config.json; a malformed file is a CheckpointError naming it."""
+    data = read_json(file, "config")
+    try:
+        return ModelConfig.from_hf(data, name=file.parent.name)
+    except KeyError as e:
+        raise CheckpointError(f"config {file} has no {e.args[0]!r} entry") from None
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise CheckpointError(f"config {file}: {e}") from None
