@@ -1,67 +1,239 @@
-"""`moejax` command line: generate | plan."""
+"""`moejax` command line: generate | plan.
+
+Every user mistake (a bad flag, an unknown model or hardware name, a malformed file, a prompt or sampling
+value the model cannot take) prints one line `moejax: error: ...` to stderr and exits with status 2; `--debug`
+adds the traceback. `generate` checks its prompts and sampling flags against the model config before JAX
+starts, so a mistake costs no model build and no compilation.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import traceback
 
 DEFAULT_MODEL = "tiny-moe"
 DEFAULT_LAYOUT = "TP2EP2PP2"
+DEFAULT_PROMPTS = ((1, 5, 9, 13, 17), (3, 4))
+MAX_SIMULATED_DEVICES = 1024  # --devices on CPU: XLA:CPU makes this many devices at start-up
+INT32_MAX = 2**31 - 1
+EXIT_USAGE = 2
 
 
-def _simulate_cpu_devices(n: int) -> None:
-    """Give XLA:CPU n devices; must run before JAX initialises a backend. No effect on GPU platforms."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+class UsageError(ValueError):
+    """A mistake in the command line or in the files it names: one line on stderr, exit status 2."""
 
 
-def _prompt_ids(text: str) -> list[int]:
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are a UsageError (printed by `main` as one line), not usage + exit."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ---- argument types (argparse prints "argument --flag: <message>") ----------------------------------
+
+
+def int_in(lo: int, hi: int = INT32_MAX):
+    """An argparse type: an integer in [lo, hi]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi}], got {value}")
+        return value
+
+    return parse
+
+
+def real_in(lo: float, hi: float = math.inf):
+    """An argparse type: a finite number in [lo, hi] (NaN and inf are refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or not lo <= value <= hi:
+            allowed = f">= {lo:g}" if hi == math.inf else f"in [{lo:g}, {hi:g}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+def int_list(lo: int, hi: int = INT32_MAX, allow_empty: bool = False):
+    """An argparse type: comma-separated integers in [lo, hi]; at least one unless `allow_empty`."""
+
+    def parse(text: str) -> list[int]:
+        parts = [t.strip() for t in text.split(",") if t.strip()]
+        if not parts and not allow_empty:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers in [{lo}, {hi}], got {text!r} "
+                                             f"(an empty list)")
+        values = []
+        for part in parts:
+            try:
+                values.append(int(part))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {part!r} in {text!r}") \
+                    from None
+            if not lo <= values[-1] <= hi:
+                raise argparse.ArgumentTypeError(f"each entry must be an integer in [{lo}, {hi}], got {values[-1]} "
+                                                 f"in {text!r}")
+        return values
+
+    return parse
+
+
+def read_model_config(source: str):
+    """`load_model_config(source)`, with malformed files reported as a UsageError naming `source`."""
+    import yaml
+
+    from moejax.config import load_model_config
+
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}") from err
+        return load_model_config(source)
+    except FileNotFoundError:
+        raise
+    except KeyError as err:
+        raise UsageError(f"model config {source!r}: missing key {err.args[0]!r}") from err
+    except (TypeError, ValueError, AttributeError, yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UsageError(f"model config {source!r}: {err}") from err
 
 
-def _add_generate(sub) -> None:
+# ---- generate ------------------------------------------------------------------------------------
+
+
+def _add_generate(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate tokens (greedy by default) on a layout",
                        description="Generate from a HF checkpoint dir or a built-in config (random weights).")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"HF checkpoint directory, or a config name in configs/models (random weights); "
                         f"default {DEFAULT_MODEL}")
     p.add_argument("--layout", default=DEFAULT_LAYOUT, help=f"e.g. DP2TP2EP2PP1 (default {DEFAULT_LAYOUT})")
-    p.add_argument("--prompt-ids", type=_prompt_ids, action="append",
+    p.add_argument("--prompt-ids", type=int_list(0), action="append",
                    help="comma-separated token ids; repeat for several prompts (default: two built-in prompts)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0, help="random-weight seed for config-name models")
-    p.add_argument("--devices", type=int, default=8, help="simulated CPU devices when running on CPU (default 8)")
+    p.add_argument("--devices", type=int_in(1, MAX_SIMULATED_DEVICES), default=8,
+                   help=f"simulated CPU devices when running on CPU (default 8, at most {MAX_SIMULATED_DEVICES}); "
+                        f"at least the layout's size")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="1: off")
     p.add_argument("--sample-seed", type=int, default=None, help="sampling seed (prompt i uses seed + i)")
-    p.add_argument("--stop-token-ids", type=_prompt_ids, default=[], help="comma-separated stop token ids")
-    p.add_argument("--chunk-size", type=int, default=64, help="prefill chunk size (tokens per request per step)")
-    p.add_argument("--page-size", type=int, default=16, help="KV cache page size")
+    p.add_argument("--stop-token-ids", type=int_list(0, allow_empty=True), default=[],
+                   help="comma-separated stop token ids")
+    p.add_argument("--chunk-size", type=int_in(1), default=64,
+                   help="prefill chunk size (tokens per request per step; at most the model's context limit)")
+    p.add_argument("--page-size", type=int_in(1), default=16,
+                   help="KV cache page size (at most the model's context limit)")
     p.add_argument("--json", action="store_true", help="print one JSON object (no streaming)")
+    return p
+
+
+_FLAG_OF_FIELD = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+                  "top_p": "--top-p", "seed": "--sample-seed", "stop": "--stop-token-ids",
+                  "stop_token_ids": "--stop-token-ids"}
+
+
+def _check_generate(args):
+    """Everything `generate` can check on the host before JAX starts: (config, layout, prompts, params).
+
+    Raises UsageError naming the flag: unknown model, a layout that cannot run it, a prompt token outside
+    the vocabulary, a sampling value `SamplingParams.check` refuses, a request longer than the model's
+    context, a chunk or page size beyond it.
+    """
+    from moejax.engine.sampling import SamplingParams
+    from moejax.mesh import Layout
+
+    cfg = read_model_config(args.model)
+    cfg.check_runtime_support()
+    layout = Layout.parse(args.layout).validate(cfg)
+    prompts = [list(p) for p in (args.prompt_ids or DEFAULT_PROMPTS)]
+    vocab, limit = cfg.vocab_size, cfg.max_position_embeddings
+    for i, prompt in enumerate(prompts):
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            source = "--prompt-ids" if args.prompt_ids else "built-in prompt"
+            raise UsageError(f"{source}: token id {bad[0]} (prompt {i}) is out of vocabulary "
+                             f"(vocab_size={vocab}); allowed: [0, {vocab - 1}]")
+    params = []
+    for i in range(len(prompts)):
+        p = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=None if args.sample_seed is None else args.sample_seed + i,
+                           stop_token_ids=tuple(args.stop_token_ids))
+        try:
+            p.check(vocab)
+        except ValueError as err:
+            flag = _FLAG_OF_FIELD.get(str(err).split()[0], "sampling")
+            note = f" (prompt {i} uses --sample-seed + {i})" if flag == "--sample-seed" and i else ""
+            raise UsageError(f"{flag}: {err}{note}") from err
+        params.append(p)
+    longest = max(map(len, prompts)) + args.max_new_tokens
+    if longest > limit:
+        raise UsageError(f"--max-new-tokens: the longest prompt ({max(map(len, prompts))} tokens) + "
+                         f"{args.max_new_tokens} new tokens = {longest} exceeds the model's context limit "
+                         f"(max_position_embeddings={limit})")
+    for flag, value in (("--chunk-size", args.chunk_size), ("--page-size", args.page_size)):
+        if value > limit:
+            raise UsageError(f"{flag} {value} exceeds the model's context limit (max_position_embeddings={limit})")
+    return cfg, layout, prompts, params
+
+
+def _simulate_cpu_devices(n: int) -> bool:
+    """Give XLA:CPU n devices; must run before JAX initialises a backend. No effect on GPU platforms.
+
+    Returns False when XLA_FLAGS already sets the CPU device count (then `n` is not applied).
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags:
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    return True
+
+
+def _check_devices(layout, devices: list, simulated: bool) -> None:
+    """Refuse a layout larger than the devices at hand, saying what to change (before any model work)."""
+    have, platform = len(devices), devices[0].platform
+    if layout.size <= have:
+        return
+    if platform != "cpu":
+        hint = f"choose a layout of at most {have} devices"
+    elif layout.size > MAX_SIMULATED_DEVICES:
+        hint = f"moejax simulates at most {MAX_SIMULATED_DEVICES} CPU devices"
+    elif simulated:
+        hint = f"pass --devices {layout.size}"
+    else:
+        hint = (f"XLA_FLAGS already sets the CPU device count, so --devices has no effect; unset it and pass "
+                f"--devices {layout.size}")
+    raise UsageError(f"layout {layout} needs {layout.size} devices but only {have} {platform} devices are "
+                     f"available; {hint}")
 
 
 def _run_generate(args) -> int:
     from pathlib import Path
 
+    cfg, layout, prompts, params = _check_generate(args)  # host only: JAX has not started
+    simulated = _simulate_cpu_devices(args.devices)
+
     import jax
 
     import moejax
 
+    _check_devices(layout, jax.devices(), simulated)
     if Path(args.model).is_dir():
-        model = moejax.load(args.model, layout=args.layout, dtype=args.dtype)
+        model = moejax.load(args.model, layout=layout, dtype=args.dtype)
     else:
-        cfg = moejax.load_model_config(args.model)
-        model = moejax.Model.random(cfg, seed=args.seed, layout=args.layout, dtype=args.dtype)
-    prompts = args.prompt_ids or [[1, 5, 9, 13, 17], [3, 4]]
-    engine, ids = _start_engine(model, prompts, args)  # compiled before the requests arrive
+        model = moejax.Model.random(cfg, seed=args.seed, layout=layout, dtype=args.dtype)
+    engine, ids = _start_engine(model, prompts, params, args)  # compiled before the requests arrive
     while engine.has_unfinished():
         for out in engine.step():
             if not args.json and out.new_token_ids:
@@ -87,7 +259,7 @@ def _run_generate(args) -> int:
     return 0
 
 
-def _start_engine(model, prompts, args):
+def _start_engine(model, prompts, params, args):
     """A warm engine sized for these prompts, every request added; returns (engine, request ids)."""
     import moejax
     from moejax.kv_cache import pages_for
@@ -99,28 +271,43 @@ def _start_engine(model, prompts, args):
                                 num_pages=slots * pages_for(longest, args.page_size), max_model_len=longest)
     engine = moejax.Engine(model, config)
     engine.warmup()
-    ids = []
-    for i, prompt in enumerate(prompts):
-        seed = None if args.sample_seed is None else args.sample_seed + i
-        params = moejax.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                       top_k=args.top_k, top_p=args.top_p, seed=seed,
-                                       stop_token_ids=tuple(args.stop_token_ids))
-        ids.append(engine.add_request(prompt, params))
+    ids = [engine.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
     return engine, ids
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moejax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_generate(sub)
+# ---- entry point ---------------------------------------------------------------------------------
+
+
+def _add_debug(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    p.add_argument("--debug", action="store_true", default=default, help="show the traceback of an error")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `moejax` parser with its `generate` and `plan` subcommands."""
     from moejax.planner import cli as plan_cli
 
-    plan_cli.add_parser(sub)
-    args = parser.parse_args(argv)
-    if args.command == "generate":
-        _simulate_cpu_devices(args.devices)
-        return _run_generate(args)
-    return plan_cli.run(args)
+    parser = _Parser(prog="moejax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_debug(parser, default=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_debug(_add_generate(sub))
+    _add_debug(plan_cli.add_parser(sub))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `moejax` with `argv` (default: sys.argv[1:]); return the exit status (2: a user mistake)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "generate":
+            return _run_generate(args)
+        return args.func(args)
+    except (ValueError, OSError) as err:  # UsageError, CheckpointError, FileNotFoundError, config errors
+        if debug:
+            traceback.print_exc()
+        print(f"moejax: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -34,22 +34,75 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def check(self, vocab_size: int) -> None:
-        """Raise ValueError naming the bad value; called by `Engine.add_request`."""
-        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens!r}")
-        t = self.temperature
-        if not isinstance(t, (int, float, np.floating)) or math.isnan(t) or t < 0 or math.isinf(t):
-            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
-        if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
-        p = self.top_p
-        if not isinstance(p, (int, float, np.floating)) or math.isnan(p) or not 0 < p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {p!r}")
-        if self.seed is not None and not (isinstance(self.seed, (int, np.integer)) and 0 <= self.seed < 2**32):
-            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        for t_id in self.stop_token_ids:
-            if not isinstance(t_id, (int, np.integer)) or not 0 <= t_id < vocab_size:
-                raise ValueError(f"stop token id {t_id!r} is out of vocabulary (vocab_size={vocab_size})")
+        """Raise ValueError naming the field, the value and the allowed range; called by `Engine.add_request`.
+
+        Runs on the host before anything is packed into the int32 call batch, so every value that passes
+        packs exactly. Python and numpy numbers are accepted alike; booleans are not numbers. Bounds:
+
+        - max_new_tokens: integer in [1, 2**31 - 1] (the engine then bounds prompt + max_new_tokens by its
+          context limit).
+        - temperature: finite number in [0, 3.4e38] (float32 range). The sampler treats temperatures below
+          1e-6 as 1e-6, and one that float32 rounds (or flushes) to 0 as greedy: both are the greedy limit.
+        - top_k: integer in [0, 2**31 - 1]; 0 (or any k >= the vocabulary) keeps every token.
+        - top_p: number in [1.2e-38, 1] (a normal float32 > 0: smaller values would underflow to 0 on
+          device). Any top_p at or below the top token's probability keeps only that token, so 1e-6 is
+          already "top token only".
+        - seed: None or an integer in [0, 2**32 - 1].
+        - stop_token_ids: a tuple or list of integer token ids in [0, vocab_size).
+        """
+        _check_int("max_new_tokens", self.max_new_tokens, 1, _INT32_MAX)
+        _check_real("temperature", self.temperature, 0.0, _FLOAT32_MAX, "be a finite number >= 0",
+                    "[0, 3.4028235e+38] (float32 overflows above)")
+        _check_int("top_k", self.top_k, 0, _INT32_MAX, "; 0: off")
+        _check_real("top_p", self.top_p, _FLOAT32_TINY, 1.0, "lie in (0, 1]",
+                    "[1.1754944e-38, 1] (smaller values underflow float32 to 0; any top_p at or below the top "
+                    "token's probability, e.g. 1e-6, keeps only that token)")
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, 2**32 - 1, "; or None: drawn by the engine")
+        stops = self.stop_token_ids
+        if not isinstance(stops, (tuple, list)):
+            raise ValueError(f"stop_token_ids must be a tuple or list of token ids, got {type(stops).__name__} "
+                             f"{stops!r}")
+        for t_id in stops:
+            if not _is_int(t_id):
+                raise ValueError(f"stop token id {t_id!r} in stop_token_ids is not an integer")
+            if not 0 <= t_id < vocab_size:
+                raise ValueError(f"stop token id {t_id!r} is out of vocabulary (vocab_size={vocab_size}); "
+                                 f"allowed: [0, {vocab_size - 1}]")
+
+
+_INT32_MAX = 2**31 - 1  # integer fields are packed into the int32 call batch
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32 > 0
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _not_a_number(value) -> str:
+    return " (booleans are not numbers)" if isinstance(value, (bool, np.bool_)) else ""
+
+
+def _check_int(name: str, value, lo: int, hi: int, note: str = "") -> None:
+    """Raise ValueError unless `value` is an integer (Python or numpy, not bool) in [lo, hi]."""
+    if not _is_int(value):
+        what = "be an integer" + _not_a_number(value)
+    elif value < lo:
+        what = f"be at least {lo}"
+    elif value > hi:
+        what = f"be at most {hi}"
+    else:
+        return
+    raise ValueError(f"{name} must {what}, got {value!r}; allowed: integers in [{lo}, {hi}]{note}")
+
+
+def _check_real(name: str, value, lo: float, hi: float, what: str, allowed: str) -> None:
+    """Raise ValueError unless `value` is a real number (Python or numpy, not bool or NaN) in [lo, hi]."""
+    ok = _is_int(value) or (isinstance(value, (float, np.floating)) and not math.isnan(value))
+    if ok and lo <= value <= hi:
+        return
+    raise ValueError(f"{name} must {what}{_not_a_number(value)}, got {value!r}; allowed: {allowed}")
 
 
 def sample(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, counter_B):

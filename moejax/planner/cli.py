@@ -3,7 +3,9 @@
     moejax plan --model gpt-moe-1800b --hardware gb200-nvl72 --devices 64 --precision fp4 \\
         --isl 1024 --osl 256 --target-tps-user 20 [--json] [--out out/plan]
 
-Until `moejax.cli` wires it in: `python -m moejax.planner.cli --model ...` (same flags).
+Also `python -m moejax.planner.cli --model ...` (same flags). A mistake in a flag or a named file is one line,
+`moejax: error: ...`, and exit status 2; the device count, the lists and the number of configurations are
+bounded, so a run never hangs.
 """
 
 from __future__ import annotations
@@ -13,42 +15,43 @@ import json
 import sys
 import time
 
-from moejax.config import load_model_config
+from moejax.cli import UsageError, int_in, int_list, read_model_config, real_in
 from moejax.planner.hardware import PRECISIONS, load_hardware
 from moejax.planner.report import format_summary, write_outputs
-from moejax.planner.rules import Rules
+from moejax.planner.rules import Rules, enumerate_layouts
 from moejax.planner.sweep import DEFAULT_BATCHES, DEFAULT_CHUNKS, plan
 from moejax.planner.workload import EP_ATTENTION_MODES, KV_BYTES, Options, Workload
 
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+MAX_DEVICES = 1_000_000  # enumerating the layouts of N devices walks N's divisors
+MAX_CONFIGS = 200_000  # layouts x batch sizes x chunk sizes in one run (~0.4 ms each: about a minute and a half)
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model config: bare name in configs/models/ or a path")
     p.add_argument("--hardware", required=True, help="hardware config: bare name in configs/hardware/ or a path")
-    p.add_argument("--devices", type=int, required=True, help="number of devices N")
+    p.add_argument("--devices", type=int_in(1, MAX_DEVICES), required=True,
+                   help=f"number of devices N (1 to {MAX_DEVICES:_})")
     p.add_argument("--precision", default="bf16", choices=PRECISIONS, help="weight format of linear layers")
     p.add_argument("--kv-precision", default="bf16", choices=sorted(KV_BYTES), help="KV-cache format")
-    p.add_argument("--isl", type=int, default=1024, help="prompt tokens per request")
-    p.add_argument("--osl", type=int, default=256, help="output tokens per request")
-    p.add_argument("--target-tps-user", type=float, default=20.0, help="rank at tokens/s/user >= this")
-    p.add_argument("--batch-sizes", type=_ints, default=list(DEFAULT_BATCHES),
+    p.add_argument("--isl", type=int_in(1), default=1024, help="prompt tokens per request")
+    p.add_argument("--osl", type=int_in(1), default=256, help="output tokens per request")
+    p.add_argument("--target-tps-user", type=real_in(0.0), default=20.0, help="rank at tokens/s/user >= this")
+    p.add_argument("--batch-sizes", type=int_list(1), default=list(DEFAULT_BATCHES),
                    help="concurrent requests per data-parallel replica, comma-separated")
-    p.add_argument("--chunk-sizes", type=_ints, default=list(DEFAULT_CHUNKS), help="prefill chunk sizes")
+    p.add_argument("--chunk-sizes", type=int_list(1), default=list(DEFAULT_CHUNKS), help="prefill chunk sizes")
     p.add_argument("--ep-attention", default="data", choices=EP_ATTENTION_MODES,
                    help="expert axis outside MoE blocks: data-parallel attention + all-to-all, or replicated "
                         "(the runtime today)")
-    p.add_argument("--microbatches", type=int, default=None, help="pipeline microbatches (default: PP)")
-    p.add_argument("--comm-overlap", type=float, default=0.0, help="fraction of collective time hidden [0, 1]")
+    p.add_argument("--microbatches", type=int_in(1), default=None, help="pipeline microbatches (default: PP)")
+    p.add_argument("--comm-overlap", type=real_in(0.0, 1.0), default=0.0,
+                   help="fraction of collective time hidden [0, 1]")
     p.add_argument("--efficiency", default=None, help="efficiency factors file from calibration (YAML/JSON)")
     p.add_argument("--allow-vocab-padding", action="store_true", help="relax: TP need not divide the vocab")
     p.add_argument("--no-kv-replication", action="store_true", help="tighten: TP <= KV heads")
     p.add_argument("--tp-within-domain", action="store_true", help="tighten: TP inside one NVLink domain")
     p.add_argument("--ep-within-domain", action="store_true", help="tighten: TP x EP inside one NVLink domain")
-    p.add_argument("--min-layers-per-stage", type=int, default=1, help="tighten: layers per pipeline stage")
-    p.add_argument("--top", type=int, default=15, help="rows of the ranking to print")
+    p.add_argument("--min-layers-per-stage", type=int_in(1), default=1, help="tighten: layers per pipeline stage")
+    p.add_argument("--top", type=int_in(0), default=15, help="rows of the ranking to print")
     p.add_argument("--out", default="out/plan", help="folder for configs.csv, pareto.csv, pareto.png")
     p.add_argument("--no-plot", action="store_true", help="skip pareto.png")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
@@ -66,16 +69,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run the planner for parsed `args`; print the summary (or JSON); return the exit code."""
     start = time.perf_counter()
-    cfg = load_model_config(args.model)
+    cfg = read_model_config(args.model)
     hw = load_hardware(args.hardware, efficiency=args.efficiency)
     workload = Workload(isl=args.isl, osl=args.osl, precision=args.precision, kv_precision=args.kv_precision)
     options = Options(ep_attention=args.ep_attention, microbatches=args.microbatches, comm_overlap=args.comm_overlap)
     rules = Rules(allow_vocab_padding=args.allow_vocab_padding, allow_kv_replication=not args.no_kv_replication,
                   tp_within_domain=args.tp_within_domain, ep_within_domain=args.ep_within_domain,
                   min_layers_per_stage=args.min_layers_per_stage)
+    _check_size(cfg, hw, rules, args)
     result = plan(cfg, hw, args.devices, workload, options, rules, args.batch_sizes, args.chunk_sizes,
                   args.target_tps_user)
-    paths = write_outputs(result, args.out, plot=not args.no_plot)
+    try:
+        paths = write_outputs(result, args.out, plot=not args.no_plot)
+    except OSError as err:
+        raise UsageError(f"--out {args.out}: cannot write the results: {err}") from err
     result.seconds = time.perf_counter() - start
     if args.json:
         obj = result.to_json()
@@ -87,12 +94,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_size(cfg, hw, rules: Rules, args: argparse.Namespace) -> None:
+    """Refuse a sweep of more than MAX_CONFIGS configurations before predicting any."""
+    layouts, _ = enumerate_layouts(args.devices, cfg, rules, hw.nvlink_domain)
+    count = len(layouts) * len(args.batch_sizes) * len(args.chunk_sizes)
+    if count > MAX_CONFIGS:
+        raise UsageError(f"the sweep has {count:_} configurations ({len(layouts)} layouts x {len(args.batch_sizes)} "
+                         f"batch sizes x {len(args.chunk_sizes)} chunk sizes), more than {MAX_CONFIGS:_}; pass fewer "
+                         f"--batch-sizes / --chunk-sizes or tighten the rules")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point: `python -m moejax.planner.cli --model ... --hardware ... --devices N`."""
-    parser = argparse.ArgumentParser(prog="moejax plan", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _configure(parser)
-    return run(parser.parse_args(argv))
+    """Stand-alone entry point: `python -m moejax.planner.cli --model ... --hardware ... --devices N`.
+
+    The same as `moejax plan ...`: one-line errors, exit status 2 on a user mistake.
+    """
+    from moejax import cli
+
+    return cli.main(["plan", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

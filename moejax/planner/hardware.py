@@ -16,6 +16,7 @@ Efficiency factors turn peaks into what kernels achieve. They are the only free 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,8 @@ class Efficiency:
             value = getattr(self, name)
             if not 0 < value <= 1.5:
                 raise ValueError(f"Efficiency.{name} must lie in (0, 1.5], got {value!r}")
-        if self.step_overhead_s < 0:
-            raise ValueError(f"Efficiency.step_overhead_s must be >= 0, got {self.step_overhead_s!r}")
+        if not (math.isfinite(self.step_overhead_s) and self.step_overhead_s >= 0):
+            raise ValueError(f"Efficiency.step_overhead_s must be a finite number >= 0, got {self.step_overhead_s!r}")
 
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -73,6 +74,19 @@ class Hardware:
             raise ValueError(f"{self.name}: peak_flops must give at least bf16")
         if self.nvlink_domain < 1 or self.devices_per_node < 1:
             raise ValueError(f"{self.name}: nvlink_domain and devices_per_node must be >= 1")
+        rates = {f"peak_flops[{k}]": v for k, v in self.peak_flops.items()} | {
+            name: getattr(self, name) for name in ("memory_bytes", "memory_bandwidth", "nvlink_bandwidth",
+                                                   "network_bandwidth")}
+        for name, value in rates.items():
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{self.name}: {name} must be a finite number > 0, got {value!r}")
+        for name in ("nvlink_latency_s", "network_latency_s", "reserved_memory_bytes"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{self.name}: {name} must be a finite number >= 0, got {value!r}")
+        if self.reserved_memory_bytes >= self.memory_bytes:
+            raise ValueError(f"{self.name}: reserved_memory_bytes ({self.reserved_memory_bytes:g}) must be less than "
+                             f"memory_bytes ({self.memory_bytes:g})")
 
     @property
     def usable_memory_bytes(self) -> float:
@@ -116,6 +130,11 @@ class Hardware:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown Hardware keys {unknown}; known keys: {sorted(known)}")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ValueError(f"missing Hardware keys {missing}")
         # PyYAML reads 1.0e9 (no exponent sign) as a string: coerce every number explicitly.
         data["efficiency"] = Efficiency(**{k: float(v) for k, v in data.get("efficiency", {}).items()})
         data["peak_flops"] = {k: float(v) for k, v in data["peak_flops"].items()}
@@ -133,21 +152,55 @@ def load_hardware(source: str | Path, efficiency: str | Path | dict | None = Non
         source: bare name such as 'h100-sxm', or a path to a YAML file.
         efficiency: optional efficiency factors overriding the file's: a dict, or a path to a YAML/JSON file
             written by `moejax.planner.calibrate.save_efficiency`.
+
+    Raises:
+        FileNotFoundError: no such file or built-in name (the message lists the built-in names).
+        ValueError: a file that is not a YAML mapping of valid Hardware (or efficiency) fields, naming the file.
     """
     path = Path(source)
-    if not path.exists() and "/" not in str(source):
+    if not path.exists() and "/" not in str(source) and path.suffix not in (".yaml", ".yml", ".json"):
         path = configs_dir() / "hardware" / f"{source}.yaml"
-        if not path.exists():
-            raise FileNotFoundError(f"no hardware config {source!r}; built-in: {list_hardware()}")
-    data = yaml.safe_load(path.read_text())
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "not found"
+        raise FileNotFoundError(f"hardware config {str(source)!r} {what}; built-in: {list_hardware()} "
+                                f"(or a path to a YAML file)")
+    data = _read_mapping(path, "hardware config")
     data.setdefault("name", path.stem)
-    hw = Hardware.from_dict(data)
+    try:
+        hw = Hardware.from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"hardware config {path}: {_describe(err)}") from err
     if efficiency is not None:
+        where = "efficiency factors"
         if not isinstance(efficiency, dict):
-            loaded = yaml.safe_load(Path(efficiency).read_text())  # JSON is YAML
+            where = f"efficiency file {efficiency}"
+            loaded = _read_mapping(Path(efficiency), "efficiency file")  # JSON is YAML
             efficiency = loaded.get("efficiency", loaded)
-        hw = hw.with_efficiency(efficiency)
+        try:
+            hw = hw.with_efficiency(efficiency)
+        except (TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{where}: {_describe(err)}; known factors: "
+                             f"{[f.name for f in dataclasses.fields(Efficiency)]}") from err
     return hw
+
+
+def _read_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The YAML (or JSON) mapping in `path`; a clear error naming the file otherwise."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} " + ("is not a file" if path.exists() else "not found"))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {path} is not valid YAML: {' '.join(str(err).split())}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path}: expected a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def _describe(err: Exception) -> str:
+    if isinstance(err, KeyError):
+        return f"missing key {err.args[0]!r}"
+    return str(err)
 
 
 def list_hardware() -> list[str]:
