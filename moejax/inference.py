@@ -16,6 +16,7 @@ import numpy as np
 
 from moejax import steps as steps_lib
 from moejax.config import ModelConfig, ceil_div, round_up
+from moejax.fit import check_weights_fit
 from moejax.mesh import Layout, make_mesh
 from moejax.weights import RandomSource, WeightSource, abstract_model, place
 
@@ -49,7 +50,9 @@ class Model:
         self.mesh = make_mesh(self.layout, devices)
         self.dtype = DTYPES[dtype]
         with jax.set_mesh(self.mesh):
-            self.module = place(abstract_model(cfg, self.layout, self.dtype), source, self.mesh)
+            abstract = abstract_model(cfg, self.layout, self.dtype)
+            check_weights_fit(abstract, self.mesh)  # before any placement: refuse with the numbers
+            self.module = place(abstract, source, self.mesh)
         self.steps = steps_lib.Steps(self.module, self.mesh, moe_strategy)
         self.last_stats = GenerateStats()
 
@@ -156,12 +159,14 @@ class Model:
         return steps_lib.put(self.mesh, array, spec)
 
 
-def load(path: str | Path, layout: Layout | str = "DP1", dtype: str = "float32", **kwargs) -> Model:
+def load(path: str | Path, layout: Layout | str = "DP1", dtype: str = "float32", allow_nonfinite: bool = False,
+         **kwargs) -> Model:
     """Load a Hugging Face MoE checkpoint directory onto a mesh for `layout`.
 
-    Each weight goes straight into its sharding (a device reads only its shard).
+    Each weight goes straight into its sharding (a device reads only its shard). A malformed checkpoint
+    is a `CheckpointError` naming the file and tensor; NaN/inf weights are one too unless `allow_nonfinite`.
     """
     from moejax.checkpoint.hf import HFSource
 
-    source = HFSource(path)
+    source = HFSource(path, allow_nonfinite=allow_nonfinite)
     return Model(source.cfg, source, layout=layout, dtype=dtype, **kwargs)

@@ -2,6 +2,6 @@
 
 from moejax.engine.engine import Engine, EngineStats, RequestOutput, ServeConfig
 from moejax.engine.sampling import SamplingParams
-from moejax.engine.scheduler import Request
+from moejax.engine.scheduler import Request, RequestId
 
-__all__ = ["Engine", "EngineStats", "Request", "RequestOutput", "SamplingParams", "ServeConfig"]
+__all__ = ["Engine", "EngineStats", "Request", "RequestId", "RequestOutput", "SamplingParams", "ServeConfig"]

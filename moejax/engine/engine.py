@@ -17,14 +17,23 @@ seed as their int32 bits), handed to the jitted function as numpy and placed by 
 typed sampling arrays are unpacked on device. Each request keeps its page-table row
 (`Request.page_table`, kept by the scheduler) and its packed sampling fields
 (`Request.sampling_row`), so building a batch is a few vectorised copies.
+
+Numerical isolation: the compiled step also checks, per row, that all the logits are finite, and
+returns -1 instead of a token id where they are not (no extra transfer). Such a request finishes
+with reason "error" and a message, and its pages are freed; the others are unaffected.
+
+Request ids are `str` or `int`, kept as given and compared as given everywhere (`5` and `"5"` are
+two ids). Finished records stay in `Engine.requests` until `max_finished_retained` newer finished
+requests have been delivered, or until `release()`; `on_finish` sees each one as it is delivered.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import jax
@@ -33,10 +42,13 @@ import numpy as np
 
 from moejax import steps as steps_lib
 from moejax.engine.sampling import SamplingParams, sample
-from moejax.engine.scheduler import Request, Scheduler, Work
+from moejax.engine.scheduler import Request, RequestId, Scheduler, Work
+from moejax.fit import check_fits, kv_cache_bytes
 from moejax.kv_cache import PageAllocator, pages_for
 
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error")
+_INT32_MAX = 2**31 - 1  # counts, lengths and page ids are packed into the int32 call batch
+_NONFINITE = -1  # the step's id for a row whose logits are not all finite
 
 
 @dataclass(frozen=True)
@@ -52,7 +64,15 @@ class ServeConfig:
       max_prefill_seqs: prefill rows per step per data group.
       max_model_len: longest sequence (prompt + new tokens); None: the model's position limit.
       decode_buckets: decode batch sizes per data group; None: powers of two up to the slots.
-      seed: seeds the draws of requests that give no seed.
+      seed: seeds the draws of requests that give no seed, in [0, 2**32).
+      max_finished_retained: finished requests kept in `Engine.requests` after their last output
+        was delivered (oldest dropped first); 0 drops each as soon as it is delivered.
+
+    Every field is checked on construction (ValueError naming the field, the value and the allowed
+    range). Integers may be Python or numpy integers (stored as `int`), never booleans; every count
+    is at most 2**31 - 1, as it is packed into int32. Checks that need the model (max_running a
+    multiple of `data`, buckets reaching the slots, max_model_len within the model's positions,
+    the KV pools fitting in device memory) are made by `Engine`.
     """
 
     max_running: int = 8
@@ -63,16 +83,50 @@ class ServeConfig:
     max_model_len: int | None = None
     decode_buckets: tuple[int, ...] | None = None
     seed: int = 0
+    max_finished_retained: int = 1024
+
+    def __post_init__(self):
+        for name, lo in (("max_running", 1), ("page_size", 1), ("num_pages", 1), ("chunk_size", 1),
+                         ("max_prefill_seqs", 1), ("max_finished_retained", 0)):
+            self._set(name, _check_int(name, getattr(self, name), lo, _INT32_MAX))
+        if self.max_model_len is not None:
+            self._set("max_model_len", _check_int("max_model_len", self.max_model_len, 1, _INT32_MAX,
+                                                  "; or None: the model's max_position_embeddings"))
+        self._set("seed", _check_int("seed", self.seed, 0, 2**32 - 1))
+        if self.decode_buckets is not None:
+            self._set("decode_buckets", _check_buckets(self.decode_buckets))
+
+    def _set(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)  # frozen: normalise in place during construction
+
+
+def _check_int(name: str, value, lo: int, hi: int, note: str = "") -> int:
+    """`value` as an int when it is an integer (Python or numpy, not bool) in [lo, hi]; else ValueError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        what = "be an integer" + " (booleans are not numbers)" * isinstance(value, (bool, np.bool_))
+    elif not lo <= value <= hi:
+        what = f"be at least {lo}" if value < lo else f"be at most {hi}"
+    else:
+        return int(value)
+    raise ValueError(f"ServeConfig.{name} must {what}, got {value!r}; allowed: integers in [{lo}, {hi}]{note}")
+
+
+def _check_buckets(buckets) -> tuple[int, ...]:
+    if isinstance(buckets, (str, bytes)) or not isinstance(buckets, (tuple, list)) or not buckets:
+        raise ValueError(f"ServeConfig.decode_buckets must be a non-empty tuple of batch sizes (e.g. (1, 2, 4, 8)) "
+                         f"or None, got {buckets!r}")
+    return tuple(_check_int(f"decode_buckets[{i}]", b, 1, _INT32_MAX) for i, b in enumerate(buckets))
 
 
 @dataclass(frozen=True)
 class RequestOutput:
     """What one step produced for one request: its new tokens, and whether (and why) it finished."""
 
-    request_id: str
+    request_id: RequestId
     new_token_ids: list[int]
     finished: bool
     finish_reason: str | None = None
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 @dataclass
@@ -82,6 +136,7 @@ class EngineStats:
     decode_calls: int = 0
     preemptions: int = 0
     mixed_steps: int = 0  # steps that ran a prefill chunk and a decode together
+    nonfinite: int = 0  # requests finished with "error" because their logits were not all finite
     host_s: float = 0.0  # wall time of step() outside waiting for device results
     dispatch_s: float = 0.0  # the part of host_s spent inside the compiled calls until they return
     device_wait_s: float = 0.0
@@ -115,6 +170,8 @@ def _sampled_step(steps: steps_lib.Steps):
     The jitted function is `fn(params, cache, packed_BW, num_tokens)`: `packed_BW` is the host
     int32 batch (see `_packed_layout`), placed rows-over-`data` by `in_shardings`; `num_tokens` (T,
     static) splits its columns. Padding rows have count 0: positions -1 (no KV write, no attention).
+    It returns (ids_B, cache): ids_B is the sampled token per row, or `_NONFINITE` (-1) where the
+    row's logits are not all finite; the flag rides in the ids, so the host fetches one array.
     """
     if steps not in _STEP_FNS:
         batch = jax.NamedSharding(steps.mesh, steps_lib.BATCH)
@@ -132,7 +189,8 @@ def _sampled_step(steps: steps_lib.Steps):
             logits_BV, _, cache = steps.step(params, cache, packed_BW[:, tok], pos_BT, packed_BW[:, table], index_B)
             seed_B = jax.lax.bitcast_convert_type(col(_SEED), jnp.uint32)
             ids_B = sample(logits_BV, as_f32(_TEMPERATURE), col(_TOP_K), as_f32(_TOP_P), seed_B, col(_COUNTER))
-            return ids_B, cache
+            finite_B = jnp.all(jnp.isfinite(logits_BV), axis=-1)
+            return jnp.where(finite_B, ids_B, _NONFINITE), cache
 
         _STEP_FNS[steps] = jax.jit(fn, in_shardings=(None, None, batch), donate_argnums=(1,),
                                    static_argnums=(3,))
@@ -145,24 +203,36 @@ class Engine:
     Args:
       model: a `moejax.Model` (weights on its mesh).
       config: `ServeConfig`.
+      on_finish: called with each finished `Request` (its tokens, timings, finish reason) when
+        its last output is delivered by `step()`: the way to keep metrics of every request, as
+        `Engine.requests` keeps only the newest finished ones. It must not raise.
     """
 
-    def __init__(self, model, config: ServeConfig | None = None):
-        config = config or ServeConfig()
-        self.model, self.config = model, config
+    def __init__(self, model, config: ServeConfig | None = None,
+                 on_finish: Callable[[Request], None] | None = None):
+        config = ServeConfig() if config is None else config
+        if not isinstance(config, ServeConfig):
+            raise ValueError(f"config must be a ServeConfig, got {type(config).__name__}")
+        self.model, self.config, self.on_finish = model, config, on_finish
         self.data = model.layout.data
         self.max_len = config.max_model_len or model.cfg.max_position_embeddings
         self._check_config(config)
         self.slots = config.max_running // self.data
         self.decode_buckets = tuple(sorted(config.decode_buckets or _powers_of_two(self.slots)))
         self.pages_per_seq = pages_for(self.max_len, config.page_size)
+        check_fits(f"the KV cache ({config.num_pages} pages of {config.page_size} tokens per data group)",
+                   kv_cache_bytes(model, config.num_pages * self.data, config.page_size), model.mesh.devices.flat,
+                   "lower ServeConfig.num_pages or page_size, or use a layout with more tensor or stage devices "
+                   "(they split the pools)")
         self.allocator = PageAllocator(self.data, config.num_pages)
         self.scheduler = Scheduler(self.allocator, config.page_size, self.slots, config.chunk_size,
                                    config.max_prefill_seqs)
         self.cache = model.steps.new_cache(config.num_pages * self.data, config.page_size, model.dtype)
         self._fn = _sampled_step(model.steps)
-        self.requests: dict[str, Request] = {}  # every request not yet released, finished ones included
-        self._pending: list[RequestOutput] = []  # abort outputs, delivered by the next step()
+        # Live requests, and finished ones until `max_finished_retained` newer ones were delivered.
+        self.requests: dict[RequestId, Request] = {}
+        self._delivered: collections.deque[Request] = collections.deque()  # finished, oldest first
+        self._pending: list[tuple[Request, RequestOutput]] = []  # abort outputs, delivered by the next step()
         self._order = itertools.count()
         self._ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
@@ -170,37 +240,62 @@ class Engine:
         self.stats = EngineStats()
 
     def _check_config(self, c: ServeConfig) -> None:
-        for name in ("max_running", "page_size", "num_pages", "chunk_size", "max_prefill_seqs"):
-            if getattr(c, name) < 1:
-                raise ValueError(f"ServeConfig.{name} must be at least 1, got {getattr(c, name)}")
         if c.max_running % self.data:
             raise ValueError(f"ServeConfig.max_running ({c.max_running}) must be a multiple of the data size "
-                             f"({self.data})")
+                             f"({self.data}) of layout {self.model.layout}")
         if self.max_len > self.model.cfg.max_position_embeddings:
             raise ValueError(f"max_model_len ({self.max_len}) exceeds the model's max_position_embeddings "
-                             f"({self.model.cfg.max_position_embeddings})")
+                             f"({self.model.cfg.max_position_embeddings}); use at most that")
         if c.decode_buckets and max(c.decode_buckets) < c.max_running // self.data:
             raise ValueError(f"decode_buckets {c.decode_buckets} must reach the slots per data group "
-                             f"({c.max_running // self.data})")
+                             f"({c.max_running // self.data} = max_running / data); add a bucket of at least that")
+        if c.num_pages * self.data > _INT32_MAX:
+            raise ValueError(f"ServeConfig.num_pages ({c.num_pages}) times data ({self.data}) exceeds 2**31 - 1 "
+                             f"pages; lower num_pages")
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def add_request(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None) -> str:
-        """Queue a request; returns its id. Raises ValueError (engine state untouched) on bad input."""
-        params = params or SamplingParams()
-        prompt = self._check_request(prompt_ids, params, request_id)
-        rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
+    def add_request(self, prompt_ids, params: SamplingParams | None = None,
+                    request_id: RequestId | None = None) -> RequestId:
+        """Queue a request; returns its id (`request_id` as given, or a fresh "req-N").
+
+        Raises ValueError (engine state untouched) on bad input, or when `request_id` is live.
+        """
+        params = SamplingParams() if params is None else params
+        return self._add(self._check_request(prompt_ids, params), params, self._check_id(request_id)).request_id
+
+    def _add(self, prompt: list[int], params: SamplingParams, rid: RequestId | None) -> Request:
+        if rid is None:
+            rid = f"req-{next(self._ids)}"
+            while rid in self.requests:  # never take an id a user gave (live or retained)
+                rid = f"req-{next(self._ids)}"
         seed = int(params.seed) if params.seed is not None else int(self._rng.integers(2**32))
         req = Request(rid, next(self._order), len(prompt), prompt, params, seed, arrival_s=time.perf_counter(),
                       page_table=np.zeros(self.pages_per_seq, np.int32), sampling_row=_sampling_row(params, seed))
         self.requests[rid] = req
         self.scheduler.add(req)
+        return req
+
+    def _check_id(self, request_id) -> RequestId | None:
+        """The id as given (numpy integers as int); ValueError unless None, a str or an int, not live."""
+        if request_id is None:
+            return None
+        if isinstance(request_id, (bool, np.bool_)) or not isinstance(request_id, (str, int, np.integer)):
+            raise ValueError(f"request_id must be a str or an int, got {request_id!r} "
+                             f"({type(request_id).__name__})")
+        rid = int(request_id) if isinstance(request_id, np.integer) else request_id
+        if rid in self.requests and not self.requests[rid].finished:
+            raise ValueError(f"request id {rid!r} is already running; wait for it to finish, abort it, or pick "
+                             f"another id")
         return rid
 
-    def _check_request(self, prompt_ids, params: SamplingParams, request_id) -> list[int]:
+    def _check_request(self, prompt_ids, params: SamplingParams) -> list[int]:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        ids = np.asarray(prompt_ids)
+        try:
+            ids = np.asarray(prompt_ids)
+        except (ValueError, TypeError):  # e.g. ragged nested lists
+            raise ValueError(f"prompt must be a 1-D sequence of integer token ids, got {prompt_ids!r:.80}") from None
         if ids.size == 0:
             raise ValueError("prompt cannot be empty: pass at least one token id")
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
@@ -219,34 +314,40 @@ class Engine:
         if need > have:
             raise ValueError(f"request needs {need} KV pages ({total} tokens at page_size {self.config.page_size}) "
                              f"but the whole pool of a data group has {have} pages")
-        if request_id is not None and str(request_id) in self.requests \
-                and not self.requests[str(request_id)].finished:
-            raise ValueError(f"request id {request_id!r} is already running")
         return ids.astype(int).tolist()
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request now: its pages are freed; the next step() reports finish reason "abort"."""
+    def abort(self, request_id: RequestId) -> bool:
+        """Stop a live request now (pages freed); the next step() reports finish reason "abort".
+
+        Ids compare as given (`5` and `"5"` differ). Returns False (nothing done) when no live
+        request has this id.
+        """
         req = self.requests.get(request_id)
         if req is None or req.finished:
-            return
+            return False
         self.scheduler.remove(req)
         self._finish(req, "abort", time.perf_counter())
-        self._pending.append(RequestOutput(req.request_id, [], True, "abort"))
+        self._pending.append((req, RequestOutput(req.request_id, [], True, "abort")))
+        return True
 
-    def release(self, request_id: str) -> Request | None:
-        """Forget a finished request (its record and metrics); returns it."""
+    def release(self, request_id: RequestId) -> Request | None:
+        """Forget a finished request now (its record and metrics); returns it."""
         req = self.requests.get(request_id)
         if req is not None and req.finished:
             return self.requests.pop(request_id)
         return None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        """True while a request runs or waits, or an output (an abort's) is still to be returned by step()."""
+        return self.scheduler.has_work() or bool(self._pending)
 
     # ---- stepping -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns the outputs of every request that made a token or finished."""
+        return [out for _, out in self._step()]
+
+    def _step(self) -> list[tuple[Request, RequestOutput]]:
         t0 = time.perf_counter()
         outputs, self._pending = self._pending, []
         plan = self.scheduler.schedule()
@@ -270,14 +371,18 @@ class Engine:
                 for work, token in zip(works, ids_B[g * rows: g * rows + len(works)], strict=True):
                     out = self._commit(work, token, now)
                     if out is not None:
-                        outputs.append(out)
+                        outputs.append((work.req, out))
         self.stats.steps += 1
         self.stats.device_wait_s += t2 - t1
         self.stats.host_s += (t1 - t0) + (time.perf_counter() - t2)
+        self._retire([req for req, out in outputs if out.finished])
         return outputs
 
     def _commit(self, work: Work, token: int, now: float) -> RequestOutput | None:
         req = work.req
+        if token == _NONFINITE:
+            return self._fail(req, f"non-finite logits at sequence position {work.start + work.num - 1} "
+                                   f"(output position {req.num_output})", now)
         req.num_computed += work.num
         if not work.samples:
             return None
@@ -293,8 +398,27 @@ class Engine:
             self._finish(req, reason, now)
         return RequestOutput(req.request_id, [token], reason is not None, reason)
 
+    def _fail(self, req: Request, message: str, now: float) -> RequestOutput:
+        """Finish `req` with reason "error" (no token), freeing its pages."""
+        self.scheduler.remove(req)
+        self._finish(req, "error", now)
+        req.error = message
+        self.stats.nonfinite += 1
+        return RequestOutput(req.request_id, [], True, "error", message)
+
     def _finish(self, req: Request, reason: str, now: float) -> None:
         req.finished, req.finish_reason, req.finished_s = True, reason, now
+
+    def _retire(self, delivered: list[Request]) -> None:
+        """Hand delivered finished requests to `on_finish`; keep the newest `max_finished_retained`."""
+        self._delivered.extend(delivered)
+        while len(self._delivered) > self.config.max_finished_retained:
+            old = self._delivered.popleft()
+            if self.requests.get(old.request_id) is old:  # not released, its id not reused
+                del self.requests[old.request_id]
+        if self.on_finish is not None:
+            for req in delivered:
+                self.on_finish(req)
 
     def _dispatch(self, per_group: list[list[Work]], rows: int, T: int):
         """Pack the [data * rows, T] batch of `per_group` works (one int32 array) and dispatch the step."""
@@ -347,26 +471,48 @@ class Engine:
     # ---- drivers --------------------------------------------------------------------------------
 
     def stream(self, prompt_ids, params: SamplingParams | None = None,
-               request_id: str | None = None) -> Iterator[RequestOutput]:
-        """Add a request and yield its outputs as they come, stepping the engine (others progress too;
-        their tokens stay in `engine.requests`)."""
-        rid = self.add_request(prompt_ids, params, request_id)
-        while True:
-            for out in self.step():
-                if out.request_id == rid:
+               request_id: RequestId | None = None) -> Iterator[RequestOutput]:
+        """Add a request now (bad input raises here) and return an iterator of its outputs as they
+        come; iterating steps the engine (others progress too; their outputs are not returned: read
+        them from `engine.requests` or `on_finish`).
+
+        Only this request's outputs are yielded, even when its id is one reused from an earlier
+        request whose abort output is still undelivered."""
+        params = SamplingParams() if params is None else params
+        req = self._add(self._check_request(prompt_ids, params), params, self._check_id(request_id))
+        return self._outputs_of(req)
+
+    def _outputs_of(self, req: Request) -> Iterator[RequestOutput]:
+        while not req.finished or any(owner is req for owner, _ in self._pending):
+            for owner, out in self._step():
+                if owner is req:
                     yield out
                     if out.finished:
                         return
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[list[int]]:
-        """Run prompts to completion (with whatever else is queued); returns the new token ids per prompt."""
+        """Run prompts to completion (with whatever else is queued); returns the new token ids per prompt.
+
+        All prompts are checked before any is queued: one bad prompt raises ValueError (naming its
+        index) and none is accepted. A request that fails ("error") returns the tokens it made.
+        """
+        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
+            raise ValueError(f"prompts must be a list of prompts (each a list of token ids), got {prompts!r:.80}")
+        prompts = list(prompts)
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
-        while not all(self.requests[i].finished for i in ids):
+        plist = [SamplingParams() if sp is None else sp for sp in plist]
+        checked = []
+        for i, (prompt, sp) in enumerate(zip(prompts, plist, strict=True)):
+            try:
+                checked.append(self._check_request(prompt, sp))
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e} (no prompt was queued)") from None
+        reqs = [self._add(prompt, sp, None) for prompt, sp in zip(checked, plist, strict=True)]
+        while not all(r.finished for r in reqs):
             self.step()
-        return [self.requests[i].output_ids for i in ids]
+        return [r.output_ids for r in reqs]
 
 
 def _powers_of_two(n: int) -> list[int]:

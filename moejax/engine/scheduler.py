@@ -28,6 +28,8 @@ import numpy as np
 
 from moejax.kv_cache import PageAllocator, pages_for
 
+RequestId = str | int  # kept and compared as given
+
 
 @dataclass
 class Request:
@@ -38,7 +40,7 @@ class Request:
     `sampling_row` is the engine's packed per-request sampling parameters (see `moejax.engine`).
     """
 
-    request_id: str
+    request_id: RequestId
     order: int  # arrival order: FCFS and "youngest" are decided by it
     prompt_len: int
     tokens: list[int]
@@ -49,6 +51,7 @@ class Request:
     num_computed: int = 0
     finished: bool = False
     finish_reason: str | None = None
+    error: str | None = None  # what went wrong, when finish_reason is "error"
     num_preemptions: int = 0
     arrival_s: float = 0.0
     token_times_s: list[float] = field(default_factory=list)
