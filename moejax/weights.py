@@ -32,28 +32,19 @@ class WeightSource(Protocol):
 
 
 def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """Canonical tensor name -> (shape without the layer axis, per-layer?) for one model config."""
-    D, V, N, K, H = cfg.hidden_size, cfg.vocab_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    E, F, Fs = cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
-    out: dict[str, tuple[tuple[int, ...], bool]] = {"embed": ((V, D), False), "final_norm": ((D,), False)}
-    if not cfg.tie_word_embeddings:
-        out["unembed"] = ((D, V), False)
-    layer = {
-        "attn_norm": (D,), "mlp_norm": (D,),
-        "attn.wq": (D, N, H), "attn.wk": (D, K, H), "attn.wv": (D, K, H), "attn.wo": (N, H, D),
-        "moe.router": (D, E), "moe.wg": (E, D, F), "moe.wu": (E, D, F), "moe.wd": (E, F, D),
-    }
-    if cfg.qkv_bias:
-        layer |= {"attn.bq": (N, H), "attn.bk": (K, H), "attn.bv": (K, H)}
-    if cfg.o_bias:
-        layer["attn.bo"] = (D,)
-    if cfg.qk_norm:
-        layer |= {"attn.q_norm": (H,), "attn.k_norm": (H,)}
-    if Fs:
-        layer |= {"moe.shared_wg": (D, Fs), "moe.shared_wu": (D, Fs), "moe.shared_wd": (Fs, D)}
-    if cfg.shared_expert_gate:
-        layer["moe.shared_gate"] = (D,)
-    out |= {name: (shape, True) for name, shape in layer.items()}
+    """Canonical tensor name -> (shape without the layer axis, per-layer?) for one model config.
+
+    Derived from the model's own declarations (`moejax.model`) at the trivial layout, where nothing
+    is padded or repeated: each weight's shape is written once, there.
+    """
+    from moejax.mesh import Layout
+
+    _, state = nnx.split(abstract_model(cfg, Layout(), np.float32))
+    out = {}
+    for path, var in _variables(state):
+        name, stacked = _canonical(path)
+        shape = tuple(var.get_value().shape)
+        out[name] = (shape[1:], True) if stacked else (shape, False)
     return out
 
 

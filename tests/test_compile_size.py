@@ -35,8 +35,9 @@ def steps_put(model, array, tokens=False):
 @pytest.mark.parametrize("layout", ["DP1", "EP2PP2"])
 def test_step_size_is_independent_of_experts_and_layers(layout):
     # XLA picks other forms for a few routing ops (sort, bincount) by their size, so counts move by
-    # a few dozen instructions (measured: DP1 1854 / 1924 / 1924, EP2PP2 ~3750 / 3747 / 3773); per-expert
-    # or per-layer code would add hundreds of instructions per expert or layer.
-    tiny, small, big = (_step_instructions(e, n, layout) for e, n in ((8, 2), (64, 8), (128, 16)))
+    # a few dozen to a hundred instructions (measured: DP1 1854 / 1924 / 1924, EP2PP2 3633 / 3747 / 3773);
+    # per-expert or per-layer code would add hundreds of instructions per expert or layer. (At least
+    # 2 layers per stage: XLA inlines a scan of length 1.)
+    tiny, small, big = (_step_instructions(e, n, layout) for e, n in ((16, 4), (64, 8), (128, 16)))
     assert abs(big - small) <= 0.02 * small, (small, big)
     assert abs(tiny - small) <= 0.05 * small, (tiny, small)

@@ -12,68 +12,112 @@ block read is checked for NaN/inf unless `allow_nonfinite=True`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from moejax.checkpoint.safetensors_files import DTYPES as _DTYPES
 from moejax.checkpoint.safetensors_files import CheckpointError, TensorEntry, open_tensor, read_json, tensor_files
 from moejax.config import ModelConfig
 
 __all__ = ["CheckpointError", "HFSource"]
 
 
+class _Form(NamedTuple):
+    """How a checkpoint stores a canonical tensor: its shape from the canonical one, and the conversion."""
+
+    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+    to_canonical: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]  # (stored view, canonical shape)
+
+
+# Every conversion is a view (reshape / transpose of a memmap): only the bytes of a shard are read.
+_SAME = _Form(lambda c: c, lambda a, c: a)
+_T = _Form(lambda c: c[::-1], lambda a, c: a.T)  # torch Linear [out, in] -> [in, out]
+_HEADS_IN = _Form(lambda c: (c[1] * c[2], c[0]), lambda a, c: a.reshape(c[1], c[2], c[0]).transpose(2, 0, 1))
+_HEADS_OUT = _Form(lambda c: (c[2], c[0] * c[1]), lambda a, c: a.T.reshape(c))
+_FLAT = _Form(lambda c: (int(np.prod(c)),), lambda a, c: a.reshape(c))
+_ROW = _Form(lambda c: (1, *c), lambda a, c: a[0])
+
+# THE mapping of the runtime families: canonical name (see `moejax.weights.canonical_shapes`, derived
+# from the model's declarations) -> (Hugging Face name, stored form). Per-layer names are under
+# `model.layers.{layer}.`; "{moe}" is the MoE block's prefix ("mlp", or "block_sparse_moe" in
+# Mixtral exports). Which tensors a model has (biases, q/k norms, shared expert) follows from the
+# declarations for its config; adding a weight is its declaration plus one line here.
+_GLOBAL = {
+    "embed": ("model.embed_tokens.weight", _SAME),
+    "unembed": ("lm_head.weight", _T),
+    "final_norm": ("model.norm.weight", _SAME),
+}
+_LAYER = {
+    "attn_norm": ("input_layernorm.weight", _SAME),
+    "mlp_norm": ("post_attention_layernorm.weight", _SAME),
+    "attn.wq": ("self_attn.q_proj.weight", _HEADS_IN),
+    "attn.wk": ("self_attn.k_proj.weight", _HEADS_IN),
+    "attn.wv": ("self_attn.v_proj.weight", _HEADS_IN),
+    "attn.wo": ("self_attn.o_proj.weight", _HEADS_OUT),
+    "attn.bq": ("self_attn.q_proj.bias", _FLAT),
+    "attn.bk": ("self_attn.k_proj.bias", _FLAT),
+    "attn.bv": ("self_attn.v_proj.bias", _FLAT),
+    "attn.bo": ("self_attn.o_proj.bias", _SAME),
+    "attn.q_norm": ("self_attn.q_norm.weight", _SAME),
+    "attn.k_norm": ("self_attn.k_norm.weight", _SAME),
+    "moe.router": ("{moe}.gate.weight", _T),
+    "moe.shared_wg": ("mlp.shared_expert.gate_proj.weight", _T),
+    "moe.shared_wu": ("mlp.shared_expert.up_proj.weight", _T),
+    "moe.shared_wd": ("mlp.shared_expert.down_proj.weight", _T),
+    "moe.shared_gate": ("mlp.shared_expert_gate.weight", _ROW),
+}
+# Routed experts, canonical [E, D, F] / [E, F, D]: per expert `{moe}.experts.{e}.<name>` ([F, D] / [D, F],
+# transposed), or fused `{moe}.experts.gate_up_proj` [E, 2F, D] (gate rows first) and `.down_proj` [E, D, F].
+_EXPERT_NAMES = {"mlp": {"moe.wg": "gate_proj", "moe.wu": "up_proj", "moe.wd": "down_proj"},
+                 "block_sparse_moe": {"moe.wg": "w1", "moe.wu": "w3", "moe.wd": "w2"}}
+
+
 class HFSource:
     """Serves canonical moejax tensors (see `moejax.weights.canonical_shapes`) from a HF checkpoint."""
 
     def __init__(self, path: str | Path, cfg: ModelConfig | None = None, allow_nonfinite: bool = False):
+        from moejax.weights import canonical_shapes
+
         self.path = Path(path)
         if not os.path.lexists(self.path / "config.json"):
             raise FileNotFoundError(f"{self.path} is not a Hugging Face checkpoint: no config.json")
         self.cfg = cfg or _load_config(self.path / "config.json")
         self.allow_nonfinite = allow_nonfinite
-        self._last_tensor = ""  # the stored tensor `read` served last, named if its block is not finite
         self.files = _tensor_files(self.path)
         self.shapes = {name: info[1] for name, info in self.files.items()}
+        self.canonical = canonical_shapes(self.cfg)
         self.moe_prefix = self._moe_prefix()
         self.fused = f"model.layers.0.{self.moe_prefix}.experts.gate_up_proj" in self.shapes
         self._check()
 
-    # ---- validation --------------------------------------------------------------------------
+    # ---- names and validation ----------------------------------------------------------------
+
+    def hf_name(self, name: str, layer: int | None) -> str:
+        """The checkpoint tensor holding canonical tensor `name` (not the routed experts)."""
+        if layer is None:
+            return _GLOBAL[name][0]
+        return f"model.layers.{layer}." + _LAYER[name][0].format(moe=self.moe_prefix)
 
     def expected(self) -> dict[str, tuple[int, ...]]:
-        """Hugging Face tensor name -> shape this config requires."""
-        c = self.cfg
-        D, N, K, H, E, F = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.num_experts,
-                            c.moe_intermediate_size)
-        out = {"model.embed_tokens.weight": (c.vocab_size, D), "model.norm.weight": (D,)}
-        if not c.tie_word_embeddings:
-            out["lm_head.weight"] = (c.vocab_size, D)
-        for layer in range(c.num_layers):
-            p, m = f"model.layers.{layer}", f"model.layers.{layer}.{self.moe_prefix}"
-            out |= {f"{p}.input_layernorm.weight": (D,), f"{p}.post_attention_layernorm.weight": (D,),
-                    f"{p}.self_attn.q_proj.weight": (N * H, D), f"{p}.self_attn.k_proj.weight": (K * H, D),
-                    f"{p}.self_attn.v_proj.weight": (K * H, D), f"{p}.self_attn.o_proj.weight": (D, N * H),
-                    f"{m}.gate.weight": (E, D)}
-            if c.qkv_bias:
-                out |= {f"{p}.self_attn.q_proj.bias": (N * H,), f"{p}.self_attn.k_proj.bias": (K * H,),
-                        f"{p}.self_attn.v_proj.bias": (K * H,)}
-            if c.o_bias:
-                out[f"{p}.self_attn.o_proj.bias"] = (D,)
-            if c.qk_norm:
-                out |= {f"{p}.self_attn.q_norm.weight": (H,), f"{p}.self_attn.k_norm.weight": (H,)}
+        """Hugging Face tensor name -> shape this config requires (derived from the declarations)."""
+        out = {}
+        for name, (shape, per_layer) in self.canonical.items():
+            if name in ("moe.wg", "moe.wu", "moe.wd"):
+                continue
+            form = (_LAYER if per_layer else _GLOBAL)[name][1]
+            for layer in range(self.cfg.num_layers) if per_layer else [None]:
+                out[self.hf_name(name, layer)] = tuple(form.hf_shape(shape))
+        E, D, F = self.canonical["moe.wg"][0]
+        for layer in range(self.cfg.num_layers):
+            m = f"model.layers.{layer}.{self.moe_prefix}.experts"
             if self.fused:
-                out |= {f"{m}.experts.gate_up_proj": (E, 2 * F, D), f"{m}.experts.down_proj": (E, D, F)}
+                out |= {f"{m}.gate_up_proj": (E, 2 * F, D), f"{m}.down_proj": (E, D, F)}
             else:
                 for e in range(E):
-                    gate, up, down = self._expert_names(layer, e)
-                    out |= {gate: (F, D), up: (F, D), down: (D, F)}
-            if c.shared_expert_intermediate_size:
-                Fs, s = c.shared_expert_intermediate_size, f"{p}.mlp.shared_expert"
-                out |= {f"{s}.gate_proj.weight": (Fs, D), f"{s}.up_proj.weight": (Fs, D),
-                        f"{s}.down_proj.weight": (D, Fs)}
-            if c.shared_expert_gate:
-                out[f"{p}.mlp.shared_expert_gate.weight"] = (1, D)
+                    out |= {self._expert_name(name, layer, e): shape for name, shape in
+                            (("moe.wg", (F, D)), ("moe.wu", (F, D)), ("moe.wd", (D, F)))}
         return out
 
     def _check(self) -> None:
@@ -85,10 +129,8 @@ class HFSource:
         unexpected = sorted(set(found) - set(expected))
         wrong = [f"{n}: expected shape {expected[n]}, found {found[n]}" for n in sorted(set(expected) & set(found))
                  if tuple(found[n]) != expected[n]]
-        bad_dtype = [f"{n}: dtype {self.files[n][2]} is not a floating type" for n in sorted(found)
-                     if self.files[n][2] not in _DTYPES]
         problems = ([f"missing tensor {n} (expected shape {expected[n]})" for n in missing[:20]]
-                    + [f"unexpected tensor {n} with shape {found[n]}" for n in unexpected[:20]] + wrong + bad_dtype)
+                    + [f"unexpected tensor {n} with shape {found[n]}" for n in unexpected[:20]] + wrong)
         if problems:
             more = max(0, len(missing) - 20) + max(0, len(unexpected) - 20)
             raise CheckpointError(f"checkpoint {self.path} does not match its config ({self.cfg.family}): "
@@ -99,51 +141,22 @@ class HFSource:
             return "block_sparse_moe"
         return "mlp"
 
-    def _expert_names(self, layer: int, e: int) -> tuple[str, str, str]:
-        m = f"model.layers.{layer}.{self.moe_prefix}.experts.{e}"
-        if self.moe_prefix == "block_sparse_moe":
-            return f"{m}.w1.weight", f"{m}.w3.weight", f"{m}.w2.weight"
-        return f"{m}.gate_proj.weight", f"{m}.up_proj.weight", f"{m}.down_proj.weight"
+    def _expert_name(self, name: str, layer: int, e: int) -> str:
+        return f"model.layers.{layer}.{self.moe_prefix}.experts.{e}.{_EXPERT_NAMES[self.moe_prefix][name]}.weight"
 
     # ---- reading -------------------------------------------------------------------------------
 
     def tensor(self, name: str) -> np.ndarray:
         """A memory-mapped view of one stored tensor (bytes are read only when sliced)."""
-        self._last_tensor = name
         return open_tensor(name, self.files[name])
 
     def read(self, name: str, layer: int | None, index: tuple[slice, ...]) -> np.ndarray:
-        c = self.cfg
-        p = f"model.layers.{layer}"
         if name in ("moe.wg", "moe.wu", "moe.wd"):
             return self._experts(name, layer, index)
-        N, K, H = c.num_heads, c.num_kv_heads, c.head_dim
-        attn = f"{p}.self_attn"
-        getters = {
-            "embed": lambda: self.tensor("model.embed_tokens.weight"),
-            "unembed": lambda: self.tensor("lm_head.weight").T,
-            "final_norm": lambda: self.tensor("model.norm.weight"),
-            "attn_norm": lambda: self.tensor(f"{p}.input_layernorm.weight"),
-            "mlp_norm": lambda: self.tensor(f"{p}.post_attention_layernorm.weight"),
-            "attn.wq": lambda: self.tensor(f"{attn}.q_proj.weight").reshape(N, H, -1).transpose(2, 0, 1),
-            "attn.wk": lambda: self.tensor(f"{attn}.k_proj.weight").reshape(K, H, -1).transpose(2, 0, 1),
-            "attn.wv": lambda: self.tensor(f"{attn}.v_proj.weight").reshape(K, H, -1).transpose(2, 0, 1),
-            "attn.wo": lambda: self.tensor(f"{attn}.o_proj.weight").T.reshape(N, H, -1),
-            "attn.bq": lambda: self.tensor(f"{attn}.q_proj.bias").reshape(N, H),
-            "attn.bk": lambda: self.tensor(f"{attn}.k_proj.bias").reshape(K, H),
-            "attn.bv": lambda: self.tensor(f"{attn}.v_proj.bias").reshape(K, H),
-            "attn.bo": lambda: self.tensor(f"{attn}.o_proj.bias"),
-            "attn.q_norm": lambda: self.tensor(f"{attn}.q_norm.weight"),
-            "attn.k_norm": lambda: self.tensor(f"{attn}.k_norm.weight"),
-            "moe.router": lambda: self.tensor(f"{p}.{self.moe_prefix}.gate.weight").T,
-            "moe.shared_wg": lambda: self.tensor(f"{p}.mlp.shared_expert.gate_proj.weight").T,
-            "moe.shared_wu": lambda: self.tensor(f"{p}.mlp.shared_expert.up_proj.weight").T,
-            "moe.shared_wd": lambda: self.tensor(f"{p}.mlp.shared_expert.down_proj.weight").T,
-            "moe.shared_gate": lambda: self.tensor(f"{p}.mlp.shared_expert_gate.weight")[0],
-        }
-        block = np.asarray(getters[name]())[index]
-        return self._checked(block, f"{self._last_tensor} ({name}, layer {layer})" if layer is not None
-                             else f"{self._last_tensor} ({name})")
+        hf = self.hf_name(name, layer)
+        form = (_GLOBAL if layer is None else _LAYER)[name][1]
+        block = np.asarray(form.to_canonical(self.tensor(hf), self.canonical[name][0]))[index]
+        return self._checked(block, f"{hf} ({name})")
 
     def _experts(self, name: str, layer: int, index: tuple[slice, ...]) -> np.ndarray:
         """[E, D, F] (gate, up) or [E, F, D] (down) slice, reading only the experts in the slice."""
@@ -153,15 +166,15 @@ class HFSource:
         out = []
         for e in experts:
             if self.fused:
-                if name == "moe.wd":
-                    w = self.tensor(f"{m}.down_proj")[e].T
-                else:
-                    w = self.tensor(f"{m}.gate_up_proj")[e, (slice(0, F) if name == "moe.wg" else slice(F, 2 * F))].T
+                hf = f"{m}.down_proj" if name == "moe.wd" else f"{m}.gate_up_proj"
+                stored = self.tensor(hf)
+                w = stored[e].T if name == "moe.wd" else stored[e, (slice(0, F) if name == "moe.wg" else
+                                                                    slice(F, 2 * F))].T
+                what = f"{hf} (expert {e})"
             else:
-                gate, up, down = self._expert_names(layer, e)
-                w = self.tensor({"moe.wg": gate, "moe.wu": up, "moe.wd": down}[name]).T
-            out.append(self._checked(w[index[1:]], f"{self._last_tensor} (expert {e})" if self.fused
-                                     else self._last_tensor))
+                what = self._expert_name(name, layer, e)
+                w = self.tensor(what).T
+            out.append(self._checked(w[index[1:]], what))
         return np.stack(out)
 
     def _checked(self, block: np.ndarray, what: str) -> np.ndarray:
