@@ -264,7 +264,7 @@ def _start_engine(model, prompts, params, args):
     import moejax
     from moejax.kv_cache import pages_for
 
-    data = model.layout.data
+    data = model.batch_shards
     longest = max(map(len, prompts)) + args.max_new_tokens
     slots = -(-len(prompts) // data)
     config = moejax.ServeConfig(max_running=slots * data, page_size=args.page_size, chunk_size=args.chunk_size,

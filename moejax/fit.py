@@ -80,7 +80,7 @@ def kv_cache_bytes(model, num_pages: int, page_size: int) -> int:
     from moejax.steps import CACHE_AXES
 
     pools = jax.eval_shape(lambda: model.steps.new_cache(num_pages, page_size, model.dtype))
-    layout = sharding.named(model.mesh, CACHE_AXES)
+    layout = model.steps.named(CACHE_AXES)
     return sum(sharded_bytes(pool.shape, pool.dtype, layout) for pool in jax.tree.leaves(pools))
 
 

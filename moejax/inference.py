@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import sharding
 from moejax import steps as steps_lib
 from moejax.config import ModelConfig, ceil_div, round_up
 from moejax.fit import check_weights_fit
 from moejax.mesh import Layout, make_mesh
+from moejax.model.moe import Strategy
 from moejax.weights import RandomSource, WeightSource, abstract_model, place
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -39,22 +41,39 @@ class GenerateStats:
 
 
 class Model:
-    """A model placed on a mesh for one layout, with compiled forward and step functions."""
+    """A model placed on a mesh for one layout, with compiled forward and step functions.
+
+    Args:
+      cfg: the model. source: a weight source (`moejax.weights`). layout: e.g. "DP2TP2EP2".
+      dtype: serving dtype. moe_strategy: MoE dispatch strategy (`moejax.model.moe.STRATEGIES`).
+      devices: devices for the mesh (default: the first `layout.size` of `jax.devices()`).
+      ep_attention: the expert axis's mode: "data" (attention data-parallel over the expert group,
+        tokens exchanged all-to-all with the experts; the default) or "replicated" (`moejax.sharding`).
+      exchange: the "data" mode's token exchange (`moejax.model.moe.EXCHANGES`).
+    """
 
     def __init__(self, cfg: ModelConfig, source: WeightSource, layout: Layout | str = "DP1",
-                 dtype: str = "float32", moe_strategy: str = "auto", devices=None):
+                 dtype: str = "float32", moe_strategy: str = "auto", devices=None, ep_attention: str = "data",
+                 exchange: str = "auto"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.cfg = cfg
+        self.ep_attention = sharding.check_mode(ep_attention)
         self.layout = Layout.parse(layout).validate(cfg)
         self.mesh = make_mesh(self.layout, devices)
+        Strategy(moe_strategy, exchange).checked(self.mesh.devices.flat[0].platform)  # before any device work
         self.dtype = DTYPES[dtype]
-        with jax.set_mesh(self.mesh):
+        with jax.set_mesh(self.mesh), sharding.use(ep_attention):
             abstract = abstract_model(cfg, self.layout, self.dtype)
             check_weights_fit(abstract, self.mesh)  # before any placement: refuse with the numbers
             self.module = place(abstract, source, self.mesh)
-        self.steps = steps_lib.Steps(self.module, self.mesh, moe_strategy)
+        self.steps = steps_lib.Steps(self.module, self.mesh, moe_strategy, ep_attention, exchange)
         self.last_stats = GenerateStats()
+
+    @property
+    def batch_shards(self) -> int:
+        """Groups the requests are split into: `data`, times `expert` in the "data" expert mode."""
+        return self.steps.batch_shards
 
     @classmethod
     def random(cls, cfg: ModelConfig, seed: int = 0, **kwargs) -> Model:
@@ -72,7 +91,7 @@ class Model:
         if tokens_BT.ndim != 2:
             raise ValueError(f"token_ids must be 2-D [batch, tokens], got shape {tokens_BT.shape}")
         B, T = tokens_BT.shape
-        Bp = round_up(B, self.layout.data)
+        Bp = round_up(B, self.batch_shards)
         tokens = np.zeros((Bp, T), np.int32)
         tokens[:B] = tokens_BT
         pos = np.where(np.arange(Bp)[:, None] < B, np.arange(T, dtype=np.int32)[None], -1)
@@ -92,12 +111,12 @@ class Model:
         prompts = [list(map(int, p)) for p in prompts]
         self._check_generate(prompts, max_new_tokens)
         B = len(prompts)
-        Bp = round_up(B, self.layout.data)
+        Bp = round_up(B, self.batch_shards)
         lens = np.array([len(p) for p in prompts] + [0] * (Bp - B), np.int32)
         pages_per_seq = ceil_div(int(lens.max()) + max_new_tokens, page_size)
-        per_group = Bp // self.layout.data
+        per_group = Bp // self.batch_shards
         table = (np.arange(Bp)[:, None] % per_group) * pages_per_seq + np.arange(pages_per_seq)[None]
-        cache = self.steps.new_cache(per_group * pages_per_seq * self.layout.data, page_size, self.dtype)
+        cache = self.steps.new_cache(per_group * pages_per_seq * self.batch_shards, page_size, self.dtype)
         T = bucket(int(lens.max()))
         tokens = np.zeros((Bp, T), np.int32)
         for b, p in enumerate(prompts):
@@ -113,7 +132,7 @@ class Model:
             index = np.maximum(lens - 1, 0)
             for i in range(max_new_tokens):
                 _, next_B, cache = self.steps.step(self.params, cache, self._put(tokens), self._put(pos),
-                                                   table_d, self._put(index, steps_lib.TOKENS_B))
+                                                   table_d, self._put(index, steps_lib.TOKENS))
                 next_B = np.asarray(next_B)
                 stats.token_times_s.append(time.perf_counter() - start)
                 for b in np.flatnonzero(live):
@@ -155,8 +174,8 @@ class Model:
                 raise ValueError(f"prompt {i} has {len(p)} tokens + max_new_tokens {max_new_tokens} = "
                                  f"{len(p) + max_new_tokens}, over the context limit {limit}")
 
-    def _put(self, array: np.ndarray, spec=steps_lib.BATCH):
-        return steps_lib.put(self.mesh, array, spec)
+    def _put(self, array: np.ndarray, axes=steps_lib.BATCH):
+        return self.steps.put(array, axes)
 
 
 def load(path: str | Path, layout: Layout | str = "DP1", dtype: str = "float32", allow_nonfinite: bool = False,

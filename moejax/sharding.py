@@ -4,17 +4,34 @@ Model code names logical dims only (`batch`, `heads`, `experts`, ...). This modu
 `PartitionSpec`s for weights, activations and the KV cache, and, inside `jax.shard_map` bodies,
 into the mesh axes that collectives reduce over (`psum(x, "heads")` sums over whatever mesh axes
 split the heads). Changing where a dim lives is a one-line change here.
+
+The expert axis runs in one of two modes (`EP_ATTENTION_MODES`, the name the planner and the sweep
+share), each one rules table:
+
+- ``"data"`` (the default): outside the MoE blocks the expert axis is one more data-parallel axis:
+  requests (batch rows) and KV pages are split over data x expert, attention weights replicated
+  over `expert`; each MoE layer sends every (token, expert) pair to the shard holding its expert
+  and back (all-to-all, `moejax.model.moe`). The shared expert is split over `tensor` only.
+- ``"replicated"``: tokens are replicated over the expert axis; each shard computes its experts'
+  pairs and one all-reduce combines them. The shared expert is split over tensor x expert.
+
+The active table is set with `use(mode)` around tracing and placement (`moejax.steps` and
+`moejax.inference` do it); model code only asks `tokens_split_over_experts()`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Sequence
 
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-# logical dim -> mesh axes that split it (empty: replicated)
+EP_ATTENTION_MODES = ("data", "replicated")
+
+# logical dim -> mesh axes that split it (empty: replicated); the "replicated" expert mode
 RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data",),
     "seq": (),
@@ -33,16 +50,44 @@ RULES: dict[str, tuple[str, ...]] = {
     "pages_per_seq": (),
 }
 
+_RULES_BY_MODE = {
+    "replicated": RULES,
+    "data": {**RULES, "batch": ("data", "expert"), "cache_pages": ("data", "expert"), "shared_ffn": ("tensor",)},
+}
+_ACTIVE: contextvars.ContextVar[dict[str, tuple[str, ...]]] = contextvars.ContextVar("rules", default=RULES)
+
 Axes = Sequence[str | None]
+
+
+def check_mode(ep_attention: str) -> str:
+    if ep_attention not in EP_ATTENTION_MODES:
+        raise ValueError(f"ep_attention must be one of {EP_ATTENTION_MODES}, got {ep_attention!r}")
+    return ep_attention
+
+
+@contextlib.contextmanager
+def use(ep_attention: str):
+    """Make the rules table of expert mode `ep_attention` the active one inside the block."""
+    token = _ACTIVE.set(_RULES_BY_MODE[check_mode(ep_attention)])
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def tokens_split_over_experts() -> bool:
+    """True when the devices of an expert group hold different tokens (the "data" mode)."""
+    return bool(set(mesh_axes("batch")) & set(mesh_axes("experts")))
 
 
 def mesh_axes(*logical: str) -> tuple[str, ...]:
     """Mesh axes that split the given logical dims, in rule order, without repeats."""
+    rules = _ACTIVE.get()
     out: list[str] = []
     for name in logical:
-        if name not in RULES:
-            raise KeyError(f"unknown logical dim {name!r}; known: {sorted(RULES)}")
-        out += [a for a in RULES[name] if a not in out]
+        if name not in rules:
+            raise KeyError(f"unknown logical dim {name!r}; known: {sorted(rules)}")
+        out += [a for a in rules[name] if a not in out]
     return tuple(out)
 
 
@@ -74,9 +119,15 @@ def named(mesh: jax.sharding.Mesh, axes: Axes) -> NamedSharding:
 # ---- inside shard_map bodies -------------------------------------------------------------------
 
 
+def _split(*logical: str) -> tuple[str, ...]:
+    """Inside a shard_map body: the mesh axes of size > 1 that split `logical` (a size-1 axis moves nothing,
+    and a collective over it would still be an instruction in the program)."""
+    return tuple(a for a in mesh_axes(*logical) if jax.lax.axis_size(a) > 1)
+
+
 def psum(x, *logical: str):
     """Sum partial results over the mesh axes that split `logical` (no-op when none do)."""
-    axes = mesh_axes(*logical)
+    axes = _split(*logical)
     return jax.lax.psum(x, axes) if axes else x
 
 
@@ -101,3 +152,37 @@ def ppermute(x, logical: str, perm: list[tuple[int, int]]):
     if not axes:
         return x
     return jax.lax.ppermute(x, axes if len(axes) > 1 else axes[0], perm)
+
+
+def pmax(x, *logical: str):
+    """Maximum over the mesh axes that split `logical` (no-op when none do)."""
+    axes = _split(*logical)
+    return jax.lax.pmax(x, axes) if axes else x
+
+
+def all_to_all(x, logical: str):
+    """Exchange chunks along the mesh axes splitting `logical`: x[j] goes to shard j; result[i] came from shard i.
+
+    x: [shards, ...] with one chunk per shard of those axes.
+    """
+    axes = mesh_axes(logical)
+    if not axes:
+        return x
+    return jax.lax.all_to_all(x, axes if len(axes) > 1 else axes[0], 0, 0, tiled=False)
+
+
+def all_gather(x, logical: str):
+    """Stack x from every shard along the mesh axes splitting `logical`: [shards, *x.shape]."""
+    axes = mesh_axes(logical)
+    if not axes:
+        return x[None]
+    return jax.lax.all_gather(x, axes if len(axes) > 1 else axes[0])
+
+
+def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, logical: str):
+    """`jax.lax.ragged_all_to_all` over the mesh axes splitting `logical`."""
+    axes = mesh_axes(logical)
+    if not axes:
+        raise ValueError(f"ragged_all_to_all over {logical!r}, which no mesh axis splits")
+    return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                     axis_name=axes if len(axes) > 1 else axes[0])

@@ -15,13 +15,12 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from moejax import sharding
+from moejax.model import moe
 from moejax.model.transformer import Transformer
 
 CACHE_AXES = ("layers", "cache_pages", "page_slot", "kv_heads", "head_dim")
-BATCH = sharding.spec(("batch", None))
-LOGITS_BV = sharding.spec(("batch", "vocab"))
-LOGITS_BTV = sharding.spec(("batch", None, "vocab"))
-TOKENS_B = sharding.spec(("batch",))
+BATCH = ("batch", None)  # logical axes of [B, T] inputs; specs depend on the expert mode (Steps.spec)
+TOKENS = ("batch",)
 
 
 class Steps:
@@ -31,22 +30,40 @@ class Steps:
       model: a placed `Transformer`.
       mesh: the mesh its weights live on.
       moe_strategy: MoE dispatch strategy name (see `moejax.model.moe`).
+      ep_attention: the expert axis's mode, "data" or "replicated" (see `moejax.sharding`).
+      exchange: the "data" mode's token exchange (see `moejax.model.moe.EXCHANGES`).
     """
 
-    def __init__(self, model: Transformer, mesh: jax.sharding.Mesh, moe_strategy: str = "auto"):
+    def __init__(self, model: Transformer, mesh: jax.sharding.Mesh, moe_strategy: str = "auto",
+                 ep_attention: str = "data", exchange: str = "auto"):
         self.mesh = mesh
+        self.moe_strategy = moe.Strategy(moe_strategy, exchange).checked(mesh.devices.flat[0].platform)
+        self.ep_attention = sharding.check_mode(ep_attention)
         self.graphdef, state = nnx.split(model)
         self.params = nnx.to_pure_dict(state)
         self._abstract = state
-        self.param_specs = nnx.to_pure_dict(jax.tree.map(
-            lambda v: v.replace(sharding.spec(v.get_metadata()["out_sharding"])), state,
-            is_leaf=lambda x: isinstance(x, nnx.Variable)))
-        self.moe_strategy = moe_strategy
+        with sharding.use(ep_attention):
+            self.param_specs = nnx.to_pure_dict(jax.tree.map(
+                lambda v: v.replace(sharding.spec(v.get_metadata()["out_sharding"])), state,
+                is_leaf=lambda x: isinstance(x, nnx.Variable)))
+            # One (k, v) pair of pools, each [L_pad, pages, page_size, K, H] (layers over `stage`).
+            self.cache_specs = (sharding.spec(CACHE_AXES),) * 2
+            self.batch_shards = sharding.axis_size(mesh, "batch")  # request groups: data (x expert in "data")
         self.geometry, self.cfg = self._model_meta()
-        # One (k, v) pair of pools, each [L_pad, pages, page_size, K, H] (layers over `stage`).
-        self.cache_specs = (sharding.spec(CACHE_AXES),) * 2
         self.forward = jax.jit(self._forward)
         self.step = jax.jit(self._step, donate_argnums=(1,))
+
+    def spec(self, axes) -> P:
+        """PartitionSpec of an array with these logical axes under this model's expert mode."""
+        with sharding.use(self.ep_attention):
+            return sharding.spec(axes)
+
+    def named(self, axes) -> jax.NamedSharding:
+        return jax.NamedSharding(self.mesh, self.spec(axes))
+
+    def put(self, array, axes=BATCH):
+        """Host array -> global array laid out with logical `axes` (each device gets only its slice)."""
+        return jax.device_put(array, self.named(axes))
 
     def _model(self, params_local) -> Transformer:
         state = jax.tree.map(lambda x: x, self._abstract)
@@ -54,17 +71,26 @@ class Steps:
         return nnx.merge(self.graphdef, state)
 
     def _forward(self, params, tokens_BT, pos_BT):
+        with sharding.use(self.ep_attention):
+            return self._forward_traced(params, tokens_BT, pos_BT)
+
+    def _forward_traced(self, params, tokens_BT, pos_BT):
         def body(params_, tokens_, pos_):
             logits_, _ = self._model(params_).run(tokens_, pos_, None, None, moe_strategy=self.moe_strategy)
             return logits_
 
-        fn = jax.shard_map(body, mesh=self.mesh, in_specs=(self.param_specs, BATCH, BATCH), out_specs=LOGITS_BTV,
-                           check_vma=False)
-        logits_BTV = jax.sharding.reshard(fn(params, tokens_BT, pos_BT), jax.NamedSharding(self.mesh, BATCH))
+        batch = sharding.spec(BATCH)
+        fn = jax.shard_map(body, mesh=self.mesh, in_specs=(self.param_specs, batch, batch),
+                           out_specs=sharding.spec(("batch", None, "vocab")), check_vma=False)
+        logits_BTV = jax.sharding.reshard(fn(params, tokens_BT, pos_BT), jax.NamedSharding(self.mesh, batch))
         return logits_BTV[..., : self.cfg.vocab_size]  # padded vocabulary columns are never returned
 
     def _step(self, params, cache, tokens_BT, pos_BT, page_table_BP, logits_index_B):
         """One prefill chunk or decode step: writes KV, returns (last logits [B, V], greedy ids [B], cache)."""
+        with sharding.use(self.ep_attention):
+            return self._step_traced(params, cache, tokens_BT, pos_BT, page_table_BP, logits_index_B)
+
+    def _step_traced(self, params, cache, tokens_BT, pos_BT, page_table_BP, logits_index_B):
 
         def body(params_, cache_, tokens_, pos_, table_, index_):
             logits_, cache_ = self._model(params_).run(tokens_, pos_, cache_, table_, logits_index_B=index_,
@@ -72,10 +98,11 @@ class Steps:
             return logits_, cache_
 
         fn = jax.shard_map(body, mesh=self.mesh,
-                           in_specs=(self.param_specs, self.cache_specs, BATCH, BATCH, BATCH, TOKENS_B),
-                           out_specs=(LOGITS_BV, self.cache_specs), check_vma=False)
+                           in_specs=(self.param_specs, self.cache_specs, *[sharding.spec(BATCH)] * 3,
+                                     sharding.spec(TOKENS)),
+                           out_specs=(sharding.spec(("batch", "vocab")), self.cache_specs), check_vma=False)
         logits_BV, cache = fn(params, cache, tokens_BT, pos_BT, page_table_BP, logits_index_B)
-        logits_BV = jax.sharding.reshard(logits_BV, jax.NamedSharding(self.mesh, TOKENS_B))
+        logits_BV = jax.sharding.reshard(logits_BV, jax.NamedSharding(self.mesh, sharding.spec(TOKENS)))
         logits_BV = logits_BV[:, : self.cfg.vocab_size]  # padded vocabulary columns are never sampled or returned
         return logits_BV, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), cache
 
@@ -92,14 +119,10 @@ class Steps:
         layer's pages in place inside the loop (the pools are loop state and donated to the step)."""
         dtype = dtype or self.params["embed"].dtype
         make = jax.jit(partial(jnp.zeros, self.cache_shape(num_pages, page_size), dtype),
-                       out_shardings=jax.NamedSharding(self.mesh, sharding.spec(CACHE_AXES)))
+                       out_shardings=self.named(CACHE_AXES))
         return make(), make()
 
     def _model_meta(self):
         model = nnx.merge(self.graphdef, self._abstract)
         return model.geometry, model.cfg
 
-
-def put(mesh, array, spec: P):
-    """Host array -> global array with `spec` on `mesh` (each device gets only its slice)."""
-    return jax.device_put(array, jax.NamedSharding(mesh, spec))

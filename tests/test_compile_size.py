@@ -29,7 +29,7 @@ def _step_instructions(num_experts, num_layers, layout):
 def steps_put(model, array, tokens=False):
     from moejax import steps as steps_lib
 
-    return steps_lib.put(model.mesh, array, steps_lib.TOKENS_B if tokens else steps_lib.BATCH)
+    return model.steps.put(array, steps_lib.TOKENS if tokens else steps_lib.BATCH)
 
 
 @pytest.mark.parametrize("layout", ["DP1", "EP2PP2"])

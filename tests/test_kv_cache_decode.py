@@ -13,7 +13,7 @@ def _run_chunks(model, ids, chunks, page_size=PAGE):
     B, T = ids.shape
     pages = -(-T // page_size)
     cache = model.steps.new_cache(B * pages, page_size)
-    table = np.arange(B * pages, dtype=np.int32).reshape(B, pages) % (B * pages // model.layout.data)
+    table = np.arange(B * pages, dtype=np.int32).reshape(B, pages) % (B * pages // model.batch_shards)
     out, start = [], 0
     for size in chunks:
         tokens = ids[:, start: start + size].astype(np.int32)
@@ -23,7 +23,7 @@ def _run_chunks(model, ids, chunks, page_size=PAGE):
         for j in range(size):
             index = np.full(B, j, np.int32)
             logits, _, cache = model.steps.step(model.params, cache, model._put(tokens), model._put(pos),
-                                                model._put(table), model._put(index, steps_lib.TOKENS_B))
+                                                model._put(table), model._put(index, steps_lib.TOKENS))
             out.append(np.asarray(logits))
         start += size
     assert start == T
@@ -36,7 +36,7 @@ def test_prefill_then_decode_equals_full_forward(layout, hf_checkpoints):
 
     path, _ = hf_checkpoints["qwen3_moe"]
     model = moejax.load(path, layout=layout)
-    ids = np.random.default_rng(11).integers(0, 128, (2, 14))
+    ids = np.random.default_rng(11).integers(0, 128, (4, 14))  # a row per data group (4 in DP2TP2EP2)
     full = model.forward(ids)
     stepped = _run_chunks(model, ids, [6] + [1] * 8)  # prefill 6 tokens, then 8 decode steps
     np.testing.assert_allclose(stepped, full, atol=1e-5, rtol=0)

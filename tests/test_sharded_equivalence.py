@@ -26,18 +26,20 @@ def test_layout_matches_one_device(family, layout, hf_checkpoints, models_1dev, 
     assert model.generate(prompts, max_new_tokens=32) == base.generate(prompts, max_new_tokens=32)
 
 
-def test_weights_are_sharded_as_the_rules_say(hf_checkpoints):
+@pytest.mark.parametrize(("mode", "shared"), [("replicated", 10), ("data", 20)])
+def test_weights_are_sharded_as_the_rules_say(hf_checkpoints, mode, shared):
     """TP2EP2PP2 on a 3-layer, 8-expert, 8-head / 2-kv-head model: per-device shard shapes."""
     path, _ = hf_checkpoints["qwen2_moe"]
-    model = moejax.load(path, layout="TP2EP2PP2")
+    model = moejax.load(path, layout="TP2EP2PP2", ep_attention=mode)
     p = model.params
     # 3 layers padded to 2 stages x 2 layers, stacked [4, ...] and split over stage; experts stacked
-    # [4, 8, ...] split over stage and expert; the shared expert's width (40) over tensor x expert.
+    # [4, 8, ...] split over stage and expert; the shared expert's width (40) over tensor x expert in
+    # "replicated" mode (the expert group holds the same tokens) and over tensor in "data" mode.
     expected = {
         ("layers", "moe", "wg"): (2, 4, 48, 16),  # layers / stage, experts / expert, F / tensor
         ("layers", "moe", "wd"): (2, 4, 16, 48),
         ("layers", "moe", "router"): (2, 48, 8),  # every device scores every expert
-        ("layers", "moe", "shared_wg"): (2, 48, 10),  # computed once: 40 / (tensor x expert)
+        ("layers", "moe", "shared_wg"): (2, 48, shared),
         ("layers", "attn", "wq"): (2, 48, 4, 16),  # heads / tensor
         ("layers", "attn", "wk"): (2, 48, 1, 16),  # kv heads / tensor
         ("embed",): (64, 48),  # vocab / tensor

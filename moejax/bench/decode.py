@@ -201,7 +201,7 @@ def time_decode_call(engine, inputs, repeats: int = 3) -> tuple[float, float]:
     mesh = engine.model.mesh
     args, kwargs = inputs
     with jax.set_mesh(mesh):
-        args = [steps_lib.put(mesh, a, steps_lib.BATCH if a.ndim == 2 else steps_lib.TOKENS_B)
+        args = [engine.model.steps.put(a, steps_lib.BATCH if a.ndim == 2 else steps_lib.TOKENS)
                 if isinstance(a, np.ndarray) else a for a in args]
         jax.block_until_ready(args)
         call = lambda: engine._fn(engine.model.params, engine.cache, *args, **kwargs)  # noqa: E731

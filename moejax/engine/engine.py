@@ -6,8 +6,10 @@ of the same compiled step function (model step + on-device sampler, KV pools don
 back only the sampled ids. Shapes are static: the prefill shape is fixed by the config, the decode
 batch per data group is rounded up to one of `decode_buckets`; `warmup()` compiles them all.
 
-Batch rows are split evenly over the `data` groups (row b belongs to group b // (B / data)), and
-each row's page table holds that group's local page ids (see `moejax.kv_cache`).
+Batch rows are split evenly over the data groups (row b belongs to group b // (B / groups)), and
+each row's page table holds that group's local page ids (see `moejax.kv_cache`). A data group is
+one batch shard of the model (`Model.batch_shards`): a `data` replica, or in the "data" expert mode
+one (data, expert) pair, since attention is data-parallel over the expert axis too.
 
 Host work per call is kept small (it is paid every decode step, see `moejax.bench.decode`): a
 call's whole batch is ONE int32 array [B, W] (layout `_packed_layout`: tokens, page table,
@@ -174,7 +176,7 @@ def _sampled_step(steps: steps_lib.Steps):
     row's logits are not all finite; the flag rides in the ids, so the host fetches one array.
     """
     if steps not in _STEP_FNS:
-        batch = jax.NamedSharding(steps.mesh, steps_lib.BATCH)
+        batch = steps.named(steps_lib.BATCH)
 
         def fn(params, cache, packed_BW, num_tokens):
             T = num_tokens
@@ -214,7 +216,7 @@ class Engine:
         if not isinstance(config, ServeConfig):
             raise ValueError(f"config must be a ServeConfig, got {type(config).__name__}")
         self.model, self.config, self.on_finish = model, config, on_finish
-        self.data = model.layout.data
+        self.data = model.steps.batch_shards  # request groups: data, x expert in the 'data' expert mode
         self.max_len = config.max_model_len or model.cfg.max_position_embeddings
         self._check_config(config)
         self.slots = config.max_running // self.data
@@ -240,9 +242,12 @@ class Engine:
         self.stats = EngineStats()
 
     def _check_config(self, c: ServeConfig) -> None:
+        layout = self.model.layout
+        groups = (f"data {layout.data} x expert {layout.expert}, expert mode 'data'" if self.data != layout.data
+                  else f"data {layout.data}")
         if c.max_running % self.data:
-            raise ValueError(f"ServeConfig.max_running ({c.max_running}) must be a multiple of the data size "
-                             f"({self.data}) of layout {self.model.layout}")
+            raise ValueError(f"ServeConfig.max_running ({c.max_running}) must be a multiple of the data groups "
+                             f"({self.data} = {groups}) of layout {layout}")
         if self.max_len > self.model.cfg.max_position_embeddings:
             raise ValueError(f"max_model_len ({self.max_len}) exceeds the model's max_position_embeddings "
                              f"({self.model.cfg.max_position_embeddings}); use at most that")
@@ -250,7 +255,7 @@ class Engine:
             raise ValueError(f"decode_buckets {c.decode_buckets} must reach the slots per data group "
                              f"({c.max_running // self.data} = max_running / data); add a bucket of at least that")
         if c.num_pages * self.data > _INT32_MAX:
-            raise ValueError(f"ServeConfig.num_pages ({c.num_pages}) times data ({self.data}) exceeds 2**31 - 1 "
+            raise ValueError(f"ServeConfig.num_pages ({c.num_pages}) times data groups ({self.data}) exceeds 2**31 - 1 "
                              f"pages; lower num_pages")
 
     # ---- requests -------------------------------------------------------------------------------

@@ -1,10 +1,19 @@
 """Mixture-of-Experts FFN: router, dropless expert dispatch strategies, combine, shared expert.
 
-Expert parallelism here is "replicated tokens, sharded experts": every device of an `expert`
-group sees the same tokens, computes only the (token, expert) pairs routed to its local experts,
-and one all-reduce over the axes splitting `experts` and `ffn` combines the partial outputs (the
-same all-reduce finishes the tensor-parallel FFN and the shared expert, whose width is split over
-tensor x expert so it is computed once). No token is ever dropped.
+Expert parallelism runs in one of two modes (`moejax.sharding`, one rules table each):
+
+- "data": the devices of an expert group hold different tokens. Each device's (token, expert)
+  pairs are sent to the shard holding the expert (`exchange`: an all-to-all of fixed capacity),
+  computed there with its local experts, sent back by a second all-to-all, and weighted and summed
+  at the token's home; an all-reduce over `tensor` finishes the tensor-parallel FFN. The capacity is
+  exact by construction: the largest number of pairs any device sends to any shard (a max over the
+  expert group) picks the smallest of a few power-of-two capacities that holds it (`lax.switch`),
+  so no pair is ever dropped and the buffers are at most ~2x what is sent.
+- "replicated": every device of an expert group sees the same tokens, computes only the pairs
+  routed to its local experts, and one all-reduce over the axes splitting `experts` and `ffn`
+  combines the partial outputs (and finishes the shared expert, split over tensor x expert).
+
+No token is ever dropped in either mode.
 
 Routed experts are stacked: each weight is [L, E, D, F] (layers over `stage`, experts over
 `expert`, F over `tensor`), so the compiled program does not grow with the number of experts or
@@ -26,6 +35,7 @@ layers. Strategies for the local expert computation (`dispatch`), all exact, sid
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +46,29 @@ from moejax.config import ModelConfig
 from moejax.model.layers import at_layer, declare
 
 STRATEGIES = ("auto", "loop", "gather", "blocks", "ragged")
+EXCHANGES = ("auto", "all_to_all", "ragged_all_to_all")
+
+
+class Strategy(NamedTuple):
+    """How an MoE layer runs: the local `dispatch` strategy and, in the "data" mode, the `exchange`."""
+
+    dispatch: str = "auto"
+    exchange: str = "auto"
+
+    @classmethod
+    def of(cls, value: Strategy | str) -> Strategy:
+        return value if isinstance(value, Strategy) else cls(dispatch=value)
+
+    def checked(self, backend: str) -> Strategy:
+        """Raise ValueError (on the host, before any compilation) for unknown or unsupported names."""
+        if self.dispatch not in STRATEGIES:
+            raise ValueError(f"unknown MoE dispatch strategy {self.dispatch!r}; choose from {STRATEGIES}")
+        if self.exchange not in EXCHANGES:
+            raise ValueError(f"unknown MoE token exchange {self.exchange!r}; choose from {EXCHANGES}")
+        if self.exchange == "ragged_all_to_all" and backend == "cpu":
+            raise ValueError("exchange 'ragged_all_to_all' needs a backend with the ragged-all-to-all collective; "
+                             "XLA:CPU has none: use exchange 'all_to_all' (exact, fixed capacity) on CPU")
+        return self
 
 
 class MoE(nnx.Module):
@@ -61,7 +94,7 @@ class MoE(nnx.Module):
         if cfg.shared_expert_gate:
             self.shared_gate = declare((L, D), ("layers", "embed"), dtype)
 
-    def __call__(self, layer, x_BTD, strategy: str = "auto", valid_BT=None):
+    def __call__(self, layer, x_BTD, strategy: Strategy | str = "auto", valid_BT=None):
         """MoE output of local layer `layer`, reduced over the expert and tensor axes.
 
         valid_BT: if given, tokens where it is False (batch padding) are routed to no expert, so
@@ -69,18 +102,24 @@ class MoE(nnx.Module):
         """
         B, T, D = x_BTD.shape
         x_MD = x_BTD.reshape(B * T, D)
+        strategy = Strategy.of(strategy)
         with jax.named_scope("moe/route"):
             weights_MX, experts_MX = route(x_MD, at_layer(self.router, layer), self.cfg.num_experts_per_tok,
                                            self.cfg.norm_topk_prob)
             if valid_BT is not None:
                 experts_MX = jnp.where(valid_BT.reshape(B * T, 1), experts_MX, -1)  # -1: no shard's expert
+        exchanged = sharding.tokens_split_over_experts()
         with jax.named_scope("moe/experts"):
             w = (self.wg[...], self.wu[...], self.wd[...])
-            y_MD = dispatch(x_MD, weights_MX.astype(x_MD.dtype), experts_MX, w, strategy, layer=layer)
+            weights_MX = weights_MX.astype(x_MD.dtype)
+            if exchanged:
+                y_MD = exchange(x_MD, weights_MX, experts_MX, w, layer, strategy, self.cfg.num_experts)
+            else:
+                y_MD = dispatch(x_MD, weights_MX, experts_MX, w, strategy.dispatch, layer=layer)
         if self.cfg.shared_expert_intermediate_size:
             with jax.named_scope("moe/shared"):
-                # This device's slice of the shared FFN width (split over tensor x expert): a partial
-                # sum that the combine all-reduce completes, so the shared expert is computed once.
+                # This device's slice of the shared FFN width (split over tensor, and over expert in
+                # "replicated" mode): a partial sum the combine all-reduce completes; computed once.
                 shared_MD = _swiglu(x_MD, at_layer(self.shared_wg, layer), at_layer(self.shared_wu, layer),
                                     at_layer(self.shared_wd, layer))
                 if self.cfg.shared_expert_gate:
@@ -88,7 +127,7 @@ class MoE(nnx.Module):
                     shared_MD = shared_MD * gate_M[:, None]
                 y_MD = y_MD + shared_MD
         with jax.named_scope("moe/combine"):
-            y_MD = sharding.psum(y_MD, "experts", "ffn")
+            y_MD = sharding.psum(y_MD, "ffn") if exchanged else sharding.psum(y_MD, "experts", "ffn")
         return y_MD.reshape(B, T, D)
 
 
@@ -137,9 +176,100 @@ def dispatch(x_MD, weights_MX, experts_MX, w, strategy: str = "auto", layer=None
     num_local = w[0].shape[1]
     local_MX = experts_MX - sharding.axis_index("experts") * num_local
     local_MX = jnp.where((local_MX >= 0) & (local_MX < num_local), local_MX, num_local)  # El: not here
-    fn = {"loop": _dispatch_loop, "gather": _dispatch_gather, "blocks": _dispatch_blocks,
-          "ragged": _dispatch_ragged}[choose_strategy(strategy, x_MD.shape[0], jax.default_backend())]
+    fn = _STRATEGY_FNS[choose_strategy(strategy, x_MD.shape[0], jax.default_backend())]
     return fn(x_MD, weights_MX, local_MX, w, layer)
+
+
+def choose_exchange(exchange: str, backend: str | None = None) -> str:
+    """The token exchange of the "data" mode to run: the one place "auto" is decided.
+
+    "all_to_all" (fixed capacity, exact, runs everywhere) until a GPU measurement shows the ragged
+    collective faster; XLA:CPU has no ragged-all-to-all at all.
+    """
+    del backend
+    return "all_to_all" if exchange == "auto" else exchange
+
+
+def exchange(x_MD, weights_MX, experts_MX, w, layer, strategy: Strategy, num_experts: int):
+    """The "data" expert mode: send each pair to its expert's shard, compute there, send back, combine.
+
+    Args:
+      x_MD: this device's tokens. weights_MX / experts_MX: their routing (global ids; -1: none).
+      w: (wg, wu, wd) local stacked experts [L, El, ...]. layer: local layer index.
+      strategy: the dispatch strategy run on the received pairs, and the exchange. num_experts: E.
+    Returns:
+      y_MD, this device's tokens' routed-expert output (partial over `tensor` only).
+    """
+    M, X = experts_MX.shape
+    El = w[0].shape[1]
+    EP = num_experts // El
+    expert_N = experts_MX.reshape(-1)
+    dest_N = jnp.where(expert_N >= 0, expert_N // El, EP)  # EP: no shard (batch padding)
+    order_N = jnp.argsort(dest_N, stable=True)
+    count_S = jnp.bincount(dest_N, length=EP + 1)[:EP]
+    dest_N = dest_N[order_N]
+    rank_N = jnp.arange(M * X) - (jnp.cumsum(count_S) - count_S)[jnp.minimum(dest_N, EP - 1)]
+    pairs = (dest_N, rank_N, order_N // X, jnp.where(expert_N >= 0, expert_N % El, El)[order_N],
+             weights_MX.reshape(-1)[order_N])
+    run = partial(_compute_received, strategy.dispatch, El, w, layer)
+    if choose_exchange(strategy.exchange, jax.default_backend()) == "ragged_all_to_all":
+        return _exchange_ragged(EP, El, run, x_MD, count_S, min(X, El), *pairs)
+    need = sharding.pmax(jnp.max(count_S), "experts")  # the same on every device of the exchange
+    caps = row_caps(M * min(X, El), max_caps=4)  # a token sends at most min(X, El) pairs to one shard
+    branches = [partial(_exchange_at, cap, EP, El, run, x_MD) for cap in caps]
+    return jax.lax.switch(jnp.searchsorted(jnp.array(caps), need), branches, *pairs)
+
+
+def _compute_received(strategy, El, w, layer, recv_RD, recv_R):
+    """Received pairs (one local expert id each, El: empty slot) through the local dispatch strategy."""
+    fn = _STRATEGY_FNS[choose_strategy(strategy, recv_RD.shape[0], jax.default_backend())]
+    return fn(recv_RD, jnp.ones((recv_R.shape[0], 1), recv_RD.dtype), recv_R[:, None], w, layer)
+
+
+def _combine_home(x_MD, pair_ND, token_N, gate_N):
+    with jax.named_scope("moe/combine"):
+        return jnp.zeros_like(x_MD).at[token_N].add(pair_ND * gate_N[:, None])
+
+
+def _exchange_at(cap, EP, El, run, x_MD, dest_N, rank_N, token_N, local_N, gate_N):
+    """One all-to-all each way with `cap` rows per (sender, receiver): pair i goes to slot dest * cap + rank."""
+    D = x_MD.shape[1]
+    slot_N = jnp.where(dest_N < EP, dest_N * cap + rank_N, EP * cap)  # out of range: dropped (padding only)
+    with jax.named_scope("moe/dispatch"):
+        send_RD = jnp.zeros((EP * cap, D), x_MD.dtype).at[slot_N].set(x_MD[token_N], mode="drop")
+        send_R = jnp.full((EP * cap,), El, jnp.int32).at[slot_N].set(local_N, mode="drop")  # El: empty slot
+        recv_RD = sharding.all_to_all(send_RD.reshape(EP, cap, D), "experts").reshape(EP * cap, D)
+        recv_R = sharding.all_to_all(send_R.reshape(EP, cap), "experts").reshape(EP * cap)
+    out_RD = run(recv_RD, recv_R)
+    back_RD = sharding.all_to_all(out_RD.reshape(EP, cap, D), "experts").reshape(EP * cap, D)
+    return _combine_home(x_MD, back_RD.at[slot_N].get(mode="fill", fill_value=0), token_N, gate_N)
+
+
+def _exchange_ragged(EP, El, run, x_MD, count_S, fanout, dest_N, rank_N, token_N, local_N, gate_N):
+    """Both ways with `ragged_all_to_all`: only the pairs themselves move (sizes from a first exchange of counts).
+
+    Pairs are already sorted by destination shard; rows for shard j start at the prefix sum of the counts.
+    """
+    del rank_N
+    M, D = x_MD.shape
+    N = dest_N.shape[0]
+    counts_SS = sharding.all_gather(count_S, "experts")  # [sender, receiver] pairs, the same everywhere
+    me = sharding.axis_index("experts")
+    recv_S = counts_SS[:, me]  # what each sender sends me
+    send_off_S = jnp.cumsum(count_S) - count_S
+    land_off_S = (jnp.cumsum(counts_SS, axis=0) - counts_SS)[me]  # where my rows land at each receiver
+    R = EP * M * fanout  # worst case received: every sender's tokens all to me
+    with jax.named_scope("moe/dispatch"):
+        send = (x_MD[token_N], local_N)
+        recv_RD, recv_R = (sharding.ragged_all_to_all(a, jnp.full((R, *a.shape[1:]), fill, a.dtype), send_off_S,
+                                                      count_S, land_off_S, recv_S, "experts")
+                           for a, fill in zip(send, (0, El), strict=True))  # El: empty slot
+    out_RD = run(recv_RD, recv_R)
+    back_off_S = jnp.cumsum(recv_S) - recv_S  # the rows I computed for each sender, in my buffer
+    home_off_S = (jnp.cumsum(counts_SS, axis=1) - counts_SS)[:, me]  # where they came from in each sender
+    back_ND = sharding.ragged_all_to_all(out_RD, jnp.zeros((N, D), out_RD.dtype), back_off_S, recv_S, home_off_S,
+                                         count_S, "experts")
+    return _combine_home(x_MD, jnp.where((dest_N < EP)[:, None], back_ND, 0), token_N, gate_N)
 
 
 def _swiglu(x_MD, wg_DF, wu_DF, wd_FD):
@@ -253,3 +383,7 @@ def _dispatch_ragged(x_MD, weights_MX, local_MX, w, layer):
     h = jax.nn.silu(jax.lax.ragged_dot(xs_ND, wg, counts_E)) * jax.lax.ragged_dot(xs_ND, wu, counts_E)
     out_ND = jax.lax.ragged_dot(h, wd, counts_E) * weight_N[:, None].astype(x_MD.dtype)
     return jnp.zeros_like(x_MD).at[token_N].add(out_ND)
+
+
+_STRATEGY_FNS = {"loop": _dispatch_loop, "gather": _dispatch_gather, "blocks": _dispatch_blocks,
+                 "ragged": _dispatch_ragged}

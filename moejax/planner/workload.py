@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moejax.sharding import EP_ATTENTION_MODES  # one name shared with the runtime
+
 # Bytes per weight, block scales included:
 #   fp8: e4m3 values with one fp32 scale per 128x128 block (DeepSeek-V3 style) -> 1 + 4 / 16384.
 #   fp4: NVFP4, e2m1 values with one e4m3 scale per 16 values (the per-tensor fp32 scale is negligible)
 #        -> 0.5 + 1 / 16.
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0 + 4.0 / (128 * 128), "fp4": 0.5 + 1.0 / 16}
 KV_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0}
-EP_ATTENTION_MODES = ("data", "replicated")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ def engine_model(request, hf_checkpoints):
 def base_config(model, **overrides):
     import moejax
 
-    slots = 8 // model.layout.data
+    slots = 8 // model.batch_shards
     kw = dict(max_running=8, page_size=PAGE_SIZE, num_pages=NUM_PAGES, chunk_size=16, max_prefill_seqs=2,
               max_model_len=MAX_LEN, decode_buckets=(slots,), seed=0)
     kw.update(overrides)

@@ -63,11 +63,12 @@ def model(engine_model):
 
 
 BAD_ENGINE = [
-    ({"max_running": 3, "decode_buckets": None}, r"max_running \(3\) must be a multiple of the data size \(2\)"),
-    ({"decode_buckets": (1, 2)}, r"decode_buckets \(1, 2\) must reach the slots per data group \(4 ="),
+    ({"max_running": 3, "decode_buckets": None},
+     r"max_running \(3\) must be a multiple of the data groups \(4 = data 2 x expert 2, expert mode 'data'\)"),
+    ({"decode_buckets": (1,)}, r"decode_buckets \(1,\) must reach the slots per data group \(2 ="),
     ({"max_model_len": 5000}, r"max_model_len \(5000\) exceeds the model's max_position_embeddings \(1024\)"),
-    ({"num_pages": 2**30}, r"num_pages \(1073741824\) times data \(2\) exceeds 2\*\*31 - 1 pages"),
-    ({"num_pages": 2**29}, r"the KV cache \(536870912 pages of 4 tokens per data group\) needs 768.00 GiB per "
+    ({"num_pages": 2**30}, r"num_pages \(1073741824\) times data groups \(4\) exceeds 2\*\*31 - 1 pages"),
+    ({"num_pages": 2**28}, r"the KV cache \(268435456 pages of 4 tokens per data group\) needs 384.00 GiB per "
                            r"device but \d+\.\d\d GiB are available \(on each of 8 cpu devices\); lower "
                            r"ServeConfig.num_pages"),
 ]

@@ -1,0 +1,81 @@
+"""The expert axis's two modes, "data" (attention data-parallel over the expert group, tokens exchanged
+all-to-all) and "replicated" (tokens replicated, one all-reduce): both exact, and each moves what it says.
+"""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+import moejax
+from moejax import steps as steps_lib
+
+LAYOUTS = ["EP8", "DP2EP4", "TP2EP4", "EP4PP2", "DP2TP2EP2"]
+
+
+@pytest.mark.parametrize("mode", ["data", "replicated"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_modes_match_one_device(hf_checkpoints, models_1dev, layout, mode):
+    family = "qwen2_moe"  # a shared expert too: split over tensor x expert ("replicated") or tensor ("data")
+    path, _ = hf_checkpoints[family]
+    model = moejax.load(path, layout=layout, ep_attention=mode)
+    base = models_1dev[family]
+    rng = np.random.default_rng(11)
+    ids = rng.integers(0, 128, (8, 13))  # 8 rows: every batch shard holds rows in "data" mode
+    np.testing.assert_allclose(model.forward(ids), base.forward(ids), atol=1e-5, rtol=0)
+    prompts = [rng.integers(0, 128, n).tolist() for n in (3, 9, 17)]
+    assert model.generate(prompts, max_new_tokens=32) == base.generate(prompts, max_new_tokens=32)
+
+
+def _decode_hlo(model, rows):
+    steps = model.steps
+    cache = steps.new_cache(4 * model.batch_shards, 4)
+    args = [steps.put(np.zeros((rows, 1), np.int32)), steps.put(np.zeros((rows, 1), np.int32)),
+            steps.put(np.zeros((rows, 2), np.int32)), steps.put(np.zeros((rows,), np.int32), steps_lib.TOKENS)]
+    with jax.set_mesh(model.mesh):
+        return steps.step.lower(model.params, cache, *args).compile().as_text(), cache
+
+
+def _collectives(text):
+    return {op for op in ("all-to-all", "all-reduce", "all-gather", "reduce-scatter", "collective-permute")
+            if re.search(rf"\b{op}(-start)?\(", text)}
+
+
+def test_data_mode_exchanges_tokens_and_splits_attention(hf_checkpoints):
+    path, _ = hf_checkpoints["mixtral"]
+    data = moejax.load(path, layout="EP8", ep_attention="data")
+    replicated = moejax.load(path, layout="EP8", ep_attention="replicated")
+    assert (data.batch_shards, replicated.batch_shards) == (8, 1)
+    text_d, cache_d = _decode_hlo(data, 8)
+    text_r, cache_r = _decode_hlo(replicated, 8)
+    # "data": tokens go to the experts and back (all-to-all) and nothing is all-reduced or gathered —
+    # neither expert weights nor activations; "replicated": one all-reduce combines the experts.
+    assert _collectives(text_d) == {"all-to-all"}
+    assert _collectives(text_r) == {"all-reduce"}
+    # Each device attends over its own rows only, with 1/EP of the KV pool of the same total pages.
+    rows_d = {s.data.shape[0] for s in data.steps.put(np.zeros((8, 1), np.int32)).addressable_shards}
+    assert rows_d == {1}
+    total_pages = 4 * 8
+    pool_d = data.steps.new_cache(total_pages, 4)[0]
+    pool_r = replicated.steps.new_cache(total_pages, 4)[0]
+    assert pool_d.addressable_shards[0].data.nbytes * 8 == pool_r.addressable_shards[0].data.nbytes
+    del cache_d, cache_r
+
+
+def test_ragged_exchange_is_refused_on_cpu_before_any_device_work(hf_checkpoints):
+    path, _ = hf_checkpoints["mixtral"]
+    with pytest.raises(ValueError, match="XLA:CPU has none: use exchange 'all_to_all'"):
+        moejax.load(path, layout="EP8", exchange="ragged_all_to_all")
+    with pytest.raises(ValueError, match="ep_attention must be one of"):
+        moejax.load(path, layout="EP8", ep_attention="tokens")
+
+
+@pytest.mark.skipif(jax.default_backend() == "cpu", reason="XLA:CPU has no ragged-all-to-all")
+def test_ragged_exchange_equals_fixed_capacity(hf_checkpoints):  # pragma: no cover - accelerator only
+    path, _ = hf_checkpoints["mixtral"]
+    n = min(8, jax.device_count())
+    ids = np.random.default_rng(12).integers(0, 128, (n, 9))
+    fixed = moejax.load(path, layout=f"EP{n}", exchange="all_to_all").forward(ids)
+    np.testing.assert_allclose(moejax.load(path, layout=f"EP{n}", exchange="ragged_all_to_all").forward(ids), fixed,
+                               atol=1e-5, rtol=0)
