@@ -38,8 +38,9 @@ def _decode_hlo(model, rows):
 
 
 def _collectives(text):
-    return {op for op in ("all-to-all", "all-reduce", "all-gather", "reduce-scatter", "collective-permute")
-            if re.search(rf"\b{op}(-start)?\(", text)}
+    """{(kind, operand type)} of the program's collectives, e.g. ("all-to-all", "f32[8,2,48]")."""
+    kinds = "all-to-all|all-reduce|all-gather|reduce-scatter|collective-permute"
+    return set(re.findall(rf"= (\([^)]*\)|\S+) ({kinds})(?:-start)?\(", text))  # XLA:CPU: tuple-typed all-to-all
 
 
 def test_data_mode_exchanges_tokens_and_splits_attention(hf_checkpoints):
@@ -47,20 +48,23 @@ def test_data_mode_exchanges_tokens_and_splits_attention(hf_checkpoints):
     data = moejax.load(path, layout="EP8", ep_attention="data")
     replicated = moejax.load(path, layout="EP8", ep_attention="replicated")
     assert (data.batch_shards, replicated.batch_shards) == (8, 1)
-    text_d, cache_d = _decode_hlo(data, 8)
-    text_r, cache_r = _decode_hlo(replicated, 8)
-    # "data": tokens go to the experts and back (all-to-all) and nothing is all-reduced or gathered —
-    # neither expert weights nor activations; "replicated": one all-reduce combines the experts.
-    assert _collectives(text_d) == {"all-to-all"}
-    assert _collectives(text_r) == {"all-reduce"}
+    text_d, _ = _decode_hlo(data, 16)
+    text_r, _ = _decode_hlo(replicated, 16)
+    # "data": tokens go to the experts and back (all-to-all); the only all-reduce is the scalar max that
+    # sizes the exchange — no all-reduce or all-gather of weights or activations. "replicated": the
+    # experts' outputs are all-reduced, and nothing is exchanged.
+    kinds_d = {kind for _, kind in _collectives(text_d)}
+    assert kinds_d <= {"all-to-all", "all-reduce"} and "all-to-all" in kinds_d
+    assert {t for t, kind in _collectives(text_d) if kind == "all-reduce"} <= {"s32[]"}
+    assert {kind for _, kind in _collectives(text_r)} == {"all-reduce"}
+    assert any(t.startswith("f32[") for t, _ in _collectives(text_r))
     # Each device attends over its own rows only, with 1/EP of the KV pool of the same total pages.
-    rows_d = {s.data.shape[0] for s in data.steps.put(np.zeros((8, 1), np.int32)).addressable_shards}
-    assert rows_d == {1}
+    rows_d = {s.data.shape[0] for s in data.steps.put(np.zeros((16, 1), np.int32)).addressable_shards}
+    assert rows_d == {2}
     total_pages = 4 * 8
     pool_d = data.steps.new_cache(total_pages, 4)[0]
     pool_r = replicated.steps.new_cache(total_pages, 4)[0]
     assert pool_d.addressable_shards[0].data.nbytes * 8 == pool_r.addressable_shards[0].data.nbytes
-    del cache_d, cache_r
 
 
 def test_ragged_exchange_is_refused_on_cpu_before_any_device_work(hf_checkpoints):

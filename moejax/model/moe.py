@@ -2,13 +2,14 @@
 
 Expert parallelism runs in one of two modes (`moejax.sharding`, one rules table each):
 
-- "data": the devices of an expert group hold different tokens. Each device's (token, expert)
-  pairs are sent to the shard holding the expert (`exchange`: an all-to-all of fixed capacity),
-  computed there with its local experts, sent back by a second all-to-all, and weighted and summed
-  at the token's home; an all-reduce over `tensor` finishes the tensor-parallel FFN. The capacity is
-  exact by construction: the largest number of pairs any device sends to any shard (a max over the
-  expert group) picks the smallest of a few power-of-two capacities that holds it (`lax.switch`),
-  so no pair is ever dropped and the buffers are at most ~2x what is sent.
+- "data": the devices of an expert group hold different tokens. Each token is sent once to every
+  shard that holds one of its experts (`exchange`: an all-to-all of fixed capacity), with its local
+  expert ids and gate weights; the shard runs them and returns one gate-weighted row by a second
+  all-to-all; the rows are summed at the token's home, and an all-reduce over `tensor` finishes the
+  tensor-parallel FFN. The capacity is exact by construction: the largest number of tokens any
+  device sends to any shard (a max over the expert group) picks the smallest of a few power-of-two
+  capacities that holds it (`lax.switch`), so nothing is ever dropped and the buffers are at most
+  ~2x what is sent.
 - "replicated": every device of an expert group sees the same tokens, computes only the pairs
   routed to its local experts, and one all-reduce over the axes splitting `experts` and `ffn`
   combines the partial outputs (and finishes the shared expert, split over tensor x expert).
@@ -191,85 +192,95 @@ def choose_exchange(exchange: str, backend: str | None = None) -> str:
 
 
 def exchange(x_MD, weights_MX, experts_MX, w, layer, strategy: Strategy, num_experts: int):
-    """The "data" expert mode: send each pair to its expert's shard, compute there, send back, combine.
+    """The "data" expert mode: send each token once to every shard holding one of its experts, compute there,
+    send the weighted sums back, add them up at home.
+
+    A token is sent to a shard once however many of its top-k experts live there (the unit of the
+    exchange is a (token, shard) pair, as in DeepEP-style dispatch), with the routing of those experts
+    (local ids, gate weights) riding along; the receiver runs them and returns one gate-weighted row.
 
     Args:
       x_MD: this device's tokens. weights_MX / experts_MX: their routing (global ids; -1: none).
       w: (wg, wu, wd) local stacked experts [L, El, ...]. layer: local layer index.
-      strategy: the dispatch strategy run on the received pairs, and the exchange. num_experts: E.
+      strategy: the dispatch strategy run on the received rows, and the exchange. num_experts: E.
     Returns:
       y_MD, this device's tokens' routed-expert output (partial over `tensor` only).
     """
     M, X = experts_MX.shape
     El = w[0].shape[1]
     EP = num_experts // El
-    expert_N = experts_MX.reshape(-1)
-    dest_N = jnp.where(expert_N >= 0, expert_N // El, EP)  # EP: no shard (batch padding)
-    order_N = jnp.argsort(dest_N, stable=True)
-    count_S = jnp.bincount(dest_N, length=EP + 1)[:EP]
-    dest_N = dest_N[order_N]
-    rank_N = jnp.arange(M * X) - (jnp.cumsum(count_S) - count_S)[jnp.minimum(dest_N, EP - 1)]
-    pairs = (dest_N, rank_N, order_N // X, jnp.where(expert_N >= 0, expert_N % El, El)[order_N],
-             weights_MX.reshape(-1)[order_N])
-    run = partial(_compute_received, strategy.dispatch, El, w, layer)
+    shard_MX = jnp.where(experts_MX >= 0, experts_MX // El, EP)  # EP: no shard (batch padding)
+    to_MS = jnp.any(shard_MX[:, :, None] == jnp.arange(EP), axis=1)  # token m goes to shard s
+    # Units (token, shard), sorted by shard; units not sent sort last.
+    order_U = jnp.argsort(jnp.where(to_MS, jnp.arange(EP), EP).reshape(-1), stable=True)
+    token_U, dest_U = order_U // EP, order_U % EP
+    count_S = jnp.sum(to_MS, axis=0)
+    sent_U = to_MS.reshape(-1)[order_U]
+    dest_U = jnp.where(sent_U, dest_U, EP)
+    rank_U = jnp.arange(M * EP) - (jnp.cumsum(count_S) - count_S)[jnp.minimum(dest_U, EP - 1)]
+    mine_UX = shard_MX[token_U] == dest_U[:, None]  # which of the token's experts this unit carries
+    local_UX = jnp.where(mine_UX, experts_MX[token_U] % El, El).astype(jnp.int32)  # El: not carried
+    gate_UX = jnp.where(mine_UX, weights_MX[token_U], 0)
+    units = (dest_U, rank_U, token_U, local_UX, gate_UX)
+    run = partial(_compute_received, strategy.dispatch, w, layer)
     if choose_exchange(strategy.exchange, jax.default_backend()) == "ragged_all_to_all":
-        return _exchange_ragged(EP, El, run, x_MD, count_S, min(X, El), *pairs)
+        return _exchange_ragged(EP, El, run, x_MD, count_S, *units)
     need = sharding.pmax(jnp.max(count_S), "experts")  # the same on every device of the exchange
-    caps = row_caps(M * min(X, El), max_caps=4)  # a token sends at most min(X, El) pairs to one shard
+    caps = row_caps(M, max_caps=4)  # a token goes to a shard at most once: M rows is the worst case
     branches = [partial(_exchange_at, cap, EP, El, run, x_MD) for cap in caps]
-    return jax.lax.switch(jnp.searchsorted(jnp.array(caps), need), branches, *pairs)
+    return jax.lax.switch(jnp.searchsorted(jnp.array(caps), need), branches, *units)
 
 
-def _compute_received(strategy, El, w, layer, recv_RD, recv_R):
-    """Received pairs (one local expert id each, El: empty slot) through the local dispatch strategy."""
+def _compute_received(strategy, w, layer, recv_RD, local_RX, gate_RX):
+    """Received rows, each with its local experts (El: none) and gate weights: the gate-weighted sum per row."""
     fn = _STRATEGY_FNS[choose_strategy(strategy, recv_RD.shape[0], jax.default_backend())]
-    return fn(recv_RD, jnp.ones((recv_R.shape[0], 1), recv_RD.dtype), recv_R[:, None], w, layer)
+    return fn(recv_RD, gate_RX, local_RX, w, layer)
 
 
-def _combine_home(x_MD, pair_ND, token_N, gate_N):
+def _combine_home(x_MD, unit_UD, token_U):
     with jax.named_scope("moe/combine"):
-        return jnp.zeros_like(x_MD).at[token_N].add(pair_ND * gate_N[:, None])
+        return jnp.zeros_like(x_MD).at[token_U].add(unit_UD)
 
 
-def _exchange_at(cap, EP, El, run, x_MD, dest_N, rank_N, token_N, local_N, gate_N):
-    """One all-to-all each way with `cap` rows per (sender, receiver): pair i goes to slot dest * cap + rank."""
+def _exchange_at(cap, EP, El, run, x_MD, dest_U, rank_U, token_U, local_UX, gate_UX):
+    """One all-to-all each way with `cap` rows per (sender, receiver): unit u goes to slot dest * cap + rank."""
     D = x_MD.shape[1]
-    slot_N = jnp.where(dest_N < EP, dest_N * cap + rank_N, EP * cap)  # out of range: dropped (padding only)
+    slot_U = jnp.where(dest_U < EP, dest_U * cap + rank_U, EP * cap)  # out of range: not sent
     with jax.named_scope("moe/dispatch"):
-        send_RD = jnp.zeros((EP * cap, D), x_MD.dtype).at[slot_N].set(x_MD[token_N], mode="drop")
-        send_R = jnp.full((EP * cap,), El, jnp.int32).at[slot_N].set(local_N, mode="drop")  # El: empty slot
-        recv_RD = sharding.all_to_all(send_RD.reshape(EP, cap, D), "experts").reshape(EP * cap, D)
-        recv_R = sharding.all_to_all(send_R.reshape(EP, cap), "experts").reshape(EP * cap)
-    out_RD = run(recv_RD, recv_R)
+        send = [jnp.full((EP * cap, *a.shape[1:]), fill, a.dtype).at[slot_U].set(a, mode="drop")
+                for a, fill in ((x_MD[token_U], 0), (local_UX, El), (gate_UX, 0))]  # El: empty slot
+        recv_RD, recv_RX, gate_RX = (sharding.all_to_all(a.reshape(EP, cap, *a.shape[1:]), "experts")
+                                     .reshape(EP * cap, *a.shape[1:]) for a in send)
+    out_RD = run(recv_RD, recv_RX, gate_RX)
     back_RD = sharding.all_to_all(out_RD.reshape(EP, cap, D), "experts").reshape(EP * cap, D)
-    return _combine_home(x_MD, back_RD.at[slot_N].get(mode="fill", fill_value=0), token_N, gate_N)
+    return _combine_home(x_MD, back_RD.at[slot_U].get(mode="fill", fill_value=0), token_U)
 
 
-def _exchange_ragged(EP, El, run, x_MD, count_S, fanout, dest_N, rank_N, token_N, local_N, gate_N):
-    """Both ways with `ragged_all_to_all`: only the pairs themselves move (sizes from a first exchange of counts).
+def _exchange_ragged(EP, El, run, x_MD, count_S, dest_U, rank_U, token_U, local_UX, gate_UX):
+    """Both ways with `ragged_all_to_all`: only the units move (sizes from an all-gather of the counts).
 
-    Pairs are already sorted by destination shard; rows for shard j start at the prefix sum of the counts.
+    Units are sorted by destination shard; the rows for shard j start at the prefix sum of the counts.
     """
-    del rank_N
+    del rank_U
     M, D = x_MD.shape
-    N = dest_N.shape[0]
-    counts_SS = sharding.all_gather(count_S, "experts")  # [sender, receiver] pairs, the same everywhere
+    U = dest_U.shape[0]
+    counts_SS = sharding.all_gather(count_S, "experts")  # [sender, receiver] units, the same everywhere
     me = sharding.axis_index("experts")
     recv_S = counts_SS[:, me]  # what each sender sends me
     send_off_S = jnp.cumsum(count_S) - count_S
     land_off_S = (jnp.cumsum(counts_SS, axis=0) - counts_SS)[me]  # where my rows land at each receiver
-    R = EP * M * fanout  # worst case received: every sender's tokens all to me
+    R = EP * M  # worst case received: every sender's every token
     with jax.named_scope("moe/dispatch"):
-        send = (x_MD[token_N], local_N)
-        recv_RD, recv_R = (sharding.ragged_all_to_all(a, jnp.full((R, *a.shape[1:]), fill, a.dtype), send_off_S,
-                                                      count_S, land_off_S, recv_S, "experts")
-                           for a, fill in zip(send, (0, El), strict=True))  # El: empty slot
-    out_RD = run(recv_RD, recv_R)
+        recv_RD, recv_RX, gate_RX = (
+            sharding.ragged_all_to_all(a, jnp.full((R, *a.shape[1:]), fill, a.dtype), send_off_S, count_S,
+                                       land_off_S, recv_S, "experts")
+            for a, fill in ((x_MD[token_U], 0), (local_UX, El), (gate_UX, 0)))  # El: empty slot
+    out_RD = run(recv_RD, recv_RX, gate_RX)
     back_off_S = jnp.cumsum(recv_S) - recv_S  # the rows I computed for each sender, in my buffer
     home_off_S = (jnp.cumsum(counts_SS, axis=1) - counts_SS)[:, me]  # where they came from in each sender
-    back_ND = sharding.ragged_all_to_all(out_RD, jnp.zeros((N, D), out_RD.dtype), back_off_S, recv_S, home_off_S,
+    back_UD = sharding.ragged_all_to_all(out_RD, jnp.zeros((U, D), out_RD.dtype), back_off_S, recv_S, home_off_S,
                                          count_S, "experts")
-    return _combine_home(x_MD, jnp.where((dest_N < EP)[:, None], back_ND, 0), token_N, gate_N)
+    return _combine_home(x_MD, jnp.where((dest_U < EP)[:, None], back_UD, 0), token_U)
 
 
 def _swiglu(x_MD, wg_DF, wu_DF, wd_FD):
