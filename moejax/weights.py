@@ -67,29 +67,47 @@ def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> 
         inner_axes, inner_shape = (axes[1:], shape[1:]) if stacked else (axes, shape)
         limit = canonical[name][0]  # checkpoint sizes; stored dims beyond them are zero padding
 
-        def read(layer: int | None, index: Index) -> np.ndarray:
-            sub = tuple(len(range(*s.indices(n))) for s, n in zip(index, inner_shape, strict=True))
-            block = np.zeros(sub, np.float32)
+        def read(layer: int | None, index: Index, out: np.ndarray) -> None:
+            """Fill `out` (zeroed, this weight's block of one layer) from the source."""
             if stacked and layer is None:  # a padding layer: zero weights make it an exact identity
-                return block
+                return
             kept = tuple(_clip(s, n, c, axis == "kv_heads")
                          for s, n, c, axis in zip(index, inner_shape, limit, inner_axes, strict=True))
             if all(k is not None for k in kept):
                 part = _read_kv(source, name, layer, tuple(k[0] for k in kept), inner_axes, kv_repeat)
-                block[tuple(slice(0, k[1]) for k in kept)] = part
-            return block
+                out[tuple(slice(0, k[1]) for k in kept)] = part
 
         def shard(index: Index) -> np.ndarray:
+            block = np.zeros(tuple(len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True)), dtype)
             if not stacked:
-                return np.asarray(read(None, index), dtype=dtype)
-            slots = range(*index[0].indices(shape[0]))
-            return np.stack([read(layer_of_slot.get(slot), index[1:]) for slot in slots]).astype(dtype)
+                read(None, index, block)
+            else:
+                for i, slot in enumerate(range(*index[0].indices(shape[0]))):
+                    read(layer_of_slot.get(slot), index[1:], block[i])
+            return block
 
-        return jax.make_array_from_callback(shape, sharding.named(mesh, axes), shard)
+        return _assemble(shape, sharding.named(mesh, axes), shard)
 
     values = {path: build(path, var) for path, var in _variables(state)}
     state = jax.tree_util.tree_map_with_path(lambda p, v: values.get(p, v), state)
     return nnx.merge(graphdef, state)
+
+
+def _assemble(shape, named_sharding, shard) -> jax.Array:
+    """A global array from `shard(index)` blocks: each distinct block is read once, put on the devices that
+    hold it, and dropped before the next is read, so host memory peaks near one block (not one block per
+    local device, as `jax.make_array_from_callback` does)."""
+    devices_by_index: dict[tuple, list] = {}
+    for device, index in named_sharding.addressable_devices_indices_map(shape).items():
+        key = tuple((s.start, s.stop) for s in index)
+        devices_by_index.setdefault(key, []).append((device, index))
+    arrays = []
+    for placements in devices_by_index.values():
+        block = shard(placements[0][1])
+        arrays += [jax.device_put(block, device) for device, _ in placements]
+        jax.block_until_ready(arrays[-1])  # the copy is made: the block can go
+        del block
+    return jax.make_array_from_single_device_arrays(shape, named_sharding, arrays)
 
 
 def _clip(index: slice, stored: int, size: int, repeated: bool):
