@@ -17,6 +17,7 @@ import numpy as np
 from moejax import sharding
 from moejax import steps as steps_lib
 from moejax.config import ModelConfig, ceil_div, round_up
+from moejax.distributed import fetch
 from moejax.fit import check_weights_fit
 from moejax.mesh import Layout, make_mesh
 from moejax.model.moe import Strategy
@@ -97,7 +98,7 @@ class Model:
         pos = np.where(np.arange(Bp)[:, None] < B, np.arange(T, dtype=np.int32)[None], -1)
         with jax.set_mesh(self.mesh):
             logits = self.steps.forward(self.params, self._put(tokens), self._put(pos))
-        return np.asarray(logits, dtype=np.float32)[:B]
+        return fetch(logits).astype(np.float32)[:B]  # every process gets every row (multi-host)
 
     # ---- greedy generation ----------------------------------------------------------------------
 
@@ -133,7 +134,7 @@ class Model:
             for i in range(max_new_tokens):
                 _, next_B, cache = self.steps.step(self.params, cache, self._put(tokens), self._put(pos),
                                                    table_d, self._put(index, steps_lib.TOKENS))
-                next_B = np.asarray(next_B)
+                next_B = fetch(next_B)
                 stats.token_times_s.append(time.perf_counter() - start)
                 for b in np.flatnonzero(live):
                     out[b].append(int(next_B[b]))
@@ -180,12 +181,14 @@ class Model:
 
 def load(path: str | Path, layout: Layout | str = "DP1", dtype: str = "float32", allow_nonfinite: bool = False,
          **kwargs) -> Model:
-    """Load a Hugging Face MoE checkpoint directory onto a mesh for `layout`.
+    """Load a checkpoint directory onto a mesh for `layout`: Hugging Face (config.json + safetensors) or
+    moejax (orbax, written by `moejax convert`); the kind is detected (`moejax.checkpoint.store.open_source`).
 
-    Each weight goes straight into its sharding (a device reads only its shard). A malformed checkpoint
-    is a `CheckpointError` naming the file and tensor; NaN/inf weights are one too unless `allow_nonfinite`.
+    Each weight goes straight into its sharding (a device reads only its shard, whatever the layout the
+    checkpoint was written from). A malformed checkpoint is a `CheckpointError` naming the file or tensor;
+    NaN/inf weights of a Hugging Face checkpoint are one too unless `allow_nonfinite`.
     """
-    from moejax.checkpoint.hf import HFSource
+    from moejax.checkpoint.store import open_source
 
-    source = HFSource(path, allow_nonfinite=allow_nonfinite)
+    source = open_source(path, allow_nonfinite=allow_nonfinite)
     return Model(source.cfg, source, layout=layout, dtype=dtype, **kwargs)

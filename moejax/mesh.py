@@ -1,7 +1,8 @@
 """Parallel layouts ('DP2TP2EP2PP1') and the device mesh over (data, tensor, expert, stage).
 
 A `Layout` is pure data (four factors); `make_mesh` turns it into a `jax.sharding.Mesh` over the
-first `layout.size` devices at hand, so a 1-device baseline runs on an 8-device host.
+first `layout.size` devices at hand, so a 1-device baseline runs on an 8-device host. Over several
+processes (`moejax.distributed`) the devices are laid out so that `data` and `stage` cross hosts.
 """
 
 from __future__ import annotations
@@ -146,9 +147,10 @@ def make_mesh(layout: Layout | str, devices: list | None = None) -> jax.sharding
     order = ("data", "stage", "expert", "tensor")
     axis_types = (jax.sharding.AxisType.Explicit,) * len(order)
     shape = tuple(getattr(layout, a) for a in order)
-    return jax.make_mesh(shape, order, axis_types=axis_types, devices=devices[: layout.size])
+    devices = devices[: layout.size]
+    if len({d.process_index for d in devices}) > 1:  # multi-host: data and stage across hosts by default
+        from moejax.distributed import device_grid
 
-
-def initialize_distributed(**kwargs) -> None:
-    """Multi-host start-up: one process per host, the same program on each (jax.distributed)."""
-    jax.distributed.initialize(**kwargs)
+        grid = device_grid(dict(zip(AXES, layout.shape, strict=True)), order, devices)
+        return jax.sharding.Mesh(grid, order, axis_types=axis_types)
+    return jax.make_mesh(shape, order, axis_types=axis_types, devices=devices)

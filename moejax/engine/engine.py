@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax import steps as steps_lib
+from moejax.distributed import fetch
 from moejax.engine.sampling import SamplingParams, sample
 from moejax.engine.scheduler import Request, RequestId, Scheduler, Work
 from moejax.fit import check_fits, kv_cache_bytes
@@ -368,7 +369,7 @@ class Engine:
             self.stats.decode_calls += 1
         self.stats.mixed_steps += len(calls) == 2
         t1 = time.perf_counter()
-        ids = [np.asarray(ids_B).tolist() for _, ids_B in calls]
+        ids = [fetch(ids_B).tolist() for _, ids_B in calls]  # all rows, on every process (multi-host)
         now = t2 = time.perf_counter()
         for (per_group, _), ids_B in zip(calls, ids, strict=True):
             rows = len(ids_B) // self.data

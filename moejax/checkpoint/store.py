@@ -1,0 +1,398 @@
+"""moejax checkpoints: a model's canonical tensors in one orbax checkpoint, restored into any layout.
+
+`save` (behind `moejax convert`) writes a plain orbax PyTree checkpoint (OCDBT + zarr3) of numpy
+arrays, one per canonical tensor (`moejax.weights.canonical_shapes`): global tensors as they are,
+per-layer tensors stacked [L, ...]. Its custom metadata (key "moejax") holds the format version, the
+`ModelConfig`, the stored dtype and the source checkpoint. `open_source` tells a Hugging Face
+directory from a moejax checkpoint and returns a weight source for either; `moejax.load` goes
+through it, so both kinds are placed by the same `weights.place` into any layout.
+
+Invariants:
+- Layout-independent: nothing stored depends on a mesh. Stage padding, vocabulary / FFN padding and
+  repeated kv heads are applied by `weights.place`, which builds each parameter shard by shard
+  (`jax.make_array_from_callback` calls back for this process's devices only); `OrbaxSource.read`
+  reads the requested slice of one layer through tensorstore, which fetches only the chunks covering it.
+- Chunks are at most `CHUNK_BYTES`, and a per-layer tensor's chunks hold one layer each, so a
+  device's read touches about its own shard's bytes, never a whole tensor.
+- Every chunk carries a crc32c checksum (a zarr3 codec; the shard index has one too), so a flipped,
+  zeroed or truncated byte is a `CheckpointError` naming the tensor, never silently wrong weights.
+  Missing chunks are errors too (`fill_missing_data_reads` is off).
+- Written tensor by tensor and layer by layer (`_StreamingHandler`): converting holds about one layer
+  of one tensor in memory. orbax writes into a temporary directory and renames it when complete, so
+  an interrupted conversion never leaves a checkpoint that looks whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+
+from moejax.checkpoint.hf import HFSource
+from moejax.checkpoint.safetensors_files import CheckpointError, read_json
+from moejax.config import ModelConfig
+from moejax.weights import canonical_shapes
+
+FORMAT = "moejax.canonical"
+FORMAT_VERSION = 1
+CHUNK_BYTES = 1 << 20  # largest stored chunk: the unit a partial read decodes
+BLOCK_BYTES = 64 << 20  # largest block of a global tensor held in memory while converting
+READ_BYTES = 8 << 20  # a slice is read in pieces of about this size (see OrbaxSource.read)
+OCDBT_CACHE_BYTES = 16 << 20  # B-tree nodes kept while reading (orbax's own default is 100 MB)
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a checkpoint being written
+
+Index = tuple[slice, ...]
+
+
+# ---- kinds of checkpoint ----------------------------------------------------------------------------
+
+
+def is_moejax_checkpoint(path: str | Path) -> bool:
+    """True if `path` is a directory holding an orbax checkpoint rather than a Hugging Face one."""
+    path = Path(path)
+    if not path.is_dir() or os.path.lexists(path / "config.json"):
+        return False
+    return any(os.path.lexists(path / marker) for marker in _ORBAX_MARKERS)
+
+
+def open_source(path: str | Path, allow_nonfinite: bool = False):
+    """A weight source for a checkpoint directory of either kind: `HFSource` or `OrbaxSource`.
+
+    A directory with config.json is read as Hugging Face safetensors, one with orbax's files as a moejax
+    checkpoint. Either refuses NaN/inf weights as it reads them unless `allow_nonfinite`.
+    """
+    path = Path(path)
+    _refuse_interrupted(path)
+    if is_moejax_checkpoint(path):
+        return OrbaxSource(path, allow_nonfinite=allow_nonfinite)
+    return HFSource(path, allow_nonfinite=allow_nonfinite)
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig stored in a moejax checkpoint (its metadata only; no tensor is opened)."""
+    return _config(Path(path), _orbax_metadata(Path(path))[1])
+
+
+def source_dtype(source) -> str:
+    """The one floating dtype every tensor of a Hugging Face checkpoint is stored in (for convert's default)."""
+    found = sorted({entry.dtype for entry in source.files.values()})
+    if len(found) == 1 and found[0] in _SAFETENSORS_DTYPES:
+        return _SAFETENSORS_DTYPES[found[0]]
+    raise CheckpointError(f"checkpoint {source.path} stores tensors as {', '.join(found)}; choose the stored dtype "
+                          f"with --dtype ({', '.join(DTYPES)})")
+
+
+def _refuse_interrupted(path: Path) -> None:
+    if path.exists():
+        return
+    partial = _partial_writes(path)
+    if partial:
+        raise CheckpointError(f"checkpoint {path} is incomplete: its conversion did not finish ({partial[0].name} "
+                              f"is a partial write); remove it and run moejax convert again")
+
+
+# ---- writing ----------------------------------------------------------------------------------------
+
+
+def save(path: str | Path, source, cfg: ModelConfig, dtype: str = "float32", origin: dict[str, Any] | None = None,
+         progress: Callable[[int], None] | None = None, chunk_bytes: int = CHUNK_BYTES) -> dict[str, Any]:
+    """Write every canonical tensor of `cfg`, read from `source`, as a moejax checkpoint at `path`.
+
+    Args:
+      path: the checkpoint directory to create; it must not exist.
+      source: any weight source (`read(name, layer, index)` of canonical tensors).
+      cfg: the model config the tensors belong to (stored in the metadata).
+      dtype: stored dtype, one of `DTYPES`; values are rounded to it once, here.
+      origin: where the tensors came from (stored as metadata "source").
+      progress: called with the number of bytes after each block is written.
+      chunk_bytes: largest stored chunk (tests use small ones).
+
+    Returns:
+      The metadata written (under the orbax custom metadata key "moejax").
+    """
+    path = Path(path).absolute()
+    if os.path.lexists(path):
+        raise FileExistsError(f"{path} already exists; a checkpoint is written to a new directory")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    stored = DTYPES[dtype]
+    item, save_args = {}, {}
+    for name, (shape, per_layer) in canonical_shapes(cfg).items():
+        full = (cfg.num_layers, *shape) if per_layer else shape
+        item[name] = _Tensor(name, full, stored, per_layer, source)
+        save_args[name] = ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=(0,) if per_layer else ())
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "dtype": dtype,
+            "source": origin or {}, "written_by": {p: _version(p) for p in ("moejax", "orbax-checkpoint")}}
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (_Tensor, _StreamingHandler(progress)), (jax.Array, ocp.type_handlers.ArrayHandler()))  # the latter: unused
+    handler = ocp.PyTreeCheckpointHandler(use_zarr3=True, type_handler_registry=registry)
+    earlier = set(_partial_writes(path))
+    try:
+        with _orbax_errors_raised_not_logged(), ocp.Checkpointer(handler) as checkpointer:
+            checkpointer.save(path, args=ocp.args.PyTreeSave(item, save_args=save_args,
+                                                             custom_metadata={"moejax": meta}))
+    except BaseException:  # a bad source tensor, a full disk, ^C: leave nothing half-written behind
+        for partial in set(_partial_writes(path)) - earlier:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return meta
+
+
+def _partial_writes(path: Path) -> list[Path]:
+    """orbax's temporary directories for a checkpoint at `path` (renamed to `path` once complete)."""
+    return sorted(path.parent.glob(f"{path.name}{_TMP_SUFFIX}*")) if path.parent.is_dir() else []
+
+
+@contextlib.contextmanager
+def _orbax_errors_raised_not_logged():
+    """orbax logs a failed write's traceback from its writer thread, then raises the error here: keep the raise."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def total_bytes(cfg: ModelConfig, dtype: str) -> int:
+    """Bytes of every canonical tensor of `cfg` stored as `dtype` (what `save` writes, before compression)."""
+    itemsize = DTYPES[dtype].itemsize
+    return sum(int(np.prod(shape)) * (cfg.num_layers if per_layer else 1) * itemsize
+               for shape, per_layer in canonical_shapes(cfg).values())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """A canonical tensor to write, read from its source block by block (never whole, when stacked)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    per_layer: bool
+    source: Any
+
+    def blocks(self, rows: int) -> Iterator[tuple[int | slice, np.ndarray]]:
+        """(index along the first axis, block in the stored dtype): one per layer, or `rows` rows at a time."""
+        inner = tuple(slice(None) for _ in self.shape[1:])
+        if self.per_layer:
+            for layer in range(self.shape[0]):
+                yield layer, self._cast(self.source.read(self.name, layer, inner))
+            return
+        for start in range(0, self.shape[0], rows):
+            index = slice(start, min(start + rows, self.shape[0]))
+            yield index, self._cast(self.source.read(self.name, None, (index, *inner)))
+
+    def _cast(self, block: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(block, dtype=self.dtype)
+
+
+class _StreamingHandler(ocp.type_handlers.NumpyHandler):
+    """orbax's numpy handler, writing each `_Tensor` layer by layer instead of from one array in memory.
+
+    The stored arrays are ordinary `np.ndarray` entries (same type string, same read path), so the
+    checkpoint restores with plain orbax too; each chunk gets a crc32c checksum.
+    """
+
+    def __init__(self, progress: Callable[[int], None] | None = None):
+        super().__init__()
+        self._progress = progress
+
+    async def serialize(self, values, infos, args=None):
+        args = args or [ocp.SaveArgs()] * len(values)
+        return [ocp.future.CommitFutureAwaitingContractedSignals(self._write(values, infos, args),
+                                                                 name="moejax_streaming_write")]
+
+    async def _write(self, values, infos, args) -> None:
+        for value, info, arg in zip(values, infos, args, strict=True):  # one at a time: bounded memory
+            await info.await_path_creation()
+            spec = ocp.type_handlers.get_json_tspec_write(
+                info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=value.shape, local_shape=value.shape,
+                dtype=value.dtype, process_index=ocp.multihost.process_index(), arg=arg)
+            store = await ts.open(ts.Spec(_with_checksums(spec)), create=True, open=True, context=info.ts_context)
+            chunk_rows = store.chunk_layout.write_chunk.shape[0]
+            row_bytes = int(np.prod(value.shape[1:])) * value.dtype.itemsize
+            rows = max(chunk_rows, BLOCK_BYTES // max(row_bytes, 1) // chunk_rows * chunk_rows)
+            for index, block in value.blocks(rows):
+                await store[index].write(block)
+                if self._progress:
+                    self._progress(block.nbytes)
+
+
+def _with_checksums(spec: dict) -> dict:
+    """`spec` with a crc32c codec after the chunk codecs (inside the zarr3 sharding codec when there is one)."""
+    metadata = spec["metadata"]
+    codecs = metadata["codecs"]
+    sharded = [c for c in codecs if c.get("name") == "sharding_indexed"]
+    inner = sharded[0]["configuration"]["codecs"] if sharded else codecs
+    if not any(c.get("name") == "crc32c" for c in inner):
+        inner.append({"name": "crc32c"})
+    return spec
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+
+
+class OrbaxSource:
+    """Serves canonical tensors from a moejax checkpoint, each read as the slice asked for.
+
+    Everything is checked when it is opened, before any tensor byte is read: orbax metadata present and
+    parseable, the format version, the config, and every stored tensor's name, shape and dtype (from its
+    zarr metadata) against the config's canonical tensors. Chunk checksums are checked as slices are
+    read, and NaN/inf values refused unless `allow_nonfinite` (a conversion may have let them through).
+    """
+
+    def __init__(self, path: str | Path, allow_nonfinite: bool = False):
+        self.path = Path(path)
+        self.allow_nonfinite = allow_nonfinite
+        data, self.meta = _orbax_metadata(self.path)
+        self.cfg = _config(self.path, self.meta)
+        self.dtype = self.meta.get("dtype")
+        if self.dtype not in DTYPES:
+            raise CheckpointError(f"checkpoint {self.path}: stored dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        self.canonical = canonical_shapes(self.cfg)
+        names = _stored_names(self.path, data)
+        self._stores = {name: self._open(name) for name in names if name in self.canonical}
+        self._check(names)
+
+    def read(self, name: str, layer: int | None, index: Index) -> np.ndarray:
+        store = self._stores[name]
+        view = (store if layer is None else store[layer])[index].translate_to[0]  # origin 0 on every axis
+        out = np.empty(view.shape, DTYPES[self.dtype])
+        # In pieces of about READ_BYTES along the first axis: tensorstore holds a read's fetched chunks until
+        # they are decoded, so one large read would briefly take twice its size.
+        rows = max(1, READ_BYTES // max(1, out[:1].nbytes))
+        for start in range(0, out.shape[0], rows):
+            piece = slice(start, min(start + rows, out.shape[0]))
+            try:
+                out[piece] = view[piece].read().result()
+            except (ValueError, OSError) as err:  # tensorstore reports data loss, checksum and range errors so
+                raise CheckpointError(f"checkpoint {self.path}: tensor {_what(name, layer)} cannot be read: "
+                                      f"{_ts_message(err)}") from None
+            if not self.allow_nonfinite and not np.isfinite(out[piece]).all():
+                raise CheckpointError(f"checkpoint {self.path}: tensor {_what(name, layer)} has non-finite values "
+                                      f"(NaN or inf) in the block read; pass allow_nonfinite=True to load it anyway")
+        return out
+
+    def _check(self, names: list[str]) -> None:
+        """Stored tensors (listed `names`, opened `_stores`) against the config's canonical tensors."""
+        expected = {name: ((self.cfg.num_layers, *shape) if per_layer else tuple(shape))
+                    for name, (shape, per_layer) in self.canonical.items()}
+        problems = [f"missing tensor {n} (expected shape {expected[n]})" for n in sorted(set(expected) - set(names))]
+        problems += [f"unexpected tensor {n}" for n in sorted(set(names) - set(expected))]
+        for n, store in sorted(self._stores.items()):
+            dtype = store.dtype.numpy_dtype
+            if tuple(store.shape) != expected[n]:
+                problems.append(f"{n}: expected shape {expected[n]}, found {tuple(store.shape)}")
+            elif dtype != DTYPES[self.dtype]:
+                problems.append(f"{n}: expected dtype {self.dtype}, found {dtype}")
+        if problems:
+            more = f"; and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise CheckpointError(f"checkpoint {self.path} does not match its config ({self.cfg.family}, "
+                                  f"{self.cfg.num_layers} layers): " + "; ".join(problems[:20]) + more)
+
+    def _open(self, name: str):
+        info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(self.path.absolute()),
+                                           is_ocdbt_checkpoint=True, use_zarr3=True, ts_context=_context())
+        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=True)
+        try:
+            return ts.open(spec, open=True, read=True, context=_context()).result()
+        except (ValueError, OSError) as err:
+            raise CheckpointError(f"checkpoint {self.path}: tensor {name} cannot be opened: {_ts_message(err)}") \
+                from None
+
+
+def _ts_message(err: Exception) -> str:
+    """A tensorstore error without the full JSON spec it appends."""
+    return str(err).split(" [tensorstore_spec=")[0]
+
+
+def _what(name: str, layer: int | None) -> str:
+    return name if layer is None else f"{name} (layer {layer})"
+
+
+def _context():
+    """One tensorstore context for every read: a small shared B-tree node cache, decoded chunks not cached.
+
+    Chunks are decoded on one thread: with several, each thread's malloc arena kept the buffers it freed,
+    which raised host memory while loading (docs/benchmarks.md); `weights.place` reads one slice at a time
+    anyway.
+    """
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "data_copy_concurrency": {"limit": 1},
+                               "cache_pool#ocdbt": {"total_bytes_limit": OCDBT_CACHE_BYTES}})
+    return _CONTEXT
+
+
+_CONTEXT = None
+
+
+def _orbax_metadata(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(orbax's `_METADATA` as JSON, its "moejax" entry), checked: files present, format, version.
+
+    Read as a file, without orbax's asynchronous machinery, so that the CLI can check a checkpoint before
+    JAX starts.
+    """
+    for required in ("_CHECKPOINT_METADATA", "_METADATA"):
+        if not os.path.lexists(path / required):
+            raise CheckpointError(f"checkpoint {path} is incomplete: {path / required} is missing")
+    file = path / "_METADATA"
+    data = read_json(file, "orbax metadata")
+    custom = data.get("custom_metadata")
+    meta = custom.get("moejax") if isinstance(custom, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is an orbax checkpoint but not a moejax one (no 'moejax' entry of "
+                              f"format {FORMAT!r} in the custom metadata of {file}); write one with moejax convert")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        advice = "upgrade moejax" if isinstance(version, int) and version > FORMAT_VERSION else "convert it again"
+        raise CheckpointError(f"checkpoint {path} has moejax format version {version!r}; this moejax reads version "
+                              f"{FORMAT_VERSION}: {advice}")
+    return data, meta
+
+
+def _stored_names(path: Path, data: dict[str, Any]) -> list[str]:
+    """The tensor names orbax's metadata lists (its `tree_metadata`: one entry per leaf, keyed by its path)."""
+    tree = data.get("tree_metadata")
+    try:
+        names = [".".join(str(k["key"]) for k in entry["key_metadata"]) for entry in tree.values()]
+    except (AttributeError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {path}: the tensor list (tree_metadata) of {path / '_METADATA'} is "
+                              f"malformed") from None
+    return names
+
+
+def _config(path: Path, meta: dict[str, Any]) -> ModelConfig:
+    data = meta.get("config")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint {path}: its metadata has no model config")
+    try:
+        cfg = ModelConfig.from_dict(data)
+        cfg.check_runtime_support()
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: its model config does not match this moejax: {err}") from None
+    return cfg
