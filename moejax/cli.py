@@ -1,4 +1,4 @@
-"""`moejax` command line: generate | plan.
+"""`moejax` command line: generate | plan | convert | sweep | bench serve.
 
 Every user mistake (a bad flag, an unknown model or hardware name, a malformed file, a prompt or sampling
 value the model cannot take) prints one line `moejax: error: ...` to stderr and exits with status 2; `--debug`
@@ -14,6 +14,8 @@ import math
 import os
 import sys
 import traceback
+
+from moejax import distributed
 
 DEFAULT_MODEL = "tiny-moe"
 DEFAULT_LAYOUT = "TP2EP2PP2"
@@ -98,6 +100,11 @@ def read_model_config(source: str):
     from moejax.config import load_model_config
 
     try:
+        if os.path.isdir(source):
+            from moejax.checkpoint import store
+
+            if store.is_moejax_checkpoint(source):  # written by `moejax convert`: its config is in its metadata
+                return store.read_config(source)
         return load_model_config(source)
     except FileNotFoundError:
         raise
@@ -136,6 +143,7 @@ def _add_generate(sub) -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int_in(1), default=16,
                    help="KV cache page size (at most the model's context limit)")
     p.add_argument("--json", action="store_true", help="print one JSON object (no streaming)")
+    distributed.add_flags(p)
     return p
 
 
@@ -222,7 +230,8 @@ def _run_generate(args) -> int:
     from pathlib import Path
 
     cfg, layout, prompts, params = _check_generate(args)  # host only: JAX has not started
-    simulated = _simulate_cpu_devices(args.devices)
+    simulated = _simulate_cpu_devices(args.devices)  # per process in a multi-host run
+    distributed.start(args)  # joins the run; only process 0 prints from here on
 
     import jax
 
@@ -284,6 +293,8 @@ def _add_debug(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `moejax` parser with its `generate` and `plan` subcommands."""
+    from moejax.bench import cli as bench_cli
+    from moejax.checkpoint import cli as convert_cli
     from moejax.planner import cli as plan_cli
 
     parser = _Parser(prog="moejax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -291,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_debug(_add_generate(sub))
     _add_debug(plan_cli.add_parser(sub))
+    _add_debug(convert_cli.add_parser(sub))
+    for p in bench_cli.add_parsers(sub):  # sweep, bench serve
+        _add_debug(p)
     return parser
 
 

@@ -1,0 +1,333 @@
+"""`moejax sweep` and `moejax bench serve`: measured runs of one workload, over many configurations or one.
+
+    moejax sweep --model tiny-moe --layouts all --chunk-sizes 16,32 --max-running 8 \\
+        --input-len 8:24 --output-len 8 --num-requests 16 --reference-layout DP1 --out out/sweep
+    moejax bench serve --model tiny-moe --layout DP2TP2EP2 --chunk-size 32 --max-running 8 --request-rate 50
+
+`sweep` runs every (layout, expert mode, chunk size, max_running) of the lists (`moejax.bench.sweep`),
+writes results.jsonl (the planner's calibration schema), failures.jsonl, results.csv, comm.csv and the
+PNG plots into --out, skips configurations already there, and exits 1 if a configuration failed in
+this run. `bench serve` runs one configuration and prints a table like `vllm bench serve`.
+
+Every mistake in a flag or a named file is one line `moejax: error: ...` and exit status 2, found
+before any model is built (a layout larger than the devices: right after JAX starts). On simulated
+CPU devices the figures check correctness and communication volume, not speed (the devices share
+the host's cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from pathlib import Path
+
+from moejax.cli import DEFAULT_LAYOUT, MAX_SIMULATED_DEVICES, UsageError, int_in, int_list, read_model_config, real_in
+
+MAX_CONFIGS = 10_000
+_GPU_HARDWARE = (("GB200", "gb200-nvl72"), ("B200", "b200"), ("H200", "h200"), ("H100", "h100-sxm"))
+
+
+def _lengths(text: str):
+    from moejax.bench.workload import Lengths
+
+    try:
+        return Lengths.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny-moe",
+                   help="HF checkpoint directory, or a config name in configs/models (random weights; default "
+                        "tiny-moe)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="serving dtype")
+    p.add_argument("--weights-seed", type=int_in(0), default=0, help="random-weight seed for config-name models")
+    p.add_argument("--devices", type=int_in(1, MAX_SIMULATED_DEVICES), default=None,
+                   help="simulated CPU devices (default: 8, or the largest layout); on GPU: devices to use for "
+                        "--layouts all (default: all)")
+    p.add_argument("--hardware", default="auto",
+                   help="planner hardware for the calibration rows and predictions: a name in configs/hardware or "
+                        "a YAML path; auto: cpu-host on CPU, the GPU's own config otherwise")
+    p.add_argument("--efficiency", default=None, help="efficiency factors file (calibration output) for predictions")
+    p.add_argument("--page-size", type=int_in(1), default=16, help="KV cache page size")
+    p.add_argument("--max-prefill-seqs", type=int_in(1), default=1, help="prefill rows per step per batch shard")
+    p.add_argument("--decode-buckets", default="pow2", choices=["pow2", "max"],
+                   help="decode batch sizes compiled: powers of two up to the slots (pow2) or only the slots (max)")
+    w = p.add_argument_group("workload")
+    w.add_argument("--input-len", type=_lengths, default="32", help="prompt tokens: N, or LO:HI uniform (default 32)")
+    w.add_argument("--output-len", type=_lengths, default="16", help="output tokens: N, or LO:HI (default 16)")
+    w.add_argument("--lengths-file", default=None,
+                   help="JSON or CSV of (input_len, output_len) per request, used in order (replaces the two above)")
+    w.add_argument("--num-requests", type=int_in(1, 1_000_000), default=32, help="measured requests (default 32)")
+    w.add_argument("--warmup-requests", type=int_in(0, 1_000_000), default=None,
+                   help="requests served first and left out of the figures (default: max_running)")
+    w.add_argument("--concurrency", type=int_in(1, 1_000_000), default=None,
+                   help="most requests in flight (default: max_running in a closed loop; unbounded with a rate)")
+    w.add_argument("--request-rate", type=real_in(1e-6, 1e9), default=None,
+                   help="Poisson arrivals per second (default: closed loop)")
+    w.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="workload seed (prompts, lengths, arrivals)")
+
+
+def add_parsers(subparsers) -> list[argparse.ArgumentParser]:
+    """Add `sweep` and `bench serve`; returns the two leaf parsers (for the caller's common flags)."""
+    sweep = subparsers.add_parser("sweep", help="measure one workload under many layouts x chunk sizes x load",
+                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("--layouts", default="all",
+                       help="'all' (every valid layout of --devices devices) or comma-separated, e.g. DP8,TP2EP4")
+    sweep.add_argument("--chunk-sizes", type=int_list(1), default=[64], help="prefill chunk sizes (default 64)")
+    sweep.add_argument("--max-running", type=int_list(1), default=[8],
+                       help="ServeConfig.max_running values (default 8); a value not a multiple of a layout's batch "
+                            "shards is skipped for that layout")
+    sweep.add_argument("--ep-attention", default=None,
+                       help="comma-separated expert modes to run (e.g. data,replicated); default: the model's")
+    sweep.add_argument("--reference-layout", default=None,
+                       help="run this layout first (e.g. DP1) and check every configuration's greedy tokens against it")
+    sweep.add_argument("--out", default="out/sweep", help="output folder (resumed when it exists)")
+    sweep.add_argument("--retry-failed", action="store_true", help="run configurations in failures.jsonl again")
+    sweep.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar (one line per configuration)")
+    _add_common(sweep)
+    sweep.set_defaults(func=run_sweep_command)
+
+    bench = subparsers.add_parser("bench", help="measured runs of one configuration",
+                                  description="Measured runs. `moejax bench serve --help` for the options.")
+    modes = bench.add_subparsers(dest="bench_command", required=True)
+    serve = modes.add_parser("serve", help="serve one workload on one configuration and print a summary",
+                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--layout", default=DEFAULT_LAYOUT, help=f"e.g. DP2TP2EP2 (default {DEFAULT_LAYOUT})")
+    serve.add_argument("--chunk-size", type=int_in(1), default=64, help="prefill chunk size (default 64)")
+    serve.add_argument("--max-running", type=int_in(1), default=8, help="ServeConfig.max_running (default 8)")
+    serve.add_argument("--ep-attention", default=None, help="expert mode (default: the model's)")
+    serve.add_argument("--json", action="store_true", help="print the measurement as one JSON object")
+    serve.add_argument("--out", default=None, help="append the measurement as a JSON line (calibration schema)")
+    _add_common(serve)
+    serve.set_defaults(func=run_serve_command)
+    return [sweep, serve]
+
+
+# ---- host-side checks (before JAX starts) --------------------------------------------------------
+
+
+def _workload(args, cfg, sweep: bool):
+    from moejax.bench.workload import Workload, read_lengths
+
+    pairs = None
+    if args.lengths_file:
+        try:
+            pairs = read_lengths(args.lengths_file)
+        except ValueError as err:
+            raise UsageError(f"--lengths-file: {err}") from err
+    workload = Workload(input_len=args.input_len, output_len=args.output_len, pairs=pairs,
+                        pairs_source=args.lengths_file, num_requests=args.num_requests,
+                        warmup_requests=args.warmup_requests, concurrency=args.concurrency,
+                        request_rate=args.request_rate, seed=args.seed)
+    flags = "--lengths-file" if pairs else "--input-len / --output-len"
+    try:
+        workload.check(cfg.vocab_size, cfg.max_position_embeddings)
+    except ValueError as err:
+        raise UsageError(f"{flags}: {err}") from err
+    if sweep and workload.min_output_len < 2:
+        raise UsageError(f"{flags}: every request needs at least 2 output tokens for TPOT (the calibration schema "
+                         f"needs it), got a minimum of {workload.min_output_len}")
+    return workload
+
+
+def _modes(text: str | None, flag: str) -> tuple[str | None, ...]:
+    if text is None:
+        return (None,)
+    from moejax.inference import Model
+    from moejax.planner.workload import EP_ATTENTION_MODES
+
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in modes if m not in EP_ATTENTION_MODES]
+    if not modes or bad:
+        raise UsageError(f"{flag}: expected comma-separated modes from {list(EP_ATTENTION_MODES)}, got {text!r}")
+    if "ep_attention" not in inspect.signature(Model.__init__).parameters:
+        raise UsageError(f"{flag}: this moejax runtime has one expert mode (replicated); leave the flag out")
+    return modes
+
+
+def _layouts(text: str, cfg, flag: str) -> list | None:
+    """Parsed and validated layouts, or None for 'all' (resolved once the device count is known)."""
+    from moejax.mesh import Layout
+
+    if text.strip().lower() == "all":
+        return None
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            layout = Layout.parse(part).validate(cfg)
+        except ValueError as err:
+            raise UsageError(f"{flag}: {err}") from err
+        if layout not in out:
+            out.append(layout)
+    if not out:
+        raise UsageError(f"{flag}: no layout given in {text!r}")
+    return out
+
+
+def _check_sizes(args, cfg, chunks: list[int]) -> None:
+    limit = cfg.max_position_embeddings
+    for flag, values in (("--chunk-size(s)", chunks), ("--page-size", [args.page_size])):
+        for v in values:
+            if v > limit:
+                raise UsageError(f"{flag} {v} exceeds the model's context limit (max_position_embeddings={limit})")
+
+
+def _check_hardware(args) -> None:
+    if args.hardware != "auto":
+        from moejax.planner.hardware import load_hardware
+
+        load_hardware(args.hardware, efficiency=args.efficiency)  # FileNotFoundError / ValueError name the file
+
+
+def _resolve_hardware(args, device) -> str:
+    if args.hardware != "auto":
+        return args.hardware
+    if device.platform == "cpu":
+        return "cpu-host"
+    for tag, name in _GPU_HARDWARE:
+        if tag in device.device_kind.upper():
+            return name
+    from moejax.planner.hardware import list_hardware
+
+    raise UsageError(f"--hardware auto: no built-in config for device kind {device.device_kind!r}; pass --hardware "
+                     f"NAME (built-in: {list_hardware()}) or a YAML path")
+
+
+def _start_jax(layouts: list, devices_flag: int | None):
+    """Simulate CPU devices as needed, start JAX, and refuse layouts larger than the devices."""
+    from moejax.cli import _check_devices, _simulate_cpu_devices
+
+    need = max([lay.size for lay in layouts] + [devices_flag or 8])
+    simulated = _simulate_cpu_devices(need)
+    import jax
+
+    devices = jax.devices()
+    for layout in layouts:
+        _check_devices(layout, devices, simulated)
+    return devices
+
+
+# ---- moejax sweep --------------------------------------------------------------------------------
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    """`moejax sweep`: check everything on the host, then run the sweep and print its summary."""
+    from moejax.bench.sweep import SweepSpec, format_summary, read_rows, run_sweep
+    from moejax.mesh import Layout
+
+    cfg = read_model_config(args.model)
+    cfg.check_runtime_support()
+    workload = _workload(args, cfg, sweep=True)
+    layouts = _layouts(args.layouts, cfg, "--layouts")
+    reference = _layouts(args.reference_layout, cfg, "--reference-layout") if args.reference_layout else None
+    if reference is not None and len(reference) != 1:
+        raise UsageError(f"--reference-layout: give one layout, got {args.reference_layout!r}")
+    modes = _modes(args.ep_attention, "--ep-attention")
+    _check_sizes(args, cfg, args.chunk_sizes)
+    _check_hardware(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    for name in ("results.jsonl", "failures.jsonl"):
+        read_rows(out / name)  # a malformed file is refused now, not after the first configuration
+    devices = _start_jax((layouts or []) + (reference or []), args.devices)
+    if layouts is None:
+        n = args.devices or len(devices)
+        layouts = Layout.enumerate(n, cfg)
+        if not layouts:
+            raise UsageError(f"--layouts all: no layout of {n} devices can run {cfg.name}")
+        _start_jax(layouts, args.devices)
+    count = len(layouts) * len(modes) * len(args.chunk_sizes) * len(args.max_running)
+    if count > MAX_CONFIGS:
+        raise UsageError(f"the sweep has {count:_} configurations, more than {MAX_CONFIGS:_}; pass fewer values")
+    runnable = [(lay, mr) for lay in layouts for mr in args.max_running if mr % lay.data == 0]
+    if not runnable:
+        raise UsageError(f"--max-running {args.max_running}: no value is a multiple of the data factor of any "
+                         f"layout ({', '.join(str(x) for x in layouts)})")
+    spec = SweepSpec(model=args.model, layouts=tuple(layouts), chunk_sizes=tuple(args.chunk_sizes),
+                     max_running=tuple(args.max_running), workload=workload,
+                     hardware=_resolve_hardware(args, devices[0]), ep_attention=modes, dtype=args.dtype,
+                     seed=args.weights_seed, page_size=args.page_size, max_prefill_seqs=args.max_prefill_seqs,
+                     decode_buckets=args.decode_buckets, reference_layout=reference[0] if reference else None,
+                     efficiency=args.efficiency)
+    result = run_sweep(spec, out, progress=not args.no_progress, retry_failed=args.retry_failed,
+                       plots=not args.no_plot)
+    print(format_summary(result))
+    return 1 if result.failures else 0
+
+
+# ---- moejax bench serve --------------------------------------------------------------------------
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    """`moejax bench serve`: one configuration, a vllm-style summary (or one JSON object)."""
+    import jax
+
+    from moejax.bench import sweep as sweep_lib
+    from moejax.bench.serve import format_result
+    from moejax.planner.hardware import load_hardware
+
+    cfg = read_model_config(args.model)
+    cfg.check_runtime_support()
+    workload = _workload(args, cfg, sweep=False)
+    (layout,) = _layouts(args.layout, cfg, "--layout") or [None]
+    if layout is None:
+        raise UsageError("--layout: give one layout (not 'all'); `moejax sweep` runs many")
+    modes = _modes(args.ep_attention, "--ep-attention")
+    if len(modes) > 1:
+        raise UsageError("--ep-attention: give one mode; `moejax sweep` runs several")
+    mode = modes[0]
+    _check_sizes(args, cfg, [args.chunk_size])
+    if args.max_running % layout.data:
+        raise UsageError(f"--max-running {args.max_running} must be a multiple of the data factor of {layout} "
+                         f"({layout.data})")
+    _check_hardware(args)
+    devices = _start_jax([layout], args.devices)
+    spec = sweep_lib.SweepSpec(model=args.model, layouts=(layout,), chunk_sizes=(args.chunk_size,),
+                               max_running=(args.max_running,), workload=workload,
+                               hardware=_resolve_hardware(args, devices[0]), ep_attention=(mode,), dtype=args.dtype,
+                               seed=args.weights_seed, page_size=args.page_size,
+                               max_prefill_seqs=args.max_prefill_seqs, decode_buckets=args.decode_buckets,
+                               efficiency=args.efficiency)
+    hw = load_hardware(spec.hardware, efficiency=args.efficiency)
+    model = sweep_lib._build_model(spec, str(layout), mode)
+    shards = sweep_lib.batch_shards(model)
+    if args.max_running % shards:
+        raise UsageError(f"--max-running {args.max_running} must be a multiple of the {shards} batch shards of "
+                         f"{layout} in expert mode {sweep_lib.ep_mode(model)!r}")
+    counter = sweep_lib._CompileCounter()
+    jax.monitoring.register_event_duration_secs_listener(counter)
+    try:
+        row, _ = sweep_lib.run_config(spec, model, args.chunk_size, args.max_running, hw, counter)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(counter)
+    row["ep_attention_requested"] = mode or sweep_lib.DEFAULT
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    if args.json:
+        json.dump(row, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    decode = row["comm"]["decode"]
+    header = [("Model", cfg.name), ("Layout", f"{row['layout']} ({row['devices']} {row['platform']})"),
+              ("Expert mode", row["ep_attention"]),
+              ("Chunk size / max running", f"{args.chunk_size} / {args.max_running}"),
+              ("Compile time (s)", f"{row['compile_s']:.2f}"),
+              ("Warm-up requests (s)", f"{row['warmup_requests_s']:.2f}"),
+              ("Program memory per device (MiB)", f"{row['peak_memory_bytes'] / 2**20:.1f}"),
+              ("Decode step comm per device (KiB)", f"{decode['wire_bytes'] / 1024:.1f}")]
+    print(format_result(row, header=header))  # the row carries every key of RunResult.metrics()
+    if decode["weight_moves"] or row["comm"]["prefill"]["weight_moves"]:
+        print("WARNING: the compiled step moves weights: " + "; ".join(decode["weight_moves"]
+                                                                       + row["comm"]["prefill"]["weight_moves"]))
+    if row["platform"] == "cpu":
+        print(f"note: {sweep_lib.CPU_CAVEAT}.")
+    return 0

@@ -1,0 +1,566 @@
+"""Layout sweep: one workload under many layouts x expert modes x chunk sizes x max-running, measured.
+
+For each configuration: build the engine on the layout's placed model (placed once per layout and
+expert mode), warm it up (compile time reported apart), read the collectives of its decode step and
+prefill chunk from the compiled HLO (`moejax.bench.comm`), serve the workload's warm-up requests,
+then the measured ones (`moejax.bench.serve`), and append one JSON line.
+
+Output folder (`run_sweep(..., out_dir)`):
+
+- `results.jsonl`: one line per measured configuration, in the planner's calibration schema
+  (`moejax.planner.calibrate`: model, hardware, layout, precision, batch_size = max_running,
+  chunk_size, isl / osl = the workload's mean lengths, ttft_s, tpot_s, tokens_per_s_per_device,
+  tokens_per_s_per_user, ep_attention) plus everything else measured (percentiles, compile time,
+  memory, communication, the planner's prediction, a digest of the greedy output tokens).
+- `failures.jsonl`: one line per configuration that raised, with the error; the sweep goes on.
+- `results.csv`, `comm.csv`: flat tables of both; `tradeoff.png`, `latency_vs_chunk.png` (`plots`).
+
+Re-running with the same folder skips every configuration already in `results.jsonl` or
+`failures.jsonl` (same model, platform, layout, expert mode, chunk, max_running, dtype, engine
+knobs and workload), so an interrupted sweep resumes; `retry_failed` runs the failed ones again.
+A configuration whose max_running is not a multiple of the model's batch shards is skipped, named.
+
+Nothing here depends on how a layout is run: batch shards come from the engine, the expert mode
+from the model, and every collective from the compiled program, so a new parallel mode needs no
+change. On simulated CPU devices the figures check correctness and communication volume, never
+speed: the devices share the host's cores (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import gc
+import json
+import math
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moejax.bench import comm
+from moejax.bench.serve import Collector, RunResult, serve
+from moejax.bench.workload import Workload
+from moejax.mesh import Layout
+
+KEY_FIELDS = ("model", "platform", "layout", "ep_attention_requested", "chunk_size", "max_running", "dtype",
+              "page_size", "max_prefill_seqs", "decode_buckets", "workload_id")
+PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}  # planner names (f16: same bytes as bf16)
+DEFAULT = "default"  # ep_attention_requested when the model's own default mode is used
+LAYER_SCOPES = ("attn", "moe", "mlp", "ffn", "shared")  # named blocks inside a layer (the planner's per-layer terms)
+CPU_CAVEAT = ("simulated CPU devices share the host's cores: these figures check correctness and communication "
+              "volume, not which layout is faster")
+_COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What to sweep.
+
+    Attributes:
+        model: a config name in configs/models, a YAML path or a checkpoint directory (as `moejax.load` takes).
+        layouts: layouts to run.
+        chunk_sizes: prefill chunk sizes.
+        max_running: ServeConfig.max_running values (requests running at once over the mesh).
+        workload: the requests (`moejax.bench.workload.Workload`).
+        hardware: planner hardware name for the calibration rows and predictions (e.g. 'cpu-host').
+        ep_attention: expert modes to run (`Model(ep_attention=...)`); None: the model's default.
+        dtype: serving dtype. seed: random-weight seed (config-name models).
+        page_size, max_prefill_seqs: ServeConfig knobs, fixed over the sweep.
+        decode_buckets: 'pow2' (the engine's powers of two up to the slots) or 'max' (one bucket: fewer compiles).
+        reference_layout: run first (e.g. DP1); every row records whether its greedy tokens equal it.
+        efficiency: efficiency factors file for the planner's predictions (calibration output).
+    """
+
+    model: str
+    layouts: tuple[Layout, ...]
+    chunk_sizes: tuple[int, ...] = (64,)
+    max_running: tuple[int, ...] = (8,)
+    workload: Workload = Workload()
+    hardware: str = "cpu-host"
+    ep_attention: tuple[str | None, ...] = (None,)
+    dtype: str = "float32"
+    seed: int = 0
+    page_size: int = 16
+    max_prefill_seqs: int = 1
+    decode_buckets: str = "pow2"
+    reference_layout: Layout | None = None
+    efficiency: str | None = None
+
+    def __post_init__(self):
+        if self.decode_buckets not in ("pow2", "max"):
+            raise ValueError(f"decode_buckets must be 'pow2' or 'max', got {self.decode_buckets!r}")
+        if self.dtype not in PRECISION:
+            raise ValueError(f"dtype must be one of {sorted(PRECISION)}, got {self.dtype!r}")
+        for name in ("layouts", "chunk_sizes", "max_running", "ep_attention"):
+            if not getattr(self, name):
+                raise ValueError(f"SweepSpec.{name} is empty")
+
+    @property
+    def max_len(self) -> int:
+        return self.workload.max_total_len
+
+    def configs(self) -> list[dict]:
+        """Every (layout, expert mode, chunk, max_running) to run, reference first, as key dicts (no platform)."""
+        out = []
+        if self.reference_layout is not None:
+            out.append(self._config(self.reference_layout, None, self.chunk_sizes[0], self.max_running[0]))
+        for layout in self.layouts:
+            for mode in self.ep_attention:
+                for mr in self.max_running:
+                    for chunk in self.chunk_sizes:
+                        cfg = self._config(layout, mode, chunk, mr)
+                        if cfg not in out:
+                            out.append(cfg)
+        return out
+
+    def _config(self, layout: Layout, mode: str | None, chunk: int, mr: int) -> dict:
+        return {"model": self.model, "layout": str(layout), "ep_attention_requested": mode or DEFAULT,
+                "chunk_size": chunk, "max_running": mr, "dtype": self.dtype, "page_size": self.page_size,
+                "max_prefill_seqs": self.max_prefill_seqs, "decode_buckets": self.decode_buckets,
+                "workload_id": self.workload.workload_id}
+
+
+@dataclass
+class SweepResult:
+    """What a sweep run produced (rows of this spec: measured now or found in the folder)."""
+
+    rows: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+    skipped: list[tuple[dict, str]] = field(default_factory=list)  # (config, why)
+    measured: int = 0  # configurations run in this call
+    outputs: dict[tuple, list[list[int]]] = field(default_factory=dict)  # key -> greedy outputs (this call)
+    reference_digest: str | None = None
+    paths: dict[str, Path] = field(default_factory=dict)
+    platform: str = ""
+    seconds: float = 0.0
+
+
+def key_of(row: dict) -> tuple:
+    return tuple(row.get(k) for k in KEY_FIELDS)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The JSON lines of `path` (none if it does not exist); ValueError naming the line if one is not JSON."""
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not a JSON line ({err}); fix or remove it to resume the sweep") from err
+    return rows
+
+
+# ---- one configuration -------------------------------------------------------------------------
+
+
+class _CompileCounter:
+    """Counts compilations (and their seconds) while active, from jax.monitoring events."""
+
+    def __init__(self):
+        self.count, self.seconds, self._on = 0, 0.0, False
+
+    def __call__(self, event: str, duration: float, **kwargs) -> None:
+        if self._on and event in _COMPILE_EVENTS:
+            self.seconds += duration
+            self.count += event == _COMPILE_EVENTS[0]
+
+    def __enter__(self):
+        self.count, self.seconds, self._on = 0, 0.0, True
+        return self
+
+    def __exit__(self, *exc):
+        self._on = False
+
+
+def ep_mode(model) -> str:
+    """The model's expert-axis mode ('replicated' for a model that predates the choice)."""
+    return getattr(model, "ep_attention", getattr(model, "ep_mode", "replicated"))
+
+
+def batch_shards(model) -> int:
+    """Request groups of the model (data, or data x expert in the 'data' expert mode)."""
+    return getattr(model, "batch_shards", model.layout.data)
+
+
+def _serve_config(spec: SweepSpec, model, chunk: int, mr: int):
+    import moejax
+    from moejax.kv_cache import pages_for
+
+    shards = batch_shards(model)
+    slots = mr // shards
+    # One pool size per model (the most slots any max_running needs): the cache shape, and so the compiled
+    # step, is then shared by every configuration of this layout.
+    pool = math.ceil(max(spec.max_running) / shards) * pages_for(spec.max_len, spec.page_size)
+    return moejax.ServeConfig(max_running=mr, page_size=spec.page_size, num_pages=pool, chunk_size=chunk,
+                              max_prefill_seqs=spec.max_prefill_seqs, max_model_len=spec.max_len,
+                              decode_buckets=(slots,) if spec.decode_buckets == "max" else None)
+
+
+def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _CompileCounter) -> tuple[dict, RunResult]:
+    """Build, warm up, account and serve one configuration on a placed model; returns (row, result)."""
+    import jax
+
+    import moejax
+
+    collector = Collector()
+    engine = moejax.Engine(model, _serve_config(spec, model, chunk, mr), on_finish=collector)
+    t0 = time.perf_counter()
+    with counter:
+        engine.warmup()
+        warmup_s = time.perf_counter() - t0
+        accounts = comm.account(engine)
+    compile_s, compiles = counter.seconds, counter.count
+    with counter:
+        result, warm_requests_s = serve(engine, collector, spec.workload)
+    metrics = result.metrics()
+    if metrics["tpot_s"] is None or not metrics["ttft_s"]:
+        raise RuntimeError("no request made two tokens, so TPOT is undefined; use output lengths >= 2")
+    cfg, layout = model.cfg, model.layout
+    isl, osl = spec.workload.mean_lengths(cfg.vocab_size)
+    act_bytes = jax.numpy.dtype(model.dtype).itemsize
+    planner = {phase: comm.planner_volume(cfg, layout, ep_mode(model), accounts["tokens"][phase], act_bytes, hw)
+               for phase in ("decode", "prefill")}
+    device_peak = [d.memory_stats().get("peak_bytes_in_use") for d in model.mesh.devices.flat if d.memory_stats()]
+    row = {
+        "model": spec.model, "hardware": spec.hardware, "layout": str(layout),
+        "precision": PRECISION[spec.dtype], "kv_precision": PRECISION[spec.dtype],
+        "batch_size": mr, "chunk_size": chunk, "isl": isl, "osl": osl,
+        "ttft_s": metrics["ttft_s"], "tpot_s": metrics["tpot_s"],
+        "tokens_per_s_per_device": metrics["tokens_per_s_per_device"],
+        "tokens_per_s_per_user": metrics["tokens_per_s_per_user"], "ep_attention": ep_mode(model),
+        # the configuration (KEY_FIELDS) and context
+        "ep_attention_requested": None, "max_running": mr, "dtype": spec.dtype, "page_size": spec.page_size,
+        "max_prefill_seqs": spec.max_prefill_seqs, "decode_buckets": spec.decode_buckets,
+        "workload_id": spec.workload.workload_id, "workload": spec.workload.describe(),
+        "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
+        "devices": layout.size, "batch_shards": engine.data, "decode_bucket_sizes": list(engine.decode_buckets),
+        **{k: v for k, v in metrics.items() if k not in ("ttft_s", "tpot_s", "tokens_per_s_per_device",
+                                                         "tokens_per_s_per_user")},
+        "warmup_s": warmup_s, "compile_s": compile_s, "compilations": compiles,
+        "compilations_during_run": counter.count, "warmup_requests_s": warm_requests_s,
+        "peak_memory_bytes": accounts["program_bytes"],
+        "device_peak_bytes_in_use": max(device_peak) if device_peak else None,
+        "comm": {phase: accounts[phase] for phase in ("decode", "prefill")}, "comm_tokens": accounts["tokens"],
+        "planner_comm": planner, "output_digest": result.output_digest,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    row["predicted"] = _predicted(row, hw)
+    return row, result
+
+
+def _predicted(row: dict, hw) -> dict | None:
+    from moejax.planner.calibrate import predict_measurement
+
+    try:
+        p = predict_measurement(row, hw)
+    except (ValueError, KeyError, FileNotFoundError):
+        return None
+    return {"ttft_s": p.ttft_s, "tpot_s": p.tpot_s, "tokens_per_s_per_device": p.tokens_per_s_per_device,
+            "tokens_per_s_per_user": p.tokens_per_s_per_user, "feasible": p.feasible}
+
+
+# ---- the sweep ---------------------------------------------------------------------------------
+
+
+def _build_model(spec: SweepSpec, layout: str, mode: str | None):
+    from pathlib import Path as _P
+
+    import moejax
+
+    kwargs = {"layout": layout, "dtype": spec.dtype}
+    if mode is not None:
+        kwargs["ep_attention"] = mode
+    if _P(spec.model).is_dir():
+        return moejax.load(spec.model, **kwargs)
+    return moejax.Model.random(moejax.load_model_config(spec.model), seed=spec.seed, **kwargs)
+
+
+def run_sweep(spec: SweepSpec, out_dir: str | Path, *, progress: bool = True, retry_failed: bool = False,
+              models: dict | None = None, plots: bool = True, log: Callable[[str], None] = print) -> SweepResult:
+    """Run every configuration of `spec` not yet in `out_dir`; write JSON lines, CSV and plots there.
+
+    Args:
+        spec: what to sweep.
+        out_dir: the output folder (created); its results are resumed (see the module docstring).
+        progress: show a progress bar (rich) with the current configuration and an ETA.
+        retry_failed: run configurations recorded in failures.jsonl again.
+        models: a dict reused across calls to keep placed models (and their compiled steps) by
+            (model, layout, mode, dtype, seed); None: placed per call and freed after each layout.
+        plots: write the PNG plots.
+        log: where one line per configuration goes.
+
+    Returns:
+        A SweepResult; `rows` holds this spec's measured rows (found or new) in configuration order.
+    """
+    import jax
+
+    from moejax.planner.hardware import load_hardware
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path, failures_path = out / "results.jsonl", out / "failures.jsonl"
+    done = {key_of(r): r for r in read_rows(results_path)}
+    failed = {key_of(r): r for r in read_rows(failures_path)}
+    hw = load_hardware(spec.hardware, efficiency=spec.efficiency)
+    platform = jax.devices()[0].platform
+    res = SweepResult(platform=platform)
+    configs = [{**c, "platform": platform} for c in spec.configs()]
+    todo = []
+    for c in configs:
+        k = key_of(c)
+        if k in done:
+            res.skipped.append((c, "already in results.jsonl"))
+        elif k in failed and not retry_failed:
+            res.skipped.append((c, "failed before (failures.jsonl); pass retry_failed to run it again"))
+        else:
+            todo.append(c)
+    ref = configs[0] if spec.reference_layout is not None else None
+    if ref is not None and key_of(ref) in done:
+        res.reference_digest = done[key_of(ref)]["output_digest"]
+    counter = _CompileCounter()
+    jax.monitoring.register_event_duration_secs_listener(counter)
+    own = models is None
+    models = {} if own else models
+    bar = _Progress(len(todo), progress)
+    try:
+        with bar:
+            for i, c in enumerate(todo):
+                bar.start(c)
+                row = _run_one(spec, c, models, hw, counter, res, failures_path, bar.log if progress else log)
+                if row is not None:
+                    if c is ref:
+                        res.reference_digest = row["output_digest"]
+                    row["tokens_match_reference"] = (None if res.reference_digest is None
+                                                     else row["output_digest"] == res.reference_digest)
+                    _append(results_path, row)
+                    done[key_of(row)] = row
+                bar.advance()
+                if own and not any(_model_key(spec, x) == _model_key(spec, c) for x in todo[i + 1:]):
+                    models.pop(_model_key(spec, c), None)  # free a layout's weights once its configurations ran
+                    gc.collect()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(counter)
+    res.rows = [done[key_of(c)] for c in configs if key_of(c) in done]
+    for row in res.rows:
+        if row.get("tokens_match_reference") is None and res.reference_digest is not None:
+            row["tokens_match_reference"] = row["output_digest"] == res.reference_digest
+    res.paths = write_tables(out)
+    if plots and res.rows:
+        from moejax.bench import plots as plots_lib
+
+        res.paths.update(plots_lib.write_plots(res.rows, out, hw))
+    res.seconds = time.perf_counter() - start
+    return res
+
+
+def _model_key(spec: SweepSpec, c: dict) -> tuple:
+    return (spec.model, c["layout"], c["ep_attention_requested"], spec.dtype, spec.seed)
+
+
+def _run_one(spec: SweepSpec, c: dict, models: dict, hw, counter: _CompileCounter, res: SweepResult,
+             failures_path: Path, log: Callable[[str], None]) -> dict | None:
+    """Run configuration `c`; record a failure (and return None) if anything raises."""
+    mk = _model_key(spec, c)
+    stage = "place"
+    try:
+        if mk not in models:
+            t = time.perf_counter()
+            mode = None if c["ep_attention_requested"] == DEFAULT else c["ep_attention_requested"]
+            models[mk] = (_build_model(spec, c["layout"], mode), time.perf_counter() - t)
+        model, place_s = models[mk]
+        shards = batch_shards(model)
+        if c["max_running"] % shards:
+            why = f"max_running {c['max_running']} is not a multiple of the {shards} batch shards of {c['layout']}"
+            res.skipped.append((c, why))
+            log(f"skip  {_label(c)}: {why}")
+            return None
+        stage = "run"
+        row, result = run_config(spec, model, c["chunk_size"], c["max_running"], hw, counter)
+    except Exception as err:  # noqa: BLE001 - a failed configuration is recorded and the sweep goes on
+        failure = {**c, "stage": stage, "error": f"{type(err).__name__}: {' '.join(str(err).split())}"[:2000],
+                   "traceback": traceback.format_exc(limit=6)[-4000:],
+                   "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        _append(failures_path, failure)
+        res.failures.append(failure)
+        log(f"FAIL  {_label(c)}: {failure['error'][:200]}")
+        return None
+    row.update({"ep_attention_requested": c["ep_attention_requested"], "place_s": place_s})
+    res.outputs[key_of(row)] = result.outputs
+    res.measured += 1
+    log(f"done  {_label(c)}: {row['tokens_per_s_per_device']:.1f} tok/s/device, "
+        f"{row['tokens_per_s_per_user']:.1f} tok/s/user, TTFT {row['ttft_s'] * 1e3:.1f} ms, "
+        f"TPOT {row['tpot_s'] * 1e3:.2f} ms, compile {row['compile_s']:.1f} s")
+    return row
+
+
+def _label(c: dict) -> str:
+    mode = "" if c["ep_attention_requested"] == DEFAULT else f" ep={c['ep_attention_requested']}"
+    return f"{c['layout']}{mode} chunk {c['chunk_size']} max_running {c['max_running']}"
+
+
+def _append(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+class _Progress:
+    """A rich progress bar over the configurations (current one, count, elapsed, ETA), or nothing."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self._bar, self._task = total, enabled, None, None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich import progress as rp
+            from rich.console import Console
+
+            self._bar = rp.Progress(rp.TextColumn("[bold]sweep[/bold] {task.description}"), rp.BarColumn(),
+                                    rp.MofNCompleteColumn(), rp.TimeElapsedColumn(), rp.TextColumn("ETA"),
+                                    rp.TimeRemainingColumn(), console=Console(stderr=True))
+            self._bar.__enter__()
+            self._task = self._bar.add_task("", total=self.total)
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def start(self, c: dict) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, description=_label(c))
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def log(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(line, markup=False, highlight=False)
+        else:
+            print(line)
+
+
+# ---- tables ------------------------------------------------------------------------------------
+
+_CSV_METRICS = ("ttft_s", "tpot_s", "e2e_s", "tokens_per_s", "tokens_per_s_per_device", "tokens_per_s_per_user",
+                "ttft_s_p50", "ttft_s_p90", "ttft_s_p99", "tpot_s_p50", "tpot_s_p90", "tpot_s_p99", "e2e_s_p50",
+                "e2e_s_p90", "e2e_s_p99", "tokens_per_s_per_user_p50", "tokens_per_s_per_user_p90",
+                "tokens_per_s_per_user_p99", "num_requests", "output_tokens", "duration_s", "errors", "preemptions",
+                "warmup_s", "compile_s", "compilations", "compilations_during_run", "place_s", "peak_memory_bytes",
+                "device_peak_bytes_in_use", "ep_attention", "batch_shards", "devices", "isl", "osl",
+                "output_digest", "tokens_match_reference")
+
+
+def comm_rows(row: dict) -> list[dict]:
+    """Flat per-phase communication rows of one measured configuration: HLO bytes by kind, scope, and planner."""
+    out = []
+    for phase in ("decode", "prefill"):
+        hlo, plan = row["comm"][phase], row["planner_comm"][phase]
+        layers = sum(v for s, v in hlo["by_scope"].items() if s in LAYER_SCOPES)
+        sends = hlo["by_kind"]["collective-permute"]["wire_bytes"]
+        entry = {k: row[k] for k in ("layout", "ep_attention", "chunk_size", "max_running")}
+        entry.update({"phase": phase, "tokens_per_shard": row["comm_tokens"][phase],
+                      "hlo_wire_bytes": hlo["wire_bytes"], "hlo_layer_bytes": layers, "hlo_send_bytes": sends,
+                      "hlo_other_bytes": hlo["wire_bytes"] - layers - sends,
+                      "planner_layer_bytes": plan["layers"], "planner_tensor_bytes": plan["tensor"],
+                      "planner_expert_bytes": plan["expert"], "planner_send_bytes": plan["send"],
+                      "layer_ratio": layers / plan["layers"] if plan["layers"] else None,
+                      "weight_moves": "; ".join(hlo["weight_moves"])})
+        for kind, v in hlo["by_kind"].items():
+            entry[f"{kind}_count"] = v["count"]
+            entry[f"{kind}_wire_bytes"] = v["wire_bytes"]
+        entry["scopes"] = "; ".join(f"{s}={v:.0f}" for s, v in hlo["by_scope"].items())
+        out.append(entry)
+    return out
+
+
+def write_tables(out: Path) -> dict[str, Path]:
+    """results.csv (measured and failed configurations) and comm.csv from the folder's JSON lines."""
+    rows, fails = read_rows(out / "results.jsonl"), read_rows(out / "failures.jsonl")
+    paths = {"results_jsonl": out / "results.jsonl", "failures_jsonl": out / "failures.jsonl"}
+    fields = ["status", *KEY_FIELDS, *_CSV_METRICS, "error"]
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({"status": "ok", **r})
+        for r in fails:
+            writer.writerow({"status": "error", **r})
+    paths["results_csv"] = out / "results.csv"
+    flat = [e for r in rows for e in comm_rows(r)]
+    if flat:
+        with (out / "comm.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(flat[0]))
+            writer.writeheader()
+            writer.writerows(flat)
+        paths["comm_csv"] = out / "comm.csv"
+        (out / "comm.md").write_text(comm_table(flat))
+        paths["comm_md"] = out / "comm.md"
+    return paths
+
+
+def comm_table(flat: list[dict]) -> str:
+    """A markdown table of `comm_rows`: bytes one device sends per step, compiled HLO beside the planner."""
+    lines = ["| layout | expert mode | phase | tokens / shard | HLO layers (attn + moe) | planner layers "
+             "(TP + expert) | ratio | HLO sends | planner sends | HLO outside layers | weights moved |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for e in flat:
+        scopes = dict(part.split("=") for part in e["scopes"].split("; ") if part)
+        layer = "+".join(f"{float(scopes.get(s, 0)):.0f}" for s in ("attn", "moe"))
+        other = ", ".join(f"{s} {float(v):.0f}" for s, v in scopes.items()
+                          if s not in LAYER_SCOPES and s != "ppermute" and float(v) > 0) or "-"
+        ratio = "-" if e["layer_ratio"] is None else f"{e['layer_ratio']:.2f}"
+        lines.append(f"| {e['layout']} | {e['ep_attention']} | {e['phase']} | {e['tokens_per_shard']} | "
+                     f"{e['hlo_layer_bytes']:.0f} ({layer}) | {e['planner_layer_bytes']:.0f} "
+                     f"({e['planner_tensor_bytes']:.0f}+{e['planner_expert_bytes']:.0f}) | {ratio} | "
+                     f"{e['hlo_send_bytes']:.0f} | {e['planner_send_bytes']:.0f} | {other} | "
+                     f"{e['weight_moves'] or 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def format_summary(res: SweepResult, limit: int = 60) -> str:
+    """What `moejax sweep` prints: a row per configuration, token agreement, skips, failures, files, caveat."""
+    head = (f"{'layout':<14} {'ep':<10} {'chunk':>5} {'maxrun':>6} {'tok/s/dev':>9} {'tok/s/user':>10} "
+            f"{'TTFT ms':>8} {'TPOT ms':>8} {'compile s':>9} {'decode comm B':>13} {'planner B':>10} {'tokens':>6}")
+    lines = [head, "-" * len(head)]
+    for r in res.rows[:limit]:
+        hlo = r["comm"]["decode"]
+        layers = sum(v for s, v in hlo["by_scope"].items() if s in LAYER_SCOPES)
+        ok = {True: "same", False: "DIFF", None: "-"}[r.get("tokens_match_reference")]
+        flag = " WEIGHTS MOVE" if hlo["weight_moves"] or r["comm"]["prefill"]["weight_moves"] else ""
+        lines.append(f"{r['layout']:<14} {r['ep_attention']:<10} {r['chunk_size']:>5} {r['max_running']:>6} "
+                     f"{r['tokens_per_s_per_device']:>9.1f} {r['tokens_per_s_per_user']:>10.1f} "
+                     f"{r['ttft_s'] * 1e3:>8.1f} {r['tpot_s'] * 1e3:>8.2f} {r['compile_s']:>9.1f} "
+                     f"{layers:>13.0f} {r['planner_comm']['decode']['layers']:>10.0f} {ok:>6}{flag}")
+    if len(res.rows) > limit:
+        lines.append(f"... {len(res.rows) - limit} more in results.csv")
+    digests = {r["output_digest"] for r in res.rows}
+    match = [r.get("tokens_match_reference") for r in res.rows]
+    lines.append("")
+    if res.reference_digest is not None:
+        lines.append(f"greedy tokens: {sum(m is True for m in match)} of {len(res.rows)} configurations equal the "
+                     f"reference run's" + ("" if all(m is True for m in match) else " (DIFF: see tokens column)"))
+    else:
+        lines.append(f"greedy tokens: {len(digests)} distinct output digest(s) over {len(res.rows)} configurations")
+    lines.append(f"measured now: {res.measured}, skipped: {len(res.skipped)}, failed now: {len(res.failures)}")
+    for c, why in res.skipped[:8]:
+        if "already" not in why:
+            lines.append(f"  skipped {_label(c)}: {why}")
+    for f in res.failures[:8]:
+        lines.append(f"  FAILED {_label(f)}: {f['error'][:160]}")
+    lines.append("decode comm B: bytes one device sends per decode step in the layers' collectives (compiled HLO); "
+                 "planner B: the planner's volume for them")
+    for name, path in res.paths.items():
+        if Path(path).exists():
+            lines.append(f"{name}: {path}")
+    if res.platform == "cpu":
+        lines.append(f"note: {CPU_CAVEAT}.")
+    lines.append(f"swept in {res.seconds:.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""`moejax sweep` and `moejax bench serve`: one-line errors (exit 2) before any model work, and real runs.
+
+The real runs reuse the session's placed models (the CLI's own `_build_model` is swapped for the shared
+cache, so the same compiled steps serve); everything else is the command's own path.
+"""
+
+import json
+
+import pytest
+
+import moejax
+from moejax import cli
+from moejax.bench import sweep
+from moejax.planner.calibrate import read_measurements
+from tests.bench.conftest import MODEL
+
+WORKLOAD = ["--input-len", "4:12", "--output-len", "4", "--num-requests", "8", "--warmup-requests", "0",
+            "--seed", "3", "--decode-buckets", "max", "--chunk-sizes", "16", "--max-running", "8"]
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("model work reached")
+
+    monkeypatch.setattr(moejax.Model, "__init__", refuse)
+    monkeypatch.setattr(moejax.Engine, "__init__", refuse)
+
+
+@pytest.fixture
+def shared_models(monkeypatch, sweep_models):
+    real = sweep._build_model
+
+    def cached(spec, layout, mode):
+        key = (spec.model, layout, mode or sweep.DEFAULT, spec.dtype, spec.seed)
+        if key not in sweep_models:
+            sweep_models[key] = (real(spec, layout, mode), 0.0)
+        return sweep_models[key][0]
+
+    monkeypatch.setattr(sweep, "_build_model", cached)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sweep", "--layouts", "TP3"], "--layouts: layout TP3 cannot run model tiny-moe: Total number of attention "
+                                    "heads (8) must be divisible by tensor (3)"),
+    (["sweep", "--layouts", "DP2,XX"], "--layouts: cannot parse layout 'XX'"),
+    (["sweep", "--input-len", "0"], "argument --input-len: a length must be an integer >= 1"),
+    (["sweep", "--output-len", "1"], "every request needs at least 2 output tokens for TPOT"),
+    (["sweep", "--input-len", "2000:2040", "--output-len", "16"], "(prompt + output = 2056 tokens) exceeds the "
+                                                                  "model's context limit"),
+    (["sweep", "--chunk-sizes", "64,4096"], "--chunk-size(s) 4096 exceeds the model's context limit"),
+    (["sweep", "--chunk-sizes", "0"], "argument --chunk-sizes: each entry must be an integer in"),
+    (["sweep", "--hardware", "nope"], "hardware config 'nope' not found"),
+    (["sweep", "--lengths-file", "{tmp}/missing.json"], "lengths file"),
+    (["sweep", "--lengths-file", "{tmp}/bad.json"], "--lengths-file: {tmp}/bad.json: entry 1: output_len must be"),
+    (["sweep", "--ep-attention", "foo"], "--ep-attention: expected comma-separated modes"),
+    (["sweep", "--layouts", "DP2,DP4", "--max-running", "3"], "no value is a multiple of the data factor"),
+    (["sweep", "--reference-layout", "DP1,DP2"], "--reference-layout: give one layout"),
+    (["sweep", "--out", "{tmp}/afile"], "exists and is not a folder"),
+    (["sweep", "--out", "{tmp}/corrupt"], "results.jsonl:2: not a JSON line"),
+    (["sweep", "--layouts", "DP16"], "layout DP16 needs 16 devices but only 8 cpu devices are available"),
+    (["bench", "serve", "--layout", "all"], "--layout: give one layout (not 'all')"),
+    (["bench", "serve", "--layout", "DP2TP2EP2", "--max-running", "3"], "--max-running 3 must be a multiple of the "
+                                                                        "data factor of DP2TP2EP2 (2)"),
+    (["bench", "serve", "--request-rate", "0"], "argument --request-rate: must be a finite number"),
+    (["bench", "serve", "--model", "nope"], "no model config 'nope'"),
+    (["bench"], "the following arguments are required: bench_command"),
+])
+def test_mistakes_are_one_line_before_model_work(argv, message, tmp_path, capsys, no_model_work):
+    (tmp_path / "bad.json").write_text("[[4, 0]]")
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "results.jsonl").write_text('{"model": "x"}\n{oops\n')
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moejax: error: ") and "\n" not in err
+    assert message.replace("{tmp}", str(tmp_path)) in err
+
+
+def test_sweep_command(tmp_path, capsys, shared_models):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--model", MODEL, "--layouts", "DP2TP2EP2", "--reference-layout", "DP1", "--out", str(out),
+            "--no-progress", *WORKLOAD]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "greedy tokens: 2 of 2 configurations equal the reference run's" in text
+    assert "note: simulated CPU devices share the host's cores" in text
+    rows = read_measurements(out / "results.jsonl")
+    assert [r["layout"] for r in rows] == ["DP1", "DP2TP2EP2"] and rows[0]["hardware"] == "cpu-host"
+    assert {p.name for p in out.iterdir()} >= {"results.jsonl", "results.csv", "comm.csv", "comm.md", "tradeoff.png",
+                                              "latency_vs_chunk.png"}
+    assert cli.main(argv) == 0  # again: nothing left to run
+    assert "measured now: 0, skipped: 2, failed now: 0" in capsys.readouterr().out
+
+
+def test_bench_serve_command(tmp_path, capsys, shared_models):
+    argv = ["bench", "serve", "--model", MODEL, "--layout", "DP1", "--chunk-size", "16", "--out",
+            str(tmp_path / "one.jsonl"), *WORKLOAD[:-4]]
+    assert cli.main(argv + ["--max-running", "8"]) == 0
+    text = capsys.readouterr().out
+    for line in ("Serving Benchmark Result", "Successful requests:", "P99 TTFT (ms):", "Mean TPOT (ms):",
+                 "Output tokens/s per device:", "note: simulated CPU devices"):
+        assert line in text
+    assert cli.main(argv + ["--max-running", "8", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["layout"] == "DP1" and row["num_requests"] == 8 and row["output_tokens"] == 32
+    assert len(read_measurements(tmp_path / "one.jsonl")) == 2
