@@ -76,8 +76,9 @@ def use(ep_attention: str):
 
 
 def tokens_split_over_experts() -> bool:
-    """True when the devices of an expert group hold different tokens (the "data" mode)."""
-    return bool(set(mesh_axes("batch")) & set(mesh_axes("experts")))
+    """Inside a shard_map body: True when the devices of an expert group hold different tokens (the "data"
+    mode on an expert axis of more than one device)."""
+    return bool(set(mesh_axes("batch")) & set(_split("experts")))
 
 
 def mesh_axes(*logical: str) -> tuple[str, ...]:
