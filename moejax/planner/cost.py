@@ -26,7 +26,8 @@ Time model (every assumption here is also in docs/planner.md):
   (ring: 2 (t-1)/t x bytes, 2 ceil(log2 t) latency steps). With `ep_attention='data'`, each MoE layer does an
   all-to-all dispatch and a combine: every token goes to the distinct remote expert ranks its top-X experts
   live on (the top-k fan-out, `expert_fanout`), D values each way. With `ep_attention='replicated'` the MoE
-  output is all-reduced over the expert axis instead. A collective whose group fits one NVLink domain uses
+  block's all-reduce spans tensor x expert (it finishes the TP FFN and combines the experts in one
+  collective, as the runtime does) in place of the FFN's TP all-reduce. A collective whose group fits one NVLink domain uses
   NVLink, otherwise the scale-out network (`Hardware.link`); groups are placed tensor innermost, then expert,
   then stage, then data.
 """
@@ -207,8 +208,11 @@ def stage_comm_time(cfg: ModelConfig, layout: Layout, hw: Hardware, workload: Wo
             volume += stage.moe_layers * 2 * a2a_bytes
             seconds += stage.moe_layers * 2 * alltoall_time(a2a_bytes, e, bw_e, lat_e)
         else:
-            volume += stage.moe_layers * 2.0 * (e - 1) / e * group_bytes
-            seconds += stage.moe_layers * allreduce_time(group_bytes, e, bw_e, lat_e)
+            # The MoE block's all-reduce spans tensor x expert (it finishes the tensor-parallel FFN and
+            # combines the experts at once, as the runtime does) instead of the FFN's TP all-reduce.
+            volume += stage.moe_layers * (2.0 * (t * e - 1) / (t * e) * group_bytes - tp_bytes)
+            seconds += stage.moe_layers * (allreduce_time(group_bytes, t * e, bw_e, lat_e)
+                                           - allreduce_time(group_bytes, t, bw_t, lat_t))
     return volume, seconds
 
 

@@ -53,14 +53,9 @@ def _check_comm(row):
         assert plan["send"] == pytest.approx((s - 1) * act / t)  # the planner sends 1/TP of them per rank
         moe = hlo["by_scope"].get("moe", 0.0)
         if row["ep_attention"] == "replicated":
-            # one all-reduce over tensor x expert per layer; the planner costs one over tensor and one over expert
+            # one all-reduce over tensor x expert per layer, in the runtime and in the planner
             assert moe == pytest.approx(LAYERS * 2 * (t * e - 1) / (t * e) * act)
-            assert plan["expert"] == pytest.approx(LAYERS * 2 * (e - 1) / e * act)
-            planned = plan["tensor"] / 2 + plan["expert"]
-            if t == 1 or e == 1:
-                assert moe == pytest.approx(planned)  # the same volume, collective for collective
-            else:
-                assert moe / planned == pytest.approx((t * e - 1) / (t * e) / ((t - 1) / t + (e - 1) / e))
+            assert moe == pytest.approx(plan["tensor"] / 2 + plan["expert"])  # collective for collective
         elif e > 1:  # "data": tokens exchanged with the expert shards
             assert hlo["by_kind"]["all-to-all"]["count"] > 0 and plan["expert"] > 0
         if layout.size == layout.data:

@@ -61,11 +61,12 @@ def test_comm_volume_per_layout_by_hand():
     a2a = 120 * 2 * 8 * token * expert_fanout(16, 2, 8) * 7 / 8
     assert volume == pytest.approx(tp + a2a)
     assert seconds > (tp + a2a) / hw.nvlink_bandwidth
-    # replicated attention: the MoE output is all-reduced over the expert axis instead
+    # replicated attention: the attention all-reduce over tensor, and the MoE block's one all-reduce over
+    # tensor x expert (TP FFN and expert combine at once, as the runtime does)
     rep = Load(decode=64, group_decode=64)
     volume, _ = stage_comm_time(cfg, Layout(tensor=8, expert=8), hw, w, Options(ep_attention="replicated"),
                                 stage, rep)
-    assert volume == pytest.approx(2 * 120 * 2 * 7 / 8 * 64 * token + 120 * 2 * 7 / 8 * 64 * token)
+    assert volume == pytest.approx(120 * 2 * 7 / 8 * 64 * token + 120 * 2 * 63 / 64 * 64 * token)
 
 
 def test_allreduce_ring_formula():
