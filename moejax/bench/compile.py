@@ -27,7 +27,7 @@ def hlo_instructions(text: str) -> int:
     return len(re.findall(r"^\s*(?:ROOT )?%\S+ = ", text, flags=re.MULTILINE))
 
 
-def measure(model_name: str, layout: str, serve_overrides: dict | None = None) -> dict:
+def measure(model_name: str, layout: str, serve_overrides: dict | None = None, ep_attention: str = "data") -> dict:
     """Place, warm up and size one (model, layout); returns the figures as a dict."""
     import jax
     import numpy as np
@@ -37,7 +37,7 @@ def measure(model_name: str, layout: str, serve_overrides: dict | None = None) -
 
     cfg = moejax.load_model_config(model_name)
     t0 = time.perf_counter()
-    model = moejax.Model.random(cfg, layout=layout)
+    model = moejax.Model.random(cfg, layout=layout, ep_attention=ep_attention)
     jax.block_until_ready(model.params)
     place_s = time.perf_counter() - t0
     engine = moejax.Engine(model, moejax.ServeConfig(**(serve_overrides or {})))
@@ -48,7 +48,8 @@ def measure(model_name: str, layout: str, serve_overrides: dict | None = None) -
     packed = engine._padding(rows, 1)
     with jax.set_mesh(model.mesh):
         text = _sampled_step(model.steps).lower(model.params, engine.cache, np.array(packed), 1).compile().as_text()
-    return {"model": cfg.name, "layout": str(model.layout), "experts": cfg.num_experts, "layers": cfg.num_layers,
+    return {"model": cfg.name, "layout": str(model.layout), "ep_attention": ep_attention,
+            "experts": cfg.num_experts, "layers": cfg.num_layers,
             "place_s": round(place_s, 2), "warmup_s": round(warmup_s, 2),
             "shapes": 1 + len(engine.decode_buckets), "decode_hlo_instructions": hlo_instructions(text),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen3-30b-a3b-tiny", help="model config name or path (random weights)")
     p.add_argument("--layouts", default="DP1", help="comma-separated layouts, e.g. DP1,EP8,DP2TP2EP2")
+    p.add_argument("--ep-attention", default="data", choices=["data", "replicated"], help="the expert axis's mode")
     p.add_argument("--out", default=None, help="append one JSON line per layout to this file")
     args = p.parse_args(argv)
     layouts = [x for x in args.layouts.split(",") if x]
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={need}".strip()
     print(f"{'layout':<12} {'place s':>8} {'warm-up s':>10} {'HLO instr':>10} {'peak RSS GiB':>13}")
     for layout in layouts:
-        row = measure(args.model, layout)
+        row = measure(args.model, layout, ep_attention=args.ep_attention)
         print(f"{row['layout']:<12} {row['place_s']:>8.2f} {row['warmup_s']:>10.2f} "
               f"{row['decode_hlo_instructions']:>10} {row['peak_rss_gib']:>13.2f}", flush=True)
         if args.out:
