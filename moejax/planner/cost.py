@@ -27,9 +27,9 @@ Time model (every assumption here is also in docs/planner.md):
   all-to-all dispatch and a combine: every token goes to the distinct remote expert ranks its top-X experts
   live on (the top-k fan-out, `expert_fanout`), D values each way. With `ep_attention='replicated'` the MoE
   block's all-reduce spans tensor x expert (it finishes the TP FFN and combines the experts in one
-  collective, as the runtime does) in place of the FFN's TP all-reduce. A collective whose group fits one NVLink domain uses
-  NVLink, otherwise the scale-out network (`Hardware.link`); groups are placed tensor innermost, then expert,
-  then stage, then data.
+  collective, as the runtime does) in place of the FFN's TP all-reduce. A collective whose group fits one
+  NVLink domain uses NVLink, otherwise the scale-out network (`Hardware.link`); groups are placed tensor
+  innermost, then expert, then stage, then data.
 """
 
 from __future__ import annotations
