@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moejax.bench.workload import RequestSpec, Workload
+from moejax.engine.scheduler import TokenTimes
 
 PERCENTILES = (50, 90, 99)
 
@@ -46,7 +47,7 @@ class Collector:
 
 
 @dataclass
-class RequestRecord:
+class RequestRecord(TokenTimes):
     """What one request did, in seconds on `time.perf_counter`'s clock."""
 
     input_len: int
@@ -55,15 +56,6 @@ class RequestRecord:
     token_times_s: list[float]
     output_ids: list[int]
     finish_reason: str | None
-
-    @property
-    def ttft_s(self) -> float | None:
-        return self.token_times_s[0] - self.arrival_s if self.token_times_s else None
-
-    @property
-    def tpot_s(self) -> float | None:
-        t = self.token_times_s
-        return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None
 
     @property
     def e2e_s(self) -> float | None:

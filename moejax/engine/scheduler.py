@@ -31,8 +31,27 @@ from moejax.kv_cache import PageAllocator, pages_for
 RequestId = str | int  # kept and compared as given
 
 
+class TokenTimes:
+    """TTFT and TPOT of anything with `arrival_s` and `token_times_s` (the engine's requests, the
+    benchmarks' records): one definition of the serving metrics."""
+
+    arrival_s: float
+    token_times_s: list[float]
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Time to first token (arrival to the first token), seconds."""
+        return self.token_times_s[0] - self.arrival_s if self.token_times_s else None
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first, seconds."""
+        t = self.token_times_s
+        return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None
+
+
 @dataclass
-class Request:
+class Request(TokenTimes):
     """Host state of one request. `tokens` is prompt + outputs; KV exists for tokens[:num_computed].
 
     `page_table`, when given (zeroed; the engine gives one of its max pages per sequence), is kept equal to
@@ -66,18 +85,6 @@ class Request:
     @property
     def num_output(self) -> int:
         return len(self.tokens) - self.prompt_len
-
-    @property
-    def ttft_s(self) -> float | None:
-        """Time to first token (arrival to the first token), seconds."""
-        return self.token_times_s[0] - self.arrival_s if self.token_times_s else None
-
-    @property
-    def tpot_s(self) -> float | None:
-        """Mean time per output token after the first, seconds."""
-        t = self.token_times_s
-        return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None
-
 
 @dataclass
 class Work:
