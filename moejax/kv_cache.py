@@ -1,14 +1,16 @@
 """Paged KV cache: the host-side page allocator (page-table rows live on each request, kept by
 `moejax.engine.scheduler`).
 
-The device pools are one `(k, v)` pair per layer slot, each [stages, P_total, page_size, K, H]
-(see `moejax.steps`): stages split over `stage`, kv heads over `tensor`, pages over `data`. Data group g owns the
-global pages [g * P_group, (g + 1) * P_group) and addresses them by LOCAL ids 0..P_group-1; a
-request lives in one data group and only ever holds that group's pages.
+The device pools are one `(k, v)` pair, each [L_pad, P_total, page_size, K, H] (see
+`moejax.steps`): layers split over `stage`, kv heads over `tensor`, pages over the data groups (`data`,
+times `expert` in the "data" expert mode). Data group g owns the global pages
+[g * P_group, (g + 1) * P_group) and addresses them by LOCAL ids 0..P_group-1; a request lives in one
+data group and only ever holds that group's pages.
 
 Invariant (from `moejax.model.attention`): token at position p of a sequence lives in page
 `table[p // page_size]` at slot `p % page_size`. Pages beyond a sequence's length may hold stale
-data from earlier owners; attention never reads past the query position, so reuse needs no zeroing.
+data from earlier owners, NaN included; attention zeroes every slot past a row's last position before
+any arithmetic, so reuse needs no zeroing.
 """
 
 from __future__ import annotations
