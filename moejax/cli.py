@@ -291,14 +291,24 @@ def _add_debug(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
     p.add_argument("--debug", action="store_true", default=default, help="show the traceback of an error")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moejax")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The `moejax` parser with its `generate` and `plan` subcommands."""
+    """The `moejax` parser with its subcommands (generate, plan, convert, sweep, bench serve) and --version."""
     from moejax.bench import cli as bench_cli
     from moejax.checkpoint import cli as convert_cli
     from moejax.planner import cli as plan_cli
 
     parser = _Parser(prog="moejax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_debug(parser, default=False)
+    parser.add_argument("--version", action="version", version=f"moejax {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_debug(_add_generate(sub))
     _add_debug(plan_cli.add_parser(sub))

@@ -27,3 +27,19 @@ def test_generate_default_runs_the_builtin_model():
     stdout = _run("generate", "--max-new-tokens", "4")
     assert "layout TP2EP2PP2" in stdout and "8 cpu devices" in stdout
     assert stdout.count("->") == 2
+
+
+def test_version_and_python_dash_m(capsys):
+    import importlib.metadata
+
+    import pytest
+
+    from moejax import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"moejax {importlib.metadata.version('moejax')}"
+    out = subprocess.run([sys.executable, "-m", "moejax", "plan", "--devices", "0"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("moejax: error: argument --devices")

@@ -1,0 +1,7 @@
+"""`python -m moejax ...` is the `moejax` command."""
+
+import sys
+
+from moejax.cli import main
+
+sys.exit(main())
