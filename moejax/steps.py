@@ -21,6 +21,9 @@ from moejax.model.transformer import Transformer
 CACHE_AXES = ("layers", "cache_pages", "page_slot", "kv_heads", "head_dim")
 BATCH = ("batch", None)  # logical axes of [B, T] inputs; specs depend on the expert mode (Steps.spec)
 TOKENS = ("batch",)
+STAGED = ("layers", "batch", None)  # [S, B, W] pipeline inputs: row s is stage s's microbatch
+STAGED_TOKENS = ("layers", "batch")
+ACTIVATIONS = ("layers", "batch", None, "embed")  # [S, rows, T, D]: what each stage received from the previous one
 
 
 class Steps:
@@ -52,6 +55,7 @@ class Steps:
         self.geometry, self.cfg = self._model_meta()
         self.forward = jax.jit(self._forward)
         self.step = jax.jit(self._step, donate_argnums=(1,))
+        self.pipeline_step = jax.jit(self._pipeline_step, donate_argnums=(1, 2))
 
     def spec(self, axes) -> P:
         """PartitionSpec of an array with these logical axes under this model's expert mode."""
@@ -102,9 +106,47 @@ class Steps:
                                      sharding.spec(TOKENS)),
                            out_specs=(sharding.spec(("batch", "vocab")), self.cache_specs), check_vma=False)
         logits_BV, cache = fn(params, cache, tokens_BT, pos_BT, page_table_BP, logits_index_B)
-        logits_BV = jax.sharding.reshard(logits_BV, jax.NamedSharding(self.mesh, sharding.spec(TOKENS)))
-        logits_BV = logits_BV[:, : self.cfg.vocab_size]  # padded vocabulary columns are never sampled or returned
+        logits_BV = self._gathered(logits_BV)
         return logits_BV, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), cache
+
+    def _gathered(self, logits_BV):
+        """Vocabulary-split logits -> rows split over `batch` only, padded vocabulary columns cut (never sampled)."""
+        logits_BV = jax.sharding.reshard(logits_BV, jax.NamedSharding(self.mesh, sharding.spec(TOKENS)))
+        return logits_BV[:, : self.cfg.vocab_size]
+
+    def _pipeline_step(self, params, cache, x_SRTD, tokens_SBT, pos_SBT, page_table_SBP, logits_index_SB, active_S):
+        """One tick of the pipelined schedule (`Transformer.pipeline_tick`).
+
+        Row s of each [S, ...] input is the microbatch stage s works on this tick; `active_S[s]`
+        says it is not empty. `x_SRTD` holds the activations each stage received last tick, R >= B
+        rows per batch shard (one buffer serves every decode bucket: a tick uses its first B rows).
+        Returns (logits [B, V] of the microbatch leaving the last stage, the activations for the
+        next tick (donated and updated in place), the cache).
+        """
+        with sharding.use(self.ep_attention):
+            def body(params_, cache_, x_, tokens_, pos_, table_, index_, active_):
+                B = tokens_.shape[1]
+                logits_, x_next, cache_ = self._model(params_).pipeline_tick(
+                    tokens_[0], pos_[0], x_[0, :B], cache_, table_[0], index_[0], active_[0],
+                    moe_strategy=self.moe_strategy)
+                return logits_, x_.at[0, :B].set(x_next), cache_
+
+            staged, x_spec = sharding.spec(STAGED), sharding.spec(ACTIVATIONS)
+            fn = jax.shard_map(body, mesh=self.mesh,
+                               in_specs=(self.param_specs, self.cache_specs, x_spec, staged, staged, staged,
+                                         sharding.spec(STAGED_TOKENS), sharding.spec(("layers",))),
+                               out_specs=(sharding.spec(("batch", "vocab")), x_spec, self.cache_specs),
+                               check_vma=False)
+            logits_BV, x_SRTD, cache = fn(params, cache, x_SRTD, tokens_SBT, pos_SBT, page_table_SBP,
+                                          logits_index_SB, active_S)
+            return self._gathered(logits_BV), x_SRTD, cache
+
+    def new_activations(self, rows: int, num_tokens: int, dtype=None):
+        """Zeroed in-flight activations of a pipeline, [stages, rows, num_tokens, D] (rows over `batch`)."""
+        shape = (self.geometry.num_stages, rows, num_tokens, self.cfg.hidden_size)
+        make = jax.jit(partial(jnp.zeros, shape, dtype or self.params["embed"].dtype),
+                       out_shardings=self.named(ACTIVATIONS))
+        return make()
 
     def cache_shape(self, num_pages: int, page_size: int) -> tuple[int, ...]:
         """Global shape of each of the k and v pools: [L_pad, num_pages, page_size, K, H]."""

@@ -273,19 +273,6 @@ def weight_shapes(model) -> set[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def compiled_step(engine, rows_per_shard: int, tokens: int):
-    """The engine's compiled step for a [batch shards x rows_per_shard, tokens] call (the jit cache's copy)."""
-    import jax
-    import numpy as np
-
-    from moejax.engine.engine import _sampled_step
-
-    model = engine.model
-    packed = np.array(engine._padding(engine.data * rows_per_shard, tokens))
-    with jax.set_mesh(model.mesh):
-        return _sampled_step(model.steps).lower(model.params, engine.cache, packed, tokens).compile()
-
-
 def account(engine) -> dict:
     """Collectives of the engine's decode step (largest bucket) and prefill chunk, with the program memory.
 
@@ -299,7 +286,7 @@ def account(engine) -> dict:
     out: dict = {"tokens": {}}
     program = 0
     for phase, (rows, T) in shapes.items():
-        compiled = compiled_step(engine, rows, T)
+        compiled = engine.compiled_step(phase, rows)
         out[phase] = summarize(collectives(compiled.as_text(), weights))
         out["tokens"][phase] = rows * T
         mem = compiled.memory_analysis()

@@ -30,10 +30,8 @@ def hlo_instructions(text: str) -> int:
 def measure(model_name: str, layout: str, serve_overrides: dict | None = None, ep_attention: str = "data") -> dict:
     """Place, warm up and size one (model, layout); returns the figures as a dict."""
     import jax
-    import numpy as np
 
     import moejax
-    from moejax.engine.engine import _sampled_step
 
     cfg = moejax.load_model_config(model_name)
     t0 = time.perf_counter()
@@ -44,10 +42,7 @@ def measure(model_name: str, layout: str, serve_overrides: dict | None = None, e
     t0 = time.perf_counter()
     engine.warmup()
     warmup_s = time.perf_counter() - t0
-    rows = engine.decode_buckets[0] * engine.data
-    packed = engine._padding(rows, 1)
-    with jax.set_mesh(model.mesh):
-        text = _sampled_step(model.steps).lower(model.params, engine.cache, np.array(packed), 1).compile().as_text()
+    text = engine.compiled_step("decode", engine.decode_buckets[0]).as_text()
     return {"model": cfg.name, "layout": str(model.layout), "ep_attention": ep_attention,
             "experts": cfg.num_experts, "layers": cfg.num_layers,
             "place_s": round(place_s, 2), "warmup_s": round(warmup_s, 2),
@@ -56,8 +51,8 @@ def measure(model_name: str, layout: str, serve_overrides: dict | None = None, e
             "platform": jax.devices()[0].platform}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moejax.bench.compile", description=__doc__,
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog or "python -m moejax.bench.compile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen3-30b-a3b-tiny", help="model config name or path (random weights)")
     p.add_argument("--layouts", default="DP1", help="comma-separated layouts, e.g. DP1,EP8,DP2TP2EP2")

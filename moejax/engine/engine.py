@@ -6,18 +6,26 @@ of the same compiled step function (model step + on-device sampler, KV pools don
 back only the sampled ids. Shapes are static: the prefill shape is fixed by the config, the decode
 batch per data group is rounded up to one of `decode_buckets`; `warmup()` compiles them all.
 
+Pipeline parallelism (a layout with `stage` > 1): running requests are split into
+`ServeConfig.microbatches` groups (default: one per stage), and a step is one pipeline tick: group
+t mod M enters stage 0 while stage s works on what entered s ticks ago (`moejax.engine.batch`:
+one pipelined call for prefill chunks, one for decode tokens, each with its own activations
+between stages). A microbatch's tokens come out of the last stage S - 1 steps after it entered;
+a request is not scheduled again while its work is in flight, so with M >= S every stage is busy
+and each group makes a token every M steps. With M = 1 the engine runs the sequential schedule
+instead: one call takes the batch through every stage in turn (`Steps.step`).
+
+An abort frees a request's pages at once even while its work is in flight: each stage runs its
+microbatches in entry order, so the stale work writes its stage's KV before any later owner of
+the pages reaches that stage, and its tokens are dropped.
+
 Batch rows are split evenly over the data groups (row b belongs to group b // (B / groups)), and
 each row's page table holds that group's local page ids (see `moejax.kv_cache`). A data group is
 one batch shard of the model (`Model.batch_shards`): a `data` replica, or in the "data" expert mode
 one (data, expert) pair, since attention is data-parallel over the expert axis too.
 
-Host work per call is kept small (it is paid every decode step, see `moejax.bench.decode`): a
-call's whole batch is ONE int32 array [B, W] (layout `_packed_layout`: tokens, page table,
-start, count, sample counter, then the per-request sampling parameters, floats and the uint32
-seed as their int32 bits), handed to the jitted function as numpy and placed by its
-`in_shardings` (rows split over `data`) in one transfer; positions, the logits index and the
-typed sampling arrays are unpacked on device. Each request keeps its page-table row
-(`Request.page_table`, kept by the scheduler) and its packed sampling fields
+A call's whole batch is one packed int32 array (`moejax.engine.batch`). Each request keeps its
+page-table row (`Request.page_table`, kept by the scheduler) and its packed sampling fields
 (`Request.sampling_row`), so building a batch is a few vectorised copies.
 
 Numerical isolation: the compiled step also checks, per row, that all the logits are finite, and
@@ -34,24 +42,22 @@ from __future__ import annotations
 import collections
 import itertools
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from moejax import steps as steps_lib
 from moejax.distributed import fetch
-from moejax.engine.sampling import SamplingParams, sample
+from moejax.engine import batch as batch_lib
+from moejax.engine.batch import COUNTER, NONFINITE, START, TOP_K, Microbatch, Pipeline, packed_layout
+from moejax.engine.sampling import SamplingParams
 from moejax.engine.scheduler import Request, RequestId, Scheduler, Work
 from moejax.fit import check_fits, kv_cache_bytes
 from moejax.kv_cache import PageAllocator, pages_for
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 _INT32_MAX = 2**31 - 1  # counts, lengths and page ids are packed into the int32 call batch
-_NONFINITE = -1  # the step's id for a row whose logits are not all finite
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,9 @@ class ServeConfig:
       seed: seeds the draws of requests that give no seed, in [0, 2**32).
       max_finished_retained: finished requests kept in `Engine.requests` after their last output
         was delivered (oldest dropped first); 0 drops each as soon as it is delivered.
+      microbatches: microbatch groups the running requests are split into, taking turns at the
+        pipeline's first stage; None: one per pipeline stage (1 without pipeline parallelism).
+        max_running must be a multiple of data groups x microbatches.
 
     Every field is checked on construction (ValueError naming the field, the value and the allowed
     range). Integers may be Python or numpy integers (stored as `int`), never booleans; every count
@@ -87,6 +96,7 @@ class ServeConfig:
     decode_buckets: tuple[int, ...] | None = None
     seed: int = 0
     max_finished_retained: int = 1024
+    microbatches: int | None = None
 
     def __post_init__(self):
         for name, lo in (("max_running", 1), ("page_size", 1), ("num_pages", 1), ("chunk_size", 1),
@@ -96,6 +106,9 @@ class ServeConfig:
             self._set("max_model_len", _check_int("max_model_len", self.max_model_len, 1, _INT32_MAX,
                                                   "; or None: the model's max_position_embeddings"))
         self._set("seed", _check_int("seed", self.seed, 0, 2**32 - 1))
+        if self.microbatches is not None:
+            self._set("microbatches", _check_int("microbatches", self.microbatches, 1, _INT32_MAX,
+                                                 "; or None: one per pipeline stage"))
         if self.decode_buckets is not None:
             self._set("decode_buckets", _check_buckets(self.decode_buckets))
 
@@ -139,65 +152,11 @@ class EngineStats:
     decode_calls: int = 0
     preemptions: int = 0
     mixed_steps: int = 0  # steps that ran a prefill chunk and a decode together
+    bubbles: int = 0  # pipeline calls in which the first stage had nothing to do (the others had)
     nonfinite: int = 0  # requests finished with "error" because their logits were not all finite
     host_s: float = 0.0  # wall time of step() outside waiting for device results
     dispatch_s: float = 0.0  # the part of host_s spent inside the compiled calls until they return
     device_wait_s: float = 0.0
-
-
-_STEP_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-# Packed batch columns after the T tokens and the P page-table entries (one int32 row per request).
-_START, _NUM, _COUNTER, _TOP_K, _SEED, _TEMPERATURE, _TOP_P = range(7)
-_META = 7  # columns from _START on; _TOP_K.. are a request's `sampling_row`
-
-
-def _packed_layout(T: int, P: int) -> tuple[slice, slice, int]:
-    """Column slices (tokens, page table) and the first meta column of a [B, T + P + _META] batch."""
-    return slice(0, T), slice(T, T + P), T + P
-
-
-def _sampling_row(params: SamplingParams, seed: int) -> np.ndarray:
-    """A request's packed sampling columns: top_k, seed (uint32 bits), temperature and top_p (float32 bits)."""
-    row = np.zeros(_META - _TOP_K, np.int32)
-    row[_TOP_K - _TOP_K] = params.top_k
-    row[_SEED - _TOP_K] = np.uint32(seed).view(np.int32)
-    row[_TEMPERATURE - _TOP_K] = np.float32(params.temperature).view(np.int32)
-    row[_TOP_P - _TOP_K] = np.float32(params.top_p).view(np.int32)
-    return row
-
-
-def _sampled_step(steps: steps_lib.Steps):
-    """The model step followed by the sampler, jitted once per `Steps` (engines share compilations).
-
-    The jitted function is `fn(params, cache, packed_BW, num_tokens)`: `packed_BW` is the host
-    int32 batch (see `_packed_layout`), placed rows-over-`data` by `in_shardings`; `num_tokens` (T,
-    static) splits its columns. Padding rows have count 0: positions -1 (no KV write, no attention).
-    It returns (ids_B, cache): ids_B is the sampled token per row, or `_NONFINITE` (-1) where the
-    row's logits are not all finite; the flag rides in the ids, so the host fetches one array.
-    """
-    if steps not in _STEP_FNS:
-        batch = steps.named(steps_lib.BATCH)
-
-        def fn(params, cache, packed_BW, num_tokens):
-            T = num_tokens
-            packed_BW = jax.sharding.reshard(packed_BW, batch)  # types the rows as split (already placed so)
-            tok, table, m = _packed_layout(T, packed_BW.shape[1] - T - _META)
-            col = lambda c: packed_BW[:, m + c]  # noqa: E731
-            as_f32 = lambda c: jax.lax.bitcast_convert_type(col(c), jnp.float32)  # noqa: E731
-            start_B, num_B = col(_START), col(_NUM)
-            t_T = jnp.arange(T, dtype=jnp.int32)
-            pos_BT = jnp.where(t_T[None] < num_B[:, None], start_B[:, None] + t_T[None], -1)
-            index_B = jnp.maximum(num_B - 1, 0)
-            logits_BV, _, cache = steps.step(params, cache, packed_BW[:, tok], pos_BT, packed_BW[:, table], index_B)
-            seed_B = jax.lax.bitcast_convert_type(col(_SEED), jnp.uint32)
-            ids_B = sample(logits_BV, as_f32(_TEMPERATURE), col(_TOP_K), as_f32(_TOP_P), seed_B, col(_COUNTER))
-            finite_B = jnp.all(jnp.isfinite(logits_BV), axis=-1)
-            return jnp.where(finite_B, ids_B, _NONFINITE), cache
-
-        _STEP_FNS[steps] = jax.jit(fn, in_shardings=(None, None, batch), donate_argnums=(1,),
-                                   static_argnums=(3,))
-    return _STEP_FNS[steps]
 
 
 class Engine:
@@ -219,8 +178,10 @@ class Engine:
         self.model, self.config, self.on_finish = model, config, on_finish
         self.data = model.steps.batch_shards  # request groups: data, x expert in the 'data' expert mode
         self.max_len = config.max_model_len or model.cfg.max_position_embeddings
+        self.stages = model.steps.geometry.num_stages
+        self.microbatches = config.microbatches or self.stages
         self._check_config(config)
-        self.slots = config.max_running // self.data
+        self.slots = config.max_running // (self.data * self.microbatches)  # per data group and microbatch group
         self.decode_buckets = tuple(sorted(config.decode_buckets or _powers_of_two(self.slots)))
         self.pages_per_seq = pages_for(self.max_len, config.page_size)
         check_fits(f"the KV cache ({config.num_pages} pages of {config.page_size} tokens per data group)",
@@ -229,9 +190,15 @@ class Engine:
                    "(they split the pools)")
         self.allocator = PageAllocator(self.data, config.num_pages)
         self.scheduler = Scheduler(self.allocator, config.page_size, self.slots, config.chunk_size,
-                                   config.max_prefill_seqs)
+                                   config.max_prefill_seqs, self.microbatches)
         self.cache = model.steps.new_cache(config.num_pages * self.data, config.page_size, model.dtype)
-        self._fn = _sampled_step(model.steps)
+        self._fn = batch_lib.sampled_step(model.steps)
+        # Pipelined (stages and microbatches > 1): the prefill and the decode pipelines, each with its
+        # microbatches in flight. Otherwise each call takes its batch through every stage in turn.
+        self._pipes = None if self.stages == 1 or self.microbatches == 1 else {
+            "decode": Pipeline(model.steps, 1, self.decode_buckets[-1], self.data),
+            "prefill": Pipeline(model.steps, config.chunk_size, config.max_prefill_seqs, self.data)}
+        self._ticks = 0
         # Live requests, and finished ones until `max_finished_retained` newer ones were delivered.
         self.requests: dict[RequestId, Request] = {}
         self._delivered: collections.deque[Request] = collections.deque()  # finished, oldest first
@@ -246,15 +213,20 @@ class Engine:
         layout = self.model.layout
         groups = (f"data {layout.data} x expert {layout.expert}, expert mode 'data'" if self.data != layout.data
                   else f"data {layout.data}")
-        if c.max_running % self.data:
+        unit = self.data * self.microbatches
+        if c.max_running % unit:
             raise ValueError(f"ServeConfig.max_running ({c.max_running}) must be a multiple of the data groups "
-                             f"({self.data} = {groups}) of layout {layout}")
+                             f"({self.data} = {groups}) of layout {layout} times microbatches "
+                             f"({self.microbatches}{'' if c.microbatches else ' = stages, the default'}): e.g. "
+                             f"{unit * max(1, c.max_running // unit)}")
         if self.max_len > self.model.cfg.max_position_embeddings:
             raise ValueError(f"max_model_len ({self.max_len}) exceeds the model's max_position_embeddings "
                              f"({self.model.cfg.max_position_embeddings}); use at most that")
-        if c.decode_buckets and max(c.decode_buckets) < c.max_running // self.data:
-            raise ValueError(f"decode_buckets {c.decode_buckets} must reach the slots per data group "
-                             f"({c.max_running // self.data} = max_running / data); add a bucket of at least that")
+        slots = c.max_running // (self.data * self.microbatches)
+        if c.decode_buckets and max(c.decode_buckets) < slots:
+            raise ValueError(f"decode_buckets {c.decode_buckets} must reach the slots per data group and microbatch "
+                             f"group ({slots} = max_running / (data groups x microbatches)); add a bucket of at "
+                             f"least that")
         if c.num_pages * self.data > _INT32_MAX:
             raise ValueError(f"ServeConfig.num_pages ({c.num_pages}) times data groups ({self.data}) exceeds 2**31 - 1 "
                              f"pages; lower num_pages")
@@ -277,7 +249,8 @@ class Engine:
                 rid = f"req-{next(self._ids)}"
         seed = int(params.seed) if params.seed is not None else int(self._rng.integers(2**32))
         req = Request(rid, next(self._order), len(prompt), prompt, params, seed, arrival_s=time.perf_counter(),
-                      page_table=np.zeros(self.pages_per_seq, np.int32), sampling_row=_sampling_row(params, seed))
+                      page_table=np.zeros(self.pages_per_seq, np.int32),
+                      sampling_row=batch_lib.sampling_row(params, seed))
         self.requests[rid] = req
         self.scheduler.add(req)
         return req
@@ -356,18 +329,16 @@ class Engine:
     def _step(self) -> list[tuple[Request, RequestOutput]]:
         t0 = time.perf_counter()
         outputs, self._pending = self._pending, []
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(self._ticks % self.microbatches)
+        self._ticks += 1
         self.stats.preemptions += len(plan.preempted)
-        calls = []
-        if any(plan.prefill):
-            calls.append((plan.prefill, self._dispatch(plan.prefill, self.config.max_prefill_seqs,
-                                                       self.config.chunk_size)))
-            self.stats.prefill_calls += 1
-        if any(plan.decode):
-            rows = _bucket(max(len(w) for w in plan.decode), self.decode_buckets)
-            calls.append((plan.decode, self._dispatch(plan.decode, rows, 1)))
-            self.stats.decode_calls += 1
-        self.stats.mixed_steps += len(calls) == 2
+        prefill = self._launch("prefill", plan.prefill, self.config.max_prefill_seqs, self.config.chunk_size)
+        decode_rows = _bucket(max(len(w) for w in plan.decode), self.decode_buckets) if any(plan.decode) else 0
+        decode = self._launch("decode", plan.decode, decode_rows, 1)
+        self.stats.prefill_calls += prefill is not None
+        self.stats.decode_calls += decode is not None
+        self.stats.mixed_steps += prefill is not None and decode is not None
+        calls = [c for c in (prefill, decode) if c is not None and c[1] is not None]
         t1 = time.perf_counter()
         ids = [fetch(ids_B).tolist() for _, ids_B in calls]  # all rows, on every process (multi-host)
         now = t2 = time.perf_counter()
@@ -384,9 +355,41 @@ class Engine:
         self._retire([req for req, out in outputs if out.finished])
         return outputs
 
+    def _launch(self, kind: str, per_group: list[list[Work]], rows: int, T: int):
+        """Dispatch one call of T tokens per row with `per_group` entering (asynchronous).
+
+        Returns None when no call was needed, else (the works whose tokens the call makes, per data
+        group, or None; the future of their ids, [data * rows_of_call]). Without pipeline stages
+        those are `per_group` itself; with stages, the microbatch leaving the last stage."""
+        pipe = self._pipes and self._pipes[kind]
+        if not any(per_group) and not (pipe and pipe.busy):
+            return None
+        t = time.perf_counter()
+        with jax.set_mesh(self.model.mesh):
+            if pipe is None:
+                ids_B, self.cache = self._fn(self.model.params, self.cache, self._pack(per_group, rows, T), T)
+                leaving = per_group
+            else:
+                entering = None
+                if any(per_group):
+                    entering = Microbatch(per_group, self._pack(per_group, rows, T).reshape(self.data, rows, -1))
+                    for works in per_group:
+                        for w in works:
+                            w.req.in_flight = True
+                else:
+                    self.stats.bubbles += 1
+                pad = self._padding(self.data * pipe.capacity, T).reshape(self.data, pipe.capacity, -1)
+                mb, ids_B, self.cache = pipe.tick(self.model.params, self.cache, entering, pad)
+                leaving = mb.works if mb is not None else None
+        self.stats.dispatch_s += time.perf_counter() - t
+        return leaving, ids_B
+
     def _commit(self, work: Work, token: int, now: float) -> RequestOutput | None:
         req = work.req
-        if token == _NONFINITE:
+        req.in_flight = False
+        if req.finished:  # aborted while its work was in the pipeline: the work is dropped
+            return None
+        if token == NONFINITE:
             return self._fail(req, f"non-finite logits at sequence position {work.start + work.num - 1} "
                                    f"(output position {req.num_output})", now)
         req.num_computed += work.num
@@ -426,53 +429,65 @@ class Engine:
             for req in delivered:
                 self.on_finish(req)
 
-    def _dispatch(self, per_group: list[list[Work]], rows: int, T: int):
-        """Pack the [data * rows, T] batch of `per_group` works (one int32 array) and dispatch the step."""
-        B = self.data * rows
-        tok, table, m = _packed_layout(T, self.pages_per_seq)
-        packed = self._padding(B, T).copy()  # fresh each call: the transfer may alias host memory
+    def _pack(self, per_group: list[list[Work]], rows: int, T: int) -> np.ndarray:
+        """The packed [data * rows, W] batch of `per_group` works (see `moejax.engine.batch`)."""
+        tok, table, m = packed_layout(T, self.pages_per_seq)
+        packed = self._padding(self.data * rows, T).copy()  # fresh each call: the transfer may alias host memory
         works = [w for ws in per_group for w in ws]
         if works:
             r = np.array([g * rows + i for g, ws in enumerate(per_group) for i in range(len(ws))])
             n = len(works)  # (concatenate + reshape: a third of np.stack's cost on a few dozen small rows)
             packed[r, table] = np.concatenate([w.req.page_table for w in works]).reshape(n, -1)
-            packed[r, m + _TOP_K:] = np.concatenate([w.req.sampling_row for w in works]).reshape(n, -1)
-            packed[r, m:m + _TOP_K] = [(w.start, w.num, len(w.req.tokens) - w.req.prompt_len) for w in works]
+            packed[r, m + TOP_K:] = np.concatenate([w.req.sampling_row for w in works]).reshape(n, -1)
+            packed[r, m + START:m + COUNTER + 1] = [(w.start, w.num, len(w.req.tokens) - w.req.prompt_len)
+                                                   for w in works]
             if T == 1:
                 packed[r, 0] = [w.req.tokens[w.start] for w in works]
             else:
                 for i, w in zip(r.tolist(), works, strict=True):
                     packed[i, : w.num] = w.req.tokens[w.start: w.start + w.num]
-        return self._call(packed, T)
+        return packed
 
     def _padding(self, B: int, T: int) -> np.ndarray:
-        """The all-padding packed batch [B, T + P + _META] (count 0, greedy, top_p 1), built once per shape."""
-        key = (B, T)
-        if key not in self._pad:
-            _, _, m = _packed_layout(T, self.pages_per_seq)
-            pad = np.zeros((B, m + _META), np.int32)
-            pad[:, m + _TOP_K:] = _sampling_row(SamplingParams(), 0)
-            self._pad[key] = pad
-        return self._pad[key]
+        """The all-padding packed batch [B, W] of T tokens per row, built once per shape."""
+        if (B, T) not in self._pad:
+            self._pad[B, T] = batch_lib.padding(B, T, self.pages_per_seq)
+        return self._pad[B, T]
 
-    def _call(self, packed_BW: np.ndarray, T: int):
-        """Transfer the packed batch and launch the compiled step (asynchronous: returns the ids' future).
-
-        The launch itself is not free on XLA:CPU (a few hundred microseconds of this thread's time
-        for the bench model, more when the device threads already compete for the cores); it is
-        counted in `stats.dispatch_s`.
-        """
-        t = time.perf_counter()
+    def compiled_step(self, kind: str, rows: int):
+        """The compiled program of this engine's "prefill" or "decode" call with `rows` per data group
+        (the pipelined tick with pipeline stages), from the jit cache."""
+        T = self.config.chunk_size if kind == "prefill" else 1
+        packed = np.array(self._padding(self.data * rows, T))
         with jax.set_mesh(self.model.mesh):
-            ids_B, self.cache = self._fn(self.model.params, self.cache, packed_BW, T)
-        self.stats.dispatch_s += time.perf_counter() - t
-        return ids_B
+            if self._pipes is None:
+                return self._fn.lower(self.model.params, self.cache, packed, T).compile()
+            pipe = self._pipes[kind]
+            x = pipe.x if pipe.x is not None else self.model.steps.new_activations(self.data * pipe.capacity, T)
+            staged = np.repeat(packed[None], self.stages, axis=0)
+            return pipe._fn.lower(self.model.params, self.cache, x, staged, np.ones(self.stages, bool), T).compile()
+
+    def occupancy(self) -> list[int]:
+        """Running requests in each microbatch group."""
+        return self.scheduler.occupancy()
 
     def warmup(self) -> None:
         """Compile the prefill shape and every decode bucket (all-padding batches: nothing is written)."""
-        shapes = [(self.config.max_prefill_seqs, self.config.chunk_size)] + [(b, 1) for b in self.decode_buckets]
-        for rows, T in shapes:
-            np.asarray(self._dispatch([[] for _ in range(self.data)], rows, T))
+        shapes = [("prefill", self.config.max_prefill_seqs, self.config.chunk_size)]
+        shapes += [("decode", b, 1) for b in self.decode_buckets]
+        with jax.set_mesh(self.model.mesh):
+            for kind, rows, T in shapes:
+                packed = self._padding(self.data * rows, T)
+                if self._pipes is None:
+                    ids_B, self.cache = self._fn(self.model.params, self.cache, packed, T)
+                else:
+                    pipe = self._pipes[kind]
+                    if pipe.x is None:
+                        pipe.x = self.model.steps.new_activations(self.data * pipe.capacity, T)
+                    ids_B, pipe.x, self.cache = pipe._fn(self.model.params, self.cache, pipe.x,
+                                                         np.repeat(packed[None], self.stages, axis=0),
+                                                         np.zeros(self.stages, bool), T)
+                np.asarray(ids_B)
 
     # ---- drivers --------------------------------------------------------------------------------
 

@@ -2,7 +2,11 @@
 
 Pure host logic (no JAX), so its policy is cheap and testable on its own.
 
-Policy, per engine step and per data group:
+Requests are split into `microbatches` groups (one per pipeline stage by default, see
+`moejax.engine`): each running request belongs to one data group and one microbatch group, and an
+engine step (a pipeline tick) schedules one microbatch group, `schedule(m)`. A request whose work
+is still in the pipeline (`Request.in_flight`, set by the engine) is not scheduled again until it
+has left. Policy, per engine step and per data group, within the microbatch group:
 
 - Running requests are visited oldest first. One with a single uncomputed token decodes (one
   token, in the decode batch); one with more is prefilling and takes a chunk of up to
@@ -11,12 +15,15 @@ Policy, per engine step and per data group:
 - A request's sequence is prompt + outputs so far; a chunk that reaches its end makes a token.
   After a preemption the whole sequence is recomputed as one long prompt, and the seeded sampler
   keys on the output count, so outputs are the same as without the preemption.
-- Pages are taken just before the tokens that need them. When a group runs out, its youngest
-  running request is preempted (pages freed, back to the waiting queue to be recomputed later);
-  if that is the request asking, it waits. The oldest request therefore always progresses.
-- Waiting requests are admitted first come, first served (no overtaking) while a group has a
-  free running slot, a free prefill row and the pages for the first chunk; a request goes to the
-  group with the fewest running requests. No admission in a step that preempted (no thrash).
+- Pages are taken just before the tokens that need them (a data group's pool serves all its
+  microbatch groups). When a data group runs out, its youngest running request not in flight is
+  preempted (pages freed, back to the waiting queue to be recomputed later); if that is the
+  request asking, it waits. With one microbatch group the oldest request therefore always
+  progresses; with several, a group may wait for pages other groups hold until they finish.
+- Waiting requests are admitted first come, first served (no overtaking) into the microbatch group
+  being scheduled, while a data group has a free slot in it, a free prefill row and the pages for
+  the first chunk; a request goes to the data group with the fewest running requests in that
+  microbatch group. No admission in a step that preempted (no thrash).
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ class Request(TokenTimes):
     params: object  # SamplingParams
     seed: int
     group: int = -1  # data group while running, else -1
+    microbatch: int = -1  # microbatch group while running, else -1
+    in_flight: bool = False  # work of it is in a pipeline (set and cleared by the engine)
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0
     finished: bool = False
@@ -115,16 +124,18 @@ class Scheduler:
     Args:
       allocator: the page allocator (one pool per data group).
       page_size: tokens per page.
-      slots_per_group: max running requests per data group.
+      slots_per_group: max running requests per data group and microbatch group.
       chunk_size: most prefill tokens per request per step (one prefill row).
       max_prefill_seqs: prefill rows per step per data group.
+      microbatches: microbatch groups.
     """
 
     def __init__(self, allocator: PageAllocator, page_size: int, slots_per_group: int, chunk_size: int,
-                 max_prefill_seqs: int):
+                 max_prefill_seqs: int, microbatches: int = 1):
         self.alloc = allocator
         self.page_size = page_size
         self.slots = slots_per_group
+        self.microbatches = microbatches
         self.chunk_size = chunk_size
         self.max_prefill_seqs = max_prefill_seqs
         self.waiting: list[Request] = []  # sorted by arrival order
@@ -149,22 +160,34 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
 
-    def schedule(self) -> Plan:
+    def occupancy(self) -> list[int]:
+        """Running requests in each microbatch group (all data groups together)."""
+        counts = [0] * self.microbatches
+        for running in self.running:
+            for req in running:
+                counts[req.microbatch] += 1
+        return counts
+
+    def schedule(self, microbatch: int = 0) -> Plan:
+        """The work of microbatch group `microbatch` for this step (and admissions into it)."""
         groups = range(self.alloc.num_groups)
         plan = Plan([[] for _ in groups], [[] for _ in groups], [])
         for g in groups:
-            self._schedule_running(g, plan)
+            self._schedule_running(g, microbatch, plan)
         if not plan.preempted:
-            self._admit(plan)
+            self._admit(microbatch, plan)
         return plan
 
     # ---- internals ------------------------------------------------------------------------------
 
-    def _schedule_running(self, g: int, plan: Plan) -> None:
+    def _schedule_running(self, g: int, m: int, plan: Plan) -> None:
         running = self.running[g]
         i = 0
         while i < len(running):
             req = running[i]
+            if req.microbatch != m or req.in_flight:
+                i += 1
+                continue
             remaining = len(req.tokens) - req.num_computed
             decode = remaining == 1
             if not decode and len(plan.prefill[g]) == self.max_prefill_seqs:
@@ -172,7 +195,8 @@ class Scheduler:
                 continue
             num = 1 if decode else min(remaining, self.chunk_size)
             if not self._grow(req, req.num_computed + num):
-                victim = running[-1]  # youngest; never one already scheduled (those are older)
+                # youngest not in flight: never one already scheduled (those are older than req)
+                victim = next(r for r in reversed(running) if not r.in_flight)
                 self._preempt(victim)
                 plan.preempted.append(victim)
                 if victim is req:
@@ -185,24 +209,26 @@ class Scheduler:
                 plan.prefill[g].append(work)
             i += 1
 
-    def _admit(self, plan: Plan) -> None:
+    def _admit(self, m: int, plan: Plan) -> None:
+        in_m = [sum(r.microbatch == m for r in running) for running in self.running]
         while self.waiting:
             req = self.waiting[0]
             best = None
             for g in range(self.alloc.num_groups):
                 num = min(len(req.tokens), self.chunk_size)
-                if (len(self.running[g]) >= self.slots
+                if (in_m[g] >= self.slots
                         or len(plan.prefill[g]) == self.max_prefill_seqs
                         or self.alloc.num_free(g) < pages_for(num, self.page_size)):
                     continue
-                rank = (len(self.running[g]), -self.alloc.num_free(g))
+                rank = (in_m[g], -self.alloc.num_free(g))
                 if best is None or rank < best[0]:
                     best = (rank, g, num)
             if best is None:
                 return  # first come, first served: nobody overtakes the head of the queue
             _, g, num = best
             self.waiting.pop(0)
-            req.group = g
+            req.group, req.microbatch = g, m
+            in_m[g] += 1
             self._grow(req, num)
             bisect.insort(self.running[g], req, key=lambda r: r.order)
             plan.prefill[g].append(Work(req, 0, num, num == len(req.tokens)))
@@ -230,6 +256,6 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         self.alloc.free(req.group, req.pages)
         req.pages = []
-        req.group = -1
+        req.group = req.microbatch = -1
         if req.page_table is not None:
             req.page_table[:] = 0

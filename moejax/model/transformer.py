@@ -4,10 +4,11 @@
 `moejax.steps`. Every per-layer weight is ONE array stacked over the layers, [L_pad, ...] with
 L_pad = stage * ceil(L / stage), split over `stage`; a stage runs its local layers with one
 `lax.scan`, so the compiled program does not grow with the number of layers (nor, with the
-stacked experts of `moejax.model.moe`, with the number of experts). Stages run one after another
-in this version: each stage runs its layers when its turn comes (`lax.cond` on the stage index)
-and sends the activations to the next stage (`ppermute`); the last stage's output is broadcast to
-all for the unembedding.
+stacked experts of `moejax.model.moe`, with the number of experts). Each device's program holds
+its own stage's layers once; two schedules move activations between stages with `ppermute`:
+`run` takes one batch through every stage in turn (`stage` ticks in one call, the others idle),
+`pipeline_tick` is one tick of the pipeline, every stage working on a different microbatch
+(`moejax.steps.Steps.pipeline_step`, driven by the engine's microbatch groups).
 
 Padding: a stage with fewer real layers than ceil(L / stage) holds zero-weight layers, each an
 exact identity (zero attention and MoE outputs). The vocabulary is padded to a multiple of the
@@ -19,6 +20,7 @@ or returned. FFN widths are padded with zero columns the same way (exact).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -105,7 +107,11 @@ class Transformer(nnx.Module):
     # ---- local computation (inside shard_map) -------------------------------------------------
 
     def run(self, tokens_BT, pos_BT, cache, page_table_BP, *, logits_index_B=None, moe_strategy="auto"):
-        """Logits for new tokens, writing their KV into `cache`.
+        """Logits for new tokens, writing their KV into `cache`: the whole batch through every stage.
+
+        With several stages this is the sequential schedule: `stage` ticks, at tick t stage t runs
+        its layers (the others wait) and passes the activations on; `pipeline_tick` is the
+        pipelined one. Either way each device's program holds its own stage's layers once.
 
         Args:
           tokens_BT: token ids (local batch). pos_BT: their positions; < 0 marks padding.
@@ -116,32 +122,72 @@ class Transformer(nnx.Module):
         Returns:
           (logits [B, T, V_local] or [B, V_local] (padded vocabulary columns are -inf), updated cache).
         """
-        cfg = self.cfg
         x_BTD = self._embed(tokens_BT)
-        rope = rope_tables(pos_BT, cfg.head_dim, cfg.rope_theta)
-
-        def run_stage(x_BTD, cache):
-            def layer(carry, i):
-                x_BTD, cache = carry
-                return self.layers(i, x_BTD, pos_BT, rope, cache, page_table_BP, moe_strategy, cfg.rms_norm_eps), None
-
-            (x_BTD, cache), _ = jax.lax.scan(layer, (x_BTD, cache), jnp.arange(self.geometry.layers_per_stage))
-            return x_BTD, cache
-
-        num_stages = self.geometry.num_stages
-        if num_stages == 1:
-            x_BTD, cache = run_stage(x_BTD, cache)
+        stage = partial(self.run_stage, pos_BT=pos_BT, page_table_BP=page_table_BP, moe_strategy=moe_strategy)
+        S = self.geometry.num_stages
+        if S == 1:
+            x_BTD, cache = stage(x_BTD, cache)
         else:
             me = sharding.axis_index("layers")
-            for s in range(num_stages):
-                x_BTD, cache = jax.lax.cond(me == s, run_stage, lambda x, c: (x, c), x_BTD, cache)
-                if s + 1 < num_stages:
-                    x_BTD = sharding.ppermute(x_BTD, "layers", [(s, s + 1)])
-            x_BTD = sharding.psum(jnp.where(me == num_stages - 1, x_BTD, 0), "layers")
-        x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps)
+
+            def tick(t, carry):
+                x_BTD, cache = jax.lax.cond(me == t, stage, lambda x, c: (x, c), *carry)
+                x_BTD = jax.lax.cond(t < S - 1, partial(_to_next_stage, num_stages=S), lambda x: x, x_BTD)
+                return x_BTD, cache
+
+            x_BTD, cache = jax.lax.fori_loop(0, S, tick, (x_BTD, cache))
+            x_BTD = sharding.psum(jnp.where(me == S - 1, x_BTD, 0), "layers")  # the last stage's output, to all
+        return self.head(x_BTD, logits_index_B), cache
+
+    def pipeline_tick(self, tokens_BT, pos_BT, x_BTD, cache, page_table_BP, logits_index_B, active, *,
+                      moe_strategy="auto"):
+        """One tick of the pipelined schedule: every stage works on its own microbatch at once.
+
+        Stage 0 embeds `tokens_BT` (its microbatch's new tokens); every other stage takes `x_BTD`,
+        the activations stage s - 1 sent it last tick. A stage whose microbatch is empty
+        (`active` false, the same on all of the stage's devices) skips its layers. The last stage
+        makes the logits; every stage's output goes to the next stage with one `ppermute`.
+
+        Args:
+          tokens_BT, pos_BT, page_table_BP, logits_index_B: this stage's microbatch (local rows).
+          x_BTD: activations received from the previous stage (ignored on stage 0).
+          cache: the stage's (k, v) page pools.
+          active: scalar bool, this stage has work.
+        Returns:
+          (logits [B, V_local] of the last stage's microbatch, all-reduced over `stage` so every
+          device holds them; the activations this stage sends, as received by the next one
+          (stage 0 receives zeros); the updated cache).
+        """
+        S = self.geometry.num_stages
+        me = sharding.axis_index("layers")
+        x_BTD = jax.lax.cond(me == 0, lambda: self._embed(tokens_BT), lambda: x_BTD)
+        x_BTD = jnp.where((pos_BT >= 0)[..., None], x_BTD, 0)  # padding rows: stale activations never enter
+        stage = partial(self.run_stage, pos_BT=pos_BT, page_table_BP=page_table_BP, moe_strategy=moe_strategy)
+        x_BTD, cache = jax.lax.cond(active, stage, lambda x, c: (x, c), x_BTD, cache)
+        V_local = self.embed.shape[0] if self.cfg.tie_word_embeddings else self.unembed.shape[1]
+        logits_BV = jax.lax.cond(active & (me == S - 1), lambda x: self.head(x, logits_index_B),
+                                 lambda x: jnp.zeros((x.shape[0], V_local), x.dtype), x_BTD)
+        logits_BV = sharding.psum(jnp.where(me == S - 1, logits_BV, 0), "layers")
+        return logits_BV, _to_next_stage(x_BTD, S), cache
+
+    def run_stage(self, x_BTD, cache, *, pos_BT, page_table_BP, moe_strategy):
+        """This device's stage: its local layers, one `lax.scan` over the stacked weights."""
+        cfg = self.cfg
+        rope = rope_tables(pos_BT, cfg.head_dim, cfg.rope_theta)
+
+        def layer(carry, i):
+            x_BTD, cache = carry
+            return self.layers(i, x_BTD, pos_BT, rope, cache, page_table_BP, moe_strategy, cfg.rms_norm_eps), None
+
+        (x_BTD, cache), _ = jax.lax.scan(layer, (x_BTD, cache), jnp.arange(self.geometry.layers_per_stage))
+        return x_BTD, cache
+
+    def head(self, x_BTD, logits_index_B=None):
+        """Final norm and unembedding (of the tokens at `logits_index_B` only, when given)."""
+        x_BTD = rms_norm(x_BTD, self.final_norm[...], self.cfg.rms_norm_eps)
         if logits_index_B is not None:
             x_BTD = jnp.take_along_axis(x_BTD, logits_index_B[:, None, None], axis=1)[:, 0]
-        return self._unembed(x_BTD), cache
+        return self._unembed(x_BTD)
 
     def _embed(self, tokens_BT):
         with jax.named_scope("embed"):
@@ -162,3 +208,8 @@ class Transformer(nnx.Module):
             V_local = logits_V.shape[-1]
             column_V = sharding.axis_index("vocab") * V_local + jnp.arange(V_local)
             return jnp.where(column_V < self.cfg.vocab_size, logits_V, -jnp.inf)  # padding: never chosen
+
+
+def _to_next_stage(x, num_stages: int):
+    """Stage s's x to stage s + 1 (one `ppermute` over `stage`); stage 0 receives zeros."""
+    return sharding.ppermute(x, "layers", [(s, s + 1) for s in range(num_stages - 1)])

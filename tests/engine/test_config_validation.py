@@ -36,6 +36,8 @@ BAD_CONFIG = [
     ({"seed": 1.0}, r"ServeConfig.seed must be an integer, got 1.0"),
     ({"max_finished_retained": -1}, r"ServeConfig.max_finished_retained must be at least 0, got -1"),
     ({"max_finished_retained": None}, r"ServeConfig.max_finished_retained must be an integer, got None"),
+    ({"microbatches": 0}, r"ServeConfig.microbatches must be at least 1, got 0; .* or None: one per pipeline stage"),
+    ({"microbatches": 2.0}, r"ServeConfig.microbatches must be an integer, got 2.0"),
 ]
 
 
@@ -65,7 +67,10 @@ def model(engine_model):
 BAD_ENGINE = [
     ({"max_running": 3, "decode_buckets": None},
      r"max_running \(3\) must be a multiple of the data groups \(4 = data 2 x expert 2, expert mode 'data'\)"),
-    ({"decode_buckets": (1,)}, r"decode_buckets \(1,\) must reach the slots per data group \(2 ="),
+    ({"decode_buckets": (1,)}, r"decode_buckets \(1,\) must reach the slots per data group and microbatch group "
+                               r"\(2 = max_running / \(data groups x microbatches\)\)"),
+    ({"microbatches": 4}, r"max_running \(8\) must be a multiple of the data groups \(4 = .*\) of layout DP2TP2EP2 "
+                          r"times microbatches \(4\): e.g. 16"),
     ({"max_model_len": 5000}, r"max_model_len \(5000\) exceeds the model's max_position_embeddings \(1024\)"),
     ({"num_pages": 2**30}, r"num_pages \(1073741824\) times data groups \(4\) exceeds 2\*\*31 - 1 pages"),
     ({"num_pages": 2**28}, r"the KV cache \(268435456 pages of 4 tokens per data group\) needs 384.00 GiB per "

@@ -99,7 +99,7 @@ def test_error_row_is_finished_and_freed(engine_model, engines, position, monkey
     request with "error" and no token there, frees its pages, and leaves its neighbour running."""
     if engine_model.layout.data == 1:
         pytest.skip("host-side handling: one layout is enough")
-    from moejax.engine.engine import _SEED, _packed_layout
+    from moejax.engine.batch import SEED, packed_layout
 
     engine, real = engines(engine_model), engines(engine_model)._fn
     rid = engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=6, seed=12345))
@@ -109,9 +109,9 @@ def test_error_row_is_finished_and_freed(engine_model, engines, position, monkey
     def fn(params, cache, packed, T):
         ids, cache = real(params, cache, packed, T)
         ids = np.asarray(ids).copy()
-        _, _, m = _packed_layout(T, engine.pages_per_seq)
+        _, _, m = packed_layout(T, engine.pages_per_seq)
         if target.num_output == position:
-            ids[packed[:, m + _SEED] == 12345] = -1
+            ids[packed[:, m + SEED] == 12345] = -1
         return ids, cache
 
     monkeypatch.setattr(engine, "_fn", fn)

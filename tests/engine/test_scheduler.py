@@ -112,11 +112,11 @@ def test_sampler_filters_and_greedy():
 
 
 def test_packed_sampling_row_round_trips_through_int32():
-    from moejax.engine.engine import _TOP_K, _sampling_row
+    from moejax.engine.batch import SEED, TEMPERATURE, TOP_K, TOP_P, sampling_row
 
     params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9)
-    row = jnp.asarray(_sampling_row(params, 2**32 - 3))
-    seed, temp, top_p = (jax.lax.bitcast_convert_type(row[i - _TOP_K], t) for i, t in
-                         ((_TOP_K + 1, jnp.uint32), (_TOP_K + 2, jnp.float32), (_TOP_K + 3, jnp.float32)))
+    row = jnp.asarray(sampling_row(params, 2**32 - 3))
+    seed, temp, top_p = (jax.lax.bitcast_convert_type(row[i - TOP_K], t) for i, t in
+                         ((SEED, jnp.uint32), (TEMPERATURE, jnp.float32), (TOP_P, jnp.float32)))
     assert int(row[0]) == 5 and int(seed) == 2**32 - 3
     assert float(temp) == np.float32(0.7) and float(top_p) == np.float32(0.9)

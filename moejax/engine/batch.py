@@ -1,0 +1,173 @@
+"""The engine's call batches and the compiled step functions that read them.
+
+Host work per call is kept small (it is paid every decode step, see `moejax.bench.decode`): a
+call's whole batch is ONE int32 array [B, W] (layout `packed_layout`: tokens, page table, start,
+count, sample counter, then the per-request sampling parameters, floats and the uint32 seed as
+their int32 bits), handed to the jitted function as numpy and placed by its `in_shardings` (rows
+split over the batch shards) in one transfer; positions, the logits index and the typed sampling
+arrays are unpacked on device. Padding rows have count 0: positions -1 (no KV write, no attention).
+
+Two compiled steps read it:
+
+- `sampled_step`: the model step (`Steps.step`, every stage in turn) and the sampler; the batch
+  is [B, W].
+- `pipelined_step`: one tick of the pipeline (`Steps.pipeline_step`); the batch is [S, B, W],
+  row s the microbatch stage s works on. `Pipeline` keeps, on the host, which microbatch is at
+  which stage, and on device the activations between stages.
+
+Both return the sampled ids with the non-finite flag riding in them: `NONFINITE` (-1) where a
+row's logits are not all finite, so the host fetches one array.
+"""
+
+from __future__ import annotations
+
+import collections
+import weakref
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax import steps as steps_lib
+from moejax.engine.sampling import SamplingParams, sample
+
+NONFINITE = -1  # the step's id for a row whose logits are not all finite
+
+# Packed batch columns after the T tokens and the P page-table entries (one int32 row per request).
+START, NUM, COUNTER, TOP_K, SEED, TEMPERATURE, TOP_P = range(7)
+META = 7  # columns from START on; TOP_K.. are a request's `sampling_row`
+
+
+def packed_layout(T: int, P: int) -> tuple[slice, slice, int]:
+    """Column slices (tokens, page table) and the first meta column of a [B, T + P + META] batch."""
+    return slice(0, T), slice(T, T + P), T + P
+
+
+def sampling_row(params: SamplingParams, seed: int) -> np.ndarray:
+    """A request's packed sampling columns: top_k, seed (uint32 bits), temperature and top_p (float32 bits)."""
+    row = np.zeros(META - TOP_K, np.int32)
+    row[TOP_K - TOP_K] = params.top_k
+    row[SEED - TOP_K] = np.uint32(seed).view(np.int32)
+    row[TEMPERATURE - TOP_K] = np.float32(params.temperature).view(np.int32)
+    row[TOP_P - TOP_K] = np.float32(params.top_p).view(np.int32)
+    return row
+
+
+def padding(B: int, T: int, P: int) -> np.ndarray:
+    """An all-padding packed batch [B, T + P + META] (count 0, greedy, top_p 1)."""
+    _, _, m = packed_layout(T, P)
+    pad = np.zeros((B, m + META), np.int32)
+    pad[:, m + TOP_K:] = sampling_row(SamplingParams(), 0)
+    return pad
+
+
+def _unpack(packed, T: int):
+    """(tokens, positions, page table, logits index) of a packed batch [..., W] (leading dims kept)."""
+    tok, table, m = packed_layout(T, packed.shape[-1] - T - META)
+    start, num = packed[..., m + START], packed[..., m + NUM]
+    t_T = jnp.arange(T, dtype=jnp.int32)
+    pos = jnp.where(t_T < num[..., None], start[..., None] + t_T, -1)
+    return packed[..., tok], pos, packed[..., table], jnp.maximum(num - 1, 0)
+
+
+def _sample_rows(logits_BV, packed_BW, T: int):
+    """Sample each row with its packed parameters; NONFINITE where its logits are not all finite."""
+    _, _, m = packed_layout(T, packed_BW.shape[-1] - T - META)
+    col = lambda c: packed_BW[:, m + c]  # noqa: E731
+    as_f32 = lambda c: jax.lax.bitcast_convert_type(col(c), jnp.float32)  # noqa: E731
+    seed_B = jax.lax.bitcast_convert_type(col(SEED), jnp.uint32)
+    ids_B = sample(logits_BV, as_f32(TEMPERATURE), col(TOP_K), as_f32(TOP_P), seed_B, col(COUNTER))
+    return jnp.where(jnp.all(jnp.isfinite(logits_BV), axis=-1), ids_B, NONFINITE)
+
+
+_SAMPLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PIPELINED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def sampled_step(steps: steps_lib.Steps):
+    """`fn(params, cache, packed_BW, num_tokens) -> (ids_B, cache)`, jitted once per `Steps` (engines
+    share compilations); `num_tokens` (T, static) splits the columns; the cache is donated."""
+    if steps not in _SAMPLED:
+        batch = steps.named(steps_lib.BATCH)
+
+        def fn(params, cache, packed_BW, num_tokens):
+            packed_BW = jax.sharding.reshard(packed_BW, batch)  # types the rows as split (already placed so)
+            tokens_BT, pos_BT, table_BP, index_B = _unpack(packed_BW, num_tokens)
+            logits_BV, _, cache = steps.step(params, cache, tokens_BT, pos_BT, table_BP, index_B)
+            return _sample_rows(logits_BV, packed_BW, num_tokens), cache
+
+        _SAMPLED[steps] = jax.jit(fn, in_shardings=(None, None, batch), donate_argnums=(1,), static_argnums=(3,))
+    return _SAMPLED[steps]
+
+
+def pipelined_step(steps: steps_lib.Steps):
+    """`fn(params, cache, x_SRTD, packed_SBW, active_S, num_tokens) -> (ids_B, x_SRTD, cache)`: one
+    pipeline tick; ids are those of the microbatch leaving the last stage (row S - 1's parameters).
+    Cache and activations are donated."""
+    if steps not in _PIPELINED:
+        staged, per_stage = steps.named(steps_lib.STAGED), steps.named(("layers",))
+        unstaged = steps.named((None, "batch", None))
+
+        def fn(params, cache, x_SRTD, packed_SBW, active_S, num_tokens):
+            packed_SBW = jax.sharding.reshard(packed_SBW, staged)
+            active_S = jax.sharding.reshard(active_S, per_stage)
+            tokens, pos, table, index = _unpack(packed_SBW, num_tokens)
+            logits_BV, x_SRTD, cache = steps.pipeline_step(params, cache, x_SRTD, tokens, pos, table, index, active_S)
+            last_BW = jax.sharding.reshard(packed_SBW, unstaged)[-1]  # sampling rows of the leaving microbatch
+            return _sample_rows(logits_BV, last_BW, num_tokens), x_SRTD, cache
+
+        _PIPELINED[steps] = jax.jit(fn, in_shardings=(None, None, None, staged, per_stage),
+                                    donate_argnums=(1, 2), static_argnums=(5,))
+    return _PIPELINED[steps]
+
+
+@dataclass
+class Microbatch:
+    """What one data-group-split batch sends into a pipeline: its works per data group and packed rows."""
+
+    works: list[list]  # per data group
+    packed: np.ndarray  # [data groups, rows, W]
+
+    @property
+    def rows(self) -> int:
+        return self.packed.shape[1]
+
+
+class Pipeline:
+    """The microbatches in flight in one pipelined compiled step (prefill chunks, or decode tokens).
+
+    `in_flight[s]` is the microbatch that stage s + 1 works on next tick (None: none); `x` the
+    activations on device, [S, data groups x capacity, T, D], allocated on first use.
+    """
+
+    def __init__(self, steps: steps_lib.Steps, num_tokens: int, capacity: int, data: int):
+        self.steps, self.T, self.capacity, self.data = steps, num_tokens, capacity, data
+        self.stages = steps.geometry.num_stages
+        self.in_flight: collections.deque[Microbatch | None] = collections.deque([None] * (self.stages - 1))
+        self.x = None
+        self._fn = pipelined_step(steps)
+
+    @property
+    def busy(self) -> bool:
+        return any(mb is not None for mb in self.in_flight)
+
+    def tick(self, params, cache, entering: Microbatch | None, pad: np.ndarray):
+        """Advance one tick with `entering` at stage 0. Returns (the microbatch leaving the last stage
+        or None, its ids' future or None, the cache). Asynchronous.
+
+        `pad` is an all-padding packed batch [data, >= rows, W] of this pipeline's T."""
+        stages = [entering, *self.in_flight]
+        self.in_flight.appendleft(entering)
+        leaving = self.in_flight.pop()
+        rows = max(mb.rows for mb in stages if mb is not None)
+        packed = np.repeat(pad[None, :, :rows], self.stages, axis=0)  # fresh: the transfer may alias it
+        for s, mb in enumerate(stages):
+            if mb is not None:
+                packed[s, :, : mb.rows] = mb.packed
+        active = np.array([mb is not None for mb in stages])
+        if self.x is None:
+            self.x = self.steps.new_activations(self.data * self.capacity, self.T)
+        ids_B, self.x, cache = self._fn(params, cache, self.x, packed.reshape(self.stages, self.data * rows, -1),
+                                        active, self.T)
+        return leaving, (ids_B if leaving is not None else None), cache
