@@ -4,9 +4,10 @@
 collective-permute of a compiled (SPMD-partitioned) module and how many times one step runs it:
 `while` bodies count their known trip count (the layer scan, `known_trip_count` in the backend
 config; an unknown count is taken as 1 and marked), `call`s, fusions and async wrappers count once,
-and a `conditional` counts its heaviest branch. Stages run one after another under a conditional on
-the stage index (docs/design.md), so every stage's collectives lie on the step's path, as the step
-time pays them; this is the critical path of one step, seen from one device.
+and a `conditional` counts its heaviest branch: the critical path of one step, seen from one device.
+With pipeline stages, a pipelined step (one tick) runs the device's own stage once and sends its
+activations once; the sequential step (microbatches 1) loops over the stages, each turn a
+conditional on the stage index, so every stage's collectives lie on its path, as its time pays them.
 
 Shapes in a partitioned module are per device, so each collective's operand bytes are what one
 device contributes. Wire bytes are what one device sends under the ring algorithms the planner
@@ -23,9 +24,10 @@ shard, one layer or one expert of it: `weight_shapes`) is flagged as moving weig
 step should never do (e.g. an all-gather of the experts). All-reduces sum partial results and are
 not flagged; a shape match can in principle be an activation of the same shape (read the op_name).
 
-`planner_volume` is the planner's predicted volume for the same tokens: per step, the sum over
-stages of `moejax.planner.cost.stage_comm_time` (two TP all-reduces per layer, and the expert-axis
-term of the model's expert mode) plus one pipeline send per stage boundary (`send_time`'s bytes).
+`planner_volume` is the planner's predicted volume for the same tokens and schedule, from
+`moejax.planner.cost.stage_comm_time` (two TP all-reduces per layer, and the expert-axis term of the
+model's expert mode) and the pipeline sends: per pipelined tick the busiest stage and one send, per
+sequential step every stage and one send per boundary.
 """
 
 from __future__ import annotations
@@ -297,11 +299,17 @@ def account(engine) -> dict:
     return out
 
 
-def planner_volume(cfg, layout, ep_attention: str, group_tokens: float, act_bytes: float, hw) -> dict:
+def planner_volume(cfg, layout, ep_attention: str, group_tokens: float, act_bytes: float, hw,
+                   pipelined: bool = False) -> dict:
     """The planner's predicted bytes one device sends per step, for `group_tokens` tokens per batch shard.
 
-    Returns {"layers": TP and expert-axis collectives of every stage, "tensor": the TP part of it,
-    "expert": the expert-axis part, "send": pipeline sends, "total"}.
+    `pipelined`: the step is one pipeline tick (each device runs its own stage, the busiest one is
+    the step's critical path, and sends once); else the sequential schedule (every stage in turn,
+    one send per boundary). A send is the microbatch's whole activations: every device of a
+    stage holds them (replicated over `tensor` between layers) and sends its copy.
+
+    Returns {"layers": TP and expert-axis collectives, "tensor": the TP part of it, "expert": the
+    expert-axis part, "send": pipeline sends, "total"}.
     """
     import dataclasses
 
@@ -313,10 +321,14 @@ def planner_volume(cfg, layout, ep_attention: str, group_tokens: float, act_byte
     workload = Workload(act_bytes=act_bytes)
     load = Load(decode=group_tokens, group_decode=group_tokens)
     no_expert = dataclasses.replace(layout, expert=1)
-    layers = tensor = 0.0
-    for stage in stages(cfg, layout):
-        layers += stage_comm_time(cfg, layout, hw, workload, options, stage, load)[0]
-        tensor += stage_comm_time(cfg, no_expert, hw, workload, options, stage, load)[0]
-    # `moejax.planner.cost.send_time`: each TP rank sends 1/TP of the activations, once per stage boundary.
-    send = (layout.stage - 1) * group_tokens * cfg.hidden_size * act_bytes / layout.tensor
+    per_stage = [(stage_comm_time(cfg, layout, hw, workload, options, stage, load)[0],
+                  stage_comm_time(cfg, no_expert, hw, workload, options, stage, load)[0])
+                 for stage in stages(cfg, layout)]
+    if pipelined:
+        layers, tensor = max(per_stage)
+        boundaries = 1 if layout.stage > 1 else 0
+    else:
+        layers, tensor = (sum(x) for x in zip(*per_stage, strict=True))
+        boundaries = layout.stage - 1
+    send = boundaries * group_tokens * cfg.hidden_size * act_bytes
     return {"layers": layers, "tensor": tensor, "expert": layers - tensor, "send": send, "total": layers + send}

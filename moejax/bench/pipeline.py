@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
     layouts = args.layouts.split(",")
-    if "jax" not in sys.modules:  # enough simulated devices for the largest layout
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # read when JAX starts
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
     import numpy as np
 
@@ -80,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} round {r}: sequential {got[1]['tokens_per_s']:.1f} tok/s, pipelined "
                   f"{got[S]['tokens_per_s']:.1f} tok/s, ratio {ratios[-1]:.2f}", flush=True)
         for M, label in ((1, "sequential (microbatches 1)"), (S, f"pipelined (microbatches {S})")):
-            med = lambda key: statistics.median(x[key] for x in rows[M])  # noqa: E731
-            print(f"{name} {label}: {med('tokens_per_s'):.1f} tok/s, {med('steps_per_s'):.1f} steps/s, "
-                  f"TTFT {med('ttft_s') * 1e3:.0f} ms")
+            tps, sps, ttft = (statistics.median(x[key] for x in rows[M]) for key in ("tokens_per_s", "steps_per_s",
+                                                                                    "ttft_s"))
+            print(f"{name} {label}: {tps:.1f} tok/s, {sps:.1f} steps/s, TTFT {ttft * 1e3:.0f} ms")
         print(f"{name}: pipelined / sequential tokens/s, median of {args.rounds} rounds: "
               f"{statistics.median(ratios):.2f} (rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
     return 0

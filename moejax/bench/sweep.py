@@ -193,7 +193,7 @@ def _serve_config(spec: SweepSpec, model, chunk: int, mr: int):
     from moejax.kv_cache import pages_for
 
     shards = batch_shards(model)
-    slots = mr // shards
+    slots = mr // (shards * model.layout.stage)  # per data group and microbatch group (one group per stage)
     # One pool size per model (the most slots any max_running needs): the cache shape, and so the compiled
     # step, is then shared by every configuration of this layout.
     pool = math.ceil(max(spec.max_running) / shards) * pages_for(spec.max_len, spec.page_size)
@@ -224,7 +224,8 @@ def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _Compil
     cfg, layout = model.cfg, model.layout
     isl, osl = spec.workload.mean_lengths(cfg.vocab_size)
     act_bytes = jax.numpy.dtype(model.dtype).itemsize
-    planner = {phase: comm.planner_volume(cfg, layout, ep_mode(model), accounts["tokens"][phase], act_bytes, hw)
+    planner = {phase: comm.planner_volume(cfg, layout, ep_mode(model), accounts["tokens"][phase], act_bytes, hw,
+                                          pipelined=engine.pipelined)
                for phase in ("decode", "prefill")}
     device_peak = [d.memory_stats().get("peak_bytes_in_use") for d in model.mesh.devices.flat if d.memory_stats()]
     row = {
@@ -375,9 +376,10 @@ def _run_one(spec: SweepSpec, c: dict, models: dict, hw, counter: _CompileCounte
             mode = None if c["ep_attention_requested"] == DEFAULT else c["ep_attention_requested"]
             models[mk] = (_build_model(spec, c["layout"], mode), time.perf_counter() - t)
         model, place_s = models[mk]
-        shards = batch_shards(model)
-        if c["max_running"] % shards:
-            why = f"max_running {c['max_running']} is not a multiple of the {shards} batch shards of {c['layout']}"
+        unit = batch_shards(model) * model.layout.stage  # one microbatch group per stage (the engine's default)
+        if c["max_running"] % unit:
+            why = (f"max_running {c['max_running']} is not a multiple of the {batch_shards(model)} batch shards x "
+                   f"{model.layout.stage} microbatch groups of {c['layout']}")
             res.skipped.append((c, why))
             log(f"skip  {_label(c)}: {why}")
             return None

@@ -467,6 +467,11 @@ class Engine:
             staged = np.repeat(packed[None], self.stages, axis=0)
             return pipe._fn.lower(self.model.params, self.cache, x, staged, np.ones(self.stages, bool), T).compile()
 
+    @property
+    def pipelined(self) -> bool:
+        """True when a step is one pipeline tick (stages and microbatches > 1)."""
+        return self._pipes is not None
+
     def occupancy(self) -> list[int]:
         """Running requests in each microbatch group."""
         return self.scheduler.occupancy()

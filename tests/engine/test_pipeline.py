@@ -110,7 +110,10 @@ def test_abort_while_in_flight_drops_the_work_and_spares_the_others(pp2, referen
 
 def test_each_stage_runs_its_layers_once_and_sends_one_activation(five_layers, pp2):
     """The compiled tick: no stage's layers twice (the same matmuls as the one-stage program) and one
-    collective-permute per step, of the microbatch's activations [rows, T, D]."""
+    collective-permute per step, of the microbatch's activations [rows, T, D], as the planner counts it."""
+    from moejax.bench import comm
+    from moejax.planner.hardware import load_hardware
+
     dots = {}
     for name, model in (("pp", pp2), ("flat", moejax.load(five_layers, layout="TP2EP2"))):
         engine = moejax.Engine(model, _config(microbatches=2 if name == "pp" else None, decode_buckets=(4,)))
@@ -120,6 +123,10 @@ def test_each_stage_runs_its_layers_once_and_sends_one_activation(five_layers, p
             permutes = re.findall(r"= (\S+) collective-permute(?:-start)?\(", text)
             assert len(permutes) == 1, permutes
             assert re.sub(r"\{.*", "", permutes[0]) == "f32[4,1,48]", permutes  # 4 rows x 1 token x hidden 48
+            sent = comm.account(engine)["decode"]["by_kind"]["collective-permute"]["wire_bytes"]
+            plan = comm.planner_volume(model.cfg, model.layout, "data", 4, 4, load_hardware("cpu-host"),
+                                       pipelined=True)
+            assert sent == plan["send"] == 4 * 48 * 4
     assert dots["pp"] == dots["flat"] > 0, dots
 
 
