@@ -55,6 +55,8 @@ def test_request_joining_busy_engine_matches_alone(engine_model, engines, alone)
     for _ in range(int(rng.integers(3, 9))):
         engine.step()
     assert engine.scheduler.num_running > 1  # it really joins a busy engine
+    if engine.pipelined:  # stage > 1: microbatch groups in flight through the stages at once
+        assert engine.microbatches > 1 and min(engine.occupancy()) > 0
     needle = engine.add_request(needle_prompt, needle_params)
     _drain(engine)
     assert engine.requests[needle].output_ids == expected
