@@ -1,4 +1,4 @@
-"""`moejax` command line: generate | plan | convert | sweep | bench serve.
+"""`moejax` command line: generate | plan | convert | sweep | bench serve|decode|gemm|compile.
 
 Every user mistake (a bad flag, an unknown model or hardware name, a malformed file, a prompt or sampling
 value the model cannot take) prints one line `moejax: error: ...` to stderr and exits with status 2; `--debug`
@@ -9,20 +9,28 @@ starts, so a mistake costs no model build and no compilation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
+import secrets
 import sys
 import traceback
 
+import numpy as np
+
 from moejax import distributed
+from moejax.devices import MAX_SIMULATED_DEVICES, request_cpu_devices
+from moejax.progress import Progress
+from moejax.tokenizer import TOKENIZER_FILE, TextStream, decode, encode, load_tokenizer
 
 DEFAULT_MODEL = "tiny-moe"
 DEFAULT_LAYOUT = "TP2EP2PP2"
 DEFAULT_PROMPTS = ((1, 5, 9, 13, 17), (3, 4))
-MAX_SIMULATED_DEVICES = 1024  # --devices on CPU: XLA:CPU makes this many devices at start-up
 INT32_MAX = 2**31 - 1
 EXIT_USAGE = 2
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring: one per XLA compile
+_NOTED_COMPILE_S = 0.5  # compiles shorter than this (small helpers) are not worth a line
 
 
 class UsageError(ValueError):
@@ -118,14 +126,18 @@ def read_model_config(source: str):
 
 
 def _add_generate(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("generate", help="generate tokens (greedy by default) on a layout",
-                       description="Generate from a HF checkpoint dir or a built-in config (random weights).")
+    p = sub.add_parser("generate", help="generate text or tokens (greedy by default) on a layout",
+                       description="Generate from a HF checkpoint dir or a built-in config (random weights). "
+                                   "Progress goes to stderr, results to stdout.")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"HF checkpoint directory, or a config name in configs/models (random weights); "
                         f"default {DEFAULT_MODEL}")
     p.add_argument("--layout", default=DEFAULT_LAYOUT, help=f"e.g. DP2TP2EP2PP1 (default {DEFAULT_LAYOUT})")
-    p.add_argument("--prompt-ids", type=int_list(0), action="append",
-                   help="comma-separated token ids; repeat for several prompts (default: two built-in prompts)")
+    prompts = p.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", action="append",
+                         help="a text prompt, encoded with the checkpoint's tokenizer.json; repeat for several")
+    prompts.add_argument("--prompt-ids", type=int_list(0), action="append",
+                         help="comma-separated token ids; repeat for several prompts (default: two built-in prompts)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0, help="random-weight seed for config-name models")
@@ -135,7 +147,9 @@ def _add_generate(sub) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="1: off")
-    p.add_argument("--sample-seed", type=int, default=None, help="sampling seed (prompt i uses seed + i)")
+    p.add_argument("--sample-seed", type=int, default=None,
+                   help="sampling seed (prompt i uses seed + i); default: a fresh seed per run, printed by --json "
+                        "as sample_seed so the run can be repeated")
     p.add_argument("--stop-token-ids", type=int_list(0, allow_empty=True), default=[],
                    help="comma-separated stop token ids")
     p.add_argument("--chunk-size", type=int_in(1), default=64,
@@ -143,6 +157,7 @@ def _add_generate(sub) -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int_in(1), default=16,
                    help="KV cache page size (at most the model's context limit)")
     p.add_argument("--json", action="store_true", help="print one JSON object (no streaming)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     distributed.add_flags(p)
     return p
 
@@ -152,39 +167,52 @@ _FLAG_OF_FIELD = {"max_new_tokens": "--max-new-tokens", "temperature": "--temper
                   "stop_token_ids": "--stop-token-ids"}
 
 
-def _check_generate(args):
-    """Everything `generate` can check on the host before JAX starts: (config, layout, prompts, params).
+@dataclasses.dataclass
+class _Run:
+    """What `generate` checked on the host: the model config, layout, prompts and their sampling."""
 
-    Raises UsageError naming the flag: unknown model, a layout that cannot run it, a prompt token outside
-    the vocabulary, a sampling value `SamplingParams.check` refuses, a request longer than the model's
-    context, a chunk or page size beyond it.
+    cfg: object
+    layout: object
+    prompts: list[list[int]]
+    params: list  # SamplingParams per prompt
+    tokenizer: object  # tokenizers.Tokenizer, or None
+    seed: int  # --sample-seed, or the one drawn for this run
+    seed_drawn: bool
+
+
+def _check_generate(args) -> _Run:
+    """Everything `generate` can check on the host before JAX starts.
+
+    Raises UsageError naming the flag: unknown model, a layout that cannot run it, text without a tokenizer,
+    a prompt token outside the vocabulary, a sampling value `SamplingParams.check` refuses, a request longer
+    than the model's context, a chunk or page size beyond it.
     """
-    from moejax.engine.sampling import SamplingParams
     from moejax.mesh import Layout
 
     cfg = read_model_config(args.model)
     cfg.check_runtime_support()
     layout = Layout.parse(args.layout).validate(cfg)
-    prompts = [list(p) for p in (args.prompt_ids or DEFAULT_PROMPTS)]
+    tokenizer = load_tokenizer(args.model) if os.path.isdir(args.model) else None
+    if args.prompt:
+        if tokenizer is None:
+            what = "a built-in config (random weights)" if not os.path.isdir(args.model) else args.model
+            raise UsageError(f"--prompt: {what} has no {TOKENIZER_FILE} to encode text with; pass --prompt-ids")
+        prompts = [encode(tokenizer, text) for text in args.prompt]
+        source = "--prompt"
+    else:
+        prompts = [list(p) for p in (args.prompt_ids or DEFAULT_PROMPTS)]
+        source = "--prompt-ids" if args.prompt_ids else "built-in prompt"
     vocab, limit = cfg.vocab_size, cfg.max_position_embeddings
     for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise UsageError(f"--prompt: prompt {i} ({args.prompt[i]!r}) encodes to no tokens")
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
-            source = "--prompt-ids" if args.prompt_ids else "built-in prompt"
             raise UsageError(f"{source}: token id {bad[0]} (prompt {i}) is out of vocabulary "
                              f"(vocab_size={vocab}); allowed: [0, {vocab - 1}]")
-    params = []
-    for i in range(len(prompts)):
-        p = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, seed=None if args.sample_seed is None else args.sample_seed + i,
-                           stop_token_ids=tuple(args.stop_token_ids))
-        try:
-            p.check(vocab)
-        except ValueError as err:
-            flag = _FLAG_OF_FIELD.get(str(err).split()[0], "sampling")
-            note = f" (prompt {i} uses --sample-seed + {i})" if flag == "--sample-seed" and i else ""
-            raise UsageError(f"{flag}: {err}{note}") from err
-        params.append(p)
+    drawn = args.sample_seed is None
+    seed = secrets.randbelow(2**31) if drawn else args.sample_seed  # + one per prompt stays below 2**32
+    params = _sampling(args, seed, len(prompts), vocab)
     longest = max(map(len, prompts)) + args.max_new_tokens
     if longest > limit:
         raise UsageError(f"--max-new-tokens: the longest prompt ({max(map(len, prompts))} tokens) + "
@@ -193,19 +221,25 @@ def _check_generate(args):
     for flag, value in (("--chunk-size", args.chunk_size), ("--page-size", args.page_size)):
         if value > limit:
             raise UsageError(f"{flag} {value} exceeds the model's context limit (max_position_embeddings={limit})")
-    return cfg, layout, prompts, params
+    return _Run(cfg, layout, prompts, params, tokenizer, seed, drawn)
 
 
-def _simulate_cpu_devices(n: int) -> bool:
-    """Give XLA:CPU n devices; must run before JAX initialises a backend. No effect on GPU platforms.
+def _sampling(args, seed: int, count: int, vocab: int) -> list:
+    """SamplingParams per prompt (prompt i draws with seed + i), checked against the model."""
+    from moejax.engine.sampling import SamplingParams
 
-    Returns False when XLA_FLAGS already sets the CPU device count (then `n` is not applied).
-    """
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" in flags:
-        return False
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-    return True
+    params = []
+    for i in range(count):
+        p = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=seed + i, stop_token_ids=tuple(args.stop_token_ids))
+        try:
+            p.check(vocab)
+        except ValueError as err:
+            flag = _FLAG_OF_FIELD.get(str(err).split()[0], "sampling")
+            note = f" (prompt {i} uses --sample-seed + {i})" if flag == "--sample-seed" and i else ""
+            raise UsageError(f"{flag}: {err}{note}") from err
+        params.append(p)
+    return params
 
 
 def _check_devices(layout, devices: list, simulated: bool) -> None:
@@ -227,61 +261,150 @@ def _check_devices(layout, devices: list, simulated: bool) -> None:
 
 
 def _run_generate(args) -> int:
-    from pathlib import Path
-
-    cfg, layout, prompts, params = _check_generate(args)  # host only: JAX has not started
-    simulated = _simulate_cpu_devices(args.devices)  # per process in a multi-host run
+    run = _check_generate(args)  # host only: JAX has not started
+    simulated = request_cpu_devices(args.devices)  # per process in a multi-host run
     distributed.start(args)  # joins the run; only process 0 prints from here on
 
     import jax
 
-    import moejax
+    _check_devices(run.layout, jax.devices(), simulated)
+    if run.seed_drawn and jax.process_count() > 1:  # every process must sample with process 0's seed
+        from jax.experimental import multihost_utils
 
-    _check_devices(layout, jax.devices(), simulated)
-    if Path(args.model).is_dir():
-        model = moejax.load(args.model, layout=layout, dtype=args.dtype)
-    else:
-        model = moejax.Model.random(cfg, seed=args.seed, layout=layout, dtype=args.dtype)
-    engine, ids = _start_engine(model, prompts, params, args)  # compiled before the requests arrive
-    while engine.has_unfinished():
-        for out in engine.step():
-            if not args.json and out.new_token_ids:
-                print(f"  [{out.request_id}] {out.new_token_ids[0]}" + (f" ({out.finish_reason})" * out.finished),
-                      flush=True)
+        run.seed = int(multihost_utils.broadcast_one_to_all(np.int32(run.seed)))
+        run.params = _sampling(args, run.seed, len(run.prompts), run.cfg.vocab_size)
+    progress = Progress(enabled=not args.quiet and jax.process_index() == 0)
+    model = _build_model(args, run, progress)
+    engine, ids = _start_engine(model, run.prompts, run.params, args, progress)
+    new, texts = _serve(engine, ids, run, args, progress)
     reqs = [engine.requests[i] for i in ids]
-    new = [r.output_ids for r in reqs]
-    stats = argparse.Namespace(ttft_s=sum(r.ttft_s for r in reqs) / len(reqs),
-                               tpot_s=sum(r.tpot_s or 0.0 for r in reqs) / len(reqs))
+    ttft_s = sum(r.ttft_s for r in reqs) / len(reqs)
+    tpot_s = sum(r.tpot_s or 0.0 for r in reqs) / len(reqs)
+    one = len(new) == 1  # one prompt: flat lists, not lists of one
     result = {
         "model": model.cfg.name, "layout": str(model.layout), "devices": model.layout.size,
-        "platform": jax.devices()[0].platform, "tokens": new[0] if len(new) == 1 else new,
-        "ttft_s": stats.ttft_s, "tpot_s": stats.tpot_s,
+        "platform": jax.devices()[0].platform, "prompt_ids": run.prompts[0] if one else run.prompts,
+        "tokens": new[0] if one else new, "ttft_s": ttft_s, "tpot_s": tpot_s, "sample_seed": run.seed,
     }
+    if texts is not None:
+        result["text"] = texts[0] if one else texts
     if args.json:
         print(json.dumps(result))
-    else:
-        print(f"model {result['model']} on {result['devices']} {result['platform']} devices, layout {result['layout']}")
-        for prompt, out in zip(prompts, new, strict=True):
+        return 0
+    print(f"model {result['model']} on {result['devices']} {result['platform']} devices, layout {result['layout']}")
+    if texts is None:
+        for prompt, out in zip(run.prompts, new, strict=True):
             print(f"  prompt {prompt} -> {out}")
-        print(f"  time to first token {stats.ttft_s * 1e3:.1f} ms (after warm-up), "
-              f"time per output token {stats.tpot_s * 1e3:.2f} ms")
+    else:
+        for prompt, text in zip(run.prompts, texts, strict=True):
+            print(f"  prompt {decode(run.tokenizer, prompt)!r} -> {text!r}")
+    print(f"  time to first token {ttft_s * 1e3:.1f} ms (after warm-up), time per output token {tpot_s * 1e3:.2f} ms"
+          + ("" if args.temperature == 0 else f", sample seed {run.seed}"))
     return 0
 
 
-def _start_engine(model, prompts, params, args):
+class _Counted:
+    """A weight source that reports the number of values read (the progress of placing the weights)."""
+
+    def __init__(self, source, advance):
+        self._source, self._advance = source, advance
+
+    def read(self, name, layer, index):
+        part = self._source.read(name, layer, index)
+        self._advance(part.size)
+        return part
+
+    def __getattr__(self, name):
+        return getattr(self._source, name)
+
+
+def _build_model(args, run: _Run, progress: Progress):
+    """The model on its mesh, weights read and placed under a progress bar (a checkpoint's or random ones)."""
+    from pathlib import Path
+
+    from moejax.inference import Model
+    from moejax.weights import RandomSource, canonical_shapes
+
+    cfg = run.cfg
+    if Path(args.model).is_dir():
+        from moejax.checkpoint.store import open_source
+
+        source, what = open_source(args.model), f"reading weights from {args.model}"
+        cfg = source.cfg
+    else:
+        source, what = RandomSource(cfg, args.seed), f"making random weights for {cfg.name}"
+    total = sum(math.prod(shape) * (cfg.num_layers if per_layer else 1)
+                for shape, per_layer in canonical_shapes(cfg).values())
+    with progress.phase(f"{what} ({total / 1e6:.1f}M parameters) and placing them on layout {run.layout}",
+                        total=total) as advance:
+        model = Model(cfg, _Counted(source, advance), layout=run.layout, dtype=args.dtype)
+    model.tokenizer = run.tokenizer
+    return model
+
+
+def _start_engine(model, prompts, params, args, progress: Progress):
     """A warm engine sized for these prompts, every request added; returns (engine, request ids)."""
     import moejax
     from moejax.kv_cache import pages_for
 
-    data = model.batch_shards
+    unit = model.batch_shards * model.layout.stage  # data groups x pipeline microbatch groups (one per stage)
     longest = max(map(len, prompts)) + args.max_new_tokens
-    slots = -(-len(prompts) // data)
-    config = moejax.ServeConfig(max_running=slots * data, page_size=args.page_size, chunk_size=args.chunk_size,
-                                num_pages=slots * pages_for(longest, args.page_size), max_model_len=longest)
+    rows = -(-len(prompts) // unit) * unit
+    per_group = rows // model.batch_shards
+    config = moejax.ServeConfig(max_running=rows, page_size=args.page_size, chunk_size=args.chunk_size,
+                                num_pages=per_group * pages_for(longest, args.page_size), max_model_len=longest)
     engine = moejax.Engine(model, config)
-    engine.warmup()
+    _warmup(engine, progress)
     ids = [engine.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
     return engine, ids
+
+
+def _warmup(engine, progress: Progress) -> None:
+    """`Engine.warmup` as a phase naming its shapes, with a line per program XLA compiles (the long part)."""
+    import jax
+
+    buckets = ", ".join(map(str, engine.decode_buckets))
+    what = (f"compiling the steps: prefill ({engine.config.max_prefill_seqs} x {engine.config.chunk_size} tokens), "
+            f"decode (batch {buckets})")
+
+    compiled = []
+
+    def on_event(event: str, seconds: float, **kwargs) -> None:
+        if event == _COMPILE_EVENT and seconds >= _NOTED_COMPILE_S:
+            compiled.append(seconds)
+            progress.note(f"XLA compiled program {len(compiled)} in {seconds:.1f} s")
+
+    with progress.phase(what):
+        jax.monitoring.register_event_duration_secs_listener(on_event)
+        try:
+            engine.warmup()
+        finally:
+            jax.monitoring.unregister_event_duration_listener(on_event)
+
+
+def _serve(engine, ids, run: _Run, args, progress: Progress):
+    """Step the engine to the end, streaming to stdout unless --json; returns (new ids, texts or None)."""
+    streams = {rid: TextStream(run.tokenizer) for rid in ids} if run.tokenizer else None
+    inline = streams is not None and len(ids) == 1 and not args.json  # one text prompt: stream it as text
+    total = sum(p.max_new_tokens for p in run.params)
+    with progress.phase(f"generating (up to {total} tokens for {len(ids)} prompt{'s' * (len(ids) > 1)})", total=total,
+                        live=args.json) as advance:
+        while engine.has_unfinished():
+            for out in engine.step():
+                advance(len(out.new_token_ids))
+                if args.json or not out.new_token_ids:
+                    continue
+                end = f" ({out.finish_reason})" * out.finished
+                if inline:
+                    print(streams[out.request_id].push(out.new_token_ids), end="", flush=True)
+                elif streams:
+                    print(f"  [{out.request_id}] {streams[out.request_id].push(out.new_token_ids)!r}{end}", flush=True)
+                else:
+                    print(f"  [{out.request_id}] {out.new_token_ids[0]}{end}", flush=True)
+    if inline:
+        print()
+    new = [engine.requests[i].output_ids for i in ids]
+    return new, None if run.tokenizer is None else [decode(run.tokenizer, n) for n in new]
 
 
 # ---- entry point ---------------------------------------------------------------------------------
@@ -301,7 +424,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `moejax` parser with its subcommands (generate, plan, convert, sweep, bench serve) and --version."""
+    """The `moejax` parser with its subcommands (generate, plan, convert, sweep, bench ...) and --version."""
     from moejax.bench import cli as bench_cli
     from moejax.checkpoint import cli as convert_cli
     from moejax.planner import cli as plan_cli

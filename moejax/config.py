@@ -170,7 +170,7 @@ class ModelConfig:
 def load_model_config(source: str | Path | dict) -> ModelConfig:
     """Load a ModelConfig from a dict, a YAML file, a config.json file or a Hugging Face checkpoint directory.
 
-    A bare name (no path separator, no suffix) is looked up in the repository's `configs/models/`.
+    A bare name (no path separator, no suffix) is looked up in the built-in `configs/models/` (`configs_dir`).
     """
     if isinstance(source, dict):
         return ModelConfig.from_hf(source) if "model_type" in source else ModelConfig.from_dict(source)
@@ -195,8 +195,9 @@ def load_model_config(source: str | Path | dict) -> ModelConfig:
 
 
 def configs_dir() -> Path:
-    """The repository's configs/ folder (data only)."""
-    return Path(__file__).resolve().parent.parent / "configs"
+    """The built-in configs (data only): inside the package, so a wheel install ships them (the repository's
+    top-level `configs/` is a link to this folder)."""
+    return Path(__file__).resolve().parent / "configs"
 
 
 def ceil_div(a: int, b: int) -> int:

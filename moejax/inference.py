@@ -53,6 +53,8 @@ class Model:
       exchange: the "data" mode's token exchange (`moejax.model.moe.EXCHANGES`).
     """
 
+    tokenizer = None  # a `tokenizers.Tokenizer` when `load` found the checkpoint's tokenizer.json (moejax.tokenizer)
+
     def __init__(self, cfg: ModelConfig, source: WeightSource, layout: Layout | str = "DP1",
                  dtype: str = "float32", moe_strategy: str = "auto", devices=None, ep_attention: str = "data",
                  exchange: str = "auto"):
@@ -186,9 +188,14 @@ def load(path: str | Path, layout: Layout | str = "DP1", dtype: str = "float32",
 
     Each weight goes straight into its sharding (a device reads only its shard, whatever the layout the
     checkpoint was written from). A malformed checkpoint is a `CheckpointError` naming the file or tensor;
-    NaN/inf weights of a Hugging Face checkpoint are one too unless `allow_nonfinite`.
+    NaN/inf weights of a Hugging Face checkpoint are one too unless `allow_nonfinite`. The model's `tokenizer`
+    is the directory's tokenizer.json (`moejax.tokenizer`), or None when it has none.
     """
     from moejax.checkpoint.store import open_source
+    from moejax.tokenizer import load_tokenizer
 
     source = open_source(path, allow_nonfinite=allow_nonfinite)
-    return Model(source.cfg, source, layout=layout, dtype=dtype, **kwargs)
+    tokenizer = load_tokenizer(path)  # a bad file is refused before any weight is placed
+    model = Model(source.cfg, source, layout=layout, dtype=dtype, **kwargs)
+    model.tokenizer = tokenizer
+    return model

@@ -141,7 +141,7 @@ def make_mesh(layout: Layout | str, devices: list | None = None) -> jax.sharding
     if layout.size > len(devices):
         raise ValueError(
             f"layout {layout} needs {layout.size} devices but only {len(devices)} are available "
-            f"({devices[0].platform}); on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={layout.size}")
+            f"({devices[0].platform}); on CPU call moejax.cpu_devices({layout.size}) before JAX starts")
     # Device order: `tensor` varies fastest, then expert, stage, data, so tensor groups are neighbouring
     # devices (one NVLink domain on GPUs) and data groups the farthest apart (what the planner assumes).
     order = ("data", "stage", "expert", "tensor")

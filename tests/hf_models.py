@@ -1,7 +1,7 @@
 """Tiny random Hugging Face MoE checkpoints, built offline while the tests run (transformers + torch CPU).
 
 initializer_range 0.2 keeps router scores and logits far from ties, so top-k and argmax are
-stable between implementations (see shared/notes/hf-reference.md).
+stable between implementations. `save_tokenizer` adds a tokenizer.json trained on a few strings (no download).
 """
 
 from __future__ import annotations
@@ -62,3 +62,23 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+TOKENIZER_TEXTS = ("the quick brown fox jumps over the lazy dog", "hello world", "moejax serves mixtures of experts")
+
+
+def save_tokenizer(path: Path, vocab_size: int = 128):
+    """Save a word-level tokenizer.json of `vocab_size` words (every id decodes to a word): "<unk>", "<s>" (added
+    first on encode, as Mixtral's tokenizer does), the words of TOKENIZER_TEXTS, then fillers "w<id>"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    words = ["<unk>", "<s>"] + sorted({w for t in TOKENIZER_TEXTS for w in t.split()})
+    words += [f"w{i}" for i in range(len(words), vocab_size)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.add_special_tokens(["<unk>", "<s>"])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    Path(path).mkdir(parents=True, exist_ok=True)
+    tok.save(str(Path(path) / "tokenizer.json"))
+    return tok

@@ -43,3 +43,19 @@ def test_version_and_python_dash_m(capsys):
     out = subprocess.run([sys.executable, "-m", "moejax", "plan", "--devices", "0"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2 and out.stderr.startswith("moejax: error: argument --devices")
+
+
+def test_bench_modules_are_subcommands_with_their_own_help(capsys):
+    import pytest
+
+    from moejax import cli
+
+    for name, flag in (("decode", "--no-hf"), ("gemm", "--weight-mb"), ("compile", "--layouts")):
+        with pytest.raises(SystemExit) as done:
+            cli.main(["bench", name, "--help"])
+        out = capsys.readouterr().out
+        assert done.value.code == 0 and out.startswith(f"usage: moejax bench {name} ") and flag in out
+    with pytest.raises(SystemExit) as done:
+        cli.main(["bench", "gemm", "--bogus"])
+    assert done.value.code == 2
+    assert "moejax bench gemm: error: unrecognized arguments: --bogus" in capsys.readouterr().err

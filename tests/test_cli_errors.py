@@ -40,6 +40,10 @@ FILES = {  # written under tmp_path; "{tmp}" in an argument list is that folder
     "ckpt_llama/config.json": json.dumps({"model_type": "llama"}),
     "ckpt_no_keys/config.json": json.dumps({"model_type": "mixtral"}),
     "ckpt_empty/.keep": "",
+    "ckpt_tokenizer/config.json": json.dumps({  # a valid config, no tokenizer.json beside it
+        "model_type": "mixtral", "vocab_size": 128, "hidden_size": 48, "num_hidden_layers": 2,
+        "num_attention_heads": 8, "num_key_value_heads": 2, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "intermediate_size": 32}),
 }
 
 
@@ -103,6 +107,10 @@ GENERATE_BEFORE_JAX = [
     (["--layout", "EP3"], r"num_experts \(8\) must be divisible by expert \(3\)"),
     (["--layout", "XY2"], r"cannot parse layout 'XY2'"),
     (["--layout", "DP0"], r"Layout.data must be a positive integer, got 0"),
+    (["--prompt", "hello"], r"--prompt: a built-in config \(random weights\) has no tokenizer.json to encode text "
+                            r"with; pass --prompt-ids$"),
+    (["--model", "{tmp}/ckpt_tokenizer", "--prompt", "x"], r"ckpt_tokenizer has no tokenizer.json"),
+    (["--prompt", "hi", "--prompt-ids", "1"], r"argument --prompt-ids: not allowed with argument --prompt"),
     (["--prompt-ids", ""], r"argument --prompt-ids: .*got '' \(an empty list\)"),
     (["--prompt-ids", ",,"], r"argument --prompt-ids: .*\(an empty list\)"),
     (["--prompt-ids", "1,a"], r"argument --prompt-ids: expected comma-separated integers, got 'a'"),

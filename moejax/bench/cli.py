@@ -18,6 +18,8 @@ the host's cores).
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import inspect
 import json
 import sys
@@ -92,7 +94,7 @@ def add_parsers(subparsers) -> list[argparse.ArgumentParser]:
     sweep.set_defaults(func=run_sweep_command)
 
     bench = subparsers.add_parser("bench", help="measured runs of one configuration",
-                                  description="Measured runs. `moejax bench serve --help` for the options.")
+                                  description="Measured runs. `moejax bench MODE --help` for the options of each.")
     modes = bench.add_subparsers(dest="bench_command", required=True)
     serve = modes.add_parser("serve", help="serve one workload on one configuration and print a summary",
                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,7 +106,22 @@ def add_parsers(subparsers) -> list[argparse.ArgumentParser]:
     serve.add_argument("--out", default=None, help="append the measurement as a JSON line (calibration schema)")
     _add_common(serve)
     serve.set_defaults(func=run_serve_command)
+    for name, (module, text) in _MODULES.items():  # their own parsers: every argument goes to them, --help too
+        p = modes.add_parser(name, help=text, add_help=False, prefix_chars="\0")
+        p.add_argument("argv", nargs=argparse.REMAINDER)
+        p.set_defaults(func=functools.partial(_run_module, module, f"moejax bench {name}"))
     return [sweep, serve]
+
+
+_MODULES = {
+    "decode": ("moejax.bench.decode", "decode speed on one CPU device against Hugging Face and the bandwidth limit"),
+    "gemm": ("moejax.bench.gemm", "the few-row matmul roofline of this host"),
+    "compile": ("moejax.bench.compile", "time to place and warm up a model per layout, and its program size"),
+}
+
+
+def _run_module(module: str, prog: str, args: argparse.Namespace) -> int:
+    return importlib.import_module(module).main(args.argv, prog=prog)
 
 
 # ---- host-side checks (before JAX starts) --------------------------------------------------------
@@ -201,10 +218,11 @@ def _resolve_hardware(args, device) -> str:
 
 def _start_jax(layouts: list, devices_flag: int | None):
     """Simulate CPU devices as needed, start JAX, and refuse layouts larger than the devices."""
-    from moejax.cli import _check_devices, _simulate_cpu_devices
+    from moejax.cli import _check_devices
+    from moejax.devices import request_cpu_devices
 
     need = max([lay.size for lay in layouts] + [devices_flag or 8])
-    simulated = _simulate_cpu_devices(need)
+    simulated = request_cpu_devices(need)
     import jax
 
     devices = jax.devices()

@@ -219,8 +219,8 @@ def time_decode_call(engine, inputs, repeats: int = 3) -> tuple[float, float]:
     return float(np.median(times)), launch
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="bench-moe-100m", help="mixtral-family model config (name or YAML)")
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--isl", type=int, default=32, help="prompt tokens")

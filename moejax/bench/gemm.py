@@ -60,8 +60,8 @@ def chain_time(rows: int, shape: tuple[int, int], count: int, repeats: int = 7) 
     return float(np.median([_timed(lambda: chain(x, ws).block_until_ready()) for _ in range(repeats)]))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="bench-moe-100m", help="model config (name or YAML) giving D, F, V")
     p.add_argument("--rows", default="1,2,4,8,32")
     p.add_argument("--weight-mb", type=float, default=64.0,
