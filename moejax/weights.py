@@ -1,18 +1,22 @@
 """Place weights from a source straight into their shardings, one device shard at a time.
 
-A *source* serves canonical, layout-independent tensors (`read(name, layer, index)`); names and
-shapes are listed by `canonical_shapes`. `place` builds each parameter of a `Transformer` with
-`jax.make_array_from_callback`, so a device receives only its own shard and no full replicated
-copy is ever made on a device. Layout-specific structure is applied here, from the difference
-between a parameter's declared shape and its canonical shape: padding layers (zeros) on the
-stacked layer axis, zero padding of dims stored larger than the checkpoint's (vocabulary, FFN
-widths: see `moejax.model.transformer.Geometry`), and repeated kv heads when there are fewer kv
-heads than the tensor size.
+A *source* serves canonical, layout-independent tensors (`read(name, layer, index)`, and `read_into`
+when it can fill a given array); names and shapes are listed by `canonical_shapes`. `place` builds
+each parameter of a `Transformer` block by block (`_assemble`): each distinct shard is read once into
+one zeroed, aligned host block, which `device_put` copies to the devices holding it (on CPU it aliases
+the block: no copy), so a device receives only its own shard, no full replicated copy is ever made,
+and host memory beyond the placed weights is the source's bounded read pieces.
+
+Layout-specific structure is applied here, from the difference between a parameter's declared shape
+and its canonical shape: padding layers (zeros) on the stacked layer axis, zero padding of dims
+stored larger than the checkpoint's (vocabulary, FFN widths: see `moejax.model.transformer.Geometry`),
+and repeated kv heads when there are fewer kv heads than the tensor size.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Protocol
 
 import jax
@@ -28,7 +32,10 @@ Index = tuple[slice, ...]
 
 class WeightSource(Protocol):
     def read(self, name: str, layer: int | None, index: Index) -> np.ndarray:
-        """The canonical tensor `name` (of `layer`, or global when None) sliced by `index`."""
+        """The canonical tensor `name` (of `layer`, or global when None) sliced by `index`.
+
+        A source may also offer `read_into(name, layer, index, out)`, filling `out` (any dtype) in place;
+        `place` then uses it, with no temporary the size of the slice."""
 
 
 def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
@@ -74,11 +81,11 @@ def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> 
             kept = tuple(_clip(s, n, c, axis == "kv_heads")
                          for s, n, c, axis in zip(index, inner_shape, limit, inner_axes, strict=True))
             if all(k is not None for k in kept):
-                part = _read_kv(source, name, layer, tuple(k[0] for k in kept), inner_axes, kv_repeat)
-                out[tuple(slice(0, k[1]) for k in kept)] = part
+                _read_kv(source, name, layer, tuple(k[0] for k in kept), inner_axes, kv_repeat,
+                         out[tuple(slice(0, k[1]) for k in kept)])
 
         def shard(index: Index) -> np.ndarray:
-            block = np.zeros(tuple(len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True)), dtype)
+            block = _aligned_zeros(tuple(len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True)), dtype)
             if not stacked:
                 read(None, index, block)
             else:
@@ -96,7 +103,8 @@ def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> 
 def _assemble(shape, named_sharding, shard) -> jax.Array:
     """A global array from `shard(index)` blocks: each distinct block is read once, put on the devices that
     hold it, and dropped before the next is read, so host memory peaks near one block (not one block per
-    local device, as `jax.make_array_from_callback` does)."""
+    local device, as `jax.make_array_from_callback` does). On CPU, `device_put` of an aligned block aliases it
+    (no copy): the block becomes the buffer of every local device that holds it."""
     devices_by_index: dict[tuple, list] = {}
     for device, index in named_sharding.addressable_devices_indices_map(shape).items():
         key = tuple((s.start, s.stop) for s in index)
@@ -105,9 +113,22 @@ def _assemble(shape, named_sharding, shard) -> jax.Array:
     for placements in devices_by_index.values():
         block = shard(placements[0][1])
         arrays += [jax.device_put(block, device) for device, _ in placements]
-        jax.block_until_ready(arrays[-1])  # the copy is made: the block can go
+        jax.block_until_ready(arrays[-1])  # copied (or aliased): the block can go
         del block
     return jax.make_array_from_single_device_arrays(shape, named_sharding, arrays)
+
+
+def _aligned_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Zeros whose data starts on a `_ALIGN`-byte boundary: XLA:CPU's `device_put` aliases such an array instead
+    of copying it (numpy's own large arrays start 16 bytes into their pages, and are copied)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.zeros(nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+_ALIGN = 64
 
 
 def _clip(index: slice, stored: int, size: int, repeated: bool):
@@ -143,17 +164,23 @@ def _variables(state):
         yield path, node
 
 
-def _read_kv(source, name, layer, index, axes, kv_repeat):
-    """Read a slice, mapping stored kv heads back to the checkpoint's when they are repeated."""
+def _read_kv(source, name, layer, index, axes, kv_repeat, out) -> None:
+    """Fill `out` with a slice, mapping stored kv heads back to the checkpoint's when they are repeated.
+
+    Straight into `out` when the source can (`read_into`: no temporary the size of the block)."""
     if kv_repeat == 1 or "kv_heads" not in axes:
-        return source.read(name, layer, tuple(index))
+        if hasattr(source, "read_into"):
+            source.read_into(name, layer, tuple(index), out)
+        else:
+            out[...] = source.read(name, layer, tuple(index))
+        return
     d = list(axes).index("kv_heads")
     stored = range(*index[d].indices(10**9))
     wanted = sorted({k // kv_repeat for k in stored})
     full = list(index)
     full[d] = slice(wanted[0], wanted[-1] + 1)
     block = source.read(name, layer, tuple(full))
-    return np.take(block, [k // kv_repeat - wanted[0] for k in stored], axis=d)
+    out[...] = np.take(block, [k // kv_repeat - wanted[0] for k in stored], axis=d)
 
 
 class RandomSource:

@@ -6,12 +6,16 @@ Builds a random Hugging Face checkpoint of the model (transformers, the `test` e
 conversion, then loads each kind under each layout in a fresh process on 8 simulated CPU devices and
 reads the kernel's counters around `moejax.load` (the high-water mark VmHWM is reset just before it):
 
-- baseline: RSS after JAX has started, just before the load;
+- imports: what importing the loader's libraries (orbax, tensorstore) adds to RSS; done before the
+  baseline, since it is code and module state, the same for any checkpoint, not a load buffer;
+- baseline: RSS after JAX has started and the loader is imported, just before the load;
 - peak: the highest RSS during the load;
-- placed: the bytes of every weight shard on this process's devices. On CPU the devices' memory is
-  host memory, so the placed weights are part of the peak; what loading costs beyond them is
-  peak - baseline - placed (on a GPU host the weights leave for the devices, so this is about what
-  the host itself needs above its baseline).
+- placed: the bytes of the distinct host buffers holding the placed weights. On CPU the devices'
+  memory is host memory, so the placed weights are part of the peak, and `device_put` aliases an
+  aligned host block instead of copying it: the devices that hold the same block (a replicated
+  weight) share one buffer, counted once here (`shards` counts it once per device). What loading costs
+  beyond the weights is peak - baseline - placed (on a GPU host the weights leave for the devices,
+  so this is about what the host itself needs above its baseline).
 
 All against the largest single per-device shard of any parameter (`largest shard`).
 """
@@ -45,15 +49,20 @@ def measure(path: str, layout: str) -> dict:
 
     jax.devices()
     gc.collect()
+    before_imports = _status("VmRSS")
+    import moejax.checkpoint.store  # noqa: F401
+
+    gc.collect()
     baseline = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
     model = moejax.load(path, layout=layout)
     jax.block_until_ready(model.params)
     peak = _status("VmHWM")
-    arrays = jax.tree.leaves(model.params)
-    largest = max(s.data.nbytes for a in arrays for s in a.addressable_shards)
-    placed = sum(s.data.nbytes for a in arrays for s in a.addressable_shards)
-    return {"baseline": baseline, "peak": peak, "largest_shard": largest, "placed": placed}
+    shards = [s.data for a in jax.tree.leaves(model.params) for s in a.addressable_shards]
+    buffers = {(x.unsafe_buffer_pointer(), x.nbytes) for x in shards}
+    return {"imports": baseline - before_imports, "baseline": baseline, "peak": peak,
+            "largest_shard": max(x.nbytes for x in shards), "placed": sum(n for _, n in buffers),
+            "shards": sum(x.nbytes for x in shards)}
 
 
 def _measure_in_fresh_process(path: Path, layout: str) -> dict:
@@ -89,16 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         store.save(paths["moejax"], source, source.cfg)
     mib = 2**20
     print(f"model {cfg.name or args.model}, float32, {DEVICES} CPU devices, one process; MiB")
-    print("| checkpoint | layout | largest shard | placed | peak - baseline | peak - baseline - placed | "
-          "(peak - baseline - placed) / largest shard |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| checkpoint | layout | largest shard | shards | placed | imports | peak - baseline | "
+          "peak - baseline - placed | (peak - baseline - placed) / largest shard |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for layout in args.layouts.split(","):
         for kind, path in paths.items():
             r = _measure_in_fresh_process(path, layout)
             above = r["peak"] - r["baseline"]
             extra = above - r["placed"]
-            print(f"| {kind} | {layout} | {r['largest_shard'] / mib:.1f} | {r['placed'] / mib:.1f} | "
-                  f"{above / mib:.1f} | {extra / mib:.1f} | {extra / r['largest_shard']:.2f} |", flush=True)
+            print(f"| {kind} | {layout} | {r['largest_shard'] / mib:.1f} | {r['shards'] / mib:.1f} | "
+                  f"{r['placed'] / mib:.1f} | {r['imports'] / mib:.1f} | {above / mib:.1f} | {extra / mib:.1f} | "
+                  f"{extra / r['largest_shard']:.2f} |", flush=True)
     return 0
 
 

@@ -18,26 +18,40 @@ from typing import NamedTuple
 
 import numpy as np
 
-from moejax.checkpoint.safetensors_files import CheckpointError, TensorEntry, open_tensor, read_json, tensor_files
+from moejax.checkpoint.safetensors_files import (
+    DTYPES,
+    CheckpointError,
+    TensorEntry,
+    all_finite,
+    open_tensor,
+    read_json,
+    read_rows,
+    tensor_files,
+)
 from moejax.config import ModelConfig
 
 __all__ = ["CheckpointError", "HFSource"]
 
 
 class _Form(NamedTuple):
-    """How a checkpoint stores a canonical tensor: its shape from the canonical one, and the conversion."""
+    """How a checkpoint stores a canonical tensor: its shape from the canonical one, the conversion of a range
+    of stored rows (first axis) to canonical, and which canonical axis those rows run along."""
 
     hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
-    to_canonical: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]  # (stored view, canonical shape)
+    to_canonical: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]  # (stored rows, their canonical shape)
+    row_axis: int | None  # canonical axis along the stored rows (None: read whole, a single stored row)
+    row_unit: Callable[[tuple[int, ...]], int] = lambda c: 1  # stored rows per step along row_axis
 
 
-# Every conversion is a view (reshape / transpose of a memmap): only the bytes of a shard are read.
-_SAME = _Form(lambda c: c, lambda a, c: a)
-_T = _Form(lambda c: c[::-1], lambda a, c: a.T)  # torch Linear [out, in] -> [in, out]
-_HEADS_IN = _Form(lambda c: (c[1] * c[2], c[0]), lambda a, c: a.reshape(c[1], c[2], c[0]).transpose(2, 0, 1))
-_HEADS_OUT = _Form(lambda c: (c[2], c[0] * c[1]), lambda a, c: a.T.reshape(c))
-_FLAT = _Form(lambda c: (int(np.prod(c)),), lambda a, c: a.reshape(c))
-_ROW = _Form(lambda c: (1, *c), lambda a, c: a[0])
+# Every conversion is a view (reshape / transpose) of the stored rows read.
+_SAME = _Form(lambda c: c, lambda a, c: a, 0)
+_T = _Form(lambda c: c[::-1], lambda a, c: a.T, 1)  # torch Linear [out, in] -> [in, out]
+_HEADS_IN = _Form(lambda c: (c[1] * c[2], c[0]), lambda a, c: a.reshape(c[1], c[2], c[0]).transpose(2, 0, 1), 1,
+                  lambda c: c[2])
+_HEADS_OUT = _Form(lambda c: (c[2], c[0] * c[1]), lambda a, c: a.T.reshape(c), 2)
+_FLAT = _Form(lambda c: (int(np.prod(c)),), lambda a, c: a.reshape(c), 0, lambda c: int(np.prod(c[1:])))
+_ROW = _Form(lambda c: (1, *c), lambda a, c: a[0], None)
+READ_BYTES = 2 << 20  # stored rows are read in pieces of about this size: the temporary buffer of a read
 
 # THE mapping of the runtime families: canonical name (see `moejax.weights.canonical_shapes`, derived
 # from the model's declarations) -> (Hugging Face name, stored form). Per-layer names are under
@@ -147,39 +161,72 @@ class HFSource:
     # ---- reading -------------------------------------------------------------------------------
 
     def tensor(self, name: str) -> np.ndarray:
-        """A memory-mapped view of one stored tensor (bytes are read only when sliced)."""
+        """A memory-mapped view of one stored tensor, for inspection (loading reads with `read_into`)."""
         return open_tensor(name, self.files[name])
 
     def read(self, name: str, layer: int | None, index: tuple[slice, ...]) -> np.ndarray:
-        if name in ("moe.wg", "moe.wu", "moe.wd"):
-            return self._experts(name, layer, index)
-        hf = self.hf_name(name, layer)
-        form = (_GLOBAL if layer is None else _LAYER)[name][1]
-        block = np.asarray(form.to_canonical(self.tensor(hf), self.canonical[name][0]))[index]
-        return self._checked(block, f"{hf} ({name})")
+        shape = self.canonical[name][0]
+        out = np.empty([len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True)],
+                       DTYPES[self._stored(name, layer, 0)[1].dtype])
+        return self.read_into(name, layer, index, out)
 
-    def _experts(self, name: str, layer: int, index: tuple[slice, ...]) -> np.ndarray:
-        """[E, D, F] (gate, up) or [E, F, D] (down) slice, reading only the experts in the slice."""
-        F = self.cfg.moe_intermediate_size
-        experts = range(*index[0].indices(self.cfg.num_experts))
-        m = f"model.layers.{layer}.{self.moe_prefix}.experts"
-        out = []
-        for e in experts:
-            if self.fused:
-                hf = f"{m}.down_proj" if name == "moe.wd" else f"{m}.gate_up_proj"
-                stored = self.tensor(hf)
-                w = stored[e].T if name == "moe.wd" else stored[e, (slice(0, F) if name == "moe.wg" else
-                                                                    slice(F, 2 * F))].T
-                what = f"{hf} (expert {e})"
-            else:
-                what = self._expert_name(name, layer, e)
-                w = self.tensor(what).T
-            out.append(self._checked(w[index[1:]], what))
-        return np.stack(out)
+    def read_into(self, name: str, layer: int | None, index: tuple[slice, ...], out: np.ndarray) -> np.ndarray:
+        """Fill `out` with canonical tensor `name` (of `layer`) sliced by `index` (cast to `out`'s dtype);
+        the stored rows it covers are read in pieces of about `READ_BYTES`, nothing else is allocated."""
+        canonical = self.canonical[name][0]
+        if name not in ("moe.wg", "moe.wu", "moe.wd"):
+            hf, entry = self._stored(name, layer, 0)
+            form = (_GLOBAL if layer is None else _LAYER)[name][1]
+            self._read_form(f"{hf} ({name})", entry, form, canonical, index, out)
+            return out
+        for i, e in enumerate(range(*index[0].indices(canonical[0]))):  # [E, D, F] or [E, F, D]: one expert at a time
+            what, entry = self._stored(name, layer, e)
+            self._read_form(what, entry, _T, canonical[1:], index[1:], out[i])
+        return out
+
+    def _stored(self, name: str, layer: int | None, expert: int) -> tuple[str, TensorEntry]:
+        """(what to call it in errors, where its bytes are) for canonical `name`, or one expert's matrix of a
+        routed-expert tensor (stored [F, D] for gate/up and [D, F] for down: canonical transposed)."""
+        if name not in ("moe.wg", "moe.wu", "moe.wd"):
+            hf = self.hf_name(name, layer)
+            return hf, self.files[hf]
+        if not self.fused:
+            hf = self._expert_name(name, layer, expert)
+            return hf, self.files[hf]
+        hf = f"model.layers.{layer}.{self.moe_prefix}.experts.{'down_proj' if name == 'moe.wd' else 'gate_up_proj'}"
+        entry = self.files[hf]
+        _, rows, cols = entry.shape  # [E, D, F], or [E, 2F, D] with gate rows first
+        kept = {"moe.wd": (0, rows), "moe.wg": (0, rows // 2), "moe.wu": (rows // 2, rows)}[name]
+        itemsize = np.dtype(DTYPES[entry.dtype]).itemsize
+        offset = entry.offset + (expert * rows + kept[0]) * cols * itemsize
+        return f"{hf} (expert {expert})", entry._replace(shape=(kept[1] - kept[0], cols), offset=offset)
+
+    def _read_form(self, what: str, entry: TensorEntry, form: _Form, canonical: tuple[int, ...],
+                   index: tuple[slice, ...], out: np.ndarray) -> None:
+        """`out` = the canonical tensor stored in `entry` as `form`, sliced by `index`, read in pieces of rows."""
+        bounds = [s.indices(n)[:2] for s, n in zip(index, canonical, strict=True)]
+        if form.row_axis is None:  # one stored row: read it whole
+            out[...] = self._checked(form.to_canonical(read_rows(what, entry, 0, entry.shape[0]), canonical)
+                                     [tuple(slice(*b) for b in bounds)], what)
+            return
+        axis, unit = form.row_axis, form.row_unit(canonical)
+        row_bytes = int(np.prod(entry.shape[1:])) * np.dtype(DTYPES[entry.dtype]).itemsize * unit
+        step = max(1, READ_BYTES // max(1, row_bytes))
+        start, stop = bounds[axis]
+        for a in range(start, stop, step):
+            b = min(a + step, stop)
+            rows = read_rows(what, entry, a * unit, b * unit)
+            piece = form.to_canonical(rows, (*canonical[:axis], b - a, *canonical[axis + 1:]))
+            src = [slice(*bound) for bound in bounds]
+            src[axis] = slice(None)
+            dst = [slice(None)] * len(bounds)
+            dst[axis] = slice(a - start, b - start)
+            out[tuple(dst)] = self._checked(piece[tuple(src)], what)
+            del rows, piece  # before the next piece is read
 
     def _checked(self, block: np.ndarray, what: str) -> np.ndarray:
         """`block` unchanged, or an error naming the tensor if it holds NaN/inf (unless allowed)."""
-        if self.allow_nonfinite:
+        if self.allow_nonfinite or all_finite(block):
             return block
         finite = np.isfinite(block)
         if not finite.all():

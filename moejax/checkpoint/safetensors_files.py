@@ -12,7 +12,9 @@ missing file is a `FileNotFoundError` naming it. Invariants:
 - with an index, its `weight_map` decides which file serves each tensor it lists (files it does
   not name are not read); a tensor it does not list, or any tensor without an index, must be in
   one file only.
-Tensors are served as `np.memmap` views, so a device reads only the bytes of its own shard.
+Tensors are read with `read_rows`: a range of rows (along the first axis) straight from the file into a
+new array, so only the bytes asked for are read and no file page stays mapped into the process
+(`open_tensor`, a memory-mapped view, is kept for inspection).
 """
 
 from __future__ import annotations
@@ -279,3 +281,37 @@ def open_tensor(name: str, entry: TensorEntry) -> np.ndarray:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"safetensors file {entry.file}: tensor {name!r} cannot be mapped "
                               f"(file changed since it was checked?): {e}") from None
+
+
+def read_rows(name: str, entry: TensorEntry, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a stored tensor (its first axis), read from the file into a new array.
+
+    Read into the array rather than through a memory map: a mapped file's pages count in the process's
+    resident memory while it is mapped, a read's pages are only the kernel's cache.
+    """
+    out = np.empty((stop - start, *entry.shape[1:]), DTYPES[entry.dtype])
+    if out.size == 0:
+        return out
+    buffer = memoryview(out.reshape(-1).view(np.uint8))
+    try:
+        with open(entry.file, "rb", buffering=0) as f:
+            f.seek(entry.offset + start * (out.nbytes // (stop - start)))
+            done = 0
+            while done < len(buffer):
+                n = f.readinto(buffer[done:])
+                if not n:
+                    raise CheckpointError(f"safetensors file {entry.file}: tensor {name!r} ends early (file changed "
+                                          f"since it was checked?)")
+                done += n
+    except OSError as e:
+        raise CheckpointError(f"safetensors file {entry.file}: tensor {name!r} cannot be read: {e.strerror or e}") \
+            from None
+    return out
+
+
+def all_finite(block: np.ndarray) -> bool:
+    """No NaN or inf in `block`, found without a temporary the size of it (NaN propagates through min)."""
+    if block.size == 0:
+        return True
+    with np.errstate(invalid="ignore"):
+        return bool(np.isfinite(block.min()) and np.isfinite(block.max()))

@@ -9,9 +9,9 @@ through it, so both kinds are placed by the same `weights.place` into any layout
 
 Invariants:
 - Layout-independent: nothing stored depends on a mesh. Stage padding, vocabulary / FFN padding and
-  repeated kv heads are applied by `weights.place`, which builds each parameter shard by shard
-  (`jax.make_array_from_callback` calls back for this process's devices only); `OrbaxSource.read`
-  reads the requested slice of one layer through tensorstore, which fetches only the chunks covering it.
+  repeated kv heads are applied by `weights.place`, which builds each parameter shard by shard (for
+  this process's devices only); `OrbaxSource.read_into` reads the requested slice of one layer through
+  tensorstore, which fetches only the chunks covering it, in pieces of whole chunks (bounded memory).
 - Chunks are at most `CHUNK_BYTES`, and a per-layer tensor's chunks hold one layer each, so a
   device's read touches about its own shard's bytes, never a whole tensor.
 - Every chunk carries a crc32c checksum (a zarr3 codec; the shard index has one too), so a flipped,
@@ -42,7 +42,7 @@ import tensorstore as ts
 from etils import epath
 
 from moejax.checkpoint.hf import HFSource
-from moejax.checkpoint.safetensors_files import CheckpointError, read_json
+from moejax.checkpoint.safetensors_files import CheckpointError, all_finite, read_json
 from moejax.config import ModelConfig
 from moejax.weights import canonical_shapes
 
@@ -50,7 +50,7 @@ FORMAT = "moejax.canonical"
 FORMAT_VERSION = 1
 CHUNK_BYTES = 1 << 20  # largest stored chunk: the unit a partial read decodes
 BLOCK_BYTES = 64 << 20  # largest block of a global tensor held in memory while converting
-READ_BYTES = 8 << 20  # a slice is read in pieces of about this size (see OrbaxSource.read)
+READ_BYTES = 2 << 20  # a slice is read in pieces of about this size (see OrbaxSource.read_into)
 OCDBT_CACHE_BYTES = 16 << 20  # B-tree nodes kept while reading (orbax's own default is 100 MB)
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -279,22 +279,40 @@ class OrbaxSource:
         self._check(names)
 
     def read(self, name: str, layer: int | None, index: Index) -> np.ndarray:
+        shape = self._stores[name].shape[0 if layer is None else 1:]
+        out = np.empty([len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True)], DTYPES[self.dtype])
+        return self.read_into(name, layer, index, out)
+
+    def read_into(self, name: str, layer: int | None, index: Index, out: np.ndarray) -> np.ndarray:
+        """Fill `out` with the slice `index` of tensor `name` (of `layer`), read in pieces of whole chunks.
+
+        tensorstore decodes every chunk a read touches and holds them until the read is done, so a slice is
+        read in pieces of about `READ_BYTES` cut along the first axis its chunks split, at chunk boundaries:
+        each chunk is decoded once, and a read holds about one piece.
+        """
         store = self._stores[name]
         view = (store if layer is None else store[layer])[index].translate_to[0]  # origin 0 on every axis
-        out = np.empty(view.shape, DTYPES[self.dtype])
-        # In pieces of about READ_BYTES along the first axis: tensorstore holds a read's fetched chunks until
-        # they are decoded, so one large read would briefly take twice its size.
-        rows = max(1, READ_BYTES // max(1, out[:1].nbytes))
-        for start in range(0, out.shape[0], rows):
-            piece = slice(start, min(start + rows, out.shape[0]))
+        shape = tuple(store.shape[0 if layer is None else 1:])
+        chunk = tuple(store.chunk_layout.read_chunk.shape[0 if layer is None else 1:])
+        axis = next((a for a, (c, n) in enumerate(zip(chunk, shape, strict=True)) if c < n), 0)
+        start, size = index[axis].indices(shape[axis])[0], out.shape[axis]
+        line = max(1, out.nbytes // max(1, size))  # bytes per step along `axis`
+        step = max(1, READ_BYTES // line // chunk[axis]) * chunk[axis]
+        at = 0
+        while at < size:
+            end = min(size, (start + at) // step * step + step - start)  # the next multiple of `step`
+            piece = (slice(None),) * axis + (slice(at, end),)
             try:
-                out[piece] = view[piece].read().result()
+                block = view[piece].read().result()
             except (ValueError, OSError) as err:  # tensorstore reports data loss, checksum and range errors so
                 raise CheckpointError(f"checkpoint {self.path}: tensor {_what(name, layer)} cannot be read: "
                                       f"{_ts_message(err)}") from None
-            if not self.allow_nonfinite and not np.isfinite(out[piece]).all():
+            if not self.allow_nonfinite and not all_finite(block):
                 raise CheckpointError(f"checkpoint {self.path}: tensor {_what(name, layer)} has non-finite values "
                                       f"(NaN or inf) in the block read; pass allow_nonfinite=True to load it anyway")
+            out[piece] = block
+            del block
+            at = end
         return out
 
     def _check(self, names: list[str]) -> None:

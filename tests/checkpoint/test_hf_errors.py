@@ -381,3 +381,15 @@ def test_file_layer_reads_bf16_and_empty_tensors(tmp_path):
     assert files["a"].shape == (2, 3) and files["a"].dtype == "BF16"
     np.testing.assert_array_equal(open_tensor("a", files["a"]), values)
     assert open_tensor("empty", files["empty"]).shape == (0, 4)
+
+
+def test_file_truncated_after_it_was_checked_is_a_clear_error(ckpt):
+    """Tensors are read from the file as they are placed: a file cut short since its header was checked is an error
+    naming the tensor that runs past its end, not zeros."""
+    from moejax.checkpoint.safetensors_files import read_rows
+
+    source = HFSource(ckpt)
+    name, entry = max(source.files.items(), key=lambda item: item[1].offset)  # the last tensor in the file
+    os.truncate(ckpt / ST, entry.offset + 4)
+    with pytest.raises(CheckpointError, match=rf"tensor {re.escape(repr(name))} ends early \(file changed since"):
+        read_rows(name, entry, 0, entry.shape[0])
