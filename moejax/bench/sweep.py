@@ -378,8 +378,9 @@ def _run_one(spec: SweepSpec, c: dict, models: dict, hw, counter: _CompileCounte
         model, place_s = models[mk]
         unit = batch_shards(model) * model.layout.stage  # one microbatch group per stage (the engine's default)
         if c["max_running"] % unit:
-            why = (f"max_running {c['max_running']} is not a multiple of the {batch_shards(model)} batch shards x "
-                   f"{model.layout.stage} microbatch groups of {c['layout']}")
+            groups = f" x {model.layout.stage} microbatch groups" if model.layout.stage > 1 else ""
+            why = (f"max_running {c['max_running']} is not a multiple of the {batch_shards(model)} batch shards"
+                   f"{groups} of {c['layout']}")
             res.skipped.append((c, why))
             log(f"skip  {_label(c)}: {why}")
             return None

@@ -1,10 +1,10 @@
-"""Calibration: compare predictions with measured runs, and fit a hardware's efficiency factors to them.
+"""Calibration: compare predictions with measured runs, and fit a hardware's efficiency curves to them.
 
 Measurement file: JSON lines, one object per measured configuration (the moejax benchmarks write it):
 
     {"model": "mixtral-8x7b",        # ModelConfig name (configs/models/) or path, as `load_model_config` takes
      "hardware": "h100-sxm",         # Hardware name (configs/hardware/) or path
-     "layout": "TP2EP4",             # `Layout.parse` syntax; its product is the device count
+     "layout": "TP2EP4",             # `Layout.parse` syntax (or `PlanLayout`'s, e.g. TP8MTP1EP8); product = devices
      "precision": "bf16",            # weight format: fp32 | bf16 | fp8 | fp4
      "kv_precision": "bf16",         # optional, default bf16
      "batch_size": 32,               # concurrent requests over the whole mesh (all data-parallel replicas)
@@ -19,33 +19,36 @@ Measurement file: JSON lines, one object per measured configuration (the moejax 
 
 Extra keys are kept and ignored. `batch_size` must be a multiple of the layout's data factor.
 
-Fitting: the factors of `Efficiency` (compute, memory, network, step_overhead_s) minimise the mean squared
-log error of TTFT and TPOT over the measurements (throughput follows from them). The search is Nelder-Mead in
-log space, which needs no gradients and handles the max() of the roofline. Factors a measurement set cannot
-see (e.g. network on single-device runs) stay near their starting value; fit only the ones the runs exercise.
+Fitting: the efficiency curves (`moejax.planner.hardware.Efficiency`, 19 parameters) minimise the mean squared
+log error of TTFT, TPOT and tokens/s/device over the measurements. The cost model is `jax.numpy` code
+(`moejax.planner.serving.evaluate`) run under `jax.vmap` over every measurement at once and differentiated
+with `jax.grad`; optax's Adam (cosine-decayed step) descends on the logarithms of the parameters (so they stay
+positive). Rows may come from several hardware types (`hw` a mapping by name) sharing one set of curves.
+Parameters a measurement set cannot see (e.g. network on single-device runs) stay near their starting value;
+fit only the ones the runs exercise (`factors`).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from moejax.config import ModelConfig, load_model_config
-from moejax.mesh import Layout
-from moejax.planner.hardware import Efficiency, Hardware
-from moejax.planner.serving import Prediction, predict
+from moejax.planner.hardware import FRACTIONS, Efficiency, Hardware
+from moejax.planner.layout import PlanLayout
+from moejax.planner.serving import Prediction, evaluate, features, predict, stack
 from moejax.planner.workload import Options, Workload
 
 REQUIRED = ("model", "hardware", "layout", "precision", "batch_size", "chunk_size", "isl", "osl",
             "ttft_s", "tpot_s", "tokens_per_s_per_device", "tokens_per_s_per_user")
 METRICS = ("ttft_s", "tpot_s", "tokens_per_s_per_device", "tokens_per_s_per_user")
-FACTORS = ("compute", "memory", "network", "step_overhead_s")
+FIT_METRICS = ("ttft_s", "tpot_s", "tokens_per_s_per_device")
+FACTORS = tuple(Efficiency.__dataclass_fields__)
 
 
 def read_measurements(path: str | Path) -> list[dict]:
@@ -58,7 +61,7 @@ def read_measurements(path: str | Path) -> list[dict]:
         missing = [k for k in REQUIRED if k not in row]
         if missing:
             raise ValueError(f"{path}:{n}: missing keys {missing}")
-        layout = Layout.parse(row["layout"])
+        layout = PlanLayout.of(row["layout"])
         if row["batch_size"] % layout.data:
             raise ValueError(f"{path}:{n}: batch_size {row['batch_size']} is not a multiple of DP {layout.data}")
         rows.append(row)
@@ -70,17 +73,34 @@ def _model(name: str) -> ModelConfig:
     return load_model_config(name)
 
 
-def predict_measurement(row: dict, hw: Hardware, options: Options | None = None) -> Prediction:
+def _options(row: dict, options: Options | None) -> Options:
+    return options or Options(ep_attention=row.get("ep_attention", "replicated"))
+
+
+def _workload(row: dict) -> Workload:
+    return Workload(isl=row["isl"], osl=row["osl"], precision=row["precision"],
+                    kv_precision=row.get("kv_precision", "bf16"))
+
+
+def _batch(row: dict) -> tuple[PlanLayout, int]:
+    layout = PlanLayout.of(row["layout"])
+    return layout, row["batch_size"] // layout.data
+
+
+def _hw(hw: Hardware | Mapping[str, Hardware], row: dict) -> Hardware:
+    return hw[row["hardware"]] if isinstance(hw, Mapping) else hw
+
+
+def predict_measurement(row: dict, hw: Hardware | Mapping[str, Hardware], options: Options | None = None
+                        ) -> Prediction:
     """The planner's prediction for the configuration a measurement describes."""
-    layout = Layout.parse(row["layout"])
-    workload = Workload(isl=row["isl"], osl=row["osl"], precision=row["precision"],
-                        kv_precision=row.get("kv_precision", "bf16"))
-    options = options or Options(ep_attention=row.get("ep_attention", "replicated"))
-    return predict(_model(row["model"]), layout, hw, workload, options,
-                   batch=row["batch_size"] // layout.data, chunk=row["chunk_size"])
+    layout, batch = _batch(row)
+    return predict(_model(row["model"]), row["layout"], _hw(hw, row), _workload(row), _options(row, options),
+                   batch=batch, chunk=row["chunk_size"])
 
 
-def prediction_errors(rows: Sequence[dict], hw: Hardware, options: Options | None = None) -> list[dict]:
+def prediction_errors(rows: Sequence[dict], hw: Hardware | Mapping[str, Hardware], options: Options | None = None
+                      ) -> list[dict]:
     """Per measurement: layout, batch, chunk, and for each metric measured, predicted and relative error."""
     out = []
     for row in rows:
@@ -93,77 +113,89 @@ def prediction_errors(rows: Sequence[dict], hw: Hardware, options: Options | Non
     return out
 
 
-def _loss(rows: Sequence[dict], hw: Hardware, options: Options | None) -> float:
-    errs = []
+def measurement_features(rows: Sequence[dict], hw: Hardware | Mapping[str, Hardware],
+                         options: Options | None = None) -> dict[str, np.ndarray]:
+    """The stacked `moejax.planner.serving.features` of every measured configuration (efficiency-free)."""
+    feats = []
     for row in rows:
-        p = predict_measurement(row, hw, options)
-        errs += [math.log(p.ttft_s / row["ttft_s"]), math.log(p.tpot_s / row["tpot_s"])]
-    return float(np.mean(np.square(errs)))
+        layout, batch = _batch(row)
+        feats.append(features(_model(row["model"]), row["layout"], _hw(hw, row), _workload(row),
+                              _options(row, options), batch, row["chunk_size"]))
+    return stack(feats)
 
 
-def fit_efficiency(rows: Sequence[dict], hw: Hardware, options: Options | None = None,
-                   factors: Sequence[str] = FACTORS, max_iter: int = 600) -> tuple[Efficiency, float]:
-    """Fit `hw`'s efficiency factors to measurements.
+def predict_batch(feats: dict, efficiency: Efficiency | dict) -> dict:
+    """`evaluate` of stacked features in jax.numpy under `jax.vmap` (differentiable in `efficiency`)."""
+    import jax
+    import jax.numpy as jnp
+
+    eff = efficiency.as_dict() if isinstance(efficiency, Efficiency) else efficiency
+    return jax.vmap(lambda f: evaluate(f, eff, jnp))({k: jnp.asarray(v) for k, v in feats.items()})
+
+
+def log_loss(feats: dict, targets: dict[str, np.ndarray], efficiency: dict,
+             metrics: Sequence[str] = FIT_METRICS) -> float:
+    """Mean squared log error of `metrics` (jax.numpy; differentiable in `efficiency`)."""
+    import jax.numpy as jnp
+
+    pred = predict_batch(feats, efficiency)
+    return jnp.mean(jnp.stack([jnp.mean(jnp.log(pred[m] / targets[m]) ** 2) for m in metrics]))
+
+
+def fit_efficiency(rows: Sequence[dict], hw: Hardware | Mapping[str, Hardware], options: Options | None = None,
+                   factors: Sequence[str] = FACTORS, max_iter: int = 800, learning_rate: float = 0.05,
+                   metrics: Sequence[str] = FIT_METRICS, max_fraction: float = 1.5) -> tuple[Efficiency, float]:
+    """Fit efficiency curves to measurements by gradient descent (optax Adam on log-parameters).
 
     Args:
-        rows: measurements (`read_measurements`), all on hardware of the same kind as `hw`.
-        hw: the hardware; its current factors are the starting point and the value of factors not fitted.
+        rows: measurements (`read_measurements` or `moejax.planner.reference.read_reference`).
+        hw: the hardware, or a mapping from each row's `hardware` name to one; the first's current curves are the
+            starting point and the value of the parameters not fitted.
         options: modelling options (default: each row's `ep_attention`).
-        factors: which of compute, memory, network, step_overhead_s to fit.
-        max_iter: Nelder-Mead iterations.
+        factors: which `Efficiency` parameters to fit.
+        max_iter: gradient steps.
+        learning_rate: initial Adam step size (log-parameter units), decayed along a cosine to 2% of it.
+        metrics: the metrics whose squared log error is minimised.
+        max_fraction: cap on the fitted fractions of peak (1.0 for real accelerators; the default 1.5 leaves room
+            for rough peaks such as the CPU host's).
 
     Returns:
-        (fitted Efficiency, final mean squared log error of TTFT and TPOT).
+        (fitted Efficiency, final mean squared log error).
     """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
     unknown = set(factors) - set(FACTORS)
     if unknown:
         raise ValueError(f"unknown efficiency factors {sorted(unknown)}; known {FACTORS}")
-    start = hw.efficiency.as_dict()
-    x0 = np.log([max(start[f], 1e-9) for f in factors])
+    start = (next(iter(hw.values())) if isinstance(hw, Mapping) else hw).efficiency.as_dict()
+    feats = {k: jnp.asarray(v) for k, v in measurement_features(rows, hw, options).items()}
+    targets = {m: jnp.asarray([r[m] for r in rows], dtype=jnp.float32) for m in metrics}
+    fixed = {k: jnp.float32(v) for k, v in start.items() if k not in factors}
+    x = {k: jnp.log(jnp.float32(max(min(start[k], max_fraction) if k in FRACTIONS else start[k], 1e-9)))
+         for k in factors}
 
-    def efficiency(x: np.ndarray) -> Efficiency:
-        values = dict(start)
-        for f, v in zip(factors, np.exp(x), strict=True):
-            values[f] = min(float(v), 1.5) if f != "step_overhead_s" else float(v)
-        return Efficiency(**values)
+    def efficiency(x: dict) -> dict:
+        return fixed | {k: jnp.minimum(jnp.exp(v), max_fraction) if k in FRACTIONS else jnp.exp(v)
+                        for k, v in x.items()}
 
-    def objective(x: np.ndarray) -> float:
-        return _loss(rows, hw.with_efficiency(efficiency(x)), options)
+    def loss(x: dict):
+        return log_loss(feats, targets, efficiency(x), metrics)
 
-    x, loss = _nelder_mead(objective, x0, max_iter)
-    return efficiency(x), loss
+    opt = optax.adam(optax.cosine_decay_schedule(learning_rate, max_iter, alpha=0.02))
+    state = opt.init(x)
 
+    @jax.jit
+    def step(x, state):
+        value, grad = jax.value_and_grad(loss)(x)
+        updates, state = opt.update(grad, state)
+        return optax.apply_updates(x, updates), state, value
 
-def _nelder_mead(f: Callable[[np.ndarray], float], x0: np.ndarray, max_iter: int, step: float = 0.3,
-                 tol: float = 1e-12) -> tuple[np.ndarray, float]:
-    """Minimise `f` from `x0` with the Nelder-Mead simplex (standard coefficients)."""
-    n = len(x0)
-    simplex = [x0] + [x0 + step * np.eye(n)[i] for i in range(n)]
-    values = [f(x) for x in simplex]
     for _ in range(max_iter):
-        order = np.argsort(values)
-        simplex, values = [simplex[i] for i in order], [values[i] for i in order]
-        if values[-1] - values[0] < tol:
-            break
-        centroid = np.mean(simplex[:-1], axis=0)
-        reflected = centroid + (centroid - simplex[-1])
-        fr = f(reflected)
-        if fr < values[0]:
-            expanded = centroid + 2.0 * (centroid - simplex[-1])
-            fe = f(expanded)
-            simplex[-1], values[-1] = (expanded, fe) if fe < fr else (reflected, fr)
-        elif fr < values[-2]:
-            simplex[-1], values[-1] = reflected, fr
-        else:
-            contracted = centroid + 0.5 * (simplex[-1] - centroid)
-            fc = f(contracted)
-            if fc < values[-1]:
-                simplex[-1], values[-1] = contracted, fc
-            else:
-                simplex = [simplex[0]] + [simplex[0] + 0.5 * (x - simplex[0]) for x in simplex[1:]]
-                values = [values[0]] + [f(x) for x in simplex[1:]]
-    best = int(np.argmin(values))
-    return simplex[best], values[best]
+        x, state, _ = step(x, state)
+    fitted = {k: float(v) for k, v in efficiency(x).items()}
+    return Efficiency(**(start | fitted)), float(loss(x))
 
 
 def save_efficiency(efficiency: Efficiency, path: str | Path, hardware: str = "", loss: float | None = None,

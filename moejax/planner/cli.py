@@ -1,7 +1,7 @@
 """`moejax plan`: predict every layout of N devices for a model and hardware, rank them, draw the frontier.
 
     moejax plan --model gpt-moe-1800b --hardware gb200-nvl72 --devices 64 --precision fp4 \\
-        --isl 1024 --osl 256 --target-tps-user 20 [--json] [--out out/plan]
+        --isl 1024 --osl 256 --target-tps-user 20 [--json | --json-full] [--out out/plan]
 
 Also `python -m moejax.planner.cli --model ...` (same flags). A mistake in a flag or a named file is one line,
 `moejax: error: ...`, and exit status 2; the device count, the lists and the number of configurations are
@@ -17,7 +17,7 @@ import time
 
 from moejax.cli import UsageError, int_in, int_list, read_model_config, real_in
 from moejax.planner.hardware import PRECISIONS, load_hardware
-from moejax.planner.report import format_summary, write_outputs
+from moejax.planner.report import compact_json, format_summary, write_outputs
 from moejax.planner.rules import Rules, enumerate_layouts
 from moejax.planner.sweep import DEFAULT_BATCHES, DEFAULT_CHUNKS, plan
 from moejax.planner.workload import EP_ATTENTION_MODES, KV_BYTES, Options, Workload
@@ -42,19 +42,33 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep-attention", default="data", choices=EP_ATTENTION_MODES,
                    help="expert axis outside MoE blocks: data-parallel attention + all-to-all, or replicated "
                         "(the runtime today)")
-    p.add_argument("--microbatches", type=int_in(1), default=None, help="pipeline microbatches (default: PP)")
+    p.add_argument("--microbatches", type=int_in(1), default=None,
+                   help="pipeline microbatch groups M, the runtime's ServeConfig.microbatches (default: PP)")
+    p.add_argument("--arrival-rate", type=real_in(0.0), default=None,
+                   help="Poisson arrivals in requests/s over all replicas (TTFT queues, M/D/1); default: closed loop "
+                        "at each batch size's concurrency")
+    p.add_argument("--split-moe", action="store_true",
+                   help="also plan layouts whose MoE splits the devices apart from attention, e.g. TP8MTP1EP8")
     p.add_argument("--comm-overlap", type=real_in(0.0, 1.0), default=0.0,
                    help="fraction of collective time hidden [0, 1]")
-    p.add_argument("--efficiency", default=None, help="efficiency factors file from calibration (YAML/JSON)")
+    p.add_argument("--calibration", "--efficiency", dest="efficiency", default=None,
+                   help="efficiency curves file from calibration (YAML/JSON, moejax.planner.calibrate)")
     p.add_argument("--allow-vocab-padding", action="store_true", help="relax: TP need not divide the vocab")
     p.add_argument("--no-kv-replication", action="store_true", help="tighten: TP <= KV heads")
     p.add_argument("--tp-within-domain", action="store_true", help="tighten: TP inside one NVLink domain")
     p.add_argument("--ep-within-domain", action="store_true", help="tighten: TP x EP inside one NVLink domain")
     p.add_argument("--min-layers-per-stage", type=int_in(1), default=1, help="tighten: layers per pipeline stage")
     p.add_argument("--top", type=int_in(0), default=15, help="rows of the ranking to print")
-    p.add_argument("--out", default="out/plan", help="folder for configs.csv, pareto.csv, pareto.png")
+    p.add_argument("--out", default="out/plan",
+                   help="folder for configs.csv, pareto.csv, pareto.png (and plan.json with --json)")
     p.add_argument("--no-plot", action="store_true", help="skip pareto.png")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    as_json = p.add_mutually_exclusive_group()
+    as_json.add_argument("--json", action="store_true",
+                         help="print a compact JSON object (summary, top of the ranking, frontier, file paths) "
+                              "instead of the summary; every configuration goes to plan.json in --out")
+    as_json.add_argument("--json-full", action="store_true",
+                         help="print the whole plan as one JSON object (every configuration: megabytes for a large "
+                              "sweep)")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -71,21 +85,22 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     cfg = read_model_config(args.model)
     hw = load_hardware(args.hardware, efficiency=args.efficiency)
-    workload = Workload(isl=args.isl, osl=args.osl, precision=args.precision, kv_precision=args.kv_precision)
+    workload = Workload(isl=args.isl, osl=args.osl, precision=args.precision, kv_precision=args.kv_precision,
+                        arrival_rate=args.arrival_rate or None)
     options = Options(ep_attention=args.ep_attention, microbatches=args.microbatches, comm_overlap=args.comm_overlap)
     rules = Rules(allow_vocab_padding=args.allow_vocab_padding, allow_kv_replication=not args.no_kv_replication,
                   tp_within_domain=args.tp_within_domain, ep_within_domain=args.ep_within_domain,
-                  min_layers_per_stage=args.min_layers_per_stage)
+                  min_layers_per_stage=args.min_layers_per_stage, split_moe=args.split_moe)
     _check_size(cfg, hw, rules, args)
     result = plan(cfg, hw, args.devices, workload, options, rules, args.batch_sizes, args.chunk_sizes,
                   args.target_tps_user)
     try:
-        paths = write_outputs(result, args.out, plot=not args.no_plot)
+        paths = write_outputs(result, args.out, plot=not args.no_plot, full_json=args.json)
     except OSError as err:
         raise UsageError(f"--out {args.out}: cannot write the results: {err}") from err
     result.seconds = time.perf_counter() - start
-    if args.json:
-        obj = result.to_json()
+    if args.json or args.json_full:
+        obj = compact_json(result, paths, args.top) if args.json else result.to_json()
         obj["files"] = {k: str(v) for k, v in paths.items()}
         json.dump(obj, sys.stdout)
         sys.stdout.write("\n")

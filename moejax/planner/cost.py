@@ -1,35 +1,52 @@
-"""First-principles cost of one forward step on one pipeline stage: compute, memory traffic, communication.
+"""Cost of one microbatch through one pipeline stage on one device: shape-aware operations, collectives, launches.
 
-The unit is one *microbatch* passing through one *stage* on one device. The caller (`moejax.planner.serving`)
-chooses the tokens in it and assembles stages and microbatches into pipeline rounds.
+The unit is one *microbatch* (one pipeline group's tokens, `Load`) passing through one *stage* on one device.
+`stage_features` turns it into numbers that do not depend on efficiencies (FLOPs, bytes, rows, message sizes,
+kernel counts); `op_times` turns those into seconds with the hardware's efficiency curves
+(`moejax.planner.hardware.Efficiency`). `op_times` is written once for any array module: NumPy for the sweep,
+`jax.numpy` under `jax.vmap` / `jax.grad` for calibration (`moejax.planner.calibrate`).
 
-Time model (every assumption here is also in docs/planner.md):
+Operation classes, each a roofline of its own (compute and memory traffic overlap inside an operation, not
+across operations):
 
-    t_stage = max(t_compute, t_memory) + (1 - comm_overlap) * t_collectives + step_overhead_s
-    t_compute = FLOPs / (peak(precision) * eff.compute)
-    t_memory = bytes read / (memory_bandwidth * eff.memory)
-    t_collective = volume / (link_bandwidth * eff.network) + steps * link_latency
+    sat(x, h)   = x / (x + h)                                   (a saturating efficiency curve, 0 -> 1)
+    t_gemm      = max(F / (P * compute * nar * sat(rows, compute_rows)),  W / (B * memory * sat(w, memory_bytes)))
+    t_moe       = max(skew F / (P * grouped * nar_g * sat(r, grouped_rows) * sat(F_e, grouped_width)),
+                      W / (B * memory * sat(w, memory_bytes)))
+    t_head      = as t_gemm, in bf16, rows = tokens needing logits (last stage only)
+    t_attention = max(F / (P_bf16 * attention * sat(c, attention_context)),
+                      KV / (B * attention_memory * sat(kv_layer, attention_bytes)))
+    t_coll      = count * (wire / (link * network * sat(msg, network_bytes)) + steps * link_latency + collective_s)
+    skew        = 1 + routing_skew * sqrt(2 ln EP / (E / EP))     (busiest of EP expert ranks; all-to-all too)
+    t_act       = activation bytes / (B * memory)
+    t_stage     = t_gemm + t_moe + t_head + t_attention + t_act + (1 - comm_overlap) * sum(t_coll)
+                  + kernels * kernel_s
 
-- Compute and memory traffic overlap perfectly inside a stage (a roofline over the whole stage, not per kernel,
-  which is optimistic when layers alternate between compute- and memory-bound).
-- Collectives do not overlap compute unless `Options.comm_overlap` says so. Pipeline sends are separate
-  (`send_time`) and are hidden when the pipeline is full.
-- FLOPs: 2 per multiply-add. Linear layers cost 2 x params per token (MLA weight absorption is ignored: it
-  changes the FLOPs of the projections by a few percent). Attention costs 2 N (Hqk + Hv) FLOPs per token
-  per cached position it attends to; for MLA decode (absorbed) Hqk = kv_lora + R and Hv = kv_lora, for MLA
-  prefill Hqk = H + R and Hv = v_head_dim.
-- Memory: each microbatch reads the stage's non-expert weights once, and the experts it routes at least one
-  token to: with n tokens choosing X of E experts uniformly, an expert is hit with probability
-  1 - (1 - X/E)^n. Decode tokens read their request's whole KV cache; prefill chunks write their KV and read
-  the prefix once per chunk. Activation traffic is ignored (small next to weights and KV).
-- Communication per layer: two TP all-reduces (after attention and after the FFN/MoE) of the group's tokens
-  (ring: 2 (t-1)/t x bytes, 2 ceil(log2 t) latency steps). With `ep_attention='data'`, each MoE layer does an
-  all-to-all dispatch and a combine: every token goes to the distinct remote expert ranks its top-X experts
-  live on (the top-k fan-out, `expert_fanout`), D values each way. With `ep_attention='replicated'` the MoE
-  block's all-reduce spans tensor x expert (it finishes the TP FFN and combines the experts in one
-  collective, as the runtime does) in place of the FFN's TP all-reduce. A collective whose group fits one
-  NVLink domain uses NVLink, otherwise the scale-out network (`Hardware.link`); groups are placed tensor
-  innermost, then expert, then stage, then data.
+with F FLOPs, W weight bytes, w bytes of one weight matrix, rows the GEMM's tokens, r tokens per expert hit
+(the replica's n tokens x X / (E x hit), hit below), F_e the expert width per device (F / MTP), c the mean
+cached positions a token attends to, nar (nar_g) = `narrow` (`narrow_grouped`) for fp8/fp4 GEMMs else 1, KV the
+cache bytes read and written.
+
+- FLOPs: 2 per multiply-add. Linear layers 2 x params per token. Attention 2 N (Hqk + Hv) per cached position;
+  MLA decode absorbed (Hqk = kv_lora + R, Hv = kv_lora), MLA prefill expanded (Hqk = H + R, Hv = v_head_dim).
+- Activations: per layer and token 8 D + 3 (N + 2 K) H / TP values around attention (norms, residuals,
+  projections' outputs) and, per routed token-expert on the device, 4 D + 6 F / MTP (permute, expert
+  intermediates, activation, un-permute), streamed at `memory` x bandwidth (t_act).
+- Weights read: a stage's non-expert weights once per microbatch; the experts at least one token routes to:
+  with n tokens choosing X of E uniformly, an expert is hit with probability 1 - (1 - X/E)^n.
+- KV: decode tokens read their request's cache; prefill chunks write theirs and read their prefix once.
+- Split (`moejax.planner.layout.PlanLayout`): attention, shared/dense FFN and router on the busiest attention
+  group's tokens over attention TP; routed experts on the replica's tokens over MoE TP x EP.
+- Collectives per layer: an all-reduce over attention TP after attention and after dense FFNs (ring:
+  2 (n-1)/n of the message on the wire, 2 ceil(log2 n) latency steps). MoE layers: with attention
+  data-parallel inside the group (ADP > 1) a TP all-reduce and an all-to-all dispatch + combine sending each
+  token to the distinct remote expert ranks its top-X experts live on (`expert_fanout`) x MTP / TP; with
+  attention replicated or ADP = 1, one all-reduce over the whole MoE group (MTP x EP) in place of the FFN's TP
+  all-reduce (the runtime's 'replicated' mode). Groups within one NVLink domain use NVLink, otherwise the
+  scale-out network (`Hardware.link`); placement is tensor innermost, then expert, then stage, then data.
+- Kernels: per layer 4 for attention (norm, QKV, attention, output), 7 per MoE block (norm, router, top-k and
+  permute, two grouped GEMMs, activation, un-permute), +3 for a shared expert, 4 per dense FFN; +1 embedding on
+  the first stage, +2 (LM head, sampling) on the last.
 """
 
 from __future__ import annotations
@@ -37,18 +54,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from moejax.config import ModelConfig
 from moejax.mesh import Layout
 from moejax.planner.hardware import Hardware
+from moejax.planner.layout import PlanLayout
 from moejax.planner.memory import StageShape, cached_positions, kv_bytes_per_token_layer, param_counts
 from moejax.planner.workload import Options, Workload
+
+COLLECTIVES = ("tp", "moe", "a2a")  # attention-TP all-reduces, MoE-group all-reduce, expert all-to-all
 
 
 @dataclass(frozen=True)
 class Load:
     """Tokens of one microbatch: the replica's totals (what the MoE blocks see) and the busiest attention group's.
 
-    With `ep_attention='replicated'` there is one attention group and both views agree.
+    With attention replicated (`ep_attention='replicated'`) there is one attention group and both views agree.
 
     Attributes:
         decode: decode tokens in the replica (one per decoding request).
@@ -83,20 +105,25 @@ class Load:
 
 @dataclass(frozen=True)
 class StageCost:
-    """Per-device cost of one microbatch through one stage. Times in seconds, volumes in FLOPs and bytes."""
+    """Per-device cost of one microbatch through one stage (seconds, FLOPs, bytes).
+
+    `t_compute` and `t_memory` sum each operation's compute and memory time; `t_roofline` sums each operation's
+    larger one; `t_overhead` is the kernels' launch time.
+    """
 
     flops: float
     bytes_read: float
     comm_bytes: float
     t_compute: float
     t_memory: float
+    t_roofline: float
     t_comm: float
     t_overhead: float
     comm_overlap: float = 0.0
 
     @property
     def time(self) -> float:
-        return max(self.t_compute, self.t_memory) + (1.0 - self.comm_overlap) * self.t_comm + self.t_overhead
+        return self.t_roofline + (1.0 - self.comm_overlap) * self.t_comm + self.t_overhead
 
 
 def expert_fanout(num_experts: int, top_k: int, expert_parallel: int) -> float:
@@ -116,24 +143,12 @@ def allreduce_time(nbytes: float, n: int, bandwidth: float, latency: float) -> f
     return 2.0 * (n - 1) / n * nbytes / bandwidth + 2 * math.ceil(math.log2(n)) * latency
 
 
-def alltoall_time(nbytes_per_device: float, n: int, bandwidth: float, latency: float) -> float:
-    """All-to-all in which each device sends `nbytes_per_device` to the others: bytes over its link, log2 n steps."""
-    if n <= 1 or nbytes_per_device <= 0:
-        return 0.0
-    return nbytes_per_device / bandwidth + math.ceil(math.log2(n)) * latency
-
-
 def layer_flops_per_token(cfg: ModelConfig, context: float, phase: str) -> dict[str, float]:
     """FLOPs one token costs in one layer, by part, for the whole model replica (before any split).
 
-    Args:
-        cfg: the model.
-        context: cached positions the token attends to.
-        phase: 'decode' or 'prefill' (only MLA attention differs, see module docstring).
-
     Returns:
-        dict with 'attention' (projections + scores), 'dense_ffn', 'shared', 'router' and 'experts'
-        (the token's top-X experts).
+        dict with 'attention' (projections + scores), 'scores' (the part over cached positions), 'dense_ffn',
+        'shared', 'router' and 'experts' (the token's top-X experts).
     """
     pc = param_counts(cfg)
     n, h = cfg.num_heads, cfg.head_dim
@@ -144,107 +159,159 @@ def layer_flops_per_token(cfg: ModelConfig, context: float, phase: str) -> dict[
             hqk, hv = h + cfg.qk_rope_head_dim, cfg.v_head_dim or h
     else:
         hqk = hv = h
-    positions = cached_positions(cfg, context)
-    return {
-        "attention": 2.0 * pc.attention + 2.0 * n * (hqk + hv) * positions,
-        "dense_ffn": 2.0 * pc.dense_ffn,
-        "shared": 2.0 * pc.shared,
-        "router": 2.0 * pc.router,
-        "experts": 2.0 * cfg.num_experts_per_tok * pc.expert,
-    }
+    scores = 2.0 * n * (hqk + hv) * cached_positions(cfg, context)
+    return {"attention": 2.0 * pc.attention + scores, "scores": scores, "dense_ffn": 2.0 * pc.dense_ffn,
+            "shared": 2.0 * pc.shared, "router": 2.0 * pc.router,
+            "experts": 2.0 * cfg.num_experts_per_tok * pc.expert}
 
 
-def stage_flops(cfg: ModelConfig, layout: Layout, stage: StageShape, load: Load) -> float:
-    """FLOPs one device of `stage` performs for one microbatch.
+def _collective(kind: str, msg: float, n: int, count: float, hw: Hardware, span: int) -> dict[str, float]:
+    """Features of `count` collectives of `msg` bytes per device over `n` devices spanning `span` devices."""
+    if n <= 1 or msg <= 0 or count <= 0:
+        return {f"{kind}_{k}": 0.0 for k in ("count", "msg", "wire", "bw", "lat")} | {f"{kind}_bw": 1.0}
+    bw, lat = hw.link(span)
+    steps = math.ceil(math.log2(n))
+    wire, steps = (2.0 * (n - 1) / n * msg, 2 * steps) if kind != "a2a" else (msg, steps)
+    return {f"{kind}_count": count, f"{kind}_msg": msg, f"{kind}_wire": wire, f"{kind}_bw": bw,
+            f"{kind}_lat": steps * lat}
 
-    Attention, dense and shared-expert FFNs and the LM head work on the busiest attention group's tokens, split
-    over `tensor`; routed experts on the replica's tokens, split over `tensor` x `expert`.
-    """
-    t, e = layout.tensor, layout.expert
+
+def stage_features(cfg: ModelConfig, layout: PlanLayout | Layout | str, hw: Hardware, workload: Workload,
+                   options: Options, stage: StageShape, load: Load) -> dict[str, float]:
+    """The efficiency-free numbers of one microbatch through `stage` on one device (see module docstring)."""
+    lay = PlanLayout.of(layout, options.ep_attention)
+    pc, wb, t, mt, e = param_counts(cfg), workload.weight_bytes, lay.tensor, lay.moe_tensor, lay.expert
     dec = layer_flops_per_token(cfg, load.decode_context, "decode")
     pre = layer_flops_per_token(cfg, load.prefill_context, "prefill")
 
     def group(name: str) -> float:
-        return (load.group_decode * dec[name] + load.group_prefill * pre[name]) / t
+        return load.group_decode * dec[name] + load.group_prefill * pre[name]
 
-    flops = stage.layers * group("attention") + stage.dense_layers * group("dense_ffn")
-    flops += stage.moe_layers * (group("shared") + group("router") * t + load.tokens * dec["experts"] / (t * e))
-    if stage.last:
-        flops += load.logits * 2.0 * cfg.vocab_size * cfg.hidden_size / t
-    return flops
-
-
-def stage_bytes(cfg: ModelConfig, layout: Layout, workload: Workload, stage: StageShape, load: Load) -> float:
-    """Bytes one device of `stage` reads from memory for one microbatch (weights touched + KV cache)."""
-    pc, t, wb = param_counts(cfg), layout.tensor, workload.weight_bytes
+    proj = stage.layers * (group("attention") - group("scores")) + stage.dense_layers * group("dense_ffn")
+    proj += stage.moe_layers * group("shared")
     linear = stage.layers * pc.attention + stage.moe_layers * pc.shared + stage.dense_layers * pc.dense_ffn
+    matrices = stage.layers * (5 if cfg.attention == "mla" else 4) + 3 * (
+        stage.moe_layers * (pc.shared > 0) + stage.dense_layers)
+    router = stage.moe_layers * pc.router
+    f = {"gemm_flops": proj / t + group("router") * stage.moe_layers,
+         "gemm_bytes": linear / t * wb + router * 2.0, "gemm_rows": load.group_tokens}
+    f["gemm_mat"] = f["gemm_bytes"] / max(1, matrices + stage.moe_layers)
+    # LM head (last stage): logits of decode tokens and finishing prompts, bf16.
+    head = pc.embed / t * 2.0 if stage.last else 0.0
+    f |= {"head_flops": load.logits * 2.0 * cfg.vocab_size * cfg.hidden_size / t if stage.last else 0.0,
+          "head_bytes": head, "head_rows": load.logits if stage.last else 0.0}
+    # Routed experts: the replica's tokens over MoE TP x EP.
     hit = 1.0 - (1.0 - cfg.num_experts_per_tok / cfg.num_experts) ** load.tokens
-    experts = stage.moe_layers * (cfg.num_experts // layout.expert) * hit * pc.expert
-    weights = (linear + experts) / t * wb + stage.moe_layers * pc.router * 2.0
-    if stage.last:
-        weights += pc.embed / t * 2.0  # LM head (the embedding lookup reads only the tokens' rows)
-    kv_token = kv_bytes_per_token_layer(cfg, layout, workload) * stage.layers
+    f |= {"moe_flops": stage.moe_layers * load.tokens * dec["experts"] / (mt * e),
+          "moe_bytes": stage.moe_layers * (cfg.num_experts // e) * hit * pc.expert / mt * wb,
+          "moe_rows": load.tokens * cfg.num_experts_per_tok / (cfg.num_experts * hit) if hit > 0 else 0.0,
+          "moe_mat": pc.expert / 3 / mt * wb, "moe_width": cfg.moe_intermediate_size / mt}
+    # Activation traffic (norms, residuals, QKV and attention outputs; MoE permute, expert intermediates,
+    # activation, un-permute), read + write, memory-bound.
+    d, ab, width = cfg.hidden_size, workload.act_bytes, cfg.moe_intermediate_size / mt
+    attn_act = 8 * d + 3 * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim / t
+    routed = load.tokens * cfg.num_experts_per_tok / e
+    f["act_bytes"] = ab * (stage.layers * load.group_tokens * attn_act
+                           + stage.moe_layers * routed * (4 * d + 6 * width))
+    kv_token = kv_bytes_per_token_layer(cfg, lay, workload)
     positions = (load.group_decode * cached_positions(cfg, load.decode_context)
                  + load.chunks * cached_positions(cfg, load.prefix) + load.group_prefill)  # reads + prefill writes
-    return weights + positions * kv_token
+    scores = stage.layers * group("scores") / t
+    context = (load.group_prefill * load.prefill_context + load.group_decode * load.decode_context) / max(
+        load.group_tokens, 1e-9)
+    f |= {"attn_flops": scores, "attn_ctx": context, "attn_bytes": stage.layers * positions * kv_token,
+          "attn_kv": positions * kv_token,
+          "imbalance": math.sqrt(2 * math.log(e) / (cfg.num_experts // e)) if e > 1 else 0.0}
+    f |= _comm_features(cfg, lay, hw, workload, stage, load)
+    f["kernels"] = (4 * stage.layers + (7 + 3 * (pc.shared > 0)) * stage.moe_layers + 4 * stage.dense_layers
+                    + stage.first + 2 * stage.last)
+    return f
 
 
-def stage_comm_time(cfg: ModelConfig, layout: Layout, hw: Hardware, workload: Workload, options: Options,
-                    stage: StageShape, load: Load) -> tuple[float, float]:
-    """(bytes sent, seconds) of the TP and EP collectives one device performs for one microbatch."""
-    t, e = layout.tensor, layout.expert
-    bw_t, lat_t = hw.link(t)
-    bw_e, lat_e = hw.link(t * e)
-    bw_t, bw_e = bw_t * hw.efficiency.network, bw_e * hw.efficiency.network
-    token_bytes = cfg.hidden_size * workload.act_bytes
-    group_bytes = load.group_tokens * token_bytes
-    tp_bytes = 2.0 * (t - 1) / t * group_bytes if t > 1 else 0.0
-    volume = 2 * stage.layers * tp_bytes
-    seconds = 2 * stage.layers * allreduce_time(group_bytes, t, bw_t, lat_t)
-    if e > 1 and stage.moe_layers:
-        if options.ep_attention == "data":
-            remote = expert_fanout(cfg.num_experts, cfg.num_experts_per_tok, e) * (e - 1) / e
-            a2a_bytes = group_bytes * remote
-            volume += stage.moe_layers * 2 * a2a_bytes
-            seconds += stage.moe_layers * 2 * alltoall_time(a2a_bytes, e, bw_e, lat_e)
-        else:
-            # The MoE block's all-reduce spans tensor x expert (it finishes the tensor-parallel FFN and
-            # combines the experts at once, as the runtime does) instead of the FFN's TP all-reduce.
-            volume += stage.moe_layers * (2.0 * (t * e - 1) / (t * e) * group_bytes - tp_bytes)
-            seconds += stage.moe_layers * (allreduce_time(group_bytes, t * e, bw_e, lat_e)
-                                           - allreduce_time(group_bytes, t, bw_t, lat_t))
-    return volume, seconds
+def _comm_features(cfg: ModelConfig, lay: PlanLayout, hw: Hardware, workload: Workload, stage: StageShape,
+                   load: Load) -> dict[str, float]:
+    t, e, g = lay.tensor, lay.expert, lay.group
+    group_bytes = load.group_tokens * cfg.hidden_size * workload.act_bytes
+    a2a = lay.attention_data > 1 and e > 1
+    tp_count = stage.layers + stage.dense_layers + (stage.moe_layers if (a2a or g == t) else 0)
+    out = _collective("tp", group_bytes, t, tp_count, hw, t)
+    out |= _collective("moe", group_bytes, g, 0 if (a2a or g == t) else stage.moe_layers, hw, g)
+    remote = expert_fanout(cfg.num_experts, cfg.num_experts_per_tok, e) * (e - 1) / e if a2a else 0.0
+    out |= _collective("a2a", group_bytes * remote * lay.moe_tensor / t, e, 2 * stage.moe_layers, hw, g)
+    return out
 
 
-def send_time(cfg: ModelConfig, layout: Layout, hw: Hardware, workload: Workload, load: Load) -> float:
-    """Seconds to pass one microbatch's activations to the next stage (each TP rank sends 1/TP of them)."""
+def send_features(cfg: ModelConfig, layout: PlanLayout, hw: Hardware, workload: Workload, load: Load) -> dict:
+    """One pipeline send per stage boundary per tick: a microbatch's [rows, T, D] activations. Activations are
+    replicated over attention TP between layers, so every device of the group sends its whole copy."""
     if layout.stage == 1:
-        return 0.0
-    bw, lat = hw.link(layout.tensor * layout.expert * layout.stage)
-    nbytes = load.group_tokens * cfg.hidden_size * workload.act_bytes / layout.tensor
-    return nbytes / (bw * hw.efficiency.network) + lat
+        return {"send_bytes": 0.0, "send_bw": 1.0, "send_lat": 0.0}
+    bw, lat = hw.link(layout.group * layout.stage)
+    return {"send_bytes": load.group_tokens * cfg.hidden_size * workload.act_bytes, "send_bw": bw, "send_lat": lat}
 
 
-def stage_cost(cfg: ModelConfig, layout: Layout, hw: Hardware, workload: Workload, options: Options,
-               stage: StageShape, load: Load) -> StageCost:
-    """Cost of one microbatch `load` through `stage` on one device (see module docstring for the model).
+def sat(x, half):
+    """x / (x + half): ~0 at x = 0, 1 for x >> half (1 when half = 0). x is floored by 1e-3 so that products of
+    curves at x = 0 (idle operations) stay normal float32 numbers under XLA (their squares appear in gradients)."""
+    return (x + 1e-3) / (x + half + 1e-3)
 
-    Args:
-        cfg: the model.
-        layout: the parallel layout (the data factor plays no part: replicas are independent).
-        hw: hardware with its efficiency factors.
-        workload: formats and request shape.
-        options: modelling options.
-        stage: which layers the device holds.
-        load: tokens of one microbatch of one replica.
+
+def op_times(f: dict, eff: dict, xp=np) -> dict:
+    """Seconds per operation class for features `f` (arrays of any shape) and efficiency parameters `eff`.
+
+    `f` also holds the device's `peak` (FLOP/s of the weights' compute precision), `peak_bf16`, `bandwidth`
+    and `narrow` (1 for fp8/fp4 GEMMs). Works with NumPy or jax.numpy (`xp`); see the module docstring.
     """
-    eff = hw.efficiency
-    flops = stage_flops(cfg, layout, stage, load)
-    nbytes = stage_bytes(cfg, layout, workload, stage, load)
-    comm_bytes, t_comm = stage_comm_time(cfg, layout, hw, workload, options, stage, load)
+    nar = 1.0 - f["narrow"] * (1.0 - eff["narrow"])
+    nar_g = 1.0 - f["narrow"] * (1.0 - eff["narrow_grouped"])
+    skew = 1.0 + eff["routing_skew"] * f["imbalance"]
+    bw = f["bandwidth"] * eff["memory"]
+    comp = {
+        "gemm": f["gemm_flops"] / (f["peak"] * eff["compute"] * nar * sat(f["gemm_rows"], eff["compute_rows"])),
+        "head": f["head_flops"] / (f["peak_bf16"] * eff["compute"] * sat(f["head_rows"], eff["compute_rows"])),
+        "moe": skew * f["moe_flops"] / (f["peak"] * eff["grouped"] * nar_g * sat(f["moe_rows"], eff["grouped_rows"])
+                                        * sat(f["moe_width"], eff["grouped_width"])),
+        "attn": f["attn_flops"] / (f["peak_bf16"] * eff["attention"] * sat(f["attn_ctx"], eff["attention_context"])),
+    }
+    mem = {
+        "act": f["act_bytes"] / bw,
+        "gemm": f["gemm_bytes"] / (bw * sat(f["gemm_mat"], eff["memory_bytes"])),
+        "head": f["head_bytes"] / (bw * sat(f["head_bytes"], eff["memory_bytes"])),
+        "moe": f["moe_bytes"] / (bw * sat(f["moe_mat"], eff["memory_bytes"])),
+        "attn": f["attn_bytes"] / (f["bandwidth"] * eff["attention_memory"] * sat(f["attn_kv"],
+                                                                                    eff["attention_bytes"])),
+    }
+    comm = sum(f[f"{k}_count"] * ((skew if k == "a2a" else 1.0) * f[f"{k}_wire"] / (
+        f[f"{k}_bw"] * eff["network"] * sat(f[f"{k}_msg"], eff["network_bytes"])) + f[f"{k}_lat"]
+        + eff["collective_s"]) for k in COLLECTIVES)
+    return {"compute": sum(comp.values()), "memory": sum(mem.values()),
+            "roofline": sum(xp.maximum(comp[k], mem[k]) for k in comp) + mem["act"], "comm": comm,
+            "kernels": f["kernels"] * eff["kernel_s"]}
+
+
+def device_features(hw: Hardware, workload: Workload) -> dict[str, float]:
+    """The device numbers `op_times` needs beside the stage's."""
+    precision = hw.compute_precision(workload.precision)
+    return {"peak": hw.peak_flops[precision], "peak_bf16": hw.peak_flops["bf16"], "bandwidth": hw.memory_bandwidth,
+            "narrow": float(precision in ("fp8", "fp4"))}
+
+
+def stage_comm_time(cfg: ModelConfig, layout: PlanLayout | Layout | str, hw: Hardware, workload: Workload,
+                    options: Options, stage: StageShape, load: Load) -> tuple[float, float]:
+    """(bytes one device sends, seconds) of the TP and expert-axis collectives of one microbatch through `stage`."""
+    f = stage_features(cfg, layout, hw, workload, options, stage, load) | device_features(hw, workload)
+    volume = sum(f[f"{k}_count"] * f[f"{k}_wire"] for k in COLLECTIVES)
+    return volume, float(op_times(f, hw.efficiency.as_dict())["comm"])
+
+
+def stage_cost(cfg: ModelConfig, layout: PlanLayout | Layout | str, hw: Hardware, workload: Workload,
+               options: Options, stage: StageShape, load: Load) -> StageCost:
+    """Cost of one microbatch `load` through `stage` on one device (see module docstring for the model)."""
+    f = stage_features(cfg, layout, hw, workload, options, stage, load) | device_features(hw, workload)
+    t = op_times(f, hw.efficiency.as_dict())
     return StageCost(
-        flops=flops, bytes_read=nbytes, comm_bytes=comm_bytes,
-        t_compute=flops / (hw.peak(workload.precision) * eff.compute),
-        t_memory=nbytes / (hw.memory_bandwidth * eff.memory),
-        t_comm=t_comm, t_overhead=eff.step_overhead_s, comm_overlap=options.comm_overlap,
-    )
+        flops=f["gemm_flops"] + f["head_flops"] + f["moe_flops"] + f["attn_flops"],
+        bytes_read=f["gemm_bytes"] + f["head_bytes"] + f["moe_bytes"] + f["attn_bytes"],
+        comm_bytes=sum(f[f"{k}_count"] * f[f"{k}_wire"] for k in COLLECTIVES),
+        t_compute=float(t["compute"]), t_memory=float(t["memory"]), t_roofline=float(t["roofline"]),
+        t_comm=float(t["comm"]), t_overhead=float(t["kernels"]), comm_overlap=options.comm_overlap)

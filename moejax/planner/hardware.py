@@ -4,13 +4,27 @@ Every figure is per device and comes from a YAML file in `configs/hardware/` tha
 FLOP/s are *dense* (vendor sheets often print 2:4-sparse figures, twice as large). Link bandwidths are per
 device and per direction.
 
-Efficiency factors turn peaks into what kernels achieve. They are the only free parameters of the cost model
-(`moejax.planner.cost`), default to round uncalibrated guesses, and are what `moejax.planner.calibrate` fits:
+Efficiency curves turn peaks into what kernels achieve, per operation class and shape (the formulas are in
+`moejax.planner.cost`). They are the free parameters of the cost model, and what `moejax.planner.calibrate`
+fits (by gradient descent, all at once):
 
-- `compute`: achieved fraction of peak FLOP/s in matmuls and attention.
-- `memory`: achieved fraction of peak memory bandwidth when streaming weights and KV cache.
-- `network`: achieved fraction of link bandwidth in collectives (NVLink and inter-node alike).
-- `step_overhead_s`: fixed time per forward step per pipeline stage (kernel launches, scheduling, sampling).
+- `compute`, `compute_rows`: dense GEMM at m rows reaches compute x m / (m + compute_rows) of peak FLOP/s.
+- `grouped`, `grouped_rows`, `grouped_width`: grouped expert GEMM at r tokens per expert, f expert width per device
+  reaches grouped x r / (r + grouped_rows) x f / (f + grouped_width) (many narrow experts run worse).
+- `narrow`, `narrow_grouped`: factors on `compute` and `grouped` for fp8/fp4 GEMMs (narrow formats reach a
+  smaller fraction of their larger peak; grouped fp8 GEMMs of many small experts gain little over bf16).
+- `memory`, `memory_bytes`: streaming a weight matrix of b bytes reaches memory x b / (b + memory_bytes) of
+  peak bandwidth (many small experts stream worse than a few large ones).
+- `routing_skew`: routers are not uniform; the busiest of EP expert ranks, each holding E / EP experts, gets
+  1 + routing_skew x sqrt(2 ln EP / (E / EP)) times the mean tokens (the largest of EP sums of E / EP random
+  expert loads; its grouped GEMMs and its all-to-all traffic grow by that factor).
+- `attention`, `attention_context`: attention FLOPs over c cached positions per token reach
+  attention x c / (c + attention_context) of bf16 peak; `attention_memory`, `attention_bytes`: KV
+  reads of k bytes per layer reach attention_memory x k / (k + attention_bytes) of bandwidth (batch x context).
+- `network`, `network_bytes`: a collective message of s bytes reaches network x s / (s + network_bytes) of link
+  bandwidth; `collective_s`: fixed time per collective (launch, synchronisation) on top of link latency.
+- `kernel_s`: launch and tail time per kernel (kernels per layer are counted in `moejax.planner.cost`).
+- `step_overhead_s`: fixed time per engine step (scheduling, sampling, host work).
 """
 
 from __future__ import annotations
@@ -30,23 +44,40 @@ PRECISIONS = ("fp32", "bf16", "fp8", "fp4")
 
 @dataclass(frozen=True)
 class Efficiency:
-    """Achieved fractions of peak, and the fixed per-step overhead (see module docstring)."""
+    """Efficiency curves (see module docstring). Fractions lie in (0, 1.5]; sizes, rows and times are > 0."""
 
-    compute: float = 0.6
-    memory: float = 0.8
+    compute: float = 0.75
+    compute_rows: float = 64.0
+    grouped: float = 0.6
+    grouped_rows: float = 64.0
+    grouped_width: float = 1024.0
+    narrow: float = 0.8
+    narrow_grouped: float = 0.6
+    memory: float = 0.85
+    memory_bytes: float = 1.0e6
+    routing_skew: float = 0.1
+    attention: float = 0.5
+    attention_context: float = 256.0
+    attention_memory: float = 0.8
+    attention_bytes: float = 1.0e6
     network: float = 0.7
-    step_overhead_s: float = 2e-4
+    network_bytes: float = 2.0e5
+    collective_s: float = 1.0e-5
+    kernel_s: float = 3.0e-6
+    step_overhead_s: float = 2.0e-4
 
     def __post_init__(self):
-        for name in ("compute", "memory", "network"):
-            value = getattr(self, name)
-            if not 0 < value <= 1.5:
+        for name, value in self.as_dict().items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"Efficiency.{name} must be a finite number >= 0, got {value!r}")
+            if name in FRACTIONS and not 0 < value <= 1.5:
                 raise ValueError(f"Efficiency.{name} must lie in (0, 1.5], got {value!r}")
-        if not (math.isfinite(self.step_overhead_s) and self.step_overhead_s >= 0):
-            raise ValueError(f"Efficiency.step_overhead_s must be a finite number >= 0, got {self.step_overhead_s!r}")
 
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
+
+
+FRACTIONS = ("compute", "grouped", "narrow", "narrow_grouped", "memory", "attention", "attention_memory", "network")
 
 
 @dataclass(frozen=True)
@@ -119,8 +150,8 @@ class Hardware:
 
     def with_efficiency(self, efficiency: Efficiency | dict[str, float]) -> Hardware:
         """A copy with other efficiency factors (a dict may give only some of them)."""
-        if isinstance(efficiency, dict):
-            efficiency = dataclasses.replace(self.efficiency, **efficiency)
+        if isinstance(efficiency, dict):  # PyYAML reads 1e-3 (no dot) as a string: coerce numbers
+            efficiency = dataclasses.replace(self.efficiency, **{k: _number(v) for k, v in efficiency.items()})
         return dataclasses.replace(self, efficiency=efficiency)
 
     @classmethod
@@ -182,6 +213,13 @@ def load_hardware(source: str | Path, efficiency: str | Path | dict | None = Non
             raise ValueError(f"{where}: {_describe(err)}; known factors: "
                              f"{[f.name for f in dataclasses.fields(Efficiency)]}") from err
     return hw
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
 
 
 def _read_mapping(path: Path, what: str) -> dict[str, Any]:

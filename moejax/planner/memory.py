@@ -7,12 +7,16 @@ Counting conventions (each a stated approximation, all < 0.1% of a model's param
   kv = D x (kv_lora + R) + kv_lora x N (H + Hv), o = N Hv x D, with H = qk_nope (head_dim), R = qk_rope_head_dim,
   Hv = v_head_dim. The cache holds kv_lora + R values per token per layer for all heads together.
 - Router D x E per MoE layer (bf16). Shared expert 3 D Fs per MoE layer. Dense leading layers 3 D Fd.
-- Embedding V x D on the first stage and LM head V x D on the last (one copy if tied and single-stage).
+- Embedding V x D and LM head V x D (one table if tied) on *every* pipeline stage, split over `tensor`: the
+  runtime keeps both on each stage (replicated over `stage`), though only the first embeds and the last
+  computes logits.
 
-Placement per device (the runtime's sharding rules, `moejax.sharding.RULES`): attention heads, FFN width and
-vocabulary split over `tensor`; experts over `expert`; layers over `stage` (`Layout.stage_layers`: the first
-stages take the extra layers); nothing is split over `data`. KV heads fewer than `tensor` are replicated, so a
-device holds max(K, TP) / TP of them; an MLA latent cache is not split by `tensor` at all.
+Placement per device (the runtime's sharding rules, `moejax.sharding.RULES`, generalised by
+`moejax.planner.layout.PlanLayout`): attention heads, shared/dense FFN width and vocabulary split over
+`tensor`; experts over `expert` and their width over the MoE tensor factor; layers over `stage`
+(`Layout.stage_layers`: the first stages take the extra layers); nothing is split over `data`. KV heads fewer
+than `tensor` are replicated, so a device holds max(K, TP) / TP of them; an MLA latent cache is not split by
+`tensor` at all.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 
 from moejax.config import ModelConfig
 from moejax.mesh import Layout
+from moejax.planner.layout import PlanLayout
 from moejax.planner.workload import Options, Workload
 
 GIB = 2**30
@@ -114,20 +119,17 @@ def stages(cfg: ModelConfig, layout: Layout) -> list[StageShape]:
     return out
 
 
-def stage_weight_bytes(cfg: ModelConfig, layout: Layout, workload: Workload, stage: StageShape) -> float:
-    """Weight bytes one device of `stage` holds."""
+def stage_weight_bytes(cfg: ModelConfig, layout: Layout | PlanLayout, workload: Workload, stage: StageShape) -> float:
+    """Weight bytes one device of `stage` holds (embedding and LM head on every stage, as the runtime does)."""
+    layout = PlanLayout.of(layout)
     pc, t, wb = param_counts(cfg), layout.tensor, workload.weight_bytes
     linear = stage.layers * pc.attention + stage.moe_layers * pc.shared + stage.dense_layers * pc.dense_ffn
-    experts = stage.moe_layers * (pc.num_experts // layout.expert) * pc.expert
-    bf16 = stage.moe_layers * pc.router * 2.0  # router replicated
-    if stage.first:
-        bf16 += pc.embed / t * 2.0
-    if stage.last and (pc.unembed or not stage.first):
-        bf16 += pc.embed / t * 2.0  # LM head (a tied head on another stage needs its own copy)
-    return (linear + experts) / t * wb + bf16
+    experts = stage.moe_layers * (pc.num_experts // layout.expert) * pc.expert / layout.moe_tensor
+    bf16 = stage.moe_layers * pc.router * 2.0 + (pc.embed + pc.unembed) / t * 2.0  # router replicated
+    return linear / t * wb + experts * wb + bf16
 
 
-def kv_bytes_per_token_layer(cfg: ModelConfig, layout: Layout, workload: Workload) -> float:
+def kv_bytes_per_token_layer(cfg: ModelConfig, layout: Layout | PlanLayout, workload: Workload) -> float:
     """KV-cache bytes one device stores per cached token per layer."""
     if cfg.attention == "mla":
         return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * workload.kv_bytes
@@ -143,7 +145,7 @@ def cached_positions(cfg: ModelConfig, context: float) -> float:
 def stage_kv_bytes(cfg: ModelConfig, layout: Layout, workload: Workload, options: Options,
                    batch: int, stage: StageShape) -> float:
     """KV-cache bytes one device of `stage` holds for `batch` requests per replica at full context."""
-    requests = math.ceil(batch / options.attention_groups(layout.expert))  # the busiest group's
+    requests = math.ceil(batch / PlanLayout.of(layout, options.ep_attention).attention_data)  # busiest group's
     positions = cached_positions(cfg, workload.max_context)
     return requests * positions * stage.layers * kv_bytes_per_token_layer(cfg, layout, workload)
 
@@ -152,25 +154,27 @@ def workspace_bytes(cfg: ModelConfig, layout: Layout, workload: Workload, option
                     batch: int, chunk: int) -> float:
     """Activation workspace of one device: the largest layer's live activations at a full step.
 
-    A step carries every request's decode token plus a full prefill chunk, per attention group, split over
-    the pipeline microbatches. Live at once: the residual stream and attention projections (2 D + 3 N H / TP
-    per token), the routed tokens' expert activations (X / EP of the replica's tokens, D + 2 F / TP each, plus
-    the same again as dispatch buffers), and fp32 logits for the decode tokens (V / TP each).
+    A step carries one microbatch group's decode tokens plus a full prefill chunk, per attention group. Live at
+    once: the residual stream and attention projections (2 D + 3 N H / TP per token), the routed tokens' expert
+    activations (X / EP of the replica's tokens, D + 2 F / MTP each, plus the same again as dispatch buffers),
+    and fp32 logits for the decode tokens (V / TP each).
     """
-    groups = options.attention_groups(layout.expert)
+    plan = PlanLayout.of(layout, options.ep_attention)
+    groups = plan.attention_data
     m = microbatches(layout, batch, options)
-    tokens_group = (batch / groups + chunk) / m
+    tokens_group = batch / groups / m + chunk
     tokens_replica = tokens_group * groups
-    t, d, ab = layout.tensor, cfg.hidden_size, workload.act_bytes
+    t, d, ab = plan.tensor, cfg.hidden_size, workload.act_bytes
     attn = tokens_group * (2 * d + 3 * cfg.num_heads * cfg.head_dim / t)
     ffn_width = max(cfg.moe_intermediate_size, cfg.dense_intermediate_size, cfg.shared_expert_intermediate_size)
-    routed = tokens_replica * cfg.num_experts_per_tok / layout.expert * (2 * d + 2 * ffn_width / t)
+    routed = tokens_replica * cfg.num_experts_per_tok / plan.expert * (2 * d + 2 * ffn_width / plan.moe_tensor)
     logits = batch / groups / m * cfg.vocab_size / t * 4.0
     return (attn + routed) * ab + logits
 
 
-def microbatches(layout: Layout, batch: int, options: Options) -> int:
-    """Pipeline microbatches per round: `options.microbatches`, else one per stage; never more than requests."""
+def microbatches(layout: Layout | PlanLayout, batch: int, options: Options) -> int:
+    """Pipeline microbatch groups M: `options.microbatches` (the runtime's `ServeConfig.microbatches`), else one
+    per stage; never more than the requests of an attention group."""
     m = options.microbatches or layout.stage
     return max(1, min(m, int(batch)))
 

@@ -5,6 +5,9 @@ accepts it or names the numbers that break it. With default `Rules()` the accept
 runtime's (`Layout.enumerate(n, cfg)`, i.e. `Layout.problems`); a test keeps the two in step. Flags relax
 rules the runtime needs but a production engine may not (vocabulary padding), or tighten them with
 deployment knowledge (keep tensor or expert groups inside one NVLink domain, a minimum of layers per stage).
+`split_moe` adds the layouts whose MoE tensor factor differs from the attention one (`TP8MTP1EP8`,
+`moejax.planner.layout.PlanLayout`): attention TP x ADP and MoE TP x EP over the same devices, checked by the
+same rules with the expert widths against the MoE tensor factor.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 
 from moejax.config import ModelConfig
 from moejax.mesh import Layout
+from moejax.planner.layout import PlanLayout, enumerate_split
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class Rules:
         tp_within_domain: tighten: the tensor group must fit one NVLink domain.
         ep_within_domain: tighten: the tensor x expert group must fit one NVLink domain.
         min_layers_per_stage: tighten: each pipeline stage holds at least this many layers.
+        split_moe: also enumerate layouts with the MoE split apart from attention (MTP != TP).
     """
 
     allow_vocab_padding: bool = False
@@ -33,6 +38,7 @@ class Rules:
     tp_within_domain: bool = False
     ep_within_domain: bool = False
     min_layers_per_stage: int = 1
+    split_moe: bool = False
 
     def describe(self, nvlink_domain: int | None = None) -> list[str]:
         """The rules in force, one line each, as printed with the count."""
@@ -52,18 +58,22 @@ class Rules:
             lines.append(f"TP fits one NVLink domain{domain}")
         if self.ep_within_domain:
             lines.append(f"TP x EP fits one NVLink domain{domain}")
+        if self.split_moe:
+            lines.append("MoE split apart from attention (MTP != TP) allowed; MTP divides the expert FFN width")
         return lines
 
-    def problems(self, layout: Layout, cfg: ModelConfig, nvlink_domain: int | None = None) -> list[str]:
+    def problems(self, layout: Layout | PlanLayout, cfg: ModelConfig, nvlink_domain: int | None = None) -> list[str]:
         """Every rule `layout` breaks for `cfg`, each naming the numbers involved."""
         t, e, s = layout.tensor, layout.expert, layout.stage
+        mt = getattr(layout, "moe_tensor", t)
         out = layout.problems(cfg)
         # The runtime pads the vocabulary and FFN widths per shard; the planner's default rules still
         # ask for divisibility (the layouts production engines run without padding).
-        for name, value in (("expert FFN width moe_intermediate_size", cfg.moe_intermediate_size),
-                            ("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size)):
-            if value % t:
-                out.append(f"{name} ({value}) must be divisible by tensor ({t})")
+        for name, value, by in (("expert FFN width moe_intermediate_size", cfg.moe_intermediate_size, mt),
+                                ("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size, t)):
+            if value % by:
+                out.append(f"{name} ({value}) must be divisible by tensor ({by})")
+        out = list(dict.fromkeys(out))
         if not self.allow_vocab_padding and cfg.vocab_size % t:
             out.append(f"vocab_size ({cfg.vocab_size}) must be divisible by tensor ({t})")
         out = [p for p in out if not p.startswith("stage (")]  # restated below with min_layers_per_stage
@@ -74,13 +84,13 @@ class Rules:
                        f"({cfg.num_layers})")
         if nvlink_domain and self.tp_within_domain and t > nvlink_domain:
             out.append(f"TP ({t}) exceeds the NVLink domain ({nvlink_domain})")
-        if nvlink_domain and self.ep_within_domain and t * e > nvlink_domain:
-            out.append(f"TP x EP ({t * e}) exceeds the NVLink domain ({nvlink_domain})")
+        if nvlink_domain and self.ep_within_domain and mt * e > nvlink_domain:
+            out.append(f"TP x EP ({mt * e}) exceeds the NVLink domain ({nvlink_domain})")
         return out
 
 
-def enumerate_layouts(n_devices: int, cfg: ModelConfig, rules: Rules | None = None,
-                      nvlink_domain: int | None = None) -> tuple[list[Layout], list[tuple[Layout, list[str]]]]:
+def enumerate_layouts(n_devices: int, cfg: ModelConfig, rules: Rules | None = None, nvlink_domain: int | None = None
+                      ) -> tuple[list[Layout | PlanLayout], list[tuple[Layout | PlanLayout, list[str]]]]:
     """All layouts of exactly `n_devices`, split into accepted ones and rejected ones with their reasons.
 
     Args:
@@ -90,11 +100,11 @@ def enumerate_layouts(n_devices: int, cfg: ModelConfig, rules: Rules | None = No
         nvlink_domain: devices per NVLink domain, for the domain rules.
 
     Returns:
-        (accepted layouts, [(rejected layout, reasons)]), both sorted.
+        (accepted layouts, [(rejected layout, reasons)]), runtime layouts first (sorted), then split ones.
     """
     rules = rules or Rules()
     accepted, rejected = [], []
-    for layout in Layout.enumerate(n_devices):
+    for layout in Layout.enumerate(n_devices) + (enumerate_split(n_devices) if rules.split_moe else []):
         problems = rules.problems(layout, cfg, nvlink_domain)
         if problems:
             rejected.append((layout, problems))

@@ -15,7 +15,7 @@ from moejax.config import ModelConfig
 from moejax.mesh import Layout
 from moejax.planner.hardware import Hardware
 from moejax.planner.rules import Rules, enumerate_layouts
-from moejax.planner.serving import Prediction, predict
+from moejax.planner.serving import Prediction, predict_many
 from moejax.planner.workload import Options, Workload
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # per data-parallel replica
@@ -25,9 +25,9 @@ DEFAULT_CHUNKS = (256, 512, 1024, 2048, 4096, 8192)
 def sweep(cfg: ModelConfig, hw: Hardware, workload: Workload, layouts: Iterable[Layout],
           options: Options | None = None, batches: Sequence[int] = DEFAULT_BATCHES,
           chunks: Sequence[int] = DEFAULT_CHUNKS) -> list[Prediction]:
-    """Predict every (layout, batch per replica, chunk) combination."""
-    return [predict(cfg, layout, hw, workload, options, batch=b, chunk=c)
-            for layout in layouts for b in batches for c in chunks]
+    """Predict every (layout, batch per replica, chunk) combination (one vectorised evaluation)."""
+    return predict_many(cfg, [(layout, b, c) for layout in layouts for b in batches for c in chunks], hw, workload,
+                        options)
 
 
 def pareto_frontier(predictions: Iterable[Prediction]) -> list[Prediction]:

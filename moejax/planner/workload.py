@@ -30,6 +30,8 @@ class Workload:
             the LM head, norms and the router stay bf16.
         kv_precision: format of the KV cache.
         act_bytes: bytes per activation value on the wire and in workspace (bf16).
+        arrival_rate: None: closed loop at the configuration's concurrency (`batch_size`); else Poisson arrivals
+            at this many requests/s over all replicas, queueing for prefill (M/D/1, `moejax.planner.serving`).
     """
 
     isl: int = 1024
@@ -37,6 +39,7 @@ class Workload:
     precision: str = "bf16"
     kv_precision: str = "bf16"
     act_bytes: float = 2.0
+    arrival_rate: float | None = None
 
     def __post_init__(self):
         if self.isl < 1 or self.osl < 1:
@@ -45,6 +48,8 @@ class Workload:
             raise ValueError(f"unknown weight precision {self.precision!r}; known {sorted(WEIGHT_BYTES)}")
         if self.kv_precision not in KV_BYTES:
             raise ValueError(f"unknown kv precision {self.kv_precision!r}; known {sorted(KV_BYTES)}")
+        if self.arrival_rate is not None and not self.arrival_rate > 0:
+            raise ValueError(f"arrival_rate must be > 0 requests/s (or None), got {self.arrival_rate!r}")
 
     @property
     def weight_bytes(self) -> float:
@@ -71,7 +76,8 @@ class Options:
             'replicated' (the moejax runtime today, `moejax.sharding.RULES`): every expert rank runs the same
             attention on the same tokens; each computes its own experts and an all-reduce over the expert axis
             combines them.
-        microbatches: pipeline microbatches per round; None: as many as stages (capped by the batch).
+        microbatches: pipeline microbatch groups M (the runtime's `ServeConfig.microbatches`); None: as many as
+            stages (capped by the requests of an attention group).
         comm_overlap: fraction of TP/EP collective time hidden behind compute and memory traffic (0: none).
     """
 
@@ -87,6 +93,3 @@ class Options:
         if not 0.0 <= self.comm_overlap <= 1.0:
             raise ValueError(f"comm_overlap must lie in [0, 1], got {self.comm_overlap}")
 
-    def attention_groups(self, expert: int) -> int:
-        """How many independent attention groups (sets of requests) one model replica holds."""
-        return expert if self.ep_attention == "data" else 1

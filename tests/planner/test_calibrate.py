@@ -1,5 +1,6 @@
-"""Calibration: a synthetic measurement file generated from the model with known factors is fitted back."""
+"""Calibration: synthetic measurements generated with known efficiency curves are fitted back by optax."""
 
+import dataclasses
 import itertools
 import json
 
@@ -16,15 +17,19 @@ from moejax.planner.calibrate import (
 )
 from moejax.planner.hardware import Efficiency, load_hardware
 
-TRUE = Efficiency(compute=0.45, memory=0.65, network=0.5, step_overhead_s=5e-4)
+START = load_hardware("h100-sxm").efficiency
+TRUE = dataclasses.replace(START, compute=0.6, grouped=0.3, memory=0.7, network=0.3, kernel_s=5e-6,
+                           step_overhead_s=5e-4)
+FITTED = ("compute", "grouped", "memory", "network", "kernel_s", "step_overhead_s")
 
 
 def _write_measurements(path):
     hw = load_hardware("h100-sxm").with_efficiency(TRUE)
     rows = []
-    for layout, batch, chunk in itertools.product(["TP1", "TP8", "TP2EP4", "DP2TP4EP4", "TP4EP8"], [1, 64],
-                                                  [256, 4096]):
-        row = dict(model="mixtral-8x7b", hardware="h100-sxm", layout=layout, precision="bf16",
+    for model, layout, batch, chunk in itertools.product(["mixtral-8x7b", "qwen3-30b-a3b"],
+                                                         ["TP1", "TP8", "TP2EP4", "DP2TP4EP2", "TP2PP2"],
+                                                         [1, 16, 256], [256, 4096]):
+        row = dict(model=model, hardware="h100-sxm", layout=layout, precision="bf16",
                    batch_size=batch * Layout.parse(layout).data, chunk_size=chunk, isl=2048, osl=128,
                    ep_attention="data", note="synthetic")
         p = predict_measurement(row, hw)
@@ -32,22 +37,23 @@ def _write_measurements(path):
                    tokens_per_s_per_user=p.tokens_per_s_per_user)
         rows.append(row)
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return {predict_measurement(r, hw).bound for r in rows}
+    preds = [predict_measurement(r, hw) for r in rows]
+    return {p.bound for p in preds} | {"comm" for p in preds if p.t_comm_s > 0.2 * p.tpot_s}
 
 
 def test_fit_recovers_known_efficiency(tmp_path):
     bounds = _write_measurements(tmp_path / "runs.jsonl")
-    assert {"compute", "memory", "comm"} <= bounds  # every factor is exercised
+    assert {"compute", "memory", "comm"} <= bounds  # every fitted curve is exercised
     rows = read_measurements(tmp_path / "runs.jsonl")
     start = load_hardware("h100-sxm")
     before = prediction_errors(rows, start)
     assert max(abs(e["tpot_s"]["rel_error"]) for e in before) > 0.2
-    fitted, loss = fit_efficiency(rows, start)
-    for name in ("compute", "memory", "network", "step_overhead_s"):
-        assert getattr(fitted, name) == pytest.approx(getattr(TRUE, name), rel=0.02)
-    assert loss < 1e-6
+    fitted, loss = fit_efficiency(rows, start, factors=FITTED, max_iter=1500)
+    for name in FITTED:
+        assert getattr(fitted, name) == pytest.approx(getattr(TRUE, name), rel=0.05), name
+    assert loss < 1e-4
     after = prediction_errors(rows, start.with_efficiency(fitted))
-    assert max(abs(e[m]["rel_error"]) for e in after for m in ("ttft_s", "tpot_s")) < 0.01
+    assert max(abs(e[m]["rel_error"]) for e in after for m in ("ttft_s", "tpot_s")) < 0.03
     assert "tokens_per_s_per_device" in format_errors(after)
 
 
@@ -55,6 +61,15 @@ def test_saved_factors_are_reused(tmp_path):
     path = save_efficiency(TRUE, tmp_path / "h100.yaml", hardware="h100-sxm", loss=0.0, measurements=20)
     hw = load_hardware("h100-sxm", efficiency=path)
     assert hw.efficiency == TRUE
+
+
+def test_old_four_factor_files_still_load(tmp_path):
+    (tmp_path / "old.yaml").write_text("efficiency: {compute: 0.5, memory: 0.6, network: 0.4, step_overhead_s: 1e-3}\n")
+    hw = load_hardware("h200", efficiency=tmp_path / "old.yaml")
+    assert (hw.efficiency.compute, hw.efficiency.step_overhead_s) == (0.5, 1e-3)
+    assert hw.efficiency.grouped == load_hardware("h200").efficiency.grouped  # the rest: the hardware file's
+    with pytest.raises(ValueError, match="must lie in"):
+        Efficiency(compute=2.0)
 
 
 def test_measurement_schema_is_checked(tmp_path):

@@ -1,6 +1,7 @@
 """`moejax plan` end to end: the 64-GPU study of the 1.8T model, as JSON and as the printed summary."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -10,24 +11,38 @@ ARGS = ["--model", "gpt-moe-1800b", "--devices", "64", "--precision", "fp4", "--
         "--target-tps-user", "20"]
 
 
-def test_plan_json(tmp_path, capsys):
+def test_plan_json_is_compact_and_the_whole_plan_goes_to_a_file(tmp_path, capsys):
     assert cli.main(ARGS + ["--hardware", "gb200-nvl72", "--json", "--out", str(tmp_path), "--no-plot"]) == 0
-    obj = json.loads(capsys.readouterr().out)
-    assert {"rules", "count", "configs", "pareto"} <= set(obj)
-    assert obj["count"]["layouts_total"] == 84 and obj["count"]["configs"] == len(obj["configs"])
+    printed = capsys.readouterr().out
+    obj = json.loads(printed)
+    assert set(obj) == {"summary", "ranking", "pareto", "files"} and len(printed) < 50_000
+    assert obj["summary"]["count"]["layouts_total"] == 84 and len(obj["ranking"]) <= 15
+    assert obj["pareto"] and all(p["feasible"] for p in obj["pareto"])
+    full = json.loads((tmp_path / "plan.json").read_text())
+    assert obj["files"]["plan_json"] == str(tmp_path / "plan.json")
+    assert full["count"] == obj["summary"]["count"] and full["pareto"] == obj["pareto"]
     keys = {"layout", "chunk_size", "batch_size", "feasible", "reason", "mem_per_device_bytes", "ttft_s", "tpot_s",
             "tokens_per_s_per_device", "tokens_per_s_per_user"}
-    assert keys <= set(obj["configs"][0])
-    assert obj["pareto"] and all(p["feasible"] for p in obj["pareto"])
-    assert any(not c["feasible"] and c["reason"] for c in obj["configs"]) or obj["count"]["configs_infeasible"] == 0
+    assert len(full["configs"]) == full["count"]["configs"] and keys <= set(full["configs"][0])
+    assert any(not c["feasible"] and c["reason"] for c in full["configs"]) or full["count"]["configs_infeasible"] == 0
     assert (tmp_path / "configs.csv").exists() and (tmp_path / "pareto.csv").exists()
+
+
+def test_plan_json_full_prints_every_configuration(tmp_path, capsys):
+    assert cli.main(ARGS + ["--hardware", "gb200-nvl72", "--json-full", "--out", str(tmp_path), "--no-plot"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert {"rules", "count", "configs", "pareto", "ranking", "files"} <= set(obj)
+    assert obj["count"]["configs"] == len(obj["configs"]) and not (tmp_path / "plan.json").exists()
 
 
 def test_plan_summary_from_the_stand_alone_entry_point(tmp_path):
     out = subprocess.run([sys.executable, "-m", "moejax.planner.cli", *ARGS, "--hardware", "h100-sxm",
                           "--out", str(tmp_path)], capture_output=True, text=True, check=True).stdout
     assert "Rules:" in out and "TP divides the attention heads" in out
-    assert "Layouts: 84 of 64 devices, 79 valid" in out
+    assert "Layouts of 64 devices: 84, 79 valid, 5 rejected by the rules" in out
+    infeasible = int(re.search(r"(\d+) do not", out).group(1))
+    if infeasible > 3:
+        assert f"  ... and {infeasible - 3} more infeasible configurations" in out
     assert "Best configuration per layout at >= 20 tokens/s/user" in out
     assert str(tmp_path / "pareto.png") in out
     assert (tmp_path / "pareto.png").stat().st_size > 10_000

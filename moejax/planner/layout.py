@@ -1,0 +1,111 @@
+"""The planner's layout: attention and MoE may split the same devices differently (the runtime's are special cases).
+
+TensorRT-LLM (and vLLM / SGLang) give attention `tp` x `dp` and the MoE `moe_tp` x `moe_ep` of the same devices.
+The planner writes that `TP{tp}MTP{moe_tp}EP{moe_ep}` (plus `DP`, `PP` as the runtime does): the attention
+data-parallel factor is derived, ADP = MTP x EP / TP. Without an `MTP` factor the string is a runtime
+`moejax.mesh.Layout` and `ep_attention` (`moejax.sharding.EP_ATTENTION_MODES`) says what the expert axis does
+outside the MoE blocks:
+
+    runtime 'TP2EP4', ep_attention 'data'       -> attention TP2 x ADP4, MoE TP2 x EP4 (TRT-LLM tp2 dp4 etp2 ep4)
+    runtime 'TP2EP4', ep_attention 'replicated' -> attention TP2 replicated 4 times, MoE TP2 x EP4
+    'TP8MTP1EP8'                                -> attention TP8, MoE EP8 (TRT-LLM tp8 etp1 ep8)
+    'TP4MTP1EP8'                                -> attention TP4 x ADP2, MoE EP8
+
+Per pipeline stage and replica there are G = MTP x EP devices; attention uses TP x ADP of them and is
+replicated G / (TP x ADP) times (only the runtime's 'replicated' mode replicates).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from moejax.mesh import Layout
+
+_MTP_RE = re.compile(r"MTP(\d+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True, order=True)
+class PlanLayout:
+    """A layout with attention and MoE splits apart (see module docstring). Field names follow `Layout`."""
+
+    data: int = 1
+    tensor: int = 1  # attention tensor parallelism
+    expert: int = 1  # MoE expert parallelism
+    stage: int = 1
+    moe_tensor: int = 1  # MoE tensor parallelism (each expert's width split)
+    attention_data: int = 1  # attention data parallelism inside one replica and stage
+    runtime: bool = True  # the string has no MTP factor (a `moejax.mesh.Layout`)
+
+    def __post_init__(self):
+        group = self.moe_tensor * self.expert
+        if group % (self.tensor * self.attention_data):
+            raise ValueError(f"attention TP {self.tensor} x ADP {self.attention_data} must divide MoE TP "
+                             f"{self.moe_tensor} x EP {self.expert}")
+
+    @classmethod
+    def of(cls, layout: PlanLayout | Layout | str, ep_attention: str = "data") -> PlanLayout:
+        """Parse a runtime layout (with its `ep_attention` mode) or a planner string with an `MTP` factor."""
+        if isinstance(layout, PlanLayout):
+            return layout
+        text = layout if isinstance(layout, str) else str(layout)
+        m = _MTP_RE.search(text)
+        base = Layout.parse(_MTP_RE.sub("", text) or "DP1") if m else Layout.parse(layout)
+        if not m:
+            adp = base.expert if ep_attention == "data" else 1
+            return cls(base.data, base.tensor, base.expert, base.stage, base.tensor, adp, True)
+        mtp = int(m.group(1))
+        if (mtp * base.expert) % base.tensor:
+            raise ValueError(f"layout {text!r}: MTP {mtp} x EP {base.expert} must be a multiple of TP {base.tensor}")
+        return cls(base.data, base.tensor, base.expert, base.stage, mtp, mtp * base.expert // base.tensor, False)
+
+    def __str__(self) -> str:
+        if self.runtime:
+            return str(Layout(self.data, self.tensor, self.expert, self.stage))
+        parts = [("DP", self.data), ("TP", self.tensor), ("MTP", self.moe_tensor), ("EP", self.expert),
+                 ("PP", self.stage)]
+        return "".join(f"{k}{v}" for k, v in parts if v > 1 or k in ("TP", "MTP"))
+
+    @property
+    def group(self) -> int:
+        """Devices of one replica in one stage (MoE TP x EP)."""
+        return self.moe_tensor * self.expert
+
+    @property
+    def replication(self) -> int:
+        """How many times attention is replicated inside a group (> 1 only for the runtime's 'replicated')."""
+        return self.group // (self.tensor * self.attention_data)
+
+    @property
+    def size(self) -> int:
+        return self.data * self.group * self.stage
+
+    def kv_heads_per_model(self, cfg) -> int:
+        return max(cfg.num_kv_heads, self.tensor)
+
+    def stage_layers(self, num_layers: int) -> list[int]:
+        return Layout(stage=self.stage).stage_layers(num_layers)
+
+    def problems(self, cfg) -> list[str]:
+        """The runtime's rules for the attention split, and the MoE rules for the MoE split."""
+        out = Layout(self.data, self.tensor, self.expert, self.stage).problems(cfg)
+        if self.moe_tensor != self.tensor and cfg.moe_intermediate_size % self.moe_tensor:
+            out.append(f"moe_intermediate_size ({cfg.moe_intermediate_size}) must be divisible by MoE tensor "
+                       f"({self.moe_tensor})")
+        return out
+
+
+def enumerate_split(n_devices: int) -> list[PlanLayout]:
+    """Every layout of `n_devices` whose MoE tensor factor differs from the attention one (the non-runtime ones)."""
+    divs = [d for d in range(1, n_devices + 1) if n_devices % d == 0]
+    out = []
+    for data in divs:
+        for stage in (s for s in divs if (n_devices // data) % s == 0):
+            group = n_devices // (data * stage)
+            gdivs = [d for d in divs if group % d == 0]
+            for t in gdivs:
+                for mt in gdivs:
+                    if mt != t:
+                        e = group // mt
+                        out.append(PlanLayout(data, t, e, stage, mt, group // t, False))
+    return sorted(out)
