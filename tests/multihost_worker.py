@@ -5,8 +5,9 @@
 
 Joins the run through `moejax.distributed.start` (the path `moejax generate` takes: stdout of every
 process but 0 goes to /dev/null), loads the moejax checkpoint CKPT under each layout, and computes the
-logits of fixed ids and greedy tokens of fixed prompts. Process 0 writes them to OUT.npz; every
-process prints to stderr one JSON line naming the layers it read from the checkpoint.
+logits of fixed ids and greedy tokens of fixed prompts (`Model.generate` and the serving engine).
+Process 0 writes them to OUT.npz; every process prints to stderr one JSON line naming the layers it read
+from the checkpoint.
 """
 
 import argparse
@@ -59,6 +60,12 @@ def main():
         model = moejax.Model(source.cfg, source, layout=layout)
         results[f"{layout}/logits"] = model.forward(IDS)  # rows split over processes are gathered
         results[f"{layout}/tokens"] = np.array(model.generate(PROMPTS, max_new_tokens=NEW_TOKENS))
+        # The serving engine too (pipelined on TP4PP2): every process runs the same schedule.
+        config = moejax.ServeConfig(max_running=4, page_size=4, num_pages=16, chunk_size=4, max_model_len=16)
+        engine = moejax.Engine(model, config)
+        engine.warmup()
+        greedy = moejax.SamplingParams(max_new_tokens=NEW_TOKENS)
+        results[f"{layout}/engine"] = np.array(engine.generate(PROMPTS, greedy))
         devices = {str(d) for d in model.mesh.devices.flat if d.process_index == jax.process_index()}
         print(json.dumps({"process": jax.process_index(), "layout": layout, "layers_read": sorted(source.layers),
                           "local_devices": len(devices)}), file=sys.stderr, flush=True)

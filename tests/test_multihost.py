@@ -89,6 +89,7 @@ def test_two_processes_give_the_one_process_tokens_and_logits(ckpt, tmp_path):
         np.testing.assert_allclose(result[f"{layout}/logits"], model.forward(worker.IDS), atol=1e-5, rtol=0)
         # Greedy decoding through Model.generate in both runs (rows split over processes on DP2TP2EP2).
         assert result[f"{layout}/tokens"].tolist() == model.generate(worker.PROMPTS, worker.NEW_TOKENS)
+        assert result[f"{layout}/engine"].tolist() == result[f"{layout}/tokens"].tolist()  # the serving engine
     # Each process read from the checkpoint only what its own 4 devices hold.
     reads = {}
     for _, _, err in runs:

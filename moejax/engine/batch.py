@@ -62,6 +62,15 @@ def padding(B: int, T: int, P: int) -> np.ndarray:
     return pad
 
 
+def host_input(array: np.ndarray, sharding: jax.NamedSharding):
+    """A host batch as a compiled step's input. One process: the numpy array itself (placed by the step's
+    `in_shardings`, one transfer). Several (multi-host; every process builds the same batch): a global
+    array made of each process's own slices, as jit refuses numpy inputs with a sharding there."""
+    if jax.process_count() == 1:
+        return array
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
 def _unpack(packed, T: int):
     """(tokens, positions, page table, logits index) of a packed batch [..., W] (leading dims kept)."""
     tok, table, m = packed_layout(T, packed.shape[-1] - T - META)
@@ -147,6 +156,7 @@ class Pipeline:
         self.in_flight: collections.deque[Microbatch | None] = collections.deque([None] * (self.stages - 1))
         self.x = None
         self._fn = pipelined_step(steps)
+        self._shardings = steps.named(steps_lib.STAGED), steps.named(("layers",))
 
     @property
     def busy(self) -> bool:
@@ -168,6 +178,16 @@ class Pipeline:
         active = np.array([mb is not None for mb in stages])
         if self.x is None:
             self.x = self.steps.new_activations(self.data * self.capacity, self.T)
-        ids_B, self.x, cache = self._fn(params, cache, self.x, packed.reshape(self.stages, self.data * rows, -1),
-                                        active, self.T)
+        packed = host_input(packed.reshape(self.stages, self.data * rows, -1), self._shardings[0])
+        ids_B, self.x, cache = self._fn(params, cache, self.x, packed, host_input(active, self._shardings[1]), self.T)
         return leaving, (ids_B if leaving is not None else None), cache
+
+    def warm(self, params, cache, packed_BW: np.ndarray):
+        """Compile (and run, every stage idle: nothing is written) the tick for an all-padding batch."""
+        if self.x is None:
+            self.x = self.steps.new_activations(self.data * self.capacity, self.T)
+        packed = host_input(np.repeat(packed_BW[None], self.stages, axis=0), self._shardings[0])
+        ids_B, self.x, cache = self._fn(params, cache, self.x, packed,
+                                        host_input(np.zeros(self.stages, bool), self._shardings[1]), self.T)
+        jax.block_until_ready(ids_B)
+        return cache

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from moejax import steps as steps_lib
 from moejax.distributed import fetch
 from moejax.engine import batch as batch_lib
 from moejax.engine.batch import COUNTER, NONFINITE, START, TOP_K, Microbatch, Pipeline, packed_layout
@@ -193,6 +194,7 @@ class Engine:
                                    config.max_prefill_seqs, self.microbatches)
         self.cache = model.steps.new_cache(config.num_pages * self.data, config.page_size, model.dtype)
         self._fn = batch_lib.sampled_step(model.steps)
+        self._batch_sharding = model.steps.named(steps_lib.BATCH)
         # Pipelined (stages and microbatches > 1): the prefill and the decode pipelines, each with its
         # microbatches in flight. Otherwise each call takes its batch through every stage in turn.
         self._pipes = None if self.stages == 1 or self.microbatches == 1 else {
@@ -367,7 +369,8 @@ class Engine:
         t = time.perf_counter()
         with jax.set_mesh(self.model.mesh):
             if pipe is None:
-                ids_B, self.cache = self._fn(self.model.params, self.cache, self._pack(per_group, rows, T), T)
+                packed = batch_lib.host_input(self._pack(per_group, rows, T), self._batch_sharding)
+                ids_B, self.cache = self._fn(self.model.params, self.cache, packed, T)
                 leaving = per_group
             else:
                 entering = None
@@ -484,15 +487,11 @@ class Engine:
             for kind, rows, T in shapes:
                 packed = self._padding(self.data * rows, T)
                 if self._pipes is None:
-                    ids_B, self.cache = self._fn(self.model.params, self.cache, packed, T)
+                    ids_B, self.cache = self._fn(self.model.params, self.cache,
+                                                 batch_lib.host_input(packed, self._batch_sharding), T)
+                    jax.block_until_ready(ids_B)
                 else:
-                    pipe = self._pipes[kind]
-                    if pipe.x is None:
-                        pipe.x = self.model.steps.new_activations(self.data * pipe.capacity, T)
-                    ids_B, pipe.x, self.cache = pipe._fn(self.model.params, self.cache, pipe.x,
-                                                         np.repeat(packed[None], self.stages, axis=0),
-                                                         np.zeros(self.stages, bool), T)
-                np.asarray(ids_B)
+                    self.cache = self._pipes[kind].warm(self.model.params, self.cache, packed)
 
     # ---- drivers --------------------------------------------------------------------------------
 
