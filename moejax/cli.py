@@ -156,6 +156,9 @@ def _add_generate(sub) -> argparse.ArgumentParser:
                    help="prefill chunk size (tokens per request per step; at most the model's context limit)")
     p.add_argument("--page-size", type=int_in(1), default=16,
                    help="KV cache page size (at most the model's context limit)")
+    p.add_argument("--microbatches", type=int_in(1), default=None,
+                   help="pipeline microbatch groups (ServeConfig.microbatches; default: one per stage, 1: the "
+                        "sequential schedule)")
     p.add_argument("--json", action="store_true", help="print one JSON object (no streaming)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     distributed.add_flags(p)
@@ -347,12 +350,13 @@ def _start_engine(model, prompts, params, args, progress: Progress):
     import moejax
     from moejax.kv_cache import pages_for
 
-    unit = model.batch_shards * model.layout.stage  # data groups x pipeline microbatch groups (one per stage)
+    unit = model.batch_shards * (args.microbatches or model.layout.stage)  # data groups x microbatch groups
     longest = max(map(len, prompts)) + args.max_new_tokens
     rows = -(-len(prompts) // unit) * unit
     per_group = rows // model.batch_shards
     config = moejax.ServeConfig(max_running=rows, page_size=args.page_size, chunk_size=args.chunk_size,
-                                num_pages=per_group * pages_for(longest, args.page_size), max_model_len=longest)
+                                num_pages=per_group * pages_for(longest, args.page_size), max_model_len=longest,
+                                microbatches=args.microbatches)
     engine = moejax.Engine(model, config)
     _warmup(engine, progress)
     ids = [engine.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)]

@@ -23,6 +23,16 @@ def test_generate_json_matches_the_library(hf_checkpoints, models_1dev):
     assert result["ttft_s"] > 0 and result["tpot_s"] > 0 and result["devices"] == 8
 
 
+def test_generate_microbatches_on_a_pipeline_layout(hf_checkpoints, models_1dev):
+    """--microbatches 3 on 2 stages (groups wait for their turn): the library's greedy tokens."""
+    path, _ = hf_checkpoints["mixtral"]
+    prompts = [[1, 5, 9], [7, 2], [3, 3, 3, 8]]
+    stdout = _run("generate", "--model", str(path), "--layout", "PP2", "--microbatches", "3", "--max-new-tokens", "5",
+                  "--json", *[a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))])
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["tokens"] == models_1dev["mixtral"].generate(prompts, max_new_tokens=5)
+
+
 def test_generate_default_runs_the_builtin_model():
     stdout = _run("generate", "--max-new-tokens", "4")
     assert "layout TP2EP2PP2" in stdout and "8 cpu devices" in stdout
