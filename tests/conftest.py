@@ -24,6 +24,15 @@ def hf_checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tokenizer_checkpoint(tmp_path_factory):
+    """A tiny random Mixtral checkpoint with a word-level tokenizer.json beside its weights."""
+    path = tmp_path_factory.mktemp("tok") / "ckpt"
+    hf_models.build("mixtral", path)
+    hf_models.save_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def models_1dev(hf_checkpoints):
     """family -> moejax Model on one device (the baseline every layout is compared with)."""
     import moejax

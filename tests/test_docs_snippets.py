@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from tests import hf_models
-
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SKIP = "# docs-test: skip"
@@ -30,11 +28,8 @@ WITH_CODE = [p for p in DOCS if python_blocks(p)]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("docs") / "ckpt"
-    hf_models.build("mixtral", path)
-    hf_models.save_tokenizer(path)
-    return path
+def checkpoint(tokenizer_checkpoint):
+    return tokenizer_checkpoint
 
 
 @pytest.mark.parametrize("doc", WITH_CODE, ids=[p.relative_to(ROOT).as_posix() for p in WITH_CODE])

@@ -7,18 +7,13 @@ import pytest
 import moejax
 from moejax import cli
 from moejax.tokenizer import TextStream, decode, load_tokenizer
-from tests import hf_models
 
 PROMPT = "hello world the quick fox"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny random Mixtral checkpoint with a word-level tokenizer.json beside its weights."""
-    path = tmp_path_factory.mktemp("tok") / "ckpt"
-    hf_models.build("mixtral", path)
-    hf_models.save_tokenizer(path)
-    return path
+def checkpoint(tokenizer_checkpoint):
+    return tokenizer_checkpoint
 
 
 def test_load_tokenizer_reads_the_file_or_says_none(tmp_path):
