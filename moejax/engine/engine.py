@@ -15,9 +15,9 @@ a request is not scheduled again while its work is in flight, so with M >= S eve
 and each group makes a token every M steps. With M = 1 the engine runs the sequential schedule
 instead: one call takes the batch through every stage in turn (`Steps.step`).
 
-An abort frees a request's pages at once even while its work is in flight: each stage runs its
-microbatches in entry order, so the stale work writes its stage's KV before any later owner of
-the pages reaches that stage, and its tokens are dropped.
+An abort or a preemption frees a request's pages at once even while its work is in flight: each
+stage runs its microbatches in entry order, so the stale work writes its stage's KV before any
+later owner of the pages reaches that stage, and its tokens are dropped when it leaves.
 
 Batch rows are split evenly over the data groups (row b belongs to group b // (B / groups)), and
 each row's page table holds that group's local page ids (see `moejax.kv_cache`). A data group is
@@ -389,9 +389,9 @@ class Engine:
 
     def _commit(self, work: Work, token: int, now: float) -> RequestOutput | None:
         req = work.req
-        req.in_flight = False
-        if req.finished:  # aborted while its work was in the pipeline: the work is dropped
+        if req.finished or work.epoch != req.num_preemptions:  # aborted or preempted while in a pipeline
             return None
+        req.in_flight = False
         if token == NONFINITE:
             return self._fail(req, f"non-finite logits at sequence position {work.start + work.num - 1} "
                                    f"(output position {req.num_output})", now)

@@ -16,10 +16,11 @@ has left. Policy, per engine step and per data group, within the microbatch grou
   After a preemption the whole sequence is recomputed as one long prompt, and the seeded sampler
   keys on the output count, so outputs are the same as without the preemption.
 - Pages are taken just before the tokens that need them (a data group's pool serves all its
-  microbatch groups). When a data group runs out, its youngest running request not in flight is
-  preempted (pages freed, back to the waiting queue to be recomputed later); if that is the
-  request asking, it waits. With one microbatch group the oldest request therefore always
-  progresses; with several, a group may wait for pages other groups hold until they finish.
+  microbatch groups). When a data group runs out, its youngest running request is preempted
+  (pages freed, back to the waiting queue to be recomputed later), in whichever microbatch group
+  and even with work in flight (that work is dropped when it leaves the pipeline; its KV writes
+  land before any new owner of the pages reaches the same stage); if that is the request asking,
+  it waits. The oldest request therefore always progresses.
 - Waiting requests are admitted first come, first served (no overtaking) into the microbatch group
   being scheduled, while a data group has a free slot in it, a free prefill row and the pages for
   the first chunk; a request goes to the data group with the fewest running requests in that
@@ -97,12 +98,16 @@ class Request(TokenTimes):
 
 @dataclass
 class Work:
-    """Tokens tokens[start:start + num] of `req` computed this step; `samples`: the last one makes a token."""
+    """Tokens tokens[start:start + num] of `req` computed this step; `samples`: the last one makes a token.
+
+    `epoch`: the request's preemption count when scheduled; work of an earlier epoch (preempted while in a
+    pipeline) is dropped when it comes back."""
 
     req: Request
     start: int
     num: int
     samples: bool
+    epoch: int = 0
 
 
 @dataclass
@@ -195,14 +200,15 @@ class Scheduler:
                 continue
             num = 1 if decode else min(remaining, self.chunk_size)
             if not self._grow(req, req.num_computed + num):
-                # youngest not in flight: never one already scheduled (those are older than req)
-                victim = next(r for r in reversed(running) if not r.in_flight)
+                # The youngest, in flight or not (never one already scheduled: those are older than req),
+                # so the oldest request always progresses.
+                victim = running[-1]
                 self._preempt(victim)
                 plan.preempted.append(victim)
                 if victim is req:
                     break
                 continue
-            work = Work(req, req.num_computed, num, req.num_computed + num == len(req.tokens))
+            work = Work(req, req.num_computed, num, req.num_computed + num == len(req.tokens), req.num_preemptions)
             if decode:
                 plan.decode[g].append(work)
             else:
@@ -231,7 +237,7 @@ class Scheduler:
             in_m[g] += 1
             self._grow(req, num)
             bisect.insort(self.running[g], req, key=lambda r: r.order)
-            plan.prefill[g].append(Work(req, 0, num, num == len(req.tokens)))
+            plan.prefill[g].append(Work(req, 0, num, num == len(req.tokens), req.num_preemptions))
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
         have = len(req.pages)
@@ -249,6 +255,7 @@ class Scheduler:
         self.running[req.group].remove(req)
         self._release(req)
         req.num_computed = 0
+        req.in_flight = False  # its work still in a pipeline is dropped when it leaves (stale epoch)
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.add(req)

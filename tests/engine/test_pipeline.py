@@ -31,19 +31,23 @@ def _config(**kw):
     return moejax.ServeConfig(**{**base, **kw})
 
 
-def _workload(seed=0, n=12):
+def _workload(seed=0, n=12, max_prompt=20):
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(0, VOCAB, int(rng.integers(3, 20))).tolist() for _ in range(n)]
+    prompts = [rng.integers(0, VOCAB, int(rng.integers(3, max_prompt))).tolist() for _ in range(n)]
     return prompts, [SamplingParams(max_new_tokens=int(rng.integers(4, 10))) for _ in range(n)]
 
 
-def _run(engine, prompts, params):
+def _run(engine, prompts, params, max_steps=2000):
     """All requests at once; returns (tokens per request, most microbatch groups holding requests at once)."""
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
     groups = 0
-    while engine.has_unfinished():
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
         engine.step()
         groups = max(groups, sum(n > 0 for n in engine.occupancy()))
+    else:
+        raise AssertionError(f"not finished after {max_steps} steps: {engine.stats}")
     assert engine.allocator.total_free == engine.config.num_pages * engine.data  # every page back
     return [engine.requests[i].output_ids for i in ids], groups
 
@@ -66,6 +70,17 @@ def test_pipelined_greedy_tokens_equal_one_device(five_layers, reference, layout
     assert tokens == expected
     assert groups == stages  # every group held requests at once: the stages worked on different ones
     assert engine.stats.decode_calls > 0 and engine.stats.prefill_calls > 0
+
+
+def test_a_small_pool_preempts_across_groups_and_still_finishes(five_layers):
+    """12 pages per data group on 4 stages: a group's request must take pages other groups hold, also
+    from requests whose work is in flight (dropped on return). Taking only requests not in flight
+    livelocked here: each group could only preempt itself, and no prefill ever finished."""
+    prompts, params = _workload(seed=5, n=10, max_prompt=31)
+    expected, _ = _run(moejax.Engine(moejax.load(five_layers, layout="DP1"), _config()), prompts, params)
+    engine = moejax.Engine(moejax.load(five_layers, layout="PP4"), _config(num_pages=12, max_model_len=48))
+    tokens, _ = _run(engine, prompts, params)
+    assert tokens == expected and engine.stats.preemptions > 0
 
 
 @pytest.fixture(scope="module")
@@ -150,21 +165,20 @@ def test_requests_join_the_group_being_scheduled_up_to_its_slots():
     assert [w.req.order for w in sched.schedule(0).prefill[0]] == [0, 1] and sched.waiting == [reqs[4]]
 
 
-def test_in_flight_requests_are_skipped_and_never_preempted():
+def test_in_flight_requests_are_skipped_but_preempted_when_youngest():
     sched = Scheduler(PageAllocator(1, 4), page_size=4, slots_per_group=4, chunk_size=16, max_prefill_seqs=4,
                       microbatches=2)
     old, young = _req(0, 8), _req(1, 8)
     for r in (old, young):
         sched.add(r)
     plan = sched.schedule(0)  # both admitted into group 0: 2 pages each, the pool is full
-    assert [w.req for w in plan.prefill[0]] == [old, young]
+    assert [w.req for w in plan.prefill[0]] == [old, young] and {w.epoch for w in plan.works} == {0}
     for w in plan.works:
         w.req.num_computed += w.num
         w.req.tokens.append(0)  # 9 tokens: the next one needs a third page
     young.in_flight = True
     plan = sched.schedule(0)
-    # `old` needs a page; `young` (youngest) is in flight, so `old` preempts itself and waits
-    assert plan.preempted == [old] and young.group == 0 and old.group == -1
-    young.in_flight = False
-    plan = sched.schedule(0)
-    assert [w.req for w in plan.decode[0]] == [young]
+    # `young` is skipped (in flight) but, the youngest, gives its pages to `old`: the oldest progresses;
+    # its work in flight is of epoch 0, and it is now at epoch 1 (the engine drops the stale work)
+    assert plan.preempted == [young] and not young.in_flight and young.num_preemptions == 1
+    assert [w.req for w in plan.decode[0]] == [old] and young.group == -1 and sched.waiting == [young]
