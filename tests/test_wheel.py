@@ -28,13 +28,15 @@ def _run(*cmd, **kwargs):
 def test_wheel_install_runs_generate_with_a_builtin_model(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "setup.py"):
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "moejax", src / "moejax", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "moejax", src / "moejax", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", src, "-w", tmp_path / "dist")
     (wheel,) = (tmp_path / "dist").glob("moejax-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "moejax/configs/models/tiny-moe.yaml" in names and "moejax/configs/hardware/h100-sxm.yaml" in names
+    native = [n for n in names if n.startswith("moejax/native/_expert_swiglu") and n.endswith(".so")]
+    assert native or shutil.which("c++") is None, "the native kernel was not built into the wheel"
 
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", "--system-site-packages", venv)
@@ -48,6 +50,9 @@ def test_wheel_install_runs_generate_with_a_builtin_model(tmp_path):
     result = json.loads(_run(moejax, "generate", "--model", "tiny-moe", "--max-new-tokens", "2", "--json", "--quiet",
                              cwd=run_dir, env=env))
     assert result["model"] == "tiny-moe" and len(result["tokens"]) == 2 and result["devices"] == 8
+    if native:  # the installed kernel loads from the wheel
+        assert _run(python, "-c", "from moejax import native; print(native.unavailable_reason())", cwd=run_dir,
+                    env=env).strip() == "None"
     listed = _run(python, "-c", "from moejax.config import configs_dir; print(sorted(p.name for p in "
                                 "configs_dir().glob('*/*.yaml')))", cwd=run_dir, env=env)
     assert "'gpt-moe-1800b.yaml'" in listed and "'h100-sxm.yaml'" in listed

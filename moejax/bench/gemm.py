@@ -2,6 +2,7 @@
 
     python -m moejax.bench.gemm                       # bench-moe-100m shapes, rows 1,2,4,8,32
     python -m moejax.bench.gemm --rows 1,8 --model tiny-moe
+    python -m moejax.bench.gemm --native            # also: a routed expert's SwiGLU, XLA vs moejax.native
 
 A decode step multiplies a few rows (the batch, or the tokens routed to one expert) by weight
 matrices that are read once: at few rows the time should be the weight bytes over the streaming
@@ -60,12 +61,59 @@ def chain_time(rows: int, shape: tuple[int, int], count: int, repeats: int = 7) 
     return float(np.median([_timed(lambda: chain(x, ws).block_until_ready()) for _ in range(repeats)]))
 
 
+def expert_chain_time(rows: int, D: int, F: int, count: int, kernel: bool, repeats: int = 7) -> float:
+    """Seconds for `count` dependent SwiGLU experts on `rows` rows, each a distinct [layer, expert] of stacked
+    weights, as the "loop" dispatch runs them: XLA's slice and dots, or `moejax.native.expert_swiglu` (median)."""
+    import jax
+    import jax.numpy as jnp
+
+    from moejax import native
+
+    rng = np.random.default_rng(2)
+    w = [jnp.asarray(rng.standard_normal((count, *s), np.float32) * 0.05) for s in ((D, F), (D, F), (F, D))]
+    w = [a.reshape(1, *a.shape) for a in w]  # [L=1, E=count, ...]
+    x = jnp.asarray(rng.standard_normal((rows, D), np.float32))
+
+    @jax.jit
+    def chain(x, wg, wu, wd):
+        def body(e, x):
+            if kernel:
+                y = native.expert_swiglu(x, wg, wu, wd, 0, e, rows)
+            else:
+                y = (jax.nn.silu(x @ wg[0, e]) * (x @ wu[0, e])) @ wd[0, e]
+            return x + 1e-3 * y
+
+        return jax.lax.fori_loop(0, count, body, x)
+
+    chain(x, *w).block_until_ready()
+    return float(np.median([_timed(lambda: chain(x, *w).block_until_ready()) for _ in range(repeats)]))
+
+
+def _native_table(D: int, F: int, rows_list: list[int], weight_mb: float, bandwidth: float) -> None:
+    from moejax import native
+
+    if native.unavailable_reason():
+        print(f"native kernel: {native.unavailable_reason()}")
+        return
+    nbytes = 3 * 4 * D * F
+    count = max(1, int(weight_mb * 2**20 // nbytes))
+    print(f"\nexpert SwiGLU [{D}, {F}] x3 ({nbytes / 1e6:.1f} MB), {count} experts per chain:"
+          f" XLA (slice + dots) vs moejax.native")
+    print(f"{'rows':>4} {'XLA':>10} {'GB/s':>6} {'native':>10} {'GB/s':>6} {'speed-up':>8} {'of bandwidth':>12}")
+    for rows in rows_list:
+        t_xla, t_nat = (expert_chain_time(rows, D, F, count, kernel) / count for kernel in (False, True))
+        print(f"{rows:>4} {t_xla * 1e6:8.1f}us {nbytes / t_xla / 1e9:6.1f} {t_nat * 1e6:8.1f}us"
+              f" {nbytes / t_nat / 1e9:6.1f} {t_xla / t_nat:7.2f}x {nbytes / t_nat / bandwidth:11.0%}", flush=True)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="bench-moe-100m", help="model config (name or YAML) giving D, F, V")
     p.add_argument("--rows", default="1,2,4,8,32")
     p.add_argument("--weight-mb", type=float, default=64.0,
                    help="bytes of distinct weights per chain (above the last-level cache)")
+    p.add_argument("--native", action="store_true",
+                   help="also time a routed expert's SwiGLU: XLA's dots vs the native kernel (moejax.native)")
     args = p.parse_args(argv)
     import jax
 
@@ -87,6 +135,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             ideal = max(nbytes / bandwidth, flops / roof)
             print(f"{name:>16} {rows:>4} {t * 1e6:8.1f}us {nbytes / t / 1e9:6.1f} {flops / t / 1e9:8.1f}"
                   f" {ideal * 1e6:7.1f}us {ideal / t:10.0%}", flush=True)
+    if args.native:
+        _native_table(D, F, [int(r) for r in args.rows.split(",")], args.weight_mb, bandwidth)
     return 0
 
 

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import sharding
+from moejax import native, sharding
 from moejax.config import ModelConfig
 from moejax.model.layers import at_layer, declare
 
@@ -337,14 +337,19 @@ def _expert_rows(x_MD, token_N, gate_N, w, layer, cap, y_MD, e, start, count):
     """y + gate * expert_e(x) on the expert's (at most `cap`) tokens: its pairs start..start+count.
 
     The expert's weights are sliced here, one expert at a time (a copy of that expert only on
-    XLA:CPU), never the layer's whole stack.
+    XLA:CPU), never the layer's whole stack. On CPU in float32 at few rows, the native kernel
+    (`moejax.native`) reads them in place instead: XLA:CPU's few-row dots run well below the
+    streaming bandwidth (docs/benchmarks.md); MOEJAX_NATIVE=0 keeps the XLA path.
     """
     in_C = jnp.arange(cap) < count
     rows_C = jnp.where(in_C, jax.lax.dynamic_slice_in_dim(token_N, start, cap), x_MD.shape[0])
     gate_C = jnp.where(in_C, jax.lax.dynamic_slice_in_dim(gate_N, start, cap), 0)
-    wg, wu, wd = (a[layer, e] for a in w)
-    out_CD = _swiglu(x_MD.at[rows_C].get(mode="fill", fill_value=0), wg, wu, wd) * gate_C[:, None]
-    return y_MD.at[rows_C].add(out_CD, mode="drop")
+    x_CD = x_MD.at[rows_C].get(mode="fill", fill_value=0)
+    if native.use_expert_swiglu(x_CD, w):
+        out_CD = native.expert_swiglu(x_CD, *w, layer, e, count)
+    else:
+        out_CD = _swiglu(x_CD, *(a[layer, e] for a in w))
+    return y_MD.at[rows_C].add(out_CD * gate_C[:, None], mode="drop")
 
 
 def _dispatch_gather(x_MD, weights_MX, local_MX, w, layer):

@@ -1,0 +1,42 @@
+"""Builds the optional native CPU kernels (moejax/native/*.cc) as a plain shared library.
+
+Everything else is in pyproject.toml. The library uses no Python C-API: it only exports XLA FFI
+handlers, which moejax.native loads with ctypes. It needs jaxlib's FFI headers (a build requirement
+in pyproject.toml) and a C++17 compiler; when either is missing, or compiling fails, the package
+installs without it and moejax uses the pure-XLA path.
+"""
+
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that adds jaxlib's FFI headers and never fails the install."""
+
+    def build_extension(self, ext):
+        try:
+            import jaxlib
+
+            ext.include_dirs.append(os.path.join(os.path.dirname(os.path.abspath(jaxlib.__file__)), "include"))
+            super().build_extension(ext)
+        except Exception as err:  # no jaxlib, no compiler, a compile error: fall back to XLA
+            print(f"moejax: native kernels not built ({err}); the pure-XLA path will be used", file=sys.stderr)
+
+    def get_export_symbols(self, ext):
+        return []  # not a Python module: no PyInit_ symbol to export
+
+
+native = Extension(
+    "moejax.native._expert_swiglu",
+    sources=["moejax/native/expert_swiglu.cc"],
+    language="c++",
+    # -O3 and per-function target clones (in the source) rather than -march=native: the build may run
+    # on another machine than the one that runs it.
+    extra_compile_args=["-std=gnu++17", "-O3", "-g0", "-Wno-attributes", "-Wno-return-type"],
+    optional=True,
+)
+
+setup(ext_modules=[native] if os.name == "posix" else [], cmdclass={"build_ext": OptionalBuildExt})
