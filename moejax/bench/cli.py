@@ -302,9 +302,10 @@ def run_serve_command(args: argparse.Namespace) -> int:
         raise UsageError("--ep-attention: give one mode; `moejax sweep` runs several")
     mode = modes[0]
     _check_sizes(args, cfg, [args.chunk_size])
-    if args.max_running % layout.data:
+    if args.max_running % (layout.data * layout.stage):
+        groups = f" x its {layout.stage} pipeline microbatch groups" if layout.stage > 1 else ""
         raise UsageError(f"--max-running {args.max_running} must be a multiple of the data factor of {layout} "
-                         f"({layout.data})")
+                         f"({layout.data}){groups}")
     _check_hardware(args)
     devices = _start_jax([layout], args.devices)
     spec = sweep_lib.SweepSpec(model=args.model, layouts=(layout,), chunk_sizes=(args.chunk_size,),
@@ -316,9 +317,10 @@ def run_serve_command(args: argparse.Namespace) -> int:
     hw = load_hardware(spec.hardware, efficiency=args.efficiency)
     model = sweep_lib._build_model(spec, str(layout), mode)
     shards = sweep_lib.batch_shards(model)
-    if args.max_running % shards:
-        raise UsageError(f"--max-running {args.max_running} must be a multiple of the {shards} batch shards of "
-                         f"{layout} in expert mode {sweep_lib.ep_mode(model)!r}")
+    if args.max_running % (shards * layout.stage):
+        groups = f" x {layout.stage} pipeline microbatch groups" if layout.stage > 1 else ""
+        raise UsageError(f"--max-running {args.max_running} must be a multiple of the {shards} batch shards{groups} "
+                         f"of {layout} in expert mode {sweep_lib.ep_mode(model)!r}")
     counter = sweep_lib._CompileCounter()
     jax.monitoring.register_event_duration_secs_listener(counter)
     try:

@@ -62,6 +62,9 @@ def shared_models(monkeypatch, sweep_models):
     (["bench", "serve", "--layout", "all"], "--layout: give one layout (not 'all')"),
     (["bench", "serve", "--layout", "DP2TP2EP2", "--max-running", "3"], "--max-running 3 must be a multiple of the "
                                                                         "data factor of DP2TP2EP2 (2)"),
+    (["bench", "serve", "--layout", "TP2PP4", "--max-running", "6"], "--max-running 6 must be a multiple of the data "
+                                                                     "factor of TP2PP4 (1) x its 4 pipeline microbatch "
+                                                                     "groups"),
     (["bench", "serve", "--request-rate", "0"], "argument --request-rate: must be a finite number"),
     (["bench", "serve", "--model", "nope"], "no model config 'nope'"),
     (["bench"], "the following arguments are required: bench_command"),
