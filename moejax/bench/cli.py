@@ -84,6 +84,9 @@ def add_parsers(subparsers) -> list[argparse.ArgumentParser]:
                             "shards is skipped for that layout")
     sweep.add_argument("--ep-attention", default=None,
                        help="comma-separated expert modes to run (e.g. data,replicated); default: the model's")
+    sweep.add_argument("--microbatches", type=int_list(1), default=None,
+                       help="ServeConfig.microbatches values for layouts with stages (e.g. 1,2,4: 1 is the "
+                            "sequential schedule); default: the engine's, one group per stage")
     sweep.add_argument("--reference-layout", default=None,
                        help="run this layout first (e.g. DP1) and check every configuration's greedy tokens against it")
     sweep.add_argument("--out", default="out/sweep", help="output folder (resumed when it exists)")
@@ -102,6 +105,8 @@ def add_parsers(subparsers) -> list[argparse.ArgumentParser]:
     serve.add_argument("--chunk-size", type=int_in(1), default=64, help="prefill chunk size (default 64)")
     serve.add_argument("--max-running", type=int_in(1), default=8, help="ServeConfig.max_running (default 8)")
     serve.add_argument("--ep-attention", default=None, help="expert mode (default: the model's)")
+    serve.add_argument("--microbatches", type=int_in(1), default=None,
+                       help="ServeConfig.microbatches: pipeline microbatch groups (default: one per stage)")
     serve.add_argument("--json", action="store_true", help="print the measurement as one JSON object")
     serve.add_argument("--out", default=None, help="append the measurement as a JSON line (calibration schema)")
     _add_common(serve)
@@ -261,7 +266,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         if not layouts:
             raise UsageError(f"--layouts all: no layout of {n} devices can run {cfg.name}")
         _start_jax(layouts, args.devices)
-    count = len(layouts) * len(modes) * len(args.chunk_sizes) * len(args.max_running)
+    microbatches = tuple(args.microbatches) if args.microbatches else (None,)
+    count = len(layouts) * len(modes) * len(microbatches) * len(args.chunk_sizes) * len(args.max_running)
     if count > MAX_CONFIGS:
         raise UsageError(f"the sweep has {count:_} configurations, more than {MAX_CONFIGS:_}; pass fewer values")
     runnable = [(lay, mr) for lay in layouts for mr in args.max_running if mr % lay.data == 0]
@@ -273,7 +279,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
                      hardware=_resolve_hardware(args, devices[0]), ep_attention=modes, dtype=args.dtype,
                      seed=args.weights_seed, page_size=args.page_size, max_prefill_seqs=args.max_prefill_seqs,
                      decode_buckets=args.decode_buckets, reference_layout=reference[0] if reference else None,
-                     efficiency=args.efficiency)
+                     efficiency=args.efficiency, microbatches=microbatches)
     result = run_sweep(spec, out, progress=not args.no_progress, retry_failed=args.retry_failed,
                        plots=not args.no_plot)
     print(format_summary(result))
@@ -302,8 +308,12 @@ def run_serve_command(args: argparse.Namespace) -> int:
         raise UsageError("--ep-attention: give one mode; `moejax sweep` runs several")
     mode = modes[0]
     _check_sizes(args, cfg, [args.chunk_size])
-    if args.max_running % (layout.data * layout.stage):
-        groups = f" x its {layout.stage} pipeline microbatch groups" if layout.stage > 1 else ""
+    if args.microbatches is not None and layout.stage == 1:
+        raise UsageError(f"--microbatches {args.microbatches}: layout {layout} has no pipeline stages; give a layout "
+                         f"with PP > 1, or drop --microbatches")
+    groups_used = args.microbatches or layout.stage
+    if args.max_running % (layout.data * groups_used):
+        groups = f" x its {groups_used} pipeline microbatch groups" if groups_used > 1 else ""
         raise UsageError(f"--max-running {args.max_running} must be a multiple of the data factor of {layout} "
                          f"({layout.data}){groups}")
     _check_hardware(args)
@@ -317,14 +327,15 @@ def run_serve_command(args: argparse.Namespace) -> int:
     hw = load_hardware(spec.hardware, efficiency=args.efficiency)
     model = sweep_lib._build_model(spec, str(layout), mode)
     shards = sweep_lib.batch_shards(model)
-    if args.max_running % (shards * layout.stage):
-        groups = f" x {layout.stage} pipeline microbatch groups" if layout.stage > 1 else ""
+    if args.max_running % (shards * groups_used):
+        groups = f" x {groups_used} pipeline microbatch groups" if groups_used > 1 else ""
         raise UsageError(f"--max-running {args.max_running} must be a multiple of the {shards} batch shards{groups} "
                          f"of {layout} in expert mode {sweep_lib.ep_mode(model)!r}")
     counter = sweep_lib._CompileCounter()
     jax.monitoring.register_event_duration_secs_listener(counter)
     try:
-        row, _ = sweep_lib.run_config(spec, model, args.chunk_size, args.max_running, hw, counter)
+        row, _ = sweep_lib.run_config(spec, model, args.chunk_size, args.max_running, hw, counter,
+                                      args.microbatches)
     finally:
         jax.monitoring.unregister_event_duration_listener(counter)
     row["ep_attention_requested"] = mode or sweep_lib.DEFAULT

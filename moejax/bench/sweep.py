@@ -45,7 +45,7 @@ from moejax.bench.workload import Workload
 from moejax.mesh import Layout
 
 KEY_FIELDS = ("model", "platform", "layout", "ep_attention_requested", "chunk_size", "max_running", "dtype",
-              "page_size", "max_prefill_seqs", "decode_buckets", "workload_id")
+              "page_size", "max_prefill_seqs", "decode_buckets", "workload_id", "microbatches_requested")
 PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}  # planner names (f16: same bytes as bf16)
 DEFAULT = "default"  # ep_attention_requested when the model's own default mode is used
 LAYER_SCOPES = ("attn", "moe", "mlp", "ffn", "shared")  # named blocks inside a layer (the planner's per-layer terms)
@@ -71,6 +71,9 @@ class SweepSpec:
         page_size, max_prefill_seqs: ServeConfig knobs, fixed over the sweep.
         decode_buckets: 'pow2' (the engine's powers of two up to the slots) or 'max' (one bucket: fewer compiles).
         reference_layout: run first (e.g. DP1); every row records whether its greedy tokens equal it.
+        microbatches: ServeConfig.microbatches values (pipeline microbatch groups); None: the engine's default
+            (one per stage). Rows record the value asked for (`microbatches_requested`, part of the key: None
+            for rows written before this field) and the groups used (`microbatches`, what the planner reads).
         efficiency: efficiency factors file for the planner's predictions (calibration output).
     """
 
@@ -88,13 +91,14 @@ class SweepSpec:
     decode_buckets: str = "pow2"
     reference_layout: Layout | None = None
     efficiency: str | None = None
+    microbatches: tuple[int | None, ...] = (None,)
 
     def __post_init__(self):
         if self.decode_buckets not in ("pow2", "max"):
             raise ValueError(f"decode_buckets must be 'pow2' or 'max', got {self.decode_buckets!r}")
         if self.dtype not in PRECISION:
             raise ValueError(f"dtype must be one of {sorted(PRECISION)}, got {self.dtype!r}")
-        for name in ("layouts", "chunk_sizes", "max_running", "ep_attention"):
+        for name in ("layouts", "chunk_sizes", "max_running", "ep_attention", "microbatches"):
             if not getattr(self, name):
                 raise ValueError(f"SweepSpec.{name} is empty")
 
@@ -103,24 +107,26 @@ class SweepSpec:
         return self.workload.max_total_len
 
     def configs(self) -> list[dict]:
-        """Every (layout, expert mode, chunk, max_running) to run, reference first, as key dicts (no platform)."""
+        """Every (layout, expert mode, microbatches, chunk, max_running) to run, reference first, as key dicts
+        (no platform). Microbatch values other than the default apply to layouts with stages only."""
         out = []
         if self.reference_layout is not None:
-            out.append(self._config(self.reference_layout, None, self.chunk_sizes[0], self.max_running[0]))
+            out.append(self._config(self.reference_layout, None, self.chunk_sizes[0], self.max_running[0], None))
         for layout in self.layouts:
             for mode in self.ep_attention:
-                for mr in self.max_running:
-                    for chunk in self.chunk_sizes:
-                        cfg = self._config(layout, mode, chunk, mr)
-                        if cfg not in out:
-                            out.append(cfg)
+                for m in self.microbatches if layout.stage > 1 else (None,):
+                    for mr in self.max_running:
+                        for chunk in self.chunk_sizes:
+                            cfg = self._config(layout, mode, chunk, mr, m)
+                            if cfg not in out:
+                                out.append(cfg)
         return out
 
-    def _config(self, layout: Layout, mode: str | None, chunk: int, mr: int) -> dict:
+    def _config(self, layout: Layout, mode: str | None, chunk: int, mr: int, microbatches: int | None) -> dict:
         return {"model": self.model, "layout": str(layout), "ep_attention_requested": mode or DEFAULT,
                 "chunk_size": chunk, "max_running": mr, "dtype": self.dtype, "page_size": self.page_size,
                 "max_prefill_seqs": self.max_prefill_seqs, "decode_buckets": self.decode_buckets,
-                "workload_id": self.workload.workload_id}
+                "workload_id": self.workload.workload_id, "microbatches_requested": microbatches}
 
 
 @dataclass
@@ -188,28 +194,30 @@ def batch_shards(model) -> int:
     return getattr(model, "batch_shards", model.layout.data)
 
 
-def _serve_config(spec: SweepSpec, model, chunk: int, mr: int):
+def _serve_config(spec: SweepSpec, model, chunk: int, mr: int, microbatches: int | None = None):
     import moejax
     from moejax.kv_cache import pages_for
 
     shards = batch_shards(model)
-    slots = mr // (shards * model.layout.stage)  # per data group and microbatch group (one group per stage)
+    slots = mr // (shards * (microbatches or model.layout.stage))  # per data group and microbatch group
     # One pool size per model (the most slots any max_running needs): the cache shape, and so the compiled
     # step, is then shared by every configuration of this layout.
     pool = math.ceil(max(spec.max_running) / shards) * pages_for(spec.max_len, spec.page_size)
     return moejax.ServeConfig(max_running=mr, page_size=spec.page_size, num_pages=pool, chunk_size=chunk,
                               max_prefill_seqs=spec.max_prefill_seqs, max_model_len=spec.max_len,
-                              decode_buckets=(slots,) if spec.decode_buckets == "max" else None)
+                              decode_buckets=(slots,) if spec.decode_buckets == "max" else None,
+                              microbatches=microbatches)
 
 
-def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _CompileCounter) -> tuple[dict, RunResult]:
+def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _CompileCounter,
+               microbatches: int | None = None) -> tuple[dict, RunResult]:
     """Build, warm up, account and serve one configuration on a placed model; returns (row, result)."""
     import jax
 
     import moejax
 
     collector = Collector()
-    engine = moejax.Engine(model, _serve_config(spec, model, chunk, mr), on_finish=collector)
+    engine = moejax.Engine(model, _serve_config(spec, model, chunk, mr, microbatches), on_finish=collector)
     t0 = time.perf_counter()
     with counter:
         engine.warmup()
@@ -241,6 +249,7 @@ def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _Compil
         "workload_id": spec.workload.workload_id, "workload": spec.workload.describe(),
         "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
         "devices": layout.size, "batch_shards": engine.data, "decode_bucket_sizes": list(engine.decode_buckets),
+        "microbatches_requested": microbatches, "microbatches": engine.microbatches,
         **{k: v for k, v in metrics.items() if k not in ("ttft_s", "tpot_s", "tokens_per_s_per_device",
                                                          "tokens_per_s_per_user")},
         "warmup_s": warmup_s, "compile_s": compile_s, "compilations": compiles,
@@ -376,16 +385,18 @@ def _run_one(spec: SweepSpec, c: dict, models: dict, hw, counter: _CompileCounte
             mode = None if c["ep_attention_requested"] == DEFAULT else c["ep_attention_requested"]
             models[mk] = (_build_model(spec, c["layout"], mode), time.perf_counter() - t)
         model, place_s = models[mk]
-        unit = batch_shards(model) * model.layout.stage  # one microbatch group per stage (the engine's default)
+        groups_used = c["microbatches_requested"] or model.layout.stage  # default: one microbatch group per stage
+        unit = batch_shards(model) * groups_used
         if c["max_running"] % unit:
-            groups = f" x {model.layout.stage} microbatch groups" if model.layout.stage > 1 else ""
+            groups = f" x {groups_used} microbatch groups" if groups_used > 1 else ""
             why = (f"max_running {c['max_running']} is not a multiple of the {batch_shards(model)} batch shards"
                    f"{groups} of {c['layout']}")
             res.skipped.append((c, why))
             log(f"skip  {_label(c)}: {why}")
             return None
         stage = "run"
-        row, result = run_config(spec, model, c["chunk_size"], c["max_running"], hw, counter)
+        row, result = run_config(spec, model, c["chunk_size"], c["max_running"], hw, counter,
+                                 c["microbatches_requested"])
     except Exception as err:  # noqa: BLE001 - a failed configuration is recorded and the sweep goes on
         failure = {**c, "stage": stage, "error": f"{type(err).__name__}: {' '.join(str(err).split())}"[:2000],
                    "traceback": traceback.format_exc(limit=6)[-4000:],
@@ -405,7 +416,8 @@ def _run_one(spec: SweepSpec, c: dict, models: dict, hw, counter: _CompileCounte
 
 def _label(c: dict) -> str:
     mode = "" if c["ep_attention_requested"] == DEFAULT else f" ep={c['ep_attention_requested']}"
-    return f"{c['layout']}{mode} chunk {c['chunk_size']} max_running {c['max_running']}"
+    groups = "" if c.get("microbatches_requested") is None else f" microbatches {c['microbatches_requested']}"
+    return f"{c['layout']}{mode}{groups} chunk {c['chunk_size']} max_running {c['max_running']}"
 
 
 def _append(path: Path, row: dict) -> None:

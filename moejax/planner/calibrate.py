@@ -74,7 +74,7 @@ def _model(name: str) -> ModelConfig:
 
 
 def _options(row: dict, options: Options | None) -> Options:
-    return options or Options(ep_attention=row.get("ep_attention", "replicated"))
+    return options or Options(ep_attention=row.get("ep_attention", "replicated"), microbatches=row.get("microbatches"))
 
 
 def _workload(row: dict) -> Workload:

@@ -65,6 +65,11 @@ def shared_models(monkeypatch, sweep_models):
     (["bench", "serve", "--layout", "TP2PP4", "--max-running", "6"], "--max-running 6 must be a multiple of the data "
                                                                      "factor of TP2PP4 (1) x its 4 pipeline microbatch "
                                                                      "groups"),
+    (["bench", "serve", "--layout", "PP2", "--microbatches", "3", "--max-running", "8"], "--max-running 8 must be a "
+                                                                                      "multiple of the data factor "
+                                                                                      "of PP2 (1) x its 3 pipeline"),
+    (["bench", "serve", "--layout", "DP2", "--microbatches", "2"], "--microbatches 2: layout DP2 has no pipeline "
+                                                                   "stages"),
     (["bench", "serve", "--request-rate", "0"], "argument --request-rate: must be a finite number"),
     (["bench", "serve", "--model", "nope"], "no model config 'nope'"),
     (["bench"], "the following arguments are required: bench_command"),
@@ -109,3 +114,23 @@ def test_bench_serve_command(tmp_path, capsys, shared_models):
     row = json.loads(capsys.readouterr().out)
     assert row["layout"] == "DP1" and row["num_requests"] == 8 and row["output_tokens"] == 32
     assert len(read_measurements(tmp_path / "one.jsonl")) == 2
+
+
+def test_bench_serve_microbatches_on_a_pipeline_layout(tmp_path, capsys, shared_models):
+    """--microbatches 1 on PP2: the sequential schedule, recorded (asked for and used) for the planner."""
+    argv = ["bench", "serve", "--model", MODEL, "--layout", "PP2", "--chunk-size", "16", "--max-running", "8",
+            "--microbatches", "1", "--json", *WORKLOAD[:-4]]
+    assert cli.main(argv) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert (row["microbatches_requested"], row["microbatches"], row["num_requests"]) == (1, 1, 8)
+
+
+def test_sweep_configs_vary_microbatches_on_staged_layouts_only():
+    from moejax.bench.sweep import SweepSpec, key_of
+    from moejax.mesh import Layout
+
+    spec = SweepSpec(model=MODEL, layouts=(Layout.parse("DP2"), Layout.parse("PP2")), microbatches=(None, 1, 4))
+    got = [(c["layout"], c["microbatches_requested"]) for c in spec.configs()]
+    assert got == [("DP2", None), ("PP2", None), ("PP2", 1), ("PP2", 4)]
+    old_row = {k: v for k, v in spec.configs()[0].items() if k != "microbatches_requested"}  # written before the field
+    assert key_of(old_row) == key_of(spec.configs()[0])  # still found on resume
