@@ -1,8 +1,8 @@
 """The native few-row expert kernel (moejax.native) against the XLA path it replaces.
 
 Skipped where the library was not built or does not load (the XLA path is then the only one, and the
-rest of the suite covers it). CI also runs this file with MOEJAX_NATIVE=0: the tests that need the
-kernel are then skipped and the fallback test checks the XLA path is the one compiled.
+rest of the suite covers it). The kernel is opt-in: CI runs this file again with MOEJAX_NATIVE=1, where
+the tests that need the kernel run; the engine comparisons set the switch in their own subprocesses.
 """
 
 import json

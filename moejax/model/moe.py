@@ -339,7 +339,7 @@ def _expert_rows(x_MD, token_N, gate_N, w, layer, cap, y_MD, e, start, count):
     The expert's weights are sliced here, one expert at a time (a copy of that expert only on
     XLA:CPU), never the layer's whole stack. On CPU in float32 at few rows, the native kernel
     (`moejax.native`) reads them in place instead: XLA:CPU's few-row dots run well below the
-    streaming bandwidth (docs/benchmarks.md); MOEJAX_NATIVE=0 keeps the XLA path.
+    streaming bandwidth (docs/benchmarks.md); opt-in for now: MOEJAX_NATIVE=1.
     """
     in_C = jnp.arange(cap) < count
     rows_C = jnp.where(in_C, jax.lax.dynamic_slice_in_dim(token_N, start, cap), x_MD.shape[0])

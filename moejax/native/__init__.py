@@ -23,9 +23,12 @@ import jax
 import jax.numpy as jnp
 
 ENV = "MOEJAX_NATIVE"
-# On by default: the bench-moe-100m decode step took 0.70-0.77x the XLA path's time at batch 1 and 8, and
-# ~0.93x at batch 32 (`python -m moejax.bench.decode --no-hf`, 3 alternating rounds, 2-core host, 2026-12-01).
-DEFAULT_ON = True
+# Off by default for now (MOEJAX_NATIVE=1 turns it on): the bench-moe-100m decode step took 0.70-0.77x the
+# XLA path's time at batch 1 and 8 and ~0.93x at batch 32 (`python -m moejax.bench.decode --no-hf`, alternating
+# rounds, 2026-12-01), and the whole suite passed on it, but one CI run of the suite with it on aborted inside
+# an XLA compile (no message, not reproduced when the test ran again alone); until that is understood it is
+# opt-in. CI runs the native tests with it on.
+DEFAULT_ON = False
 MAX_ROWS = 8  # larger row capacities stay on XLA's dot: at 16 rows the kernel took 2x its time (bench.gemm --native)
 _TARGET = "moejax_expert_swiglu"
 
@@ -56,7 +59,7 @@ def unavailable_reason() -> str | None:
 
 
 def available() -> bool:
-    """True when the kernels are built, loaded, and not switched off by MOEJAX_NATIVE=0."""
+    """True when the kernels are built, loaded, and switched on (MOEJAX_NATIVE=1, or the default)."""
     return enabled() and _load() is None
 
 
