@@ -38,3 +38,12 @@ def models_1dev(hf_checkpoints):
     import moejax
 
     return {family: moejax.load(path, layout="DP1") for family, (path, _) in hf_checkpoints.items()}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """Drop JAX's compiled programs after each test module. The default suite compiles thousands of programs
+    in one process; kept alive, their code and buffers only grow (two full runs aborted inside an XLA compile
+    near the end, with no message, while every file passed alone)."""
+    yield
+    jax.clear_caches()
