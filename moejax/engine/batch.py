@@ -176,18 +176,29 @@ class Pipeline:
             if mb is not None:
                 packed[s, :, : mb.rows] = mb.packed
         active = np.array([mb is not None for mb in stages])
-        if self.x is None:
-            self.x = self.steps.new_activations(self.data * self.capacity, self.T)
-        packed = host_input(packed.reshape(self.stages, self.data * rows, -1), self._shardings[0])
-        ids_B, self.x, cache = self._fn(params, cache, self.x, packed, host_input(active, self._shardings[1]), self.T)
+        ids_B, cache = self._call(params, cache, packed.reshape(self.stages, self.data * rows, -1), active)
         return leaving, (ids_B if leaving is not None else None), cache
 
     def warm(self, params, cache, packed_BW: np.ndarray):
         """Compile (and run, every stage idle: nothing is written) the tick for an all-padding batch."""
-        if self.x is None:
-            self.x = self.steps.new_activations(self.data * self.capacity, self.T)
-        packed = host_input(np.repeat(packed_BW[None], self.stages, axis=0), self._shardings[0])
-        ids_B, self.x, cache = self._fn(params, cache, self.x, packed,
-                                        host_input(np.zeros(self.stages, bool), self._shardings[1]), self.T)
+        ids_B, cache = self._call(params, cache, *self._idle(packed_BW))
         jax.block_until_ready(ids_B)
         return cache
+
+    def lower(self, params, cache, packed_BW: np.ndarray):
+        """The tick for an all-padding batch `packed_BW`, lowered and compiled (from the jit cache)."""
+        return self._fn.lower(params, cache, self._activations(), *self._idle(packed_BW), self.T).compile()
+
+    def _idle(self, packed_BW: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(packed [S, B, W], active [S]) of a tick in which every stage holds `packed_BW` and none works."""
+        return np.repeat(packed_BW[None], self.stages, axis=0), np.zeros(self.stages, bool)
+
+    def _activations(self):
+        if self.x is None:  # allocated on first use
+            self.x = self.steps.new_activations(self.data * self.capacity, self.T)
+        return self.x
+
+    def _call(self, params, cache, packed_SBW: np.ndarray, active_S: np.ndarray):
+        ids_B, self.x, cache = self._fn(params, cache, self._activations(), host_input(packed_SBW, self._shardings[0]),
+                                        host_input(active_S, self._shardings[1]), self.T)
+        return ids_B, cache

@@ -465,10 +465,7 @@ class Engine:
         with jax.set_mesh(self.model.mesh):
             if self._pipes is None:
                 return self._fn.lower(self.model.params, self.cache, packed, T).compile()
-            pipe = self._pipes[kind]
-            x = pipe.x if pipe.x is not None else self.model.steps.new_activations(self.data * pipe.capacity, T)
-            staged = np.repeat(packed[None], self.stages, axis=0)
-            return pipe._fn.lower(self.model.params, self.cache, x, staged, np.ones(self.stages, bool), T).compile()
+            return self._pipes[kind].lower(self.model.params, self.cache, packed)
 
     @property
     def pipelined(self) -> bool:
