@@ -30,12 +30,12 @@ class OptionalBuildExt(build_ext):
 
 
 native = Extension(
-    "moejax.native._expert_swiglu",
-    sources=["moejax/native/expert_swiglu.cc"],
+    "moejax.native._kernels",
+    sources=["moejax/native/kernels.cc"],
     language="c++",
     # -O3 and per-function target clones (in the source) rather than -march=native: the build may run
     # on another machine than the one that runs it.
-    extra_compile_args=["-std=gnu++17", "-O3", "-g0", "-Wno-attributes", "-Wno-return-type"],
+    extra_compile_args=["-std=gnu++17", "-O3", "-g0", "-Wno-attributes", "-Wno-return-type", "-Wno-psabi"],
     optional=True,
 )
 

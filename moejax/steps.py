@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from moejax import sharding
 from moejax.model import moe
+from moejax.model.layers import argmax
 from moejax.model.transformer import Transformer
 
 CACHE_AXES = ("layers", "cache_pages", "page_slot", "kv_heads", "head_dim")
@@ -107,7 +108,7 @@ class Steps:
                            out_specs=(sharding.spec(("batch", "vocab")), self.cache_specs), check_vma=False)
         logits_BV, cache = fn(params, cache, tokens_BT, pos_BT, page_table_BP, logits_index_B)
         logits_BV = self._gathered(logits_BV)
-        return logits_BV, jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), cache
+        return logits_BV, argmax(logits_BV), cache
 
     def _gathered(self, logits_BV):
         """Vocabulary-split logits -> rows split over `batch` only, padded vocabulary columns cut (never sampled)."""

@@ -5,11 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import sharding
+from moejax import native, sharding
 from moejax.mesh import Layout, make_mesh
 from moejax.model import moe
 
 E, D, F, X = 8, 16, 12, 2
+# Every strategy; "native" where the kernels are built and on (CI runs this file with them off too).
+STRATEGIES = ["loop", "gather", "blocks", "ragged"] + (["native"] if native.available() else [])
 
 
 def _naive(x_MD, weights_MX, experts_MX, wg, wu, wd):
@@ -49,7 +51,7 @@ def _run_dispatch(layout, strategy, x, weights, experts, wg, wu, wd, **kwargs):
                          put(wd, wd_spec)))
 
 
-@pytest.mark.parametrize("strategy", ["loop", "gather", "blocks", "ragged"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("layout", ["DP1", "EP4", "TP2EP4", "EP8"])
 @pytest.mark.parametrize("M", [3, 40, 300])
 def test_dispatch_equals_naive_loop(strategy, layout, M):
@@ -64,7 +66,7 @@ def test_dispatch_equals_naive_loop(strategy, layout, M):
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["loop", "gather", "blocks", "ragged"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_tokens_routed_to_no_expert_cost_nothing(strategy):
     """Expert id -1 (how the MoE layer marks batch padding) gives a zero output; other rows are unchanged."""
     rng = np.random.default_rng(2)
@@ -110,3 +112,26 @@ def test_unknown_strategy_is_rejected():
     with pytest.raises(ValueError, match="unknown MoE dispatch strategy 'dense'"):
         _run_dispatch("DP1", "dense", np.zeros((2, D), np.float32), np.zeros((2, X), np.float32),
                       np.zeros((2, X), np.int32), z, z, z.transpose(0, 2, 1))
+
+
+def test_auto_picks_native_where_it_runs_and_loop_elsewhere():
+    assert moe.choose_strategy("auto", 8, "cpu", native_ok=True) == "native"
+    assert moe.choose_strategy("auto", 8, "cpu", native_ok=False) == "loop"
+    assert moe.choose_strategy("auto", 8, "gpu", native_ok=True) == "loop"
+
+
+def test_native_strategy_where_it_cannot_run_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(native.ENV, "0")
+    with pytest.raises(ValueError, match=r"dispatch 'native' needs moejax's CPU kernels.*MOEJAX_NATIVE=0"):
+        moe.Strategy("native").checked("cpu")
+    with pytest.raises(ValueError, match="dispatch 'native' needs moejax's CPU kernels, but the backend is 'gpu'"):
+        moe.Strategy("native").checked("gpu")
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels off or not built")
+def test_native_strategy_in_bfloat16_is_a_clear_error():
+    z = np.zeros((1, E, D, F), jnp.bfloat16)
+    x = jnp.zeros((2, D), jnp.bfloat16)
+    with pytest.raises(ValueError, match="dispatch 'native' runs float32 only.*bfloat16"):
+        moe.local_dispatch(x, jnp.zeros((2, X)), jnp.zeros((2, X), jnp.int32), (z, z, z.transpose(0, 1, 3, 2)), 0,
+                           "native")

@@ -1,8 +1,8 @@
-"""The native few-row expert kernel (moejax.native) against the XLA path it replaces.
+"""The native MoE-layer kernel (moejax.native) against a float64 reference and the XLA path it replaces.
 
 Skipped where the library was not built or does not load (the XLA path is then the only one, and the
-rest of the suite covers it). The kernel is opt-in: CI runs this file again with MOEJAX_NATIVE=1, where
-the tests that need the kernel run; the engine comparisons set the switch in their own subprocesses.
+rest of the suite covers it). CI runs the suite with the kernel (the default) and the MoE tests again with
+MOEJAX_NATIVE=0; the engine comparisons here set the switch in their own subprocesses.
 """
 
 import json
@@ -25,42 +25,99 @@ needs_kernel = pytest.mark.skipif(not native.available(),
                                          f"{os.environ.get(native.ENV, '')!r}, {native.unavailable_reason()}")
 
 
-def _reference(x, wg, wu, wd, layer, expert, count):
-    out = (jax.nn.silu(x @ wg[layer, expert]) * (x @ wu[layer, expert])) @ wd[layer, expert]
-    return jnp.where(jnp.arange(x.shape[0])[:, None] < count, out, 0)
+def _reference(x, gate, local, wg, wu, wd, layer):
+    """Sum over routes of gate * SwiGLU_e(x) for local ids e in [0, E), in float64 numpy."""
+    x, gate, wg, wu, wd = (np.asarray(a, np.float64) for a in (x, gate, wg, wu, wd))
+    y = np.zeros_like(x)
+    for m, k in np.ndindex(*local.shape):
+        e = int(local[m, k])
+        if 0 <= e < wg.shape[1]:
+            g = x[m] @ wg[layer, e]
+            y[m] += gate[m, k] * ((g / (1 + np.exp(-g)) * (x[m] @ wu[layer, e])) @ wd[layer, e])
+    return y
+
+
+def _weights(rng, L, E, D, F):
+    wg, wu = (jnp.asarray(rng.standard_normal((L, E, D, F), np.float32) * 0.2) for _ in range(2))
+    return wg, wu, jnp.asarray(rng.standard_normal((L, E, F, D), np.float32) * 0.2)
 
 
 @needs_kernel
-@pytest.mark.parametrize("L, E, D, F", [(1, 1, 8, 8), (3, 4, 64, 96), (2, 8, 40, 200), (2, 3, 128, 1000)])
-def test_kernel_equals_xla(L, E, D, F):
+@pytest.mark.parametrize("L, E, D, F", [(1, 1, 8, 8), (3, 4, 64, 96), (2, 8, 40, 200), (2, 3, 128, 1000),
+                                        (1, 2, 600, 20)])
+def test_kernel_equals_reference(L, E, D, F):
+    """Any row count (tile and tail paths), ids outside [0, E) skipped, every layer, 1 and all threads."""
     rng = np.random.default_rng(L * 1000 + F)
-    wg, wu = (jnp.asarray(rng.standard_normal((L, E, D, F), np.float32) * 0.2) for _ in range(2))
-    wd = jnp.asarray(rng.standard_normal((L, E, F, D), np.float32) * 0.2)
-    call = jax.jit(native.expert_swiglu, static_argnames="max_threads")
-    for C in (1, 2, 5, 8, 17):
-        x = jnp.asarray(rng.standard_normal((C, D), np.float32))
-        for count in sorted({0, 1, C // 2, C}):
-            for layer, expert in ((0, 0), (L - 1, E - 1), (L // 2, E // 2)):
-                want = _reference(x, wg, wu, wd, layer, expert, count)
-                for threads in (1, 2):
-                    got = call(x, wg, wu, wd, layer, expert, count, max_threads=threads)
-                    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want)) + 1))
+    w = _weights(rng, L, E, D, F)
+    call = jax.jit(native.moe_swiglu, static_argnames="max_threads")
+    for M in (1, 2, 5, 9, 17, 70):
+        x = jnp.asarray(rng.standard_normal((M, D), np.float32))
+        local = jnp.asarray(rng.integers(-1, E + 2, (M, 2)), jnp.int32)
+        gate = jnp.asarray(rng.random((M, 2)), jnp.float32)
+        for layer in sorted({0, L - 1}):
+            want = _reference(x, gate, local, *w, layer)
+            for threads in (1, 0):
+                got = call(x, gate, local, *w, layer, max_threads=threads)
+                np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * (np.abs(want).max() + 1))
 
 
 @needs_kernel
-def test_kernel_inside_a_loop_with_traced_indices():
+def test_a_row_does_not_depend_on_the_others():
+    """Bitwise: a row's output alone equals it inside any batch (the engine's busy-vs-alone exactness);
+    a NaN row stays in its own row."""
+    rng = np.random.default_rng(5)
+    L, E, D, F = 2, 8, 64, 160
+    w = _weights(rng, L, E, D, F)
+    call = jax.jit(native.moe_swiglu)
+    x = rng.standard_normal((40, D)).astype(np.float32)
+    local = rng.integers(0, E, (40, 2)).astype(np.int32)
+    gate = rng.random((40, 2)).astype(np.float32)
+    alone = np.asarray(call(x[3:4], gate[3:4], local[3:4], *w, 1))
+    x[7] = np.nan
+    busy = np.asarray(call(x, gate, local, *w, 1))
+    np.testing.assert_array_equal(busy[3:4], alone)
+    assert np.isnan(busy[7]).all() and np.isfinite(np.delete(busy, 7, axis=0)).all()
+
+
+@needs_kernel
+def test_kernel_inside_a_loop_with_a_traced_layer():
     rng = np.random.default_rng(0)
-    L, E, D, F, C = 3, 4, 32, 48, 4
-    wg, wu = (jnp.asarray(rng.standard_normal((L, E, D, F), np.float32) * 0.2) for _ in range(2))
-    wd = jnp.asarray(rng.standard_normal((L, E, F, D), np.float32) * 0.2)
-    x = jnp.asarray(rng.standard_normal((C, D), np.float32))
+    L, E, D, F, M = 3, 4, 32, 48, 6
+    w = _weights(rng, L, E, D, F)
+    x = jnp.asarray(rng.standard_normal((M, D), np.float32))
+    local = jnp.asarray(rng.integers(0, E, (M, 2)), jnp.int32)
+    gate = jnp.full((M, 2), 0.5, jnp.float32)
+    body = lambda i, x: x + 0.1 * native.moe_swiglu(x, gate, local, *w, i)  # noqa: E731
+    got = jax.jit(lambda x: jax.lax.fori_loop(0, L, body, x))(x)
+    want = np.asarray(x, np.float64)
+    for layer in range(L):
+        want = want + 0.1 * _reference(want.astype(np.float32), gate, local, *w, layer)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
-    def chain(fn):
-        def body(i, x):
-            return x + 0.1 * fn(x, wg, wu, wd, i // E, i % E, (i % C) + 1)
-        return jax.jit(lambda x: jax.lax.fori_loop(0, L * E, body, x))(x)
 
-    np.testing.assert_allclose(chain(native.expert_swiglu), chain(_reference), rtol=1e-5, atol=1e-5)
+def test_argmax_matches_jnp_argmax_on_ties_nan_and_inf():
+    from moejax.model.layers import argmax
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((7, 50)).astype(np.float32)
+    x[1, [7, 9]] = np.nan  # first NaN wins
+    x[2] = -np.inf  # all masked: index 0
+    x[3, [4, 8]] = 10.0  # tie: first maximum
+    x[4, 3] = np.inf
+    x[5] = np.nan
+    x[6, 49] = 99.0
+    got = np.asarray(jax.jit(argmax)(x))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(x, axis=-1)))
+    assert got.dtype == np.int32 and got.tolist() == [int(np.argmax(x[0])), 7, 0, 4, 3, 0, 49]
+
+
+@needs_kernel
+def test_matmul_equals_numpy():
+    rng = np.random.default_rng(1)
+    for R, K, N in ((1, 8, 8), (3, 64, 2000), (9, 700, 33), (32, 512, 1030)):
+        x, w = rng.standard_normal((R, K)).astype(np.float32), rng.standard_normal((K, N)).astype(np.float32)
+        want = x.astype(np.float64) @ w
+        np.testing.assert_allclose(jax.jit(native.matmul)(x, w), want, rtol=1e-4, atol=1e-4 * np.sqrt(K))
 
 
 def _compiled_dispatch_text():
@@ -69,20 +126,20 @@ def _compiled_dispatch_text():
     x = rng.standard_normal((M, D)).astype(np.float32)
     w = tuple(rng.standard_normal(s).astype(np.float32) for s in ((2, E, D, F), (2, E, D, F), (2, E, F, D)))
     weights, experts = rng.random((M, 2)).astype(np.float32), np.array([[0, 1], [1, 2], [0, 3]], np.int32)
-    fn = jax.jit(lambda x, we, ex, w: moe._dispatch_loop(x, we, ex, w, 1))  # a fresh trace per call
+    fn = jax.jit(lambda x, we, ex, w: moe.local_dispatch(x, we, ex, w, 1))  # a fresh trace per call
     return fn.lower(x, weights, experts, w).as_text()
 
 
 def test_xla_path_when_switched_off(monkeypatch):
     monkeypatch.setenv(native.ENV, "0")
     assert not native.available() and not native.enabled()
-    assert "moejax_expert_swiglu" not in _compiled_dispatch_text()
+    assert "moejax_moe_swiglu" not in _compiled_dispatch_text()
 
 
 @needs_kernel
 def test_kernel_path_when_available(monkeypatch):
     monkeypatch.setenv(native.ENV, "1")
-    assert "moejax_expert_swiglu" in _compiled_dispatch_text()
+    assert "moejax_moe_swiglu" in _compiled_dispatch_text()
 
 
 _GENERATE = """
@@ -122,6 +179,32 @@ def test_gemm_bench_times_the_kernel(capsys):
 
     assert gemm.main(["--model", "tiny-moe", "--rows", "1,3", "--weight-mb", "0.5", "--native"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    table = lines[lines.index(next(line for line in lines if line.startswith("expert SwiGLU"))) + 2:]
+    table = lines[lines.index(next(line for line in lines if line.startswith("MoE layer"))) + 2:]
     assert [line.split()[0] for line in table] == ["1", "3"]
     assert all(line.split()[-2].endswith("x") for line in table)
+
+
+@needs_kernel
+def test_project_reads_the_layer_in_place_and_equals_the_xla_path(monkeypatch):
+    """layers.project on the native kernel equals XLA's dot on the sliced layer (traced layer, 1 and 2
+    contracted axes), and the native program has no dynamic slice of the stacked weight."""
+    from moejax.model.layers import project
+
+    rng = np.random.default_rng(4)
+    w3 = jnp.asarray(rng.standard_normal((3, 24, 5, 8)), jnp.float32)  # [L, D, N, H]
+    w4 = jnp.asarray(rng.standard_normal((3, 5, 8, 24)), jnp.float32)  # [L, N, H, D]
+    x = jnp.asarray(rng.standard_normal((2, 3, 24)), jnp.float32)
+    o = jnp.asarray(rng.standard_normal((2, 3, 5, 8)), jnp.float32)
+
+    def both(layer):
+        return project(x, w3, layer), project(o, w4, layer, contract=2)
+
+    fn = jax.jit(both)
+    native_out, text = fn(1), fn.lower(1).compile().as_text()
+    monkeypatch.setenv(native.ENV, "0")
+    xla_out = jax.jit(both)(1)
+    assert "dynamic-slice" not in text and "moejax_matmul" in text
+    for a, b, want in zip(native_out, xla_out, (jnp.einsum("BTD,DNH->BTNH", x, w3[1]),
+                                                  jnp.einsum("BTNH,NHD->BTD", o, w4[1])), strict=True):
+        np.testing.assert_allclose(a, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(b, want, rtol=1e-5, atol=1e-5)

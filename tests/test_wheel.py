@@ -35,7 +35,7 @@ def test_wheel_install_runs_generate_with_a_builtin_model(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("moejax-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "moejax/configs/models/tiny-moe.yaml" in names and "moejax/configs/hardware/h100-sxm.yaml" in names
-    native = [n for n in names if n.startswith("moejax/native/_expert_swiglu") and n.endswith(".so")]
+    native = [n for n in names if n.startswith("moejax/native/_kernels") and n.endswith(".so")]
     assert native or shutil.which("c++") is None, "the native kernel was not built into the wheel"
 
     venv = tmp_path / "venv"

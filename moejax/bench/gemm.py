@@ -2,7 +2,7 @@
 
     python -m moejax.bench.gemm                       # bench-moe-100m shapes, rows 1,2,4,8,32
     python -m moejax.bench.gemm --rows 1,8 --model tiny-moe
-    python -m moejax.bench.gemm --native            # also: a routed expert's SwiGLU, XLA vs moejax.native
+    python -m moejax.bench.gemm --native            # also: whole MoE layers, XLA's dots vs moejax.native
 
 A decode step multiplies a few rows (the batch, or the tokens routed to one expert) by weight
 matrices that are read once: at few rows the time should be the weight bytes over the streaming
@@ -61,49 +61,49 @@ def chain_time(rows: int, shape: tuple[int, int], count: int, repeats: int = 7) 
     return float(np.median([_timed(lambda: chain(x, ws).block_until_ready()) for _ in range(repeats)]))
 
 
-def expert_chain_time(rows: int, D: int, F: int, count: int, kernel: bool, repeats: int = 7) -> float:
-    """Seconds for `count` dependent SwiGLU experts on `rows` rows, each a distinct [layer, expert] of stacked
-    weights, as the "loop" dispatch runs them: XLA's slice and dots, or `moejax.native.expert_swiglu` (median)."""
+def moe_chain_time(tokens: int, D: int, F: int, E: int, k: int, layers: int, strategy: str, repeats: int = 7) -> float:
+    """Seconds for `layers` dependent MoE layers (E experts of SwiGLU [D, F], top-k routing, distinct
+    weights per layer) on `tokens` tokens, run by `moejax.model.moe.dispatch` with `strategy` (median)."""
     import jax
     import jax.numpy as jnp
 
-    from moejax import native
+    from moejax.model import moe
 
     rng = np.random.default_rng(2)
-    w = [jnp.asarray(rng.standard_normal((count, *s), np.float32) * 0.05) for s in ((D, F), (D, F), (F, D))]
-    w = [a.reshape(1, *a.shape) for a in w]  # [L=1, E=count, ...]
-    x = jnp.asarray(rng.standard_normal((rows, D), np.float32))
+    w = [jnp.asarray(rng.standard_normal((layers, E, *s), np.float32) * 0.05) for s in ((D, F), (D, F), (F, D))]
+    x = jnp.asarray(rng.standard_normal((tokens, D), np.float32))
+    experts = jnp.asarray(np.argsort(rng.random((tokens, E)), axis=1)[:, :k], jnp.int32)  # k distinct each
+    gates = jnp.full((tokens, k), 1.0 / k, jnp.float32)
 
     @jax.jit
-    def chain(x, wg, wu, wd):
-        def body(e, x):
-            if kernel:
-                y = native.expert_swiglu(x, wg, wu, wd, 0, e, rows)
-            else:
-                y = (jax.nn.silu(x @ wg[0, e]) * (x @ wu[0, e])) @ wd[0, e]
-            return x + 1e-3 * y
-
-        return jax.lax.fori_loop(0, count, body, x)
+    def chain(x, *w):
+        body = lambda i, x: x + 1e-3 * moe.local_dispatch(x, gates, experts, w, i, strategy)  # noqa: E731
+        return jax.lax.fori_loop(0, layers, body, x)
 
     chain(x, *w).block_until_ready()
     return float(np.median([_timed(lambda: chain(x, *w).block_until_ready()) for _ in range(repeats)]))
 
 
-def _native_table(D: int, F: int, rows_list: list[int], weight_mb: float, bandwidth: float) -> None:
+def _native_table(cfg, rows_list: list[int], weight_mb: float, bandwidth: float) -> None:
     from moejax import native
 
     if native.unavailable_reason():
         print(f"native kernel: {native.unavailable_reason()}")
         return
-    nbytes = 3 * 4 * D * F
-    count = max(1, int(weight_mb * 2**20 // nbytes))
-    print(f"\nexpert SwiGLU [{D}, {F}] x3 ({nbytes / 1e6:.1f} MB), {count} experts per chain:"
-          f" XLA (slice + dots) vs moejax.native")
-    print(f"{'rows':>4} {'XLA':>10} {'GB/s':>6} {'native':>10} {'GB/s':>6} {'speed-up':>8} {'of bandwidth':>12}")
+    D, F, E, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok
+    expert_bytes = 3 * 4 * D * F
+    layers = max(1, int(weight_mb * 2**20 // (E * expert_bytes)))
+    print(f"\nMoE layer, {E} experts of SwiGLU [{D}, {F}] ({expert_bytes / 1e6:.1f} MB each), top-{k}, {layers}"
+          f" layers per chain: XLA ('loop' dispatch: slice + dots) vs moejax.native ('native': one call per layer)")
+    print(f"{'rows':>5} {'loop':>10} {'GB/s':>6} {'native':>10} {'GB/s':>6} {'GFLOP/s':>8} {'speed-up':>8}"
+          f" {'of bandwidth':>12}")
     for rows in rows_list:
-        t_xla, t_nat = (expert_chain_time(rows, D, F, count, kernel) / count for kernel in (False, True))
-        print(f"{rows:>4} {t_xla * 1e6:8.1f}us {nbytes / t_xla / 1e9:6.1f} {t_nat * 1e6:8.1f}us"
-              f" {nbytes / t_nat / 1e9:6.1f} {t_xla / t_nat:7.2f}x {nbytes / t_nat / bandwidth:11.0%}", flush=True)
+        used = min(E, rows * k)  # experts read per layer (k distinct per token)
+        nbytes, flops = used * expert_bytes, 2 * rows * k * 3 * D * F
+        t_xla, t_nat = (moe_chain_time(rows, D, F, E, k, layers, s) / layers for s in ("loop", "native"))
+        print(f"{rows:>5} {t_xla * 1e6:8.1f}us {nbytes / t_xla / 1e9:6.1f} {t_nat * 1e6:8.1f}us"
+              f" {nbytes / t_nat / 1e9:6.1f} {flops / t_nat / 1e9:8.1f} {t_xla / t_nat:7.2f}x"
+              f" {nbytes / t_nat / bandwidth:11.0%}", flush=True)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--weight-mb", type=float, default=64.0,
                    help="bytes of distinct weights per chain (above the last-level cache)")
     p.add_argument("--native", action="store_true",
-                   help="also time a routed expert's SwiGLU: XLA's dots vs the native kernel (moejax.native)")
+                   help="also time whole MoE layers: XLA's 'loop' dispatch vs the native kernel (moejax.native)")
     args = p.parse_args(argv)
     import jax
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(f"{name:>16} {rows:>4} {t * 1e6:8.1f}us {nbytes / t / 1e9:6.1f} {flops / t / 1e9:8.1f}"
                   f" {ideal * 1e6:7.1f}us {ideal / t:10.0%}", flush=True)
     if args.native:
-        _native_table(D, F, [int(r) for r in args.rows.split(",")], args.weight_mb, bandwidth)
+        _native_table(cfg, [int(r) for r in args.rows.split(",")], args.weight_mb, bandwidth)
     return 0
 
 

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.model.layers import argmax
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -110,7 +112,7 @@ def sample(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, counter_B):
 
     The filtered path (a sort over the vocabulary) only runs when some row samples.
     """
-    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    greedy_B = argmax(logits_BV)
     drawn_B = jax.lax.cond(jnp.any(temperature_B > 0), _draw, lambda *a: greedy_B,
                            logits_BV, temperature_B, top_k_B, top_p_B, seed_B, counter_B)
     return jnp.where(temperature_B > 0, drawn_B, greedy_B)
@@ -133,7 +135,7 @@ def _draw(logits_BV, temperature_B, top_k_B, top_p_B, seed_B, counter_B):
     floor_B = jnp.maximum(_at_rank(sorted_BV, last_B), kth_B)
     masked_BV = jnp.where(scaled_BV >= floor_B[:, None], scaled_BV, -jnp.inf)
     gumbel_BV = jax.vmap(_gumbel, in_axes=(0, 0, None))(seed_B, counter_B, V)
-    return jnp.argmax(masked_BV + gumbel_BV, axis=-1).astype(jnp.int32)
+    return argmax(masked_BV + gumbel_BV)
 
 
 def _gumbel(seed, counter, V):

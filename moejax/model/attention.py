@@ -22,7 +22,7 @@ from flax import nnx
 
 from moejax import sharding
 from moejax.config import ModelConfig
-from moejax.model.layers import apply_rope, at_layer, declare, rms_norm
+from moejax.model.layers import apply_rope, at_layer, declare, project, rms_norm
 
 _MASKED = -1e30  # finite, so a fully masked (padding) row gives a uniform softmax rather than NaN
 
@@ -61,9 +61,7 @@ class Attention(nnx.Module):
         cfg = self.cfg
         local = lambda p: at_layer(p, layer)  # noqa: E731
         with jax.named_scope("attn/qkv"):
-            q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, local(self.wq))
-            k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, local(self.wk))
-            v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, local(self.wv))
+            q_BTNH, k_BTKH, v_BTKH = (project(x_BTD, w, layer) for w in (self.wq, self.wk, self.wv))
             if cfg.qkv_bias:
                 q_BTNH, k_BTKH, v_BTKH = (q_BTNH + local(self.bq), k_BTKH + local(self.bk),
                                           v_BTKH + local(self.bv))
@@ -90,11 +88,9 @@ class Attention(nnx.Module):
         with jax.named_scope("attn/core"):
             o_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, pos_BT, kpos_BS, cfg.sliding_window)
         with jax.named_scope("attn/out"):
-            # Flatten heads on the (small) activation: contracting over (N, H) as two dims let
-            # XLA:CPU transpose the (large) weight instead, a copy of wo per layer per step.
-            B, T, N, H = o_BTNH.shape
-            wo_FD = local(self.wo).reshape(N * H, -1)
-            y_BTD = sharding.psum(jnp.einsum("BTF,FD->BTD", o_BTNH.reshape(B, T, N * H), wo_FD), "heads")
+            # (N, H) contracted as one axis on both sides: as two dims, XLA:CPU transposed the (large)
+            # weight instead, a copy of wo per layer per step.
+            y_BTD = sharding.psum(project(o_BTNH, self.wo, layer, contract=2), "heads")
             if cfg.o_bias:
                 y_BTD = y_BTD + local(self.bo)
         return y_BTD, cache

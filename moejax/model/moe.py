@@ -30,7 +30,10 @@ layers. Strategies for the local expert computation (`dispatch`), all exact, sid
   weights gathered per block. Kept for measurement on GPU.
 - ``"ragged"``: sort pairs and call `jax.lax.ragged_dot`. XLA lowers it to a masked dense matmul
   on CPU (E times the FLOPs); a grouped kernel on GPU. Kept for measurement on GPU.
-- ``"auto"``: chosen per backend and token count by `choose_strategy` (one place).
+- ``"native"``: one call per layer to `moejax.native.moe_swiglu` (CPU, float32): every routed
+  expert on exactly its rows, its weights read in place, on XLA's intra-op threads; a row's result
+  does not depend on the other rows. Needs the native kernels (built by the package's install).
+- ``"auto"``: chosen per backend, dtype and token count by `choose_strategy` (one place).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from moejax import native, sharding
 from moejax.config import ModelConfig
 from moejax.model.layers import at_layer, declare
 
-STRATEGIES = ("auto", "loop", "gather", "blocks", "ragged")
+STRATEGIES = ("auto", "loop", "gather", "blocks", "ragged", "native")
 EXCHANGES = ("auto", "all_to_all", "ragged_all_to_all")
 
 
@@ -69,6 +72,11 @@ class Strategy(NamedTuple):
         if self.exchange == "ragged_all_to_all" and backend == "cpu":
             raise ValueError("exchange 'ragged_all_to_all' needs a backend with the ragged-all-to-all collective; "
                              "XLA:CPU has none: use exchange 'all_to_all' (exact, fixed capacity) on CPU")
+        if self.dispatch == "native" and (backend != "cpu" or not native.available()):
+            why = (f"the backend is {backend!r}" if backend != "cpu" else native.unavailable_reason()
+                   or f"switched off ({native.ENV}=0)")
+            raise ValueError(f"MoE dispatch 'native' needs moejax's CPU kernels, but {why}; "
+                             "use dispatch 'auto' (it picks 'native' where it can run) or 'loop'")
         return self
 
 
@@ -146,10 +154,11 @@ def route(x_MD, router_DE, k: int, normalize: bool):
     return weights_MX, experts_MX.astype(jnp.int32)
 
 
-def choose_strategy(strategy: str, num_tokens: int, backend: str | None = None) -> str:
+def choose_strategy(strategy: str, num_tokens: int, backend: str | None = None, native_ok: bool = False) -> str:
     """The dispatch strategy to run for `num_tokens` local tokens: the one place "auto" is decided.
 
-    CPU (measured, docs/benchmarks.md): "loop" at every token count; it reads only routed experts
+    CPU (measured, docs/benchmarks.md): "native" wherever it runs (`native_ok`: kernels built and on,
+    float32): faster than "loop" from 1 to 1024 tokens; else "loop", which reads only routed experts
     in place of a stacked copy and does at most 2x the routed FLOPs. GPU: not yet measured on this
     project's hardware; "loop" until a measurement says a grouped kernel ("ragged") is faster.
     """
@@ -157,8 +166,17 @@ def choose_strategy(strategy: str, num_tokens: int, backend: str | None = None) 
         raise ValueError(f"unknown MoE dispatch strategy {strategy!r}; choose from {STRATEGIES}")
     if strategy != "auto":
         return strategy
-    del num_tokens, backend  # one measured answer so far; the signature is where the next one goes
-    return "loop"
+    del num_tokens  # no token-count dependence measured so far; the signature is where it goes
+    return "native" if native_ok and backend == "cpu" else "loop"
+
+
+def _strategy_fn(strategy: str, x_MD, w):
+    ok = native.runs(x_MD, *w)
+    chosen = choose_strategy(strategy, x_MD.shape[0], jax.default_backend(), ok)
+    if chosen == "native" and not ok:  # asked for by name (Strategy.checked saw the backend and the build)
+        raise ValueError(f"MoE dispatch 'native' runs float32 only; this model's activations/weights are "
+                         f"{x_MD.dtype}/{w[0].dtype}: use dispatch 'auto' or 'loop'")
+    return _STRATEGY_FNS[chosen]
 
 
 def dispatch(x_MD, weights_MX, experts_MX, w, strategy: str = "auto", layer=None):
@@ -177,8 +195,12 @@ def dispatch(x_MD, weights_MX, experts_MX, w, strategy: str = "auto", layer=None
     num_local = w[0].shape[1]
     local_MX = experts_MX - sharding.axis_index("experts") * num_local
     local_MX = jnp.where((local_MX >= 0) & (local_MX < num_local), local_MX, num_local)  # El: not here
-    fn = _STRATEGY_FNS[choose_strategy(strategy, x_MD.shape[0], jax.default_backend())]
-    return fn(x_MD, weights_MX, local_MX, w, layer)
+    return local_dispatch(x_MD, weights_MX, local_MX, w, layer, strategy)
+
+
+def local_dispatch(x_MD, weights_MX, local_MX, w, layer, strategy: str = "auto"):
+    """`dispatch` on one shard's local expert ids (El or any id outside [0, El): not here); w: [L, El, ...]."""
+    return _strategy_fn(strategy, x_MD, w)(x_MD, weights_MX, local_MX, w, layer)
 
 
 def choose_exchange(exchange: str, backend: str | None = None) -> str:
@@ -233,8 +255,7 @@ def exchange(x_MD, weights_MX, experts_MX, w, layer, strategy: Strategy, num_exp
 
 def _compute_received(strategy, w, layer, recv_RD, local_RX, gate_RX):
     """Received rows, each with its local experts (El: none) and gate weights: the gate-weighted sum per row."""
-    fn = _STRATEGY_FNS[choose_strategy(strategy, recv_RD.shape[0], jax.default_backend())]
-    return fn(recv_RD, gate_RX, local_RX, w, layer)
+    return local_dispatch(recv_RD, gate_RX, local_RX, w, layer, strategy)
 
 
 def _combine_home(x_MD, unit_UD, token_U):
@@ -337,18 +358,13 @@ def _expert_rows(x_MD, token_N, gate_N, w, layer, cap, y_MD, e, start, count):
     """y + gate * expert_e(x) on the expert's (at most `cap`) tokens: its pairs start..start+count.
 
     The expert's weights are sliced here, one expert at a time (a copy of that expert only on
-    XLA:CPU), never the layer's whole stack. On CPU in float32 at few rows, the native kernel
-    (`moejax.native`) reads them in place instead: XLA:CPU's few-row dots run well below the
-    streaming bandwidth (docs/benchmarks.md); opt-in for now: MOEJAX_NATIVE=1.
+    XLA:CPU), never the layer's whole stack.
     """
     in_C = jnp.arange(cap) < count
     rows_C = jnp.where(in_C, jax.lax.dynamic_slice_in_dim(token_N, start, cap), x_MD.shape[0])
     gate_C = jnp.where(in_C, jax.lax.dynamic_slice_in_dim(gate_N, start, cap), 0)
     x_CD = x_MD.at[rows_C].get(mode="fill", fill_value=0)
-    if native.use_expert_swiglu(x_CD, w):
-        out_CD = native.expert_swiglu(x_CD, *w, layer, e, count)
-    else:
-        out_CD = _swiglu(x_CD, *(a[layer, e] for a in w))
+    out_CD = _swiglu(x_CD, *(a[layer, e] for a in w))
     return y_MD.at[rows_C].add(out_CD * gate_C[:, None], mode="drop")
 
 
@@ -401,5 +417,9 @@ def _dispatch_ragged(x_MD, weights_MX, local_MX, w, layer):
     return jnp.zeros_like(x_MD).at[token_N].add(out_ND)
 
 
-_STRATEGY_FNS = {"loop": _dispatch_loop, "gather": _dispatch_gather, "blocks": _dispatch_blocks,
-                 "ragged": _dispatch_ragged}
+def _dispatch_native(x_MD, weights_MX, local_MX, w, layer):
+    return native.moe_swiglu(x_MD, weights_MX, local_MX, *w, layer)
+
+
+_STRATEGY_FNS = {"native": _dispatch_native, "loop": _dispatch_loop, "gather": _dispatch_gather,
+                 "blocks": _dispatch_blocks, "ragged": _dispatch_ragged}

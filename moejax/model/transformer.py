@@ -30,7 +30,7 @@ from moejax import sharding
 from moejax.config import ModelConfig, ceil_div, round_up
 from moejax.mesh import Layout
 from moejax.model.attention import Attention
-from moejax.model.layers import at_layer, declare, rms_norm, rope_tables
+from moejax.model.layers import at_layer, declare, project, rms_norm, rope_tables
 from moejax.model.moe import MoE
 
 
@@ -202,7 +202,7 @@ class Transformer(nnx.Module):
             if self.cfg.tie_word_embeddings:
                 logits_V = jnp.einsum("...D,VD->...V", x_D, self.embed[...])
             else:
-                logits_V = jnp.einsum("...D,DV->...V", x_D, self.unembed[...])
+                logits_V = project(x_D, self.unembed)
             if self.geometry.vocab == self.cfg.vocab_size:
                 return logits_V
             V_local = logits_V.shape[-1]

@@ -1,15 +1,17 @@
 """Native CPU kernels reached through XLA's FFI, each with a pure-XLA fallback chosen automatically.
 
-`expert_swiglu` runs one routed expert's SwiGLU on a few rows straight from the stacked expert weights
-(`expert_swiglu.cc`): XLA:CPU's dots reach 25-45% of the streaming bandwidth at 2-8 rows and copy
-the expert's slice of a stacked array first (docs/benchmarks.md); the kernel reads each weight
-once, in place.
+`moe_swiglu` runs one MoE layer's routed experts in one call (`kernels.cc`): every routed expert's
+weights read once, in place in the stacked arrays, on exactly the rows routed to it, on XLA's
+intra-op threads, with a register-tiled micro-kernel. XLA:CPU's few-row dots reach 25-45% of the
+streaming bandwidth, copy an expert's slice of a stacked array first, and the "loop" dispatch pads
+each expert to a power-of-two row count; the kernel is faster at every token count measured, from
+a batch-1 decode step to a 1024-token prefill chunk (docs/benchmarks.md). `matmul` is the same
+micro-kernel as a plain [R, K] x [K, N] product, columns split over the threads.
 
 The shared library is built by the package's own build (setup.py, optional: a machine without a
 compiler installs without it). `available()` says whether it was built, loads, and is enabled:
-MOEJAX_NATIVE=0 forces the XLA path (CI runs both), MOEJAX_NATIVE=1 enables the kernel, and unset
-means the default below. Callers check `available()` at trace time, so the choice is made once per
-compiled program.
+MOEJAX_NATIVE=0 forces the XLA path (CI runs both), MOEJAX_NATIVE=1 or unset enables the kernels.
+Callers check at trace time, so the choice is made once per compiled program.
 """
 
 from __future__ import annotations
@@ -23,14 +25,8 @@ import jax
 import jax.numpy as jnp
 
 ENV = "MOEJAX_NATIVE"
-# Off by default for now (MOEJAX_NATIVE=1 turns it on): the bench-moe-100m decode step took 0.70-0.77x the
-# XLA path's time at batch 1 and 8 and ~0.93x at batch 32 (`python -m moejax.bench.decode --no-hf`, alternating
-# rounds, 2026-12-01), and the whole suite passed on it, but one CI run of the suite with it on aborted inside
-# an XLA compile (no message, not reproduced when the test ran again alone); until that is understood it is
-# opt-in. CI runs the native tests with it on.
-DEFAULT_ON = False
-MAX_ROWS = 8  # larger row capacities stay on XLA's dot: at 16 rows the kernel took 2x its time (bench.gemm --native)
-_TARGET = "moejax_expert_swiglu"
+DEFAULT_ON = True
+_TARGETS = {"moejax_moe_swiglu": "MoejaxMoeSwiglu", "moejax_matmul": "MoejaxMatmul"}
 
 
 def enabled() -> bool:
@@ -42,12 +38,13 @@ def enabled() -> bool:
 @functools.cache
 def _load() -> str | None:
     """Load the library and register its FFI targets; None if it is missing, or why it failed."""
-    libs = sorted(Path(__file__).parent.glob("_expert_swiglu*.so"))
+    libs = sorted(Path(__file__).parent.glob("_kernels*.so"))
     if not libs:
         return "not built (no compiler at install time, or installed without the build step)"
     try:
         lib = ctypes.cdll.LoadLibrary(str(libs[0]))
-        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.MoejaxExpertSwiglu), platform="cpu")
+        for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, AttributeError) as err:
         return f"{libs[0].name} does not load: {err}"
     return None
@@ -59,30 +56,44 @@ def unavailable_reason() -> str | None:
 
 
 def available() -> bool:
-    """True when the kernels are built, loaded, and switched on (MOEJAX_NATIVE=1, or the default)."""
+    """True when the kernels are built, loaded, and switched on (MOEJAX_NATIVE unset or 1)."""
     return enabled() and _load() is None
 
 
-def use_expert_swiglu(x_CD, w) -> bool:
-    """Whether `_expert_rows` should call `expert_swiglu` for these operands (checked at trace time)."""
-    return (x_CD.shape[0] <= MAX_ROWS and jax.default_backend() == "cpu"
-            and all(a.dtype == jnp.float32 for a in (x_CD, *w)) and available())
+def runs(*arrays) -> bool:
+    """Whether a native kernel takes these operands: kernels available, CPU backend, all float32."""
+    return (jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays) and available())
 
 
-def expert_swiglu(x_CD, wg, wu, wd, layer, expert, count, max_threads: int = 1):
-    """(silu(x @ wg[layer, expert]) * (x @ wu[layer, expert])) @ wd[layer, expert] on rows < count.
-
-    Args:
-      x_CD: float32 [C, D] rows (C: a row capacity). wg, wu: float32 [L, E, D, F]; wd: [L, E, F, D],
-        the whole stacked weights (read in place, not sliced). layer, expert, count: int32 scalars,
-        may be traced; indices clamp like `lax.dynamic_slice`.
-      max_threads: at most this many threads of XLA's intra-op pool split F. 1 by default: on the
-        shared 2-core host, 2 threads were 10-20% slower at 1-8 rows (an expert chain, 2026-12-01).
-    Returns:
-      float32 [C, D]; rows >= count are zero.
-    """
+def _require():
     if _load() is not None:
         raise RuntimeError(f"moejax native kernels unavailable: {_load()}")
-    scalars = (jnp.asarray(v, jnp.int32).reshape(()) for v in (layer, expert, count))
-    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(x_CD.shape, x_CD.dtype))
-    return call(x_CD, wg, wu, wd, *scalars, max_threads=max_threads)
+
+
+def moe_swiglu(x_MD, gate_MX, local_MX, wg, wu, wd, layer, max_threads: int = 0):
+    """Sum over routes (e, g) of each row with e a local expert: g * SwiGLU_e(x), for layer `layer`.
+
+    Args:
+      x_MD: float32 [M, D] rows. gate_MX: float32 [M, X] route weights. local_MX: int32 [M, X]
+        local expert ids; any id outside [0, E) is not on this shard (skipped).
+      wg, wu: float32 [L, E, D, F]; wd: [L, E, F, D]: the whole stacked local weights (read in place).
+      layer: int32 scalar, may be traced; clamps like `lax.dynamic_slice`.
+      max_threads: at most this many of XLA's intra-op threads (0: all).
+    Returns:
+      float32 [M, D] (rows with no local route are zero). Each element is one fixed sequence of
+      operations whatever else is in the batch: a row's result does not depend on the other rows.
+    """
+    _require()
+    call = jax.ffi.ffi_call("moejax_moe_swiglu", jax.ShapeDtypeStruct(x_MD.shape, x_MD.dtype))
+    layer = jnp.asarray(layer, jnp.int32).reshape(())
+    return call(x_MD, gate_MX.astype(jnp.float32), local_MX.astype(jnp.int32), wg, wu, wd, layer,
+                max_threads=max_threads)
+
+
+def matmul(x_RK, w_LKN, layer=0, max_threads: int = 0):
+    """float32 x_RK @ w_LKN[layer] on the native micro-kernel, the weight read in place (no slice copy);
+    columns split over XLA's intra-op threads. w may also be [K, N] (layer ignored)."""
+    _require()
+    w_LKN = w_LKN[None] if w_LKN.ndim == 2 else w_LKN
+    call = jax.ffi.ffi_call("moejax_matmul", jax.ShapeDtypeStruct((x_RK.shape[0], w_LKN.shape[2]), x_RK.dtype))
+    return call(x_RK, w_LKN, jnp.asarray(layer, jnp.int32).reshape(()), max_threads=max_threads)

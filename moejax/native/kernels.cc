@@ -1,0 +1,389 @@
+// Native CPU kernels for moejax, as XLA:CPU FFI handlers (loaded by moejax/native/__init__.py).
+//
+// moejax_moe_swiglu: one MoE layer's routed experts, all of them in one call:
+//
+//   y[m] = sum over the k routes (e, g) of token m with e a local expert:  g * SwiGLU_e(x[m])
+//   SwiGLU_e(v) = (silu(v @ Wg[layer, e]) * (v @ Wu[layer, e])) @ Wd[layer, e]
+//
+// reading each routed expert's weights once, in place in the stacked [L, E, D, F] / [L, E, F, D]
+// arrays (no slice copy), on exactly the rows routed to it (no row-capacity padding), on XLA's
+// intra-op threads. It replaces the "loop" dispatch's per-expert XLA dots on CPU in float32:
+// XLA:CPU's dots reach 25-45% of the streaming bandwidth at 1-8 rows, copy the expert's slice out
+// of the stacked array first, and the loop pads each expert to a power-of-two row count (up to 2x
+// the FLOPs in prefill) (docs/benchmarks.md).
+//
+// moejax_matmul: y[R, N] = x[R, K] @ w[layer] for w [L, K, N], on the same micro-kernel, columns
+// split over the threads: a layer's projection read in place in its stacked array (XLA:CPU copies
+// a dynamic slice of a stacked array before its dot).
+//
+// Work, in phases separated by a barrier (no locks; see Job):
+//   0. (caller) counting sort of the (token, route) pairs by local expert, stable in token order;
+//      the pairs' rows are gathered into X [N, D].
+//   1. items (expert, F chunk): H[pairs of e, chunk] = silu(X_e @ Wg[:, chunk]) * (X_e @ Wu[:, chunk]).
+//   2. items (expert, D chunk): O[pairs of e, chunk] = H_e @ Wd[:, chunk].
+//   3. (caller) y[token] += gate * O[pair], pairs in expert order.
+// Deterministic: every output element is one fixed sequence of FMAs whatever the batch holds or
+// which thread ran it (rows are independent; a token's routes are summed in expert order), so a
+// request's tokens do not depend on the other requests in flight; a NaN row stays in its own row.
+//
+// Micro-kernel: a register tile of R rows (<= 8) x NV 16-float vectors (R * NV <= 24 accumulators)
+// over a K block; per k, NV weight vectors loaded once and FMA'd into every row. GCC vector
+// extensions, compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the baseline
+// (target_clones, chosen at load time): one build runs on any x86-64 machine.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MOEJAX_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MOEJAX_CLONES
+#endif
+#define MOEJAX_INLINE inline __attribute__((always_inline))
+
+typedef float vf __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2 ones
+constexpr int64_t kV = 16;
+constexpr int64_t kRows = 8;     // rows per register tile
+constexpr int64_t kKBlock = 512;  // K block: a [kKBlock, chunk] weight panel stays in L2 across row tiles
+constexpr int64_t kChunk = 128;   // columns per work item (a multiple of kV)
+// One row tile is bound by reading the weights: a short K block keeps all of a chunk's lines of a
+// few weight rows in flight together, and each tile prefetches its lines this many rows ahead
+// (measured on bench-moe-100m shapes at 32 tokens: 1.34 -> 1.0 ms per layer, 2026-12-01).
+constexpr int64_t kFewRowsKBlock = 32;
+constexpr int64_t kPrefetchRows = 16;
+
+MOEJAX_INLINE vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+MOEJAX_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+// y[R, NV * 16] (+)= x[R, K] @ w[K, NV * 16]; acc reloaded from y when `accumulate` (a later K block).
+template <int R, int NV>
+MOEJAX_INLINE void tile(const float* __restrict x, int64_t ldx, const float* __restrict w, int64_t ldw, int64_t K,
+                        float* __restrict y, int64_t ldy, bool accumulate) {
+  vf acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[r][j] = accumulate ? load(y + r * ldy + j * kV) : vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* __restrict wk = w + k * ldw;
+    vf wv[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      __builtin_prefetch(wk + kPrefetchRows * ldw + j * kV);
+      wv[j] = load(wk + j * kV);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const vf a = vf{} + x[r * ldx + k];
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[r][j] += a * wv[j];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) store(y + r * ldy + j * kV, acc[r][j]);
+}
+
+// Columns not a multiple of 16: plain scalar FMAs, the same sequence per element as the tiles.
+MOEJAX_INLINE void tail(const float* __restrict x, int64_t ldx, int64_t R, const float* __restrict w, int64_t ldw,
+                        int64_t K, int64_t N, float* __restrict y, int64_t ldy, bool accumulate) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t n = 0; n < N; ++n) {
+      float acc = accumulate ? y[r * ldy + n] : 0.0f;
+      for (int64_t k = 0; k < K; ++k) acc += x[r * ldx + k] * w[k * ldw + n];
+      y[r * ldy + n] = acc;
+    }
+}
+
+// One row tile of R rows across N columns, one K block.
+template <int R>
+MOEJAX_INLINE void row_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, int64_t N,
+                            float* y, int64_t ldy, bool acc) {
+  constexpr int NV = R <= 3 ? 8 : R == 4 ? 6 : R <= 6 ? 4 : 3;
+  int64_t n = 0;
+  for (; n + NV * kV <= N; n += NV * kV) tile<R, NV>(x, ldx, w + n, ldw, K, y + n, ldy, acc);
+  for (; n + kV <= N; n += kV) tile<R, 1>(x, ldx, w + n, ldw, K, y + n, ldy, acc);  // remaining vectors
+  if (n < N) tail(x, ldx, R, w + n, ldw, K, N - n, y + n, ldy, acc);
+}
+
+// y[R, N] = x[R, K] @ w[K, N] (row strides ldx, ldw, ldy).
+MOEJAX_CLONES __attribute__((noinline)) void gemm(const float* x, int64_t ldx, int64_t R, const float* w, int64_t ldw, int64_t K, int64_t N,
+                        float* y, int64_t ldy) {
+  if (K == 0) {
+    for (int64_t r = 0; r < R; ++r) std::memset(y + r * ldy, 0, sizeof(float) * N);
+    return;
+  }
+  const int64_t kblock = R <= kRows ? kFewRowsKBlock : kKBlock;
+  for (int64_t k0 = 0; k0 < K; k0 += kblock) {
+    const int64_t kb = std::min(kblock, K - k0);
+    const bool acc = k0 > 0;
+    for (int64_t r0 = 0; r0 < R; r0 += kRows) {
+      const float* xr = x + r0 * ldx + k0;
+      const float* wk = w + k0 * ldw;
+      float* yr = y + r0 * ldy;
+      switch (std::min(kRows, R - r0)) {
+        case 8: row_tile<8>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
+        case 7: row_tile<7>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
+        case 6: row_tile<6>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
+        case 5: row_tile<5>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
+        case 4: row_tile<4>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
+        case 3: row_tile<3>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
+        case 2: row_tile<2>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
+        default: row_tile<1>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
+      }
+    }
+  }
+}
+
+// exp(t) for t in [-88, 88]: Cody-Waite reduction to 2^n * exp(r), |r| <= ln2/2, degree-6
+// polynomial (relative error ~1e-7); plain arithmetic, so the compiler vectorizes it.
+MOEJAX_INLINE float exp_approx(float t) {
+  t = std::min(88.0f, std::max(-88.0f, t));
+  const float n = std::nearbyint(t * 1.44269504088896341f);
+  float r = t - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Scratch that lives across calls on the calling thread (grown, never shrunk): large prefill
+// buffers are not page-faulted in again every layer.
+float* scratch(std::vector<float>& buf, int64_t n) {
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+// Items of up to two phases claimed from atomic counters by the caller and the pool tasks alike.
+// A thread that runs out of phase-1 items waits only for phase-1 items other threads have already
+// claimed (they are running), so the call cannot deadlock on a busy pool: the caller alone can
+// finish every item.
+struct Job {
+  virtual ~Job() = default;
+  virtual void item(int phase, int64_t i) = 0;
+  int64_t items[2] = {0, 0};
+  std::atomic<int64_t> next[2] = {0, 0};
+  std::atomic<int64_t> done[2] = {0, 0};
+
+  void run() {
+    for (int p = 0; p < 2; ++p) {
+      for (int64_t i; (i = next[p].fetch_add(1, std::memory_order_relaxed)) < items[p];) {
+        item(p, i);
+        done[p].fetch_add(1, std::memory_order_acq_rel);
+      }
+      while (done[p].load(std::memory_order_acquire) < items[p]) std::this_thread::yield();
+    }
+  }
+};
+
+void run_job(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, int64_t max_threads) {
+  const int64_t most = std::max(job->items[0], job->items[1]);
+  const int64_t pool_threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t cap = max_threads > 0 ? std::min(max_threads, pool_threads) : pool_threads;
+  const int64_t threads = std::max<int64_t>(1, std::min(cap, most));
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([job] { job->run(); });
+  job->run();
+}
+
+// ---- MoE layer ----
+
+MOEJAX_CLONES
+void up_item(const float* X, int64_t rows, int64_t D, int64_t F, const float* wg, const float* wu, int64_t f0,
+             int64_t nf, float* H) {
+  thread_local std::vector<float> gbuf, ubuf;
+  float* g = scratch(gbuf, rows * nf);
+  float* u = scratch(ubuf, rows * nf);
+  gemm(X, D, rows, wg + f0, F, D, nf, g, nf);
+  gemm(X, D, rows, wu + f0, F, D, nf, u, nf);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* __restrict h = H + r * F + f0;
+    const float* __restrict gr = g + r * nf;
+    const float* __restrict ur = u + r * nf;
+    for (int64_t j = 0; j < nf; ++j) h[j] = gr[j] / (1.0f + exp_approx(-gr[j])) * ur[j];
+  }
+}
+
+
+struct MoeJob final : Job {
+  const float *X, *wg, *wu, *wd;  // wg/wu/wd: this layer's [E, D, F] / [E, F, D] block
+  float *H, *O;
+  int64_t D, F;
+  std::vector<int64_t> expert, start, count;  // routed experts only
+  int64_t f_chunks, d_chunks;
+
+  void item(int phase, int64_t i) override {
+    if (phase == 0) {
+      const int64_t u = i / f_chunks, f0 = (i % f_chunks) * kChunk;
+      const int64_t block = expert[u] * D * F;
+      up_item(X + start[u] * D, count[u], D, F, wg + block, wu + block, f0, std::min(kChunk, F - f0),
+              H + start[u] * F);
+    } else {
+      const int64_t u = i / d_chunks, d0 = (i % d_chunks) * kChunk;
+      gemm(H + start[u] * F, F, count[u], wd + expert[u] * F * D + d0, D, F, std::min(kChunk, D - d0),
+           O + start[u] * D + d0, D);
+    }
+  }
+};
+
+ffi::Error MoeSwigluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gate,
+                         ffi::Buffer<ffi::S32> experts, ffi::Buffer<ffi::F32> wg, ffi::Buffer<ffi::F32> wu,
+                         ffi::Buffer<ffi::F32> wd, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out,
+                         int64_t max_threads) {
+  const auto xd = x.dimensions(), rd = experts.dimensions(), gd = wg.dimensions(), ud = wu.dimensions(),
+             dd = wd.dimensions();
+  if (xd.size() != 2 || rd.size() != 2 || gate.dimensions().size() != 2 || gd.size() != 4 || ud.size() != 4 ||
+      dd.size() != 4) {
+    return ffi::Error::InvalidArgument("moe_swiglu: x [M, D], gate/experts [M, X], weights [L, E, ., .] expected");
+  }
+  const int64_t M = xd[0], D = xd[1], X = rd[1], L = gd[0], E = gd[1], F = gd[3];
+  if (rd[0] != M || gate.dimensions()[0] != M || gate.dimensions()[1] != X) {
+    return ffi::Error::InvalidArgument("moe_swiglu: gate and experts must both be [M, X] for x [M, D]");
+  }
+  for (int i = 0; i < 4; ++i) {
+    if (ud[i] != gd[i]) return ffi::Error::InvalidArgument("moe_swiglu: wg and wu shapes differ");
+  }
+  if (gd[2] != D || dd[0] != L || dd[1] != E || dd[2] != F || dd[3] != D) {
+    return ffi::Error::InvalidArgument("moe_swiglu: wg [L, E, D, F], wd [L, E, F, D] expected for x [M, D]");
+  }
+  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, L - 1);  // clamps like dynamic_slice
+  const float* xp = x.typed_data();
+  const float* gp = gate.typed_data();
+  const int32_t* ep = experts.typed_data();
+  float* y = out->typed_data();
+  std::memset(y, 0, sizeof(float) * M * D);
+
+  // Phase 0: counting sort of the pairs on this shard (ids outside [0, E): another shard's, or none).
+  thread_local std::vector<int64_t> counts, pair_token;
+  thread_local std::vector<float> pair_gate, xbuf, hbuf, obuf;
+  counts.assign(E + 1, 0);
+  for (int64_t p = 0; p < M * X; ++p) {
+    const int32_t e = ep[p];
+    if (e >= 0 && e < E) ++counts[e + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) counts[e + 1] += counts[e];  // counts[e]: start of expert e
+  const int64_t N = counts[E];
+  if (N == 0) return ffi::Error::Success();
+  pair_token.resize(N);
+  pair_gate.resize(N);
+  {
+    std::vector<int64_t> fill(counts.begin(), counts.end() - 1);
+    for (int64_t p = 0; p < M * X; ++p) {
+      const int32_t e = ep[p];
+      if (e < 0 || e >= E) continue;
+      const int64_t slot = fill[e]++;
+      pair_token[slot] = p / X;
+      pair_gate[slot] = gp[p];
+    }
+  }
+  auto job = std::make_shared<MoeJob>();
+  job->X = scratch(xbuf, N * D);
+  job->H = scratch(hbuf, N * F);
+  job->O = scratch(obuf, N * D);
+  for (int64_t i = 0; i < N; ++i) std::memcpy(xbuf.data() + i * D, xp + pair_token[i] * D, sizeof(float) * D);
+  const int64_t layer_block = l * E * D * F;
+  job->wg = wg.typed_data() + layer_block, job->wu = wu.typed_data() + layer_block;
+  job->wd = wd.typed_data() + layer_block;
+  job->D = D, job->F = F;
+  for (int64_t e = 0; e < E; ++e) {
+    if (counts[e + 1] > counts[e]) {
+      job->expert.push_back(e), job->start.push_back(counts[e]), job->count.push_back(counts[e + 1] - counts[e]);
+    }
+  }
+  job->f_chunks = (F + kChunk - 1) / kChunk;
+  job->d_chunks = (D + kChunk - 1) / kChunk;
+  const int64_t used = job->expert.size();
+  job->items[0] = used * job->f_chunks;
+  job->items[1] = used * job->d_chunks;
+  run_job(pool, job, max_threads);
+
+  // Phase 3: combine at home, pairs in expert order.
+  const float* O = job->O;
+  for (int64_t i = 0; i < N; ++i) {
+    float* __restrict yr = y + pair_token[i] * D;
+    const float* __restrict o = O + i * D;
+    const float g = pair_gate[i];
+    for (int64_t j = 0; j < D; ++j) yr[j] += g * o[j];
+  }
+  return ffi::Error::Success();
+}
+
+// ---- plain matmul ----
+
+struct MatmulJob final : Job {
+  const float *x, *w;
+  float* y;
+  int64_t R, K, N, chunk;
+  void item(int, int64_t i) override {
+    const int64_t n0 = i * chunk;
+    gemm(x, K, R, w + n0, N, K, std::min(chunk, N - n0), y + n0, N);
+  }
+};
+
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out, int64_t max_threads) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1]) {
+    return ffi::Error::InvalidArgument("matmul: x [R, K] and w [L, K, N] expected");
+  }
+  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, wd[0] - 1);  // clamps like dynamic_slice
+  auto job = std::make_shared<MatmulJob>();
+  job->R = xd[0], job->K = xd[1], job->N = wd[2];
+  job->x = x.typed_data(), job->w = w.typed_data() + l * job->K * job->N, job->y = out->typed_data();
+  if (job->R == 0 || job->N == 0) return ffi::Error::Success();
+  // Column chunks: about two per thread (whole vectors), between one and four work-item widths.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t per = (job->N + 2 * threads - 1) / (2 * threads);
+  job->chunk = std::clamp<int64_t>((per + kV - 1) / kV * kV, kChunk / 2, 4 * kChunk);
+  job->items[0] = (job->N + job->chunk - 1) / job->chunk;
+  run_job(pool, job, max_threads);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxMoeSwiglu, MoeSwigluImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gate [M, X]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // experts [M, X], local ids (else: not here)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // wg [L, E, D, F]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // wu [L, E, D, F]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // wd [L, E, F, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer []
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [M, D]
+                                  .Attr<int64_t>("max_threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxMatmul, MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [R, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w [L, K, N]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer []
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [R, N]
+                                  .Attr<int64_t>("max_threads"));
