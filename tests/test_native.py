@@ -208,3 +208,68 @@ def test_project_reads_the_layer_in_place_and_equals_the_xla_path(monkeypatch):
                                                   jnp.einsum("BTNH,NHD->BTD", o, w4[1])), strict=True):
         np.testing.assert_allclose(a, want, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(b, want, rtol=1e-5, atol=1e-5)
+
+
+def _gathered_attention(q, k_pool, v_pool, layer, table, pos, window):
+    """The XLA path: gather the row's whole page window, zero the slots past its last position."""
+    from moejax.model import attention
+
+    k, v = (attention._gather_pages(pool, layer, table) for pool in (k_pool, v_pool))
+    kpos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2])
+    owned = kpos <= jnp.max(pos, axis=1, keepdims=True)
+    k, v = (jnp.where(owned[..., None, None], a, 0) for a in (k, v))
+    return attention.attend(q, k, v, pos, kpos, window)
+
+
+def _paged_case(rng, B, T, N, K, H, L, P, ps, MP):
+    """Pools of random values, each row its own MP distinct pages, each row 1..T queries at consecutive
+    positions starting anywhere in its window (the rest padding, position -1)."""
+    k_pool, v_pool = (rng.standard_normal((L, P, ps, K, H)).astype(np.float32) for _ in range(2))
+    pages = rng.permutation(P)[:B * MP].reshape(B, MP)
+    pos = np.full((B, T), -1, np.int32)
+    for b in range(B):
+        n = int(rng.integers(1, T + 1))
+        start = int(rng.integers(0, MP * ps - n + 1))
+        pos[b, :n] = np.arange(start, start + n)
+    q = rng.standard_normal((B, T, N, H)).astype(np.float32)
+    return q, k_pool, v_pool, pages.astype(np.int32), pos
+
+
+@needs_kernel
+@pytest.mark.parametrize("B, T, N, K, H, P, ps, MP, window", [
+    (3, 1, 8, 2, 64, 20, 16, 4, None),  # decode, GQA 4:1
+    (2, 5, 4, 4, 20, 16, 4, 6, None),  # chunk, no grouping, head_dim not a multiple of 16
+    (4, 7, 6, 2, 33, 30, 8, 5, 5),  # sliding window shorter than the chunk
+    (1, 32, 8, 2, 64, 8, 16, 3, None),  # a prefill chunk
+])
+def test_paged_attention_equals_the_gathered_xla_path(B, T, N, K, H, P, ps, MP, window):
+    rng = np.random.default_rng(B * 100 + T)
+    q, k_pool, v_pool, table, pos = _paged_case(rng, B, T, N, K, H, 2, P, ps, MP)
+    call = jax.jit(native.paged_attention, static_argnames=("window", "max_threads"))
+    valid = pos >= 0
+    for layer in (0, 1):
+        want = np.asarray(_gathered_attention(q, k_pool, v_pool, layer, table, pos, window))
+        for threads in (1, 0):
+            got = np.asarray(call(q, k_pool, v_pool, layer, table, pos, window=window, max_threads=threads))
+            np.testing.assert_allclose(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+            assert not got[~valid].any()  # padding queries: zeros
+
+
+@needs_kernel
+def test_paged_attention_reads_nothing_past_a_query_position():
+    """NaN in every slot a query may not see (its own later slots, the rest of its pages, others' pages)
+    leaves its output finite and unchanged: isolation holds without any masking copy."""
+    rng = np.random.default_rng(7)
+    q, k_pool, v_pool, table, pos = _paged_case(rng, 3, 4, 4, 2, 16, 1, 12, 4, 3)
+    clean = np.asarray(native.paged_attention(q, k_pool, v_pool, 0, table, pos))
+    last = pos.max(axis=1)
+    k_bad, v_bad = k_pool.copy(), v_pool.copy()
+    seen = np.zeros((12, 4), bool)
+    for b in range(3):
+        for s in range(last[b] + 1):
+            seen[table[b, s // 4], s % 4] = True
+    k_bad[:, ~seen], v_bad[:, ~seen] = np.nan, np.nan
+    assert (~seen).sum() > 4
+    got = np.asarray(native.paged_attention(q, k_bad, v_bad, 0, table, pos))
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got, clean)

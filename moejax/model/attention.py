@@ -11,7 +11,9 @@ at slot `p % page_size`. Positions < 0 mark padding: nothing is written and noth
 Isolation invariant: a row reads only cache slots it owns. The pages a row gathers include
 slots past its own length (unused page-table entries point at page 0; freed pages keep an earlier
 owner's values, possibly NaN), and a masked probability of 0 times a NaN value is still NaN; so
-values at positions past the row's last query position are zeroed before any arithmetic.
+values at positions past the row's last query position are zeroed before any arithmetic. The native
+CPU kernel (`moejax.native.paged_attention`) reads, for each query, only the slots at positions up
+to its own, so nothing else reaches it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import sharding
+from moejax import native, sharding
 from moejax.config import ModelConfig
 from moejax.model.layers import apply_rope, at_layer, declare, project, rms_norm
 
@@ -70,7 +72,8 @@ class Attention(nnx.Module):
                 k_BTKH = rms_norm(k_BTKH, local(self.k_norm), cfg.rms_norm_eps)
             q_BTNH, k_BTKH = apply_rope(q_BTNH, *rope), apply_rope(k_BTKH, *rope)
         if cache is None:
-            k_BSKH, v_BSKH, kpos_BS = k_BTKH, v_BTKH, pos_BT
+            with jax.named_scope("attn/core"):
+                o_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, pos_BT, pos_BT, cfg.sliding_window)
         else:
             with jax.named_scope("attn/cache"):
                 # Write the new tokens into the pools in place, then read the sequence's pages.
@@ -79,14 +82,8 @@ class Attention(nnx.Module):
                 # before the scatter, made XLA:CPU copy every pool every step.)
                 cache = tuple(_write_pages(pool, layer, new, pos_BT, page_table_BP) for pool, new in
                               zip(cache, (k_BTKH, v_BTKH), strict=True))
-                k_BSKH, v_BSKH = (_gather_pages(pool, layer, page_table_BP) for pool in cache)
-                kpos_BS = jnp.broadcast_to(jnp.arange(k_BSKH.shape[1], dtype=jnp.int32), k_BSKH.shape[:2])
-                # Slots past the row's last position are not its own (stale or another's): they
-                # must not reach the arithmetic, not even as 0 * value (isolation invariant).
-                owned_BS = kpos_BS <= jnp.max(pos_BT, axis=1, keepdims=True)
-                k_BSKH, v_BSKH = (jnp.where(owned_BS[..., None, None], a, 0) for a in (k_BSKH, v_BSKH))
-        with jax.named_scope("attn/core"):
-            o_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, pos_BT, kpos_BS, cfg.sliding_window)
+            with jax.named_scope("attn/core"):
+                o_BTNH = _cached_attention(q_BTNH, cache, layer, page_table_BP, pos_BT, cfg.sliding_window)
         with jax.named_scope("attn/out"):
             # (N, H) contracted as one axis on both sides: as two dims, XLA:CPU transposed the (large)
             # weight instead, a copy of wo per layer per step.
@@ -94,6 +91,23 @@ class Attention(nnx.Module):
             if cfg.o_bias:
                 y_BTD = y_BTD + local(self.bo)
         return y_BTD, cache
+
+
+def _cached_attention(q_BTNH, cache, layer, page_table_BP, pos_BT, window):
+    """Attention of the new queries over their rows' cached pages (the new tokens already written).
+
+    On CPU in float32 the native kernel reads each query's own keys in place (`moejax.native`);
+    else the row's whole page window is gathered, and the slots past the row's last position,
+    which are not its own (stale or another's), are zeroed: they must not reach the arithmetic,
+    not even as 0 * value (isolation invariant).
+    """
+    if native.runs(q_BTNH, *cache):
+        return native.paged_attention(q_BTNH, *cache, layer, page_table_BP, pos_BT, window)
+    k_BSKH, v_BSKH = (_gather_pages(pool, layer, page_table_BP) for pool in cache)
+    kpos_BS = jnp.broadcast_to(jnp.arange(k_BSKH.shape[1], dtype=jnp.int32), k_BSKH.shape[:2])
+    owned_BS = kpos_BS <= jnp.max(pos_BT, axis=1, keepdims=True)
+    k_BSKH, v_BSKH = (jnp.where(owned_BS[..., None, None], a, 0) for a in (k_BSKH, v_BSKH))
+    return attend(q_BTNH, k_BSKH, v_BSKH, pos_BT, kpos_BS, window)
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, window: int | None = None):

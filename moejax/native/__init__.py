@@ -6,7 +6,9 @@ intra-op threads, with a register-tiled micro-kernel. XLA:CPU's few-row dots rea
 streaming bandwidth, copy an expert's slice of a stacked array first, and the "loop" dispatch pads
 each expert to a power-of-two row count; the kernel is faster at every token count measured, from
 a batch-1 decode step to a 1024-token prefill chunk (docs/benchmarks.md). `matmul` is the same
-micro-kernel as a plain [R, K] x [K, N] product, columns split over the threads.
+micro-kernel as a [R, K] x [K, N] product of one layer of a stacked weight read in place, columns
+split over the threads. `paged_attention` is causal GQA over the paged KV cache reading each query's
+own keys in place, where the XLA path gathers every row's whole page window and masks copies of it.
 
 The shared library is built by the package's own build (setup.py, optional: a machine without a
 compiler installs without it). `available()` says whether it was built, loads, and is enabled:
@@ -23,10 +25,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ENV = "MOEJAX_NATIVE"
 DEFAULT_ON = True
-_TARGETS = {"moejax_moe_swiglu": "MoejaxMoeSwiglu", "moejax_matmul": "MoejaxMatmul"}
+_TARGETS = {"moejax_moe_swiglu": "MoejaxMoeSwiglu", "moejax_matmul": "MoejaxMatmul",
+            "moejax_paged_attention": "MoejaxPagedAttention"}
 
 
 def enabled() -> bool:
@@ -97,3 +101,24 @@ def matmul(x_RK, w_LKN, layer=0, max_threads: int = 0):
     w_LKN = w_LKN[None] if w_LKN.ndim == 2 else w_LKN
     call = jax.ffi.ffi_call("moejax_matmul", jax.ShapeDtypeStruct((x_RK.shape[0], w_LKN.shape[2]), x_RK.dtype))
     return call(x_RK, w_LKN, jnp.asarray(layer, jnp.int32).reshape(()), max_threads=max_threads)
+
+
+def paged_attention(q_BTNH, k_pool, v_pool, layer, page_table_BP, pos_BT, window: int | None = None,
+                    max_threads: int = 0):
+    """Causal GQA of queries q_BTNH at positions pos_BT over the paged pools' layer `layer`.
+
+    Args:
+      q_BTNH: float32 [B, T, N, H] (RoPE applied). k_pool, v_pool: float32 [L, P, page, K, H], the
+        new tokens already written. page_table_BP: int32 [B, pages]. pos_BT: int32 (< 0: padding).
+      window: sliding window (keys with q_pos - k_pos < window), None for none.
+    Returns:
+      float32 [B, T, N, H]: softmax(q k / sqrt(H)) v over the keys at positions [0, q_pos] (within the
+      window) of the row's own pages; padding queries give zeros. Equal to `attention.attend` on the
+      gathered pages up to float rounding.
+    """
+    _require()
+    H = q_BTNH.shape[-1]
+    call = jax.ffi.ffi_call("moejax_paged_attention", jax.ShapeDtypeStruct(q_BTNH.shape, q_BTNH.dtype))
+    return call(q_BTNH, k_pool, v_pool, jnp.asarray(layer, jnp.int32).reshape(()), page_table_BP.astype(jnp.int32),
+                pos_BT.astype(jnp.int32), window=int(window or 0), scale=np.float32(H**-0.5),
+                max_threads=max_threads)

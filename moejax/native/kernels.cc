@@ -16,6 +16,10 @@
 // split over the threads: a layer's projection read in place in its stacked array (XLA:CPU copies
 // a dynamic slice of a stacked array before its dot).
 //
+// moejax_paged_attention: causal GQA of new queries over a paged KV cache, the pages read in place
+// (no gather of the row's whole page window, no masking copies): each query reads exactly the keys
+// at positions it may see, in its own pages (the isolation invariant of moejax/model/attention.py).
+//
 // Work, in phases separated by a barrier (no locks; see Job):
 //   0. (caller) counting sort of the (token, route) pairs by local expert, stable in token order;
 //      the pairs' rows are gathered into X [N, D].
@@ -364,6 +368,107 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// ---- paged attention ----
+
+// sum_h a[h] * b[h], 16 lanes at a time (a fixed order: the same result wherever it runs).
+MOEJAX_INLINE float dot(const float* __restrict a, const float* __restrict b, int64_t H) {
+  vf acc{};
+  int64_t h = 0;
+  for (; h + kV <= H; h += kV) acc += load(a + h) * load(b + h);
+  float sum = 0.0f;
+  for (int i = 0; i < kV; ++i) sum += acc[i];
+  for (; h < H; ++h) sum += a[h] * b[h];
+  return sum;
+}
+
+struct AttentionJob final : Job {
+  const float *q, *kpool, *vpool;  // kpool/vpool: this layer's [P, ps, K, H]
+  const int32_t *table, *pos;
+  float* o;
+  int64_t B, T, N, K, H, P, ps, MP, window;
+  float scale;
+
+  void item(int, int64_t i) override { run_item(i / K, i % K); }
+
+  // Queries of row b on kv head k (its G = N / K query heads), every t: keys at positions
+  // [lo, p] of the row's own pages only (p: the query's position; lo: the window's start).
+  MOEJAX_CLONES void run_item(int64_t b, int64_t k) {
+    const int64_t G = N / K;
+    thread_local std::vector<float> sbuf, obuf;
+    float* out_acc = scratch(obuf, G * H);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t p = pos[b * T + t];
+      float* ob = o + ((b * T + t) * N + k * G) * H;
+      if (p < 0) {  // padding: no query
+        std::memset(ob, 0, sizeof(float) * G * H);
+        continue;
+      }
+      const int64_t last = std::min(p, MP * ps - 1);
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+      const int64_t S = last - lo + 1;
+      float* sc = scratch(sbuf, G * std::max<int64_t>(S, 1));
+      const float* qb = q + ((b * T + t) * N + k * G) * H;
+      for (int64_t s = lo; s <= last; ++s) {
+        const int64_t page = std::clamp<int64_t>(table[b * MP + s / ps], 0, P - 1);
+        const float* ks = kpool + ((page * ps + s % ps) * K + k) * H;
+        for (int64_t g = 0; g < G; ++g) sc[g * S + (s - lo)] = dot(qb + g * H, ks, H) * scale;
+      }
+      std::memset(out_acc, 0, sizeof(float) * G * H);
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = sc + g * S;
+        float m = sg[0];
+        for (int64_t j = 1; j < S; ++j) m = std::max(m, sg[j]);
+        float total = 0.0f;
+        for (int64_t j = 0; j < S; ++j) total += (sg[j] = std::exp(sg[j] - m));
+        const float inv = 1.0f / total;
+        for (int64_t j = 0; j < S; ++j) sg[j] *= inv;
+      }
+      for (int64_t s = lo; s <= last; ++s) {
+        const int64_t page = std::clamp<int64_t>(table[b * MP + s / ps], 0, P - 1);
+        const float* __restrict vs = vpool + ((page * ps + s % ps) * K + k) * H;
+        for (int64_t g = 0; g < G; ++g) {
+          const float w = sc[g * S + (s - lo)];
+          float* __restrict acc = out_acc + g * H;
+          for (int64_t h = 0; h < H; ++h) acc[h] += w * vs[h];
+        }
+      }
+      std::memcpy(ob, out_acc, sizeof(float) * G * H);
+    }
+  }
+};
+
+ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kpool,
+                         ffi::Buffer<ffi::F32> vpool, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> table,
+                         ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> out, int64_t window, float scale,
+                         int64_t max_threads) {
+  const auto qd = q.dimensions(), kd = kpool.dimensions(), vd = vpool.dimensions(), td = table.dimensions(),
+             pd = pos.dimensions();
+  if (qd.size() != 4 || kd.size() != 5 || vd.size() != 5 || td.size() != 2 || pd.size() != 2) {
+    return ffi::Error::InvalidArgument(
+        "paged_attention: q [B, T, N, H], pools [L, P, page, K, H], table [B, pages], pos [B, T] expected");
+  }
+  for (int i = 0; i < 5; ++i) {
+    if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("paged_attention: k and v pools differ in shape");
+  }
+  auto job = std::make_shared<AttentionJob>();
+  job->B = qd[0], job->T = qd[1], job->N = qd[2], job->H = qd[3];
+  job->P = kd[1], job->ps = kd[2], job->K = kd[3], job->MP = td[1];
+  if (kd[4] != job->H || job->K == 0 || job->N % job->K != 0 || td[0] != job->B || pd[0] != job->B ||
+      pd[1] != job->T || job->P == 0) {
+    return ffi::Error::InvalidArgument("paged_attention: inconsistent shapes (heads, head_dim, rows or pages)");
+  }
+  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, kd[0] - 1);
+  const int64_t per_layer = job->P * job->ps * job->K * job->H;
+  job->q = q.typed_data(), job->kpool = kpool.typed_data() + l * per_layer;
+  job->vpool = vpool.typed_data() + l * per_layer;
+  job->table = table.typed_data(), job->pos = pos.typed_data(), job->o = out->typed_data();
+  job->window = window, job->scale = scale;
+  job->items[0] = job->B * job->K;
+  if (job->items[0] == 0 || job->T == 0) return ffi::Error::Success();
+  run_job(pool, job, max_threads);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxMoeSwiglu, MoeSwigluImpl,
@@ -386,4 +491,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxMatmul, MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w [L, K, N]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer []
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [R, N]
+                                  .Attr<int64_t>("max_threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxPagedAttention, AttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q [B, T, N, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k pool [L, P, page, K, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v pool [L, P, page, K, H]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer []
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // page table [B, pages]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // positions [B, T] (< 0: padding)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // o [B, T, N, H]
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("scale")
                                   .Attr<int64_t>("max_threads"));
