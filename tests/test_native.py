@@ -112,6 +112,30 @@ def test_argmax_matches_jnp_argmax_on_ties_nan_and_inf():
 
 
 @needs_kernel
+@pytest.mark.parametrize("V", [50, 1000, 4099])
+def test_argmax_and_finite_per_row_on_a_sharded_batch(V):
+    """The native pass (vector body and scalar tail) gives jnp.argmax and the finiteness flag, also when
+    the rows are split over a mesh axis (it runs per shard: a custom call has no sharding rule)."""
+    from moejax.model.layers import argmax_and_finite
+
+    rng = np.random.default_rng(V)
+    x = rng.standard_normal((8, V)).astype(np.float32)
+    x[1, V - 1] = np.nan  # in the tail
+    x[2, V // 2] = np.inf
+    x[3, [V - 3, V - 2]] = 50.0  # tie near the end
+    x[4, 5] = -np.inf  # non-finite, not the maximum
+    want_i, want_f = np.asarray(jnp.argmax(x, axis=-1)), np.isfinite(x).all(axis=-1)
+    mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, jax.NamedSharding(mesh, jax.P("data", None)))
+        got_i, got_f = jax.jit(argmax_and_finite)(xs)
+        assert jax.typeof(got_i).sharding.spec == jax.P("data")
+    np.testing.assert_array_equal(np.asarray(got_i), want_i)
+    np.testing.assert_array_equal(np.asarray(got_f), want_f)
+    assert want_f.tolist() == [True, False, False, True, False, True, True, True]
+
+
+@needs_kernel
 def test_matmul_equals_numpy():
     rng = np.random.default_rng(1)
     for R, K, N in ((1, 8, 8), (3, 64, 2000), (9, 700, 33), (32, 512, 1030)):

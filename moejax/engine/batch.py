@@ -31,6 +31,7 @@ import numpy as np
 
 from moejax import steps as steps_lib
 from moejax.engine.sampling import SamplingParams, sample
+from moejax.model.layers import argmax_and_finite
 
 NONFINITE = -1  # the step's id for a row whose logits are not all finite
 
@@ -87,7 +88,8 @@ def _sample_rows(logits_BV, packed_BW, T: int):
     as_f32 = lambda c: jax.lax.bitcast_convert_type(col(c), jnp.float32)  # noqa: E731
     seed_B = jax.lax.bitcast_convert_type(col(SEED), jnp.uint32)
     ids_B = sample(logits_BV, as_f32(TEMPERATURE), col(TOP_K), as_f32(TOP_P), seed_B, col(COUNTER))
-    return jnp.where(jnp.all(jnp.isfinite(logits_BV), axis=-1), ids_B, NONFINITE)
+    # The same call as sample's greedy argmax: XLA computes it once.
+    return jnp.where(argmax_and_finite(logits_BV)[1], ids_B, NONFINITE)
 
 
 _SAMPLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

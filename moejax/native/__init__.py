@@ -30,7 +30,7 @@ import numpy as np
 ENV = "MOEJAX_NATIVE"
 DEFAULT_ON = True
 _TARGETS = {"moejax_moe_swiglu": "MoejaxMoeSwiglu", "moejax_matmul": "MoejaxMatmul",
-            "moejax_paged_attention": "MoejaxPagedAttention"}
+            "moejax_paged_attention": "MoejaxPagedAttention", "moejax_argmax": "MoejaxArgmax"}
 
 
 def enabled() -> bool:
@@ -122,3 +122,29 @@ def paged_attention(q_BTNH, k_pool, v_pool, layer, page_table_BP, pos_BT, window
     return call(q_BTNH, k_pool, v_pool, jnp.asarray(layer, jnp.int32).reshape(()), page_table_BP.astype(jnp.int32),
                 pos_BT.astype(jnp.int32), window=int(window or 0), scale=np.float32(H**-0.5),
                 max_threads=max_threads)
+
+
+def argmax(x_BV, max_threads: int = 0):
+    """(index [B] int32, finite [B] bool) of float32 x_BV [B, V]: the first maximum of each row (the
+    first NaN where it has one: `jnp.argmax`), and whether the row is all finite.
+
+    Under a mesh, each device's rows are done where they are (a `shard_map` over x's row sharding):
+    a custom call has no sharding rule of its own. x's vocabulary must not be split.
+    """
+    _require()
+
+    def local(x_):
+        call = jax.ffi.ffi_call("moejax_argmax", (jax.ShapeDtypeStruct((x_.shape[0],), jnp.int32),) * 2)
+        index_, finite_ = call(x_, max_threads=max_threads)
+        return index_, finite_.astype(bool)
+
+    sharding = getattr(jax.typeof(x_BV), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty:
+        return local(x_BV)
+    rows, vocab = (tuple(sharding.spec) + (None, None))[:2]
+    if vocab is not None:
+        raise ValueError(f"native.argmax: the vocabulary axis of x must not be split (spec {sharding.spec})")
+    spec = jax.sharding.PartitionSpec
+    return jax.shard_map(local, mesh=mesh, in_specs=spec(rows, None), out_specs=(spec(rows), spec(rows)),
+                         check_vma=False)(x_BV)

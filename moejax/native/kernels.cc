@@ -20,6 +20,9 @@
 // (no gather of the row's whole page window, no masking copies): each query reads exactly the keys
 // at positions it may see, in its own pages (the isolation invariant of moejax/model/attention.py).
 //
+// moejax_argmax: per row of logits, the first maximum (jnp.argmax: the first NaN if any) and whether
+// the row is all finite, in one vectorized pass (XLA:CPU's variadic argmax reduction does not vectorize).
+//
 // Work, in phases separated by a barrier (no locks; see Job):
 //   0. (caller) counting sort of the (token, route) pairs by local expert, stable in token order;
 //      the pairs' rows are gathered into X [N, D].
@@ -30,16 +33,18 @@
 // which thread ran it (rows are independent; a token's routes are summed in expert order), so a
 // request's tokens do not depend on the other requests in flight; a NaN row stays in its own row.
 //
-// Micro-kernel: a register tile of R rows (<= 8) x NV 16-float vectors (R * NV <= 24 accumulators)
-// over a K block; per k, NV weight vectors loaded once and FMA'd into every row. GCC vector
-// extensions, compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the baseline
-// (target_clones, chosen at load time): one build runs on any x86-64 machine.
+// Micro-kernel: a register tile of R rows x NV vectors of W floats over a K block; per k, NV weight
+// vectors loaded once and FMA'd into every row. GCC vector extensions, compiled for x86-64-v4
+// (AVX-512: W = 16, R <= 8), x86-64-v3 (AVX2 + FMA: W = 8, R <= 6) and the baseline (target_clones,
+// chosen at load time; each clone picks its width and tile shapes to fit its register file): one
+// build runs on any x86-64 machine.
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -57,9 +62,27 @@ namespace {
 #endif
 #define MOEJAX_INLINE inline __attribute__((always_inline))
 
-typedef float vf __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2 ones
-constexpr int64_t kV = 16;
-constexpr int64_t kRows = 8;     // rows per register tile
+// Vectors of W floats: W = 16 where the x86-64-v4 clone runs (one AVX-512 register, 32 of them),
+// else W = 8 (one AVX2 register, 16 of them). Every routine that holds vectors is a template on W,
+// and each clone picks its width at run time from `wide()`; a 16-float vector on AVX2 is split
+// into pieces and its register tile spills (measured: 6-7 GFLOP/s at every row count, 2026-12-03).
+template <int W>
+struct Vec {
+  typedef float f __attribute__((vector_size(W * 4)));
+  typedef int32_t i __attribute__((vector_size(W * 4)));
+};
+
+// Whether the machine runs the x86-64-v4 clones (the same test as target_clones' resolver).
+bool wide() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  static const bool v4 = __builtin_cpu_supports("x86-64-v4");
+  return v4;
+#else
+  return false;
+#endif
+}
+
+constexpr int64_t kV = 16;        // column granularity: a multiple of every W
 constexpr int64_t kKBlock = 512;  // K block: a [kKBlock, chunk] weight panel stays in L2 across row tiles
 constexpr int64_t kChunk = 128;   // columns per work item (a multiple of kV)
 // One row tile is bound by reading the weights: a short K block keeps all of a chunk's lines of a
@@ -68,29 +91,43 @@ constexpr int64_t kChunk = 128;   // columns per work item (a multiple of kV)
 constexpr int64_t kFewRowsKBlock = 32;
 constexpr int64_t kPrefetchRows = 16;
 
-MOEJAX_INLINE vf load(const float* p) {
-  vf v;
+// Rows per register tile: R rows x NV(R) vectors of accumulators, plus NV weight vectors and one
+// broadcast, fit the register file (32 vectors at W = 16, 16 at W = 8).
+template <int W>
+constexpr int64_t kRowsOf = W == 16 ? 8 : 6;
+
+template <int W, int R>
+constexpr int kVectorsOf = W == 16 ? (R <= 3 ? 8 : R == 4 ? 6 : R <= 6 ? 4 : 3)
+                                   : (R == 1 ? 6 : R == 2 ? 4 : R == 3 ? 3 : 2);
+
+template <int W>
+MOEJAX_INLINE typename Vec<W>::f load(const float* p) {
+  typename Vec<W>::f v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-MOEJAX_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+template <int W>
+MOEJAX_INLINE void store(float* p, typename Vec<W>::f v) {
+  std::memcpy(p, &v, sizeof v);
+}
 
-// y[R, NV * 16] (+)= x[R, K] @ w[K, NV * 16]; acc reloaded from y when `accumulate` (a later K block).
-template <int R, int NV>
+// y[R, NV * W] (+)= x[R, K] @ w[K, NV * W]; acc reloaded from y when `accumulate` (a later K block).
+template <int W, int R, int NV>
 MOEJAX_INLINE void tile(const float* __restrict x, int64_t ldx, const float* __restrict w, int64_t ldw, int64_t K,
                         float* __restrict y, int64_t ldy, bool accumulate) {
+  typedef typename Vec<W>::f vf;
   vf acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) acc[r][j] = accumulate ? load(y + r * ldy + j * kV) : vf{};
+    for (int j = 0; j < NV; ++j) acc[r][j] = accumulate ? load<W>(y + r * ldy + j * W) : vf{};
   for (int64_t k = 0; k < K; ++k) {
     const float* __restrict wk = w + k * ldw;
     vf wv[NV];
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) {
-      __builtin_prefetch(wk + kPrefetchRows * ldw + j * kV);
-      wv[j] = load(wk + j * kV);
+      if (j * W % 16 == 0) __builtin_prefetch(wk + kPrefetchRows * ldw + j * W);  // one per cache line
+      wv[j] = load<W>(wk + j * W);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -102,10 +139,10 @@ MOEJAX_INLINE void tile(const float* __restrict x, int64_t ldx, const float* __r
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) store(y + r * ldy + j * kV, acc[r][j]);
+    for (int j = 0; j < NV; ++j) store<W>(y + r * ldy + j * W, acc[r][j]);
 }
 
-// Columns not a multiple of 16: plain scalar FMAs, the same sequence per element as the tiles.
+// Columns not a multiple of W: plain scalar FMAs, the same sequence per element as the tiles.
 MOEJAX_INLINE void tail(const float* __restrict x, int64_t ldx, int64_t R, const float* __restrict w, int64_t ldw,
                         int64_t K, int64_t N, float* __restrict y, int64_t ldy, bool accumulate) {
   for (int64_t r = 0; r < R; ++r)
@@ -117,49 +154,61 @@ MOEJAX_INLINE void tail(const float* __restrict x, int64_t ldx, int64_t R, const
 }
 
 // One row tile of R rows across N columns, one K block.
-template <int R>
+template <int W, int R>
 MOEJAX_INLINE void row_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, int64_t N,
                             float* y, int64_t ldy, bool acc) {
-  constexpr int NV = R <= 3 ? 8 : R == 4 ? 6 : R <= 6 ? 4 : 3;
+  constexpr int NV = kVectorsOf<W, R>;
   int64_t n = 0;
-  for (; n + NV * kV <= N; n += NV * kV) tile<R, NV>(x, ldx, w + n, ldw, K, y + n, ldy, acc);
-  for (; n + kV <= N; n += kV) tile<R, 1>(x, ldx, w + n, ldw, K, y + n, ldy, acc);  // remaining vectors
+  for (; n + NV * W <= N; n += NV * W) tile<W, R, NV>(x, ldx, w + n, ldw, K, y + n, ldy, acc);
+  for (; n + W <= N; n += W) tile<W, R, 1>(x, ldx, w + n, ldw, K, y + n, ldy, acc);  // remaining vectors
   if (n < N) tail(x, ldx, R, w + n, ldw, K, N - n, y + n, ldy, acc);
 }
 
-// y[R, N] = x[R, K] @ w[K, N] (row strides ldx, ldw, ldy).
-MOEJAX_CLONES __attribute__((noinline)) void gemm(const float* x, int64_t ldx, int64_t R, const float* w, int64_t ldw, int64_t K, int64_t N,
-                        float* y, int64_t ldy) {
-  if (K == 0) {
-    for (int64_t r = 0; r < R; ++r) std::memset(y + r * ldy, 0, sizeof(float) * N);
-    return;
-  }
-  const int64_t kblock = R <= kRows ? kFewRowsKBlock : kKBlock;
+template <int W>
+MOEJAX_INLINE void gemm_w(const float* x, int64_t ldx, int64_t R, const float* w, int64_t ldw, int64_t K,
+                          int64_t N, float* y, int64_t ldy) {
+  constexpr int64_t rows = kRowsOf<W>;
+  const int64_t kblock = R <= 8 ? kFewRowsKBlock : kKBlock;
   for (int64_t k0 = 0; k0 < K; k0 += kblock) {
     const int64_t kb = std::min(kblock, K - k0);
     const bool acc = k0 > 0;
-    for (int64_t r0 = 0; r0 < R; r0 += kRows) {
+    for (int64_t r0 = 0; r0 < R; r0 += rows) {
       const float* xr = x + r0 * ldx + k0;
       const float* wk = w + k0 * ldw;
       float* yr = y + r0 * ldy;
-      switch (std::min(kRows, R - r0)) {
-        case 8: row_tile<8>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
-        case 7: row_tile<7>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
-        case 6: row_tile<6>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
-        case 5: row_tile<5>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
-        case 4: row_tile<4>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
-        case 3: row_tile<3>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
-        case 2: row_tile<2>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
-        default: row_tile<1>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
+      switch (std::min(rows, R - r0)) {
+        case 8: row_tile<W, kRowsOf<W> == 8 ? 8 : 1>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
+        case 7: row_tile<W, kRowsOf<W> == 8 ? 7 : 1>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
+        case 6: row_tile<W, 6>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
+        case 5: row_tile<W, 5>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
+        case 4: row_tile<W, 4>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
+        case 3: row_tile<W, 3>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
+        case 2: row_tile<W, 2>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
+        default: row_tile<W, 1>(xr, ldx, wk, ldw, kb, N, yr, ldy, acc); break;
       }
     }
   }
 }
 
+// y[R, N] = x[R, K] @ w[K, N] (row strides ldx, ldw, ldy).
+MOEJAX_CLONES __attribute__((noinline)) void gemm(const float* x, int64_t ldx, int64_t R, const float* w,
+                                                  int64_t ldw, int64_t K, int64_t N, float* y, int64_t ldy) {
+  if (K == 0) {
+    for (int64_t r = 0; r < R; ++r) std::memset(y + r * ldy, 0, sizeof(float) * N);
+    return;
+  }
+  if (wide()) {
+    gemm_w<16>(x, ldx, R, w, ldw, K, N, y, ldy);
+  } else {
+    gemm_w<8>(x, ldx, R, w, ldw, K, N, y, ldy);
+  }
+}
+
 // exp(t) for t in [-88, 88]: Cody-Waite reduction to 2^n * exp(r), |r| <= ln2/2, degree-6
-// polynomial (relative error ~1e-7); plain arithmetic, so the compiler vectorizes it.
+// polynomial (relative error ~1e-7); plain arithmetic, so the compiler vectorizes it. NaN stays NaN.
 MOEJAX_INLINE float exp_approx(float t) {
-  t = std::min(88.0f, std::max(-88.0f, t));
+  t = t < -88.0f ? -88.0f : t;
+  t = t > 88.0f ? 88.0f : t;
   const float n = std::nearbyint(t * 1.44269504088896341f);
   float r = t - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
@@ -370,13 +419,26 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
 // ---- paged attention ----
 
-// sum_h a[h] * b[h], 16 lanes at a time (a fixed order: the same result wherever it runs).
+// Sum of the W lanes as a tree of halves (a fixed order: the same result wherever it runs).
+template <int W>
+MOEJAX_INLINE float hsum(typename Vec<W>::f v) {
+  if constexpr (W == 4) {
+    return (v[0] + v[2]) + (v[1] + v[3]);
+  } else {
+    typename Vec<W / 2>::f lo, hi;
+    std::memcpy(&lo, &v, sizeof lo);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+    return hsum<W / 2>(lo + hi);
+  }
+}
+
+// sum_h a[h] * b[h], W lanes at a time.
+template <int W>
 MOEJAX_INLINE float dot(const float* __restrict a, const float* __restrict b, int64_t H) {
-  vf acc{};
+  typename Vec<W>::f acc{};
   int64_t h = 0;
-  for (; h + kV <= H; h += kV) acc += load(a + h) * load(b + h);
-  float sum = 0.0f;
-  for (int i = 0; i < kV; ++i) sum += acc[i];
+  for (; h + W <= H; h += W) acc += load<W>(a + h) * load<W>(b + h);
+  float sum = hsum<W>(acc);
   for (; h < H; ++h) sum += a[h] * b[h];
   return sum;
 }
@@ -394,6 +456,7 @@ struct AttentionJob final : Job {
   // [lo, p] of the row's own pages only (p: the query's position; lo: the window's start).
   MOEJAX_CLONES void run_item(int64_t b, int64_t k) {
     const int64_t G = N / K;
+    const bool is_wide = wide();
     thread_local std::vector<float> sbuf, obuf;
     float* out_acc = scratch(obuf, G * H);
     for (int64_t t = 0; t < T; ++t) {
@@ -411,7 +474,9 @@ struct AttentionJob final : Job {
       for (int64_t s = lo; s <= last; ++s) {
         const int64_t page = std::clamp<int64_t>(table[b * MP + s / ps], 0, P - 1);
         const float* ks = kpool + ((page * ps + s % ps) * K + k) * H;
-        for (int64_t g = 0; g < G; ++g) sc[g * S + (s - lo)] = dot(qb + g * H, ks, H) * scale;
+        for (int64_t g = 0; g < G; ++g) {
+          sc[g * S + (s - lo)] = (is_wide ? dot<16>(qb + g * H, ks, H) : dot<8>(qb + g * H, ks, H)) * scale;
+        }
       }
       std::memset(out_acc, 0, sizeof(float) * G * H);
       for (int64_t g = 0; g < G; ++g) {
@@ -419,7 +484,8 @@ struct AttentionJob final : Job {
         float m = sg[0];
         for (int64_t j = 1; j < S; ++j) m = std::max(m, sg[j]);
         float total = 0.0f;
-        for (int64_t j = 0; j < S; ++j) total += (sg[j] = std::exp(sg[j] - m));
+        for (int64_t j = 0; j < S; ++j) sg[j] = exp_approx(sg[j] - m);
+        for (int64_t j = 0; j < S; ++j) total += sg[j];
         const float inv = 1.0f / total;
         for (int64_t j = 0; j < S; ++j) sg[j] *= inv;
       }
@@ -469,6 +535,77 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   return ffi::Error::Success();
 }
 
+// ---- greedy: argmax and finiteness of each row ----
+
+struct ArgmaxJob final : Job {
+  const float* x;
+  int32_t *index, *finite;
+  int64_t V;
+
+  void item(int, int64_t b) override { row(b); }
+
+  MOEJAX_CLONES void row(int64_t b) {
+    if (wide()) {
+      row_w<16>(b);
+    } else {
+      row_w<8>(b);
+    }
+  }
+
+  // jnp.argmax semantics: the first maximum, or the first NaN if the row has one; a row of -inf: 0.
+  template <int W>
+  MOEJAX_INLINE void row_w(int64_t b) {
+    typedef typename Vec<W>::f vf;
+    typedef typename Vec<W>::i vi;
+    const float* xr = x + b * V;
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    vf top = vf{} + neg_inf;
+    vi odd{};  // lanes that saw inf or NaN (x - x is NaN exactly there)
+    int64_t j = 0;
+    for (; j + W <= V; j += W) {
+      const vf v = load<W>(xr + j), d = v - v;
+      top = v > top ? v : top;
+      odd |= d != d;
+    }
+    float m = neg_inf;
+    bool nonfinite = false;
+    for (int i = 0; i < W; ++i) m = std::max(m, top[i]), nonfinite |= odd[i] != 0;
+    for (; j < V; ++j) m = std::max(m, xr[j]), nonfinite |= !std::isfinite(xr[j]);
+    int64_t at = -1;
+    if (nonfinite) {  // the first NaN, if any, wins
+      for (int64_t i = 0; i < V && at < 0; ++i) at = std::isnan(xr[i]) ? i : -1;
+    }
+    if (at < 0) {
+      for (j = 0; j + W <= V; j += W) {
+        const vi hit = load<W>(xr + j) == m;
+        bool any = false;
+        for (int i = 0; i < W; ++i) any |= hit[i] != 0;
+        if (any) break;
+      }
+      for (; j < V && xr[j] != m; ++j) {}
+      at = j < V ? j : 0;
+    }
+    index[b] = static_cast<int32_t>(at);
+    finite[b] = nonfinite ? 0 : 1;
+  }
+};
+
+ffi::Error ArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> index,
+                      ffi::ResultBuffer<ffi::S32> finite, int64_t max_threads) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("argmax: x [B, V] expected");
+  auto job = std::make_shared<ArgmaxJob>();
+  job->x = x.typed_data(), job->index = index->typed_data(), job->finite = finite->typed_data();
+  job->V = xd[1];
+  job->items[0] = xd[1] == 0 ? 0 : xd[0];
+  if (job->items[0] == 0) {
+    for (int64_t b = 0; b < xd[0]; ++b) job->index[b] = 0, job->finite[b] = 1;
+    return ffi::Error::Success();
+  }
+  run_job(pool, job, max_threads);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxMoeSwiglu, MoeSwigluImpl,
@@ -505,4 +642,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxPagedAttention, AttentionImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // o [B, T, N, H]
                                   .Attr<int64_t>("window")
                                   .Attr<float>("scale")
+                                  .Attr<int64_t>("max_threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxArgmax, ArgmaxImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [B, V]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // index [B]: first maximum (first NaN)
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // finite [B]: 1 where the row is all finite
                                   .Attr<int64_t>("max_threads"));
