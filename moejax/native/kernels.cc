@@ -116,15 +116,6 @@ MOEJAX_INLINE void store(float* p, typename Vec<W>::f v) {
   std::memcpy(p, &v, sizeof v);
 }
 
-// s in every lane, as one broadcast (`vf{} + s` is an add the compiler must keep, -0.0 + 0.0 being
-// +0.0; `s - vf{}` and a lane loop were built lane by lane: 53 -> 32 GFLOP/s on AVX2).
-template <int W>
-MOEJAX_INLINE typename Vec<W>::f splat(float s) {
-  typename Vec<W>::f v{};
-  v[0] = s;
-  return __builtin_shuffle(v, typename Vec<W>::i{});
-}
-
 // y[R, NV * W] (+)= x[R, K] @ w[K, NV * W]; acc reloaded from y when `accumulate` (a later K block).
 template <int W, int R, int NV>
 MOEJAX_INLINE void tile(const float* __restrict x, int64_t ldx, const float* __restrict w, int64_t ldw, int64_t K,
@@ -145,7 +136,9 @@ MOEJAX_INLINE void tile(const float* __restrict x, int64_t ldx, const float* __r
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const vf a = splat<W>(x[r * ldx + k]);
+      // scalar * vector: one broadcast from memory (`vf{} + s` is an add the compiler must keep, as
+      // -0.0 + 0.0 is +0.0; a shuffle or lane loop was built through a register: 2-3 uops per row).
+      const float a = x[r * ldx + k];
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) acc[r][j] += a * wv[j];
     }
