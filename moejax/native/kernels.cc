@@ -84,12 +84,14 @@ bool wide() {
 
 constexpr int64_t kV = 16;        // column granularity: a multiple of every W
 constexpr int64_t kKBlock = 512;  // K block: a [kKBlock, chunk] weight panel stays in L2 across row tiles
-constexpr int64_t kChunk = 128;   // columns per work item (a multiple of kV)
+constexpr int64_t kChunk = 128;   // matmul: columns per work item, between half and 4x this (a multiple of kV)
 // One row tile is bound by reading the weights: a short K block keeps all of a chunk's lines of a
-// few weight rows in flight together, and each tile prefetches its lines this many rows ahead
-// (measured on bench-moe-100m shapes at 32 tokens: 1.34 -> 1.0 ms per layer, 2026-12-01).
+// few weight rows in flight together (measured on bench-moe-100m shapes at 32 tokens: 1.34 -> 1.0 ms
+// per layer, 2026-12-01), and each tile prefetches its lines one K block ahead, so the next block is
+// on its way while a block's row tiles (6 + 2 rows for 8 rows on AVX2) run: 8 rows over 84 MB of
+// expert weights 17-20 -> 11.5-12.4 ms on one AVX2 core against 16 rows ahead (2026-12-03).
 constexpr int64_t kFewRowsKBlock = 32;
-constexpr int64_t kPrefetchRows = 16;
+constexpr int64_t kPrefetchRows = kFewRowsKBlock;
 // Above 8 rows: weight panels of [kGemmKBlock, kGemmColTiles register tiles wide], row blocks of
 // kGemmRowBlock rows (each panel used by every row tile of the block while it is in cache).
 constexpr int64_t kGemmKBlock = 256;
@@ -311,15 +313,17 @@ struct MoeJob final : Job {
   std::vector<int64_t> expert, start, count;  // routed experts only
   int64_t f_chunks, d_chunks;
 
+  int64_t f_chunk, d_chunk;
+
   void item(int phase, int64_t i) override {
     if (phase == 0) {
-      const int64_t u = i / f_chunks, f0 = (i % f_chunks) * kChunk;
+      const int64_t u = i / f_chunks, f0 = (i % f_chunks) * f_chunk;
       const int64_t block = expert[u] * D * F;
-      up_item(X + start[u] * D, count[u], D, F, wg + block, wu + block, f0, std::min(kChunk, F - f0),
+      up_item(X + start[u] * D, count[u], D, F, wg + block, wu + block, f0, std::min(f_chunk, F - f0),
               H + start[u] * F);
     } else {
-      const int64_t u = i / d_chunks, d0 = (i % d_chunks) * kChunk;
-      gemm(H + start[u] * F, F, count[u], wd + expert[u] * F * D + d0, D, F, std::min(kChunk, D - d0),
+      const int64_t u = i / d_chunks, d0 = (i % d_chunks) * d_chunk;
+      gemm(H + start[u] * F, F, count[u], wd + expert[u] * F * D + d0, D, F, std::min(d_chunk, D - d0),
            O + start[u] * D + d0, D);
     }
   }
@@ -389,9 +393,20 @@ ffi::Error MoeSwigluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
       job->expert.push_back(e), job->start.push_back(counts[e]), job->count.push_back(counts[e + 1] - counts[e]);
     }
   }
-  job->f_chunks = (F + kChunk - 1) / kChunk;
-  job->d_chunks = (D + kChunk - 1) / kChunk;
+  // Column chunks per expert: as few as still give every thread two items (wide chunks read each
+  // weight row in long contiguous runs: 8 rows over 84 MB of expert weights, whole 640-wide rows
+  // against 128-wide chunks, 12.8-13.6 -> 7.2-9.8 ms on one AVX2 core, 2026-12-03), in whole vectors.
   const int64_t used = job->expert.size();
+  const int64_t pool_threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t threads = max_threads > 0 ? std::min(max_threads, pool_threads) : pool_threads;
+  const int64_t per_expert = std::max<int64_t>(1, (2 * threads + used - 1) / used);
+  const auto chunk_of = [&](int64_t width) {
+    const int64_t c = (width + per_expert - 1) / per_expert;
+    return std::max<int64_t>(kV, (c + kV - 1) / kV * kV);
+  };
+  job->f_chunk = chunk_of(F), job->d_chunk = chunk_of(D);
+  job->f_chunks = (F + job->f_chunk - 1) / job->f_chunk;
+  job->d_chunks = (D + job->d_chunk - 1) / job->d_chunk;
   job->items[0] = used * job->f_chunks;
   job->items[1] = used * job->d_chunks;
   run_job(pool, job, max_threads);
