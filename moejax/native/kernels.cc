@@ -184,10 +184,14 @@ template <int W>
 MOEJAX_INLINE void row_tiles(const float* x, int64_t ldx, int64_t R, const float* w, int64_t ldw, int64_t K,
                              int64_t N, float* y, int64_t ldy, bool acc) {
   constexpr int64_t rows = kRowsOf<W>;
-  for (int64_t r0 = 0; r0 < R; r0 += rows) {
+  for (int64_t r0 = 0, n; r0 < R; r0 += n) {
+    // The last two tiles share what is left between one and two tiles' rows (8 rows at 6 per tile:
+    // 4 + 4, not 6 + 2): a short tile does the same weight loads for fewer FMAs.
+    const int64_t left = R - r0;
+    n = left > rows && left < 2 * rows ? (left + 1) / 2 : std::min(rows, left);
     const float* xr = x + r0 * ldx;
     float* yr = y + r0 * ldy;
-    switch (std::min(rows, R - r0)) {
+    switch (n) {
       case 8: row_tile<W, rows == 8 ? 8 : 1>(xr, ldx, w, ldw, K, N, yr, ldy, acc); break;
       case 7: row_tile<W, rows == 8 ? 7 : 1>(xr, ldx, w, ldw, K, N, yr, ldy, acc); break;
       case 6: row_tile<W, 6>(xr, ldx, w, ldw, K, N, yr, ldy, acc); break;
