@@ -313,3 +313,18 @@ def test_paged_attention_reads_nothing_past_a_query_position():
     got = np.asarray(native.paged_attention(q, k_bad, v_bad, 0, table, pos))
     assert np.isfinite(got).all()
     np.testing.assert_array_equal(got, clean)
+
+
+@needs_kernel
+def test_sampling_runs_the_greedy_argmax_once():
+    """The engine's sampling asks for the greedy ids (in `sample`) and the finiteness flag (in batch.py)
+    of the same logits; XLA merges the two identical native calls into one pass (the claim in
+    batch._sample_rows). The other call in the program is the seeded draw's argmax."""
+    from moejax.engine import batch
+
+    B, V, T, P = 4, 100, 1, 2
+    logits = jnp.asarray(np.random.default_rng(6).standard_normal((B, V)), jnp.float32)
+    packed = jnp.asarray(batch.padding(B, T, P))
+    fn = jax.jit(batch._sample_rows, static_argnums=2)
+    assert fn.lower(logits, packed, T).compile().as_text().count('custom_call_target="moejax_argmax"') == 2
+    np.testing.assert_array_equal(fn(logits, packed, T), np.argmax(np.asarray(logits), axis=-1))

@@ -83,7 +83,6 @@ bool wide() {
 }
 
 constexpr int64_t kV = 16;        // column granularity: a multiple of every W
-constexpr int64_t kKBlock = 512;  // K block: a [kKBlock, chunk] weight panel stays in L2 across row tiles
 constexpr int64_t kChunk = 128;   // matmul: columns per work item, between half and 4x this (a multiple of kV)
 // One row tile is bound by reading the weights: a short K block keeps all of a chunk's lines of a
 // few weight rows in flight together (measured on bench-moe-100m shapes at 32 tokens: 1.34 -> 1.0 ms
@@ -282,11 +281,15 @@ struct Job {
   }
 };
 
+// Threads a call may use: the pool's, at most max_threads (0: no limit).
+int64_t thread_cap(ffi::ThreadPool& pool, int64_t max_threads) {
+  const int64_t pool_threads = std::max<int64_t>(1, pool.num_threads());
+  return max_threads > 0 ? std::min(max_threads, pool_threads) : pool_threads;
+}
+
 void run_job(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, int64_t max_threads) {
   const int64_t most = std::max(job->items[0], job->items[1]);
-  const int64_t pool_threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t cap = max_threads > 0 ? std::min(max_threads, pool_threads) : pool_threads;
-  const int64_t threads = std::max<int64_t>(1, std::min(cap, most));
+  const int64_t threads = std::max<int64_t>(1, std::min(thread_cap(pool, max_threads), most));
   for (int64_t t = 1; t < threads; ++t) pool.Schedule([job] { job->run(); });
   job->run();
 }
@@ -315,9 +318,7 @@ struct MoeJob final : Job {
   float *H, *O;
   int64_t D, F;
   std::vector<int64_t> expert, start, count;  // routed experts only
-  int64_t f_chunks, d_chunks;
-
-  int64_t f_chunk, d_chunk;
+  int64_t f_chunk, d_chunk, f_chunks, d_chunks;  // column chunk widths and counts per expert
 
   void item(int phase, int64_t i) override {
     if (phase == 0) {
@@ -401,8 +402,7 @@ ffi::Error MoeSwigluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   // weight row in long contiguous runs: 8 rows over 84 MB of expert weights, whole 640-wide rows
   // against 128-wide chunks, 12.8-13.6 -> 7.2-9.8 ms on one AVX2 core, 2026-12-03), in whole vectors.
   const int64_t used = job->expert.size();
-  const int64_t pool_threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t threads = max_threads > 0 ? std::min(max_threads, pool_threads) : pool_threads;
+  const int64_t threads = thread_cap(pool, max_threads);
   const int64_t per_expert = std::max<int64_t>(1, (2 * threads + used - 1) / used);
   const auto chunk_of = [&](int64_t width) {
     const int64_t c = (width + per_expert - 1) / per_expert;
@@ -450,7 +450,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   job->x = x.typed_data(), job->w = w.typed_data() + l * job->K * job->N, job->y = out->typed_data();
   if (job->R == 0 || job->N == 0) return ffi::Error::Success();
   // Column chunks: about two per thread (whole vectors), between one and four work-item widths.
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t threads = thread_cap(pool, max_threads);
   const int64_t per = (job->N + 2 * threads - 1) / (2 * threads);
   job->chunk = std::clamp<int64_t>((per + kV - 1) / kV * kV, kChunk / 2, 4 * kChunk);
   job->items[0] = (job->N + job->chunk - 1) / job->chunk;
