@@ -63,15 +63,16 @@ def test_kernel_equals_reference(L, E, D, F):
 
 @needs_kernel
 def test_a_row_does_not_depend_on_the_others():
-    """Bitwise: a row's output alone equals it inside any batch (the engine's busy-vs-alone exactness);
-    a NaN row stays in its own row."""
+    """Bitwise: a row's output alone equals it inside any batch (the engine's busy-vs-alone exactness:
+    alone, the few-row path; in the batch, ~50 rows per expert, the packed-panel path); a NaN row
+    stays in its own row."""
     rng = np.random.default_rng(5)
     L, E, D, F = 2, 8, 64, 160
     w = _weights(rng, L, E, D, F)
     call = jax.jit(native.moe_swiglu)
-    x = rng.standard_normal((40, D)).astype(np.float32)
-    local = rng.integers(0, E, (40, 2)).astype(np.int32)
-    gate = rng.random((40, 2)).astype(np.float32)
+    x = rng.standard_normal((200, D)).astype(np.float32)
+    local = rng.integers(0, E, (200, 2)).astype(np.int32)
+    gate = rng.random((200, 2)).astype(np.float32)
     alone = np.asarray(call(x[3:4], gate[3:4], local[3:4], *w, 1))
     x[7] = np.nan
     busy = np.asarray(call(x, gate, local, *w, 1))
@@ -138,7 +139,9 @@ def test_argmax_and_finite_per_row_on_a_sharded_batch(V):
 @needs_kernel
 def test_matmul_equals_numpy():
     rng = np.random.default_rng(1)
-    for R, K, N in ((1, 8, 8), (3, 64, 2000), (9, 700, 33), (32, 512, 1030)):
+    # few rows; packed panels with tail columns only, whole panels + tail, a partial last panel, K
+    # blocks with a remainder, row tiles split unevenly
+    for R, K, N in ((1, 8, 8), (3, 64, 2000), (9, 700, 33), (32, 512, 1030), (13, 700, 200), (50, 257, 130)):
         x, w = rng.standard_normal((R, K)).astype(np.float32), rng.standard_normal((K, N)).astype(np.float32)
         want = x.astype(np.float64) @ w
         np.testing.assert_allclose(jax.jit(native.matmul)(x, w), want, rtol=1e-4, atol=1e-4 * np.sqrt(K))

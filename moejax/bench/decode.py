@@ -259,16 +259,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         torch_model = build_checkpoint(cfg, Path(tmp))
         vllm = None
         if args.vs_vllm:
-            from moejax.bench.vs_vllm import VLLM
+            from moejax.bench.vs_vllm import VLLM, settle
 
             vllm = VLLM(args.vs_vllm, Path(tmp), max(batches), args.isl + args.osl, os.cpu_count() or 1)
             stack.callback(vllm.close)
         for batch in batches:
             prompts = rng.integers(0, cfg.vocab_size, (batch, args.isl))
+            if vllm is not None:
+                settle()  # vLLM's processes stay busy ~1 s after a batch (moejax.bench.vs_vllm)
             ours = run_moejax(Path(tmp), batch, prompts, args.osl)
             row = dict(batch=batch, ours=ours, hf=None, vllm=None)
             if vllm is not None:
                 vllm.run(prompts.tolist(), 4)  # warm-up: its compiled graphs for this batch size
+                settle()
                 row["vllm"] = vllm.run(prompts.tolist(), args.osl)
             if not args.no_hf:
                 hf = run_hf(torch_model, prompts, args.osl)

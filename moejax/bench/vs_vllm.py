@@ -14,6 +14,10 @@ tokens/s (new tokens / wall time of the whole batch), TPOT (mean over requests o
 first token) / (tokens - 1)) and TTFT (mean over requests, arrival to first token), from each
 engine's own per-request timestamps, and moejax / vLLM ratios within the round. Greedy tokens are
 compared. The ratios within a round are the figures to trust on a shared machine.
+
+Before each run the host is let settle (`settle`): vLLM's processes keep about one core busy for
+~1 s after a batch ends (measured on 2 cores: 0.23-0.26 s of CPU per 0.25 s for the first second,
+then none), which would slow whichever engine runs next, whatever its name.
 """
 
 from __future__ import annotations
@@ -64,6 +68,32 @@ class VLLM:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def _busy_jiffies() -> int | None:
+    """CPU time (clock ticks) all processes have used since boot, from /proc/stat; None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return user + nice + system + irq + softirq + steal
+
+
+def settle(quiet: float = 0.05, window: float = 0.25, most: float = 10.0) -> float:
+    """Wait until the host is idle (busy under `quiet` of one core over `window` seconds), at most
+    `most` seconds; returns the seconds waited. Off Linux, waits 2 s."""
+    start = time.perf_counter()
+    if _busy_jiffies() is None:
+        time.sleep(2.0)
+        return 2.0
+    hz = os.sysconf("SC_CLK_TCK")
+    while time.perf_counter() - start < most:
+        before = _busy_jiffies()
+        time.sleep(window)
+        if (_busy_jiffies() - before) / hz < quiet * window:
+            break
+    return time.perf_counter() - start
 
 
 def _mean(xs):
@@ -131,6 +161,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     order = ("moejax", "vllm") if r % 2 == 0 else ("vllm", "moejax")
                     got = {}
                     for system in order:
+                        settle()
                         got[system] = (run_moejax(engines[b], prompts[b], args.osl) if system == "moejax"
                                        else vllm.run(prompts[b], args.osl))
                     row = {"round": r, "batch": b, "same_tokens": got["moejax"]["tokens"] == got["vllm"]["tokens"],

@@ -34,10 +34,12 @@
 // request's tokens do not depend on the other requests in flight; a NaN row stays in its own row.
 //
 // Micro-kernel: a register tile of R rows x NV vectors of W floats over a K block; per k, NV weight
-// vectors loaded once and FMA'd into every row. GCC vector extensions, compiled for x86-64-v4
-// (AVX-512: W = 16, R <= 8), x86-64-v3 (AVX2 + FMA: W = 8, R <= 6) and the baseline (target_clones,
-// chosen at load time; each clone picks its width and tile shapes to fit its register file): one
-// build runs on any x86-64 machine.
+// vectors loaded once and FMA'd into every row. At most 8 rows (decode), the weights are streamed
+// in place; above, GotoBLAS-style packed weight panels (gemm_packed), the next one prefetched while
+// the current one is used. GCC vector extensions, compiled for x86-64-v4 (AVX-512: W = 16, R <= 8),
+// x86-64-v3 (AVX2 + FMA: W = 8, R <= 6) and the baseline (target_clones, chosen at load time; each
+// clone picks its width and tile shapes to fit its register file): one build runs on any x86-64
+// machine.
 
 #include <algorithm>
 #include <atomic>
@@ -91,16 +93,19 @@ constexpr int64_t kChunk = 128;   // matmul: columns per work item, between half
 // expert weights 17-20 -> 11.5-12.4 ms on one AVX2 core against 16 rows ahead (2026-12-03).
 constexpr int64_t kFewRowsKBlock = 32;
 constexpr int64_t kPrefetchRows = kFewRowsKBlock;
-// Above 8 rows: weight panels of [kGemmKBlock, kGemmColTiles register tiles wide], row blocks of
-// kGemmRowBlock rows (each panel used by every row tile of the block while it is in cache).
+// Above kPackRows rows: packed weight panels of [kGemmKBlock, kGemmColTiles register tiles wide]
+// (gemm_packed).
+constexpr int64_t kPackRows = 8;
 constexpr int64_t kGemmKBlock = 256;
 constexpr int64_t kGemmColTiles = 4;
-constexpr int64_t kGemmRowBlock = 96;
 
 // Rows per register tile: R rows x NV(R) vectors of accumulators, plus NV weight vectors and one
 // broadcast, fit the register file (32 vectors at W = 16, 16 at W = 8).
 template <int W>
 constexpr int64_t kRowsOf = W == 16 ? 8 : 6;
+// Rows per register tile of the packed path (gemm_packed): 6 x 4 vectors at W = 16 (the column
+// tile, 64 floats, divides the usual model widths), 6 x 2 at W = 8.
+constexpr int64_t kPackedRows = 6;
 
 template <int W, int R>
 constexpr int kVectorsOf = W == 16 ? (R <= 3 ? 8 : R == 4 ? 6 : R <= 6 ? 4 : 3)
@@ -117,10 +122,18 @@ MOEJAX_INLINE void store(float* p, typename Vec<W>::f v) {
   std::memcpy(p, &v, sizeof v);
 }
 
+// How a register tile reads its weights: in place (prefetching its own rows kPrefetchRows ahead),
+// in place while copying them into a packed panel, or from a packed panel (prefetching another
+// stream into L2: the next panel, see gemm_packed).
+enum class Read { kInPlace, kPacking, kPacked };
+
 // y[R, NV * W] (+)= x[R, K] @ w[K, NV * W]; acc reloaded from y when `accumulate` (a later K block).
-template <int W, int R, int NV>
+// kPacking also stores the weights it reads into pack [K, NV * W]; kPacked prefetches one line of
+// pf + k * pf_ld per k (none when pf is null).
+template <int W, int R, int NV, Read How = Read::kInPlace>
 MOEJAX_INLINE void tile(const float* __restrict x, int64_t ldx, const float* __restrict w, int64_t ldw, int64_t K,
-                        float* __restrict y, int64_t ldy, bool accumulate) {
+                        float* __restrict y, int64_t ldy, bool accumulate, float* __restrict pack = nullptr,
+                        const float* pf = nullptr, int64_t pf_ld = 0) {
   typedef typename Vec<W>::f vf;
   vf acc[R][NV];
 #pragma GCC unroll 8
@@ -130,10 +143,16 @@ MOEJAX_INLINE void tile(const float* __restrict x, int64_t ldx, const float* __r
   for (int64_t k = 0; k < K; ++k) {
     const float* __restrict wk = w + k * ldw;
     vf wv[NV];
+    if constexpr (How == Read::kPacked) {
+      if (pf != nullptr) __builtin_prefetch(pf + k * pf_ld, 0, 2);
+    }
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) {
-      if (j * W % 16 == 0) __builtin_prefetch(wk + kPrefetchRows * ldw + j * W);  // one per cache line
+      if constexpr (How != Read::kPacked) {
+        if (j * W % 16 == 0) __builtin_prefetch(wk + kPrefetchRows * ldw + j * W);  // one per cache line
+      }
       wv[j] = load<W>(wk + j * W);
+      if constexpr (How == Read::kPacking) store<W>(pack + (k * NV + j) * W, wv[j]);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -179,15 +198,19 @@ float* scratch(std::vector<float>& buf, int64_t n) {
   return buf.data();
 }
 
+// The rows of the next register tile, at most `rows` per tile: the last two tiles share what is left
+// between one and two tiles' rows (8 rows at 6 per tile: 4 + 4, not 6 + 2): a short tile does the
+// same weight loads for fewer FMAs.
+MOEJAX_INLINE int64_t tile_rows(int64_t left, int64_t rows) {
+  return left > rows && left < 2 * rows ? (left + 1) / 2 : std::min(rows, left);
+}
+
 template <int W>
 MOEJAX_INLINE void row_tiles(const float* x, int64_t ldx, int64_t R, const float* w, int64_t ldw, int64_t K,
                              int64_t N, float* y, int64_t ldy, bool acc) {
   constexpr int64_t rows = kRowsOf<W>;
   for (int64_t r0 = 0, n; r0 < R; r0 += n) {
-    // The last two tiles share what is left between one and two tiles' rows (8 rows at 6 per tile:
-    // 4 + 4, not 6 + 2): a short tile does the same weight loads for fewer FMAs.
-    const int64_t left = R - r0;
-    n = left > rows && left < 2 * rows ? (left + 1) / 2 : std::min(rows, left);
+    n = tile_rows(R - r0, rows);
     const float* xr = x + r0 * ldx;
     float* yr = y + r0 * ldy;
     switch (n) {
@@ -203,24 +226,95 @@ MOEJAX_INLINE void row_tiles(const float* x, int64_t ldx, int64_t R, const float
   }
 }
 
-// Blocking: a [kb, cols] weight panel is brought in once and used by every row tile of a row block
-// while it sits in L1/L2; the row block's [rows, kb] activations stay in L2 across the panels.
+// Few rows (decode): each K block's weight rows are streamed from memory once, in place, for every
+// row tile while they sit in L1/L2.
+template <int W>
+MOEJAX_INLINE void gemm_few(const float* x, int64_t ldx, int64_t R, const float* w, int64_t ldw, int64_t K,
+                            int64_t N, float* y, int64_t ldy) {
+  for (int64_t k0 = 0; k0 < K; k0 += kFewRowsKBlock) {
+    row_tiles<W>(x + k0, ldx, R, w + k0 * ldw, ldw, std::min(kFewRowsKBlock, K - k0), N, y, ldy, k0 > 0);
+  }
+}
+
+// One row tile of n rows across a panel's register tiles: kPacking reads the weights in place from w
+// and copies them into pack (each register tile's columns as [kb, NV * W]); kPacked reads pack and
+// prefetches one line per k of pf (stride pf_ld) for each register tile t, at column offset t * TW.
+template <int W, int NV, Read How>
+MOEJAX_INLINE void panel_row(const float* x, int64_t ldx, int64_t n, const float* w, int64_t ldw, float* pack,
+                             int64_t kb, int64_t tiles, float* y, int64_t ldy, bool acc, const float* pf,
+                             int64_t pf_ld) {
+  constexpr int64_t TW = NV * W;
+  for (int64_t t = 0; t < tiles; ++t) {
+    float* pt = pack + t * kb * TW;
+    const float* src = How == Read::kPacking ? w + t * TW : pt;
+    const int64_t ld = How == Read::kPacking ? ldw : TW;
+    const float* pft = pf == nullptr ? nullptr : pf + t * TW;
+    float* yt = y + t * TW;
+    switch (n) {
+      case 6: tile<W, 6, NV, How>(x, ldx, src, ld, kb, yt, ldy, acc, pt, pft, pf_ld); break;
+      case 5: tile<W, 5, NV, How>(x, ldx, src, ld, kb, yt, ldy, acc, pt, pft, pf_ld); break;
+      case 4: tile<W, 4, NV, How>(x, ldx, src, ld, kb, yt, ldy, acc, pt, pft, pf_ld); break;
+      case 3: tile<W, 3, NV, How>(x, ldx, src, ld, kb, yt, ldy, acc, pt, pft, pf_ld); break;
+      case 2: tile<W, 2, NV, How>(x, ldx, src, ld, kb, yt, ldy, acc, pt, pft, pf_ld); break;
+      default: tile<W, 1, NV, How>(x, ldx, src, ld, kb, yt, ldy, acc, pt, pft, pf_ld); break;
+    }
+  }
+}
+
+// Many rows (prefill): GotoBLAS blocking. Each [kb, cols] weight panel is copied once into a
+// contiguous buffer, one register tile's columns after another ([tile][k][NV * W]), and used there by
+// every row tile of all R rows: the tiles read it sequentially from L2, whatever the row stride of w
+// (a power-of-two stride maps a panel's rows onto a few cache sets: 512-float rows ran at 190 against
+// 228 GFLOP/s for 576 on one AVX-512 core, 2026-12-03). Columns past the last whole register tile
+// run in place.
+template <int W>
+MOEJAX_INLINE void gemm_packed(const float* x, int64_t ldx, int64_t R, const float* w, int64_t ldw, int64_t K,
+                               int64_t N, float* y, int64_t ldy) {
+  constexpr int NV = kVectorsOf<W, kPackedRows>;
+  constexpr int64_t TW = NV * W;
+  const int64_t full = N / TW * TW;
+  thread_local std::vector<float> pbuf;
+  float* pack = scratch(pbuf, kGemmKBlock * kGemmColTiles * TW);
+  constexpr int64_t kLines = TW * sizeof(float) / 64;  // cache lines per weight row of a register tile
+  for (int64_t c0 = 0; c0 < full; c0 += kGemmColTiles * TW) {
+    const int64_t tiles = std::min(kGemmColTiles * TW, full - c0) / TW;
+    for (int64_t k0 = 0; k0 < K; k0 += kGemmKBlock) {
+      const int64_t kb = std::min(kGemmKBlock, K - k0);
+      const bool acc = k0 > 0;
+      // The next panel, prefetched into L2 by the row tiles after the first, one line per k each
+      // (row tile i fetches line i of every row: the panel is in flight after kLines row tiles):
+      // the first row tile then packs from L2 instead of waiting on memory (one AVX-512 core, a MoE
+      // layer of bench-moe-100m at 256 tokens, weights from memory: 152 -> 189 GFLOP/s; the same
+      // expert's weights every time, cache-resident: 195-220).
+      const float* next = k0 + kb < K ? w + (k0 + kb) * ldw + c0
+                          : c0 + kGemmColTiles * TW < full ? w + c0 + kGemmColTiles * TW : nullptr;
+      const int64_t first = tile_rows(R, kPackedRows);  // the first row tile packs the panel as it reads it
+      panel_row<W, NV, Read::kPacking>(x + k0, ldx, first, w + k0 * ldw + c0, ldw, pack, kb, tiles, y + c0, ldy,
+                                       acc, nullptr, 0);
+      int64_t i = 0;
+      for (int64_t r0 = first, n; r0 < R; r0 += n, ++i) {
+        n = tile_rows(R - r0, kPackedRows);
+        const float* pf = next != nullptr && i < kLines ? next + i * 16 : nullptr;
+        panel_row<W, NV, Read::kPacked>(x + r0 * ldx + k0, ldx, n, nullptr, 0, pack, kb, tiles, y + r0 * ldy + c0,
+                                        ldy, acc, pf, ldw);
+      }
+    }
+  }
+  if (full < N) {
+    for (int64_t k0 = 0; k0 < K; k0 += kGemmKBlock) {
+      row_tiles<W>(x + k0, ldx, R, w + k0 * ldw + full, ldw, std::min(kGemmKBlock, K - k0), N - full, y + full,
+                   ldy, k0 > 0);
+    }
+  }
+}
+
 template <int W>
 MOEJAX_INLINE void gemm_w(const float* x, int64_t ldx, int64_t R, const float* w, int64_t ldw, int64_t K,
                           int64_t N, float* y, int64_t ldy) {
-  const bool few = R <= 8;
-  const int64_t kblock = few ? kFewRowsKBlock : kGemmKBlock;
-  const int64_t cols = few ? N : kGemmColTiles * kVectorsOf<W, kRowsOf<W>> * W;
-  const int64_t rblock = few ? R : kGemmRowBlock;
-  for (int64_t rb = 0; rb < R; rb += rblock) {
-    const int64_t nr = std::min(rblock, R - rb);
-    for (int64_t c0 = 0; c0 < N; c0 += cols) {
-      const int64_t nc = std::min(cols, N - c0);
-      for (int64_t k0 = 0; k0 < K; k0 += kblock) {
-        row_tiles<W>(x + rb * ldx + k0, ldx, nr, w + k0 * ldw + c0, ldw, std::min(kblock, K - k0), nc,
-                     y + rb * ldy + c0, ldy, k0 > 0);
-      }
-    }
+  if (R <= kPackRows) {
+    gemm_few<W>(x, ldx, R, w, ldw, K, N, y, ldy);
+  } else {
+    gemm_packed<W>(x, ldx, R, w, ldw, K, N, y, ldy);
   }
 }
 
@@ -320,6 +414,37 @@ struct MoeJob final : Job {
   std::vector<int64_t> expert, start, count;  // routed experts only
   int64_t f_chunk, d_chunk, f_chunks, d_chunks;  // column chunk widths and counts per expert
 
+  // The routed experts (counts[e]: start of expert e's pairs, counts[E]: all pairs), most rows first
+  // (the longest items are claimed first: the threads finish a phase together), and the column
+  // chunks per expert for `threads` threads.
+  void plan(const int64_t* counts, int64_t E, int64_t threads) {
+    for (int64_t e = 0; e < E; ++e) {
+      if (counts[e + 1] > counts[e]) expert.push_back(e), start.push_back(counts[e]), count.push_back(counts[e + 1] - counts[e]);
+    }
+    const int64_t used = expert.size();
+    std::vector<int64_t> order(used);
+    for (int64_t u = 0; u < used; ++u) order[u] = u;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return count[a] > count[b]; });
+    std::vector<int64_t> e2(used), s2(used), c2(used);
+    for (int64_t u = 0; u < used; ++u) e2[u] = expert[order[u]], s2[u] = start[order[u]], c2[u] = count[order[u]];
+    expert.swap(e2), start.swap(s2), count.swap(c2);
+    // Column chunks per expert: as few as still give every thread two items (wide chunks read each
+    // weight row in long contiguous runs: 8 rows over 84 MB of expert weights, whole 640-wide rows
+    // against 128-wide chunks, 12.8-13.6 -> 7.2-9.8 ms on one AVX2 core, 2026-12-03; with the items
+    // longest first, four or eight items per thread were no faster at 256 or 1024 tokens), in whole
+    // vectors.
+    const int64_t per_expert = std::max<int64_t>(1, (2 * threads + used - 1) / used);
+    const auto chunk_of = [&](int64_t width) {
+      const int64_t c = (width + per_expert - 1) / per_expert;
+      return std::max<int64_t>(kV, (c + kV - 1) / kV * kV);
+    };
+    f_chunk = chunk_of(F), d_chunk = chunk_of(D);
+    f_chunks = (F + f_chunk - 1) / f_chunk;
+    d_chunks = (D + d_chunk - 1) / d_chunk;
+    items[0] = used * f_chunks;
+    items[1] = used * d_chunks;
+  }
+
   void item(int phase, int64_t i) override {
     if (phase == 0) {
       const int64_t u = i / f_chunks, f0 = (i % f_chunks) * f_chunk;
@@ -393,26 +518,7 @@ ffi::Error MoeSwigluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   job->wg = wg.typed_data() + layer_block, job->wu = wu.typed_data() + layer_block;
   job->wd = wd.typed_data() + layer_block;
   job->D = D, job->F = F;
-  for (int64_t e = 0; e < E; ++e) {
-    if (counts[e + 1] > counts[e]) {
-      job->expert.push_back(e), job->start.push_back(counts[e]), job->count.push_back(counts[e + 1] - counts[e]);
-    }
-  }
-  // Column chunks per expert: as few as still give every thread two items (wide chunks read each
-  // weight row in long contiguous runs: 8 rows over 84 MB of expert weights, whole 640-wide rows
-  // against 128-wide chunks, 12.8-13.6 -> 7.2-9.8 ms on one AVX2 core, 2026-12-03), in whole vectors.
-  const int64_t used = job->expert.size();
-  const int64_t threads = thread_cap(pool, max_threads);
-  const int64_t per_expert = std::max<int64_t>(1, (2 * threads + used - 1) / used);
-  const auto chunk_of = [&](int64_t width) {
-    const int64_t c = (width + per_expert - 1) / per_expert;
-    return std::max<int64_t>(kV, (c + kV - 1) / kV * kV);
-  };
-  job->f_chunk = chunk_of(F), job->d_chunk = chunk_of(D);
-  job->f_chunks = (F + job->f_chunk - 1) / job->f_chunk;
-  job->d_chunks = (D + job->d_chunk - 1) / job->d_chunk;
-  job->items[0] = used * job->f_chunks;
-  job->items[1] = used * job->d_chunks;
+  job->plan(counts.data(), E, thread_cap(pool, max_threads));
   run_job(pool, job, max_threads);
 
   // Phase 3: combine at home, pairs in expert order.
