@@ -37,19 +37,14 @@ def at_layer(param: nnx.Param, layer):
     return param[...][layer]
 
 
-# Above this many rows XLA's dot (YNNPACK on XLA:CPU) beats the native micro-kernel even with the
-# slice copy: prefill TTFT 161 -> 145 ms at 8 x 32 tokens, 524 -> 489 ms at 32 x 32 (bench-moe-100m,
-# AVX2 host, 2026-12-03); at <= 64 rows (decode) the native kernel reads the weight at a higher rate.
-NATIVE_PROJECT_MAX_ROWS = 64
-
-
 def project(x, w, layer=None, contract: int = 1):
     """x @ w[layer]: x's last `contract` axes against the first `contract` axes of the layer's weight.
 
     w: a stacked weight [L, *contracted, *out] (an nnx.Param or array), or [*contracted, *out] when
-    `layer` is None. On CPU in float32, for at most NATIVE_PROJECT_MAX_ROWS rows, the native kernel
-    reads the layer's weight in place, where XLA:CPU would copy the dynamic slice first (`at_layer`)
-    and run a slower few-row dot (docs/benchmarks.md); else XLA's dot on `at_layer`.
+    `layer` is None. On CPU in float32 the native kernel reads the layer's weight in place, where
+    XLA:CPU would copy the dynamic slice first (`at_layer`) and run a slower dot: few rows (decode)
+    stream the weight, many rows (prefill) run packed panels (at 256 rows x 512 x 512: 426 against
+    285 GFLOP/s on two AVX-512 cores, docs/benchmarks.md); else XLA's dot on `at_layer`.
     """
     w = w[...] if isinstance(w, nnx.Param) else w
     if layer is None:
@@ -58,7 +53,7 @@ def project(x, w, layer=None, contract: int = 1):
     assert k_in == k_w, (x.shape, w.shape, contract)
     K, out = math.prod(k_in), w.shape[1 + contract:]
     x_MK = x.reshape(-1, K)  # contracted axes flattened on the (small) activation, never transposing w
-    if native.runs(x, w) and x_MK.shape[0] <= NATIVE_PROJECT_MAX_ROWS:
+    if native.runs(x, w):
         y_MN = native.matmul(x_MK, w.reshape(w.shape[0], K, -1), layer)
     else:
         y_MN = x_MK @ w[layer].reshape(K, -1)

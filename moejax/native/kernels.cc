@@ -84,7 +84,7 @@ bool wide() {
 #endif
 }
 
-constexpr int64_t kV = 16;        // column granularity: a multiple of every W
+constexpr int64_t kV = 64;        // column granularity of work items: a multiple of every register tile width
 constexpr int64_t kChunk = 128;   // matmul: columns per work item, between half and 4x this (a multiple of kV)
 // One row tile is bound by reading the weights: a short K block keeps all of a chunk's lines of a
 // few weight rows in flight together (measured on bench-moe-100m shapes at 32 tokens: 1.34 -> 1.0 ms
