@@ -590,6 +590,47 @@ MOEJAX_INLINE float dot(const float* __restrict a, const float* __restrict b, in
   return sum;
 }
 
+// The lanes of v[0], ..., v[W - 1] summed per vector: lane j of the result is the sum of v[j]'s
+// lanes, in hsum<W>'s order (halves, then quarters, ...): one shuffle pair and one add per two
+// vectors per level, where hsum of each vector alone takes log2(W) dependent shuffle + add steps.
+template <int W>
+MOEJAX_INLINE typename Vec<W>::f hsums(typename Vec<W>::f* v) {
+  typedef typename Vec<W>::i vi;
+  for (int m = 1; m < W; m *= 2) {  // each v[i] holds m vectors' partial sums, W / m lanes each
+    const int P = W / m, Q = P / 2;
+    vi lo, hi;
+    for (int i = 0; i < m; ++i) {
+      for (int t = 0; t < Q; ++t) {
+        lo[i * Q + t] = i * P + t, hi[i * Q + t] = i * P + Q + t;
+        lo[(m + i) * Q + t] = W + i * P + t, hi[(m + i) * Q + t] = W + i * P + Q + t;
+      }
+    }
+    for (int i = 0; i < W / (2 * m); ++i) {
+      v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo) + __builtin_shuffle(v[2 * i], v[2 * i + 1], hi);
+    }
+  }
+  return v[0];
+}
+
+// out[j] = dot<W>(q, keys[j], H) for j < W, bitwise (the same lane sums, tree and tail order).
+template <int W>
+MOEJAX_INLINE void dots(const float* __restrict q, const float* const* keys, int64_t H, float* out) {
+  typedef typename Vec<W>::f vf;
+  vf p[W];
+#pragma GCC unroll 16
+  for (int j = 0; j < W; ++j) p[j] = vf{};
+  int64_t h = 0;
+  for (; h + W <= H; h += W) {
+    const vf qv = load<W>(q + h);
+#pragma GCC unroll 16
+    for (int j = 0; j < W; ++j) p[j] += qv * load<W>(keys[j] + h);
+  }
+  store<W>(out, hsums<W>(p));
+  for (; h < H; ++h) {
+    for (int j = 0; j < W; ++j) out[j] += q[h] * keys[j][h];
+  }
+}
+
 struct AttentionJob final : Job {
   const float *q, *kpool, *vpool;  // kpool/vpool: this layer's [P, ps, K, H]
   const int32_t *table, *pos;
@@ -598,6 +639,60 @@ struct AttentionJob final : Job {
   float scale;
 
   void item(int, int64_t i) override { run_item(i / K, i % K); }
+
+  const float* key(const float* pool, int64_t b, int64_t k, int64_t s) const {
+    const int64_t page = std::clamp<int64_t>(table[b * MP + s / ps], 0, P - 1);
+    return pool + ((page * ps + s % ps) * K + k) * H;
+  }
+
+  // sc[g * S + s - lo] = scale * q_g . key_s for s in [lo, last], W keys at a time (dots<W>).
+  template <int W>
+  MOEJAX_INLINE void scores(int64_t b, int64_t k, const float* qb, int64_t lo, int64_t last, float* sc) const {
+    const int64_t G = N / K, S = last - lo + 1;
+    const float* keys[W];
+    float out[W];
+    for (int64_t s0 = lo; s0 <= last; s0 += W) {
+      const int64_t n = std::min<int64_t>(W, last - s0 + 1);
+      for (int64_t j = 0; j < W; ++j) keys[j] = key(kpool, b, k, s0 + std::min(j, n - 1));
+      for (int64_t g = 0; g < G; ++g) {
+        dots<W>(qb + g * H, keys, H, out);
+        for (int64_t j = 0; j < n; ++j) sc[g * S + (s0 - lo) + j] = out[j] * scale;
+      }
+    }
+  }
+
+  // acc[g, :] = sum over s in [lo, last], in order, of sc[g * S + s - lo] * value_s: four vectors of
+  // a head at a time held in registers across the keys.
+  template <int W>
+  MOEJAX_INLINE void values(int64_t b, int64_t k, int64_t lo, int64_t last, const float* sc, float* acc) const {
+    typedef typename Vec<W>::f vf;
+    constexpr int64_t kBlock = 4 * W;
+    const int64_t G = N / K, S = last - lo + 1;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* wg = sc + g * S;
+      float* ag = acc + g * H;
+      int64_t h0 = 0;
+      for (; h0 + kBlock <= H; h0 += kBlock) {
+        vf a[4] = {};
+        for (int64_t s = lo; s <= last; ++s) {
+          const float* v = key(vpool, b, k, s) + h0;
+          const float w = wg[s - lo];
+#pragma GCC unroll 4
+          for (int i = 0; i < 4; ++i) a[i] += w * load<W>(v + i * W);
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) store<W>(ag + h0 + i * W, a[i]);
+      }
+      if (h0 < H) {
+        for (int64_t h = h0; h < H; ++h) ag[h] = 0.0f;
+        for (int64_t s = lo; s <= last; ++s) {
+          const float* v = key(vpool, b, k, s);
+          const float w = wg[s - lo];
+          for (int64_t h = h0; h < H; ++h) ag[h] += w * v[h];
+        }
+      }
+    }
+  }
 
   // Queries of row b on kv head k (its G = N / K query heads), every t: keys at positions
   // [lo, p] of the row's own pages only (p: the query's position; lo: the window's start).
@@ -618,14 +713,11 @@ struct AttentionJob final : Job {
       const int64_t S = last - lo + 1;
       float* sc = scratch(sbuf, G * std::max<int64_t>(S, 1));
       const float* qb = q + ((b * T + t) * N + k * G) * H;
-      for (int64_t s = lo; s <= last; ++s) {
-        const int64_t page = std::clamp<int64_t>(table[b * MP + s / ps], 0, P - 1);
-        const float* ks = kpool + ((page * ps + s % ps) * K + k) * H;
-        for (int64_t g = 0; g < G; ++g) {
-          sc[g * S + (s - lo)] = (is_wide ? dot<16>(qb + g * H, ks, H) : dot<8>(qb + g * H, ks, H)) * scale;
-        }
+      if (is_wide) {
+        scores<16>(b, k, qb, lo, last, sc);
+      } else {
+        scores<8>(b, k, qb, lo, last, sc);
       }
-      std::memset(out_acc, 0, sizeof(float) * G * H);
       for (int64_t g = 0; g < G; ++g) {
         float* sg = sc + g * S;
         float m = sg[0];
@@ -636,14 +728,10 @@ struct AttentionJob final : Job {
         const float inv = 1.0f / total;
         for (int64_t j = 0; j < S; ++j) sg[j] *= inv;
       }
-      for (int64_t s = lo; s <= last; ++s) {
-        const int64_t page = std::clamp<int64_t>(table[b * MP + s / ps], 0, P - 1);
-        const float* __restrict vs = vpool + ((page * ps + s % ps) * K + k) * H;
-        for (int64_t g = 0; g < G; ++g) {
-          const float w = sc[g * S + (s - lo)];
-          float* __restrict acc = out_acc + g * H;
-          for (int64_t h = 0; h < H; ++h) acc[h] += w * vs[h];
-        }
+      if (is_wide) {
+        values<16>(b, k, lo, last, sc, out_acc);
+      } else {
+        values<8>(b, k, lo, last, sc, out_acc);
       }
       std::memcpy(ob, out_acc, sizeof(float) * G * H);
     }
