@@ -48,6 +48,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -96,6 +97,9 @@ constexpr int64_t kPrefetchRows = kFewRowsKBlock;
 // Above kPackRows rows: packed weight panels of [kGemmKBlock, kGemmColTiles register tiles wide]
 // (gemm_packed).
 constexpr int64_t kPackRows = 8;
+// MoE gather and combine: rows per work item; routes per token at most.
+constexpr int64_t kRowsPerItem = 64;
+constexpr int64_t kMaxRoutes = 64;
 constexpr int64_t kGemmKBlock = 256;
 constexpr int64_t kGemmColTiles = 4;
 
@@ -358,14 +362,15 @@ MOEJAX_INLINE float exp_approx(float t) {
 // claimed (they are running), so the call cannot deadlock on a busy pool: the caller alone can
 // finish every item.
 struct Job {
+  static constexpr int kPhases = 4;
   virtual ~Job() = default;
   virtual void item(int phase, int64_t i) = 0;
-  int64_t items[2] = {0, 0};
-  std::atomic<int64_t> next[2] = {0, 0};
-  std::atomic<int64_t> done[2] = {0, 0};
+  int64_t items[kPhases] = {0, 0, 0, 0};
+  std::atomic<int64_t> next[kPhases] = {0, 0, 0, 0};
+  std::atomic<int64_t> done[kPhases] = {0, 0, 0, 0};
 
   void run() {
-    for (int p = 0; p < 2; ++p) {
+    for (int p = 0; p < kPhases; ++p) {
       for (int64_t i; (i = next[p].fetch_add(1, std::memory_order_relaxed)) < items[p];) {
         item(p, i);
         done[p].fetch_add(1, std::memory_order_acq_rel);
@@ -382,7 +387,7 @@ int64_t thread_cap(ffi::ThreadPool& pool, int64_t max_threads) {
 }
 
 void run_job(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, int64_t max_threads) {
-  const int64_t most = std::max(job->items[0], job->items[1]);
+  const int64_t most = *std::max_element(job->items, job->items + Job::kPhases);
   const int64_t threads = std::max<int64_t>(1, std::min(thread_cap(pool, max_threads), most));
   for (int64_t t = 1; t < threads; ++t) pool.Schedule([job] { job->run(); });
   job->run();
@@ -408,10 +413,18 @@ void up_item(const float* X, int64_t rows, int64_t D, int64_t F, const float* wg
 
 
 struct MoeJob final : Job {
-  const float *X, *wg, *wu, *wd;  // wg/wu/wd: this layer's [E, D, F] / [E, F, D] block
+  float* X;                   // the sorted pairs' rows [pairs, D] (gathered in phase 0)
+  const float *wg, *wu, *wd;  // this layer's [E, D, F] / [E, F, D] block
   float *H, *O;
   int64_t D, F;
   std::vector<int64_t> expert, start, count;  // routed experts only
+  // Gather and combine (phases 0 and 3): x [tokens, D] and y [tokens, D] (the call's buffers); the
+  // sorted pairs' tokens and gates; each (token, route)'s slot among the sorted pairs (-1: not here).
+  const float* x;
+  float* y;
+  int64_t tokens, routes, pairs;
+  const int64_t *pair_token, *token_slot;
+  const float* pair_gate;
   int64_t f_chunk, d_chunk, f_chunks, d_chunks;  // column chunk widths and counts per expert
 
   // The routed experts (counts[e]: start of expert e's pairs, counts[E]: all pairs), most rows first
@@ -441,20 +454,43 @@ struct MoeJob final : Job {
     f_chunk = chunk_of(F), d_chunk = chunk_of(D);
     f_chunks = (F + f_chunk - 1) / f_chunk;
     d_chunks = (D + d_chunk - 1) / d_chunk;
-    items[0] = used * f_chunks;
-    items[1] = used * d_chunks;
+    items[1] = used * f_chunks;
+    items[2] = used * d_chunks;
   }
 
   void item(int phase, int64_t i) override {
-    if (phase == 0) {
+    if (phase == 0) {  // gather: pairs [i * kRowsPerItem, ...) of the sorted pairs get their token's row
+      for (int64_t r = i * kRowsPerItem; r < std::min(pairs, (i + 1) * kRowsPerItem); ++r) {
+        std::memcpy(X + r * D, x + pair_token[r] * D, sizeof(float) * D);
+      }
+    } else if (phase == 1) {
       const int64_t u = i / f_chunks, f0 = (i % f_chunks) * f_chunk;
       const int64_t block = expert[u] * D * F;
       up_item(X + start[u] * D, count[u], D, F, wg + block, wu + block, f0, std::min(f_chunk, F - f0),
               H + start[u] * F);
-    } else {
+    } else if (phase == 2) {
       const int64_t u = i / d_chunks, d0 = (i % d_chunks) * d_chunk;
       gemm(H + start[u] * F, F, count[u], wd + expert[u] * F * D + d0, D, F, std::min(d_chunk, D - d0),
            O + start[u] * D + d0, D);
+    } else {  // combine: tokens [i * kRowsPerItem, ...), each token's pairs in expert (slot) order
+      for (int64_t m = i * kRowsPerItem; m < std::min(tokens, (i + 1) * kRowsPerItem); ++m) {
+        int64_t slots[kMaxRoutes];
+        int64_t n = 0;
+        for (int64_t r = 0; r < routes; ++r) {
+          const int64_t slot = token_slot[m * routes + r];
+          if (slot < 0) continue;
+          int64_t at = n++;
+          for (; at > 0 && slots[at - 1] > slot; --at) slots[at] = slots[at - 1];
+          slots[at] = slot;
+        }
+        float* __restrict yr = y + m * D;
+        std::memset(yr, 0, sizeof(float) * D);
+        for (int64_t a = 0; a < n; ++a) {
+          const float* __restrict o = O + slots[a] * D;
+          const float g = pair_gate[slots[a]];
+          for (int64_t j = 0; j < D; ++j) yr[j] += g * o[j];
+        }
+      }
     }
   }
 };
@@ -484,10 +520,14 @@ ffi::Error MoeSwigluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   const float* gp = gate.typed_data();
   const int32_t* ep = experts.typed_data();
   float* y = out->typed_data();
-  std::memset(y, 0, sizeof(float) * M * D);
 
-  // Phase 0: counting sort of the pairs on this shard (ids outside [0, E): another shard's, or none).
-  thread_local std::vector<int64_t> counts, pair_token;
+  if (X > kMaxRoutes) {
+    return ffi::Error::InvalidArgument("moe_swiglu: at most " + std::to_string(kMaxRoutes) + " routes per token");
+  }
+
+  // Counting sort of the pairs on this shard (ids outside [0, E): another shard's, or none), stable
+  // in token order; then phases 0-3 (MoeJob) on the pool: gather, up, down, combine.
+  thread_local std::vector<int64_t> counts, pair_token, token_slot;
   thread_local std::vector<float> pair_gate, xbuf, hbuf, obuf;
   counts.assign(E + 1, 0);
   for (int64_t p = 0; p < M * X; ++p) {
@@ -496,9 +536,13 @@ ffi::Error MoeSwigluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   }
   for (int64_t e = 0; e < E; ++e) counts[e + 1] += counts[e];  // counts[e]: start of expert e
   const int64_t N = counts[E];
-  if (N == 0) return ffi::Error::Success();
+  if (N == 0) {
+    std::memset(y, 0, sizeof(float) * M * D);
+    return ffi::Error::Success();
+  }
   pair_token.resize(N);
   pair_gate.resize(N);
+  token_slot.assign(M * X, -1);
   {
     std::vector<int64_t> fill(counts.begin(), counts.end() - 1);
     for (int64_t p = 0; p < M * X; ++p) {
@@ -507,28 +551,23 @@ ffi::Error MoeSwigluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
       const int64_t slot = fill[e]++;
       pair_token[slot] = p / X;
       pair_gate[slot] = gp[p];
+      token_slot[p] = slot;
     }
   }
   auto job = std::make_shared<MoeJob>();
   job->X = scratch(xbuf, N * D);
   job->H = scratch(hbuf, N * F);
   job->O = scratch(obuf, N * D);
-  for (int64_t i = 0; i < N; ++i) std::memcpy(xbuf.data() + i * D, xp + pair_token[i] * D, sizeof(float) * D);
   const int64_t layer_block = l * E * D * F;
   job->wg = wg.typed_data() + layer_block, job->wu = wu.typed_data() + layer_block;
   job->wd = wd.typed_data() + layer_block;
   job->D = D, job->F = F;
+  job->x = xp, job->y = y, job->tokens = M, job->routes = X, job->pairs = N;
+  job->pair_token = pair_token.data(), job->token_slot = token_slot.data(), job->pair_gate = pair_gate.data();
+  job->items[0] = (N + kRowsPerItem - 1) / kRowsPerItem;
+  job->items[3] = (M + kRowsPerItem - 1) / kRowsPerItem;
   job->plan(counts.data(), E, thread_cap(pool, max_threads));
   run_job(pool, job, max_threads);
-
-  // Phase 3: combine at home, pairs in expert order.
-  const float* O = job->O;
-  for (int64_t i = 0; i < N; ++i) {
-    float* __restrict yr = y + pair_token[i] * D;
-    const float* __restrict o = O + i * D;
-    const float g = pair_gate[i];
-    for (int64_t j = 0; j < D; ++j) yr[j] += g * o[j];
-  }
   return ffi::Error::Success();
 }
 
