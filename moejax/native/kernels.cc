@@ -23,12 +23,13 @@
 // moejax_argmax: per row of logits, the first maximum (jnp.argmax: the first NaN if any) and whether
 // the row is all finite, in one vectorized pass (XLA:CPU's variadic argmax reduction does not vectorize).
 //
-// Work, in phases separated by a barrier (no locks; see Job):
-//   0. (caller) counting sort of the (token, route) pairs by local expert, stable in token order;
-//      the pairs' rows are gathered into X [N, D].
-//   1. items (expert, F chunk): H[pairs of e, chunk] = silu(X_e @ Wg[:, chunk]) * (X_e @ Wu[:, chunk]).
+// Work: (caller) a counting sort of the (token, route) pairs by local expert, stable in token order;
+// then phases separated by a barrier (no locks; see Job), items claimed by the caller and the pool:
+//   0. items (pair block): the pairs' rows gathered into X [N, D].
+//   1. items (expert, F chunk): H[pairs of e, chunk] = silu(X_e @ Wg[:, chunk]) * (X_e @ Wu[:, chunk]),
+//      the experts with the most rows first.
 //   2. items (expert, D chunk): O[pairs of e, chunk] = H_e @ Wd[:, chunk].
-//   3. (caller) y[token] += gate * O[pair], pairs in expert order.
+//   3. items (token block): y[token] = sum of gate * O[pair] over the token's pairs in expert order.
 // Deterministic: every output element is one fixed sequence of FMAs whatever the batch holds or
 // which thread ran it (rows are independent; a token's routes are summed in expert order), so a
 // request's tokens do not depend on the other requests in flight; a NaN row stays in its own row.
