@@ -680,20 +680,21 @@ struct AttentionJob final : Job {
 
   void item(int, int64_t i) override { run_item(i / K, i % K); }
 
-  const float* key(const float* pool, int64_t b, int64_t k, int64_t s) const {
+  // Offset of position s of row b, kv head k, in a layer's pool (the row's own page).
+  int64_t offset(int64_t b, int64_t k, int64_t s) const {
     const int64_t page = std::clamp<int64_t>(table[b * MP + s / ps], 0, P - 1);
-    return pool + ((page * ps + s % ps) * K + k) * H;
+    return ((page * ps + s % ps) * K + k) * H;
   }
 
   // sc[g * S + s - lo] = scale * q_g . key_s for s in [lo, last], W keys at a time (dots<W>).
   template <int W>
-  MOEJAX_INLINE void scores(int64_t b, int64_t k, const float* qb, int64_t lo, int64_t last, float* sc) const {
+  MOEJAX_INLINE void scores(const int64_t* off, const float* qb, int64_t lo, int64_t last, float* sc) const {
     const int64_t G = N / K, S = last - lo + 1;
     const float* keys[W];
     float out[W];
     for (int64_t s0 = lo; s0 <= last; s0 += W) {
       const int64_t n = std::min<int64_t>(W, last - s0 + 1);
-      for (int64_t j = 0; j < W; ++j) keys[j] = key(kpool, b, k, s0 + std::min(j, n - 1));
+      for (int64_t j = 0; j < W; ++j) keys[j] = kpool + off[s0 + std::min(j, n - 1)];
       for (int64_t g = 0; g < G; ++g) {
         dots<W>(qb + g * H, keys, H, out);
         for (int64_t j = 0; j < n; ++j) sc[g * S + (s0 - lo) + j] = out[j] * scale;
@@ -704,7 +705,7 @@ struct AttentionJob final : Job {
   // acc[g, :] = sum over s in [lo, last], in order, of sc[g * S + s - lo] * value_s: four vectors of
   // a head at a time held in registers across the keys.
   template <int W>
-  MOEJAX_INLINE void values(int64_t b, int64_t k, int64_t lo, int64_t last, const float* sc, float* acc) const {
+  MOEJAX_INLINE void values(const int64_t* off, int64_t lo, int64_t last, const float* sc, float* acc) const {
     typedef typename Vec<W>::f vf;
     constexpr int64_t kBlock = 4 * W;
     const int64_t G = N / K, S = last - lo + 1;
@@ -715,7 +716,7 @@ struct AttentionJob final : Job {
       for (; h0 + kBlock <= H; h0 += kBlock) {
         vf a[4] = {};
         for (int64_t s = lo; s <= last; ++s) {
-          const float* v = key(vpool, b, k, s) + h0;
+          const float* v = vpool + off[s] + h0;
           const float w = wg[s - lo];
 #pragma GCC unroll 4
           for (int i = 0; i < 4; ++i) a[i] += w * load<W>(v + i * W);
@@ -726,7 +727,7 @@ struct AttentionJob final : Job {
       if (h0 < H) {
         for (int64_t h = h0; h < H; ++h) ag[h] = 0.0f;
         for (int64_t s = lo; s <= last; ++s) {
-          const float* v = key(vpool, b, k, s);
+          const float* v = vpool + off[s];
           const float w = wg[s - lo];
           for (int64_t h = h0; h < H; ++h) ag[h] += w * v[h];
         }
@@ -740,7 +741,9 @@ struct AttentionJob final : Job {
     const int64_t G = N / K;
     const bool is_wide = wide();
     thread_local std::vector<float> sbuf, obuf;
+    thread_local std::vector<int64_t> offsets;
     float* out_acc = scratch(obuf, G * H);
+    int64_t seen = 0;  // positions [0, seen) have their offset in `offsets`
     for (int64_t t = 0; t < T; ++t) {
       const int64_t p = pos[b * T + t];
       float* ob = o + ((b * T + t) * N + k * G) * H;
@@ -752,11 +755,14 @@ struct AttentionJob final : Job {
       const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
       const int64_t S = last - lo + 1;
       float* sc = scratch(sbuf, G * std::max<int64_t>(S, 1));
+      if (offsets.size() < static_cast<size_t>(last + 1)) offsets.resize(last + 1);
+      for (; seen <= last; ++seen) offsets[seen] = offset(b, k, seen);
+      const int64_t* off = offsets.data();
       const float* qb = q + ((b * T + t) * N + k * G) * H;
       if (is_wide) {
-        scores<16>(b, k, qb, lo, last, sc);
+        scores<16>(off, qb, lo, last, sc);
       } else {
-        scores<8>(b, k, qb, lo, last, sc);
+        scores<8>(off, qb, lo, last, sc);
       }
       for (int64_t g = 0; g < G; ++g) {
         float* sg = sc + g * S;
@@ -769,9 +775,9 @@ struct AttentionJob final : Job {
         for (int64_t j = 0; j < S; ++j) sg[j] *= inv;
       }
       if (is_wide) {
-        values<16>(b, k, lo, last, sc, out_acc);
+        values<16>(off, lo, last, sc, out_acc);
       } else {
-        values<8>(b, k, lo, last, sc, out_acc);
+        values<8>(off, lo, last, sc, out_acc);
       }
       std::memcpy(ob, out_acc, sizeof(float) * G * H);
     }
