@@ -35,7 +35,7 @@
 // request's tokens do not depend on the other requests in flight; a NaN row stays in its own row.
 //
 // Micro-kernel: a register tile of R rows x NV vectors of W floats over a K block; per k, NV weight
-// vectors loaded once and FMA'd into every row. At most 8 rows (decode), the weights are streamed
+// vectors loaded once and FMA'd into every row. At most kPackRows rows (decode), the weights are streamed
 // in place; above, GotoBLAS-style packed weight panels (gemm_packed), the next one prefetched while
 // the current one is used. GCC vector extensions, compiled for x86-64-v4 (AVX-512: W = 16, R <= 8),
 // x86-64-v3 (AVX2 + FMA: W = 8, R <= 6) and the baseline (target_clones, chosen at load time; each
@@ -96,8 +96,11 @@ constexpr int64_t kChunk = 128;   // matmul: columns per work item, between half
 constexpr int64_t kFewRowsKBlock = 32;
 constexpr int64_t kPrefetchRows = kFewRowsKBlock;
 // Above kPackRows rows: packed weight panels of [kGemmKBlock, kGemmColTiles register tiles wide]
-// (gemm_packed).
-constexpr int64_t kPackRows = 8;
+// (gemm_packed); at most, the weights streamed in place (gemm_few). MoE layer of bench-moe-100m from
+// memory, two AVX-512 threads, 64 / 96 / 128 tokens (16-32 rows per expert): packing above 8 rows
+// 1.29-1.31 / 1.76-1.79 / 1.94-2.31 ms, above 32 rows 1.11-1.15 / 1.43-1.44 / 1.79-1.90; at 192 and 256
+// tokens within noise of each other (2026-12-03).
+constexpr int64_t kPackRows = 32;
 // MoE gather and combine: rows per work item; routes per token at most.
 constexpr int64_t kRowsPerItem = 64;
 constexpr int64_t kMaxRoutes = 64;
@@ -231,7 +234,7 @@ MOEJAX_INLINE void row_tiles(const float* x, int64_t ldx, int64_t R, const float
   }
 }
 
-// Few rows (decode): each K block's weight rows are streamed from memory once, in place, for every
+// Few rows (decode, at most kPackRows): each K block's weight rows are streamed from memory once, in place, for every
 // row tile while they sit in L1/L2.
 template <int W>
 MOEJAX_INLINE void gemm_few(const float* x, int64_t ldx, int64_t R, const float* w, int64_t ldw, int64_t K,
