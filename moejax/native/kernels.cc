@@ -435,16 +435,13 @@ struct MoeJob final : Job {
   // (the longest items are claimed first: the threads finish a phase together), and the column
   // chunks per expert for `threads` threads.
   void plan(const int64_t* counts, int64_t E, int64_t threads) {
+    const auto rows = [counts](int64_t e) { return counts[e + 1] - counts[e]; };
     for (int64_t e = 0; e < E; ++e) {
-      if (counts[e + 1] > counts[e]) expert.push_back(e), start.push_back(counts[e]), count.push_back(counts[e + 1] - counts[e]);
+      if (rows(e) > 0) expert.push_back(e);
     }
+    std::stable_sort(expert.begin(), expert.end(), [&](int64_t a, int64_t b) { return rows(a) > rows(b); });
+    for (const int64_t e : expert) start.push_back(counts[e]), count.push_back(rows(e));
     const int64_t used = expert.size();
-    std::vector<int64_t> order(used);
-    for (int64_t u = 0; u < used; ++u) order[u] = u;
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return count[a] > count[b]; });
-    std::vector<int64_t> e2(used), s2(used), c2(used);
-    for (int64_t u = 0; u < used; ++u) e2[u] = expert[order[u]], s2[u] = start[order[u]], c2[u] = count[order[u]];
-    expert.swap(e2), start.swap(s2), count.swap(c2);
     // Column chunks per expert: as few as still give every thread two items (wide chunks read each
     // weight row in long contiguous runs: 8 rows over 84 MB of expert weights, whole 640-wide rows
     // against 128-wide chunks, 12.8-13.6 -> 7.2-9.8 ms on one AVX2 core, 2026-12-03; with the items
@@ -609,33 +606,10 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
 // ---- paged attention ----
 
-// Sum of the W lanes as a tree of halves (a fixed order: the same result wherever it runs).
-template <int W>
-MOEJAX_INLINE float hsum(typename Vec<W>::f v) {
-  if constexpr (W == 4) {
-    return (v[0] + v[2]) + (v[1] + v[3]);
-  } else {
-    typename Vec<W / 2>::f lo, hi;
-    std::memcpy(&lo, &v, sizeof lo);
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-    return hsum<W / 2>(lo + hi);
-  }
-}
-
-// sum_h a[h] * b[h], W lanes at a time.
-template <int W>
-MOEJAX_INLINE float dot(const float* __restrict a, const float* __restrict b, int64_t H) {
-  typename Vec<W>::f acc{};
-  int64_t h = 0;
-  for (; h + W <= H; h += W) acc += load<W>(a + h) * load<W>(b + h);
-  float sum = hsum<W>(acc);
-  for (; h < H; ++h) sum += a[h] * b[h];
-  return sum;
-}
-
 // The lanes of v[0], ..., v[W - 1] summed per vector: lane j of the result is the sum of v[j]'s
-// lanes, in hsum<W>'s order (halves, then quarters, ...): one shuffle pair and one add per two
-// vectors per level, where hsum of each vector alone takes log2(W) dependent shuffle + add steps.
+// lanes as a tree of halves (lane t + lane t + W/2, then t + W/4, ...: a fixed order, the same
+// result wherever it runs), all W vectors together: one shuffle pair and one add per two vectors per
+// level, where reducing each vector alone takes log2(W) dependent shuffle + add steps.
 template <int W>
 MOEJAX_INLINE typename Vec<W>::f hsums(typename Vec<W>::f* v) {
   typedef typename Vec<W>::i vi;
@@ -655,7 +629,8 @@ MOEJAX_INLINE typename Vec<W>::f hsums(typename Vec<W>::f* v) {
   return v[0];
 }
 
-// out[j] = dot<W>(q, keys[j], H) for j < W, bitwise (the same lane sums, tree and tail order).
+// out[j] = q . keys[j][0, H) for j < W: per lane FMAs over h (W at a time), hsums' tree, then the
+// h past the last whole vector in order.
 template <int W>
 MOEJAX_INLINE void dots(const float* __restrict q, const float* const* keys, int64_t H, float* out) {
   typedef typename Vec<W>::f vf;
