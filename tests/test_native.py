@@ -50,7 +50,7 @@ def test_kernel_equals_reference(L, E, D, F):
     rng = np.random.default_rng(L * 1000 + F)
     w = _weights(rng, L, E, D, F)
     call = jax.jit(native.moe_swiglu, static_argnames="max_threads")
-    for M in (1, 2, 5, 9, 17, 70):
+    for M in (1, 2, 5, 9, 17, 70, 150):  # 150: above 32 rows per expert for the smaller E (packed panels)
         x = jnp.asarray(rng.standard_normal((M, D), np.float32))
         local = jnp.asarray(rng.integers(-1, E + 2, (M, 2)), jnp.int32)
         gate = jnp.asarray(rng.random((M, 2)), jnp.float32)
@@ -139,9 +139,11 @@ def test_argmax_and_finite_per_row_on_a_sharded_batch(V):
 @needs_kernel
 def test_matmul_equals_numpy():
     rng = np.random.default_rng(1)
-    # few rows; packed panels with tail columns only, whole panels + tail, a partial last panel, K
-    # blocks with a remainder, row tiles split unevenly
-    for R, K, N in ((1, 8, 8), (3, 64, 2000), (9, 700, 33), (32, 512, 1030), (13, 700, 200), (50, 257, 130)):
+    # few rows (at most 32: streamed in place, 32 the last); packed panels (above 32 rows) with tail
+    # columns only, whole panels + tail, a partial last panel, K blocks with a remainder, row tiles
+    # split unevenly
+    for R, K, N in ((1, 8, 8), (3, 64, 2000), (9, 700, 33), (32, 512, 1030), (40, 700, 33), (33, 512, 1030),
+                    (45, 700, 200), (50, 257, 130)):
         x, w = rng.standard_normal((R, K)).astype(np.float32), rng.standard_normal((K, N)).astype(np.float32)
         want = x.astype(np.float64) @ w
         np.testing.assert_allclose(jax.jit(native.matmul)(x, w), want, rtol=1e-4, atol=1e-4 * np.sqrt(K))
