@@ -75,6 +75,10 @@ class ModelConfig:
                 f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts ({self.num_experts})")
         if self.attention not in ("gqa", "mla"):
             raise ValueError(f"attention must be 'gqa' or 'mla', got {self.attention!r}")
+        rope_field = "qk_rope_head_dim" if self.attention == "mla" else "head_dim"
+        if getattr(self, rope_field) % 2:  # RoPE rotates pairs of dimensions (the kernels take any even width)
+            raise ValueError(f"ModelConfig.{rope_field} must be even (rotary embeddings rotate pairs of dimensions), "
+                             f"got {getattr(self, rope_field)}")
         if not 0 <= self.first_dense_layers <= self.num_layers:
             raise ValueError(f"first_dense_layers ({self.first_dense_layers}) must lie in [0, {self.num_layers}]")
 

@@ -18,6 +18,7 @@ from moejax import sharding
 from moejax import steps as steps_lib
 from moejax.config import ModelConfig, ceil_div, round_up
 from moejax.distributed import fetch
+from moejax.engine.sampling import SamplingParams, check_context, check_int, check_prompt
 from moejax.fit import check_weights_fit
 from moejax.mesh import Layout, make_mesh
 from moejax.model.moe import Strategy
@@ -89,10 +90,12 @@ class Model:
     # ---- full forward ---------------------------------------------------------------------------
 
     def forward(self, token_ids) -> np.ndarray:
-        """Logits [B, T, V] (float32 numpy) for a full sequence per row, no cache."""
-        tokens_BT = self._check_ids(np.asarray(token_ids))
-        if tokens_BT.ndim != 2:
-            raise ValueError(f"token_ids must be 2-D [batch, tokens], got shape {tokens_BT.shape}")
+        """Logits [B, T, V] (float32 numpy) for a full sequence per row, no cache.
+
+        `token_ids` is int [B, T] (rows of equal length), checked on the host as `Engine.add_request` checks a
+        prompt (`moejax.engine.sampling.check_prompt`): ValueError before any device work.
+        """
+        tokens_BT = self._check_rows(token_ids)
         B, T = tokens_BT.shape
         Bp = round_up(B, self.batch_shards)
         tokens = np.zeros((Bp, T), np.int32)
@@ -109,10 +112,11 @@ class Model:
         """Greedy continuation of each prompt: prefill all prompts in one step, then decode steps.
 
         Returns the new token ids per prompt (up to max_new_tokens; shorter if a stop id is made,
-        which is included). Timing of the last call is in `self.last_stats`.
+        which is included). Timing of the last call is in `self.last_stats`. Prompts, `max_new_tokens` and
+        `stop_token_ids` are checked as `Engine.add_request` checks them (same messages); ValueError before any
+        device work.
         """
-        prompts = [list(map(int, p)) for p in prompts]
-        self._check_generate(prompts, max_new_tokens)
+        prompts, stop_token_ids = self._check_generate(prompts, max_new_tokens, stop_token_ids, page_size)
         B = len(prompts)
         Bp = round_up(B, self.batch_shards)
         lens = np.array([len(p) for p in prompts] + [0] * (Bp - B), np.int32)
@@ -155,27 +159,33 @@ class Model:
 
     # ---- checks and helpers ---------------------------------------------------------------------
 
-    def _check_ids(self, ids: np.ndarray) -> np.ndarray:
-        if ids.size and not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
-        bad = ids[(ids < 0) | (ids >= self.cfg.vocab_size)]
-        if bad.size:
-            raise ValueError(f"Token id {int(bad[0])} is out of vocabulary (vocab_size={self.cfg.vocab_size})")
-        return ids.astype(np.int32)
+    def _check_rows(self, token_ids) -> np.ndarray:
+        """int32 [B, T] from rows of token ids, each checked as a prompt (`check_prompt`)."""
+        if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__len__") or len(token_ids) == 0:
+            raise ValueError(f"token_ids must be a non-empty 2-D [batch, tokens] sequence of token ids, got "
+                             f"{token_ids!r:.80}")
+        rows = [check_prompt(row, self.cfg.vocab_size, f"token_ids row {b}") for b, row in enumerate(token_ids)]
+        lengths = sorted({len(r) for r in rows})
+        if len(lengths) > 1:
+            raise ValueError(f"token_ids rows must all have the same length (a [batch, tokens] array), got lengths "
+                             f"{lengths}; run rows of different lengths in separate calls")
+        limit = self.cfg.max_position_embeddings
+        if lengths[0] > limit:
+            raise ValueError(f"token_ids rows have {lengths[0]} tokens, over the context limit "
+                             f"max_position_embeddings={limit}")
+        return np.asarray(rows, np.int32)
 
-    def _check_generate(self, prompts: list[list[int]], max_new_tokens: int) -> None:
-        if not prompts:
-            raise ValueError("prompts cannot be empty: pass at least one list of token ids")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} cannot be empty")
-            self._check_ids(np.asarray(p))
-            limit = self.cfg.max_position_embeddings
-            if len(p) + max_new_tokens > limit:
-                raise ValueError(f"prompt {i} has {len(p)} tokens + max_new_tokens {max_new_tokens} = "
-                                 f"{len(p) + max_new_tokens}, over the context limit {limit}")
+    def _check_generate(self, prompts, max_new_tokens, stop_token_ids, page_size) -> tuple[list[list[int]], tuple]:
+        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__") or len(prompts) == 0:
+            raise ValueError(f"prompts must be a non-empty list of prompts (lists of token ids), got {prompts!r:.80}")
+        vocab = self.cfg.vocab_size
+        checked = [check_prompt(p, vocab, f"prompt {i}") for i, p in enumerate(prompts)]
+        stops = tuple(stop_token_ids) if isinstance(stop_token_ids, (tuple, list)) else stop_token_ids
+        SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=stops).check(vocab)
+        check_int("page_size", page_size, 1, note="; tokens per KV page")
+        for i, p in enumerate(checked):
+            check_context(len(p), max_new_tokens, self.cfg.max_position_embeddings, f"prompt {i}")
+        return checked, stops
 
     def _put(self, array: np.ndarray, axes=steps_lib.BATCH):
         return self.steps.put(array, axes)

@@ -52,7 +52,7 @@ from moejax import steps as steps_lib
 from moejax.distributed import fetch
 from moejax.engine import batch as batch_lib
 from moejax.engine.batch import COUNTER, NONFINITE, START, TOP_K, Microbatch, Pipeline, packed_layout
-from moejax.engine.sampling import SamplingParams
+from moejax.engine.sampling import SamplingParams, check_context, check_prompt
 from moejax.engine.scheduler import Request, RequestId, Scheduler, Work
 from moejax.fit import check_fits, kv_cache_bytes
 from moejax.kv_cache import PageAllocator, pages_for
@@ -273,29 +273,16 @@ class Engine:
     def _check_request(self, prompt_ids, params: SamplingParams) -> list[int]:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        try:
-            ids = np.asarray(prompt_ids)
-        except (ValueError, TypeError):  # e.g. ragged nested lists
-            raise ValueError(f"prompt must be a 1-D sequence of integer token ids, got {prompt_ids!r:.80}") from None
-        if ids.size == 0:
-            raise ValueError("prompt cannot be empty: pass at least one token id")
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"prompt must be a 1-D sequence of integer token ids, got shape {ids.shape} "
-                             f"dtype {ids.dtype}")
         vocab = self.model.cfg.vocab_size
-        bad = ids[(ids < 0) | (ids >= vocab)]
-        if bad.size:
-            raise ValueError(f"Token id {int(bad[0])} is out of vocabulary (vocab_size={vocab})")
+        prompt = check_prompt(prompt_ids, vocab)
         params.check(vocab)
-        total = ids.size + params.max_new_tokens
-        if total > self.max_len:
-            raise ValueError(f"prompt of {ids.size} tokens + max_new_tokens {params.max_new_tokens} = {total} "
-                             f"exceeds the context limit max_model_len={self.max_len}")
+        check_context(len(prompt), params.max_new_tokens, self.max_len)
+        total = len(prompt) + params.max_new_tokens
         need, have = pages_for(total, self.config.page_size), self.config.num_pages
         if need > have:
             raise ValueError(f"request needs {need} KV pages ({total} tokens at page_size {self.config.page_size}) "
                              f"but the whole pool of a data group has {have} pages")
-        return ids.astype(int).tolist()
+        return prompt
 
     def abort(self, request_id: RequestId) -> bool:
         """Stop a live request now (pages freed); the next step() reports finish reason "abort".

@@ -1,4 +1,7 @@
-"""Per-request sampling: parameters (checked on the host) and the on-device sampler.
+"""Per-request sampling: parameters and prompts (checked on the host) and the on-device sampler.
+
+`SamplingParams.check`, `check_prompt` and `check_context` are the one set of request checks: the engine's
+`add_request` and `Model.generate` / `Model.forward` both call them, so the same mistake gets the same message.
 
 The sampler runs inside the jitted step on logits [B, V] float32, one row per request, and is
 row-independent: a request's token depends only on its own logits, parameters, seed and how many
@@ -71,6 +74,38 @@ class SamplingParams:
             if not 0 <= t_id < vocab_size:
                 raise ValueError(f"stop token id {t_id!r} is out of vocabulary (vocab_size={vocab_size}); "
                                  f"allowed: [0, {vocab_size - 1}]")
+
+
+def check_prompt(prompt_ids, vocab_size: int, name: str = "prompt") -> list[int]:
+    """The prompt as a list of Python ints; ValueError (naming `name`) unless a non-empty 1-D sequence of integer
+    token ids in [0, vocab_size). Floats, strings and booleans are refused, never cast (1.7 is not token 1)."""
+    try:
+        ids = np.asarray(prompt_ids)
+    except (ValueError, TypeError):  # e.g. ragged nested lists
+        raise ValueError(f"{name} must be a 1-D sequence of integer token ids, got {prompt_ids!r:.80}") from None
+    if ids.size == 0:
+        raise ValueError(f"{name} cannot be empty: pass at least one token id")
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must be a 1-D sequence of integer token ids, got shape {ids.shape} dtype {ids.dtype} "
+                         f"({prompt_ids!r:.80})")
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        raise ValueError(f"Token id {int(bad[0])} is out of vocabulary (vocab_size={vocab_size}) in {name}; allowed: "
+                         f"[0, {vocab_size - 1}]")
+    return ids.astype(int).tolist()
+
+
+def check_context(prompt_len: int, max_new_tokens: int, limit: int, name: str = "prompt") -> None:
+    """ValueError unless the prompt plus every token it may generate fits the context limit."""
+    total = prompt_len + max_new_tokens
+    if total > limit:
+        raise ValueError(f"{name} of {prompt_len} tokens + max_new_tokens {max_new_tokens} = {total} exceeds the "
+                         f"context limit max_model_len={limit}")
+
+
+def check_int(name: str, value, lo: int, hi: int | None = None, note: str = "") -> None:
+    """ValueError unless `value` is an integer (Python or numpy, not bool) in [lo, hi] (hi: int32 max)."""
+    _check_int(name, value, lo, _INT32_MAX if hi is None else hi, note)
 
 
 _INT32_MAX = 2**31 - 1  # integer fields are packed into the int32 call batch
