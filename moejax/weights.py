@@ -15,11 +15,13 @@ and repeated kv heads when there are fewer kv heads than the tensor size.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from typing import Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -61,6 +63,8 @@ def abstract_model(cfg: ModelConfig, layout, dtype) -> Transformer:
 
 def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> Transformer:
     """Fill an abstract `Transformer` with weights from `source`, each placed in its sharding."""
+    if isinstance(source, DeviceRandomSource):
+        return source.place(model, mesh)
     graphdef, state = nnx.split(model)
     geo, cfg = model.geometry, model.cfg
     layer_of_slot = {slot: layer for layer, slot in enumerate(geo.slot_of_layer())}
@@ -203,8 +207,60 @@ class RandomSource:
         rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
         if name.endswith("norm"):
             return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        cfg = self.cfg
-        fan_in = {"embed": 1, "attn.wo": cfg.num_heads * cfg.head_dim, "moe.wd": cfg.moe_intermediate_size,
-                  "moe.shared_wd": cfg.shared_expert_intermediate_size}.get(name, cfg.hidden_size)
-        std = self.scale / np.sqrt(fan_in)
-        return (std * rng.standard_normal(shape)).astype(np.float32)
+        return (_std(self.cfg, name, self.scale) * rng.standard_normal(shape)).astype(np.float32)
+
+
+def _std(cfg: ModelConfig, name: str, scale: float = 1.0) -> float:
+    """Random weights' standard deviation: 1 / sqrt(fan-in), so activations keep their scale through the layers."""
+    fan_in = {"embed": 1, "attn.wo": cfg.num_heads * cfg.head_dim, "moe.wd": cfg.moe_intermediate_size,
+              "moe.shared_wd": cfg.shared_expert_intermediate_size}.get(name, cfg.hidden_size)
+    return scale / math.sqrt(fan_in)
+
+
+class DeviceRandomSource:
+    """Random weights drawn on the devices themselves, each array straight into its sharding (no host copy).
+
+    For benchmarks of real model sizes (`moejax bench gpu`), where `RandomSource`'s host generator would take
+    minutes (a 30B-parameter model: ~5 minutes of numpy). Same distributions as `RandomSource` (norms around 1,
+    other weights with std 1 / sqrt(fan-in)), not the same values. Dims stored larger than the checkpoint's
+    (vocabulary and FFN padding) and padding layers are zero, as `place` makes them, so padded vocabulary ids are
+    never produced; repeated kv heads (fewer kv heads than `tensor`) get independent values: timing only.
+    """
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0, scale: float = 1.0):
+        self.cfg, self.seed, self.scale = cfg, seed, scale
+
+    def place(self, model: Transformer, mesh: jax.sharding.Mesh) -> Transformer:
+        graphdef, state = nnx.split(model)
+        canonical = canonical_shapes(self.cfg)
+        live = np.zeros(model.geometry.num_layers, bool)
+        live[list(model.geometry.slot_of_layer())] = True
+        paths, draws, shardings = [], [], []
+        for path, var in _variables(state):
+            name, stacked = _canonical(path)
+            value = var.get_value()
+            paths.append(path)
+            draws.append(functools.partial(
+                _draw, shape=tuple(value.shape), dtype=value.dtype,
+                limit=((len(live),) if stacked else ()) + canonical[name][0], live=tuple(live) if stacked else None,
+                norm=name.endswith("norm"), std=_std(self.cfg, name, self.scale)))
+            shardings.append(sharding.named(mesh, var.get_metadata()["out_sharding"]))
+
+        def make(key):  # one program for every weight: one compile, each output made in its sharding
+            return [draw(jax.random.fold_in(key, i)) for i, draw in enumerate(draws)]
+
+        arrays = jax.jit(make, out_shardings=shardings)(jax.random.key(self.seed))
+        values = dict(zip(paths, arrays, strict=True))
+        state = jax.tree_util.tree_map_with_path(lambda p, v: values.get(p, v), state)
+        return nnx.merge(graphdef, state)
+
+
+def _draw(key, *, shape, dtype, limit, live, norm, std):
+    x = jax.random.normal(key, shape, jnp.float32)
+    x = 1.0 + 0.1 * x if norm else std * x
+    for d, size in enumerate(limit):  # zero beyond the checkpoint's sizes (padding)
+        if size < shape[d]:
+            x = jnp.where(jax.lax.broadcasted_iota(jnp.int32, shape, d) < size, x, 0.0)
+    if live is not None and not all(live):  # padding layers: zero
+        x = jnp.where(jnp.asarray(live).reshape((-1,) + (1,) * (len(shape) - 1)), x, 0.0)
+    return x.astype(dtype)
