@@ -1,0 +1,170 @@
+"""Grouped matmul for the routed experts as Pallas kernels: the "pallas" MoE dispatch strategy (GPU).
+
+XLA compiles `jax.lax.ragged_dot` for H100 as a dense dot over every group (E times the routed FLOPs,
+docs/benchmarks.md), so the grouped GEMM is written here, in Pallas (Triton lowering on GPU; Pallas' interpret
+mode runs the same kernels on CPU, which is how the tests check them against the per-expert loop).
+
+Layout (as vLLM's fused-MoE kernels and `_dispatch_blocks`): the (token, expert) pairs are sorted by local expert
+into blocks of `block` rows, each block holding one expert's pairs only (an expert's last block is partly empty).
+Every kernel instance owns one (row block, column tile): it reads its block's expert id and multiplies the block
+by that expert's weight tile, read in place from the stacked [L, El, K, N] weights (the layer and expert are
+indices into the operand: no per-layer or per-block copy of any weight). Blocks past the routed pairs hold the
+expert id El and are skipped. Work per matmul: at most (pairs + El (block - 1)) rows, not M x El; with
+`choose_block` (block ~ pairs / El, 16..64 rows) that is <= 1.25x the routed FLOPs at prefill sizes.
+
+Two kernels per layer: gate and up fused (x read once, silu(x wg) * (x wu) written as h), then down (h wd).
+Accumulation in float32; outputs in the activations' dtype. Gate weights and the scatter back to the tokens stay
+in XLA (`moe_swiglu`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+MIN_TILE = 16  # Triton's dot needs every tile dim >= 16
+
+
+def _tile(n: int, most: int) -> int:
+    """Largest power of two <= `most` dividing n."""
+    t = most
+    while n % t:
+        t //= 2
+    return t
+
+
+def supported(d: int, f: int) -> bool:
+    """Whether widths D (model) and F (local expert FFN) tile for the GPU kernels (multiples of 16)."""
+    return _tile(d, 64) >= MIN_TILE and _tile(f, 64) >= MIN_TILE
+
+
+def choose_block(pairs: int, num_local: int) -> int:
+    """Rows per block: about the mean pairs per expert, a power of two in [16, 64] (Triton's smallest dot tile
+    up to a tile that keeps an expert's partial last block small beside its rows)."""
+    mean = max(1, pairs // max(1, num_local))
+    return max(MIN_TILE, min(64, 1 << (mean - 1).bit_length()))
+
+
+def block_layout(local_MX, num_local: int, block: int):
+    """Sort (token, slot) pairs by local expert into blocks of `block` rows, one expert per block.
+
+    Args:
+      local_MX: local expert id per (token, slot); ids outside [0, num_local) are not here.
+    Returns:
+      (dest_N: each pair's row in the block buffer (out of range: not here), token_N, order_N (pairs in
+      expert order, as flat (token, slot) indices), block_expert_B (El for a block past the routed pairs)).
+      Static sizes: N = M X pairs; B = min(N, ceil(N / block) + El) blocks (each used block holds >= 1 pair).
+    """
+    M, X = local_MX.shape
+    N = M * X
+    expert_N = local_MX.reshape(-1)
+    expert_N = jnp.where((expert_N >= 0) & (expert_N < num_local), expert_N, num_local)
+    order_N = jnp.argsort(expert_N, stable=True)
+    expert_N = expert_N[order_N]
+    counts_E = jnp.bincount(expert_N, length=num_local + 1)[:num_local]
+    num_blocks = min(N, -(-N // block) + num_local)
+    padded_E = -(-counts_E // block) * block
+    end_E = jnp.cumsum(padded_E)
+    here_N = expert_N < num_local
+    e_N = jnp.minimum(expert_N, num_local - 1)
+    rank_N = jnp.arange(N) - (jnp.cumsum(counts_E) - counts_E)[e_N]
+    dest_N = jnp.where(here_N, (end_E - padded_E)[e_N] + rank_N, num_blocks * block)
+    block_expert_B = jnp.searchsorted(end_E, jnp.arange(num_blocks) * block, side="right").astype(jnp.int32)
+    return dest_N, order_N // X, order_N, block_expert_B  # searchsorted gives El past the last used block
+
+
+def _gate_up_kernel(index_ref, expert_ref, x_ref, wg_ref, wu_ref, h_ref, *, bk: int, num_k: int, num_local: int):
+    layer, e = index_ref[0], expert_ref[0]
+    bm, bn = h_ref.shape
+    cols = pl.ds(pl.program_id(1) * bn, bn)
+
+    @pl.when(e < num_local)
+    def _():
+        def body(k, acc):
+            g, u = acc
+            x = x_ref[:, pl.ds(k * bk, bk)]
+            g += jnp.dot(x, wg_ref[layer, e, pl.ds(k * bk, bk), cols], preferred_element_type=jnp.float32)
+            u += jnp.dot(x, wu_ref[layer, e, pl.ds(k * bk, bk), cols], preferred_element_type=jnp.float32)
+            return g, u
+
+        zero = jnp.zeros((bm, bn), jnp.float32)
+        g, u = jax.lax.fori_loop(0, num_k, body, (zero, zero))
+        h_ref[...] = (jax.nn.sigmoid(g) * g * u).astype(h_ref.dtype)
+
+    @pl.when(e >= num_local)
+    def _():
+        h_ref[...] = jnp.zeros((bm, bn), h_ref.dtype)
+
+
+def _down_kernel(index_ref, expert_ref, h_ref, wd_ref, o_ref, *, bk: int, num_k: int, num_local: int):
+    layer, e = index_ref[0], expert_ref[0]
+    bm, bn = o_ref.shape
+    cols = pl.ds(pl.program_id(1) * bn, bn)
+
+    @pl.when(e < num_local)
+    def _():
+        def body(k, acc):
+            return acc + jnp.dot(h_ref[:, pl.ds(k * bk, bk)], wd_ref[layer, e, pl.ds(k * bk, bk), cols],
+                                 preferred_element_type=jnp.float32)
+
+        o_ref[...] = jax.lax.fori_loop(0, num_k, body, jnp.zeros((bm, bn), jnp.float32)).astype(o_ref.dtype)
+
+    @pl.when(e >= num_local)
+    def _():
+        o_ref[...] = jnp.zeros((bm, bn), o_ref.dtype)
+
+
+def _grouped(kernel, x_RK, weights, layer, block_expert_B, block: int, interpret: bool):
+    """Run `kernel` over (row block, column tile): x [R, K] (R = blocks x block) times the blocks' experts."""
+    R, K = x_RK.shape
+    L, El, _, N = weights[0].shape
+    bk, bn = _tile(K, 64), _tile(N, 128 if K <= 2048 else 64)
+    grid = (R // block, N // bn)
+    whole = pl.BlockSpec((L, El, K, N), lambda b, j: (0, 0, 0, 0))  # read in place by (layer, expert) index
+    call = pl.pallas_call(
+        functools.partial(kernel, bk=bk, num_k=K // bk, num_local=El),
+        grid=grid,
+        in_specs=[pl.BlockSpec((1,), lambda b, j: (0,)), pl.BlockSpec((1,), lambda b, j: (b,)),
+                  pl.BlockSpec((block, K), lambda b, j: (b, 0))] + [whole] * len(weights),
+        out_specs=pl.BlockSpec((block, bn), lambda b, j: (b, j)),
+        out_shape=jax.ShapeDtypeStruct((R, N), x_RK.dtype),
+        interpret=interpret,
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=3),  # Triton, not Mosaic GPU: any sm_80+
+        # At most this much work: every block computed (used blocks: at most pairs + El (block - 1) rows).
+        cost_estimate=pl.CostEstimate(flops=2 * R * K * N * len(weights), transcendentals=R * N * (kernel is
+                                      _gate_up_kernel), bytes_accessed=(R * K + R * N) * x_RK.dtype.itemsize),
+        name=kernel.__name__.strip("_"),
+    )
+    return call(jnp.asarray(layer, jnp.int32).reshape(1), block_expert_B, x_RK, *weights)
+
+
+def moe_swiglu(x_MD, weights_MX, local_MX, w, layer, interpret: bool = False, block: int | None = None):
+    """Sum over the routed local experts of weight * SwiGLU_e(x): the "pallas" dispatch strategy.
+
+    Args:
+      x_MD: tokens. weights_MX: gate weights. local_MX: local expert ids (outside [0, El): not here).
+      w: (wg [L, El, D, F], wu [L, El, D, F], wd [L, El, F, D]) stacked local weights. layer: local layer index
+        (may be traced). interpret: run the kernels in Pallas' interpret mode (CPU). block: rows per block
+        (default `choose_block`).
+    Returns:
+      y_MD in x's dtype: this shard's partial sum (its experts, its FFN slice).
+    """
+    wg, wu, wd = w
+    M, X = local_MX.shape
+    El = wg.shape[1]
+    block = block or choose_block(M * X, El)
+    dest_N, token_N, order_N, block_expert_B = block_layout(local_MX, El, block)
+    R = block_expert_B.shape[0] * block
+    with jax.named_scope("moe/dispatch"):
+        x_RD = jnp.zeros((R, x_MD.shape[1]), x_MD.dtype).at[dest_N].set(x_MD[token_N], mode="drop")
+    with jax.named_scope("moe/experts"):
+        h_RF = _grouped(_gate_up_kernel, x_RD, (wg, wu), layer, block_expert_B, block, interpret)
+        out_RD = _grouped(_down_kernel, h_RF, (wd,), layer, block_expert_B, block, interpret)
+    with jax.named_scope("moe/combine"):
+        gate_N = weights_MX.reshape(-1)[order_N].astype(x_MD.dtype)
+        pair_ND = out_RD.at[dest_N].get(mode="fill", fill_value=0) * gate_N[:, None]
+        return jnp.zeros_like(x_MD).at[token_N].add(pair_ND)
