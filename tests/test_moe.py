@@ -11,7 +11,7 @@ from moejax.model import moe
 
 E, D, F, X = 8, 16, 12, 2
 # Every strategy; "native" where the kernels are built and on (CI runs this file with them off too).
-STRATEGIES = ["loop", "gather", "blocks", "ragged"] + (["native"] if native.available() else [])
+STRATEGIES = ["loop", "gather", "blocks", "ragged", "pallas"] + (["native"] if native.available() else [])
 
 
 def _naive(x_MD, weights_MX, experts_MX, wg, wu, wd):
@@ -114,10 +114,12 @@ def test_unknown_strategy_is_rejected():
                       np.zeros((2, X), np.int32), z, z, z.transpose(0, 2, 1))
 
 
-def test_auto_picks_native_where_it_runs_and_loop_elsewhere():
+def test_auto_picks_native_on_cpu_pallas_on_gpu_and_loop_elsewhere():
     assert moe.choose_strategy("auto", 8, "cpu", native_ok=True) == "native"
     assert moe.choose_strategy("auto", 8, "cpu", native_ok=False) == "loop"
-    assert moe.choose_strategy("auto", 8, "gpu", native_ok=True) == "loop"
+    assert moe.choose_strategy("auto", 8, "gpu", native_ok=True) == "loop"  # widths the GPU kernels cannot tile
+    assert moe.choose_strategy("auto", 8, "gpu", pallas_ok=True) == "pallas"
+    assert moe.choose_strategy("auto", 8, "cpu", native_ok=False, pallas_ok=True) == "loop"
 
 
 def test_native_strategy_where_it_cannot_run_is_a_clear_error(monkeypatch):

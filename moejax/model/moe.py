@@ -29,7 +29,10 @@ layers. Strategies for the local expert computation (`dispatch`), all exact, sid
 - ``"blocks"``: sort pairs into fixed-size blocks of one expert each (block-sparse grouped matmul);
   weights gathered per block. Kept for measurement on GPU.
 - ``"ragged"``: sort pairs and call `jax.lax.ragged_dot`. XLA lowers it to a masked dense matmul
-  on CPU (E times the FLOPs); a grouped kernel on GPU. Kept for measurement on GPU.
+  on CPU and, with jaxlib 0.10.2, on H100 too (E times the FLOPs, docs/benchmarks.md). Kept for comparison.
+- ``"pallas"``: the grouped matmul as Pallas kernels (`moejax.model.grouped_matmul`): pairs sorted into
+  blocks of one expert, each block times its expert's weights read in place; at most pairs + El (block - 1)
+  rows of work. Triton kernels on GPU; Pallas' interpret mode elsewhere (exact, slow: for tests).
 - ``"native"``: one call per layer to `moejax.native.moe_swiglu` (CPU, float32): every routed
   expert on exactly its rows, its weights read in place, on XLA's intra-op threads; a row's result
   does not depend on the other rows. Needs the native kernels (built by the package's install).
@@ -47,9 +50,10 @@ from flax import nnx
 
 from moejax import native, sharding
 from moejax.config import ModelConfig
+from moejax.model import grouped_matmul
 from moejax.model.layers import at_layer, declare
 
-STRATEGIES = ("auto", "loop", "gather", "blocks", "ragged", "native")
+STRATEGIES = ("auto", "loop", "gather", "blocks", "ragged", "native", "pallas")
 EXCHANGES = ("auto", "all_to_all", "ragged_all_to_all")
 
 
@@ -154,25 +158,33 @@ def route(x_MD, router_DE, k: int, normalize: bool):
     return weights_MX, experts_MX.astype(jnp.int32)
 
 
-def choose_strategy(strategy: str, num_tokens: int, backend: str | None = None, native_ok: bool = False) -> str:
+def choose_strategy(strategy: str, num_tokens: int, backend: str | None = None, native_ok: bool = False,
+                    pallas_ok: bool = False) -> str:
     """The dispatch strategy to run for `num_tokens` local tokens: the one place "auto" is decided.
 
     CPU (measured, docs/benchmarks.md): "native" wherever it runs (`native_ok`: kernels built and on,
     float32): faster than "loop" from 1 to 1024 tokens; else "loop", which reads only routed experts
-    in place of a stacked copy and does at most 2x the routed FLOPs. GPU: not yet measured on this
-    project's hardware; "loop" until a measurement says a grouped kernel ("ragged") is faster.
+    in place of a stacked copy and does at most 2x the routed FLOPs. GPU: "pallas" where its tiles fit the
+    widths (`pallas_ok`: D and the local F multiples of 16), the grouped GEMM, compiled for H100 at <= 1.25x the
+    routed FLOPs at prefill sizes and reading each routed expert's weights in place; else "loop". Neither is
+    timed on a GPU yet (`moejax bench gpu --moe-strategies auto,loop` does); "ragged" is no grouped GEMM there
+    (XLA compiles `ragged_dot` for H100 as a dense dot over every group, docs/benchmarks.md).
+    `backend` is the platform of the mesh the program is traced for (`native.platform`), not the process's.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown MoE dispatch strategy {strategy!r}; choose from {STRATEGIES}")
     if strategy != "auto":
         return strategy
     del num_tokens  # no token-count dependence measured so far; the signature is where it goes
-    return "native" if native_ok and backend == "cpu" else "loop"
+    if backend == "cpu":
+        return "native" if native_ok else "loop"
+    return "pallas" if backend == "gpu" and pallas_ok else "loop"
 
 
 def _strategy_fn(strategy: str, x_MD, w):
     ok = native.runs(x_MD, *w)
-    chosen = choose_strategy(strategy, x_MD.shape[0], jax.default_backend(), ok)
+    pallas_ok = grouped_matmul.supported(x_MD.shape[1], w[0].shape[-1])
+    chosen = choose_strategy(strategy, x_MD.shape[0], native.platform(x_MD), ok, pallas_ok)  # the mesh's platform
     if chosen == "native" and not ok:  # asked for by name (Strategy.checked saw the backend and the build)
         raise ValueError(f"MoE dispatch 'native' runs float32 only; this model's activations/weights are "
                          f"{x_MD.dtype}/{w[0].dtype}: use dispatch 'auto' or 'loop'")
@@ -207,7 +219,7 @@ def choose_exchange(exchange: str, backend: str | None = None) -> str:
     """The token exchange of the "data" mode to run: the one place "auto" is decided.
 
     "all_to_all" (fixed capacity, exact, runs everywhere) until a GPU measurement shows the ragged
-    collective faster; XLA:CPU has no ragged-all-to-all at all.
+    collective faster; XLA:CPU has no ragged-all-to-all at all. `backend`: the mesh's platform, as above.
     """
     del backend
     return "all_to_all" if exchange == "auto" else exchange
@@ -245,7 +257,7 @@ def exchange(x_MD, weights_MX, experts_MX, w, layer, strategy: Strategy, num_exp
     gate_UX = jnp.where(mine_UX, weights_MX[token_U], 0)
     units = (dest_U, rank_U, token_U, local_UX, gate_UX)
     run = partial(_compute_received, strategy.dispatch, w, layer)
-    if choose_exchange(strategy.exchange, jax.default_backend()) == "ragged_all_to_all":
+    if choose_exchange(strategy.exchange, native.platform(x_MD)) == "ragged_all_to_all":
         return _exchange_ragged(EP, El, run, x_MD, count_S, *units)
     need = sharding.pmax(jnp.max(count_S), "experts")  # the same on every device of the exchange
     caps = row_caps(M, max_caps=4)  # a token goes to a shard at most once: M rows is the worst case
@@ -421,5 +433,9 @@ def _dispatch_native(x_MD, weights_MX, local_MX, w, layer):
     return native.moe_swiglu(x_MD, weights_MX, local_MX, *w, layer)
 
 
+def _dispatch_pallas(x_MD, weights_MX, local_MX, w, layer):
+    return grouped_matmul.moe_swiglu(x_MD, weights_MX, local_MX, w, layer, interpret=native.platform(x_MD) != "gpu")
+
+
 _STRATEGY_FNS = {"native": _dispatch_native, "loop": _dispatch_loop, "gather": _dispatch_gather,
-                 "blocks": _dispatch_blocks, "ragged": _dispatch_ragged}
+                 "blocks": _dispatch_blocks, "ragged": _dispatch_ragged, "pallas": _dispatch_pallas}
