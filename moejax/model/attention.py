@@ -24,6 +24,7 @@ from flax import nnx
 
 from moejax import native, sharding
 from moejax.config import ModelConfig
+from moejax.model import paged_attention
 from moejax.model.layers import apply_rope, at_layer, declare, project, rms_norm
 
 _MASKED = -1e30  # finite, so a fully masked (padding) row gives a uniform softmax rather than NaN
@@ -96,18 +97,33 @@ class Attention(nnx.Module):
 def _cached_attention(q_BTNH, cache, layer, page_table_BP, pos_BT, window):
     """Attention of the new queries over their rows' cached pages (the new tokens already written).
 
-    On CPU in float32 the native kernel reads each query's own keys in place (`moejax.native`);
-    else the row's whole page window is gathered, and the slots past the row's last position,
-    which are not its own (stale or another's), are zeroed: they must not reach the arithmetic,
-    not even as 0 * value (isolation invariant).
+    Chosen by `choose_paged_attention` from the mesh's platform: on CPU in float32 the native kernel reads each
+    query's own keys in place (`moejax.native`); on GPU the Pallas kernel does (`moejax.model.paged_attention`);
+    else the row's whole page window is gathered, and the slots past the row's last position, which are not its
+    own (stale or another's), are zeroed: they must not reach the arithmetic, not even as 0 * value (isolation
+    invariant).
     """
-    if native.runs(q_BTNH, *cache):
+    kind = choose_paged_attention(native.platform(q_BTNH), native.runs(q_BTNH, *cache), cache[0].shape)
+    if kind == "native":
         return native.paged_attention(q_BTNH, *cache, layer, page_table_BP, pos_BT, window)
+    if kind == "pallas":
+        return paged_attention.paged_attention(q_BTNH, cache, layer, page_table_BP, pos_BT, window)
     k_BSKH, v_BSKH = (_gather_pages(pool, layer, page_table_BP) for pool in cache)
     kpos_BS = jnp.broadcast_to(jnp.arange(k_BSKH.shape[1], dtype=jnp.int32), k_BSKH.shape[:2])
     owned_BS = kpos_BS <= jnp.max(pos_BT, axis=1, keepdims=True)
     k_BSKH, v_BSKH = (jnp.where(owned_BS[..., None, None], a, 0) for a in (k_BSKH, v_BSKH))
     return attend(q_BTNH, k_BSKH, v_BSKH, pos_BT, kpos_BS, window)
+
+
+def choose_paged_attention(platform: str, native_ok: bool, pool_shape) -> str:
+    """Which paged attention runs: "native" (CPU kernels, float32), "pallas" (GPU, pages and head dim powers of two
+    >= 16) or "xla" (gather the page window; everywhere). The one place this is decided."""
+    _, _, page_size, _, head_dim = pool_shape
+    if platform == "cpu" and native_ok:
+        return "native"
+    if platform == "gpu" and paged_attention.supported(page_size, head_dim):
+        return "pallas"
+    return "xla"
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, window: int | None = None):
