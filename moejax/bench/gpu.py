@@ -6,6 +6,9 @@
 On the first local device (the hardware file from its kind, e.g. H100 -> h100-sxm, or `--hardware`), with
 random weights drawn on the device (`moejax.weights.DeviceRandomSource`: a real-size model places in seconds):
 
+Phases 1 and 2 run per MoE dispatch strategy (`--moe-strategies`, default auto then loop: on GPU "auto" is the
+Pallas grouped GEMM, so a fallback is measured too).
+
 1. **decode**: per batch size B, the compiled step on B rows of one token each at `--context` cached positions,
    timed alone (`--steps` calls back to back, the cache donated from call to call). Bytes a step must read: the
    weights every step reads, the experts B tokens route to (expected distinct experts under uniform routing,
@@ -108,15 +111,16 @@ def prefill_flops(cfg, batch: int, length: int) -> float:
 
 
 def time_step(model, rows: int, length: int, context: int, calls: int, page_size: int = 16,
-              seed: int = 0) -> float:
+              seed: int = 0, steps=None) -> float:
     """Seconds per call of the model's compiled step on `rows` x `length` new tokens after `context` cached
-    positions (compiled and run twice first; then `calls` calls back to back, the cache donated along)."""
+    positions (compiled and run twice first; then `calls` calls back to back, the cache donated along).
+    `steps`: the compiled steps to time (default the model's own; e.g. another MoE strategy's)."""
     import jax
 
     from moejax import steps as steps_lib
     from moejax.config import ceil_div
 
-    steps = model.steps
+    steps = steps or model.steps
     pages = ceil_div(context + length, page_size)
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, model.cfg.vocab_size, (rows, length), dtype=np.int32)
@@ -185,35 +189,37 @@ def run(args: argparse.Namespace) -> dict:
     say(f"placed {cfg.name or cfg.family} ({layers} of {summary['model_layers']} layers, {args.dtype}) on "
         f"{device.device_kind} in {summary['place_s']:.1f} s; hardware file {hw_name}")
     size = dtype.itemsize
-    for phase in ("decode", "prefill"):
-        for batch in args.batch_sizes:
-            if time.perf_counter() > deadline:
-                record({"phase": phase, "batch_size": batch, "ok": False, "error": "skipped: --budget-s spent"})
-                continue
-            try:
-                if phase == "decode":
-                    step_s = time_step(model, batch, 1, args.context, args.steps)
-                    parts = decode_bytes(cfg, batch, args.context, size, size)
-                    moved = sum(parts.values())
-                    row = {"phase": phase, "batch_size": batch, "ok": True, "context": args.context,
-                           "step_s": step_s, "bytes": moved, "bytes_by_part": parts,
-                           "bandwidth": moved / step_s, "bandwidth_fraction": moved / step_s / hw.memory_bandwidth,
-                           "tokens_per_s": batch / step_s}
-                    say(f"decode  B={batch:<4} {step_s * 1e3:9.3f} ms  {_si(row['bandwidth'])}B/s  "
-                        f"{row['bandwidth_fraction']:6.1%} of {_si(hw.memory_bandwidth)}B/s")
-                else:
-                    step_s = time_step(model, batch, args.prefill_len, 0, max(1, args.steps // 4))
-                    flops = prefill_flops(cfg, batch, args.prefill_len)
-                    row = {"phase": phase, "batch_size": batch, "ok": True, "prefill_len": args.prefill_len,
-                           "step_s": step_s, "flops": flops, "flops_per_s": flops / step_s,
-                           "mfu": flops / step_s / hw.peak(precision),
-                           "tokens_per_s": batch * args.prefill_len / step_s}
-                    say(f"prefill B={batch:<4} {step_s * 1e3:9.3f} ms  {_si(row['flops_per_s'])}FLOP/s  "
-                        f"MFU {row['mfu']:6.1%} of {_si(hw.peak(precision))}FLOP/s")
-            except Exception as err:  # noqa: BLE001 - a failed measurement is recorded; the next one runs
-                row = {"phase": phase, "batch_size": batch, "ok": False, "error": _error(err)}
-                say(f"{phase} B={batch}: FAILED {row['error'][:200]}")
-            record(row)
+    for strategy, phase, batch in ((s, p, b) for s in args.moe_strategies for p in ("decode", "prefill")
+                                   for b in args.batch_sizes):
+        tag = {"phase": phase, "batch_size": batch, "moe_strategy": strategy}
+        if time.perf_counter() > deadline:
+            record({**tag, "ok": False, "error": "skipped: --budget-s spent"})
+            continue
+        try:
+            steps = model.steps if strategy == "auto" else _steps(model, strategy)
+            if phase == "decode":
+                step_s = time_step(model, batch, 1, args.context, args.steps, steps=steps)
+                parts = decode_bytes(cfg, batch, args.context, size, size)
+                moved = sum(parts.values())
+                row = {**tag, "ok": True, "context": args.context,
+                       "step_s": step_s, "bytes": moved, "bytes_by_part": parts,
+                       "bandwidth": moved / step_s, "bandwidth_fraction": moved / step_s / hw.memory_bandwidth,
+                       "tokens_per_s": batch / step_s}
+                say(f"{strategy:<7} decode  B={batch:<4} {step_s * 1e3:9.3f} ms  {_si(row['bandwidth'])}B/s  "
+                    f"{row['bandwidth_fraction']:6.1%} of {_si(hw.memory_bandwidth)}B/s")
+            else:
+                step_s = time_step(model, batch, args.prefill_len, 0, max(1, args.steps // 4), steps=steps)
+                flops = prefill_flops(cfg, batch, args.prefill_len)
+                row = {**tag, "ok": True, "prefill_len": args.prefill_len,
+                       "step_s": step_s, "flops": flops, "flops_per_s": flops / step_s,
+                       "mfu": flops / step_s / hw.peak(precision),
+                       "tokens_per_s": batch * args.prefill_len / step_s}
+                say(f"{strategy:<7} prefill B={batch:<4} {step_s * 1e3:9.3f} ms  {_si(row['flops_per_s'])}FLOP/s  "
+                    f"MFU {row['mfu']:6.1%} of {_si(hw.peak(precision))}FLOP/s")
+        except Exception as err:  # noqa: BLE001 - a failed measurement is recorded; the next one runs
+            row = {**tag, "ok": False, "error": _error(err)}
+            say(f"{strategy} {phase} B={batch}: FAILED {row['error'][:200]}")
+        record(row)
     _sweep_and_calibrate(args, model, cfg, model_path, hw, hw_name, summary, deadline, out, say)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -268,6 +274,13 @@ def _sweep_and_calibrate(args, model, cfg, model_path, hw, hw_name, summary, dea
         f"{eff.step_overhead_s * 1e3:.2f} ms); planner error on the sweep rows {errors[0]:.0%} -> {errors[1]:.0%}")
 
 
+def _steps(model, strategy: str):
+    """The model's steps compiled with another MoE dispatch strategy (same weights, same mesh)."""
+    from moejax.steps import Steps
+
+    return Steps(model.module, model.mesh, strategy, model.ep_attention)
+
+
 def _si(value: float) -> str:
     for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
         if value >= scale:
@@ -291,6 +304,17 @@ def _positive_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _strategies(text: str) -> list[str]:
+    from moejax.model.moe import STRATEGIES
+
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in values if x not in STRATEGIES]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"expected comma-separated MoE strategies from {', '.join(STRATEGIES)}, "
+                                         f"got {text!r}")
     return values
 
 
@@ -324,6 +348,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="layers to keep (default: as many as fit in --memory-fraction of the device's free memory)")
     p.add_argument("--memory-fraction", type=_positive(float), default=0.7,
                    help="of the device's free memory for weights (default %(default)s)")
+    p.add_argument("--moe-strategies", type=_strategies, default=["auto", "loop"],
+                   help="MoE dispatch strategies to time, in order (default auto,loop: on GPU 'auto' is the Pallas "
+                        "grouped GEMM, 'loop' the per-expert loop)")
     p.add_argument("--chunk-sizes", type=_positive_list, default=[256, 1024],
                    help="sweep: prefill chunk sizes (default 256,1024)")
     p.add_argument("--max-running", type=_positive_list, default=[8, 64],

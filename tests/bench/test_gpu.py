@@ -107,11 +107,11 @@ def test_bench_gpu_on_cpu_devices(tmp_path):
     out = tmp_path / "gpu"
     argv = ["--model", "tiny-moe", "--dtype", "float32", "--batch-sizes", "1,3", "--steps", "2", "--prefill-len", "8",
             "--chunk-sizes", "16", "--max-running", "2", "--sweep-input-len", "8", "--sweep-output-len", "3",
-            "--sweep-requests", "4", "--out", str(out)]
+            "--sweep-requests", "4", "--moe-strategies", "auto,loop", "--out", str(out)]
     assert gpu.main(argv) == 0
     rows = [json.loads(line) for line in (out / "gpu.jsonl").read_text().splitlines()]
-    assert [(r["phase"], r["batch_size"]) for r in rows] == [("decode", 1), ("decode", 3), ("prefill", 1),
-                                                              ("prefill", 3)]
+    assert [(r["moe_strategy"], r["phase"], r["batch_size"]) for r in rows] == [
+        (s, p, b) for s in ("auto", "loop") for p in ("decode", "prefill") for b in (1, 3)]
     hw = load_hardware("cpu-host")
     assert all(r["ok"] and r["hardware"] == "cpu-host" for r in rows)
     for r in rows:
@@ -130,6 +130,14 @@ def test_bench_gpu_on_cpu_devices(tmp_path):
     assert math.isfinite(tuned.efficiency.step_overhead_s)
 
 
+def test_bad_strategies_are_refused(capsys):
+    from moejax.bench import gpu
+
+    with pytest.raises(SystemExit) as exit_:
+        gpu.main(["--moe-strategies", "auto,dense"])
+    assert exit_.value.code == 2 and "expected comma-separated MoE strategies" in capsys.readouterr().err
+
+
 def test_a_spent_budget_records_what_was_skipped(tmp_path):
     from moejax.bench import gpu
 
@@ -137,6 +145,6 @@ def test_a_spent_budget_records_what_was_skipped(tmp_path):
     assert gpu.main(["--model", "tiny-moe", "--dtype", "float32", "--batch-sizes", "1", "--budget-s", "1e-9",
                      "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "gpu.jsonl").read_text().splitlines()]
-    assert [r["error"] for r in rows] == ["skipped: --budget-s spent"] * 2
+    assert [r["error"] for r in rows] == ["skipped: --budget-s spent"] * 4  # auto and loop, decode and prefill
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sweep"] == {"ok": False, "error": "skipped: --budget-s spent"}
