@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 Advance = Callable[..., None]  # advance(amount=1): move a phase's bar on
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring: one per XLA compile
+NOTED_COMPILE_S = 0.5  # compiles shorter than this (small helpers) are not worth a line
 
 
 def _ignore(amount: float = 1) -> None:
@@ -53,6 +55,26 @@ class Progress:
             self._line(f"moejax: {text} ...")
             yield _ignore
             self._line(f"moejax: {text}: done in {time.perf_counter() - start:.1f} s")
+
+    @contextmanager
+    def compiling(self, text: str) -> Iterator[None]:
+        """A phase (`text`) with a note per program XLA compiles in it that takes `NOTED_COMPILE_S` or more:
+        compiling is the long silent part of a first run, so each program compiled shows that it moves."""
+        import jax
+
+        compiled = []
+
+        def on_event(event: str, seconds: float, **kwargs) -> None:
+            if event == COMPILE_EVENT and seconds >= NOTED_COMPILE_S:
+                compiled.append(seconds)
+                self.note(f"XLA compiled program {len(compiled)} in {seconds:.1f} s")
+
+        with self.phase(text):
+            jax.monitoring.register_event_duration_secs_listener(on_event)
+            try:
+                yield
+            finally:
+                jax.monitoring.unregister_event_duration_listener(on_event)
 
     def note(self, text: str) -> None:
         """One line inside a phase (e.g. each program compiled); above the live display on a terminal."""

@@ -5,6 +5,8 @@
   on both axes) drawn through its points, each labelled with its layout; the planner's predicted
   frontier for the same hardware, model and request shape over the same layouts, chunk sizes and
   batch sizes (powers of two spanning the swept max_running), dashed, its points labelled too.
+  Labels never overlap (`place_labels`): where no free place is left by a point, its label is left
+  out, measured ones last, and the x-axis title says how many.
 - `latency_vs_chunk.png`: mean TTFT and mean TPOT against the prefill chunk size, a line per
   (layout, expert mode, max_running): the layout sets colour and marker, max_running the line style.
 
@@ -19,6 +21,8 @@ from pathlib import Path
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "d")
 LINESTYLES = ("-", "--", ":", "-.")
+# Where a point's label may go, in points from it: right above, right below, left above, left below, then further.
+LABEL_OFFSETS = ((4, 5), (4, -12), (-4, 5), (-4, -12), (4, 16), (4, -23), (-4, 16), (-4, -23))
 
 
 def styles(labels: list[str]) -> dict[str, tuple[tuple[float, ...], str]]:
@@ -85,8 +89,38 @@ def planner_frontier(rows: list[dict], hw) -> list[tuple[float, float, str]]:
     return _frontier(points)
 
 
-def plot_tradeoff(rows: list[dict], path: Path, hw=None) -> tuple[Path, list[tuple[str, str, str]]]:
-    """Write tradeoff.png (see the module docstring); returns (path, legend entries (label, colour, marker))."""
+def place_labels(ax, points: list[tuple[float, float, str]], placed: list | None = None,
+                 **text_kw) -> tuple[list, int]:
+    """Label points so that no two labels overlap; returns (the annotations drawn, how many were left out).
+
+    Each (x, y, text) in turn takes the first offset of `LABEL_OFFSETS` (right or left of the point, above or
+    below) whose box, measured in display coordinates with the figure's renderer, lies inside the axes and
+    overlaps no box in `placed` (which it joins); a label no offset fits is left out, so put the most
+    important points first. Call it once the axes' scales, limits and size are final: the boxes are measured
+    then (saving at another dpi scales every box alike, so they still do not overlap).
+    """
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed = [] if placed is None else placed
+    drawn, left_out = [], 0
+    for x, y, text in points:
+        for dx, dy in LABEL_OFFSETS:
+            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy),
+                               ha="left" if dx >= 0 else "right", **text_kw)
+            box = note.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(other) for other in placed):
+                placed.append(box)
+                drawn.append(note)
+                break
+            note.remove()
+        else:
+            left_out += 1
+    return drawn, left_out
+
+
+def tradeoff_figure(rows: list[dict], hw=None):
+    """The trade-off figure of tradeoff.png (see the module docstring)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,18 +139,12 @@ def plot_tradeoff(rows: list[dict], path: Path, hw=None) -> tuple[Path, list[tup
                           for r in rows])
     ax.plot([p[0] for p in measured], [p[1] for p in measured], color="black", lw=2, zorder=4,
             label="measured frontier")
-    for x, y, name in measured:
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 5), fontsize=7, weight="bold")
-    if hw is not None:
-        predicted = planner_frontier(rows, hw)
-        if predicted:
-            ax.plot([p[0] for p in predicted], [p[1] for p in predicted], color="grey", ls="--", lw=1.5,
-                    marker=".", label=f"planner frontier ({hw.name})")
-            for x, y, name in predicted:
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=6, color="grey")
+    predicted = planner_frontier(rows, hw) if hw is not None else []
+    if predicted:
+        ax.plot([p[0] for p in predicted], [p[1] for p in predicted], color="grey", ls="--", lw=1.5,
+                marker=".", label=f"planner frontier ({hw.name})")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("tokens/s per user (1 / TPOT)")
     ax.set_ylabel("tokens/s per device")
     r0 = rows[0]
     sizes = "/".join(str(n) for n in sorted({r["devices"] for r in rows}, reverse=True))
@@ -126,7 +154,22 @@ def plot_tradeoff(rows: list[dict], path: Path, hw=None) -> tuple[Path, list[tup
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=1 + len(labels) // 24, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    legend = _legend(ax)
+    placed: list = []  # measured labels first: where space runs out, the planner's give way
+    _, left_out = place_labels(ax, measured, placed, fontsize=7, weight="bold")
+    _, planner_left_out = place_labels(ax, predicted, placed, fontsize=6, color="grey")
+    left_out += planner_left_out
+    ax.set_xlabel("tokens/s per user (1 / TPOT)" + (f"\n({left_out} frontier label{'s' * (left_out > 1)} left out "
+                                                    f"where {'they' if left_out > 1 else 'it'} would overlap "
+                                                    f"another)" if left_out else ""))
+    return fig
+
+
+def plot_tradeoff(rows: list[dict], path: Path, hw=None) -> tuple[Path, list[tuple[str, str, str]]]:
+    """Write tradeoff.png (see the module docstring); returns (path, legend entries (label, colour, marker))."""
+    import matplotlib.pyplot as plt
+
+    fig = tradeoff_figure(rows, hw)
+    legend = _legend(fig.axes[0])
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -40,8 +40,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="concurrent requests per data-parallel replica, comma-separated")
     p.add_argument("--chunk-sizes", type=int_list(1), default=list(DEFAULT_CHUNKS), help="prefill chunk sizes")
     p.add_argument("--ep-attention", default="data", choices=EP_ATTENTION_MODES,
-                   help="expert axis outside MoE blocks: data-parallel attention + all-to-all, or replicated "
-                        "(the runtime today)")
+                   help="expert axis outside MoE blocks: data (attention data-parallel over the expert group, "
+                        "tokens exchanged all-to-all; the runtime's default) or replicated (tokens replicated over "
+                        "the expert group, one all-reduce; the runtime's other mode, kept for comparison)")
     p.add_argument("--microbatches", type=int_in(1), default=None,
                    help="pipeline microbatch groups M, the runtime's ServeConfig.microbatches (default: PP)")
     p.add_argument("--arrival-rate", type=real_in(0.0), default=None,

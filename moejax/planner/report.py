@@ -142,8 +142,6 @@ def pareto_figure(result: Plan, max_layouts: int = 12):
     front = result.pareto
     ax.plot([p.tokens_per_s_per_user for p in front], [p.tokens_per_s_per_device for p in front],
             color="black", lw=2.5, marker="o", ms=4, label="Pareto frontier", zorder=5)
-    for (x, y), label in _frontier_labels(front).items():
-        ax.annotate(label, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=6, zorder=6)
     if result.target_tps_user:
         ax.axvline(result.target_tps_user, color="grey", ls="--", lw=1,
                    label=f"target {result.target_tps_user:g} tokens/s/user")
@@ -159,7 +157,15 @@ def pareto_figure(result: Plan, max_layouts: int = 12):
     w = result.workload
     ax.set_title(f"{result.model} on {result.devices} x {result.hardware} ({w.precision}, isl {w.isl}, osl {w.osl})")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    legend = ax.legend(fontsize=7, ncol=2)
+    from moejax.bench.plots import place_labels  # labels never overlap: one that finds no free place is left out
+
+    # Labels avoid each other and the legend (inside the axes).
+    _, left_out = place_labels(ax, [(x, y, label) for (x, y), label in _frontier_labels(front).items()],
+                               [legend.get_window_extent(fig.canvas.get_renderer())], fontsize=6, zorder=6)
+    if left_out:
+        ax.set_xlabel(f"{ax.get_xlabel()}\n({left_out} frontier label{'s' * (left_out > 1)} left out where "
+                      f"{'they' if left_out > 1 else 'it'} would overlap another)")
     return fig
 
 
