@@ -10,6 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 TOKENIZER_FILE = "tokenizer.json"
+# The text-side files of a Hugging Face checkpoint, which `moejax convert` copies beside the weights.
+TEXT_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+              "generation_config.json", "chat_template.json", "chat_template.jinja", "tokenizer.model", "vocab.json",
+              "merges.txt", "vocab.txt")
+
+
+def text_files(path: str | Path) -> list[Path]:
+    """The files of `TEXT_FILES` present in checkpoint directory `path`, in that order."""
+    return [Path(path) / name for name in TEXT_FILES if (Path(path) / name).is_file()]
 
 
 def load_tokenizer(path: str | Path):
@@ -18,8 +27,10 @@ def load_tokenizer(path: str | Path):
     Raises ValueError naming the file when it exists but cannot be read as a tokenizer.
     """
     file = Path(path) / TOKENIZER_FILE
-    if not file.is_file():
+    if not file.exists():
         return None
+    if not file.is_file():
+        raise ValueError(f"{file}: not a file (a tokenizer.json is a Hugging Face `tokenizers` JSON file)")
     from tokenizers import Tokenizer
 
     try:
@@ -29,7 +40,17 @@ def load_tokenizer(path: str | Path):
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text).ids
+    """The ids of `text`. Raises ValueError for a text that is empty or only whitespace (it would encode to the
+    special tokens alone, or to nothing) and for one the tokenizer fails on."""
+    if not text.strip():
+        raise ValueError(f"text prompt {text!r} is empty or only whitespace; give some text (or --prompt-ids)")
+    try:
+        return tokenizer.encode(text).ids
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - a failure inside tokenizers' Rust code is a pyo3 PanicException
+        raise ValueError(f"the tokenizer cannot encode text prompt {text[:80]!r}: {' '.join(str(err).split())}") \
+            from err
 
 
 def decode(tokenizer, ids: list[int]) -> str:

@@ -249,6 +249,152 @@ def test_stand_alone_planner_entry_point_reports_the_same_way(capsys):
     assert len(err.splitlines()) == 1
 
 
+# ---- sweep and bench serve (more in tests/bench/test_cli.py) --------------------------------------
+
+SWEEP = ["sweep", "--layouts", "DP1", "--out", "{tmp}/sweep_out", "--no-plot", "--no-progress"]
+SWEEP_BAD = [
+    (["--layouts", ","], r"--layouts: no layout given in ','"),
+    (["--max-running", "0"], r"argument --max-running: each entry must be an integer in \[1, 2147483647\], got 0"),
+    (["--max-running", ","], r"argument --max-running: .*\(an empty list\)"),
+    (["--microbatches", "0"], r"argument --microbatches: each entry must be an integer in \[1, "),
+    (["--microbatches", "2"], r"--microbatches 2: no layout has pipeline stages \(DP1\); add a layout with PP > 1"),
+    (["--layouts", "PP2", "--microbatches", "3", "--max-running", "8"],
+     r"--max-running 8: no value is a multiple of the data factor x pipeline microbatch groups of any layout \(PP2\)"),
+    (["--ep-attention", ","], r"--ep-attention: expected comma-separated modes from \['data', 'replicated'\]"),
+    (["--page-size", "0"], r"argument --page-size: must be an integer in \[1, 2147483647\], got 0"),
+    (["--page-size", "5000"], r"--page-size 5000 exceeds the model's context limit \(max_position_embeddings=2048\)"),
+    (["--input-len", "5:2"], r"argument --input-len: a length must be an integer >= 1 \(or a range LO:HI"),
+    (["--output-len", "3:x"], r"argument --output-len: expected a length N or a range LO:HI of integers, got '3:x'"),
+    (["--lengths-file", "{tmp}/lengths_dict.json"], r"--lengths-file: .*lengths_dict.json: expected a JSON list"),
+    (["--lengths-file", "{tmp}/lengths_empty.json"], r"lengths_empty.json: no \(input_len, output_len\) entries"),
+    (["--lengths-file", "{tmp}/lengths_cut.json"], r"lengths_cut.json is neither CSV .* nor valid JSON"),
+    (["--lengths-file", "{tmp}"], r"lengths file '.*' is not a file"),
+    (["--num-requests", "0"], r"argument --num-requests: must be an integer in \[1, 1000000\], got 0"),
+    (["--concurrency", "0"], r"argument --concurrency: must be an integer in \[1, 1000000\], got 0"),
+    (["--request-rate", "nan"], r"argument --request-rate: must be a finite number in \[1e-06, 1e\+09\], got 'nan'"),
+    (["--efficiency", "{tmp}/out_is_a_file"], r"efficiency file .*out_is_a_file: expected a mapping of fields"),
+    (["--hardware", "{tmp}/hw_list.yaml"], r"hw_list.yaml: expected a mapping of fields, got list"),
+    (["--model", "{tmp}/model_bad.yaml"], r"model config '.*model_bad.yaml': while parsing"),
+    (["--model", "{tmp}/ckpt_empty"], r"model config not found: .*ckpt_empty/config.json"),
+    (["--model", "gpt-moe-1800b"], r"model gpt-moe-1800b cannot run in moejax yet"),
+    (["--out", "{tmp}/out_is_a_file/sub"], r"--out .*/sub: .*out_is_a_file is a file, not a folder"),
+    (["--reference-layout", "TP3"], r"--reference-layout: layout TP3 cannot run model tiny-moe"),
+    (["--weights-seed=-1"], r"argument --weights-seed: must be an integer in \[0, 2147483647\], got -1"),
+    (["--seed=-1"], r"argument --seed: must be an integer in \[0, 4294967295\], got -1"),
+    (["--decode-buckets", "all"], r"argument --decode-buckets: invalid choice: 'all'"),
+    (["--max-prefill-seqs", "0"], r"argument --max-prefill-seqs: must be an integer in \[1, 2147483647\], got 0"),
+    (["--warmup-requests=-1"], r"argument --warmup-requests: must be an integer in \[0, 1000000\], got -1"),
+    (["--dtype", "float16"], r"argument --dtype: invalid choice: 'float16'"),
+]
+
+SERVE = ["bench", "serve", "--layout", "DP1"]
+SERVE_BAD = [
+    (["--output-len", "1"], r"--input-len / --output-len: every request needs at least 2 output tokens for TPOT"),
+    (["--layout", "DP1,DP2"], r"--layout: give one layout, got 'DP1,DP2'; `moejax sweep` runs many"),
+    (["--layout", ","], r"--layout: no layout given in ','"),
+    (["--layout", "XX"], r"--layout: cannot parse layout 'XX'"),
+    (["--out", "{tmp}"], r"--out .*: is a folder; give a file to append JSON lines to"),
+    (["--out", "{tmp}/out_is_a_file/one.jsonl"], r"--out .*one.jsonl: .*out_is_a_file is a file, not a folder"),
+    (["--max-running", "0"], r"argument --max-running: must be an integer in \[1, 2147483647\], got 0"),
+    (["--chunk-size", "0"], r"argument --chunk-size: must be an integer in \[1, 2147483647\], got 0"),
+    (["--chunk-size", "5000"], r"--chunk-size\(s\) 5000 exceeds the model's context limit"),
+    (["--ep-attention", ","], r"--ep-attention: expected comma-separated modes from \['data', 'replicated'\], "
+                              r"got ','"),
+    (["--ep-attention", "bogus"], r"--ep-attention: expected comma-separated modes"),
+    (["--input-len", "2000", "--output-len", "100"], r"prompt \+ output = 2100 tokens\) exceeds the model's context"),
+    (["--lengths-file", "{tmp}/lengths_empty.json"], r"lengths_empty.json: no \(input_len, output_len\) entries"),
+    (["--hardware", "nope"], r"hardware config 'nope' not found"),
+    (["--efficiency", "{tmp}/nope.yaml"], r"efficiency file '.*nope.yaml' not found"),
+    (["--devices", "2000"], r"argument --devices: must be an integer in \[1, 1024\], got 2000"),
+    (["--layout", "TP2PP2", "--microbatches", "0"], r"argument --microbatches: must be an integer in \[1, "),
+    (["--num-requests", "1.5"], r"argument --num-requests: expected an integer in \[1, 1000000\], got '1.5'"),
+    (["--concurrency", "x"], r"argument --concurrency: expected an integer in \[1, 1000000\], got 'x'"),
+    (["--model", "{tmp}/ckpt_llama"], r"model_type 'llama' is not supported"),
+]
+LENGTHS = {"lengths_dict.json": "{}", "lengths_empty.json": "[]", "lengths_cut.json": "[[4, 4]"}
+
+
+@pytest.mark.parametrize("args, message", SWEEP_BAD, ids=[" ".join(a)[:60] for a, _ in SWEEP_BAD])
+def test_sweep_mistake_is_one_line(args, message, tmp, no_model_work, capsys):
+    for name, text in LENGTHS.items():
+        (tmp / name).write_text(text)
+    _fails(capsys, [*SWEEP, *args], message, tmp)
+    assert not (tmp / "sweep_out").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("args, message", SERVE_BAD, ids=[" ".join(a)[:60] for a, _ in SERVE_BAD])
+def test_bench_serve_mistake_is_one_line(args, message, tmp, no_model_work, capsys):
+    for name, text in LENGTHS.items():
+        (tmp / name).write_text(text)
+    _fails(capsys, [*SERVE, *args], message, tmp)
+
+
+# ---- convert ---------------------------------------------------------------------------------------
+
+CONVERT_BAD = [
+    (["--hf", "{tmp}/nope"], r"--hf .*nope is not a directory"),
+    (["--hf", "{tmp}/out_is_a_file"], r"--hf .*out_is_a_file is not a directory"),
+    (["--hf", "{tmp}/ckpt_empty"], r"ckpt_empty is not a Hugging Face checkpoint: no config.json"),
+    (["--hf", "{tmp}/ckpt_bad_json"], r"ckpt_bad_json/config.json"),
+    (["--hf", "{tmp}/ckpt_llama"], r"model_type 'llama' is not supported"),
+    (["--hf", "{tmp}/ckpt_tokenizer"], r"no \*.safetensors files in .*ckpt_tokenizer"),
+    (["--out", ""], r"--out is empty; give the path of a new directory"),
+    (["--out", "{tmp}/out_is_a_file"], r"--out .*out_is_a_file already exists; convert writes a new directory"),
+    (["--out", "{tmp}/out_is_a_file/ckpt"], r"the parent directory .*out_is_a_file is a file, not a directory"),
+    (["--out", "{tmp}/no/such/ckpt"], r"the parent directory .*no/such does not exist"),
+    (["--dtype", "int8"], r"argument --dtype: invalid choice: 'int8'"),
+    (["--hf"], r"argument --hf: expected one argument"),
+]
+
+
+@pytest.mark.parametrize("args, message", CONVERT_BAD, ids=[" ".join(a)[:60] for a, _ in CONVERT_BAD])
+def test_convert_mistake_is_one_line(args, message, tmp, no_jax, capsys):
+    _fails(capsys, ["convert", "--hf", "{tmp}/ckpt_tokenizer", "--out", "{tmp}/converted", *args], message, tmp)
+    assert not list(tmp.glob("converted*"))
+
+
+# ---- text prompts ----------------------------------------------------------------------------------
+
+TOKENIZERS = {  # tokenizer.json beside a valid config (no weights: every mistake is found before they are read)
+    "tok_bad": "{", "tok_empty": "", "tok_not_a_tokenizer": '{"a": 1}', "tok_binary": b"\xff\xfe\x00 garbage",
+    "tok_dir": None, "tok_ok": "word-level",
+}
+TEXT_BAD = [
+    (["--model", "{tmp}/tok_bad", "--prompt", "hi"], r"tok_bad/tokenizer.json: not a readable tokenizer file: EOF"),
+    (["--model", "{tmp}/tok_empty", "--prompt", "hi"], r"tok_empty/tokenizer.json: not a readable tokenizer file"),
+    (["--model", "{tmp}/tok_not_a_tokenizer", "--prompt", "hi"], r"tok_not_a_tokenizer/tokenizer.json: not a "
+                                                                 r"readable tokenizer file"),
+    (["--model", "{tmp}/tok_binary", "--prompt", "hi"], r"tok_binary/tokenizer.json: not a readable tokenizer file: "
+                                                        r"stream did not contain valid UTF-8"),
+    (["--model", "{tmp}/tok_dir", "--prompt", "hi"], r"tok_dir/tokenizer.json: not a file"),
+    (["--model", "{tmp}/tok_ok", "--prompt", ""], r"text prompt '' is empty or only whitespace; give some text"),
+    (["--model", "{tmp}/tok_ok", "--prompt", "hello", "--prompt", " \t"], r"text prompt ' \\t' is empty or only "),
+    (["--model", "{tmp}/tok_ok", "--prompt", "hello " * 40], r"--max-new-tokens: the longest prompt \(41 tokens\) \+ "
+                                                             r"32 new tokens = 73 exceeds the model's context limit"),
+    (["--model", "{tmp}/ckpt_tokenizer", "--prompt", "hi"], r"ckpt_tokenizer has no tokenizer.json to encode text"),
+    (["--prompt", "hi"], r"a built-in config \(random weights\) has no tokenizer.json"),
+]
+
+
+@pytest.mark.parametrize("args, message", TEXT_BAD, ids=[" ".join(a)[:60] for a, _ in TEXT_BAD])
+def test_text_mistake_is_one_line_before_jax_starts(args, message, tmp, no_jax, capsys):
+    from tests.hf_models import save_tokenizer
+
+    config = json.dumps({**json.loads(FILES["ckpt_tokenizer/config.json"]), "max_position_embeddings": 64})
+    for name, text in TOKENIZERS.items():
+        (tmp / name).mkdir()
+        (tmp / name / "config.json").write_text(config)
+        if text is None:
+            (tmp / name / "tokenizer.json").mkdir()
+        elif text == "word-level":
+            save_tokenizer(tmp / name)
+        elif isinstance(text, bytes):
+            (tmp / name / "tokenizer.json").write_bytes(text)
+        else:
+            (tmp / name / "tokenizer.json").write_text(text)
+    _fails(capsys, ["generate", *args], message, tmp)
+
+
 # ---- both ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
@@ -283,3 +429,62 @@ def test_fresh_process_exits_2_without_starting_jax():
     assert out.stdout.split() == ["2", "False"]
     assert out.stderr.splitlines() == ["moejax: error: --temperature: temperature must be a finite number >= 0, got "
                                        "nan; allowed: [0, 3.4028235e+38] (float32 overflows above)"]
+
+
+# ---- Ctrl-C (convert and sweep: tests/checkpoint/test_convert.py, tests/bench/test_cli.py) ---------------
+
+# Runs `moejax ARGS` with a marker printed once real work is under way: the engine's warm-up (compiling) for
+# generate and bench serve, the planner's search (repeated, so it is still running) for plan.
+UNDER_WAY = """
+import sys
+import moejax
+from moejax.planner import cli as plan_cli
+warmup, plan = moejax.Engine.warmup, plan_cli.plan
+def marked_warmup(self, *args, **kwargs):
+    print("work under way", file=sys.stderr, flush=True)
+    return warmup(self, *args, **kwargs)
+def marked_plan(*args, **kwargs):
+    print("work under way", file=sys.stderr, flush=True)
+    while True:
+        plan(*args, **kwargs)
+moejax.Engine.warmup, plan_cli.plan = marked_warmup, marked_plan
+from moejax.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--layout", "DP2", "--max-new-tokens", "4"],
+    ["bench", "serve", "--layout", "DP2", "--num-requests", "4", "--input-len", "4", "--output-len", "4",
+     "--max-running", "4", "--chunk-size", "16"],
+    ["plan", "--model", "tiny-moe", "--hardware", "h100-sxm", "--devices", "8", "--no-plot", "--out", "{tmp}/plan"],
+], ids=["generate", "bench serve", "plan"])
+def test_ctrl_c_is_one_line_and_status_130(argv, tmp_path):
+    from tests.checkpoint.test_convert import interrupted_run
+
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    run = interrupted_run(["-c", UNDER_WAY, *argv], "work under way")
+    assert run.returncode == 130, run.stdout
+    assert "Traceback" not in run.stdout and run.stdout.splitlines()[-1] == "moejax: interrupted", run.stdout
+
+
+# ---- help ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["sweep"], ["--out OUT             output folder (resumed when it exists) (default:", "(default: pow2)",
+                 "--page-size PAGE_SIZE\n                        KV cache page size (default: 16)"]),
+    (["generate"], ["--max-new-tokens MAX_NEW_TOKENS\n                        default: 32",
+                    "random-weight seed for config-name models (default: 0)"]),
+    (["bench", "serve"], ["(default: 16)", "(default: auto)"]),
+])
+def test_help_shows_the_defaults_without_noise(argv, shown, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--help"])
+    text = capsys.readouterr().out
+    assert info.value.code == 0
+    for part in shown:
+        assert part in text, part
+    assert "default: None" not in text and "default: False" not in text and "==SUPPRESS==" not in text
+    assert "(default: 64) (default" not in text and "default 64 (default" not in text  # said once

@@ -60,9 +60,9 @@ def test_generate_text_prompt_json_then_repeat_with_its_seed_streaming(checkpoin
     assert cli.main([*args, "--sample-seed", str(result["sample_seed"]), "--quiet"]) == 0
     out, err = capsys.readouterr()
     assert err == ""
-    streamed = out.splitlines()[0]  # the text as it came, then the summary
+    streamed = out.splitlines()[1]  # the header, the prompt and its text as it came (once), the timing
     assert len(result["text"].split()) == sum(t > 1 for t in result["tokens"])  # a word per non-special id
-    assert streamed == result["text"] and f"{PROMPT!r} -> {result['text']!r}" in out
+    assert streamed == f"  prompt {PROMPT!r} -> {result['text']} (length)" and out.count(result["text"]) == 1
 
 
 def test_unseeded_runs_draw_fresh_seeds():

@@ -22,6 +22,7 @@ import functools
 import importlib
 import inspect
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -122,6 +123,7 @@ _MODULES = {
     "decode": ("moejax.bench.decode", "decode speed on one CPU device against Hugging Face and the bandwidth limit"),
     "gemm": ("moejax.bench.gemm", "the few-row matmul roofline of this host"),
     "compile": ("moejax.bench.compile", "time to place and warm up a model per layout, and its program size"),
+    "gpu": ("moejax.bench.gpu", "the first GPU's figures: decode bandwidth, prefill MFU, a sweep, a calibration"),
 }
 
 
@@ -150,7 +152,7 @@ def _workload(args, cfg, sweep: bool):
         workload.check(cfg.vocab_size, cfg.max_position_embeddings)
     except ValueError as err:
         raise UsageError(f"{flags}: {err}") from err
-    if sweep and workload.min_output_len < 2:
+    if workload.min_output_len < 2:
         raise UsageError(f"{flags}: every request needs at least 2 output tokens for TPOT (the calibration schema "
                          f"needs it), got a minimum of {workload.min_output_len}")
     return workload
@@ -200,11 +202,32 @@ def _check_sizes(args, cfg, chunks: list[int]) -> None:
                 raise UsageError(f"{flag} {v} exceeds the model's context limit (max_position_embeddings={limit})")
 
 
-def _check_hardware(args) -> None:
-    if args.hardware != "auto":
-        from moejax.planner.hardware import load_hardware
+def _check_out_file(path: Path, flag: str) -> None:
+    """Refuse a file to append to that cannot be: a folder, a file not writable, a folder that cannot be made."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder; give a file to append JSON lines to")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path}: the file is not writable")
+    _check_folder(path.parent, flag, named=path)
 
-        load_hardware(args.hardware, efficiency=args.efficiency)  # FileNotFoundError / ValueError name the file
+
+def _check_folder(path: Path, flag: str, named: Path | None = None) -> None:
+    """Refuse a folder that cannot be created or written to (nothing is created here); `named`: the flag's value."""
+    path, existing = named or path, path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: the folder {existing} is not writable")
+
+
+def _check_hardware(args) -> None:
+    from moejax.planner.hardware import load_hardware
+
+    if args.hardware != "auto" or args.efficiency:  # auto is resolved once JAX runs: check the factors file now
+        hardware = "cpu-host" if args.hardware == "auto" else args.hardware
+        load_hardware(hardware, efficiency=args.efficiency)  # FileNotFoundError / ValueError name the file
 
 
 def _resolve_hardware(args, device) -> str:
@@ -257,6 +280,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
+    _check_folder(out, "--out")
     for name in ("results.jsonl", "failures.jsonl"):
         read_rows(out / name)  # a malformed file is refused now, not after the first configuration
     devices = _start_jax((layouts or []) + (reference or []), args.devices)
@@ -270,10 +294,14 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     count = len(layouts) * len(modes) * len(microbatches) * len(args.chunk_sizes) * len(args.max_running)
     if count > MAX_CONFIGS:
         raise UsageError(f"the sweep has {count:_} configurations, more than {MAX_CONFIGS:_}; pass fewer values")
-    runnable = [(lay, mr) for lay in layouts for mr in args.max_running if mr % lay.data == 0]
+    if args.microbatches and not any(lay.stage > 1 for lay in layouts):
+        raise UsageError(f"--microbatches {','.join(map(str, args.microbatches))}: no layout has pipeline stages "
+                         f"({', '.join(str(x) for x in layouts)}); add a layout with PP > 1, or drop --microbatches")
+    runnable = [(lay, mr) for lay in layouts for m in (microbatches if lay.stage > 1 else (None,))
+                for mr in args.max_running if mr % (lay.data * (m or lay.stage)) == 0]
     if not runnable:
-        raise UsageError(f"--max-running {args.max_running}: no value is a multiple of the data factor of any "
-                         f"layout ({', '.join(str(x) for x in layouts)})")
+        raise UsageError(f"--max-running {','.join(map(str, args.max_running))}: no value is a multiple of the data "
+                         f"factor x pipeline microbatch groups of any layout ({', '.join(str(x) for x in layouts)})")
     spec = SweepSpec(model=args.model, layouts=tuple(layouts), chunk_sizes=tuple(args.chunk_sizes),
                      max_running=tuple(args.max_running), workload=workload,
                      hardware=_resolve_hardware(args, devices[0]), ep_attention=modes, dtype=args.dtype,
@@ -296,13 +324,15 @@ def run_serve_command(args: argparse.Namespace) -> int:
     from moejax.bench import sweep as sweep_lib
     from moejax.bench.serve import format_result
     from moejax.planner.hardware import load_hardware
+    from moejax.progress import Progress
 
     cfg = read_model_config(args.model)
     cfg.check_runtime_support()
     workload = _workload(args, cfg, sweep=False)
-    (layout,) = _layouts(args.layout, cfg, "--layout") or [None]
-    if layout is None:
-        raise UsageError("--layout: give one layout (not 'all'); `moejax sweep` runs many")
+    layouts = _layouts(args.layout, cfg, "--layout")
+    if layouts is None or len(layouts) != 1:
+        raise UsageError(f"--layout: give one layout, got {args.layout!r}; `moejax sweep` runs many")
+    (layout,) = layouts
     modes = _modes(args.ep_attention, "--ep-attention")
     if len(modes) > 1:
         raise UsageError("--ep-attention: give one mode; `moejax sweep` runs several")
@@ -317,6 +347,8 @@ def run_serve_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-running {args.max_running} must be a multiple of the data factor of {layout} "
                          f"({layout.data}){groups}")
     _check_hardware(args)
+    if args.out:
+        _check_out_file(Path(args.out), "--out")
     devices = _start_jax([layout], args.devices)
     spec = sweep_lib.SweepSpec(model=args.model, layouts=(layout,), chunk_sizes=(args.chunk_size,),
                                max_running=(args.max_running,), workload=workload,
@@ -325,7 +357,9 @@ def run_serve_command(args: argparse.Namespace) -> int:
                                max_prefill_seqs=args.max_prefill_seqs, decode_buckets=args.decode_buckets,
                                efficiency=args.efficiency)
     hw = load_hardware(spec.hardware, efficiency=args.efficiency)
-    model = sweep_lib._build_model(spec, str(layout), mode)
+    progress = Progress()  # stderr: the summary and --json go to stdout
+    with progress.phase(f"placing {spec.model} on layout {layout}"):
+        model = sweep_lib._build_model(spec, str(layout), mode)
     shards = sweep_lib.batch_shards(model)
     if args.max_running % (shards * groups_used):
         groups = f" x {groups_used} pipeline microbatch groups" if groups_used > 1 else ""
@@ -335,7 +369,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     jax.monitoring.register_event_duration_secs_listener(counter)
     try:
         row, _ = sweep_lib.run_config(spec, model, args.chunk_size, args.max_running, hw, counter,
-                                      args.microbatches)
+                                      args.microbatches, progress)
     finally:
         jax.monitoring.unregister_event_duration_listener(counter)
     row["ep_attention_requested"] = mode or sweep_lib.DEFAULT

@@ -28,17 +28,20 @@ speed: the devices share the host's cores (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import gc
 import json
 import math
+import os
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moejax import interrupt
 from moejax.bench import comm
 from moejax.bench.serve import Collector, RunResult, serve
 from moejax.bench.workload import Workload
@@ -149,11 +152,19 @@ def key_of(row: dict) -> tuple:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The JSON lines of `path` (none if it does not exist); ValueError naming the line if one is not JSON."""
+    """The JSON lines of `path` (none if it does not exist); ValueError naming the line if one is not JSON.
+
+    A last line without its newline is a write that never finished (rows are written whole, newline last, so
+    only a killed process leaves one): it is left out, and `_append` cuts it off before the next row.
+    """
     if not path.exists():
         return []
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -210,21 +221,30 @@ def _serve_config(spec: SweepSpec, model, chunk: int, mr: int, microbatches: int
 
 
 def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _CompileCounter,
-               microbatches: int | None = None) -> tuple[dict, RunResult]:
-    """Build, warm up, account and serve one configuration on a placed model; returns (row, result)."""
+               microbatches: int | None = None, progress=None) -> tuple[dict, RunResult]:
+    """Build, warm up, account and serve one configuration on a placed model; returns (row, result).
+
+    `progress` (a `moejax.progress.Progress`, or None for nothing) shows the compile, with a line per program
+    compiled, and the serving as phases on stderr.
+    """
     import jax
 
     import moejax
+    from moejax.progress import Progress
 
+    progress = progress or Progress(enabled=False)
     collector = Collector()
     engine = moejax.Engine(model, _serve_config(spec, model, chunk, mr, microbatches), on_finish=collector)
+    buckets = ", ".join(map(str, engine.decode_buckets))
     t0 = time.perf_counter()
-    with counter:
+    with counter, progress.compiling(f"compiling the steps: prefill ({engine.config.max_prefill_seqs} x {chunk} "
+                                     f"tokens), decode (batch {buckets}), and reading their collectives"):
         engine.warmup()
         warmup_s = time.perf_counter() - t0
         accounts = comm.account(engine)
     compile_s, compiles = counter.seconds, counter.count
-    with counter:
+    warm, measured = spec.workload.warmup_count(mr), spec.workload.num_requests
+    with counter, progress.phase(f"serving {warm} warm-up and {measured} measured requests"):
         result, warm_requests_s = serve(engine, collector, spec.workload)
     metrics = result.metrics()
     if metrics["tpot_s"] is None or not metrics["ttft_s"]:
@@ -343,7 +363,8 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, progress: bool = True, re
         with bar:
             for i, c in enumerate(todo):
                 bar.start(c)
-                row = _run_one(spec, c, models, hw, counter, res, failures_path, bar.log if progress else log)
+                row = _run_one(spec, c, models, hw, counter, res, failures_path, bar.log if progress else log,
+                               bar.phases())
                 if row is not None:
                     if c is ref:
                         res.reference_digest = row["output_digest"]
@@ -355,6 +376,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, progress: bool = True, re
                 if own and not any(_model_key(spec, x) == _model_key(spec, c) for x in todo[i + 1:]):
                     models.pop(_model_key(spec, c), None)  # free a layout's weights once its configurations ran
                     gc.collect()
+                interrupt.check()  # a ^C that a finalizer swallowed (gc above) stops the sweep here
     finally:
         jax.monitoring.unregister_event_duration_listener(counter)
     res.rows = [done[key_of(c)] for c in configs if key_of(c) in done]
@@ -375,7 +397,7 @@ def _model_key(spec: SweepSpec, c: dict) -> tuple:
 
 
 def _run_one(spec: SweepSpec, c: dict, models: dict, hw, counter: _CompileCounter, res: SweepResult,
-             failures_path: Path, log: Callable[[str], None]) -> dict | None:
+             failures_path: Path, log: Callable[[str], None], phases=None) -> dict | None:
     """Run configuration `c`; record a failure (and return None) if anything raises."""
     mk = _model_key(spec, c)
     stage = "place"
@@ -383,7 +405,8 @@ def _run_one(spec: SweepSpec, c: dict, models: dict, hw, counter: _CompileCounte
         if mk not in models:
             t = time.perf_counter()
             mode = None if c["ep_attention_requested"] == DEFAULT else c["ep_attention_requested"]
-            models[mk] = (_build_model(spec, c["layout"], mode), time.perf_counter() - t)
+            with phases.phase(f"placing {spec.model} on layout {c['layout']}") if phases else contextlib.nullcontext():
+                models[mk] = (_build_model(spec, c["layout"], mode), time.perf_counter() - t)
         model, place_s = models[mk]
         groups_used = c["microbatches_requested"] or model.layout.stage  # default: one microbatch group per stage
         unit = batch_shards(model) * groups_used
@@ -396,8 +419,10 @@ def _run_one(spec: SweepSpec, c: dict, models: dict, hw, counter: _CompileCounte
             return None
         stage = "run"
         row, result = run_config(spec, model, c["chunk_size"], c["max_running"], hw, counter,
-                                 c["microbatches_requested"])
+                                 c["microbatches_requested"], phases)
     except Exception as err:  # noqa: BLE001 - a failed configuration is recorded and the sweep goes on
+        if interrupt.requested():  # what ^C broke (e.g. inside a JAX call) is not this configuration's failure
+            raise KeyboardInterrupt from err
         failure = {**c, "stage": stage, "error": f"{type(err).__name__}: {' '.join(str(err).split())}"[:2000],
                    "traceback": traceback.format_exc(limit=6)[-4000:],
                    "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -421,24 +446,44 @@ def _label(c: dict) -> str:
 
 
 def _append(path: Path, row: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    """Append `row` as one JSON line in one write (a ^C is handled before or after it, never inside it); a
+    partial last line left by a killed process is cut off first."""
+    data = (json.dumps(row) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        if end and os.pread(fd, 1, end - 1) != b"\n":
+            os.ftruncate(fd, path.read_bytes().rfind(b"\n") + 1)
+        while data:  # one call unless the file system takes less
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _Progress:
-    """A rich progress bar over the configurations (current one, count, elapsed, ETA), or nothing."""
+    """Progress over the configurations on stderr, or nothing when disabled.
 
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self._bar, self._task = total, enabled, None, None
+    On a terminal: a rich bar (current configuration, count, elapsed, ETA) with the log lines above it. In a
+    log (stderr not a terminal): plain lines, one when a configuration starts, its compile and serving phases
+    (`phases`), and its result; never wrapped (a log has no width), no control codes.
+    """
+
+    def __init__(self, total: int, enabled: bool, console=None):
+        self.total, self.enabled, self.console = total, enabled, console
+        self._bar, self._task, self._started = None, None, 0
 
     def __enter__(self):
         if self.enabled:
-            from rich import progress as rp
             from rich.console import Console
+
+            self.console = self.console or Console(stderr=True, soft_wrap=True)
+        if self.enabled and self.console.is_terminal:
+            from rich import progress as rp
 
             self._bar = rp.Progress(rp.TextColumn("[bold]sweep[/bold] {task.description}"), rp.BarColumn(),
                                     rp.MofNCompleteColumn(), rp.TimeElapsedColumn(), rp.TextColumn("ETA"),
-                                    rp.TimeRemainingColumn(), console=Console(stderr=True))
+                                    rp.TimeRemainingColumn(), console=self.console)
             self._bar.__enter__()
             self._task = self._bar.add_task("", total=self.total)
         return self
@@ -448,18 +493,28 @@ class _Progress:
             self._bar.__exit__(*exc)
 
     def start(self, c: dict) -> None:
+        self._started += 1
         if self._bar is not None:
             self._bar.update(self._task, description=_label(c))
+        elif self.enabled:
+            self.log(f"start {_label(c)} ({self._started} of {self.total})")
 
     def advance(self) -> None:
         if self._bar is not None:
             self._bar.advance(self._task)
 
     def log(self, line: str) -> None:
-        if self._bar is not None:
-            self._bar.console.print(line, markup=False, highlight=False)
+        if self.enabled:
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
         else:
             print(line)
+
+    def phases(self):
+        """A `moejax.progress.Progress` for one configuration's phases: lines in a log; on a terminal nothing
+        (the bar is the one live display there, and it shows the configuration and its elapsed time)."""
+        from moejax.progress import Progress
+
+        return Progress(enabled=self.enabled and self._bar is None, console=self.console)
 
 
 # ---- tables ------------------------------------------------------------------------------------

@@ -3,9 +3,13 @@
     moejax convert --hf DIR --out CKPT [--dtype bfloat16]
 
 The result restores into any layout with `moejax.load(CKPT, layout=...)` or `moejax generate --model
-CKPT`. The Hugging Face checkpoint is validated in full (names, shapes, file structure) before anything
-is written, and --out must not exist; a mistake is one line `moejax: error: ...` and exit status 2.
-A progress bar on stderr follows the bytes written.
+CKPT`, with the checkpoint's tokenizer: its tokenizer and generation config files (tokenizer.json,
+tokenizer_config.json, special_tokens_map.json, generation_config.json, ...) are copied beside the
+weights. The Hugging Face checkpoint is validated in full (names, shapes, file structure, a readable
+tokenizer.json) before anything is written, and --out must not exist; a mistake is one line `moejax:
+error: ...` and exit status 2. A progress bar on stderr follows the bytes written. Ctrl-C (exit status
+130) leaves no partial output behind; a conversion killed outright leaves a staging directory
+(OUT.moejax-tmp) that the next conversion to OUT removes.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 from pathlib import Path
 
 from moejax.cli import UsageError
+from moejax.tokenizer import load_tokenizer, text_files
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -40,26 +45,37 @@ def run(args: argparse.Namespace) -> int:
     from moejax.checkpoint import store
     from moejax.checkpoint.hf import HFSource
 
+    if not args.out.strip():
+        raise UsageError("--out is empty; give the path of a new directory")
     out = Path(args.out)
+    parent = out.absolute().parent
     if os.path.lexists(out):
         raise UsageError(f"--out {out} already exists; convert writes a new directory (remove it or choose another)")
-    if not out.absolute().parent.is_dir():
-        raise UsageError(f"--out {out}: the parent directory {out.absolute().parent} does not exist")
+    if not parent.is_dir():
+        what = "is a file, not a directory" if parent.exists() else "does not exist"
+        raise UsageError(f"--out {out}: the parent directory {parent} {what}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: the parent directory {parent} is not writable")
     hf = Path(args.hf)
     if not hf.is_dir():
         raise UsageError(f"--hf {hf} is not a directory")
+    if store.is_moejax_checkpoint(hf):
+        raise UsageError(f"--hf {hf} is a moejax checkpoint already (written by moejax convert); load it as it is")
     # Validated in full here (a malformed checkpoint is a CheckpointError naming it); values as they are read.
     source = HFSource(hf, allow_nonfinite=args.allow_nonfinite)
     source.cfg.check_runtime_support()
+    load_tokenizer(hf)  # a tokenizer.json that cannot be read is refused here, not at the first --prompt
+    files = text_files(hf)
     dtype = args.dtype or store.source_dtype(source)
     origin = {"kind": "huggingface", "path": str(hf.absolute()),
               "files": sorted({entry.file.name for entry in source.files.values()})}
     total = store.total_bytes(source.cfg, dtype)
     start = time.perf_counter()
     with _progress(total, enabled=not args.no_progress) as advance:
-        store.save(out, source, source.cfg, dtype=dtype, origin=origin, progress=advance)
+        store.save(out, source, source.cfg, dtype=dtype, origin=origin, progress=advance, files=files)
+    copied = f", with {', '.join(f.name for f in files)}" if files else ", no tokenizer files found"
     print(f"wrote {out}: model {source.cfg.name or source.cfg.family}, {len(source.canonical)} tensors, "
-          f"{total / 2**20:.1f} MiB as {dtype}, in {time.perf_counter() - start:.1f} s")
+          f"{total / 2**20:.1f} MiB as {dtype}{copied}, in {time.perf_counter() - start:.1f} s")
     return 0
 
 

@@ -18,19 +18,29 @@ Invariants:
   zeroed or truncated byte is a `CheckpointError` naming the tensor, never silently wrong weights.
   Missing chunks are errors too (`fill_missing_data_reads` is off).
 - Written tensor by tensor and layer by layer (`_StreamingHandler`): converting holds about one layer
-  of one tensor in memory. orbax writes into a temporary directory and renames it when complete, so
-  an interrupted conversion never leaves a checkpoint that looks whole.
+  of one tensor in memory. Everything (orbax's part, then the tokenizer files) is written into a
+  staging directory beside the target and renamed onto it when complete, so an interrupted conversion
+  never leaves a checkpoint that looks whole; `save` removes its staging directory when interrupted,
+  and removes one left by a killed conversion before it starts.
+- The metadata is bound to the data: `save` draws a checkpoint id, and stores the fingerprint of (id,
+  config, dtype, tensor names and shapes) as a tensor of its own (`FINGERPRINT`, chunk-checksummed like
+  the others). `OrbaxSource` recomputes it from the metadata and refuses a checkpoint whose metadata was
+  not written with its tensors (copied from another checkpoint of the same shapes, or edited).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +57,8 @@ from moejax.config import ModelConfig
 from moejax.weights import canonical_shapes
 
 FORMAT = "moejax.canonical"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the fingerprint tensor
+FINGERPRINT = "moejax.fingerprint"  # the stored tensor (uint8[32]) binding the metadata to the data
 CHUNK_BYTES = 1 << 20  # largest stored chunk: the unit a partial read decodes
 BLOCK_BYTES = 64 << 20  # largest block of a global tensor held in memory while converting
 READ_BYTES = 2 << 20  # a slice is read in pieces of about this size (see OrbaxSource.read_into)
@@ -55,7 +66,7 @@ OCDBT_CACHE_BYTES = 16 << 20  # B-tree nodes kept while reading (orbax's own def
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
-_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a checkpoint being written
+_TMP_SUFFIXES = (".moejax-tmp", ".orbax-checkpoint-tmp")  # save's staging directory; orbax's own (older writes)
 
 Index = tuple[slice, ...]
 
@@ -111,7 +122,8 @@ def _refuse_interrupted(path: Path) -> None:
 
 
 def save(path: str | Path, source, cfg: ModelConfig, dtype: str = "float32", origin: dict[str, Any] | None = None,
-         progress: Callable[[int], None] | None = None, chunk_bytes: int = CHUNK_BYTES) -> dict[str, Any]:
+         progress: Callable[[int], None] | None = None, chunk_bytes: int = CHUNK_BYTES,
+         files: Iterable[str | Path] = ()) -> dict[str, Any]:
     """Write every canonical tensor of `cfg`, read from `source`, as a moejax checkpoint at `path`.
 
     Args:
@@ -122,6 +134,7 @@ def save(path: str | Path, source, cfg: ModelConfig, dtype: str = "float32", ori
       origin: where the tensors came from (stored as metadata "source").
       progress: called with the number of bytes after each block is written.
       chunk_bytes: largest stored chunk (tests use small ones).
+      files: files copied into the checkpoint directory as they are (tokenizer and generation config).
 
     Returns:
       The metadata written (under the orbax custom metadata key "moejax").
@@ -132,31 +145,66 @@ def save(path: str | Path, source, cfg: ModelConfig, dtype: str = "float32", ori
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     stored = DTYPES[dtype]
-    item, save_args = {}, {}
+    checkpoint_id = uuid.uuid4().hex
+    fingerprint = _fingerprint(cfg, dtype, checkpoint_id)
+    item = {FINGERPRINT: _Tensor(FINGERPRINT, (len(fingerprint),), np.dtype(np.uint8), False, _Bytes(fingerprint))}
+    save_args = {FINGERPRINT: ocp.SaveArgs()}
     for name, (shape, per_layer) in canonical_shapes(cfg).items():
         full = (cfg.num_layers, *shape) if per_layer else shape
         item[name] = _Tensor(name, full, stored, per_layer, source)
         save_args[name] = ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=(0,) if per_layer else ())
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "dtype": dtype,
-            "source": origin or {}, "written_by": {p: _version(p) for p in ("moejax", "orbax-checkpoint")}}
+            "checkpoint_id": checkpoint_id, "source": origin or {},
+            "written_by": {p: _version(p) for p in ("moejax", "orbax-checkpoint")}}
+    streaming = _StreamingHandler(progress)
     registry = ocp.type_handlers.create_type_handler_registry(
-        (_Tensor, _StreamingHandler(progress)), (jax.Array, ocp.type_handlers.ArrayHandler()))  # the latter: unused
+        (_Tensor, streaming), (jax.Array, ocp.type_handlers.ArrayHandler()))  # the latter: unused
     handler = ocp.PyTreeCheckpointHandler(use_zarr3=True, type_handler_registry=registry)
-    earlier = set(_partial_writes(path))
-    try:
-        with _orbax_errors_raised_not_logged(), ocp.Checkpointer(handler) as checkpointer:
-            checkpointer.save(path, args=ocp.args.PyTreeSave(item, save_args=save_args,
-                                                             custom_metadata={"moejax": meta}))
-    except BaseException:  # a bad source tensor, a full disk, ^C: leave nothing half-written behind
-        for partial in set(_partial_writes(path)) - earlier:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
+    staging = path.with_name(path.name + _TMP_SUFFIXES[0])
+    for stale in _partial_writes(path):  # left by a conversion that was killed: it cannot be resumed
+        shutil.rmtree(stale)
+    with _orbax_errors_raised_not_logged():
+        try:
+            with ocp.Checkpointer(handler) as checkpointer:
+                try:
+                    checkpointer.save(staging, args=ocp.args.PyTreeSave(item, save_args=save_args,
+                                                                        custom_metadata={"moejax": meta}))
+                except BaseException:
+                    streaming.stop()  # orbax's writer thread must end before the clean-up, or it writes on
+                    raise
+            for file in map(Path, files):
+                shutil.copy2(file, staging / file.name)
+            os.rename(staging, path)
+        except BaseException:  # a bad source tensor, a full disk, ^C: leave nothing half-written behind
+            for partial in _partial_writes(path):
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
     return meta
 
 
 def _partial_writes(path: Path) -> list[Path]:
-    """orbax's temporary directories for a checkpoint at `path` (renamed to `path` once complete)."""
-    return sorted(path.parent.glob(f"{path.name}{_TMP_SUFFIX}*")) if path.parent.is_dir() else []
+    """The staging directories of a checkpoint at `path`: save's (orbax's is named after it), and older orbax ones."""
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for suffix in _TMP_SUFFIXES for p in path.parent.glob(f"{path.name}{suffix}*"))
+
+
+def _fingerprint(cfg: ModelConfig, dtype: str, checkpoint_id: str) -> bytes:
+    """sha256 of what the metadata says about the data: the checkpoint id, config, dtype, tensor names and shapes."""
+    tensors = {name: [list(shape), per_layer] for name, (shape, per_layer) in canonical_shapes(cfg).items()}
+    text = json.dumps({"id": checkpoint_id, "config": dataclasses.asdict(cfg), "dtype": dtype, "tensors": tensors},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).digest()
+
+
+class _Bytes:
+    """A weight source for the fingerprint tensor (read as `_Tensor.blocks` reads every source)."""
+
+    def __init__(self, data: bytes):
+        self.array = np.frombuffer(data, np.uint8)
+
+    def read(self, name: str, layer: int | None, index: Index) -> np.ndarray:
+        return self.array[index]
 
 
 @contextlib.contextmanager
@@ -213,11 +261,21 @@ class _StreamingHandler(ocp.type_handlers.NumpyHandler):
     def __init__(self, progress: Callable[[int], None] | None = None):
         super().__init__()
         self._progress = progress
+        self._futures, self._stopped = [], False
 
     async def serialize(self, values, infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)
-        return [ocp.future.CommitFutureAwaitingContractedSignals(self._write(values, infos, args),
-                                                                 name="moejax_streaming_write")]
+        future = ocp.future.CommitFutureAwaitingContractedSignals(self._write(values, infos, args),
+                                                                  name="moejax_streaming_write")
+        self._futures.append(future)
+        return [future]
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """End the writes at the next block (as a cancellation, which orbax does not log) and wait for them."""
+        self._stopped = True
+        for future in self._futures:
+            with contextlib.suppress(BaseException):
+                future.result(timeout=timeout_s)
 
     async def _write(self, values, infos, args) -> None:
         for value, info, arg in zip(values, infos, args, strict=True):  # one at a time: bounded memory
@@ -230,6 +288,8 @@ class _StreamingHandler(ocp.type_handlers.NumpyHandler):
             row_bytes = int(np.prod(value.shape[1:])) * value.dtype.itemsize
             rows = max(chunk_rows, BLOCK_BYTES // max(row_bytes, 1) // chunk_rows * chunk_rows)
             for index, block in value.blocks(rows):
+                if self._stopped:
+                    raise asyncio.CancelledError
                 await store[index].write(block)
                 if self._progress:
                     self._progress(block.nbytes)
@@ -259,10 +319,12 @@ def _version(package: str) -> str:
 class OrbaxSource:
     """Serves canonical tensors from a moejax checkpoint, each read as the slice asked for.
 
-    Everything is checked when it is opened, before any tensor byte is read: orbax metadata present and
-    parseable, the format version, the config, and every stored tensor's name, shape and dtype (from its
-    zarr metadata) against the config's canonical tensors. Chunk checksums are checked as slices are
-    read, and NaN/inf values refused unless `allow_nonfinite` (a conversion may have let them through).
+    Everything is checked when it is opened, before any weight is read: orbax metadata present and
+    parseable, the format version, the config, every stored tensor's name, shape and dtype (from its
+    zarr metadata) against the config's canonical tensors, and the stored fingerprint against the one the
+    metadata gives (so metadata from another checkpoint is refused, even with the same shapes). Chunk
+    checksums are checked as slices are read, and NaN/inf values refused unless `allow_nonfinite` (a
+    conversion may have let them through).
     """
 
     def __init__(self, path: str | Path, allow_nonfinite: bool = False):
@@ -276,7 +338,8 @@ class OrbaxSource:
         self.canonical = canonical_shapes(self.cfg)
         names = _stored_names(self.path, data)
         self._stores = {name: self._open(name) for name in names if name in self.canonical}
-        self._check(names)
+        self._check([n for n in names if n != FINGERPRINT])
+        self._check_fingerprint(FINGERPRINT in names)
 
     def read(self, name: str, layer: int | None, index: Index) -> np.ndarray:
         shape = self._stores[name].shape[0 if layer is None else 1:]
@@ -331,6 +394,24 @@ class OrbaxSource:
             more = f"; and {len(problems) - 20} more" if len(problems) > 20 else ""
             raise CheckpointError(f"checkpoint {self.path} does not match its config ({self.cfg.family}, "
                                   f"{self.cfg.num_layers} layers): " + "; ".join(problems[:20]) + more)
+
+    def _check_fingerprint(self, stored: bool) -> None:
+        """The fingerprint stored with the tensors against the one computed from the metadata."""
+        fix = "restore the checkpoint's own _METADATA, or convert the checkpoint again"
+        if not stored:
+            raise CheckpointError(f"checkpoint {self.path}: no {FINGERPRINT} tensor, so its metadata cannot be checked "
+                                  f"against its tensors; {fix}")
+        try:
+            found = bytes(self._open(FINGERPRINT).read().result())
+        except (ValueError, OSError) as err:
+            raise CheckpointError(f"checkpoint {self.path}: tensor {FINGERPRINT} cannot be read: {_ts_message(err)}") \
+                from None
+        checkpoint_id = self.meta.get("checkpoint_id")
+        if not isinstance(checkpoint_id, str) or found != _fingerprint(self.cfg, self.dtype, checkpoint_id):
+            raise CheckpointError(
+                f"checkpoint {self.path}: its metadata ({self.path / '_METADATA'}: model {self.cfg.name or '?'}, "
+                f"{self.cfg.family}) was not written with its tensors (the fingerprint stored with the tensors "
+                f"differs from the metadata's): it was copied from another checkpoint or edited; {fix}")
 
     def _open(self, name: str):
         info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(self.path.absolute()),

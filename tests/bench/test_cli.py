@@ -5,6 +5,7 @@ cache, so the same compiled steps serve); everything else is the command's own p
 """
 
 import json
+import signal
 
 import pytest
 
@@ -59,7 +60,7 @@ def shared_models(monkeypatch, sweep_models):
     (["sweep", "--out", "{tmp}/afile"], "exists and is not a folder"),
     (["sweep", "--out", "{tmp}/corrupt"], "results.jsonl:2: not a JSON line"),
     (["sweep", "--layouts", "DP16"], "layout DP16 needs 16 devices but only 8 cpu devices are available"),
-    (["bench", "serve", "--layout", "all"], "--layout: give one layout (not 'all')"),
+    (["bench", "serve", "--layout", "all"], "--layout: give one layout, got 'all'"),
     (["bench", "serve", "--layout", "DP2TP2EP2", "--max-running", "3"], "--max-running 3 must be a multiple of the "
                                                                         "data factor of DP2TP2EP2 (2)"),
     (["bench", "serve", "--layout", "TP2PP4", "--max-running", "6"], "--max-running 6 must be a multiple of the data "
@@ -134,3 +135,113 @@ def test_sweep_configs_vary_microbatches_on_staged_layouts_only():
     assert got == [("DP2", None), ("PP2", None), ("PP2", 1), ("PP2", 4)]
     old_row = {k: v for k, v in spec.configs()[0].items() if k != "microbatches_requested"}  # written before the field
     assert key_of(old_row) == key_of(spec.configs()[0])  # still found on resume
+
+
+# ---- Ctrl-C and resuming -------------------------------------------------------------------------
+
+
+def test_ctrl_c_during_a_sweep_keeps_finished_rows_and_a_rerun_resumes(tmp_path, capsys, shared_models):
+    """A real SIGINT once the first configuration's row is written (the second is being placed or compiled)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--model", MODEL, "--layouts", "DP1,DP2", "--out", str(out), "--no-progress", "--no-plot",
+            *WORKLOAD]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "moejax", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=Path(__file__).parent.parent.parent)
+    try:
+        while proc.poll() is None and not sweep.read_rows(out / "results.jsonl"):
+            time.sleep(0.05)  # polls for the first row: the signal comes while the second configuration runs
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.splitlines()[-1] == "moejax: interrupted", stderr
+    assert [r["layout"] for r in sweep.read_rows(out / "results.jsonl")] == ["DP1"]
+    assert not (out / "failures.jsonl").exists()  # the interrupted configuration is not recorded as a failure
+    assert (out / "results.jsonl").read_text().endswith("}\n")
+    assert cli.main(argv) == 0
+    assert "measured now: 1, skipped: 1, failed now: 0" in capsys.readouterr().out
+    assert [r["layout"] for r in sweep.read_rows(out / "results.jsonl")] == ["DP1", "DP2"]
+
+
+def test_a_row_cut_short_is_ignored_on_resume_and_cut_off_before_the_next(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"layout": "DP1"}\n{"layout": "DP2", "ttf')  # a process killed inside a write
+    assert sweep.read_rows(path) == [{"layout": "DP1"}]
+    sweep._append(path, {"layout": "DP4"})
+    assert path.read_text() == '{"layout": "DP1"}\n{"layout": "DP4"}\n'
+    path.write_text('{"layout": "DP1"}\n{oops\n')  # a whole line that is not JSON is not a cut-short write
+    with pytest.raises(ValueError, match=r"results.jsonl:2: not a JSON line"):
+        sweep.read_rows(path)
+
+
+def _two_configs(tmp_path):
+    from tests.bench.conftest import spec_for
+
+    return spec_for(["DP2", "DP4"], reference_layout=None), tmp_path / "out"
+
+
+def test_an_interrupt_a_finalizer_swallowed_stops_the_sweep(tmp_path, monkeypatch):
+    """SIGINT inside a finalizer (run by gc.collect between configurations) only sets the flag: the sweep stops at
+    the next configuration instead of running to the end."""
+    from moejax import interrupt
+
+    ran = []
+
+    def swallowed(spec, c, *args):
+        ran.append(c["layout"])
+        interrupt._requested = True  # what the handler records before its KeyboardInterrupt is lost
+        return None
+
+    monkeypatch.setattr(interrupt, "_requested", False)
+    monkeypatch.setattr(sweep, "_run_one", swallowed)
+    spec, out = _two_configs(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(spec, out, progress=False, plots=False, log=lambda line: None)
+    assert ran == ["DP2"]
+
+
+def test_an_error_raised_by_an_interrupt_is_not_a_failed_configuration(tmp_path, monkeypatch):
+    from moejax import interrupt
+
+    def broken_by_ctrl_c(*args, **kwargs):
+        interrupt._requested = True
+        raise RuntimeError("a JAX call interrupted")
+
+    monkeypatch.setattr(interrupt, "_requested", False)
+    monkeypatch.setattr(sweep, "_build_model", broken_by_ctrl_c)
+    spec, out = _two_configs(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(spec, out, progress=False, plots=False, log=lambda line: None)
+    assert not (out / "failures.jsonl").exists()
+
+
+@pytest.mark.parametrize("swallowed", [False, True])
+def test_main_ends_an_interrupted_command_with_one_line_and_130(swallowed, monkeypatch, capsys):
+    from moejax import interrupt
+    from moejax.bench import cli as bench_cli
+
+    def command(args):
+        interrupt._requested = True
+        if not swallowed:
+            raise KeyboardInterrupt
+        return 0  # the KeyboardInterrupt was lost on the way (a finalizer, a callback)
+
+    monkeypatch.setattr(bench_cli, "run_sweep_command", command)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        assert cli.main(["sweep"]) == 130
+        assert signal.getsignal(signal.SIGINT) is interrupt._exit_now  # a second ^C while exiting: out at once
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "moejax: interrupted\n"

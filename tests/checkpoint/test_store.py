@@ -119,7 +119,7 @@ def test_checkpoint_is_plain_orbax_with_its_metadata(converted, hf_dir):
     hf = HFSource(hf_dir)
     with ocp.PyTreeCheckpointer() as checkpointer:
         tree = checkpointer.restore(converted.absolute())
-    assert set(tree) == set(hf.canonical)
+    assert set(tree) == set(hf.canonical) | {store.FINGERPRINT}
     full = tuple(slice(None) for _ in hf.canonical["moe.wg"][0])
     np.testing.assert_array_equal(tree["moe.wg"], np.stack([hf.read("moe.wg", i, full) for i in range(3)]))
     meta = json.loads((converted / "_METADATA").read_text())["custom_metadata"]["moejax"]
@@ -256,8 +256,8 @@ CASES = {
                                              r"\(ckpt\.orbax-checkpoint-tmp-1234 is a partial write\)"),
     # moejax metadata vs this code
     "not-moejax": (_edit_metadata(lambda d: d.pop("custom_metadata")), r"an orbax checkpoint but not a moejax one"),
-    "format-newer": (_moejax(lambda m: m.update(format_version=2)),
-                     r"moejax format version 2; this moejax reads version 1: upgrade moejax"),
+    "format-newer": (_moejax(lambda m: m.update(format_version=3)),
+                     r"moejax format version 3; this moejax reads version 2: upgrade moejax"),
     "format-older": (_moejax(lambda m: m.update(format_version=0)), r"format version 0; .*convert it again"),
     "config-unknown-key": (_config(window=3), r"model config does not match this moejax: unknown ModelConfig keys "
                                               r"\['window'\]"),
