@@ -17,8 +17,6 @@ import secrets
 import sys
 import traceback
 
-import numpy as np
-
 from moejax import distributed
 from moejax.devices import MAX_SIMULATED_DEVICES, request_cpu_devices
 from moejax.progress import Progress
@@ -29,16 +27,45 @@ DEFAULT_LAYOUT = "TP2EP2PP2"
 DEFAULT_PROMPTS = ((1, 5, 9, 13, 17), (3, 4))
 INT32_MAX = 2**31 - 1
 EXIT_USAGE = 2
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring: one per XLA compile
-_NOTED_COMPILE_S = 0.5  # compiles shorter than this (small helpers) are not worth a line
 
 
 class UsageError(ValueError):
     """A mistake in the command line or in the files it names: one line on stderr, exit status 2."""
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Help that ends each option with its default, unless the text already says it or there is none to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        nothing = default is None or default is argparse.SUPPRESS or (isinstance(default, str | list | tuple)
+                                                                        and not default)
+        if nothing or "default" in text.lower() or not action.option_strings or action.nargs == 0:
+            return text  # none, said already, a positional, or a flag (store_true: off unless given)
+        shown = ",".join(map(str, default)) if isinstance(default, list | tuple) else "%(default)s"
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+
+class _RawDescriptionShowDefaults(argparse.RawDescriptionHelpFormatter, _ShowDefaults):
+    """`_ShowDefaults` for parsers whose description is laid out by hand."""
+
+
+_SHOW_DEFAULTS = {argparse.HelpFormatter: _ShowDefaults, argparse.RawDescriptionHelpFormatter:
+                  _RawDescriptionShowDefaults}
+
+
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are a UsageError (printed by `main` as one line), not usage + exit."""
+    """An ArgumentParser whose errors are a UsageError (printed by `main` as one line), not usage + exit, and
+    whose help shows each option's default (subcommand parsers are of this class too)."""
+
+    def __init__(self, *args, formatter_class=argparse.HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=_SHOW_DEFAULTS.get(formatter_class, formatter_class), **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("help") is None and kwargs.get("default", None) is not None and kwargs["default"] is not False:
+            kwargs["help"] = "default: %(default)s"
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str):
         raise UsageError(f"{message} (see '{self.prog} --help')")
@@ -263,19 +290,39 @@ def _check_devices(layout, devices: list, simulated: bool) -> None:
                      f"available; {hint}")
 
 
+def _fingerprint(args, run: _Run) -> dict:
+    """What every process of a multi-host run must agree on (flag -> value), compared once at its start.
+
+    Output flags (--json, --quiet) may differ: only process 0 prints. A drawn --sample-seed may too:
+    process 0's is used everywhere.
+    """
+    values = {"moejax": _version(), "--model": dataclasses.asdict(run.cfg), "--layout": str(run.layout),
+              "--dtype": args.dtype, "--devices": args.devices, "--across-hosts": ",".join(args.across_hosts),
+              "prompts": run.prompts, "--max-new-tokens": args.max_new_tokens, "--temperature": args.temperature,
+              "--top-k": args.top_k, "--top-p": args.top_p, "--stop-token-ids": args.stop_token_ids,
+              "--chunk-size": args.chunk_size, "--page-size": args.page_size, "--microbatches": args.microbatches}
+    if not os.path.isdir(args.model):
+        values["--seed"] = args.seed  # random weights: the seed makes them
+    if not run.seed_drawn:
+        values["--sample-seed"] = run.seed
+    return values
+
+
 def _run_generate(args) -> int:
     run = _check_generate(args)  # host only: JAX has not started
-    simulated = request_cpu_devices(args.devices)  # per process in a multi-host run
-    distributed.start(args)  # joins the run; only process 0 prints from here on
+    cluster = distributed.cluster_from(args)
+    # --devices counts the run's simulated CPU devices: each process makes its share.
+    simulated = request_cpu_devices(distributed.local_device_count(cluster, args.devices, run.layout.size))
+    # Joins the run (refused unless every process runs this command); only process 0 prints from here on.
+    shared = distributed.start(cluster, _fingerprint(args, run), {"sample_seed": run.seed},
+                               debug=getattr(args, "debug", False))
+    if run.seed_drawn and shared["sample_seed"] != run.seed:  # every process samples with process 0's seed
+        run.seed = shared["sample_seed"]
+        run.params = _sampling(args, run.seed, len(run.prompts), run.cfg.vocab_size)
 
     import jax
 
     _check_devices(run.layout, jax.devices(), simulated)
-    if run.seed_drawn and jax.process_count() > 1:  # every process must sample with process 0's seed
-        from jax.experimental import multihost_utils
-
-        run.seed = int(multihost_utils.broadcast_one_to_all(np.int32(run.seed)))
-        run.params = _sampling(args, run.seed, len(run.prompts), run.cfg.vocab_size)
     progress = Progress(enabled=not args.quiet and jax.process_index() == 0)
     model = _build_model(args, run, progress)
     engine, ids = _start_engine(model, run.prompts, run.params, args, progress)
@@ -294,13 +341,6 @@ def _run_generate(args) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"model {result['model']} on {result['devices']} {result['platform']} devices, layout {result['layout']}")
-    if texts is None:
-        for prompt, out in zip(run.prompts, new, strict=True):
-            print(f"  prompt {prompt} -> {out}")
-    else:
-        for prompt, text in zip(run.prompts, texts, strict=True):
-            print(f"  prompt {decode(run.tokenizer, prompt)!r} -> {text!r}")
     print(f"  time to first token {ttft_s * 1e3:.1f} ms (after warm-up), time per output token {tpot_s * 1e3:.2f} ms"
           + ("" if args.temperature == 0 else f", sample seed {run.seed}"))
     return 0
@@ -365,50 +405,55 @@ def _start_engine(model, prompts, params, args, progress: Progress):
 
 def _warmup(engine, progress: Progress) -> None:
     """`Engine.warmup` as a phase naming its shapes, with a line per program XLA compiles (the long part)."""
-    import jax
-
     buckets = ", ".join(map(str, engine.decode_buckets))
-    what = (f"compiling the steps: prefill ({engine.config.max_prefill_seqs} x {engine.config.chunk_size} tokens), "
-            f"decode (batch {buckets})")
-
-    compiled = []
-
-    def on_event(event: str, seconds: float, **kwargs) -> None:
-        if event == _COMPILE_EVENT and seconds >= _NOTED_COMPILE_S:
-            compiled.append(seconds)
-            progress.note(f"XLA compiled program {len(compiled)} in {seconds:.1f} s")
-
-    with progress.phase(what):
-        jax.monitoring.register_event_duration_secs_listener(on_event)
-        try:
-            engine.warmup()
-        finally:
-            jax.monitoring.unregister_event_duration_listener(on_event)
+    with progress.compiling(f"compiling the steps: prefill ({engine.config.max_prefill_seqs} x "
+                            f"{engine.config.chunk_size} tokens), decode (batch {buckets})"):
+        engine.warmup()
 
 
 def _serve(engine, ids, run: _Run, args, progress: Progress):
-    """Step the engine to the end, streaming to stdout unless --json; returns (new ids, texts or None)."""
-    streams = {rid: TextStream(run.tokenizer) for rid in ids} if run.tokenizer else None
-    inline = streams is not None and len(ids) == 1 and not args.json  # one text prompt: stream it as text
+    """Step the engine to the end; returns (new ids per prompt, their texts or None).
+
+    Unless --json, each output is printed once, as it comes: one prompt streams on its line (text with a
+    tokenizer, ids otherwise), several get a line each when they finish (their steps interleave).
+    """
+    import jax
+
+    model, show = engine.model, not args.json
+    inline = show and len(ids) == 1
+    index = {rid: i for i, rid in enumerate(ids)}
+    stream = TextStream(run.tokenizer) if inline and run.tokenizer else None
+    if stream:
+        stream.push(run.prompts[0])  # the continuation then decodes as it reads after the prompt (spaces included)
+    if show:
+        print(f"model {model.cfg.name} on {model.layout.size} {jax.devices()[0].platform} devices, layout "
+              f"{model.layout}", flush=True)
     total = sum(p.max_new_tokens for p in run.params)
     with progress.phase(f"generating (up to {total} tokens for {len(ids)} prompt{'s' * (len(ids) > 1)})", total=total,
                         live=args.json) as advance:
+        if inline:
+            print(f"  prompt {_shown_prompt(run, 0)} -> ", end="", flush=True)
+        first = True  # the first piece's leading space is the arrow's
         while engine.has_unfinished():
             for out in engine.step():
                 advance(len(out.new_token_ids))
-                if args.json or not out.new_token_ids:
-                    continue
-                end = f" ({out.finish_reason})" * out.finished
                 if inline:
-                    print(streams[out.request_id].push(out.new_token_ids), end="", flush=True)
-                elif streams:
-                    print(f"  [{out.request_id}] {streams[out.request_id].push(out.new_token_ids)!r}{end}", flush=True)
-                else:
-                    print(f"  [{out.request_id}] {out.new_token_ids[0]}{end}", flush=True)
-    if inline:
-        print()
+                    piece = stream.push(out.new_token_ids) if stream else "".join(f" {t}" for t in out.new_token_ids)
+                    if piece:
+                        print(piece.removeprefix(" ") if first else piece, end="", flush=True)
+                        first = False
+                    if out.finished:
+                        print(f" ({out.finish_reason})", flush=True)
+                elif show and out.finished:
+                    i, done = index[out.request_id], engine.requests[out.request_id].output_ids
+                    shown = repr(decode(run.tokenizer, done)) if run.tokenizer else str(list(done))
+                    print(f"  [{i}] prompt {_shown_prompt(run, i)} -> {shown} ({out.finish_reason})", flush=True)
     new = [engine.requests[i].output_ids for i in ids]
     return new, None if run.tokenizer is None else [decode(run.tokenizer, n) for n in new]
+
+
+def _shown_prompt(run: _Run, i: int) -> str:
+    return repr(decode(run.tokenizer, run.prompts[i])) if run.tokenizer else str(list(run.prompts[i]))
 
 
 # ---- entry point ---------------------------------------------------------------------------------
@@ -440,25 +485,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_debug(_add_generate(sub))
     _add_debug(plan_cli.add_parser(sub))
     _add_debug(convert_cli.add_parser(sub))
+    _add_debug(__import__("moejax.demo", fromlist=["add_parser"]).add_parser(sub))  # demo-checkpoint
     for p in bench_cli.add_parsers(sub):  # sweep, bench serve
         _add_debug(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `moejax` with `argv` (default: sys.argv[1:]); return the exit status (2: a user mistake)."""
+    """Run `moejax` with `argv` (default: sys.argv[1:]); return the exit status (2: a user mistake, 130: Ctrl-C)."""
+    from moejax import interrupt
+
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
-    try:
-        args = build_parser().parse_args(argv)
-        if args.command == "generate":
-            return _run_generate(args)
-        return args.func(args)
-    except (ValueError, OSError) as err:  # UsageError, CheckpointError, FileNotFoundError, config errors
-        if debug:
-            traceback.print_exc()
-        print(f"moejax: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_USAGE
+    with interrupt.handling():
+        try:
+            args = build_parser().parse_args(argv)
+            status = _run_generate(args) if args.command == "generate" else args.func(args)
+            interrupt.check()  # a ^C that a finalizer or a callback swallowed still ends as one
+            return status
+        except KeyboardInterrupt:
+            if debug:
+                traceback.print_exc()
+        except (ValueError, OSError) as err:  # UsageError, CheckpointError, FileNotFoundError, config errors
+            if not interrupt.requested():  # else: an error raised on the way out of an interrupted call
+                if debug:
+                    traceback.print_exc()
+                print(f"moejax: error: {' '.join(str(err).split())}", file=sys.stderr)
+                return EXIT_USAGE
+        except Exception:
+            if not interrupt.requested():  # a bug keeps its traceback; what ^C broke on its way out does not
+                raise
+    print(interrupt.MESSAGE, file=sys.stderr)
+    return interrupt.EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -147,10 +147,11 @@ def make_mesh(layout: Layout | str, devices: list | None = None) -> jax.sharding
     order = ("data", "stage", "expert", "tensor")
     axis_types = (jax.sharding.AxisType.Explicit,) * len(order)
     shape = tuple(getattr(layout, a) for a in order)
-    devices = devices[: layout.size]
     if len({d.process_index for d in devices}) > 1:  # multi-host: data and stage across hosts by default
-        from moejax.distributed import device_grid
+        from moejax.distributed import device_grid, take_devices
 
+        # The same number from every process: a process holding none of the mesh could not run its programs.
+        devices = take_devices(devices, layout.size)
         grid = device_grid(dict(zip(AXES, layout.shape, strict=True)), order, devices)
         return jax.sharding.Mesh(grid, order, axis_types=axis_types)
-    return jax.make_mesh(shape, order, axis_types=axis_types, devices=devices)
+    return jax.make_mesh(shape, order, axis_types=axis_types, devices=devices[: layout.size])

@@ -52,7 +52,7 @@ def main():
     parser.add_argument("layouts")
     distributed.add_flags(parser)
     args = parser.parse_args()
-    distributed.start(args, timeout_s=60)
+    distributed.start(distributed.cluster_from(args))
     print(f"stdout of process {jax.process_index()}", flush=True)  # only process 0's reaches the file
     results = {}
     for layout in args.layouts.split(","):

@@ -143,5 +143,5 @@ def test_out_of_vocabulary_ids_are_rejected_on_the_host(models_1dev):
         model.generate([[1]], max_new_tokens=0)
     with pytest.raises(ValueError, match="prompt 1 cannot be empty"):
         model.generate([[1], []])
-    with pytest.raises(ValueError, match=r"over the context limit 1024"):
+    with pytest.raises(ValueError, match=r"= 1030 exceeds the context limit max_model_len=1024"):
         model.generate([[1] * 1000], max_new_tokens=30)

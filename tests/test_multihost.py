@@ -7,6 +7,7 @@ kills them whatever happens. The unit tests below check the flags and the device
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -167,3 +168,53 @@ def test_device_grid_puts_the_chosen_axes_across_hosts(across, crossing, monkeyp
     assert grid.shape == (2, 2, 2, 2) and {d.id for d in grid.flat} == {d.id for d in fake}
     for axis in order:
         assert _hosts_of(grid, axis) == (2 if axis == crossing else 1), axis
+
+
+def test_coordinator_timeout_flag():
+    assert _args().coordinator_timeout == distributed.DEFAULT_TIMEOUT_S <= 60
+    cluster = distributed.cluster_from(_args(coordinator="h:1", num_processes=2, process_id=0, coordinator_timeout=2.5),
+                                       environ={})
+    assert cluster.timeout_s == 2.5
+    parser = argparse.ArgumentParser()
+    distributed.add_flags(parser)
+    parser.error = lambda message: (_ for _ in ()).throw(ValueError(message))
+    for bad in ("0", "-1", "nan", "inf", "soon", "1e9"):
+        with pytest.raises(ValueError, match=r"--coordinator-timeout: must be a number of seconds in \(0, 86400\]"):
+            parser.parse_args(["--coordinator-timeout", bad])
+
+
+def test_simulated_devices_are_the_runs_total_split_between_processes():
+    cluster = distributed.Cluster("h:1", 2, 1)
+    assert distributed.local_device_count(None, 8, 8) == 8
+    assert distributed.local_device_count(cluster, 8, 8) == 4
+    assert distributed.local_device_count(cluster, 16, 4) == 8
+    with pytest.raises(ValueError, match=r"the layout's 8 devices do not split evenly between 3 processes"):
+        distributed.local_device_count(distributed.Cluster("h:1", 3, 0), 9, 8)
+    assert distributed.local_device_count(cluster, 7, 8) == 4  # rounded up (unused on GPUs or with XLA_FLAGS)
+
+
+def test_a_mesh_takes_the_same_number_of_devices_from_every_process():
+    fake = [SimpleNamespace(process_index=p, id=p * 100 + i) for p in range(2) for i in range(4)]
+    taken = distributed.take_devices(fake[::-1], 4)  # not the first 4 (process 0's): 2 of each
+    assert [(d.process_index, d.id) for d in taken] == [(0, 0), (0, 1), (1, 100), (1, 101)]
+    with pytest.raises(ValueError, match="3 does not split evenly"):
+        distributed.take_devices(fake, 3)
+    with pytest.raises(ValueError, match="a process has only 4 devices, 5 needed"):
+        distributed.take_devices(fake[:4] + fake[4:] + [SimpleNamespace(process_index=0, id=9)] * 2, 10)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--coordinator-timeout", "0"], r"argument --coordinator-timeout: must be a number of seconds in \(0, 86400\]"),
+    (["--num-processes", "3"], r"the layout's 8 devices do not split evenly between 3 processes"),
+    (["--coordinator", "10.0.0.1"], r"--coordinator must be HOST:PORT"),
+])
+def test_generate_refuses_a_bad_multi_host_setup_before_jax_starts(flags, message, capsys):
+    """One line, exit 2, before any rendezvous or device work (nothing listens, nothing connects)."""
+    from moejax import cli
+
+    base = {"--coordinator": "127.0.0.1:1", "--num-processes": "2", "--process-id": "0"}
+    base.update(zip(flags[::2], flags[1::2], strict=True))
+    assert cli.main(["generate", *[x for kv in base.items() for x in kv]]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("moejax: error: ")
+    assert re.search(message, err), err
