@@ -18,135 +18,14 @@ import sys
 import traceback
 
 from moejax import distributed
+from moejax.args import DEFAULT_LAYOUT, EXIT_USAGE, UsageError, check_devices, int_in, int_list, read_model_config
+from moejax.args import Parser as _Parser
 from moejax.devices import MAX_SIMULATED_DEVICES, request_cpu_devices
 from moejax.progress import Progress
 from moejax.tokenizer import TOKENIZER_FILE, TextStream, decode, encode, load_tokenizer
 
 DEFAULT_MODEL = "tiny-moe"
-DEFAULT_LAYOUT = "TP2EP2PP2"
 DEFAULT_PROMPTS = ((1, 5, 9, 13, 17), (3, 4))
-INT32_MAX = 2**31 - 1
-EXIT_USAGE = 2
-
-
-class UsageError(ValueError):
-    """A mistake in the command line or in the files it names: one line on stderr, exit status 2."""
-
-
-class _ShowDefaults(argparse.HelpFormatter):
-    """Help that ends each option with its default, unless the text already says it or there is none to say."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        nothing = default is None or default is argparse.SUPPRESS or (isinstance(default, str | list | tuple)
-                                                                        and not default)
-        if nothing or "default" in text.lower() or not action.option_strings or action.nargs == 0:
-            return text  # none, said already, a positional, or a flag (store_true: off unless given)
-        shown = ",".join(map(str, default)) if isinstance(default, list | tuple) else "%(default)s"
-        return f"{text} (default: {shown})" if text else f"default: {shown}"
-
-
-class _RawDescriptionShowDefaults(argparse.RawDescriptionHelpFormatter, _ShowDefaults):
-    """`_ShowDefaults` for parsers whose description is laid out by hand."""
-
-
-_SHOW_DEFAULTS = {argparse.HelpFormatter: _ShowDefaults, argparse.RawDescriptionHelpFormatter:
-                  _RawDescriptionShowDefaults}
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are a UsageError (printed by `main` as one line), not usage + exit, and
-    whose help shows each option's default (subcommand parsers are of this class too)."""
-
-    def __init__(self, *args, formatter_class=argparse.HelpFormatter, **kwargs):
-        super().__init__(*args, formatter_class=_SHOW_DEFAULTS.get(formatter_class, formatter_class), **kwargs)
-
-    def add_argument(self, *args, **kwargs):
-        if kwargs.get("help") is None and kwargs.get("default", None) is not None and kwargs["default"] is not False:
-            kwargs["help"] = "default: %(default)s"
-        return super().add_argument(*args, **kwargs)
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (see '{self.prog} --help')")
-
-
-# ---- argument types (argparse prints "argument --flag: <message>") ----------------------------------
-
-
-def int_in(lo: int, hi: int = INT32_MAX):
-    """An argparse type: an integer in [lo, hi]."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer in [{lo}, {hi}], got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi}], got {value}")
-        return value
-
-    return parse
-
-
-def real_in(lo: float, hi: float = math.inf):
-    """An argparse type: a finite number in [lo, hi] (NaN and inf are refused)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or not lo <= value <= hi:
-            allowed = f">= {lo:g}" if hi == math.inf else f"in [{lo:g}, {hi:g}]"
-            raise argparse.ArgumentTypeError(f"must be a finite number {allowed}, got {text!r}")
-        return value
-
-    return parse
-
-
-def int_list(lo: int, hi: int = INT32_MAX, allow_empty: bool = False):
-    """An argparse type: comma-separated integers in [lo, hi]; at least one unless `allow_empty`."""
-
-    def parse(text: str) -> list[int]:
-        parts = [t.strip() for t in text.split(",") if t.strip()]
-        if not parts and not allow_empty:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers in [{lo}, {hi}], got {text!r} "
-                                             f"(an empty list)")
-        values = []
-        for part in parts:
-            try:
-                values.append(int(part))
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {part!r} in {text!r}") \
-                    from None
-            if not lo <= values[-1] <= hi:
-                raise argparse.ArgumentTypeError(f"each entry must be an integer in [{lo}, {hi}], got {values[-1]} "
-                                                 f"in {text!r}")
-        return values
-
-    return parse
-
-
-def read_model_config(source: str):
-    """`load_model_config(source)`, with malformed files reported as a UsageError naming `source`."""
-    import yaml
-
-    from moejax.config import load_model_config
-
-    try:
-        if os.path.isdir(source):
-            from moejax.checkpoint import store
-
-            if store.is_moejax_checkpoint(source):  # written by `moejax convert`: its config is in its metadata
-                return store.read_config(source)
-        return load_model_config(source)
-    except FileNotFoundError:
-        raise
-    except KeyError as err:
-        raise UsageError(f"model config {source!r}: missing key {err.args[0]!r}") from err
-    except (TypeError, ValueError, AttributeError, yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UsageError(f"model config {source!r}: {err}") from err
 
 
 # ---- generate ------------------------------------------------------------------------------------
@@ -272,24 +151,6 @@ def _sampling(args, seed: int, count: int, vocab: int) -> list:
     return params
 
 
-def _check_devices(layout, devices: list, simulated: bool) -> None:
-    """Refuse a layout larger than the devices at hand, saying what to change (before any model work)."""
-    have, platform = len(devices), devices[0].platform
-    if layout.size <= have:
-        return
-    if platform != "cpu":
-        hint = f"choose a layout of at most {have} devices"
-    elif layout.size > MAX_SIMULATED_DEVICES:
-        hint = f"moejax simulates at most {MAX_SIMULATED_DEVICES} CPU devices"
-    elif simulated:
-        hint = f"pass --devices {layout.size}"
-    else:
-        hint = (f"XLA_FLAGS already sets the CPU device count, so --devices has no effect; unset it and pass "
-                f"--devices {layout.size}")
-    raise UsageError(f"layout {layout} needs {layout.size} devices but only {have} {platform} devices are "
-                     f"available; {hint}")
-
-
 def _fingerprint(args, run: _Run) -> dict:
     """What every process of a multi-host run must agree on (flag -> value), compared once at its start.
 
@@ -322,7 +183,7 @@ def _run_generate(args) -> int:
 
     import jax
 
-    _check_devices(run.layout, jax.devices(), simulated)
+    check_devices(run.layout, jax.devices(), simulated)
     progress = Progress(enabled=not args.quiet and jax.process_index() == 0)
     model = _build_model(args, run, progress)
     engine, ids = _start_engine(model, run.prompts, run.params, args, progress)

@@ -180,7 +180,7 @@ def write_demo_checkpoint(path: str | Path, model: str = DEFAULT_MODEL, seed: in
     """
     from safetensors.numpy import save_file
 
-    from moejax.cli import read_model_config
+    from moejax.args import read_model_config
 
     path = Path(path)
     cfg = read_model_config(model)
@@ -221,7 +221,7 @@ def write_demo_checkpoint(path: str | Path, model: str = DEFAULT_MODEL, seed: in
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `demo-checkpoint` subcommand to an argparse subparsers object."""
-    from moejax.cli import int_in
+    from moejax.args import int_in
 
     p = subparsers.add_parser(
         "demo-checkpoint", help="write a tiny HF checkpoint with a tokenizer (offline) for text prompts",

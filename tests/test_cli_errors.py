@@ -353,6 +353,32 @@ def test_convert_mistake_is_one_line(args, message, tmp, no_jax, capsys):
     assert not list(tmp.glob("converted*"))
 
 
+# ---- bench decode | gemm | gpu (their own modules' parsers) ----------------------------------------
+
+BENCH_MODULES_BAD = [
+    (["decode", "--isl", "0"], r"argument --isl: must be an integer in \[1, 65536\], got 0"),
+    (["decode", "--osl", "1"], r"argument --osl: must be an integer in \[2, 65536\], got 1"),
+    (["decode", "--batch-sizes", "1,x"], r"argument --batch-sizes: expected comma-separated integers"),
+    (["decode", "--batch-sizes", ""], r"argument --batch-sizes: .*an empty list"),
+    (["decode", "--model", "qwen3-30b-a3b-tiny"], r"is a qwen3_moe model; this benchmark builds a Mixtral-format"),
+    (["decode", "--model", "{tmp}/model_bad.yaml"], r"model_bad.yaml"),
+    (["decode", "--isl", "4000", "--osl", "200", "--model", "tiny-moe"], r"exceeds the model's max_position_emb"),
+    (["decode", "--vs-vllm", "{tmp}/nope"], r"--vs-vllm .*nope' is not an executable python"),
+    (["gemm", "--rows", "0"], r"argument --rows: each entry must be an integer in \[1, 4096\], got 0"),
+    (["gemm", "--weight-mb", "-1"], r"argument --weight-mb: must be a finite number in"),
+    (["gemm", "--weight-mb", "nan"], r"argument --weight-mb: must be a finite number in"),
+    (["gemm", "--model", "no-such-model"], r"no-such-model"),
+    (["gpu", "--prefill-len", "0"], r"argument --prefill-len: must be an integer in \[1,"),
+    (["gpu", "--dtype", "int4"], r"argument --dtype: invalid choice: 'int4'"),
+    (["gpu", "--model", "tiny-moe", "--layers", "5"], r"--layers 5 exceeds the model's 4 layers"),
+]
+
+
+@pytest.mark.parametrize("args, message", BENCH_MODULES_BAD, ids=[" ".join(a)[:60] for a, _ in BENCH_MODULES_BAD])
+def test_bench_module_mistake_is_one_line(args, message, tmp, no_jax, capsys):
+    _fails(capsys, ["bench", *args], message, tmp)
+
+
 # ---- text prompts ----------------------------------------------------------------------------------
 
 TOKENIZERS = {  # tokenizer.json beside a valid config (no weights: every mistake is found before they are read)

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from moejax.cli import read_model_config
+from moejax.args import read_model_config
 from moejax.inference import Model
 from moejax.weights import RandomSource
 

