@@ -1,7 +1,8 @@
 """Communication accounting: the collectives a compiled step runs, read from its HLO, beside the planner's volume.
 
-`collectives(hlo_text)` finds every all-reduce, all-gather, reduce-scatter, all-to-all and
-collective-permute of a compiled (SPMD-partitioned) module and how many times one step runs it:
+`collectives(hlo_text)` finds every all-reduce, all-gather, reduce-scatter, all-to-all, ragged-all-to-all
+and collective-permute of a compiled (SPMD-partitioned) module and how many times one step runs it
+(synchronous, and the asynchronous `-start` forms a GPU program uses, each counted once with its `-done`):
 `while` bodies count their known trip count (the layer scan, `known_trip_count` in the backend
 config; an unknown count is taken as 1 and marked), `call`s, fusions and async wrappers count once,
 and a `conditional` counts its heaviest branch: the critical path of one step, seen from one device.
@@ -15,6 +16,10 @@ assumes (`moejax.planner.cost`), with n the size of the collective's group:
 
     all-reduce 2 (n-1)/n x operand   all-gather (n-1) x operand   reduce-scatter (n-1)/n x operand
     all-to-all (n-1)/n x operand     collective-permute 1 x operand (a device that sends)
+    ragged-all-to-all (n-1)/n x operand
+
+A ragged-all-to-all's sizes are data (routing), known only when it runs: its operand bytes are those of
+its send buffer, the most one device can send, so its figures are upper bounds (`Collective.bound`).
 
 Each collective is attributed to the named block it came from (`jax.named_scope` in the model:
 `attn`, `moe`, `embed`, ...) or else to its JAX primitive (`ppermute`, `psum`, `reshard`), from
@@ -36,9 +41,9 @@ import math
 import re
 from dataclasses import asdict, dataclass
 
-KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all", "collective-permute")
 _ASYNC = {f"{k}-start": k for k in KINDS}
-_MOVES = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter")  # kinds that move data as it is
+_MOVES = ("all-gather", "all-to-all", "ragged-all-to-all", "collective-permute", "reduce-scatter")  # data as it is
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
                 "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5, "f8e4m3fn": 1, "f8e5m2": 1,
                 "f8e4m3": 1, "f8e5m2fnuz": 1, "f8e4m3fnuz": 1, "f4e2m1fn": 0.5}
@@ -90,7 +95,12 @@ class Collective:
         if n <= 1:
             return 0.0
         return {"all-reduce": 2.0 * (n - 1) / n * b, "all-gather": (n - 1) * b, "reduce-scatter": (n - 1) / n * b,
-                "all-to-all": (n - 1) / n * b}[self.kind]
+                "all-to-all": (n - 1) / n * b, "ragged-all-to-all": (n - 1) / n * b}[self.kind]
+
+    @property
+    def bound(self) -> bool:
+        """True when the bytes are an upper bound (a ragged-all-to-all: its send buffer, not what the routing sends)."""
+        return self.kind == "ragged-all-to-all"
 
 
 @dataclass
@@ -168,8 +178,19 @@ def _group_size(attrs: str, partitions: int) -> int:
 
 
 def _operand(kind: str, opcode: str, typ: str, group: int) -> tuple[list, float]:
-    """(the operand's arrays, its bytes per device) from the result type of a collective."""
+    """(the operand's arrays, its bytes per device) from the result type of a collective.
+
+    GPU async starts of all-to-all, reduce-scatter and ragged-all-to-all are typed `((operands...), result)`:
+    the inner tuple is the operand (for a ragged-all-to-all: input, output buffer, then the four offset and
+    size arrays; its input is what it sends).
+    """
+    if opcode.endswith("-start") and typ.startswith("(("):
+        arrays = _arrays(_split_type(typ[1:])[0])
+        arrays = arrays[:1] if kind == "ragged-all-to-all" else arrays
+        return arrays, _nbytes(arrays)
     arrays = _arrays(typ)
+    if kind == "ragged-all-to-all":  # synchronous form: typed as its output buffer, the size of what it may receive
+        return arrays[:1], _nbytes(arrays[:1])
     if opcode.endswith("-start") and kind in ("all-gather", "collective-permute"):
         arrays = arrays[: max(1, len(arrays) // 2)] if kind == "all-gather" else arrays[:1]  # (operand, output, ...)
         return arrays, _nbytes(arrays)

@@ -9,6 +9,13 @@ the prefill chunk and each decode bucket), the compiled program size (HLO instru
 decode step, from `compiled.as_text()`) and the process's peak resident memory. A real model
 needs all of these to be independent of its expert and layer counts; compare two configs that
 differ only in those counts to see it. Prints a table and writes one JSON line per layout.
+
+With `--target` (h100-sxm, h200, b200: `moejax.gpu_target.targets()`), the same model is compiled for that
+GPU on this machine, which needs none (`pip install 'moejax[gpu-compile]'`): real sizes, abstract weights,
+nothing placed. Per program (prefill, decode, the engine's step) it prints memory per device beside the
+planner's, collective bytes beside the planner's, and the routed experts' FLOPs beside the ideal:
+
+    moejax bench compile --target h100-sxm --model qwen3-30b-a3b --layouts DP1,EP8,TP4EP2 --json
 """
 
 from __future__ import annotations
@@ -57,11 +64,22 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--model", default="qwen3-30b-a3b-tiny", help="model config name or path (random weights)")
     p.add_argument("--layouts", default="DP1", help="comma-separated layouts, e.g. DP1,EP8,DP2TP2EP2")
     p.add_argument("--ep-attention", default="data", choices=["data", "replicated"], help="the expert axis's mode")
-    p.add_argument("--out", default=None, help="append one JSON line per layout to this file")
+    p.add_argument("--out", default=None, help="append one JSON line per layout (with --target: per program) here")
+    p.add_argument("--target", default=None, help="compile for this GPU (h100-sxm, h200, b200) without one, instead")
+    p.add_argument("--phases", default="prefill,decode,engine", help="with --target: programs to compile")
+    p.add_argument("--moe-strategy", default="auto", help="with --target: MoE dispatch strategy (moejax.model.moe)")
+    p.add_argument("--exchange", default="auto", help="with --target: the 'data' mode's token exchange")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"], help="with --target")
+    p.add_argument("--batch", type=int, default=64, help="with --target: concurrent requests per replica")
+    p.add_argument("--context", type=int, default=2048, help="with --target: longest sequence (KV pages)")
+    p.add_argument("--chunk", type=int, default=512, help="with --target: prefill tokens per step per batch shard")
+    p.add_argument("--json", action="store_true", help="with --target: print one JSON object per program")
     args = p.parse_args(argv)
     layouts = [x for x in args.layouts.split(",") if x]
     if not layouts:
         p.error("--layouts is empty")
+    if args.target is not None:
+        return run_target(p, args, layouts)
     from moejax.mesh import Layout
 
     need = max(Layout.parse(x).size for x in layouts)
@@ -77,6 +95,64 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
     return 0
+
+
+def run_target(p: argparse.ArgumentParser, args, layouts: list[str]) -> int:
+    """`--target`: compile each layout's programs for the GPU target; bad input is one `p.error` line (exit 2)."""
+    from moejax import gpu_target
+
+    if args.target not in gpu_target.targets():
+        p.error(f"--target: unknown GPU target {args.target!r}; known: {sorted(gpu_target.targets())}")
+    phases = tuple(x for x in args.phases.split(",") if x)
+    if not phases or any(x not in gpu_target.PHASES for x in phases):
+        p.error(f"--phases: {args.phases!r}; choose from {','.join(gpu_target.PHASES)}")
+    try:
+        shapes = gpu_target.Shapes(batch=args.batch, context=args.context, chunk=args.chunk)
+    except ValueError as err:
+        p.error(str(err))
+    why = gpu_target.unavailable_reason()
+    if why:
+        p.error(f"--target needs the GPU compile packages: {why}")
+    gpu_target.prepare()
+    import moejax
+    from moejax.mesh import Layout
+    from moejax.model.moe import Strategy
+
+    try:
+        cfg = moejax.load_model_config(args.model)
+        for layout in layouts:
+            Layout.parse(layout).validate(cfg)
+        Strategy(args.moe_strategy, args.exchange).checked("gpu")
+    except (ValueError, FileNotFoundError) as err:
+        p.error(str(err))
+    if not args.json:
+        print(f"{'layout':<12} {'phase':<8} {'GiB/dev':>8} {'planner':>8} {'coll MB':>9} {'planner':>9} "
+              f"{'expert GF':>10} {'ideal':>9}  collectives / error")
+    failed = 0
+    for layout in layouts:
+        for res in gpu_target.compile_layout(cfg, layout, args.target, shapes, phases, args.dtype, args.moe_strategy,
+                                             args.ep_attention, args.exchange):
+            failed += not res.ok
+            row = res.as_dict()
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                print(_target_line(res), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    return 1 if failed else 0
+
+
+def _target_line(res) -> str:
+    if not res.ok:
+        return f"{res.layout:<12} {res.phase:<8} {'FAILED':>8}  {res.error}"
+    pl = res.planner
+    kinds = " ".join(f"{k}:{n}" for k, n in res.collectives.items()) or "none"
+    return (f"{res.layout:<12} {res.phase:<8} {res.total_bytes / 2**30:>8.2f} {pl['memory_bytes'] / 2**30:>8.2f} "
+            f"{res.collective_bytes / 1e6:>9.2f} {pl['collective_bytes'] / 1e6:>9.2f} "
+            f"{res.expert_flops / 1e9:>10.1f} {pl['expert_flops'] / 1e9:>9.1f}  {kinds}"
+            + (f" (loops of unknown trip count: {res.unknown_loops}, counted once)" if res.unknown_loops else ""))
 
 
 if __name__ == "__main__":

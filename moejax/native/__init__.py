@@ -13,7 +13,8 @@ own keys in place, where the XLA path gathers every row's whole page window and 
 The shared library is built by the package's own build (setup.py, optional: a machine without a
 compiler installs without it). `available()` says whether it was built, loads, and is enabled:
 MOEJAX_NATIVE=0 forces the XLA path (CI runs both), MOEJAX_NATIVE=1 or unset enables the kernels.
-Callers check at trace time, so the choice is made once per compiled program.
+Callers check at trace time, so the choice is made once per compiled program, from the platform of the
+mesh the program is traced for (`platform`), never the process's default backend.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 
 ENV = "MOEJAX_NATIVE"
 DEFAULT_ON = True
-_TARGETS = {"moejax_moe_swiglu": "MoejaxMoeSwiglu", "moejax_matmul": "MoejaxMatmul",
+FFI_TARGETS = {"moejax_moe_swiglu": "MoejaxMoeSwiglu", "moejax_matmul": "MoejaxMatmul",
             "moejax_paged_attention": "MoejaxPagedAttention", "moejax_argmax": "MoejaxArgmax"}
 
 
@@ -47,7 +48,7 @@ def _load() -> str | None:
         return "not built (no compiler at install time, or installed without the build step)"
     try:
         lib = ctypes.cdll.LoadLibrary(str(libs[0]))
-        for target, symbol in _TARGETS.items():
+        for target, symbol in FFI_TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, AttributeError) as err:
         return f"{libs[0].name} does not load: {err}"
@@ -64,9 +65,27 @@ def available() -> bool:
     return enabled() and _load() is None
 
 
+def platform(*arrays) -> str:
+    """The platform ("cpu", "gpu", "tpu") of the program being traced: that of the mesh in use.
+
+    The mesh in the context (`jax.set_mesh`, or a `shard_map` body's), else the mesh of the first operand's
+    sharding that has one, else `jax.default_backend()` (no mesh: a single-device program of this process).
+    Not the process's default backend first: a CPU-hosted process compiling for a GPU target
+    (`moejax.gpu_target`) must not get CPU kernels in its programs. A mesh knows its devices' platform
+    (topology devices too); an `AbstractMesh` built without devices does not, and is passed over.
+    """
+    meshes = [jax.sharding.get_abstract_mesh()]
+    meshes += [getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None) for a in arrays]
+    for mesh in meshes:
+        device = getattr(mesh, "abstract_device", None)
+        if device is not None and device.platform:
+            return device.platform
+    return jax.default_backend()
+
+
 def runs(*arrays) -> bool:
-    """Whether a native kernel takes these operands: kernels available, CPU backend, all float32."""
-    return (jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays) and available())
+    """Whether a native kernel takes these operands: kernels available, a CPU program (`platform`), all float32."""
+    return all(a.dtype == jnp.float32 for a in arrays) and platform(*arrays) == "cpu" and available()
 
 
 def _require():

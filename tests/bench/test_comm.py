@@ -140,3 +140,61 @@ def test_an_all_gather_of_experts_is_flagged():
     with jax.set_mesh(mesh):
         text = jax.jit(use_experts_in_place).lower(w, x).compile().as_text()
     assert comm.collectives(text, shapes) == []
+
+
+# The asynchronous forms a GPU program uses (lines as XLA prints them for H100, trimmed): all-to-all,
+# reduce-scatter and ragged-all-to-all starts typed ((operands...), result); a synchronous ragged-all-to-all
+# typed as its output buffer; each -done is not counted again.
+_GPU = {
+    "A": ("  %a2as = ((bf16[64,128]{1,0}), bf16[64,128]{1,0}) all-to-all-start(%x), channel_id=1, replica_groups={{0,"
+          '1,2,3,4,5,6,7}}, dimensions={0}, metadata={op_name="jit(f)/shard_map/moe/dispatch/all_to_all"}'),
+    "R": ("  %rss = ((bf16[64,128]{1,0}), bf16[8,128]{1,0}) reduce-scatter-start(%x), channel_id=2, replica_groups={"
+          "{0,1,2,3,4,5,6,7}}, dimensions={0}, to_apply=%add"),
+    "G": ("  %rgs = ((bf16[64,128]{1,0}, bf16[512,128]{1,0}, s64[8]{0}, s64[8]{0}, s64[8]{0}, /*index=5*/s64[8]{0}), "
+          "bf16[512,128]{1,0}) ragged-all-to-all-start(%x, %buf, %o, %s, %o, /*index=5*/%s), channel_id=3, "
+          "replica_groups={{0,1,2,3},{4,5,6,7}}"),
+    "S": ("  %rg = bf16[32,128]{1,0} ragged-all-to-all(%x, %small, %o, %s, %o, /*index=5*/%s), channel_id=4, "
+          'replica_groups=[2,4]<=[8], metadata={op_name="jit(f)/shard_map/moe/combine/ragged_all_to_all"}'),
+}
+GPU_HLO = """HloModule jit_f, is_scheduled=true, num_partitions=8
+
+%add (a: bf16[], b: bf16[]) -> bf16[] {
+  %a = bf16[] parameter(0)
+  %b = bf16[] parameter(1)
+  ROOT %s = bf16[] add(%a, %b)
+}
+
+ENTRY %main (x: bf16[64,128]) -> bf16[512,128] {
+  %x = bf16[64,128]{1,0} parameter(0)
+  %buf = bf16[512,128]{1,0} parameter(1)
+  %small = bf16[32,128]{1,0} parameter(2)
+  %o = s64[8]{0} parameter(3)
+  %s = s64[8]{0} parameter(4)
+@A@
+  %a2ad = bf16[64,128]{1,0} all-to-all-done(%a2as)
+@R@
+  %rsd = bf16[8,128]{1,0} reduce-scatter-done(%rss)
+@G@
+@S@
+  ROOT %rgd = bf16[512,128]{1,0} ragged-all-to-all-done(%rgs)
+}
+"""
+for _name, _line in _GPU.items():
+    GPU_HLO = GPU_HLO.replace(f"@{_name}@", _line)
+
+
+def test_gpu_async_and_ragged_forms():
+    colls = comm.collectives(GPU_HLO)
+    by = {(c.kind, c.scope): c for c in colls}
+    assert sorted(c.kind for c in colls) == ["all-to-all", "ragged-all-to-all", "ragged-all-to-all", "reduce-scatter"]
+    a2a = by["all-to-all", "moe"]
+    assert (a2a.operand_bytes, a2a.group, a2a.wire_bytes, a2a.bound) == (64 * 128 * 2, 8, 7 / 8 * 64 * 128 * 2, False)
+    rs = by["reduce-scatter", "rss"]  # the operand is the inner tuple, not operand + result, nor result x group
+    assert (rs.operand_bytes, rs.wire_bytes) == (64 * 128 * 2, 7 / 8 * 64 * 128 * 2)
+    rg = by["ragged-all-to-all", "rgs"]  # the input buffer (first operand), not the output or the offsets
+    assert (rg.operand_bytes, rg.group, rg.wire_bytes, rg.bound) == (64 * 128 * 2, 4, 3 / 4 * 64 * 128 * 2, True)
+    sync = by["ragged-all-to-all", "moe"]  # synchronous: its output buffer
+    assert (sync.operand_bytes, sync.group, sync.bound) == (32 * 128 * 2, 4, True)
+    s = comm.summarize(colls)
+    assert s["by_kind"]["ragged-all-to-all"] == {"count": 2, "operand_bytes": (64 + 32) * 128 * 2,
+                                                 "wire_bytes": 3 / 4 * (64 + 32) * 128 * 2}
