@@ -38,6 +38,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from moejax.model import grouped_matmul
+
 SPEC_DIR = Path(__file__).parent / "configs" / "gpu_targets"
 PHASES = ("prefill", "decode", "engine")
 # Sorts of >= 32,768 elements use CUB's radix sort, whose scratch size XLA asks of a live device; with no device
@@ -201,12 +203,18 @@ def custom_calls(text: str) -> list[str]:
     return sorted(set(re.findall(r'custom_call_target="([^"]+)"', text)))
 
 
+def _grouped_kernel(attrs: str) -> bool:
+    return "xla.gpu.triton" in attrs and any(f"/{k}/" in attrs for k in grouped_matmul.KERNELS)
+
+
 def dot_flops(text: str) -> dict:
     """Matmul FLOPs (2 per multiply-add) of one execution of a compiled module, per device.
 
-    Counts `dot`s (in any computation: fusions, loop bodies) and cuBLAS GEMM custom calls, with the module
-    docstring's loop and conditional conventions. Returns {"total", "experts" (under the `moe/experts`
-    scope: the routed experts), "unknown_loops" (loops of unknown trip count holding dots, counted once)}.
+    Counts `dot`s (in any computation: fusions, loop bodies), cuBLAS GEMM custom calls and the Pallas grouped-GEMM
+    kernels of the "pallas" MoE strategy (Triton custom calls: every block of their static grid, the bound the
+    kernels skip unused blocks under), with the module docstring's loop and conditional conventions. Returns
+    {"total", "experts" (under the `moe/experts` scope: the routed experts), "unknown_loops" (loops of unknown
+    trip count holding dots, counted once)}.
     """
     from moejax.bench.comm import _TRIP, _arrays, parse_module
 
@@ -222,6 +230,10 @@ def dot_flops(text: str) -> dict:
         else:
             dims = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.attrs)
             contracting = [int(d) for d in re.findall(r"\d+", dims.group(1))] if dims else []
+        if ins.opcode == "custom-call" and _grouped_kernel(ins.attrs):
+            x = _arrays(types[comp].get(operands[2], "")) if len(operands) > 2 else []  # (layer, blocks, x, w...)
+            out = _arrays(ins.type)
+            return grouped_matmul.call_flops(x[0][1], out[0][1], len(operands) - 3) if x and out else 0.0
         lhs = _arrays(types[comp].get(operands[0], "")) if operands else []
         out = _arrays(ins.type)
         if not lhs or not out:
@@ -236,7 +248,8 @@ def dot_flops(text: str) -> dict:
         total: Counter = Counter()
         for ins in comps.get(name, []):
             experts = scope_experts or EXPERTS_SCOPE in ins.attrs
-            if ins.opcode == "dot" or (ins.opcode == "custom-call" and any(g in ins.attrs for g in _GEMM_CALLS)):
+            if ins.opcode == "dot" or (ins.opcode == "custom-call" and (any(g in ins.attrs for g in _GEMM_CALLS)
+                                                                     or _grouped_kernel(ins.attrs))):
                 f = flops(name, ins)
                 total["total"] += f
                 total["experts"] += f if experts else 0.0

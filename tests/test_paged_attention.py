@@ -41,15 +41,16 @@ def _case(rng, B, T, N, K, H, ps, MP, P=32, L=2):
 
 
 @pytest.mark.parametrize("window", [None, 6])
-@pytest.mark.parametrize(("T", "G"), [(1, 1), (1, 4), (5, 2)])  # decode, GQA decode, a prefill chunk
-def test_kernel_equals_dense_attention_over_own_positions(T, G, window):
+@pytest.mark.parametrize(("T", "G", "tile"), [(1, 1, None), (1, 4, None), (5, 2, None), (5, 2, 4)])
+def test_kernel_equals_dense_attention_over_own_positions(T, G, tile, window):
+    """Decode, GQA decode, a prefill chunk, and the chunk's 10 queries in tiles of 4 (the GPU's query tiling)."""
     rng = np.random.default_rng(T * 10 + G)
     B, K, H, ps, MP = 4, 2, 16, 4, 5
     q, k_pool, v_pool, table = _case(rng, B, T, K * G, K, H, ps, MP)
     starts = np.array([0, 3, 7, MP * ps - T])  # first page only, mid-page, page boundaries, the table's end
     pos = (starts[:, None] + np.arange(T)[None]).astype(np.int32)
     pos[1, T - 1:] = -1  # a padded tail
-    out = jax.jit(lambda *a: paged_attention(*a, window=window, interpret=True))(
+    out = jax.jit(lambda *a: paged_attention(*a, window=window, interpret=True, query_tile=tile))(
         jnp.asarray(q), (jnp.asarray(k_pool), jnp.asarray(v_pool)), jnp.int32(1), jnp.asarray(table), jnp.asarray(pos))
     out = np.asarray(out)
     ref = _dense(q, k_pool, v_pool, 1, table, pos, window)

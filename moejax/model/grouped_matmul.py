@@ -9,8 +9,8 @@ into blocks of `block` rows, each block holding one expert's pairs only (an expe
 Every kernel instance owns one (row block, column tile): it reads its block's expert id and multiplies the block
 by that expert's weight tile, read in place from the stacked [L, El, K, N] weights (the layer and expert are
 indices into the operand: no per-layer or per-block copy of any weight). Blocks past the routed pairs hold the
-expert id El and are skipped. Work per matmul: at most (pairs + El (block - 1)) rows, not M x El; with
-`choose_block` (block ~ pairs / El, 16..64 rows) that is <= 1.25x the routed FLOPs at prefill sizes.
+expert id El and are skipped. Work per matmul: at most (pairs + El (block - 1)) rows, not M x El; `choose_block`
+keeps that within 1.3x the routed pairs wherever a block of 16 rows allows it (pairs >= ~50 per local expert).
 
 Two kernels per layer: gate and up fused (x read once, silu(x wg) * (x wu) written as h), then down (h wd).
 Accumulation in float32; outputs in the activations' dtype. Gate weights and the scatter back to the tokens stay
@@ -29,6 +29,15 @@ from jax.experimental.pallas import triton as pltriton
 MIN_TILE = 16  # Triton's dot needs every tile dim >= 16
 
 
+KERNELS = ("gate_up_kernel", "down_kernel")  # the pallas_call names (the compiled program's op names carry them)
+
+
+def call_flops(x_shape, out_shape, num_weights: int) -> float:
+    """FLOPs of one kernel call over its whole static grid: x [R, K] times `num_weights` [K, N] tiles per block."""
+    (R, K), (_, N) = x_shape, out_shape
+    return 2.0 * R * K * N * num_weights
+
+
 def _tile(n: int, most: int) -> int:
     """Largest power of two <= `most` dividing n."""
     t = most
@@ -43,10 +52,14 @@ def supported(d: int, f: int) -> bool:
 
 
 def choose_block(pairs: int, num_local: int) -> int:
-    """Rows per block: about the mean pairs per expert, a power of two in [16, 64] (Triton's smallest dot tile
-    up to a tile that keeps an expert's partial last block small beside its rows)."""
-    mean = max(1, pairs // max(1, num_local))
-    return max(MIN_TILE, min(64, 1 << (mean - 1).bit_length()))
+    """Rows per block: the largest power of two in [16, 64] whose static work bound, pairs + El (block - 1) rows,
+    stays within 1.3x the pairs (16 when none does: Triton's smallest dot tile). Larger blocks reuse each weight
+    tile over more rows; the bound is what a compiled program may execute (blocks past the routed pairs are
+    skipped at run time, but the grid is static)."""
+    block = 64
+    while block > MIN_TILE and pairs + num_local * (block - 1) > 1.3 * pairs:
+        block //= 2
+    return block
 
 
 def block_layout(local_MX, num_local: int, block: int):
@@ -135,8 +148,8 @@ def _grouped(kernel, x_RK, weights, layer, block_expert_B, block: int, interpret
         interpret=interpret,
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=3),  # Triton, not Mosaic GPU: any sm_80+
         # At most this much work: every block computed (used blocks: at most pairs + El (block - 1) rows).
-        cost_estimate=pl.CostEstimate(flops=2 * R * K * N * len(weights), transcendentals=R * N * (kernel is
-                                      _gate_up_kernel), bytes_accessed=(R * K + R * N) * x_RK.dtype.itemsize),
+        cost_estimate=pl.CostEstimate(flops=int(call_flops((R, K), (R, N), len(weights))), transcendentals=R * N * (
+            kernel is _gate_up_kernel), bytes_accessed=(R * K + R * N) * x_RK.dtype.itemsize),
         name=kernel.__name__.strip("_"),
     )
     return call(jnp.asarray(layer, jnp.int32).reshape(1), block_expert_B, x_RK, *weights)

@@ -3,9 +3,11 @@
 XLA's path (`attention._cached_attention`) gathers every page of a row's page window into a contiguous copy
 [B, pages * page_size, K, H] per layer per step before attending; on a GPU that copy is as large as the KV the
 step reads. This kernel reads the pages where they lie: one instance per (row, kv head) walks the row's page
-table up to the row's last query position (and from the first page the sliding window can reach), loads each
-page's keys and values for its kv head straight from the pool [L, P, page_size, K, H], and keeps an online
-softmax (flash-decoding) over them for the row's T x G queries (G query heads per kv head), in float32.
+table up to the last query position of its tile (and from the first page the sliding window can reach), loads
+each page's keys and values for its kv head straight from the pool [L, P, page_size, K, H], and keeps an online
+softmax (flash-decoding) over them for a tile of at most `QUERY_TILE` of the row's T x G queries (G query heads
+per kv head), in float32: (row, kv head, query tile) instances, so a long prefill chunk's queries never have to
+fit one instance's shared memory (a 512-token chunk of G=8 queries per kv head is 4096 rows).
 
 Isolation invariant (as the XLA path's): slots past the row's last query position are never used, not even as
 0 * value: their keys and values are zeroed before any arithmetic (a freed page may hold another row's NaN).
@@ -23,6 +25,7 @@ from jax.experimental.pallas import triton as pltriton
 
 _MASKED = -1e30
 MIN_TILE = 16  # Triton's dot: every tile dim >= 16
+QUERY_TILE = 64  # queries per kernel instance (GPU): 64 x H bf16 in shared memory, 64 x H float32 accumulated
 
 
 def _pow2(n: int) -> int:
@@ -37,8 +40,8 @@ def supported(page_size: int, head_dim: int) -> bool:
 def _kernel(index_ref, table_ref, qpos_ref, q_ref, k_ref, v_ref, o_ref, *, page_size: int, window: int | None,
             scale: float):
     layer, kv = index_ref[0], pl.program_id(1)
-    q = q_ref[...]  # [R, H]: the row's queries of this kv head (T x G, padded)
-    qpos = qpos_ref[...]  # [R]; < 0: padding
+    q = q_ref[...]  # [tile, H]: a tile of the row's queries of this kv head (T x G, padded)
+    qpos = qpos_ref[...]  # [tile]; < 0: padding
     last = jnp.max(qpos)
     num_pages = jnp.where(last >= 0, last // page_size + 1, 0)
     first = 0
@@ -72,13 +75,14 @@ def _kernel(index_ref, table_ref, qpos_ref, q_ref, k_ref, v_ref, o_ref, *, page_
 
 
 def paged_attention(q_BTNH, cache, layer, page_table_BP, pos_BT, window: int | None = None,
-                    interpret: bool = False):
+                    interpret: bool = False, query_tile: int | None = None):
     """Causal GQA of new queries over their rows' cached pages (the new tokens already written).
 
     Args:
       q_BTNH: queries (RoPE applied). cache: (k_pool, v_pool), each [L, P, page_size, K, H] (local shards).
       layer: local layer index (may be traced). page_table_BP: local page ids per row. pos_BT: query positions
         (< 0: padding). window: sliding window (None: full). interpret: Pallas' interpret mode (CPU).
+      query_tile: queries per kernel instance (default: all of a row's on CPU, `QUERY_TILE` on GPU).
     Returns:
       o_BTNH in q's dtype.
     """
@@ -86,21 +90,26 @@ def paged_attention(q_BTNH, cache, layer, page_table_BP, pos_BT, window: int | N
     B, T, N, H = q_BTNH.shape
     L, P, page_size, K, _ = k_pool.shape
     G = N // K
-    R = T * G if interpret else max(MIN_TILE, _pow2(T * G))  # Triton tiles: a power of two >= 16 rows
+    if interpret:
+        tile = query_tile or T * G
+        R = -(-T * G // tile) * tile
+    else:  # Triton tiles: powers of two >= 16 rows, so R is a multiple of the tile
+        R = max(MIN_TILE, _pow2(T * G))
+        tile = min(R, query_tile or QUERY_TILE)
     q_BKRH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
     qpos_BR = jnp.repeat(pos_BT, G, axis=1)  # row r = t * G + g
     if R > T * G:
         q_BKRH = jnp.pad(q_BKRH, ((0, 0), (0, 0), (0, R - T * G), (0, 0)))
         qpos_BR = jnp.pad(qpos_BR, ((0, 0), (0, R - T * G)), constant_values=-1)
     MP = page_table_BP.shape[1]
-    whole = pl.BlockSpec((L, P, page_size, K, H), lambda b, k: (0, 0, 0, 0, 0))  # pages read in place
+    whole = pl.BlockSpec((L, P, page_size, K, H), lambda b, k, r: (0, 0, 0, 0, 0))  # pages read in place
     out = pl.pallas_call(
         functools.partial(_kernel, page_size=page_size, window=window, scale=H**-0.5),
-        grid=(B, K),
-        in_specs=[pl.BlockSpec((1,), lambda b, k: (0,)), pl.BlockSpec((None, MP), lambda b, k: (b, 0)),
-                  pl.BlockSpec((None, R), lambda b, k: (b, 0)),
-                  pl.BlockSpec((None, None, R, H), lambda b, k: (b, k, 0, 0)), whole, whole],
-        out_specs=pl.BlockSpec((None, None, R, H), lambda b, k: (b, k, 0, 0)),
+        grid=(B, K, R // tile),
+        in_specs=[pl.BlockSpec((1,), lambda b, k, r: (0,)), pl.BlockSpec((None, MP), lambda b, k, r: (b, 0)),
+                  pl.BlockSpec((None, tile), lambda b, k, r: (b, r)),
+                  pl.BlockSpec((None, None, tile, H), lambda b, k, r: (b, k, r, 0)), whole, whole],
+        out_specs=pl.BlockSpec((None, None, tile, H), lambda b, k, r: (b, k, r, 0)),
         out_shape=jax.ShapeDtypeStruct((B, K, R, H), q_BTNH.dtype),
         interpret=interpret,
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
