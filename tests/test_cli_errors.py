@@ -371,6 +371,11 @@ BENCH_MODULES_BAD = [
     (["gpu", "--prefill-len", "0"], r"argument --prefill-len: must be an integer in \[1,"),
     (["gpu", "--dtype", "int4"], r"argument --dtype: invalid choice: 'int4'"),
     (["gpu", "--model", "tiny-moe", "--layers", "5"], r"--layers 5 exceeds the model's 4 layers"),
+    (["compile", "--batch", "0"], r"argument --batch: must be an integer in \[1,"),
+    (["compile", "--layouts", "EP3"], r"num_experts|expert"),
+    (["compile", "--layouts", ","], r"--layouts is empty"),
+    (["compile", "--target", "a100"], r"--target: unknown GPU target 'a100'"),
+    (["compile", "--model", "no-such-model"], r"no-such-model"),
 ]
 
 

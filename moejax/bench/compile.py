@@ -28,6 +28,8 @@ import resource
 import sys
 import time
 
+from moejax.args import Parser, int_in, read_model_config, run_main
+
 
 def hlo_instructions(text: str) -> int:
     """Instructions in an HLO module's text (lines of the form `%name = type op(...)`)."""
@@ -59,8 +61,8 @@ def measure(model_name: str, layout: str, serve_overrides: dict | None = None, e
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    p = argparse.ArgumentParser(prog=prog or "python -m moejax.bench.compile", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=prog or "python -m moejax.bench.compile", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen3-30b-a3b-tiny", help="model config name or path (random weights)")
     p.add_argument("--layouts", default="DP1", help="comma-separated layouts, e.g. DP1,EP8,DP2TP2EP2")
     p.add_argument("--ep-attention", default="data", choices=["data", "replicated"], help="the expert axis's mode")
@@ -70,9 +72,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--moe-strategy", default="auto", help="with --target: MoE dispatch strategy (moejax.model.moe)")
     p.add_argument("--exchange", default="auto", help="with --target: the 'data' mode's token exchange")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"], help="with --target")
-    p.add_argument("--batch", type=int, default=64, help="with --target: concurrent requests per replica")
-    p.add_argument("--context", type=int, default=2048, help="with --target: longest sequence (KV pages)")
-    p.add_argument("--chunk", type=int, default=512, help="with --target: prefill tokens per step per batch shard")
+    p.add_argument("--batch", type=int_in(1), default=64, help="with --target: concurrent requests per replica")
+    p.add_argument("--context", type=int_in(1), default=2048, help="with --target: longest sequence (KV pages)")
+    p.add_argument("--chunk", type=int_in(1), default=512,
+                   help="with --target: prefill tokens per step per batch shard")
     p.add_argument("--json", action="store_true", help="with --target: print one JSON object per program")
     args = p.parse_args(argv)
     layouts = [x for x in args.layouts.split(",") if x]
@@ -82,7 +85,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return run_target(p, args, layouts)
     from moejax.mesh import Layout
 
-    need = max(Layout.parse(x).size for x in layouts)
+    cfg = read_model_config(args.model)
+    try:
+        need = max(Layout.parse(x).validate(cfg).size for x in layouts)
+    except ValueError as err:
+        p.error(str(err))
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={need}".strip()
@@ -156,4 +163,4 @@ def _target_line(res) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
