@@ -66,7 +66,7 @@ def handling() -> Iterator[None]:
     """Handle SIGINT as above inside the block (main thread only; elsewhere nothing changes).
 
     On leaving after an interrupt, a further SIGINT (say, while the interpreter waits for threads to end)
-    exits at once; otherwise the previous handler is restored.
+    exits at once; otherwise the previous handler is restored. Either way `requested()` is False again after it.
     """
     global _requested
     if threading.current_thread() is not threading.main_thread():
@@ -81,3 +81,4 @@ def handling() -> Iterator[None]:
     finally:
         sys.unraisablehook = previous_hook
         signal.signal(signal.SIGINT, _exit_now if _requested else previous)
+        _requested = False  # the block's interrupt is handled; later `check()` calls (a library user's) start clean

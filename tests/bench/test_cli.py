@@ -241,6 +241,7 @@ def test_main_ends_an_interrupted_command_with_one_line_and_130(swallowed, monke
     try:
         assert cli.main(["sweep"]) == 130
         assert signal.getsignal(signal.SIGINT) is interrupt._exit_now  # a second ^C while exiting: out at once
+        assert not interrupt.requested()  # handled: a later check() (a library caller's sweep) does not re-raise
     finally:
         signal.signal(signal.SIGINT, previous)
     captured = capsys.readouterr()
