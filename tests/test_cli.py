@@ -65,7 +65,6 @@ def test_bench_modules_are_subcommands_with_their_own_help(capsys):
             cli.main(["bench", name, "--help"])
         out = capsys.readouterr().out
         assert done.value.code == 0 and out.startswith(f"usage: moejax bench {name} ") and flag in out
-    with pytest.raises(SystemExit) as done:
-        cli.main(["bench", "gemm", "--bogus"])
-    assert done.value.code == 2
-    assert "moejax bench gemm: error: unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert cli.main(["bench", "gemm", "--bogus"]) == 2
+    assert capsys.readouterr().err == ("moejax: error: unrecognized arguments: --bogus (see 'moejax bench gemm "
+                                       "--help')\n")

@@ -475,9 +475,11 @@ def marked_warmup(self, *args, **kwargs):
     print("work under way", file=sys.stderr, flush=True)
     return warmup(self, *args, **kwargs)
 def marked_plan(*args, **kwargs):
+    from moejax import interrupt
     print("work under way", file=sys.stderr, flush=True)
-    while True:
+    while True:  # a plan that never ends; between plans, as after the real one, a lost ^C is raised again
         plan(*args, **kwargs)
+        interrupt.check()
 moejax.Engine.warmup, plan_cli.plan = marked_warmup, marked_plan
 from moejax.cli import main
 sys.exit(main(sys.argv[1:]))

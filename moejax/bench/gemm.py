@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(f"{name:>16} {rows:>4} {t * 1e6:8.1f}us {nbytes / t / 1e9:6.1f} {flops / t / 1e9:8.1f}"
                   f" {ideal * 1e6:7.1f}us {ideal / t:10.0%}", flush=True)
     if args.native:
-        _native_table(cfg, [int(r) for r in args.rows.split(",")], args.weight_mb, bandwidth)
+        _native_table(cfg, args.rows, args.weight_mb, bandwidth)
     return 0
 
 
