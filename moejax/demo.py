@@ -120,7 +120,7 @@ def hf_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
     source = RandomSource(cfg, seed)
     moe = "block_sparse_moe" if cfg.family == "mixtral" else "mlp"  # the names Hugging Face's exports use
-    experts = hf._EXPERT_NAMES[moe]
+    experts = hf.EXPERT_NAMES[moe]
     out = {}
     for name, (shape, per_layer) in source.shapes.items():
         whole = tuple(slice(None) for _ in shape)
@@ -130,10 +130,10 @@ def hf_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
                 for e in range(shape[0]):
                     out[f"model.layers.{layer}.{moe}.experts.{e}.{experts[name]}.weight"] = _to_hf(hf._T, value[e])
             elif layer is None:
-                stored, form = hf._GLOBAL[name]
+                stored, form = hf.GLOBAL_NAMES[name]
                 out[stored] = _to_hf(form, value)
             else:
-                stored, form = hf._LAYER[name]
+                stored, form = hf.LAYER_NAMES[name]
                 out[f"model.layers.{layer}." + stored.format(moe=moe)] = _to_hf(form, value)
     return out
 

@@ -57,13 +57,14 @@ READ_BYTES = 2 << 20  # stored rows are read in pieces of about this size: the t
 # from the model's declarations) -> (Hugging Face name, stored form). Per-layer names are under
 # `model.layers.{layer}.`; "{moe}" is the MoE block's prefix ("mlp", or "block_sparse_moe" in
 # Mixtral exports). Which tensors a model has (biases, q/k norms, shared expert) follows from the
-# declarations for its config; adding a weight is its declaration plus one line here.
-_GLOBAL = {
+# declarations for its config; adding a weight is its declaration plus one line here. Public: the demo
+# checkpoint writer (moejax.demo) inverts the same tables.
+GLOBAL_NAMES = {
     "embed": ("model.embed_tokens.weight", _SAME),
     "unembed": ("lm_head.weight", _T),
     "final_norm": ("model.norm.weight", _SAME),
 }
-_LAYER = {
+LAYER_NAMES = {
     "attn_norm": ("input_layernorm.weight", _SAME),
     "mlp_norm": ("post_attention_layernorm.weight", _SAME),
     "attn.wq": ("self_attn.q_proj.weight", _HEADS_IN),
@@ -84,7 +85,7 @@ _LAYER = {
 }
 # Routed experts, canonical [E, D, F] / [E, F, D]: per expert `{moe}.experts.{e}.<name>` ([F, D] / [D, F],
 # transposed), or fused `{moe}.experts.gate_up_proj` [E, 2F, D] (gate rows first) and `.down_proj` [E, D, F].
-_EXPERT_NAMES = {"mlp": {"moe.wg": "gate_proj", "moe.wu": "up_proj", "moe.wd": "down_proj"},
+EXPERT_NAMES = {"mlp": {"moe.wg": "gate_proj", "moe.wu": "up_proj", "moe.wd": "down_proj"},
                  "block_sparse_moe": {"moe.wg": "w1", "moe.wu": "w3", "moe.wd": "w2"}}
 
 
@@ -111,8 +112,8 @@ class HFSource:
     def hf_name(self, name: str, layer: int | None) -> str:
         """The checkpoint tensor holding canonical tensor `name` (not the routed experts)."""
         if layer is None:
-            return _GLOBAL[name][0]
-        return f"model.layers.{layer}." + _LAYER[name][0].format(moe=self.moe_prefix)
+            return GLOBAL_NAMES[name][0]
+        return f"model.layers.{layer}." + LAYER_NAMES[name][0].format(moe=self.moe_prefix)
 
     def expected(self) -> dict[str, tuple[int, ...]]:
         """Hugging Face tensor name -> shape this config requires (derived from the declarations)."""
@@ -120,7 +121,7 @@ class HFSource:
         for name, (shape, per_layer) in self.canonical.items():
             if name in ("moe.wg", "moe.wu", "moe.wd"):
                 continue
-            form = (_LAYER if per_layer else _GLOBAL)[name][1]
+            form = (LAYER_NAMES if per_layer else GLOBAL_NAMES)[name][1]
             for layer in range(self.cfg.num_layers) if per_layer else [None]:
                 out[self.hf_name(name, layer)] = tuple(form.hf_shape(shape))
         E, D, F = self.canonical["moe.wg"][0]
@@ -156,7 +157,7 @@ class HFSource:
         return "mlp"
 
     def _expert_name(self, name: str, layer: int, e: int) -> str:
-        return f"model.layers.{layer}.{self.moe_prefix}.experts.{e}.{_EXPERT_NAMES[self.moe_prefix][name]}.weight"
+        return f"model.layers.{layer}.{self.moe_prefix}.experts.{e}.{EXPERT_NAMES[self.moe_prefix][name]}.weight"
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -176,7 +177,7 @@ class HFSource:
         canonical = self.canonical[name][0]
         if name not in ("moe.wg", "moe.wu", "moe.wd"):
             hf, entry = self._stored(name, layer, 0)
-            form = (_GLOBAL if layer is None else _LAYER)[name][1]
+            form = (GLOBAL_NAMES if layer is None else LAYER_NAMES)[name][1]
             self._read_form(f"{hf} ({name})", entry, form, canonical, index, out)
             return out
         for i, e in enumerate(range(*index[0].indices(canonical[0]))):  # [E, D, F] or [E, F, D]: one expert at a time

@@ -110,7 +110,7 @@ def _mapped(hf, name, layer):
     """Canonical tensor `name` as a view of the memory-mapped file (the reference for the loaders' piecewise reads)."""
     if name in ("moe.wg", "moe.wu", "moe.wd"):
         return np.stack([hf.tensor(hf._expert_name(name, layer, e)).T for e in range(hf.cfg.num_experts)])
-    form = (hf_module._GLOBAL if layer is None else hf_module._LAYER)[name][1]
+    form = (hf_module.GLOBAL_NAMES if layer is None else hf_module.LAYER_NAMES)[name][1]
     return form.to_canonical(hf.tensor(hf.hf_name(name, layer)), hf.canonical[name][0])
 
 
