@@ -86,17 +86,17 @@ def layers_that_fit(cfg, dtype, free_bytes: float | None, fraction: float) -> in
 
 def decode_bytes(cfg, batch: int, context: int, weight_bytes: int, kv_bytes: int) -> dict[str, float]:
     """Bytes one decode step over `batch` rows at `context` cached positions must read, by part."""
+    from moejax.planner.cost import expert_hit_fraction
     from moejax.planner.memory import cached_positions
     from moejax.weights import canonical_shapes
 
     shapes = canonical_shapes(cfg)
     experts = {n for n in shapes if n.startswith("moe.w") and not n.startswith("moe.shared")}
-    E, X = cfg.num_experts, cfg.num_experts_per_tok
     per_expert = sum(math.prod(shapes[n][0][1:]) for n in experts) * weight_bytes
     dense = sum(math.prod(s) for n, (s, stacked) in shapes.items() if stacked and n not in experts)
     dense = (dense * cfg.num_layers + sum(math.prod(s) for n, (s, st) in shapes.items() if not st and n != "embed")
              ) * weight_bytes
-    touched = E * (1.0 - (1.0 - X / E) ** batch)
+    touched = cfg.num_experts * expert_hit_fraction(cfg.num_experts, cfg.num_experts_per_tok, batch)
     kv_per_token = 2 * cfg.num_kv_heads * cfg.head_dim * kv_bytes * cfg.num_layers
     return {"weights": float(dense), "experts": cfg.num_layers * touched * per_expert,
             "embed": batch * cfg.hidden_size * weight_bytes,

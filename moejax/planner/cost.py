@@ -136,6 +136,11 @@ def expert_fanout(num_experts: int, top_k: int, expert_parallel: int) -> float:
     return expert_parallel * (1.0 - miss)
 
 
+def expert_hit_fraction(num_experts: int, top_k: int, tokens: float) -> float:
+    """Expected fraction of the experts that `tokens` tokens route to (uniform routing, top-k each)."""
+    return 1.0 - (1.0 - top_k / num_experts) ** tokens
+
+
 def allreduce_time(nbytes: float, n: int, bandwidth: float, latency: float) -> float:
     """Ring all-reduce of `nbytes` over `n` devices: 2 (n-1)/n of the data over each link, 2 log2 n latency steps."""
     if n <= 1 or nbytes <= 0:
@@ -201,7 +206,7 @@ def stage_features(cfg: ModelConfig, layout: PlanLayout | Layout | str, hw: Hard
     f |= {"head_flops": load.logits * 2.0 * cfg.vocab_size * cfg.hidden_size / t if stage.last else 0.0,
           "head_bytes": head, "head_rows": load.logits if stage.last else 0.0}
     # Routed experts: the replica's tokens over MoE TP x EP.
-    hit = 1.0 - (1.0 - cfg.num_experts_per_tok / cfg.num_experts) ** load.tokens
+    hit = expert_hit_fraction(cfg.num_experts, cfg.num_experts_per_tok, load.tokens)
     f |= {"moe_flops": stage.moe_layers * load.tokens * dec["experts"] / (mt * e),
           "moe_bytes": stage.moe_layers * (cfg.num_experts // e) * hit * pc.expert / mt * wb,
           "moe_rows": load.tokens * cfg.num_experts_per_tok / (cfg.num_experts * hit) if hit > 0 else 0.0,
