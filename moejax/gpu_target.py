@@ -216,7 +216,7 @@ def dot_flops(text: str) -> dict:
     {"total", "experts" (under the `moe/experts` scope: the routed experts), "unknown_loops" (loops of unknown
     trip count holding dots, counted once)}.
     """
-    from moejax.bench.comm import _TRIP, _arrays, parse_module
+    from moejax.bench.comm import _arrays, branches, callees, loop_body, parse_module
 
     comps, entry, _ = parse_module(text)
     types = {c: {i.name: i.type for i in ins} for c, ins in comps.items()}
@@ -254,21 +254,17 @@ def dot_flops(text: str) -> dict:
                 total["total"] += f
                 total["experts"] += f if experts else 0.0
             elif ins.opcode == "while":
-                body = re.search(r"body=%?([\w.\-]+)", ins.attrs)
-                trip = _TRIP.search(ins.attrs)
-                inner = visit(body.group(1), experts) if body else Counter()
-                n = int(trip.group(1)) if trip else 1
-                total.update({k: v * n for k, v in inner.items() if k != "unknown_loops"})
+                body, trip = loop_body(ins.attrs)
+                inner = visit(body, experts) if body else Counter()
+                count = 1 if trip is None else trip
+                total.update({k: v * count for k, v in inner.items() if k != "unknown_loops"})
                 total["unknown_loops"] += inner["unknown_loops"] + (trip is None and inner["total"] > 0)
             elif ins.opcode == "conditional":
-                branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
-                names = (re.findall(r"%?([\w.\-]+)", branches.group(1)) if branches else
-                         re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", ins.attrs))
-                costs = [visit(b, experts) for b in names]
+                costs = [visit(b, experts) for b in branches(ins.attrs)]
                 if costs:
                     total.update(max(costs, key=lambda c: c["total"]))
             else:
-                for callee in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", ins.attrs):
+                for callee in callees(ins.attrs):
                     total.update(visit(callee, experts))
         memo[key] = total
         return total

@@ -60,6 +60,24 @@ _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
+def loop_body(attrs: str) -> tuple[str | None, int | None]:
+    """A `while` instruction's body computation and its known trip count (None: unknown)."""
+    body, trip = re.search(r"body=%?([\w.\-]+)", attrs), _TRIP.search(attrs)
+    return (body.group(1) if body else None), (int(trip.group(1)) if trip else None)
+
+
+def branches(attrs: str) -> list[str]:
+    """A `conditional` instruction's branch computations (indexed or true/false form)."""
+    indexed = re.search(r"branch_computations=\{([^}]*)\}", attrs)
+    return (re.findall(r"%?([\w.\-]+)", indexed.group(1)) if indexed else
+            re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", attrs))
+
+
+def callees(attrs: str) -> list[str]:
+    """The computations an instruction calls (fusions, calls, reducers)."""
+    return re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", attrs)
+
+
 @dataclass(frozen=True)
 class Collective:
     """One collective instruction of a step and how often the step runs it.
@@ -230,20 +248,16 @@ def collectives(text: str, weight_shapes: set[tuple[str, tuple[int, ...]]] | Non
                 out.append((Collective(kind, shape, nbytes, group, 1, _scope(op_name) if op_name else ins.name,
                                        op_name, trip_known, moved), 1))
             elif ins.opcode == "while":
-                body = re.search(r"body=%?([\w.\-]+)", ins.attrs)
-                trip = _TRIP.search(ins.attrs)
-                count = int(trip.group(1)) if trip else 1
+                body, trip = loop_body(ins.attrs)
+                count = 1 if trip is None else trip
                 if body:
-                    out += [(c, n * count) for c, n in visit(body.group(1), trip_known and trip is not None)]
+                    out += [(c, n * count) for c, n in visit(body, trip_known and trip is not None)]
             elif ins.opcode == "conditional":
-                branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
-                names = (re.findall(r"%?([\w.\-]+)", branches.group(1)) if branches else
-                         re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", ins.attrs))
-                costs = [visit(b, trip_known) for b in names]
+                costs = [visit(b, trip_known) for b in branches(ins.attrs)]
                 if costs:
                     out += max(costs, key=lambda cs: sum(c.wire_bytes * n for c, n in cs))
             else:
-                for callee in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", ins.attrs):
+                for callee in callees(ins.attrs):
                     if ins.opcode in ("call", "fusion", "async-start", "custom-call") or ins.opcode.endswith("start"):
                         out += visit(callee, trip_known)
         memo[key] = out
