@@ -90,56 +90,46 @@ def block_layout(local_MX, num_local: int, block: int):
     return dest_N, order_N // X, order_N, block_expert_B  # searchsorted gives El past the last used block
 
 
-def _gate_up_kernel(index_ref, expert_ref, x_ref, wg_ref, wu_ref, h_ref, *, bk: int, num_k: int, num_local: int):
-    layer, e = index_ref[0], expert_ref[0]
-    bm, bn = h_ref.shape
-    cols = pl.ds(pl.program_id(1) * bn, bn)
-
-    @pl.when(e < num_local)
-    def _():
-        def body(k, acc):
-            g, u = acc
-            x = x_ref[:, pl.ds(k * bk, bk)]
-            g += jnp.dot(x, wg_ref[layer, e, pl.ds(k * bk, bk), cols], preferred_element_type=jnp.float32)
-            u += jnp.dot(x, wu_ref[layer, e, pl.ds(k * bk, bk), cols], preferred_element_type=jnp.float32)
-            return g, u
-
-        zero = jnp.zeros((bm, bn), jnp.float32)
-        g, u = jax.lax.fori_loop(0, num_k, body, (zero, zero))
-        h_ref[...] = (jax.nn.sigmoid(g) * g * u).astype(h_ref.dtype)
-
-    @pl.when(e >= num_local)
-    def _():
-        h_ref[...] = jnp.zeros((bm, bn), h_ref.dtype)
-
-
-def _down_kernel(index_ref, expert_ref, h_ref, wd_ref, o_ref, *, bk: int, num_k: int, num_local: int):
+def _kernel(index_ref, expert_ref, x_ref, *refs, bk: int, num_k: int, num_local: int, epilogue):
+    """One (row block, column tile): the block times each weight's tile of its expert, then `epilogue` of the
+    float32 products; zeros for a block past the routed pairs (expert id El)."""
+    *w_refs, o_ref = refs
     layer, e = index_ref[0], expert_ref[0]
     bm, bn = o_ref.shape
     cols = pl.ds(pl.program_id(1) * bn, bn)
 
     @pl.when(e < num_local)
     def _():
-        def body(k, acc):
-            return acc + jnp.dot(h_ref[:, pl.ds(k * bk, bk)], wd_ref[layer, e, pl.ds(k * bk, bk), cols],
-                                 preferred_element_type=jnp.float32)
+        def body(k, accs):
+            x = x_ref[:, pl.ds(k * bk, bk)]
+            return tuple(acc + jnp.dot(x, w[layer, e, pl.ds(k * bk, bk), cols], preferred_element_type=jnp.float32)
+                         for acc, w in zip(accs, w_refs, strict=True))
 
-        o_ref[...] = jax.lax.fori_loop(0, num_k, body, jnp.zeros((bm, bn), jnp.float32)).astype(o_ref.dtype)
+        accs = jax.lax.fori_loop(0, num_k, body, tuple(jnp.zeros((bm, bn), jnp.float32) for _ in w_refs))
+        o_ref[...] = epilogue(*accs).astype(o_ref.dtype)
 
     @pl.when(e >= num_local)
     def _():
         o_ref[...] = jnp.zeros((bm, bn), o_ref.dtype)
 
 
-def _grouped(kernel, x_RK, weights, layer, block_expert_B, block: int, interpret: bool):
-    """Run `kernel` over (row block, column tile): x [R, K] (R = blocks x block) times the blocks' experts."""
+def _swiglu(g, u):
+    return jax.nn.sigmoid(g) * g * u
+
+
+_EPILOGUES = {"gate_up_kernel": _swiglu, "down_kernel": lambda acc: acc}  # the two calls, by name (KERNELS)
+
+
+def _grouped(name: str, x_RK, weights, layer, block_expert_B, block: int, interpret: bool):
+    """Kernel call `name` (of KERNELS) over (row block, column tile): x [R, K] (R = blocks x block) times the
+    blocks' experts of each weight, then its epilogue."""
     R, K = x_RK.shape
     L, El, _, N = weights[0].shape
     bk, bn = _tile(K, 64), _tile(N, 128 if K <= 2048 else 64)
     grid = (R // block, N // bn)
     whole = pl.BlockSpec((L, El, K, N), lambda b, j: (0, 0, 0, 0))  # read in place by (layer, expert) index
     call = pl.pallas_call(
-        functools.partial(kernel, bk=bk, num_k=K // bk, num_local=El),
+        functools.partial(_kernel, bk=bk, num_k=K // bk, num_local=El, epilogue=_EPILOGUES[name]),
         grid=grid,
         in_specs=[pl.BlockSpec((1,), lambda b, j: (0,)), pl.BlockSpec((1,), lambda b, j: (b,)),
                   pl.BlockSpec((block, K), lambda b, j: (b, 0))] + [whole] * len(weights),
@@ -149,8 +139,8 @@ def _grouped(kernel, x_RK, weights, layer, block_expert_B, block: int, interpret
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=3),  # Triton, not Mosaic GPU: any sm_80+
         # At most this much work: every block computed (used blocks: at most pairs + El (block - 1) rows).
         cost_estimate=pl.CostEstimate(flops=int(call_flops((R, K), (R, N), len(weights))), transcendentals=R * N * (
-            kernel is _gate_up_kernel), bytes_accessed=(R * K + R * N) * x_RK.dtype.itemsize),
-        name=kernel.__name__.strip("_"),
+            name == "gate_up_kernel"), bytes_accessed=(R * K + R * N) * x_RK.dtype.itemsize),
+        name=name,
     )
     return call(jnp.asarray(layer, jnp.int32).reshape(1), block_expert_B, x_RK, *weights)
 
@@ -175,8 +165,8 @@ def moe_swiglu(x_MD, weights_MX, local_MX, w, layer, interpret: bool = False, bl
     with jax.named_scope("moe/dispatch"):
         x_RD = jnp.zeros((R, x_MD.shape[1]), x_MD.dtype).at[dest_N].set(x_MD[token_N], mode="drop")
     with jax.named_scope("moe/experts"):
-        h_RF = _grouped(_gate_up_kernel, x_RD, (wg, wu), layer, block_expert_B, block, interpret)
-        out_RD = _grouped(_down_kernel, h_RF, (wd,), layer, block_expert_B, block, interpret)
+        h_RF = _grouped("gate_up_kernel", x_RD, (wg, wu), layer, block_expert_B, block, interpret)
+        out_RD = _grouped("down_kernel", h_RF, (wd,), layer, block_expert_B, block, interpret)
     with jax.named_scope("moe/combine"):
         gate_N = weights_MX.reshape(-1)[order_N].astype(x_MD.dtype)
         pair_ND = out_RD.at[dest_N].get(mode="fill", fill_value=0) * gate_N[:, None]
