@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from moejax.args import DEFAULT_LAYOUT, UsageError, check_devices, int_in, int_list, read_model_config, real_in
+from moejax.bench.results import append_row
 from moejax.devices import MAX_SIMULATED_DEVICES
 
 MAX_CONFIGS = 10_000
@@ -375,8 +376,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     row["ep_attention_requested"] = mode or sweep_lib.DEFAULT
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(Path(args.out), row)  # whole, as the sweep's rows: a ^C never leaves half a line
     if args.json:
         json.dump(row, sys.stdout)
         sys.stdout.write("\n")

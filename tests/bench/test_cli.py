@@ -11,7 +11,7 @@ import pytest
 
 import moejax
 from moejax import cli
-from moejax.bench import sweep
+from moejax.bench import results, sweep
 from moejax.planner.calibrate import read_measurements
 from tests.bench.conftest import MODEL
 
@@ -177,7 +177,7 @@ def test_a_row_cut_short_is_ignored_on_resume_and_cut_off_before_the_next(tmp_pa
     path = tmp_path / "results.jsonl"
     path.write_text('{"layout": "DP1"}\n{"layout": "DP2", "ttf')  # a process killed inside a write
     assert sweep.read_rows(path) == [{"layout": "DP1"}]
-    sweep._append(path, {"layout": "DP4"})
+    results.append_row(path, {"layout": "DP4"})
     assert path.read_text() == '{"layout": "DP1"}\n{"layout": "DP4"}\n'
     path.write_text('{"layout": "DP1"}\n{oops\n')  # a whole line that is not JSON is not a cut-short write
     with pytest.raises(ValueError, match=r"results.jsonl:2: not a JSON line"):
