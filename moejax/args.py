@@ -1,7 +1,7 @@
 """Command-line arguments shared by every moejax command: the parser, value types and the one-line error.
 
-A user mistake is a `UsageError` (a ValueError): `moejax.cli.main` prints it as one line `moejax: error: ...` and
-exits with status 2; `run_main` does the same for a module run on its own (`python -m moejax.bench.gemm`).
+A user mistake is a `UsageError` (a ValueError): `run_main` prints it as one line `moejax: error: ...` and exits
+with status 2, for `moejax.cli.main` and for a module run on its own (`python -m moejax.bench.gemm`) alike.
 Every sub-command's parser is a `Parser`: its errors raise instead of printing usage, and its help shows defaults.
 """
 
@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 
+from moejax.axes import DEPRECATED_EXPERT_MODES, EXPERT_MODES
 from moejax.devices import MAX_SIMULATED_DEVICES
 
 INT32_MAX = 2**31 - 1
@@ -93,6 +94,23 @@ def real_in(lo: float, hi: float = math.inf):
     return parse
 
 
+def expert_modes(text: str, flag: str = "--expert-mode") -> tuple[str, ...]:
+    """Comma-separated expert modes (`moejax.axes.EXPERT_MODES`); the names before the rename ("data",
+    "replicated") are read as today's. UsageError naming the flag otherwise."""
+    modes = tuple(DEPRECATED_EXPERT_MODES.get(m.strip(), m.strip()) for m in text.split(",") if m.strip())
+    if not modes or any(m not in EXPERT_MODES for m in modes):
+        raise UsageError(f"{flag}: expected comma-separated modes from {list(EXPERT_MODES)}, got {text!r}")
+    return modes
+
+
+def expert_mode(text: str) -> str:
+    """argparse type: one expert mode (a deprecated name read as today's)."""
+    mode = DEPRECATED_EXPERT_MODES.get(text, text)
+    if mode not in EXPERT_MODES:
+        raise argparse.ArgumentTypeError(f"expected one of {list(EXPERT_MODES)}, got {text!r}")
+    return mode
+
+
 def int_list(lo: int, hi: int = INT32_MAX, allow_empty: bool = False):
     """An argparse type: comma-separated integers in [lo, hi]; at least one unless `allow_empty`."""
 
@@ -137,6 +155,14 @@ def read_model_config(source: str):
         raise UsageError(f"model config {source!r}: {err}") from err
 
 
+def check_context(cfg, sizes) -> None:
+    """Refuse a size beyond the model's context limit: `sizes` are (flag, value) pairs, checked in order."""
+    limit = cfg.max_position_embeddings
+    for flag, value in sizes:
+        if value > limit:
+            raise UsageError(f"{flag} {value} exceeds the model's context limit (max_position_embeddings={limit})")
+
+
 def check_devices(layout, devices: list, simulated: bool) -> None:
     """Refuse a layout larger than the devices at hand, saying what to change (before any model work)."""
     have, platform = len(devices), devices[0].platform
@@ -156,21 +182,38 @@ def check_devices(layout, devices: list, simulated: bool) -> None:
 
 
 
+def add_debug(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    """The `--debug` flag (`run_main` shows the traceback of an error when it is in argv)."""
+    p.add_argument("--debug", action="store_true", default=default, help="show the traceback of an error")
+
+
 def run_main(main, argv: list[str] | None = None) -> int:
-    """Run a module's `main(argv)` as a command: a user mistake is one line and status 2, Ctrl-C status 130."""
+    """Run `main(argv)` (default argv: sys.argv[1:]) as a command; return its exit status.
+
+    A user mistake (ValueError, OSError: UsageError, CheckpointError, FileNotFoundError, config errors) is one
+    line `moejax: error: ...` and status 2; Ctrl-C is one line and status 130. `--debug` in argv adds the
+    traceback. A bug keeps its traceback, unless it is what Ctrl-C broke on its way out.
+    """
     from moejax import interrupt
 
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     with interrupt.handling():
         try:
-            return main(argv)
+            status = main(argv)
+            interrupt.check()  # a ^C that a finalizer or a callback swallowed still ends as one
+            return status
         except KeyboardInterrupt:
-            pass
+            if debug:
+                traceback.print_exc()
         except (ValueError, OSError) as err:
-            if not interrupt.requested():
-                if "--debug" in argv:
+            if not interrupt.requested():  # else: an error raised on the way out of an interrupted call
+                if debug:
                     traceback.print_exc()
                 print(f"moejax: error: {' '.join(str(err).split())}", file=sys.stderr)
                 return EXIT_USAGE
+        except Exception:
+            if not interrupt.requested():
+                raise
     print(interrupt.MESSAGE, file=sys.stderr)
     return interrupt.EXIT_INTERRUPTED

@@ -15,11 +15,20 @@ import math
 import os
 import secrets
 import sys
-import traceback
 
 from moejax import distributed
-from moejax.args import DEFAULT_LAYOUT, EXIT_USAGE, UsageError, check_devices, int_in, int_list, read_model_config
-from moejax.args import Parser as _Parser
+from moejax.args import (
+    DEFAULT_LAYOUT,
+    Parser,
+    UsageError,
+    add_debug,
+    check_context,
+    check_devices,
+    int_in,
+    int_list,
+    read_model_config,
+    run_main,
+)
 from moejax.devices import MAX_SIMULATED_DEVICES, request_cpu_devices
 from moejax.progress import Progress
 from moejax.tokenizer import TOKENIZER_FILE, TextStream, decode, encode, load_tokenizer
@@ -127,9 +136,7 @@ def _check_generate(args) -> _Run:
         raise UsageError(f"--max-new-tokens: the longest prompt ({max(map(len, prompts))} tokens) + "
                          f"{args.max_new_tokens} new tokens = {longest} exceeds the model's context limit "
                          f"(max_position_embeddings={limit})")
-    for flag, value in (("--chunk-size", args.chunk_size), ("--page-size", args.page_size)):
-        if value > limit:
-            raise UsageError(f"{flag} {value} exceeds the model's context limit (max_position_embeddings={limit})")
+    check_context(cfg, (("--chunk-size", args.chunk_size), ("--page-size", args.page_size)))
     return _Run(cfg, layout, prompts, params, tokenizer, seed, drawn)
 
 
@@ -320,10 +327,6 @@ def _shown_prompt(run: _Run, i: int) -> str:
 # ---- entry point ---------------------------------------------------------------------------------
 
 
-def _add_debug(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
-    p.add_argument("--debug", action="store_true", default=default, help="show the traceback of an error")
-
-
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -335,49 +338,32 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `moejax` parser with its subcommands (generate, plan, convert, sweep, bench ...) and --version."""
+    from moejax import demo
     from moejax.bench import cli as bench_cli
     from moejax.checkpoint import cli as convert_cli
     from moejax.planner import cli as plan_cli
 
-    parser = _Parser(prog="moejax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_debug(parser, default=False)
+    parser = Parser(prog="moejax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug(parser, default=False)
     parser.add_argument("--version", action="version", version=f"moejax {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_debug(_add_generate(sub))
-    _add_debug(plan_cli.add_parser(sub))
-    _add_debug(convert_cli.add_parser(sub))
-    _add_debug(__import__("moejax.demo", fromlist=["add_parser"]).add_parser(sub))  # demo-checkpoint
+    add_debug(_add_generate(sub))
+    add_debug(plan_cli.add_parser(sub))
+    add_debug(convert_cli.add_parser(sub))
+    add_debug(demo.add_parser(sub))  # demo-checkpoint
     for p in bench_cli.add_parsers(sub):  # sweep, bench serve
-        _add_debug(p)
+        add_debug(p)
     return parser
+
+
+def _run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    return _run_generate(args) if args.command == "generate" else args.func(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `moejax` with `argv` (default: sys.argv[1:]); return the exit status (2: a user mistake, 130: Ctrl-C)."""
-    from moejax import interrupt
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv
-    with interrupt.handling():
-        try:
-            args = build_parser().parse_args(argv)
-            status = _run_generate(args) if args.command == "generate" else args.func(args)
-            interrupt.check()  # a ^C that a finalizer or a callback swallowed still ends as one
-            return status
-        except KeyboardInterrupt:
-            if debug:
-                traceback.print_exc()
-        except (ValueError, OSError) as err:  # UsageError, CheckpointError, FileNotFoundError, config errors
-            if not interrupt.requested():  # else: an error raised on the way out of an interrupted call
-                if debug:
-                    traceback.print_exc()
-                print(f"moejax: error: {' '.join(str(err).split())}", file=sys.stderr)
-                return EXIT_USAGE
-        except Exception:
-            if not interrupt.requested():  # a bug keeps its traceback; what ^C broke on its way out does not
-                raise
-    print(interrupt.MESSAGE, file=sys.stderr)
-    return interrupt.EXIT_INTERRUPTED
+    return run_main(_run, argv)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ Invariants of a multi-host run:
   are global arrays built from the same host values on each process);
 - every process holds the same number of the mesh's devices; simulated CPU devices (`--devices N`)
   count for the whole run, N / num_processes (rounded up) made by each process;
-- each process builds only its own devices' weight shards: `weights.place` uses
-  `jax.make_array_from_callback`, which calls back for addressable shards only, so a process reads
+- each process builds only its own devices' weight shards: `weights.place` builds
+  only the shards of the sharding's addressable devices (`_assemble`), so a process reads
   from the checkpoint only the slices its devices hold;
 - only process 0 prints (`start` sends the others' stdout to /dev/null) and writes results;
 - a result spanning processes is read with `fetch` (an all-gather), never `np.asarray`.
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moejax.mesh import AXES
+from moejax.axes import AXES
 from moejax.rendezvous import ClusterError, rendezvous
 
 __all__ = ["Cluster", "ClusterError", "add_flags", "cluster_from", "device_grid", "fetch", "initialize", "is_primary",

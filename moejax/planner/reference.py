@@ -6,12 +6,12 @@ aiconfigurator predicts TensorRT-LLM serving from a database of per-kernel timin
 `tests/planner/data/aiconfigurator_reference.csv` so the comparison and the tests need no aiconfigurator:
 
     python -m moejax.planner.reference generate tests/planner/data/aiconfigurator_reference.csv
-    python -m moejax.planner.reference compare tests/planner/data/aiconfigurator_reference.csv
+    python -m moejax.planner.compare --reference tests/planner/data/aiconfigurator_reference.csv
 
 Layout mapping. TensorRT-LLM splits attention over `tp` x `dp` (attention data parallelism) and the MoE over
 `moe_tp` x `moe_ep` of the same tp x dp devices, with `pp` stages. The planner writes that
 `TP{tp}MTP{moe_tp}EP{moe_ep}PP{pp}` (`moejax.planner.layout.PlanLayout`); when moe_tp == tp it is the
-runtime's `TP{tp}EP{dp}PP{pp}` with `ep_attention='data'` (DEP8 = `EP8`). aiconfigurator's `bs` is per
+runtime's `TP{tp}EP{dp}PP{pp}` with `expert_mode='dp_attention'` (DEP8 = `EP8`). aiconfigurator's `bs` is per
 attention-DP rank and per pipeline microbatch: the concurrency (the planner's `batch_size`) is bs x dp x pp.
 Its `ctx_tokens` (prefill budget per step per rank) is the planner's `chunk_size`.
 """
@@ -165,9 +165,5 @@ def read_reference(path: str | Path) -> list[dict]:
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "generate":
         generate(sys.argv[2], tuple(sys.argv[3:]) or ("compare", "rank"))
-    elif len(sys.argv) >= 3 and sys.argv[1] == "compare":
-        from moejax.planner.compare import main
-
-        sys.exit(main(sys.argv[2:]))
     else:
-        sys.exit("usage: python -m moejax.planner.reference generate|compare FILE.csv")
+        sys.exit("usage: python -m moejax.planner.reference generate FILE.csv")
