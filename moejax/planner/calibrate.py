@@ -14,8 +14,8 @@ Measurement file: JSON lines, one object per measured configuration (the moejax 
      "tpot_s": 0.031,                # mean time per output token after the first, seconds
      "tokens_per_s_per_device": 15.2,  # output tokens/s over the run / devices
      "tokens_per_s_per_user": 32.3,    # 1 / tpot_s
-     "ep_attention": "replicated"}   # optional: how the run treated attention on the expert axis (default
-                                     # 'replicated', what the moejax runtime does)
+     "expert_mode": "replicated_attention"}   # optional: how the run treated attention on the expert axis (rows
+                                     # without it predate the choice: 'replicated_attention'; ep_attention is read)
 
 Extra keys are kept and ignored. `batch_size` must be a multiple of the layout's data factor.
 
@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from moejax.axes import DEPRECATED_EXPERT_MODES
 from moejax.config import ModelConfig, load_model_config
 from moejax.planner.hardware import FRACTIONS, Efficiency, Hardware
 from moejax.planner.layout import PlanLayout
@@ -74,7 +75,11 @@ def _model(name: str) -> ModelConfig:
 
 
 def _options(row: dict, options: Options | None) -> Options:
-    return options or Options(ep_attention=row.get("ep_attention", "replicated"), microbatches=row.get("microbatches"))
+    if options is not None:
+        return options
+    old = row.get("ep_attention")  # rows written before the expert modes were renamed
+    mode = row.get("expert_mode") or DEPRECATED_EXPERT_MODES.get(old, old) or "replicated_attention"
+    return Options(expert_mode=mode, microbatches=row.get("microbatches"))
 
 
 def _workload(row: dict) -> Workload:
@@ -151,7 +156,7 @@ def fit_efficiency(rows: Sequence[dict], hw: Hardware | Mapping[str, Hardware], 
         rows: measurements (`read_measurements` or `moejax.planner.reference.read_reference`).
         hw: the hardware, or a mapping from each row's `hardware` name to one; the first's current curves are the
             starting point and the value of the parameters not fitted.
-        options: modelling options (default: each row's `ep_attention`).
+        options: modelling options (default: each row's `expert_mode`).
         factors: which `Efficiency` parameters to fit.
         max_iter: gradient steps.
         learning_rate: initial Adam step size (log-parameter units), decayed along a cosine to 2% of it.

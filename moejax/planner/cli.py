@@ -15,12 +15,22 @@ import json
 import sys
 import time
 
-from moejax.args import UsageError, int_in, int_list, read_model_config, real_in
+from moejax.args import (
+    Parser,
+    UsageError,
+    add_debug,
+    expert_mode,
+    int_in,
+    int_list,
+    read_model_config,
+    real_in,
+    run_main,
+)
 from moejax.planner.hardware import PRECISIONS, load_hardware
 from moejax.planner.report import compact_json, format_summary, write_outputs
 from moejax.planner.rules import Rules, enumerate_layouts
 from moejax.planner.sweep import DEFAULT_BATCHES, DEFAULT_CHUNKS, plan
-from moejax.planner.workload import EP_ATTENTION_MODES, KV_BYTES, Options, Workload
+from moejax.planner.workload import KV_BYTES, Options, Workload
 
 MAX_DEVICES = 1_000_000  # enumerating the layouts of N devices walks N's divisors
 MAX_CONFIGS = 200_000  # layouts x batch sizes x chunk sizes in one run (~0.4 ms each: about a minute and a half)
@@ -39,10 +49,11 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", type=int_list(1), default=list(DEFAULT_BATCHES),
                    help="concurrent requests per data-parallel replica, comma-separated")
     p.add_argument("--chunk-sizes", type=int_list(1), default=list(DEFAULT_CHUNKS), help="prefill chunk sizes")
-    p.add_argument("--ep-attention", default="data", choices=EP_ATTENTION_MODES,
-                   help="expert axis outside MoE blocks: data (attention data-parallel over the expert group, "
-                        "tokens exchanged all-to-all; the runtime's default) or replicated (tokens replicated over "
-                        "the expert group, one all-reduce; the runtime's other mode, kept for comparison)")
+    p.add_argument("--expert-mode", "--ep-attention", dest="expert_mode", default="dp_attention", type=expert_mode,
+                   help="expert axis outside MoE blocks: dp_attention (attention data-parallel over the expert group, "
+                        "tokens exchanged all-to-all; the runtime's default) or replicated_attention (tokens "
+                        "replicated over the expert group, one all-reduce; kept for comparison). --ep-attention and "
+                        "the names data / replicated: deprecated, for one release")
     p.add_argument("--microbatches", type=int_in(1), default=None,
                    help="pipeline microbatch groups M, the runtime's ServeConfig.microbatches (default: PP)")
     p.add_argument("--arrival-rate", type=real_in(0.0), default=None,
@@ -54,7 +65,6 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="fraction of collective time hidden [0, 1]")
     p.add_argument("--calibration", "--efficiency", dest="efficiency", default=None,
                    help="efficiency curves file from calibration (YAML/JSON, moejax.planner.calibrate)")
-    p.add_argument("--allow-vocab-padding", action="store_true", help="relax: TP need not divide the vocab")
     p.add_argument("--no-kv-replication", action="store_true", help="tighten: TP <= KV heads")
     p.add_argument("--tp-within-domain", action="store_true", help="tighten: TP inside one NVLink domain")
     p.add_argument("--ep-within-domain", action="store_true", help="tighten: TP x EP inside one NVLink domain")
@@ -88,10 +98,10 @@ def run(args: argparse.Namespace) -> int:
     hw = load_hardware(args.hardware, efficiency=args.efficiency)
     workload = Workload(isl=args.isl, osl=args.osl, precision=args.precision, kv_precision=args.kv_precision,
                         arrival_rate=args.arrival_rate or None)
-    options = Options(ep_attention=args.ep_attention, microbatches=args.microbatches, comm_overlap=args.comm_overlap)
-    rules = Rules(allow_vocab_padding=args.allow_vocab_padding, allow_kv_replication=not args.no_kv_replication,
-                  tp_within_domain=args.tp_within_domain, ep_within_domain=args.ep_within_domain,
-                  min_layers_per_stage=args.min_layers_per_stage, split_moe=args.split_moe)
+    options = Options(expert_mode=args.expert_mode, microbatches=args.microbatches, comm_overlap=args.comm_overlap)
+    rules = Rules(allow_kv_replication=not args.no_kv_replication, tp_within_domain=args.tp_within_domain,
+                  ep_within_domain=args.ep_within_domain, min_layers_per_stage=args.min_layers_per_stage,
+                  split_moe=args.split_moe)
     _check_size(cfg, hw, rules, args)
     result = plan(cfg, hw, args.devices, workload, options, rules, args.batch_sizes, args.chunk_sizes,
                   args.target_tps_user)
@@ -125,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
 
     The same as `moejax plan ...`: one-line errors, exit status 2 on a user mistake.
     """
-    from moejax import cli
-
-    return cli.main(["plan", *(sys.argv[1:] if argv is None else argv)])
+    parser = Parser(prog="moejax plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _configure(parser)
+    add_debug(parser)
+    return run_main(lambda args: run(parser.parse_args(args)), argv)
 
 
 if __name__ == "__main__":

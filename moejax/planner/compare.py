@@ -42,7 +42,7 @@ def reference_rows(path: str | Path = REFERENCE) -> list[dict]:
     """The reference rows as measurements (attention data-parallel over the expert axis, TensorRT-LLM's DEP)."""
     rows = read_reference(path)
     for r in rows:
-        r["ep_attention"] = "data"
+        r["expert_mode"] = "dp_attention"
         qf = min(2 + (math.ceil(r["isl"] * r["bs"] / r["chunk_size"]) - 3) / 2 / 10, 4)
         r["ttft_noqueue_s"] = r["ttft_s"] / qf
     return rows

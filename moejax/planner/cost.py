@@ -35,14 +35,17 @@ cache bytes read and written.
 - Weights read: a stage's non-expert weights once per microbatch; the experts at least one token routes to:
   with n tokens choosing X of E uniformly, an expert is hit with probability 1 - (1 - X/E)^n.
 - KV: decode tokens read their request's cache; prefill chunks write theirs and read their prefix once.
+- Sizes: the padded ones the runtime stores (`moejax.planner.memory.stored_config`): vocabulary, routed and
+  shared expert widths rounded up, so the LM head's and the experts' FLOPs and bytes include the padding.
 - Split (`moejax.planner.layout.PlanLayout`): attention, shared/dense FFN and router on the busiest attention
-  group's tokens over attention TP; routed experts on the replica's tokens over MoE TP x EP.
+  group's tokens over attention TP (the shared expert over TP x EP where attention is replicated over the
+  expert group, `PlanLayout.shared_split`); routed experts on the replica's tokens over MoE TP x EP.
 - Collectives per layer: an all-reduce over attention TP after attention and after dense FFNs (ring:
   2 (n-1)/n of the message on the wire, 2 ceil(log2 n) latency steps). MoE layers: with attention
   data-parallel inside the group (ADP > 1) a TP all-reduce and an all-to-all dispatch + combine sending each
   token to the distinct remote expert ranks its top-X experts live on (`expert_fanout`) x MTP / TP; with
   attention replicated or ADP = 1, one all-reduce over the whole MoE group (MTP x EP) in place of the FFN's TP
-  all-reduce (the runtime's 'replicated' mode). Groups within one NVLink domain use NVLink, otherwise the
+  all-reduce (the runtime's 'replicated_attention' mode). Groups within one NVLink domain use NVLink, otherwise the
   scale-out network (`Hardware.link`); placement is tensor innermost, then expert, then stage, then data.
 - Kernels: per layer 4 for attention (norm, QKV, attention, output), 7 per MoE block (norm, router, top-k and
   permute, two grouped GEMMs, activation, un-permute), +3 for a shared expert, 4 per dense FFN; +1 embedding on
@@ -60,7 +63,7 @@ from moejax.config import ModelConfig
 from moejax.mesh import Layout
 from moejax.planner.hardware import Hardware
 from moejax.planner.layout import PlanLayout
-from moejax.planner.memory import StageShape, cached_positions, kv_bytes_per_token_layer, param_counts
+from moejax.planner.memory import StageShape, cached_positions, kv_bytes_per_token_layer, param_counts, stored_config
 from moejax.planner.workload import Options, Workload
 
 COLLECTIVES = ("tp", "moe", "a2a")  # attention-TP all-reduces, MoE-group all-reduce, expert all-to-all
@@ -70,7 +73,7 @@ COLLECTIVES = ("tp", "moe", "a2a")  # attention-TP all-reduces, MoE-group all-re
 class Load:
     """Tokens of one microbatch: the replica's totals (what the MoE blocks see) and the busiest attention group's.
 
-    With attention replicated (`ep_attention='replicated'`) there is one attention group and both views agree.
+    With attention replicated (`expert_mode='replicated_attention'`) there is one attention group and both views agree.
 
     Attributes:
         decode: decode tokens in the replica (one per decoding request).
@@ -184,7 +187,8 @@ def _collective(kind: str, msg: float, n: int, count: float, hw: Hardware, span:
 def stage_features(cfg: ModelConfig, layout: PlanLayout | Layout | str, hw: Hardware, workload: Workload,
                    options: Options, stage: StageShape, load: Load) -> dict[str, float]:
     """The efficiency-free numbers of one microbatch through `stage` on one device (see module docstring)."""
-    lay = PlanLayout.of(layout, options.ep_attention)
+    lay = PlanLayout.of(layout, options.expert_mode)
+    cfg = stored_config(cfg, lay)  # the padded sizes the runtime stores and multiplies
     pc, wb, t, mt, e = param_counts(cfg), workload.weight_bytes, lay.tensor, lay.moe_tensor, lay.expert
     dec = layer_flops_per_token(cfg, load.decode_context, "decode")
     pre = layer_flops_per_token(cfg, load.prefill_context, "prefill")
@@ -193,15 +197,15 @@ def stage_features(cfg: ModelConfig, layout: PlanLayout | Layout | str, hw: Hard
         return load.group_decode * dec[name] + load.group_prefill * pre[name]
 
     proj = stage.layers * (group("attention") - group("scores")) + stage.dense_layers * group("dense_ffn")
-    proj += stage.moe_layers * group("shared")
-    linear = stage.layers * pc.attention + stage.moe_layers * pc.shared + stage.dense_layers * pc.dense_ffn
+    shared = stage.moe_layers / lay.shared_split
+    linear = stage.layers * pc.attention + stage.dense_layers * pc.dense_ffn
     matrices = stage.layers * (5 if cfg.attention == "mla" else 4) + 3 * (
         stage.moe_layers * (pc.shared > 0) + stage.dense_layers)
     router = stage.moe_layers * pc.router
-    f = {"gemm_flops": proj / t + group("router") * stage.moe_layers,
-         "gemm_bytes": linear / t * wb + router * 2.0, "gemm_rows": load.group_tokens}
+    f = {"gemm_flops": proj / t + shared * group("shared") + group("router") * stage.moe_layers,
+         "gemm_bytes": (linear / t + shared * pc.shared) * wb + router * 2.0, "gemm_rows": load.group_tokens}
     f["gemm_mat"] = f["gemm_bytes"] / max(1, matrices + stage.moe_layers)
-    # LM head (last stage): logits of decode tokens and finishing prompts, bf16.
+    # LM head (last stage): logits of decode tokens and finishing prompts over the padded vocabulary, bf16.
     head = pc.embed / t * 2.0 if stage.last else 0.0
     f |= {"head_flops": load.logits * 2.0 * cfg.vocab_size * cfg.hidden_size / t if stage.last else 0.0,
           "head_bytes": head, "head_rows": load.logits if stage.last else 0.0}

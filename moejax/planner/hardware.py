@@ -44,7 +44,7 @@ PRECISIONS = ("fp32", "bf16", "fp8", "fp4")
 
 @dataclass(frozen=True)
 class Efficiency:
-    """Efficiency curves (see module docstring). Fractions lie in (0, 1.5]; sizes, rows and times are > 0."""
+    """Efficiency curves (see module docstring). Fractions lie in (0, 1.5]; sizes, rows and times are >= 0."""
 
     compute: float = 0.75
     compute_rows: float = 64.0

@@ -3,16 +3,16 @@
 TensorRT-LLM (and vLLM / SGLang) give attention `tp` x `dp` and the MoE `moe_tp` x `moe_ep` of the same devices.
 The planner writes that `TP{tp}MTP{moe_tp}EP{moe_ep}` (plus `DP`, `PP` as the runtime does): the attention
 data-parallel factor is derived, ADP = MTP x EP / TP. Without an `MTP` factor the string is a runtime
-`moejax.mesh.Layout` and `ep_attention` (`moejax.sharding.EP_ATTENTION_MODES`) says what the expert axis does
+`moejax.mesh.Layout` and `expert_mode` (`moejax.sharding.EXPERT_MODES`) says what the expert axis does
 outside the MoE blocks:
 
-    runtime 'TP2EP4', ep_attention 'data'       -> attention TP2 x ADP4, MoE TP2 x EP4 (TRT-LLM tp2 dp4 etp2 ep4)
-    runtime 'TP2EP4', ep_attention 'replicated' -> attention TP2 replicated 4 times, MoE TP2 x EP4
+    runtime 'TP2EP4', expert_mode 'dp_attention'       -> attention TP2 x ADP4, MoE TP2 x EP4 (TRT-LLM tp2 dp4 etp2 ep4)
+    runtime 'TP2EP4', expert_mode 'replicated_attention' -> attention TP2 replicated 4 times, MoE TP2 x EP4
     'TP8MTP1EP8'                                -> attention TP8, MoE EP8 (TRT-LLM tp8 etp1 ep8)
     'TP4MTP1EP8'                                -> attention TP4 x ADP2, MoE EP8
 
 Per pipeline stage and replica there are G = MTP x EP devices; attention uses TP x ADP of them and is
-replicated G / (TP x ADP) times (only the runtime's 'replicated' mode replicates).
+replicated G / (TP x ADP) times (only the runtime's 'replicated_attention' mode replicates).
 """
 
 from __future__ import annotations
@@ -44,15 +44,15 @@ class PlanLayout:
                              f"{self.moe_tensor} x EP {self.expert}")
 
     @classmethod
-    def of(cls, layout: PlanLayout | Layout | str, ep_attention: str = "data") -> PlanLayout:
-        """Parse a runtime layout (with its `ep_attention` mode) or a planner string with an `MTP` factor."""
+    def of(cls, layout: PlanLayout | Layout | str, expert_mode: str = "dp_attention") -> PlanLayout:
+        """Parse a runtime layout (with its `expert_mode` mode) or a planner string with an `MTP` factor."""
         if isinstance(layout, PlanLayout):
             return layout
         text = layout if isinstance(layout, str) else str(layout)
         m = _MTP_RE.search(text)
         base = Layout.parse(_MTP_RE.sub("", text) or "DP1") if m else Layout.parse(layout)
         if not m:
-            adp = base.expert if ep_attention == "data" else 1
+            adp = base.expert if expert_mode == "dp_attention" else 1
             return cls(base.data, base.tensor, base.expert, base.stage, base.tensor, adp, True)
         mtp = int(m.group(1))
         if (mtp * base.expert) % base.tensor:
@@ -73,8 +73,14 @@ class PlanLayout:
 
     @property
     def replication(self) -> int:
-        """How many times attention is replicated inside a group (> 1 only for the runtime's 'replicated')."""
+        """How many times attention is replicated inside a group (> 1 only for the runtime's 'replicated_attention')."""
         return self.group // (self.tensor * self.attention_data)
+
+    @property
+    def shared_split(self) -> int:
+        """Devices one shared expert's width is split over: attention TP, times the expert group where attention
+        is replicated over it (the runtime's 'replicated_attention' mode, `moejax.sharding`)."""
+        return self.tensor * self.replication
 
     @property
     def size(self) -> int:
@@ -87,12 +93,10 @@ class PlanLayout:
         return Layout(stage=self.stage).stage_layers(num_layers)
 
     def problems(self, cfg) -> list[str]:
-        """The runtime's rules for the attention split, and the MoE rules for the MoE split."""
-        out = Layout(self.data, self.tensor, self.expert, self.stage).problems(cfg)
-        if self.moe_tensor != self.tensor and cfg.moe_intermediate_size % self.moe_tensor:
-            out.append(f"moe_intermediate_size ({cfg.moe_intermediate_size}) must be divisible by MoE tensor "
-                       f"({self.moe_tensor})")
-        return out
+        """What the runtime refuses (`moejax.mesh.Layout.problems`, which `Layout.validate` raises), checked on the
+        attention split. The MoE tensor factor adds no rule: the expert width is padded to a multiple of it, as
+        the runtime pads it to a multiple of `tensor` (`moejax.planner.memory.stored_config`)."""
+        return Layout(self.data, self.tensor, self.expert, self.stage).problems(cfg)
 
 
 def enumerate_split(n_devices: int) -> list[PlanLayout]:

@@ -12,11 +12,17 @@ Counting conventions (each a stated approximation, all < 0.1% of a model's param
   computes logits.
 
 Placement per device (the runtime's sharding rules, `moejax.sharding.RULES`, generalised by
-`moejax.planner.layout.PlanLayout`): attention heads, shared/dense FFN width and vocabulary split over
-`tensor`; experts over `expert` and their width over the MoE tensor factor; layers over `stage`
-(`Layout.stage_layers`: the first stages take the extra layers); nothing is split over `data`. KV heads fewer
-than `tensor` are replicated, so a device holds max(K, TP) / TP of them; an MLA latent cache is not split by
-`tensor` at all.
+`moejax.planner.layout.PlanLayout`): attention heads, dense FFN width and vocabulary split over `tensor`; the
+shared expert's width over `tensor` (times `expert` in the 'replicated_attention' mode, `PlanLayout.shared_split`);
+experts over `expert` and their width over the MoE tensor factor; layers over `stage` (`Layout.stage_layers`:
+the first stages take the extra layers); nothing is split over `data`. KV heads fewer than `tensor` are
+replicated, so a device holds max(K, TP) / TP of them; an MLA latent cache is not split by `tensor` at all.
+
+Stored sizes: per-device bytes (and the FLOPs of `moejax.planner.cost`) are counted on the sizes the runtime
+stores (`stored_config`, from `moejax.model.transformer.Geometry`): the vocabulary padded to a multiple of TP,
+the routed-expert width to a multiple of the MoE tensor factor, the shared expert's to one of TP x EP, and KV
+heads fewer than TP replicated up to TP (their K and V projections included). The padding is zeros, but it is
+stored, read and multiplied. `param_counts(cfg)` stays the model's own count.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 
 from moejax.config import ModelConfig
 from moejax.mesh import Layout
+from moejax.model.transformer import Geometry
 from moejax.planner.layout import PlanLayout
 from moejax.planner.workload import Options, Workload
 
@@ -93,6 +100,19 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     )
 
 
+@functools.lru_cache(maxsize=256)
+def stored_config(cfg: ModelConfig, layout: Layout | PlanLayout) -> ModelConfig:
+    """`cfg` with the sizes the runtime stores for `layout` (`Geometry.of`, its one source): vocabulary padded to
+    a multiple of TP, routed-expert width to a multiple of the MoE tensor factor (TP for a runtime layout),
+    shared-expert width to a multiple of TP x EP, KV heads fewer than TP replicated up to TP. Dense FFN widths
+    are not padded (the runtime requires TP to divide them)."""
+    lay = PlanLayout.of(layout)
+    geo = Geometry.of(cfg, Layout(lay.data, lay.tensor, lay.expert, lay.stage))
+    moe = geo if lay.moe_tensor == lay.tensor else Geometry.of(cfg, Layout(tensor=lay.moe_tensor, expert=lay.expert))
+    return cfg.replace(vocab_size=geo.vocab, moe_intermediate_size=moe.ffn,
+                       shared_expert_intermediate_size=geo.shared_ffn, num_kv_heads=geo.num_kv_heads)
+
+
 @dataclass(frozen=True)
 class StageShape:
     """Which layers one pipeline stage holds."""
@@ -120,13 +140,15 @@ def stages(cfg: ModelConfig, layout: Layout) -> list[StageShape]:
 
 
 def stage_weight_bytes(cfg: ModelConfig, layout: Layout | PlanLayout, workload: Workload, stage: StageShape) -> float:
-    """Weight bytes one device of `stage` holds (embedding and LM head on every stage, as the runtime does)."""
+    """Weight bytes one device of `stage` holds, padded sizes included (embedding and LM head on every stage, as
+    the runtime does). A `Layout` is read in the 'dp_attention' mode; pass a `PlanLayout` for another."""
     layout = PlanLayout.of(layout)
-    pc, t, wb = param_counts(cfg), layout.tensor, workload.weight_bytes
-    linear = stage.layers * pc.attention + stage.moe_layers * pc.shared + stage.dense_layers * pc.dense_ffn
+    pc, t, wb = param_counts(stored_config(cfg, layout)), layout.tensor, workload.weight_bytes
+    linear = stage.layers * pc.attention + stage.dense_layers * pc.dense_ffn
+    shared = stage.moe_layers * pc.shared / layout.shared_split
     experts = stage.moe_layers * (pc.num_experts // layout.expert) * pc.expert / layout.moe_tensor
     bf16 = stage.moe_layers * pc.router * 2.0 + (pc.embed + pc.unembed) / t * 2.0  # router replicated
-    return linear / t * wb + experts * wb + bf16
+    return (linear / t + shared + experts) * wb + bf16
 
 
 def kv_bytes_per_token_layer(cfg: ModelConfig, layout: Layout | PlanLayout, workload: Workload) -> float:
@@ -145,7 +167,7 @@ def cached_positions(cfg: ModelConfig, context: float) -> float:
 def stage_kv_bytes(cfg: ModelConfig, layout: Layout, workload: Workload, options: Options,
                    batch: int, stage: StageShape) -> float:
     """KV-cache bytes one device of `stage` holds for `batch` requests per replica at full context."""
-    requests = math.ceil(batch / PlanLayout.of(layout, options.ep_attention).attention_data)  # busiest group's
+    requests = math.ceil(batch / PlanLayout.of(layout, options.expert_mode).attention_data)  # busiest group's
     positions = cached_positions(cfg, workload.max_context)
     return requests * positions * stage.layers * kv_bytes_per_token_layer(cfg, layout, workload)
 
@@ -156,25 +178,25 @@ def workspace_bytes(cfg: ModelConfig, layout: Layout, workload: Workload, option
 
     A step carries one microbatch group's decode tokens plus a full prefill chunk, per attention group. Live at
     once: the residual stream and attention projections (2 D + 3 N H / TP per token), the routed tokens' expert
-    activations (X / EP of the replica's tokens, D + 2 F / MTP each, plus the same again as dispatch buffers),
+    activations (X / EP of the replica's tokens, D + 2 F / MTP each, plus D each as dispatch buffers),
     and fp32 logits for the decode tokens (V / TP each).
     """
-    plan = PlanLayout.of(layout, options.ep_attention)
-    groups = plan.attention_data
+    plan = PlanLayout.of(layout, options.expert_mode)
+    groups, sized = plan.attention_data, stored_config(cfg, plan)
     m = microbatches(layout, batch, options)
     tokens_group = batch / groups / m + chunk
     tokens_replica = tokens_group * groups
     t, d, ab = plan.tensor, cfg.hidden_size, workload.act_bytes
     attn = tokens_group * (2 * d + 3 * cfg.num_heads * cfg.head_dim / t)
-    ffn_width = max(cfg.moe_intermediate_size, cfg.dense_intermediate_size, cfg.shared_expert_intermediate_size)
+    ffn_width = max(sized.moe_intermediate_size, sized.dense_intermediate_size, sized.shared_expert_intermediate_size)
     routed = tokens_replica * cfg.num_experts_per_tok / plan.expert * (2 * d + 2 * ffn_width / plan.moe_tensor)
-    logits = batch / groups / m * cfg.vocab_size / t * 4.0
+    logits = batch / groups / m * sized.vocab_size / t * 4.0
     return (attn + routed) * ab + logits
 
 
 def microbatches(layout: Layout | PlanLayout, batch: int, options: Options) -> int:
     """Pipeline microbatch groups M: `options.microbatches` (the runtime's `ServeConfig.microbatches`), else one
-    per stage; never more than the requests of an attention group."""
+    per stage; never more than `batch` (the requests the caller passes)."""
     m = options.microbatches or layout.stage
     return max(1, min(m, int(batch)))
 
@@ -215,10 +237,11 @@ def memory_fit(cfg: ModelConfig, layout: Layout, hw, workload: Workload, options
         layout: the parallel layout.
         hw: a `moejax.planner.hardware.Hardware`.
         workload: request shape and formats.
-        options: modelling options (`ep_attention` decides whether the expert axis splits the KV cache).
+        options: modelling options (`expert_mode` decides whether the expert axis splits the KV cache).
         batch: concurrent requests per model replica (per `data` group).
         chunk: prefill tokens per step per attention group.
     """
+    layout = PlanLayout.of(layout, options.expert_mode)
     per_stage = [(stage_weight_bytes(cfg, layout, workload, s), stage_kv_bytes(cfg, layout, workload, options,
                                                                                batch, s))
                  for s in stages(cfg, layout)]

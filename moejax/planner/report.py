@@ -43,7 +43,7 @@ def format_summary(result: Plan, limit: int = 15, paths: dict[str, Path] | None 
     """What `moejax plan` prints: rules, counts, the ranking at the target, infeasible examples, file paths."""
     w, c = result.workload, result.count
     out = [f"moejax plan: {result.model} on {result.devices} x {result.hardware}, weights {w.precision}, "
-           f"KV {w.kv_precision}, isl {w.isl}, osl {w.osl}, EP attention '{result.options.ep_attention}'",
+           f"KV {w.kv_precision}, isl {w.isl}, osl {w.osl}, expert mode '{result.options.expert_mode}'",
            "", "Rules:"]
     out += [f"  - {r}" for r in result.rules]
     out += ["", f"Layouts of {result.devices} devices: {c['layouts_total']}, {c['layouts_valid']} valid, "

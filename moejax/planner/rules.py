@@ -1,13 +1,15 @@
 """Which (DP, TP, EP, PP) layouts of N devices the planner considers, and why the others are rejected.
 
 Every layout whose factors multiply to N is generated (`Layout.enumerate(n)`), then each rule below either
-accepts it or names the numbers that break it. With default `Rules()` the accepted set is exactly the
-runtime's (`Layout.enumerate(n, cfg)`, i.e. `Layout.problems`); a test keeps the two in step. Flags relax
-rules the runtime needs but a production engine may not (vocabulary padding), or tighten them with
-deployment knowledge (keep tensor or expert groups inside one NVLink domain, a minimum of layers per stage).
-`split_moe` adds the layouts whose MoE tensor factor differs from the attention one (`TP8MTP1EP8`,
-`moejax.planner.layout.PlanLayout`): attention TP x ADP and MoE TP x EP over the same devices, checked by the
-same rules with the expert widths against the MoE tensor factor.
+accepts it or names the numbers that break it. The rules start from the runtime's own check,
+`moejax.mesh.Layout.problems` (what `Layout.validate` raises), called rather than restated, so with default
+`Rules()` the accepted set is exactly the layouts the runtime builds: the vocabulary and the expert and
+shared-expert widths need not divide anything, since the runtime pads them (`moejax.model.transformer.Geometry`;
+the planner counts bytes and FLOPs on the padded sizes, `moejax.planner.memory.stored_config`). Flags only
+tighten, with deployment knowledge (no KV-head replication, tensor or expert groups inside one NVLink domain, a
+minimum of layers per stage). `split_moe` adds the layouts whose MoE tensor factor differs from the attention one
+(`TP8MTP1EP8`, `moejax.planner.layout.PlanLayout`): attention TP x ADP and MoE TP x EP over the same devices,
+checked by the same runtime rules on the attention split (the expert width is padded to the MoE tensor factor).
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ from moejax.planner.layout import PlanLayout, enumerate_split
 
 @dataclass(frozen=True)
 class Rules:
-    """Switches over the layout rules.
+    """Switches over the layout rules; the defaults are the runtime's.
 
     Attributes:
-        allow_vocab_padding: relax 'vocab divisible by TP' (an engine pads the embedding instead).
         allow_kv_replication: allow TP above the KV-head count (KV heads are replicated, as the runtime does);
             False tightens to TP <= K.
         tp_within_domain: tighten: the tensor group must fit one NVLink domain.
@@ -33,7 +34,6 @@ class Rules:
         split_moe: also enumerate layouts with the MoE split apart from attention (MTP != TP).
     """
 
-    allow_vocab_padding: bool = False
     allow_kv_replication: bool = True
     tp_within_domain: bool = False
     ep_within_domain: bool = False
@@ -48,9 +48,8 @@ class Rules:
             "TP divides the attention heads",
             ("TP divides the KV heads, or the KV heads divide TP (KV heads replicated)" if self.allow_kv_replication
              else "TP divides the KV heads (no KV-head replication)"),
-            "TP divides the expert, shared-expert and dense FFN widths",
-            "vocabulary padded to a multiple of TP (relaxed)" if self.allow_vocab_padding
-            else "TP divides the vocabulary",
+            "TP divides the dense FFN width",
+            "vocabulary and routed-expert width padded to a multiple of TP, shared-expert width to TP x EP",
             "EP divides the number of routed experts",
             f"PP <= layers / {self.min_layers_per_stage} (at least {self.min_layers_per_stage} layer(s) per stage)",
         ]
@@ -59,24 +58,15 @@ class Rules:
         if self.ep_within_domain:
             lines.append(f"TP x EP fits one NVLink domain{domain}")
         if self.split_moe:
-            lines.append("MoE split apart from attention (MTP != TP) allowed; MTP divides the expert FFN width")
+            lines.append("MoE split apart from attention (MTP != TP) allowed; expert width padded to a multiple of MTP")
         return lines
 
     def problems(self, layout: Layout | PlanLayout, cfg: ModelConfig, nvlink_domain: int | None = None) -> list[str]:
-        """Every rule `layout` breaks for `cfg`, each naming the numbers involved."""
+        """Every rule `layout` breaks for `cfg`, each naming the numbers involved: the runtime's
+        (`Layout.problems`), then the tightening flags."""
         t, e, s = layout.tensor, layout.expert, layout.stage
         mt = getattr(layout, "moe_tensor", t)
-        out = layout.problems(cfg)
-        # The runtime pads the vocabulary and FFN widths per shard; the planner's default rules still
-        # ask for divisibility (the layouts production engines run without padding).
-        for name, value, by in (("expert FFN width moe_intermediate_size", cfg.moe_intermediate_size, mt),
-                                ("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size, t)):
-            if value % by:
-                out.append(f"{name} ({value}) must be divisible by tensor ({by})")
-        out = list(dict.fromkeys(out))
-        if not self.allow_vocab_padding and cfg.vocab_size % t:
-            out.append(f"vocab_size ({cfg.vocab_size}) must be divisible by tensor ({t})")
-        out = [p for p in out if not p.startswith("stage (")]  # restated below with min_layers_per_stage
+        out = [p for p in layout.problems(cfg) if not p.startswith("stage (")]  # restated with min_layers_per_stage
         if not self.allow_kv_replication and t > cfg.num_kv_heads:
             out.append(f"TP ({t}) exceeds the kv heads ({cfg.num_kv_heads}) and KV replication is disallowed")
         if s * self.min_layers_per_stage > cfg.num_layers:

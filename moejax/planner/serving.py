@@ -148,7 +148,7 @@ def features(cfg: ModelConfig, layout: PlanLayout | Layout | str, hw: Hardware, 
     """Every efficiency-free number of one configuration: stage features as [2 turn kinds, STAGE_SLOTS] arrays
     (mixed, decode-only; padded stages have `valid` 0), schedule and device numbers as scalars."""
     options = options or Options()
-    lay = PlanLayout.of(layout, options.ep_attention)
+    lay = PlanLayout.of(layout, options.expert_mode)
     if cfg.num_experts % lay.expert:
         raise ValueError(f"expert ({lay.expert}) must divide num_experts ({cfg.num_experts}) to be costed")
     state, f, mixed, decode, m = round_loads(cfg, lay, workload, options, batch, chunk)
@@ -231,7 +231,7 @@ def predict_many(cfg: ModelConfig, configs: list[tuple], hw: Hardware, workload:
     options = options or Options()
     if not configs:
         return []
-    lays = [PlanLayout.of(lay, options.ep_attention) for lay, _, _ in configs]
+    lays = [PlanLayout.of(lay, options.expert_mode) for lay, _, _ in configs]
     feats = [features(cfg, lay, hw, workload, options, b, c) for lay, (_, b, c) in zip(lays, configs, strict=True)]
     r = evaluate(stack(feats), hw.efficiency.as_dict())
     out = []

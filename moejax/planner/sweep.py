@@ -88,7 +88,8 @@ class Plan:
                 "configs_infeasible": len(self.predictions) - feasible}
 
     def to_json(self) -> dict:
-        """The `moejax plan --json` object: rules, count, configs, pareto (and the context needed to read them)."""
+        """The whole plan (what `moejax plan --json-full` prints and plan.json holds): rules, count, configs,
+        pareto (and the context needed to read them)."""
         return {
             "model": self.model, "hardware": self.hardware, "devices": self.devices,
             "workload": vars(self.workload), "options": vars(self.options),

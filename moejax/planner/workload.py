@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moejax.sharding import EP_ATTENTION_MODES  # one name shared with the runtime
+from moejax.sharding import expert_mode_of  # one name shared with the runtime
 
 # Bytes per weight, block scales included:
 #   fp8: e4m3 values with one fp32 scale per 128x128 block (DeepSeek-V3 style) -> 1 + 4 / 16384.
@@ -69,25 +69,24 @@ class Options:
     """Modelling assumptions (see docs/planner.md).
 
     Attributes:
-        ep_attention: what the expert axis does outside the MoE blocks.
-            'data' (default; DeepSeek-V3 / wide-EP serving): attention, dense and shared-expert layers are
+        expert_mode: what the expert axis does outside the MoE blocks.
+            'dp_attention' (default; DeepSeek-V3 / wide-EP serving): attention, dense and shared-expert layers are
             data-parallel over the expert axis (each expert rank serves its own requests and holds their KV
             cache); MoE blocks exchange tokens with an all-to-all dispatch and combine.
-            'replicated' (the moejax runtime today, `moejax.sharding.RULES`): every expert rank runs the same
+            'replicated_attention' (the runtime's other mode, `moejax.sharding.RULES`): every expert rank runs the same
             attention on the same tokens; each computes its own experts and an all-reduce over the expert axis
-            combines them.
+            combines them. The earlier names 'data' / 'replicated' are accepted for one release (DeprecationWarning).
         microbatches: pipeline microbatch groups M (the runtime's `ServeConfig.microbatches`); None: as many as
             stages (capped by the requests of an attention group).
         comm_overlap: fraction of TP/EP collective time hidden behind compute and memory traffic (0: none).
     """
 
-    ep_attention: str = "data"
+    expert_mode: str = "dp_attention"
     microbatches: int | None = None
     comm_overlap: float = 0.0
 
     def __post_init__(self):
-        if self.ep_attention not in EP_ATTENTION_MODES:
-            raise ValueError(f"ep_attention must be one of {EP_ATTENTION_MODES}, got {self.ep_attention!r}")
+        object.__setattr__(self, "expert_mode", expert_mode_of(self.expert_mode))
         if self.microbatches is not None and self.microbatches < 1:
             raise ValueError(f"microbatches must be >= 1, got {self.microbatches}")
         if not 0.0 <= self.comm_overlap <= 1.0:

@@ -31,7 +31,7 @@ def _write_measurements(path):
                                                          [1, 16, 256], [256, 4096]):
         row = dict(model=model, hardware="h100-sxm", layout=layout, precision="bf16",
                    batch_size=batch * Layout.parse(layout).data, chunk_size=chunk, isl=2048, osl=128,
-                   ep_attention="data", note="synthetic")
+                   expert_mode="dp_attention", note="synthetic")
         p = predict_measurement(row, hw)
         row.update(ttft_s=p.ttft_s, tpot_s=p.tpot_s, tokens_per_s_per_device=p.tokens_per_s_per_device,
                    tokens_per_s_per_user=p.tokens_per_s_per_user)

@@ -69,9 +69,34 @@ def test_comm_volume_per_layout_by_hand():
     # replicated attention: the attention all-reduce over tensor, and the MoE block's one all-reduce over
     # tensor x expert (TP FFN and expert combine at once, as the runtime does)
     rep = Load(decode=64, group_decode=64)
-    volume, _ = stage_comm_time(cfg, Layout(tensor=8, expert=8), hw, w, Options(ep_attention="replicated"),
+    volume, _ = stage_comm_time(cfg, Layout(tensor=8, expert=8), hw, w, Options(expert_mode="replicated_attention"),
                                 stage, rep)
     assert volume == pytest.approx(120 * 2 * 7 / 8 * 64 * token + 120 * 2 * 63 / 64 * 64 * token)
+
+
+def test_flops_and_bytes_count_the_padded_sizes():
+    """Vocabulary 32001 and expert width 14337 over TP8: the runtime stores and multiplies 32008 and 14344."""
+    cfg = load_model_config("mixtral-8x7b").replace(vocab_size=32001, moe_intermediate_size=14337)
+    hw, w, lay = load_hardware("h100-sxm"), Workload(precision="bf16"), Layout(tensor=8)
+    load = Load(decode=8, group_decode=8, logits=8, decode_context=100)
+    f = stage_features(cfg, lay, hw, w, Options(), stages(cfg, lay)[0], load)
+    assert f["head_flops"] == pytest.approx(8 * 2 * 32008 * 4096 / 8)
+    assert f["head_bytes"] == pytest.approx(32008 * 4096 / 8 * 2)
+    assert f["moe_flops"] == pytest.approx(32 * 8 * 2 * 2 * 3 * 4096 * 14344 / 8)
+    assert f["moe_width"] == 14344 / 8
+
+
+def test_shared_expert_flops_split_like_its_weights():
+    """The 'replicated_attention' mode splits the shared expert over tensor x expert, 'dp_attention' over tensor."""
+    cfg = load_model_config("mixtral-8x7b").replace(shared_expert_intermediate_size=1000)  # padded to 1000 (TP2EP4)
+    hw, w = load_hardware("h100-sxm"), Workload(precision="bf16")
+    load = Load(decode=16, group_decode=16, decode_context=100)
+    stage = stages(cfg, Layout())[0]
+    data, rep = (stage_features(cfg, Layout(tensor=2, expert=4), hw, w, Options(expert_mode=m), stage, load)
+                 for m in ("dp_attention", "replicated_attention"))
+    shared = 32 * 16 * 2 * 3 * 4096 * 1000  # layers x tokens x 2 x params
+    assert data["gemm_flops"] - rep["gemm_flops"] == pytest.approx(shared / 2 - shared / 8)
+    assert data["gemm_bytes"] - rep["gemm_bytes"] == pytest.approx(32 * 3 * 4096 * 1000 * 2 * (1 / 2 - 1 / 8))
 
 
 def test_allreduce_ring_formula():

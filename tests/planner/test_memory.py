@@ -1,19 +1,31 @@
 """Memory formulas against hand-computed cases."""
 
+import jax.numpy as jnp
 import pytest
 
-from moejax.config import load_model_config
-from moejax.mesh import Layout
+from moejax.config import ModelConfig, load_model_config
+from moejax.fit import weight_bytes
+from moejax.mesh import Layout, make_mesh
+from moejax.model.transformer import Geometry
 from moejax.planner.hardware import load_hardware
+from moejax.planner.layout import PlanLayout
 from moejax.planner.memory import (
     GIB,
     kv_bytes_per_token_layer,
     memory_fit,
     param_counts,
+    stage_weight_bytes,
     stages,
+    stored_config,
     weights_per_device,
 )
 from moejax.planner.workload import Options, Workload
+from moejax.weights import abstract_model
+
+# Sizes no TP > 1 divides: vocabulary 131, expert width 30, shared-expert width 36; 2 KV heads (replicated at TP4+).
+ODD = ModelConfig(family="mixtral", vocab_size=131, hidden_size=32, num_layers=3, num_heads=8, num_kv_heads=2,
+                  head_dim=8, moe_intermediate_size=30, num_experts=8, num_experts_per_tok=2,
+                  shared_expert_intermediate_size=36, name="odd")
 
 
 def test_mixtral_8x7b_params_by_hand():
@@ -84,8 +96,8 @@ def test_kv_cache_split_over_attention_groups():
     cfg, hw = load_model_config("mixtral-8x7b"), load_hardware("h100-sxm")
     w = Workload(isl=1024, osl=1024)
     layout = Layout(tensor=2, expert=4)
-    data = memory_fit(cfg, layout, hw, w, Options(ep_attention="data"), batch=64, chunk=512)
-    rep = memory_fit(cfg, layout, hw, w, Options(ep_attention="replicated"), batch=64, chunk=512)
+    data = memory_fit(cfg, layout, hw, w, Options(expert_mode="dp_attention"), batch=64, chunk=512)
+    rep = memory_fit(cfg, layout, hw, w, Options(expert_mode="replicated_attention"), batch=64, chunk=512)
     per_request = 2048 * 32 * (2 * 4 * 128 * 2)  # positions x layers x bytes per token-layer (4 kv heads / device)
     assert rep.kv_cache == 64 * per_request
     assert data.kv_cache == 16 * per_request
@@ -97,3 +109,48 @@ def test_infeasible_config_names_the_reason():
     assert not fit.fits
     assert "needs" in fit.reason and "GiB per device" in fit.reason and "weights" in fit.reason
     assert fit.weights > 400 * GIB  # 1.78T bf16 over 8 devices
+
+
+@pytest.mark.parametrize("layout", ["DP1", "TP2", "TP4", "TP8", "TP2EP4", "TP4EP2", "EP8", "TP2EP2PP2", "PP2"])
+def test_stored_sizes_are_the_runtime_geometry(layout):
+    lay = Layout.parse(layout)
+    geo, sized = Geometry.of(ODD, lay), stored_config(ODD, lay)
+    assert (sized.vocab_size, sized.moe_intermediate_size, sized.shared_expert_intermediate_size,
+            sized.num_kv_heads) == (geo.vocab, geo.ffn, geo.shared_ffn, geo.num_kv_heads)
+    t, e = lay.tensor, lay.expert
+    assert sized.vocab_size % t == 0 and sized.moe_intermediate_size % t == 0
+    assert sized.shared_expert_intermediate_size % (t * e) == 0 and sized.vocab_size - ODD.vocab_size < t
+
+
+@pytest.mark.parametrize("layout", ["DP1", "TP2", "TP4", "TP8", "TP2PP2", "TP4EP2", "EP8", "TP2EP2PP2"])
+def test_weights_per_device_are_the_runtime_s_padded_bytes(layout):
+    """The planner's weight bytes per device == the runtime's abstract model in its shardings (bf16), but the
+    norms, which the planner leaves out (< 0.1% of a real model). With EP > 1 the shared expert's split depends
+    on the expert mode (the next test), so there the model has none."""
+    lay = Layout.parse(layout)
+    cfg = ODD if lay.expert == 1 else ODD.replace(shared_expert_intermediate_size=0)
+    runtime = weight_bytes(abstract_model(cfg, lay, jnp.bfloat16), make_mesh(lay))
+    planner = weights_per_device(cfg, lay, Workload(precision="bf16"))
+    norms = (2 * Geometry.of(cfg, lay).layers_per_stage + 1) * cfg.hidden_size * 2
+    assert planner == runtime - norms
+
+
+def test_padding_is_counted_by_hand():
+    cfg = load_model_config("mixtral-8x7b").replace(vocab_size=32001, moe_intermediate_size=14337)
+    w, lay = Workload(precision="bf16"), Layout(tensor=8)
+    pc = param_counts(cfg)
+    attention = 2 * 4096 * 32 * 128 + 2 * 4096 * 8 * 128
+    padded = 32 * (attention / 8 + 8 * 3 * 4096 * 14344 / 8 + 4096 * 8) * 2 + 2 * 32008 * 4096 / 8 * 2
+    assert weights_per_device(cfg, lay, w) == pytest.approx(padded)
+    assert pc.embed == 32001 * 4096 and pc.expert == 3 * 4096 * 14337  # the model's own counts stay unpadded
+
+
+def test_shared_expert_split_over_tensor_and_expert_where_attention_is_replicated():
+    w, stage = Workload(precision="bf16"), stages(ODD, Layout())[0]
+    data = stage_weight_bytes(ODD, PlanLayout.of("TP2EP2", "dp_attention"), w, stage)
+    rep = stage_weight_bytes(ODD, PlanLayout.of("TP2EP2", "replicated_attention"), w, stage)
+    shared = 3 * 32 * 36 * 2 * 3  # 3 matrices of D x 36 (36 = a multiple of TP x EP), bf16, 3 layers
+    assert data - rep == pytest.approx(shared / 2 - shared / 4)
+    ep8 = [stage_weight_bytes(ODD, PlanLayout.of("EP8", mode), w, stage)
+           for mode in ("dp_attention", "replicated_attention")]
+    assert ep8[0] - ep8[1] == pytest.approx(3 * 32 * 40 * 2 * 3 * (1 - 1 / 8))  # 36 padded to 40 = 5 x 8

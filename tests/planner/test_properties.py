@@ -11,10 +11,10 @@ from moejax.planner.workload import Options, Workload
 
 
 @pytest.mark.parametrize("base", ["TP4", "TP2EP4", "EP8PP2", "TP2EP2PP2"])
-@pytest.mark.parametrize("mode", ["data", "replicated"])
+@pytest.mark.parametrize("mode", ["dp_attention", "replicated_attention"])
 def test_data_parallelism_never_changes_latency(base, mode):
     cfg, hw = load_model_config("mixtral-8x22b"), load_hardware("h100-sxm")
-    w, options = Workload(isl=2048, osl=128, precision="fp8"), Options(ep_attention=mode)
+    w, options = Workload(isl=2048, osl=128, precision="fp8"), Options(expert_mode=mode)
     one = predict(cfg, base, hw, w, options, batch=16, chunk=1024)
     for dp in (2, 4, 8):
         many = predict(cfg, f"DP{dp}{base}", hw, w, options, batch=16, chunk=1024)

@@ -1,4 +1,4 @@
-"""Layout enumeration: default rules == the runtime's; flags relax and tighten them."""
+"""Layout enumeration: default rules == what the runtime builds (`Layout.validate`); flags tighten them."""
 
 import pytest
 
@@ -7,6 +7,38 @@ from moejax.mesh import Layout
 from moejax.planner.rules import Rules, enumerate_layouts
 
 MODELS = ["mixtral-8x7b", "mixtral-8x22b", "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3", "gpt-moe-1800b"]
+
+
+def _runtime_builds(layout: Layout, cfg) -> bool:
+    try:
+        layout.validate(cfg)
+    except ValueError:
+        return False
+    return True
+
+
+# Odd vocabularies (97, 131: primes) and FFN widths (30, 36, 250) that no TP > 1 divides: the runtime pads them.
+# dense_intermediate_size is the one width the runtime still requires TP to divide.
+ODD = [("tiny-moe", dict(vocab_size=97)), ("tiny-moe", dict(vocab_size=131, moe_intermediate_size=30)),
+       ("tiny-moe", dict(family="qwen2_moe", vocab_size=131, moe_intermediate_size=30,
+                         shared_expert_intermediate_size=36)),
+       ("mixtral-8x7b", dict(vocab_size=32001, moe_intermediate_size=250)),
+       ("tiny-moe", dict(num_heads=6, num_kv_heads=3, vocab_size=97, num_layers=3)),
+       ("tiny-moe", dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=36)),
+       ("deepseek-v3", dict(vocab_size=129281, dense_intermediate_size=18430))]
+
+
+@pytest.mark.parametrize("name,changes", ODD, ids=[f"{n}-{'-'.join(str(v) for v in c.values())}" for n, c in ODD])
+@pytest.mark.parametrize("n", [6, 8, 12])
+def test_planner_valid_equals_runtime_valid(name, changes, n):
+    cfg = load_model_config(name).replace(**changes)
+    accepted, rejected = enumerate_layouts(n, cfg)
+    assert accepted == [lay for lay in Layout.enumerate(n) if _runtime_builds(lay, cfg)]
+    for lay, reasons in rejected:
+        with pytest.raises(ValueError) as err:
+            lay.validate(cfg)
+        # the runtime's own words, but for its stage rule, restated with the layers-per-stage flag
+        assert reasons and all(r in str(err.value) for r in reasons if not r.startswith("PP ("))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -25,12 +57,16 @@ def test_gpt_moe_64_devices_counts():
     assert {str(lay) for lay, _ in rejected} == {"EP32PP2", "EP64", "TP2EP32", "TP64", "DP2EP32"}
 
 
-def test_flags_relax_and_tighten():
-    cfg = load_model_config("mixtral-8x7b").replace(vocab_size=32001)
-    strict, _ = enumerate_layouts(8, cfg)
-    relaxed, _ = enumerate_layouts(8, cfg, Rules(allow_vocab_padding=True))
-    assert all(lay.tensor == 1 for lay in strict)
-    assert {lay.tensor for lay in relaxed} == {1, 2, 4, 8}
+def test_vocabulary_and_expert_widths_need_not_divide():
+    cfg = load_model_config("mixtral-8x7b").replace(vocab_size=32001, moe_intermediate_size=14337)
+    accepted, _ = enumerate_layouts(8, cfg)
+    assert {lay.tensor for lay in accepted} == {1, 2, 4, 8}
+    lines = Rules().describe()
+    assert not any("divides the vocabulary" in line for line in lines)
+    assert any("vocabulary and routed-expert width padded" in line for line in lines)
+
+
+def test_flags_tighten():
     gpt = load_model_config("gpt-moe-1800b")
     in_domain, rejected = enumerate_layouts(64, gpt, Rules(tp_within_domain=True, ep_within_domain=True), 8)
     assert in_domain and all(lay.tensor * lay.expert <= 8 for lay in in_domain)
