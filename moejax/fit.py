@@ -18,8 +18,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from moejax import sharding
-
 GiB = 2**30
 
 
@@ -59,7 +57,7 @@ def weight_bytes(module, mesh: jax.sharding.Mesh) -> int:
     total = 0
     for var in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
         value = var.get_value()
-        total += sharded_bytes(value.shape, value.dtype, sharding.named(mesh, var.get_metadata()["out_sharding"]))
+        total += sharded_bytes(value.shape, value.dtype, module.par.named(mesh, var.get_metadata()["out_sharding"]))
     return total
 
 
@@ -70,17 +68,18 @@ def check_weights_fit(module, mesh: jax.sharding.Mesh) -> None:
                "stage), a narrower dtype (e.g. bfloat16) or a smaller model")
 
 
-def kv_cache_bytes(model, num_pages: int, page_size: int) -> int:
-    """Bytes per device of the KV pools `model.steps.new_cache(num_pages, page_size)` would allocate.
+def kv_cache_bytes(steps, num_pages: int, page_size: int, dtype) -> int:
+    """Bytes per device of the KV pools `steps.new_cache(num_pages, page_size, dtype)` would allocate
+    (`moejax.steps.Steps`).
 
     The pools' shapes come from tracing `new_cache` abstractly (nothing is allocated); each pool
-    is laid out by `moejax.steps.CACHE_AXES` (pages over `data`, kv heads over `tensor`, layers
-    over `stage`).
+    is laid out by `moejax.steps.CACHE_AXES` (pages over the batch shards, kv heads over `tensor`,
+    layers over `stage`).
     """
     from moejax.steps import CACHE_AXES
 
-    pools = jax.eval_shape(lambda: model.steps.new_cache(num_pages, page_size, model.dtype))
-    layout = model.steps.named(CACHE_AXES)
+    pools = jax.eval_shape(lambda: steps.new_cache(num_pages, page_size, dtype))
+    layout = steps.named(CACHE_AXES)
     return sum(sharded_bytes(pool.shape, pool.dtype, layout) for pool in jax.tree.leaves(pools))
 
 

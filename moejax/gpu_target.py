@@ -135,20 +135,21 @@ class Shapes:
                 raise ValueError(f"Shapes.{name} must be an integer >= 1, got {value!r}")
 
 
-def abstract_steps(cfg, layout, mesh, dtype="bfloat16", moe_strategy: str = "auto", ep_attention: str = "data",
-                   exchange: str = "auto"):
+def abstract_steps(cfg, layout, mesh, dtype="bfloat16", moe_strategy: str = "auto",
+                   expert_mode: str = "dp_attention", exchange: str = "auto"):
     """`moejax.steps.Steps` for `cfg` on `mesh` with abstract weights (nothing placed) and their shardings.
 
     The weights are the model's own declarations (`moejax.weights.abstract_model`, what `place` fills for a real
     run); returns (steps, params) with params the `Steps.params` tree as ShapeDtypeStructs in `Steps.param_specs`.
     """
-    from moejax import sharding
     from moejax import steps as steps_lib
+    from moejax.sharding import Parallelism, expert_mode_of
     from moejax.weights import abstract_model
 
-    with jax.set_mesh(mesh), sharding.use(ep_attention):
-        module = abstract_model(cfg, layout, DTYPES[dtype])
-    steps = steps_lib.Steps(module, mesh, moe_strategy, ep_attention, exchange)
+    par = Parallelism(layout, expert_mode_of(expert_mode), moe_strategy, exchange)
+    with jax.set_mesh(mesh):
+        module = abstract_model(cfg, par, DTYPES[dtype])
+    steps = steps_lib.Steps(module, mesh)
     abstract = lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(mesh, spec))  # noqa: E731
     params = jax.tree.map(abstract, steps.params, steps.param_specs)
     return steps, params
@@ -183,8 +184,8 @@ def program(steps, params, shapes: Shapes, phase: str):
         return steps.step, args, (B // shards) * T
     if phase != "engine":
         raise ValueError(f"unknown phase {phase!r}; choose from {PHASES}")
-    width = 1 + pages + batch_lib.META
-    S = steps.geometry.num_stages
+    width = batch_lib.packed_width(1, pages)
+    S = steps.num_stages
     if S == 1:
         packed = i32((shards * rows, width), axes=steps_lib.BATCH)
         return batch_lib.sampled_step(steps), (params, cache, packed, 1), rows
@@ -284,7 +285,7 @@ class Result:
     layout: str
     phase: str
     target: str
-    ep_attention: str
+    expert_mode: str
     exchange: str
     moe_strategy: str
     ok: bool
@@ -313,7 +314,7 @@ class Result:
 
 
 def compile_layout(cfg, layout, target: str = "h100-sxm", shapes: Shapes | None = None, phases=PHASES,
-                   dtype: str = "bfloat16", moe_strategy: str = "auto", ep_attention: str = "data",
+                   dtype: str = "bfloat16", moe_strategy: str = "auto", expert_mode: str = "dp_attention",
                    exchange: str = "auto") -> list[Result]:
     """Compile each phase of `cfg` on `layout` for `target`; one `Result` per phase (a failure is a Result with
     `ok` False and XLA's message, not an exception). Bad names or shapes raise ValueError first."""
@@ -326,11 +327,11 @@ def compile_layout(cfg, layout, target: str = "h100-sxm", shapes: Shapes | None 
     if bad or not phases:
         raise ValueError(f"phases must be some of {PHASES}, got {list(phases)}")
     mesh = target_mesh(target, layout)
-    steps, params = abstract_steps(cfg, layout, mesh, dtype, moe_strategy, ep_attention, exchange)
+    steps, params = abstract_steps(cfg, layout, mesh, dtype, moe_strategy, expert_mode, exchange)
     weights = comm.weight_shapes(type("Abstract", (), {"params": params}))
     out = []
     for phase in phases:
-        res = Result(cfg.name, str(layout), phase, target, ep_attention, exchange, moe_strategy, ok=False)
+        res = Result(cfg.name, str(layout), phase, target, expert_mode, exchange, moe_strategy, ok=False)
         fn, args, res.tokens = program(steps, params, shapes, phase)
         t0 = time.perf_counter()
         try:
@@ -351,13 +352,13 @@ def compile_layout(cfg, layout, target: str = "h100-sxm", shapes: Shapes | None 
         res.custom_calls = custom_calls(text)
         counted = dot_flops(text)
         res.flops, res.expert_flops, res.unknown_loops = counted["total"], counted["experts"], counted["unknown_loops"]
-        res.planner = planner_figures(cfg, layout, target, shapes, phase, res.tokens, ep_attention, steps)
+        res.planner = planner_figures(cfg, layout, target, shapes, phase, res.tokens, expert_mode, steps)
         res.ok = True
         out.append(res)
     return out
 
 
-def planner_figures(cfg, layout, target: str, shapes: Shapes, phase: str, tokens: int, ep_attention: str,
+def planner_figures(cfg, layout, target: str, shapes: Shapes, phase: str, tokens: int, expert_mode: str,
                     steps) -> dict:
     """The planner's figures for the same program: memory per device (weights + KV + workspace), the collective
     bytes one device sends (`moejax.bench.comm.planner_volume`), and the ideal routed-expert FLOPs per device
@@ -372,9 +373,9 @@ def planner_figures(cfg, layout, target: str, shapes: Shapes, phase: str, tokens
     precision = {2.0: "bf16", 4.0: "fp32"}[act]
     workload = Workload(isl=max(1, shapes.context // 2), osl=shapes.context - max(1, shapes.context // 2),
                         precision=precision, kv_precision=precision, act_bytes=act)
-    fit = memory_fit(cfg, layout, hw, workload, Options(ep_attention=ep_attention), shapes.batch, shapes.chunk)
+    fit = memory_fit(cfg, layout, hw, workload, Options(expert_mode=expert_mode), shapes.batch, shapes.chunk)
     pipelined = phase == "engine" and layout.stage > 1
-    volume = planner_volume(cfg, layout, ep_attention, tokens, act, hw, pipelined=pipelined)
+    volume = planner_volume(cfg, layout, expert_mode, tokens, act, hw, pipelined=pipelined)
     replica_tokens = tokens * steps.batch_shards // layout.data
     moe_layers = max(s.moe_layers for s in stages(cfg, layout))
     expert = replica_tokens * cfg.num_experts_per_tok * 6.0 * cfg.hidden_size * cfg.moe_intermediate_size

@@ -1,7 +1,7 @@
 """The user-facing model handle: `moejax.load(...)` -> `Model` with `forward` and greedy `generate`.
 
-`generate` is the simple batch path (all prompts start together, contiguous pages per sequence);
-the serving engine (`moejax.engine`) drives the same compiled step with in-flight batching.
+`generate` is a thin call into the serving engine (`moejax.engine`): all prompts prefill together, then decode
+with the engine's compiled step, greedy. `forward` runs the whole sequence without a cache.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import sharding
 from moejax import steps as steps_lib
 from moejax.config import ModelConfig, ceil_div, round_up
 from moejax.distributed import fetch
+from moejax.engine.engine import Engine, ServeConfig
 from moejax.engine.sampling import SamplingParams, check_context, check_int, check_prompt
 from moejax.fit import check_weights_fit
 from moejax.mesh import Layout, make_mesh
-from moejax.model.moe import Strategy
+from moejax.sharding import EXPERT_MODES, Parallelism, expert_mode_of
 from moejax.weights import RandomSource, WeightSource, abstract_model, place
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -47,36 +47,54 @@ class Model:
 
     Args:
       cfg: the model. source: a weight source (`moejax.weights`). layout: e.g. "DP2TP2EP2".
-      dtype: serving dtype. moe_strategy: MoE dispatch strategy (`moejax.model.moe.STRATEGIES`).
+      dtype: serving dtype. moe_strategy: MoE dispatch strategy (`moejax.sharding.MOE_STRATEGIES`).
       devices: devices for the mesh (default: the first `layout.size` of `jax.devices()`).
-      ep_attention: the expert axis's mode: "data" (attention data-parallel over the expert group,
-        tokens exchanged all-to-all with the experts; the default) or "replicated" (`moejax.sharding`).
-      exchange: the "data" mode's token exchange (`moejax.model.moe.EXCHANGES`).
+      expert_mode: what the expert axis does outside the MoE blocks: "dp_attention" (attention data-parallel
+        over the expert group, tokens exchanged all-to-all with the experts; the default) or
+        "replicated_attention" (`moejax.sharding`). ep_attention: its deprecated name (values "data",
+        "replicated"), accepted for one release.
+      exchange: the dp_attention mode's token exchange (`moejax.sharding.EXCHANGES`).
+
+    Every parallel choice is one `Parallelism` (`self.par`), checked before any device work.
     """
 
     tokenizer = None  # a `tokenizers.Tokenizer` when `load` found the checkpoint's tokenizer.json (moejax.tokenizer)
 
     def __init__(self, cfg: ModelConfig, source: WeightSource, layout: Layout | str = "DP1",
-                 dtype: str = "float32", moe_strategy: str = "auto", devices=None, ep_attention: str = "data",
-                 exchange: str = "auto"):
+                 dtype: str = "float32", moe_strategy: str = "auto", devices=None, expert_mode: str = "dp_attention",
+                 exchange: str = "auto", ep_attention: str | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.cfg = cfg
-        self.ep_attention = sharding.check_mode(ep_attention)
-        self.layout = Layout.parse(layout).validate(cfg)
-        self.mesh = make_mesh(self.layout, devices)
-        Strategy(moe_strategy, exchange).checked(self.mesh.devices.flat[0].platform)  # before any device work
+        layout = Layout.parse(layout).validate(cfg)
+        if ep_attention is not None and expert_mode == EXPERT_MODES[0]:
+            expert_mode = None  # the deprecated keyword given alone
+        par = Parallelism(layout, expert_mode_of(expert_mode, ep_attention), moe_strategy, exchange)
+        self.mesh = make_mesh(layout, devices)
+        self.par = par.checked(self.mesh.devices.flat[0].platform)  # before any device work
         self.dtype = DTYPES[dtype]
-        with jax.set_mesh(self.mesh), sharding.use(ep_attention):
-            abstract = abstract_model(cfg, self.layout, self.dtype)
+        with jax.set_mesh(self.mesh):
+            abstract = abstract_model(cfg, par, self.dtype)
             check_weights_fit(abstract, self.mesh)  # before any placement: refuse with the numbers
-            self.module = place(abstract, source, self.mesh)
-        self.steps = steps_lib.Steps(self.module, self.mesh, moe_strategy, ep_attention, exchange)
+            self.steps = steps_lib.Steps(place(abstract, source, self.mesh), self.mesh)
         self.last_stats = GenerateStats()
 
     @property
+    def layout(self) -> Layout:
+        return self.par.layout
+
+    @property
+    def expert_mode(self) -> str:
+        return self.par.expert_mode
+
+    @property
+    def geometry(self):
+        """Stored sizes and layers per stage (`moejax.model.transformer.Geometry`)."""
+        return self.steps.geometry
+
+    @property
     def batch_shards(self) -> int:
-        """Groups the requests are split into: `data`, times `expert` in the "data" expert mode."""
+        """Groups the requests are split into: `data`, times `expert` in the dp_attention expert mode."""
         return self.steps.batch_shards
 
     @classmethod
@@ -85,6 +103,7 @@ class Model:
 
     @property
     def params(self):
+        """The placed weights, a nested dict of global arrays (`Steps.params`: the one handle on them)."""
         return self.steps.params
 
     # ---- full forward ---------------------------------------------------------------------------
@@ -102,60 +121,41 @@ class Model:
         tokens[:B] = tokens_BT
         pos = np.where(np.arange(Bp)[:, None] < B, np.arange(T, dtype=np.int32)[None], -1)
         with jax.set_mesh(self.mesh):
-            logits = self.steps.forward(self.params, self._put(tokens), self._put(pos))
+            logits = self.steps.forward(self.params, self.steps.put(tokens), self.steps.put(pos))
         return fetch(logits).astype(np.float32)[:B]  # every process gets every row (multi-host)
 
     # ---- greedy generation ----------------------------------------------------------------------
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, stop_token_ids=(),
                  page_size: int = 16) -> list[list[int]]:
-        """Greedy continuation of each prompt: prefill all prompts in one step, then decode steps.
+        """Greedy continuation of each prompt: a thin call into the serving engine, every prompt prefilled in
+        one step (one chunk each), then one decode step per token.
 
         Returns the new token ids per prompt (up to max_new_tokens; shorter if a stop id is made,
         which is included). Timing of the last call is in `self.last_stats`. Prompts, `max_new_tokens` and
         `stop_token_ids` are checked as `Engine.add_request` checks them (same messages); ValueError before any
         device work.
         """
-        prompts, stop_token_ids = self._check_generate(prompts, max_new_tokens, stop_token_ids, page_size)
-        B = len(prompts)
-        Bp = round_up(B, self.batch_shards)
-        lens = np.array([len(p) for p in prompts] + [0] * (Bp - B), np.int32)
-        pages_per_seq = ceil_div(int(lens.max()) + max_new_tokens, page_size)
-        per_group = Bp // self.batch_shards
-        table = (np.arange(Bp)[:, None] % per_group) * pages_per_seq + np.arange(pages_per_seq)[None]
-        cache = self.steps.new_cache(per_group * pages_per_seq * self.batch_shards, page_size, self.dtype)
-        T = bucket(int(lens.max()))
-        tokens = np.zeros((Bp, T), np.int32)
-        for b, p in enumerate(prompts):
-            tokens[b, : len(p)] = p
-        pos = np.where(np.arange(T)[None] < lens[:, None], np.arange(T, dtype=np.int32)[None], -1)
-        stops = set(map(int, stop_token_ids))
-        out: list[list[int]] = [[] for _ in range(B)]
-        live = np.arange(Bp) < B
+        prompts, stops = self._check_generate(prompts, max_new_tokens, stop_token_ids, page_size)
+        longest = max(len(p) for p in prompts)
+        slots = ceil_div(len(prompts), self.batch_shards)  # per data group: every prompt runs at once
+        max_len = longest + max_new_tokens
+        engine = Engine(self, ServeConfig(
+            max_running=slots * self.batch_shards, page_size=page_size, num_pages=slots * ceil_div(max_len, page_size),
+            chunk_size=bucket(longest), max_prefill_seqs=slots, max_model_len=max_len, decode_buckets=(slots,),
+            microbatches=1, max_finished_retained=len(prompts)))
+        params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=stops)
+        ids = [engine.add_request(p, params) for p in prompts]
         stats = GenerateStats()
         start = time.perf_counter()
-        with jax.set_mesh(self.mesh):
-            table_d = self._put(table.astype(np.int32))
-            index = np.maximum(lens - 1, 0)
-            for i in range(max_new_tokens):
-                _, next_B, cache = self.steps.step(self.params, cache, self._put(tokens), self._put(pos),
-                                                   table_d, self._put(index, steps_lib.TOKENS))
-                next_B = fetch(next_B)
+        while engine.has_unfinished():
+            if engine.step():
                 stats.token_times_s.append(time.perf_counter() - start)
-                for b in np.flatnonzero(live):
-                    out[b].append(int(next_B[b]))
-                    if next_B[b] in stops:
-                        live[b] = False
-                if not live.any():
-                    break
-                tokens = next_B[:, None].astype(np.int32)
-                pos = np.where(live, lens + i, -1)[:, None].astype(np.int32)
-                index = np.zeros(Bp, np.int32)
         times = stats.token_times_s
         stats.ttft_s = times[0]
         stats.tpot_s = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
         self.last_stats = stats
-        return out
+        return [engine.requests[i].output_ids for i in ids]
 
     # ---- checks and helpers ---------------------------------------------------------------------
 
@@ -187,9 +187,6 @@ class Model:
             check_context(len(p), max_new_tokens, self.cfg.max_position_embeddings, f"prompt {i}")
         return checked, stops
 
-    def _put(self, array: np.ndarray, axes=steps_lib.BATCH):
-        return self.steps.put(array, axes)
-
 
 def load(path: str | Path, layout: Layout | str = "DP1", dtype: str = "float32", allow_nonfinite: bool = False,
          **kwargs) -> Model:
@@ -198,7 +195,7 @@ def load(path: str | Path, layout: Layout | str = "DP1", dtype: str = "float32",
 
     Each weight goes straight into its sharding (a device reads only its shard, whatever the layout the
     checkpoint was written from). A malformed checkpoint is a `CheckpointError` naming the file or tensor;
-    NaN/inf weights of a Hugging Face checkpoint are one too unless `allow_nonfinite`. The model's `tokenizer`
+    NaN/inf weights (either kind of checkpoint) are one too unless `allow_nonfinite`. The model's `tokenizer`
     is the directory's tokenizer.json (`moejax.tokenizer`), or None when it has none.
     """
     from moejax.checkpoint.store import open_source

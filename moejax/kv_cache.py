@@ -3,7 +3,7 @@
 
 The device pools are one `(k, v)` pair, each [L_pad, P_total, page_size, K, H] (see
 `moejax.steps`): layers split over `stage`, kv heads over `tensor`, pages over the data groups (`data`,
-times `expert` in the "data" expert mode). Data group g owns the global pages
+times `expert` in the "dp_attention" expert mode). Data group g owns the global pages
 [g * P_group, (g + 1) * P_group) and addresses them by LOCAL ids 0..P_group-1; a request lives in one
 data group and only ever holds that group's pages.
 
@@ -27,7 +27,7 @@ class PageAllocator:
     """Free lists of local page ids, one per data group. Pure host state, O(pages) per call.
 
     Args:
-      num_groups: data groups (the `data` mesh size).
+      num_groups: data groups, the model's batch shards (`data`, times `expert` in the dp_attention expert mode).
       pages_per_group: pages in each group's pool.
     """
 

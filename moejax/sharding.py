@@ -1,38 +1,50 @@
-"""The one table that maps logical dimension names to mesh axes, and helpers derived from it.
+"""How a model is split over the mesh: the rules tables (logical dim -> mesh axes) and `Parallelism`, the one
+frozen value that carries every parallel choice of a placed model.
 
-Model code names logical dims only (`batch`, `heads`, `experts`, ...). This module turns them into
-`PartitionSpec`s for weights, activations and the KV cache, and, inside `jax.shard_map` bodies,
-into the mesh axes that collectives reduce over (`psum(x, "heads")` sums over whatever mesh axes
-split the heads). Changing where a dim lives is a one-line change here.
+Model code names logical dims only (`batch`, `heads`, `experts`, ...). A `Parallelism` (layout, expert mode, MoE
+dispatch strategy, token exchange) is built once per model (`Parallelism.checked`), stored on the model's modules
+at construction, and turns logical names into `PartitionSpec`s for weights, activations and the KV cache, and,
+inside `jax.shard_map` bodies, into the mesh axes that collectives run over (`par.psum(x, "heads")` sums over
+whatever mesh axes split the heads). Changing where a dim lives is a one-line change in a table here.
 
-The expert axis runs in one of two modes (`EP_ATTENTION_MODES`, the name the planner and the sweep
-share), each one rules table:
+A mesh axis of size 1 splits nothing, so it is left out of every spec and every collective: an array is never typed
+as varying over it, and `jax.shard_map`'s replication check (`check_vma`, on everywhere but the Pallas
+interpret-mode programs of `manual.checks_replication`) holds without a collective over a single device (XLA:CPU
+keeps an all-reduce over one-device groups as an instruction).
 
-- ``"data"`` (the default): outside the MoE blocks the expert axis is one more data-parallel axis:
-  requests (batch rows) and KV pages are split over data x expert, attention weights replicated
-  over `expert`; each MoE layer sends every (token, expert) pair to the shard holding its expert
-  and back (all-to-all, `moejax.model.moe`). The shared expert is split over `tensor` only.
-- ``"replicated"``: tokens are replicated over the expert axis; each shard computes its experts'
-  pairs and one all-reduce combines them. The shared expert is split over tensor x expert.
+The expert axis runs in one of two modes (`EXPERT_MODES`, the names the runtime, the planner and the sweep share),
+each one rules table:
 
-The active table is set with `use(mode)` around tracing and placement (`moejax.steps` and
-`moejax.inference` do it); model code only asks `tokens_split_over_experts()`.
+- ``"dp_attention"`` (the default): outside the MoE blocks the expert axis is one more data-parallel axis:
+  requests (batch rows) and KV pages are split over data x expert, attention weights replicated over `expert`;
+  each MoE layer sends every (token, expert shard) unit to the shard holding its experts and back (all-to-all,
+  `moejax.model.moe`). The shared expert is split over `tensor` only.
+- ``"replicated_attention"``: tokens (and attention) are replicated over the expert axis; each shard computes its
+  experts' pairs and one all-reduce combines them. The shared expert is split over tensor x expert.
+
+The names before this one, ``"data"`` and ``"replicated"`` (and the keyword ``ep_attention``), are accepted for one
+release with a `DeprecationWarning` (`expert_mode_of`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-EP_ATTENTION_MODES = ("data", "replicated")
+from moejax import native
+from moejax.axes import DEPRECATED_EXPERT_MODES, EXPERT_MODES
+from moejax.mesh import Layout
 
-# logical dim -> mesh axes that split it (empty: replicated); the "replicated" expert mode
-RULES: dict[str, tuple[str, ...]] = {
+MOE_STRATEGIES = ("auto", "loop", "gather", "blocks", "ragged", "native", "pallas")  # `moejax.model.moe`
+EXCHANGES = ("auto", "all_to_all", "ragged_all_to_all")  # the dp_attention mode's token exchange
+
+# logical dim -> mesh axes that split it (empty: replicated); the "replicated_attention" expert mode
+_REPLICATED: dict[str, tuple[str, ...]] = {
     "batch": ("data",),
     "seq": (),
     "embed": (),
@@ -49,141 +61,176 @@ RULES: dict[str, tuple[str, ...]] = {
     "page_slot": (),
     "pages_per_seq": (),
 }
-
-_RULES_BY_MODE = {
-    "replicated": RULES,
-    "data": {**RULES, "batch": ("data", "expert"), "cache_pages": ("data", "expert"), "shared_ffn": ("tensor",)},
+RULES: dict[str, dict[str, tuple[str, ...]]] = {
+    "replicated_attention": _REPLICATED,
+    "dp_attention": {**_REPLICATED, "batch": ("data", "expert"), "cache_pages": ("data", "expert"),
+                     "shared_ffn": ("tensor",)},
 }
-_ACTIVE: contextvars.ContextVar[dict[str, tuple[str, ...]]] = contextvars.ContextVar("rules", default=RULES)
 
 Axes = Sequence[str | None]
 
 
-def check_mode(ep_attention: str) -> str:
-    if ep_attention not in EP_ATTENTION_MODES:
-        raise ValueError(f"ep_attention must be one of {EP_ATTENTION_MODES}, got {ep_attention!r}")
-    return ep_attention
+def expert_mode_of(mode: str | None = None, ep_attention: str | None = None) -> str:
+    """The expert mode named by `mode`, or by the deprecated keyword `ep_attention` (and the deprecated values
+    "data" / "replicated"), with a `DeprecationWarning` for the old names; ValueError for anything else."""
+    if ep_attention is not None:
+        if mode is not None and expert_mode_of(mode) != expert_mode_of(ep_attention):
+            raise ValueError(f"expert_mode={mode!r} and the deprecated ep_attention={ep_attention!r} disagree; "
+                             f"give expert_mode only")
+        warnings.warn("ep_attention is deprecated: use expert_mode ('dp_attention' or 'replicated_attention')",
+                      DeprecationWarning, stacklevel=3)
+        mode = ep_attention
+    mode = EXPERT_MODES[0] if mode is None else mode
+    if mode in DEPRECATED_EXPERT_MODES:
+        warnings.warn(f"expert mode {mode!r} is deprecated: use {DEPRECATED_EXPERT_MODES[mode]!r}",
+                      DeprecationWarning, stacklevel=3)
+        return DEPRECATED_EXPERT_MODES[mode]
+    if mode not in EXPERT_MODES:
+        raise ValueError(f"expert_mode must be one of {EXPERT_MODES}, got {mode!r}")
+    return mode
 
 
-@contextlib.contextmanager
-def use(ep_attention: str):
-    """Make the rules table of expert mode `ep_attention` the active one inside the block."""
-    token = _ACTIVE.set(_RULES_BY_MODE[check_mode(ep_attention)])
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
+@dataclass(frozen=True)
+class Parallelism:
+    """Every parallel choice of a placed model, fixed once: the layout (mesh axis sizes), the expert mode, the MoE
+    dispatch strategy and the token exchange. Hashable, so modules keep it as static data.
 
-
-def tokens_split_over_experts() -> bool:
-    """Inside a shard_map body: True when the devices of an expert group hold different tokens (the "data"
-    mode on an expert axis of more than one device)."""
-    return bool(set(mesh_axes("batch")) & set(_split("experts")))
-
-
-def mesh_axes(*logical: str) -> tuple[str, ...]:
-    """Mesh axes that split the given logical dims, in rule order, without repeats."""
-    rules = _ACTIVE.get()
-    out: list[str] = []
-    for name in logical:
-        if name not in rules:
-            raise KeyError(f"unknown logical dim {name!r}; known: {sorted(rules)}")
-        out += [a for a in rules[name] if a not in out]
-    return tuple(out)
-
-
-def spec(axes: Axes) -> P:
-    """PartitionSpec for an array whose dims carry these logical names (None: replicated dim).
-
-    Raises if two dims of one array would land on the same mesh axis.
+    Outside shard_map: `spec` / `named` give the sharding of an array with logical axes. Inside shard_map
+    bodies: `psum`, `pmax`, `axis_index`, `ppermute`, `all_to_all`, `all_gather`, `ragged_all_to_all` and `vary`
+    run over the mesh axes (of size > 1) that split a logical dim.
     """
-    used: dict[str, str] = {}
-    parts = []
-    for name in axes:
-        if name is None:
-            parts.append(None)
-            continue
-        mapped = mesh_axes(name)
-        for axis in mapped:
-            if axis in used:
-                raise ValueError(f"logical dims {used[axis]!r} and {name!r} of one array both map to mesh "
-                                 f"axis {axis!r} (axes {tuple(axes)})")
-            used[axis] = name
-        parts.append(mapped[0] if len(mapped) == 1 else (mapped or None))
-    return P(*parts)
+
+    layout: Layout = Layout()
+    expert_mode: str = EXPERT_MODES[0]
+    moe_strategy: str = "auto"
+    exchange: str = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "layout", Layout.parse(self.layout))
+        if self.expert_mode not in EXPERT_MODES:
+            raise ValueError(f"expert_mode must be one of {EXPERT_MODES}, got {self.expert_mode!r}")
+        if self.moe_strategy not in MOE_STRATEGIES:
+            raise ValueError(f"unknown MoE dispatch strategy {self.moe_strategy!r}; choose from {MOE_STRATEGIES}")
+        if self.exchange not in EXCHANGES:
+            raise ValueError(f"unknown MoE token exchange {self.exchange!r}; choose from {EXCHANGES}")
+
+    def replace(self, **changes) -> Parallelism:
+        return replace(self, **changes)
+
+    def checked(self, platform: str) -> Parallelism:
+        """Raise ValueError (on the host, before any compilation) for a choice `platform` cannot run."""
+        if self.exchange == "ragged_all_to_all" and platform == "cpu":
+            raise ValueError("exchange 'ragged_all_to_all' needs a backend with the ragged-all-to-all collective; "
+                             "XLA:CPU has none: use exchange 'all_to_all' (exact, fixed capacity) on CPU")
+        if self.moe_strategy == "native" and (platform != "cpu" or not native.available()):
+            why = (f"the backend is {platform!r}" if platform != "cpu" else native.unavailable_reason()
+                   or f"switched off ({native.ENV}=0)")
+            raise ValueError(f"MoE dispatch 'native' needs moejax's CPU kernels, but {why}; "
+                             "use dispatch 'auto' (it picks 'native' where it can run) or 'loop'")
+        return self
+
+    # ---- the rules ------------------------------------------------------------------------------
+
+    def mesh_axes(self, *logical: str) -> tuple[str, ...]:
+        """Mesh axes of size > 1 that split the given logical dims, in rule order, without repeats."""
+        rules = RULES[self.expert_mode]
+        out: list[str] = []
+        for name in logical:
+            if name not in rules:
+                raise KeyError(f"unknown logical dim {name!r}; known: {sorted(rules)}")
+            out += [a for a in rules[name] if a not in out and getattr(self.layout, a) > 1]
+        return tuple(out)
+
+    def size(self, *logical: str) -> int:
+        """Shards the given logical dims are split into (the product of their mesh axes' sizes)."""
+        n = 1
+        for axis in self.mesh_axes(*logical):
+            n *= getattr(self.layout, axis)
+        return n
+
+    @property
+    def tokens_split_over_experts(self) -> bool:
+        """True when the devices of an expert group hold different tokens (dp_attention on an expert axis of more
+        than one device): the MoE layers then exchange tokens."""
+        return bool(set(self.mesh_axes("batch")) & set(self.mesh_axes("experts")))
+
+    @property
+    def batch_shards(self) -> int:
+        """Groups the requests are split into: `data`, times `expert` in the dp_attention mode."""
+        return self.size("batch")
+
+    def spec(self, axes: Axes) -> P:
+        """PartitionSpec for an array whose dims carry these logical names (None: replicated dim).
+
+        Raises if two dims of one array would land on the same mesh axis.
+        """
+        used: dict[str, str] = {}
+        parts = []
+        for name in axes:
+            if name is None:
+                parts.append(None)
+                continue
+            mapped = self.mesh_axes(name)
+            for axis in mapped:
+                if axis in used:
+                    raise ValueError(f"logical dims {used[axis]!r} and {name!r} of one array both map to mesh "
+                                     f"axis {axis!r} (axes {tuple(axes)})")
+                used[axis] = name
+            parts.append(mapped[0] if len(mapped) == 1 else (mapped or None))
+        return P(*parts)
+
+    def named(self, mesh: jax.sharding.Mesh, axes: Axes) -> NamedSharding:
+        return NamedSharding(mesh, self.spec(axes))
+
+    # ---- inside shard_map bodies ---------------------------------------------------------------
+
+    def psum(self, x, *logical: str):
+        """Sum partial results over the mesh axes that split `logical` (no-op when none do)."""
+        axes = self.mesh_axes(*logical)
+        return jax.lax.psum(x, axes) if axes else x
+
+    def pmax(self, x, *logical: str):
+        """Maximum over the mesh axes that split `logical` (no-op when none do)."""
+        axes = self.mesh_axes(*logical)
+        return jax.lax.pmax(x, axes) if axes else x
+
+    def vary(self, x, *logical: str):
+        """x typed as varying over the mesh axes that split `logical` (no data moves): for a loop carry or a
+        branch output that the other side makes differ per shard (`check_vma`)."""
+        axes = tuple(a for a in self.mesh_axes(*logical) if a not in jax.typeof(x).mat.varying)
+        return jax.lax.pcast(x, axes, to="varying") if axes else x
+
+    def axis_index(self, logical: str):
+        """This shard's index along the mesh axes that split `logical` (0 when unsplit)."""
+        axes = self.mesh_axes(logical)
+        return jax.lax.axis_index(_one(axes)) if axes else 0
+
+    def ppermute(self, x, logical: str, perm: list[tuple[int, int]]):
+        """Send x between shards along the mesh axes splitting `logical`; receivers not in perm get zeros."""
+        axes = self.mesh_axes(logical)
+        return jax.lax.ppermute(x, _one(axes), perm) if axes else x
+
+    def all_to_all(self, x, logical: str):
+        """Exchange chunks along the mesh axes splitting `logical`: x[j] goes to shard j; result[i] came from
+        shard i. x: [shards, ...] with one chunk per shard of those axes."""
+        axes = self.mesh_axes(logical)
+        return jax.lax.all_to_all(x, _one(axes), 0, 0, tiled=False) if axes else x
+
+    def all_gather(self, x, logical: str):
+        """Stack x from every shard along the mesh axes splitting `logical`: [shards, *x.shape]."""
+        axes = self.mesh_axes(logical)
+        return jax.lax.all_gather(x, _one(axes)) if axes else x[None]
+
+    def ragged_all_to_all(self, operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                          logical: str):
+        """`jax.lax.ragged_all_to_all` over the mesh axes splitting `logical`."""
+        axes = self.mesh_axes(logical)
+        if not axes:
+            raise ValueError(f"ragged_all_to_all over {logical!r}, which no mesh axis splits")
+        return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                         axis_name=_one(axes))
 
 
-def named(mesh: jax.sharding.Mesh, axes: Axes) -> NamedSharding:
-    return NamedSharding(mesh, spec(axes))
-
-
-# ---- inside shard_map bodies -------------------------------------------------------------------
-
-
-def _split(*logical: str) -> tuple[str, ...]:
-    """Inside a shard_map body: the mesh axes of size > 1 that split `logical` (a size-1 axis moves nothing,
-    and a collective over it would still be an instruction in the program)."""
-    return tuple(a for a in mesh_axes(*logical) if jax.lax.axis_size(a) > 1)
-
-
-def psum(x, *logical: str):
-    """Sum partial results over the mesh axes that split `logical` (no-op when none do)."""
-    axes = _split(*logical)
-    return jax.lax.psum(x, axes) if axes else x
-
-
-def axis_index(logical: str):
-    """This shard's index along the mesh axes that split `logical` (0 when unsplit)."""
-    axes = mesh_axes(logical)
-    if not axes:
-        return 0
-    return jax.lax.axis_index(axes if len(axes) > 1 else axes[0])
-
-
-def axis_size(mesh: jax.sharding.Mesh, logical: str) -> int:
-    size = 1
-    for axis in mesh_axes(logical):
-        size *= mesh.shape[axis]
-    return size
-
-
-def ppermute(x, logical: str, perm: list[tuple[int, int]]):
-    """Send x between shards along the mesh axis splitting `logical`; receivers not in perm get zeros."""
-    axes = mesh_axes(logical)
-    if not axes:
-        return x
-    return jax.lax.ppermute(x, axes if len(axes) > 1 else axes[0], perm)
-
-
-def pmax(x, *logical: str):
-    """Maximum over the mesh axes that split `logical` (no-op when none do)."""
-    axes = _split(*logical)
-    return jax.lax.pmax(x, axes) if axes else x
-
-
-def all_to_all(x, logical: str):
-    """Exchange chunks along the mesh axes splitting `logical`: x[j] goes to shard j; result[i] came from shard i.
-
-    x: [shards, ...] with one chunk per shard of those axes.
-    """
-    axes = mesh_axes(logical)
-    if not axes:
-        return x
-    return jax.lax.all_to_all(x, axes if len(axes) > 1 else axes[0], 0, 0, tiled=False)
-
-
-def all_gather(x, logical: str):
-    """Stack x from every shard along the mesh axes splitting `logical`: [shards, *x.shape]."""
-    axes = mesh_axes(logical)
-    if not axes:
-        return x[None]
-    return jax.lax.all_gather(x, axes if len(axes) > 1 else axes[0])
-
-
-def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, logical: str):
-    """`jax.lax.ragged_all_to_all` over the mesh axes splitting `logical`."""
-    axes = mesh_axes(logical)
-    if not axes:
-        raise ValueError(f"ragged_all_to_all over {logical!r}, which no mesh axis splits")
-    return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
-                                     axis_name=axes if len(axes) > 1 else axes[0])
+def _one(axes: tuple[str, ...]):
+    """A collective's axis name: the axis itself, or the tuple when several split the dim."""
+    return axes[0] if len(axes) == 1 else axes

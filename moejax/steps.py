@@ -1,8 +1,15 @@
 """Jitted, sharded step functions: one `jax.shard_map` over the whole mesh around `Transformer.run`.
 
-Weights and the KV cache are plain pytrees of global arrays; each function is compiled once per
-input shape (callers bucket shapes). The KV cache is donated to the step, so writing a token
-updates the pools in place instead of copying them.
+`Steps` is the one handle on a placed model's weights: the module's graph (`graphdef`, static: the config, the
+geometry and the `Parallelism`) and its placed arrays (`params`, a nested dict) with their partition specs
+(`param_specs`). Inside each step the module is merged from the two (`nnx.merge`, at trace time only). The KV
+cache is a plain pair of global arrays, donated to the step, so writing a token updates the pools in place.
+Each function is compiled once per input shape (callers bucket shapes).
+
+Every `shard_map` runs with `check_vma=True`: JAX checks that what the out_specs call replicated is (a missing
+`psum`, or a value that still differs per stage, is a trace-time error, not a wrong number). The one exception is
+a CPU program running the Pallas grouped GEMM in interpret mode (`manual.checks_replication`: a JAX interpreter
+limitation; tests only).
 """
 
 from __future__ import annotations
@@ -14,105 +21,129 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from moejax import sharding
-from moejax.model import moe
+from moejax import manual
 from moejax.model.layers import argmax
 from moejax.model.transformer import Transformer
 
 CACHE_AXES = ("layers", "cache_pages", "page_slot", "kv_heads", "head_dim")
-BATCH = ("batch", None)  # logical axes of [B, T] inputs; specs depend on the expert mode (Steps.spec)
+BATCH = ("batch", None)  # logical axes of [B, T] inputs
 TOKENS = ("batch",)
 STAGED = ("layers", "batch", None)  # [S, B, W] pipeline inputs: row s is stage s's microbatch
 STAGED_TOKENS = ("layers", "batch")
-ACTIVATIONS = ("layers", "batch", None, "embed")  # [S, rows, T, D]: what each stage received from the previous one
+ACTIVATIONS = ("layers", "batch", None, "embed")  # [S, R, T, D]: what each stage received from the previous one
 
 
 class Steps:
-    """Compiled entry points for one placed model on one mesh.
+    """Compiled entry points for one placed model on one mesh, and the handle on its weights.
 
     Args:
-      model: a placed `Transformer`.
+      model: a placed `Transformer` (its `par` fixes every parallel choice).
       mesh: the mesh its weights live on.
-      moe_strategy: MoE dispatch strategy name (see `moejax.model.moe`).
-      ep_attention: the expert axis's mode, "data" or "replicated" (see `moejax.sharding`).
-      exchange: the "data" mode's token exchange (see `moejax.model.moe.EXCHANGES`).
     """
 
-    def __init__(self, model: Transformer, mesh: jax.sharding.Mesh, moe_strategy: str = "auto",
-                 ep_attention: str = "data", exchange: str = "auto"):
-        self.mesh = mesh
-        self.moe_strategy = moe.Strategy(moe_strategy, exchange).checked(mesh.devices.flat[0].platform)
-        self.ep_attention = sharding.check_mode(ep_attention)
+    def __init__(self, model: Transformer, mesh: jax.sharding.Mesh):
+        self.mesh, self.par = mesh, model.par
+        self.cfg, self.geometry = model.cfg, model.geometry
         self.graphdef, state = nnx.split(model)
         self.params = nnx.to_pure_dict(state)
-        self._abstract = state
-        with sharding.use(ep_attention):
-            self.param_specs = nnx.to_pure_dict(jax.tree.map(
-                lambda v: v.replace(sharding.spec(v.get_metadata()["out_sharding"])), state,
-                is_leaf=lambda x: isinstance(x, nnx.Variable)))
-            # One (k, v) pair of pools, each [L_pad, pages, page_size, K, H] (layers over `stage`).
-            self.cache_specs = (sharding.spec(CACHE_AXES),) * 2
-            self.batch_shards = sharding.axis_size(mesh, "batch")  # request groups: data (x expert in "data")
-        self.geometry, self.cfg = self._model_meta()
+        self.param_specs = nnx.to_pure_dict(jax.tree.map(
+            lambda v: v.replace(self.par.spec(v.get_metadata()["out_sharding"])), state,
+            is_leaf=lambda x: isinstance(x, nnx.Variable)))
+        # One (k, v) pair of pools, each [L_pad, pages, page_size, K, H] (layers over `stage`).
+        self.cache_specs = (self.spec(CACHE_AXES),) * 2
+        self.platform = mesh_platform(mesh)
+        self.check_vma = manual.checks_replication(self.platform, self.par.moe_strategy)
         self.forward = jax.jit(self._forward)
         self.step = jax.jit(self._step, donate_argnums=(1,))
         self.pipeline_step = jax.jit(self._pipeline_step, donate_argnums=(1, 2))
 
+    # ---- what the engine uses (`moejax.engine.batch.Runner`) -----------------------------------
+
+    @property
+    def batch_shards(self) -> int:
+        """Groups the requests are split into: `data`, times `expert` in the dp_attention expert mode."""
+        return self.par.batch_shards
+
+    @property
+    def num_stages(self) -> int:
+        return self.geometry.num_stages
+
     def spec(self, axes) -> P:
-        """PartitionSpec of an array with these logical axes under this model's expert mode."""
-        with sharding.use(self.ep_attention):
-            return sharding.spec(axes)
+        """PartitionSpec of an array with these logical axes."""
+        return self.par.spec(axes)
 
     def named(self, axes) -> jax.NamedSharding:
-        return jax.NamedSharding(self.mesh, self.spec(axes))
+        return self.par.named(self.mesh, axes)
 
     def put(self, array, axes=BATCH):
         """Host array -> global array laid out with logical `axes` (each device gets only its slice)."""
         return jax.device_put(array, self.named(axes))
 
+    def cache_shape(self, num_pages: int, page_size: int) -> tuple[int, ...]:
+        """Global shape of each of the k and v pools: [L_pad, num_pages, page_size, K, H]."""
+        geo = self.geometry
+        return (geo.num_layers, num_pages, page_size, geo.num_kv_heads, self.cfg.head_dim)
+
+    def new_cache(self, num_pages: int, page_size: int, dtype=None):
+        """Zeroed KV page pools: a (k, v) pair, each `cache_shape(...)`; layers split over `stage`,
+        pages over the batch shards, kv heads over `tensor`.
+
+        Stacked over layers (one buffer per pool), so the decoder's layer scan writes and gathers a
+        layer's pages in place inside the loop (the pools are loop state and donated to the step)."""
+        dtype = dtype or self.params["embed"].dtype
+        make = jax.jit(partial(jnp.zeros, self.cache_shape(num_pages, page_size), dtype),
+                       out_shardings=self.named(CACHE_AXES))
+        return make(), make()
+
+    def new_activations(self, rows: int, num_tokens: int, dtype=None):
+        """Zeroed in-flight activations of a pipeline, [stages, rows, num_tokens, D] (rows over `batch`)."""
+        shape = (self.geometry.num_stages, rows, num_tokens, self.cfg.hidden_size)
+        make = jax.jit(partial(jnp.zeros, shape, dtype or self.params["embed"].dtype),
+                       out_shardings=self.named(ACTIVATIONS))
+        return make()
+
+    def with_moe(self, moe_strategy: str | None = None, exchange: str | None = None) -> Steps:
+        """These weights (not copied) compiled with another MoE dispatch strategy or token exchange: the same
+        layout and expert mode, so the same shardings."""
+        par = self.par.replace(**{k: v for k, v in (("moe_strategy", moe_strategy), ("exchange", exchange))
+                                  if v is not None}).checked(self.platform)
+        dtype = self.params["embed"].dtype
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(self.cfg, par, dtype)))
+        return Steps(nnx.merge(graphdef, self.params), self.mesh)
+
+    # ---- the compiled functions ----------------------------------------------------------------
+
     def _model(self, params_local) -> Transformer:
-        state = jax.tree.map(lambda x: x, self._abstract)
-        nnx.replace_by_pure_dict(state, params_local)
-        return nnx.merge(self.graphdef, state)
+        return nnx.merge(self.graphdef, params_local)
 
     def _forward(self, params, tokens_BT, pos_BT):
-        with sharding.use(self.ep_attention):
-            return self._forward_traced(params, tokens_BT, pos_BT)
-
-    def _forward_traced(self, params, tokens_BT, pos_BT):
         def body(params_, tokens_, pos_):
-            logits_, _ = self._model(params_).run(tokens_, pos_, None, None, moe_strategy=self.moe_strategy)
+            logits_, _ = self._model(params_).run(tokens_, pos_, None, None)
             return logits_
 
-        batch = sharding.spec(BATCH)
+        batch = self.spec(BATCH)
         fn = jax.shard_map(body, mesh=self.mesh, in_specs=(self.param_specs, batch, batch),
-                           out_specs=sharding.spec(("batch", None, "vocab")), check_vma=False)
+                           out_specs=self.spec(("batch", None, "vocab")), check_vma=self.check_vma)
         logits_BTV = jax.sharding.reshard(fn(params, tokens_BT, pos_BT), jax.NamedSharding(self.mesh, batch))
         return logits_BTV[..., : self.cfg.vocab_size]  # padded vocabulary columns are never returned
 
     def _step(self, params, cache, tokens_BT, pos_BT, page_table_BP, logits_index_B):
         """One prefill chunk or decode step: writes KV, returns (last logits [B, V], greedy ids [B], cache)."""
-        with sharding.use(self.ep_attention):
-            return self._step_traced(params, cache, tokens_BT, pos_BT, page_table_BP, logits_index_B)
-
-    def _step_traced(self, params, cache, tokens_BT, pos_BT, page_table_BP, logits_index_B):
 
         def body(params_, cache_, tokens_, pos_, table_, index_):
-            logits_, cache_ = self._model(params_).run(tokens_, pos_, cache_, table_, logits_index_B=index_,
-                                                       moe_strategy=self.moe_strategy)
-            return logits_, cache_
+            return self._model(params_).run(tokens_, pos_, cache_, table_, logits_index_B=index_)
 
+        batch = self.spec(BATCH)
         fn = jax.shard_map(body, mesh=self.mesh,
-                           in_specs=(self.param_specs, self.cache_specs, *[sharding.spec(BATCH)] * 3,
-                                     sharding.spec(TOKENS)),
-                           out_specs=(sharding.spec(("batch", "vocab")), self.cache_specs), check_vma=False)
+                           in_specs=(self.param_specs, self.cache_specs, batch, batch, batch, self.spec(TOKENS)),
+                           out_specs=(self.spec(("batch", "vocab")), self.cache_specs), check_vma=self.check_vma)
         logits_BV, cache = fn(params, cache, tokens_BT, pos_BT, page_table_BP, logits_index_B)
         logits_BV = self._gathered(logits_BV)
         return logits_BV, argmax(logits_BV), cache
 
     def _gathered(self, logits_BV):
         """Vocabulary-split logits -> rows split over `batch` only, padded vocabulary columns cut (never sampled)."""
-        logits_BV = jax.sharding.reshard(logits_BV, jax.NamedSharding(self.mesh, sharding.spec(TOKENS)))
+        logits_BV = jax.sharding.reshard(logits_BV, self.named(TOKENS))
         return logits_BV[:, : self.cfg.vocab_size]
 
     def _pipeline_step(self, params, cache, x_SRTD, tokens_SBT, pos_SBT, page_table_SBP, logits_index_SB, active_S):
@@ -124,48 +155,25 @@ class Steps:
         Returns (logits [B, V] of the microbatch leaving the last stage, the activations for the
         next tick (donated and updated in place), the cache).
         """
-        with sharding.use(self.ep_attention):
-            def body(params_, cache_, x_, tokens_, pos_, table_, index_, active_):
-                B = tokens_.shape[1]
-                logits_, x_next, cache_ = self._model(params_).pipeline_tick(
-                    tokens_[0], pos_[0], x_[0, :B], cache_, table_[0], index_[0], active_[0],
-                    moe_strategy=self.moe_strategy)
-                return logits_, x_.at[0, :B].set(x_next), cache_
 
-            staged, x_spec = sharding.spec(STAGED), sharding.spec(ACTIVATIONS)
-            fn = jax.shard_map(body, mesh=self.mesh,
-                               in_specs=(self.param_specs, self.cache_specs, x_spec, staged, staged, staged,
-                                         sharding.spec(STAGED_TOKENS), sharding.spec(("layers",))),
-                               out_specs=(sharding.spec(("batch", "vocab")), x_spec, self.cache_specs),
-                               check_vma=False)
-            logits_BV, x_SRTD, cache = fn(params, cache, x_SRTD, tokens_SBT, pos_SBT, page_table_SBP,
-                                          logits_index_SB, active_S)
-            return self._gathered(logits_BV), x_SRTD, cache
+        def body(params_, cache_, x_, tokens_, pos_, table_, index_, active_):
+            B = tokens_.shape[1]
+            logits_, x_next, cache_ = self._model(params_).pipeline_tick(
+                tokens_[0], pos_[0], x_[0, :B], cache_, table_[0], index_[0], active_[0])
+            return logits_, x_.at[0, :B].set(x_next), cache_
 
-    def new_activations(self, rows: int, num_tokens: int, dtype=None):
-        """Zeroed in-flight activations of a pipeline, [stages, rows, num_tokens, D] (rows over `batch`)."""
-        shape = (self.geometry.num_stages, rows, num_tokens, self.cfg.hidden_size)
-        make = jax.jit(partial(jnp.zeros, shape, dtype or self.params["embed"].dtype),
-                       out_shardings=self.named(ACTIVATIONS))
-        return make()
+        staged, x_spec = self.spec(STAGED), self.spec(ACTIVATIONS)
+        fn = jax.shard_map(body, mesh=self.mesh,
+                           in_specs=(self.param_specs, self.cache_specs, x_spec, staged, staged, staged,
+                                     self.spec(STAGED_TOKENS), self.spec(("layers",))),
+                           out_specs=(self.spec(("batch", "vocab")), x_spec, self.cache_specs),
+                           check_vma=self.check_vma)
+        logits_BV, x_SRTD, cache = fn(params, cache, x_SRTD, tokens_SBT, pos_SBT, page_table_SBP,
+                                      logits_index_SB, active_S)
+        return self._gathered(logits_BV), x_SRTD, cache
 
-    def cache_shape(self, num_pages: int, page_size: int) -> tuple[int, ...]:
-        """Global shape of each of the k and v pools: [L_pad, num_pages, page_size, K, H]."""
-        geo = self.geometry
-        return (geo.num_layers, num_pages, page_size, geo.num_kv_heads, self.cfg.head_dim)
 
-    def new_cache(self, num_pages: int, page_size: int, dtype=None):
-        """Zeroed KV page pools: a (k, v) pair, each `cache_shape(...)`; layers split over `stage`,
-        pages over `data`, kv heads over `tensor`.
-
-        Stacked over layers (one buffer per pool), so the decoder's layer scan writes and gathers a
-        layer's pages in place inside the loop (the pools are loop state and donated to the step)."""
-        dtype = dtype or self.params["embed"].dtype
-        make = jax.jit(partial(jnp.zeros, self.cache_shape(num_pages, page_size), dtype),
-                       out_shardings=self.named(CACHE_AXES))
-        return make(), make()
-
-    def _model_meta(self):
-        model = nnx.merge(self.graphdef, self._abstract)
-        return model.geometry, model.cfg
-
+def mesh_platform(mesh: jax.sharding.Mesh) -> str:
+    """The platform of the devices `mesh` spans ("cpu", "gpu"), topology devices of a GPU target too."""
+    device = getattr(mesh.abstract_mesh, "abstract_device", None)
+    return device.platform if device is not None and device.platform else mesh.devices.flat[0].platform

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax import sharding
 from moejax.config import ModelConfig
 from moejax.model.transformer import Transformer
 
@@ -57,8 +56,9 @@ def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]
     return out
 
 
-def abstract_model(cfg: ModelConfig, layout, dtype) -> Transformer:
-    return nnx.eval_shape(lambda: Transformer(cfg, layout, dtype))
+def abstract_model(cfg: ModelConfig, par, dtype) -> Transformer:
+    """The model's declarations with no memory behind them; `par`: a `Parallelism` (or a `Layout`)."""
+    return nnx.eval_shape(lambda: Transformer(cfg, par, dtype))
 
 
 def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> Transformer:
@@ -97,7 +97,7 @@ def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> 
                     read(layer_of_slot.get(slot), index[1:], block[i])
             return block
 
-        return _assemble(shape, sharding.named(mesh, axes), shard)
+        return _assemble(shape, model.par.named(mesh, axes), shard)
 
     values = {path: build(path, var) for path, var in _variables(state)}
     state = jax.tree_util.tree_map_with_path(lambda p, v: values.get(p, v), state)
@@ -221,7 +221,7 @@ class DeviceRandomSource:
     """Random weights drawn on the devices themselves, each array straight into its sharding (no host copy).
 
     For benchmarks of real model sizes (`moejax bench gpu`), where `RandomSource`'s host generator would take
-    minutes (a 30B-parameter model: ~5 minutes of numpy). Same distributions as `RandomSource` (norms around 1,
+    minutes (minutes of numpy for a 30B-parameter model). Same distributions as `RandomSource` (norms around 1,
     other weights with std 1 / sqrt(fan-in)), not the same values. Dims stored larger than the checkpoint's
     (vocabulary and FFN padding) and padding layers are zero, as `place` makes them, so padded vocabulary ids are
     never produced; repeated kv heads (fewer kv heads than `tensor`) get independent values: timing only.
@@ -244,7 +244,7 @@ class DeviceRandomSource:
                 _draw, shape=tuple(value.shape), dtype=value.dtype,
                 limit=((len(live),) if stacked else ()) + canonical[name][0], live=tuple(live) if stacked else None,
                 norm=name.endswith("norm"), std=_std(self.cfg, name, self.scale)))
-            shardings.append(sharding.named(mesh, var.get_metadata()["out_sharding"]))
+            shardings.append(model.par.named(mesh, var.get_metadata()["out_sharding"]))
 
         def make(key):  # one program for every weight: one compile, each output made in its sharding
             return [draw(jax.random.fold_in(key, i)) for i, draw in enumerate(draws)]

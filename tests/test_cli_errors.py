@@ -227,7 +227,8 @@ PLAN_BAD = [
     (["--out", "{tmp}/out_is_a_file"], r"--out .*out_is_a_file: cannot write the results"),
     (["--batch-sizes", ",".join(map(str, range(1, 5001)))],
      r"the sweep has [\d_]+ configurations \(\d+ layouts x 5000 batch sizes x 6 chunk sizes\), more than 200_000"),
-    (["--ep-attention", "both"], r"argument --ep-attention: invalid choice: 'both'"),
+    (["--expert-mode", "both"],
+     r"argument --expert-mode/--ep-attention: expected one of \['dp_attention', 'replicated_attention'\], got 'both'"),
 ]
 
 
@@ -260,7 +261,8 @@ SWEEP_BAD = [
     (["--microbatches", "2"], r"--microbatches 2: no layout has pipeline stages \(DP1\); add a layout with PP > 1"),
     (["--layouts", "PP2", "--microbatches", "3", "--max-running", "8"],
      r"--max-running 8: no value is a multiple of the data factor x pipeline microbatch groups of any layout \(PP2\)"),
-    (["--ep-attention", ","], r"--ep-attention: expected comma-separated modes from \['data', 'replicated'\]"),
+    (["--expert-mode", ","],
+     r"--expert-mode: expected comma-separated modes from \['dp_attention', 'replicated_attention'\]"),
     (["--page-size", "0"], r"argument --page-size: must be an integer in \[1, 2147483647\], got 0"),
     (["--page-size", "5000"], r"--page-size 5000 exceeds the model's context limit \(max_position_embeddings=2048\)"),
     (["--input-len", "5:2"], r"argument --input-len: a length must be an integer >= 1 \(or a range LO:HI"),
@@ -298,9 +300,9 @@ SERVE_BAD = [
     (["--max-running", "0"], r"argument --max-running: must be an integer in \[1, 2147483647\], got 0"),
     (["--chunk-size", "0"], r"argument --chunk-size: must be an integer in \[1, 2147483647\], got 0"),
     (["--chunk-size", "5000"], r"--chunk-size\(s\) 5000 exceeds the model's context limit"),
-    (["--ep-attention", ","], r"--ep-attention: expected comma-separated modes from \['data', 'replicated'\], "
-                              r"got ','"),
-    (["--ep-attention", "bogus"], r"--ep-attention: expected comma-separated modes"),
+    (["--expert-mode", ","],
+     r"--expert-mode: expected comma-separated modes from \['dp_attention', 'replicated_attention'\], got ','"),
+    (["--expert-mode", "bogus"], r"--expert-mode: expected comma-separated modes"),
     (["--input-len", "2000", "--output-len", "100"], r"prompt \+ output = 2100 tokens\) exceeds the model's context"),
     (["--lengths-file", "{tmp}/lengths_empty.json"], r"lengths_empty.json: no \(input_len, output_len\) entries"),
     (["--hardware", "nope"], r"hardware config 'nope' not found"),

@@ -1,5 +1,5 @@
-"""The expert axis's two modes, "data" (attention data-parallel over the expert group, tokens exchanged
-all-to-all) and "replicated" (tokens replicated, one all-reduce): both exact, and each moves what it says.
+"""The expert axis's two modes, "dp_attention" (attention data-parallel over the expert group, tokens exchanged
+all-to-all) and "replicated_attention" (tokens replicated, one all-reduce): both exact, and each moves what it says.
 """
 
 import re
@@ -14,15 +14,15 @@ from moejax import steps as steps_lib
 LAYOUTS = ["EP8", "DP2EP4", "TP2EP4", "EP4PP2", "DP2TP2EP2"]
 
 
-@pytest.mark.parametrize("mode", ["data", "replicated"])
+@pytest.mark.parametrize("mode", ["dp_attention", "replicated_attention"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_modes_match_one_device(hf_checkpoints, models_1dev, layout, mode):
-    family = "qwen2_moe"  # a shared expert too: split over tensor x expert ("replicated") or tensor ("data")
+    family = "qwen2_moe"  # a shared expert: split over tensor x expert (replicated_attention) or tensor (dp_attention)
     path, _ = hf_checkpoints[family]
-    model = moejax.load(path, layout=layout, ep_attention=mode)
+    model = moejax.load(path, layout=layout, expert_mode=mode)
     base = models_1dev[family]
     rng = np.random.default_rng(11)
-    ids = rng.integers(0, 128, (8, 13))  # 8 rows: every batch shard holds rows in "data" mode
+    ids = rng.integers(0, 128, (8, 13))  # 8 rows: every batch shard holds rows in "dp_attention" mode
     np.testing.assert_allclose(model.forward(ids), base.forward(ids), atol=1e-5, rtol=0)
     prompts = [rng.integers(0, 128, n).tolist() for n in (3, 9, 17)]
     assert model.generate(prompts, max_new_tokens=32) == base.generate(prompts, max_new_tokens=32)
@@ -45,13 +45,13 @@ def _collectives(text):
 
 def test_data_mode_exchanges_tokens_and_splits_attention(hf_checkpoints):
     path, _ = hf_checkpoints["mixtral"]
-    data = moejax.load(path, layout="EP8", ep_attention="data")
-    replicated = moejax.load(path, layout="EP8", ep_attention="replicated")
+    data = moejax.load(path, layout="EP8", expert_mode="dp_attention")
+    replicated = moejax.load(path, layout="EP8", expert_mode="replicated_attention")
     assert (data.batch_shards, replicated.batch_shards) == (8, 1)
     text_d, _ = _decode_hlo(data, 16)
     text_r, _ = _decode_hlo(replicated, 16)
-    # "data": tokens go to the experts and back (all-to-all); the only all-reduce is the scalar max that
-    # sizes the exchange — no all-reduce or all-gather of weights or activations. "replicated": the
+    # "dp_attention": tokens go to the experts and back (all-to-all); the only all-reduce is the scalar max that
+    # sizes the exchange — no all-reduce or all-gather of weights or activations. "replicated_attention": the
     # experts' outputs are all-reduced, and nothing is exchanged.
     kinds_d = {kind for _, kind in _collectives(text_d)}
     assert kinds_d <= {"all-to-all", "all-reduce"} and "all-to-all" in kinds_d
@@ -71,8 +71,8 @@ def test_ragged_exchange_is_refused_on_cpu_before_any_device_work(hf_checkpoints
     path, _ = hf_checkpoints["mixtral"]
     with pytest.raises(ValueError, match="XLA:CPU has none: use exchange 'all_to_all'"):
         moejax.load(path, layout="EP8", exchange="ragged_all_to_all")
-    with pytest.raises(ValueError, match="ep_attention must be one of"):
-        moejax.load(path, layout="EP8", ep_attention="tokens")
+    with pytest.raises(ValueError, match="expert_mode must be one of"):
+        moejax.load(path, layout="EP8", expert_mode="tokens")
 
 
 @pytest.mark.skipif(jax.default_backend() == "cpu", reason="XLA:CPU has no ragged-all-to-all")

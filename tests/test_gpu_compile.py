@@ -176,14 +176,14 @@ def _expected_kinds(layout: str, mode: str, exchange: str, phase: str) -> set[st
     """The collective kinds each program must run, and no other (an all-gather of weights would show here)."""
     lay = moejax.Layout.parse(layout)
     kinds = set()
-    if lay.expert > 1 and mode == "data":
+    if lay.expert > 1 and mode == "dp_attention":
         if exchange == "ragged_all_to_all":
             kinds |= {"ragged-all-to-all", "all-gather"}  # the units, and the counts every device needs
         else:
             kinds |= {"all-to-all", "all-reduce"}  # the rows, and the capacity (a max over the expert group)
-    if lay.tensor > 1 or (lay.expert > 1 and mode == "replicated"):
+    if lay.tensor > 1 or (lay.expert > 1 and mode == "replicated_attention"):
         kinds.add("all-reduce")  # tensor-parallel partial sums; the replicated mode's expert combine
-    if phase == "engine" and lay.expert > 1 and mode == "data":
+    if phase == "engine" and lay.expert > 1 and mode == "dp_attention":
         kinds.add("all-reduce")  # the sampler over rows split over the expert axis too
     if lay.tensor > 1 or (lay.stage > 1 and phase == "engine"):
         kinds.add("all-gather")  # once per step: the vocabulary-split logits; the leaving microbatch's rows
@@ -192,9 +192,10 @@ def _expected_kinds(layout: str, mode: str, exchange: str, phase: str) -> set[st
     return kinds
 
 
-CI_SET = [("DP1", "data", "auto")] + [(layout, mode, "auto") for mode in ("data", "replicated")
-                                      for layout in ("EP8", "TP4EP2", "DP2TP2EP2", "PP2EP4")]
-CI_SET += [("EP8", "data", "ragged_all_to_all")]
+CI_SET = [("DP1", "dp_attention", "auto")] + [(layout, mode, "auto")
+                                              for mode in ("dp_attention", "replicated_attention")
+                                              for layout in ("EP8", "TP4EP2", "DP2TP2EP2", "PP2EP4")]
+CI_SET += [("EP8", "dp_attention", "ragged_all_to_all")]
 
 
 @pytest.mark.gpu_compile
@@ -203,7 +204,7 @@ CI_SET += [("EP8", "data", "ragged_all_to_all")]
 def test_qwen3_30b_compiles_for_h100(layout, mode, exchange):
     cfg = moejax.load_model_config("qwen3-30b-a3b")
     results = gpu_target.compile_layout(cfg, layout, "h100-sxm", gpu_target.Shapes(), ("prefill", "engine"),
-                                        ep_attention=mode, exchange=exchange)
+                                        expert_mode=mode, exchange=exchange)
     for res in results:
         assert res.ok, f"{res.phase}: {res.error}"
         assert gpu_target.cpu_kernels(res) == [], res.custom_calls

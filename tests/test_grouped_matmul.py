@@ -107,14 +107,14 @@ def test_supported_widths():
     assert not gm.supported(16, 12) and not gm.supported(2048, 6)
 
 
-@pytest.mark.parametrize(("layout", "mode"), [("TP2EP4", "data"), ("DP2TP2EP2", "replicated")])
+@pytest.mark.parametrize(("layout", "mode"), [("TP2EP4", "dp_attention"), ("DP2TP2EP2", "replicated_attention")])
 def test_a_model_on_the_pallas_strategy_equals_the_loop(layout, mode):
     """The whole model (both expert modes, experts and FFN split) on the kernels == on the "loop" strategy."""
     import moejax
 
     cfg = moejax.load_model_config("tiny-moe").replace(num_layers=2)
     prompts = [[1, 5, 9, 13, 17], [3, 4]]
-    runs = {s: moejax.Model.random(cfg, layout=layout, moe_strategy=s, ep_attention=mode) for s in ("pallas", "loop")}
+    runs = {s: moejax.Model.random(cfg, layout=layout, moe_strategy=s, expert_mode=mode) for s in ("pallas", "loop")}
     logits = {s: m.forward([prompts[0]]) for s, m in runs.items()}
     np.testing.assert_allclose(logits["pallas"], logits["loop"], rtol=1e-5, atol=1e-5)
     assert runs["pallas"].generate(prompts, max_new_tokens=4) == runs["loop"].generate(prompts, max_new_tokens=4)

@@ -22,8 +22,8 @@ def _run_chunks(model, ids, chunks, page_size=PAGE):
         # same KV values, so it reads the logits at every position without changing the cache.
         for j in range(size):
             index = np.full(B, j, np.int32)
-            logits, _, cache = model.steps.step(model.params, cache, model._put(tokens), model._put(pos),
-                                                model._put(table), model._put(index, steps_lib.TOKENS))
+            logits, _, cache = model.steps.step(model.params, cache, model.steps.put(tokens), model.steps.put(pos),
+                                                model.steps.put(table), model.steps.put(index, steps_lib.TOKENS))
             out.append(np.asarray(logits))
         start += size
     assert start == T

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax import native, sharding
+from moejax import manual, native
 from moejax.mesh import Layout, make_mesh
 from moejax.model import moe
+from moejax.sharding import Parallelism
 
 E, D, F, X = 8, 16, 12, 2
 # Every strategy; "native" where the kernels are built and on (CI runs this file with them off too).
@@ -36,16 +37,17 @@ def _routing(M, rng, skip_expert=3):
 def _run_dispatch(layout, strategy, x, weights, experts, wg, wu, wd, **kwargs):
     """moe.dispatch inside a shard_map over `layout` (experts over `expert`, F over `tensor`), reduced."""
     mesh = make_mesh(Layout.parse(layout))
-    w_spec = sharding.spec(("experts", "embed", "ffn"))
-    wd_spec = sharding.spec(("experts", "ffn", "embed"))
+    par = Parallelism(layout, "replicated_attention", strategy)
+    w_spec = par.spec(("experts", "embed", "ffn"))
+    wd_spec = par.spec(("experts", "ffn", "embed"))
     rep = jax.sharding.PartitionSpec()
 
     def body(x_, w_, e_, wg_, wu_, wd_):
-        y_ = moe.dispatch(x_, w_, e_, (wg_, wu_, wd_), strategy, **kwargs)
-        return sharding.psum(y_, "experts", "ffn")
+        y_ = moe.dispatch(x_, w_, e_, (wg_, wu_, wd_), par, **kwargs)
+        return par.psum(y_, "experts", "ffn")
 
     fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(rep, rep, rep, w_spec, w_spec, wd_spec), out_specs=rep,
-                               check_vma=False))
+                               check_vma=manual.checks_replication("cpu", strategy)))
     put = lambda a, spec: jax.device_put(np.asarray(a), jax.NamedSharding(mesh, spec))  # noqa: E731
     return np.asarray(fn(put(x, rep), put(weights, rep), put(experts, rep), put(wg, w_spec), put(wu, w_spec),
                          put(wd, wd_spec)))
@@ -125,9 +127,9 @@ def test_auto_picks_native_on_cpu_pallas_on_gpu_and_loop_elsewhere():
 def test_native_strategy_where_it_cannot_run_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(native.ENV, "0")
     with pytest.raises(ValueError, match=r"dispatch 'native' needs moejax's CPU kernels.*MOEJAX_NATIVE=0"):
-        moe.Strategy("native").checked("cpu")
+        Parallelism(moe_strategy="native").checked("cpu")
     with pytest.raises(ValueError, match="dispatch 'native' needs moejax's CPU kernels, but the backend is 'gpu'"):
-        moe.Strategy("native").checked("gpu")
+        Parallelism(moe_strategy="native").checked("gpu")
 
 
 @pytest.mark.skipif(not native.available(), reason="native kernels off or not built")

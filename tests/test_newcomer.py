@@ -92,15 +92,15 @@ def test_notebooks_are_committed_with_their_outputs():
 
 def test_plan_help_names_the_runtime_default_expert_mode(capsys):
     from moejax import cli
+    from moejax.axes import EXPERT_MODES
     from moejax.inference import Model
-    from moejax.planner.workload import EP_ATTENTION_MODES
 
-    default = inspect.signature(Model.__init__).parameters["ep_attention"].default
-    other = next(m for m in EP_ATTENTION_MODES if m != default)
+    default = inspect.signature(Model.__init__).parameters["expert_mode"].default
+    other = next(m for m in EXPERT_MODES if m != default)
     with pytest.raises(SystemExit):
         cli.main(["plan", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    help_text = text[text.index("--ep-attention"):]
+    help_text = text[text.index("--expert-mode"):]
     assert help_text.index(f"{default} (") < help_text.index("the runtime's default") < help_text.index(f"{other} (")
 
 
@@ -111,7 +111,7 @@ def _rows(n: int, spread: float) -> list[dict]:
     """n layouts on the frontier (tokens/s/user rising as tokens/s/device falls), and one far below it that
     sets the axes' range (a sweep's slow layouts do that)."""
     points = [(10.0 * (1 + spread) ** i, 100.0 / (1 + spread) ** i) for i in range(n)] + [(0.01, 0.01)]
-    return [{"layout": f"DP{i + 1}TP2EP2", "ep_attention": "data", "tokens_per_s_per_user": x,
+    return [{"layout": f"DP{i + 1}TP2EP2", "expert_mode": "dp_attention", "tokens_per_s_per_user": x,
              "tokens_per_s_per_device": y, "model": "tiny-moe", "devices": 8, "platform": "cpu", "isl": 16, "osl": 8}
             for i, (x, y) in enumerate(points)]
 

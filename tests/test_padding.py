@@ -28,7 +28,7 @@ def test_odd_vocab_and_ffn_match_hf(odd_checkpoints, family, layout):
     path, ref = odd_checkpoints[family]
     vocab = CASES[family]["vocab_size"]
     model = moejax.load(path, layout=layout)
-    assert model.module.geometry.vocab % model.layout.tensor == 0 and model.module.geometry.vocab > vocab
+    assert model.geometry.vocab % model.layout.tensor == 0 and model.geometry.vocab > vocab
     ids = np.random.default_rng(0).integers(0, vocab, (2, 11))
     logits = model.forward(ids)
     assert logits.shape == (2, 11, vocab)  # exactly vocab_size columns

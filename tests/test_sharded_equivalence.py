@@ -26,15 +26,15 @@ def test_layout_matches_one_device(family, layout, hf_checkpoints, models_1dev, 
     assert model.generate(prompts, max_new_tokens=32) == base.generate(prompts, max_new_tokens=32)
 
 
-@pytest.mark.parametrize(("mode", "shared"), [("replicated", 10), ("data", 20)])
+@pytest.mark.parametrize(("mode", "shared"), [("replicated_attention", 10), ("dp_attention", 20)])
 def test_weights_are_sharded_as_the_rules_say(hf_checkpoints, mode, shared):
     """TP2EP2PP2 on a 3-layer, 8-expert, 8-head / 2-kv-head model: per-device shard shapes."""
     path, _ = hf_checkpoints["qwen2_moe"]
-    model = moejax.load(path, layout="TP2EP2PP2", ep_attention=mode)
+    model = moejax.load(path, layout="TP2EP2PP2", expert_mode=mode)
     p = model.params
     # 3 layers padded to 2 stages x 2 layers, stacked [4, ...] and split over stage; experts stacked
     # [4, 8, ...] split over stage and expert; the shared expert's width (40) over tensor x expert in
-    # "replicated" mode (the expert group holds the same tokens) and over tensor in "data" mode.
+    # "replicated_attention" mode (the expert group holds the same tokens) and over tensor in "dp_attention" mode.
     expected = {
         ("layers", "moe", "wg"): (2, 4, 48, 16),  # layers / stage, experts / expert, F / tensor
         ("layers", "moe", "wd"): (2, 4, 16, 48),

@@ -20,13 +20,22 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
-import inspect
 import json
 import os
 import sys
 from pathlib import Path
 
-from moejax.args import DEFAULT_LAYOUT, UsageError, check_devices, int_in, int_list, read_model_config, real_in
+from moejax.args import (
+    DEFAULT_LAYOUT,
+    UsageError,
+    check_context,
+    check_devices,
+    expert_modes,
+    int_in,
+    int_list,
+    read_model_config,
+    real_in,
+)
 from moejax.bench.results import append_row
 from moejax.devices import MAX_SIMULATED_DEVICES
 
@@ -85,8 +94,9 @@ def add_parsers(subparsers) -> list[argparse.ArgumentParser]:
     sweep.add_argument("--max-running", type=int_list(1), default=[8],
                        help="ServeConfig.max_running values (default 8); a value not a multiple of a layout's batch "
                             "shards is skipped for that layout")
-    sweep.add_argument("--ep-attention", default=None,
-                       help="comma-separated expert modes to run (e.g. data,replicated); default: the model's")
+    sweep.add_argument("--expert-mode", "--ep-attention", dest="expert_mode", default=None,
+                       help="comma-separated expert modes to run (e.g. dp_attention,replicated_attention); default: "
+                            "the model's (--ep-attention, data, replicated: deprecated names, for one release)")
     sweep.add_argument("--microbatches", type=int_list(1), default=None,
                        help="ServeConfig.microbatches values for layouts with stages (e.g. 1,2,4: 1 is the "
                             "sequential schedule); default: the engine's, one group per stage")
@@ -107,7 +117,8 @@ def add_parsers(subparsers) -> list[argparse.ArgumentParser]:
     serve.add_argument("--layout", default=DEFAULT_LAYOUT, help=f"e.g. DP2TP2EP2 (default {DEFAULT_LAYOUT})")
     serve.add_argument("--chunk-size", type=int_in(1), default=64, help="prefill chunk size (default 64)")
     serve.add_argument("--max-running", type=int_in(1), default=8, help="ServeConfig.max_running (default 8)")
-    serve.add_argument("--ep-attention", default=None, help="expert mode (default: the model's)")
+    serve.add_argument("--expert-mode", "--ep-attention", dest="expert_mode", default=None,
+                       help="expert mode (default: the model's)")
     serve.add_argument("--microbatches", type=int_in(1), default=None,
                        help="ServeConfig.microbatches: pipeline microbatch groups (default: one per stage)")
     serve.add_argument("--json", action="store_true", help="print the measurement as one JSON object")
@@ -161,18 +172,7 @@ def _workload(args, cfg, sweep: bool):
 
 
 def _modes(text: str | None, flag: str) -> tuple[str | None, ...]:
-    if text is None:
-        return (None,)
-    from moejax.inference import Model
-    from moejax.planner.workload import EP_ATTENTION_MODES
-
-    modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    bad = [m for m in modes if m not in EP_ATTENTION_MODES]
-    if not modes or bad:
-        raise UsageError(f"{flag}: expected comma-separated modes from {list(EP_ATTENTION_MODES)}, got {text!r}")
-    if "ep_attention" not in inspect.signature(Model.__init__).parameters:
-        raise UsageError(f"{flag}: this moejax runtime has one expert mode (replicated); leave the flag out")
-    return modes
+    return (None,) if text is None else expert_modes(text, flag)
 
 
 def _layouts(text: str, cfg, flag: str) -> list | None:
@@ -194,14 +194,6 @@ def _layouts(text: str, cfg, flag: str) -> list | None:
     if not out:
         raise UsageError(f"{flag}: no layout given in {text!r}")
     return out
-
-
-def _check_sizes(args, cfg, chunks: list[int]) -> None:
-    limit = cfg.max_position_embeddings
-    for flag, values in (("--chunk-size(s)", chunks), ("--page-size", [args.page_size])):
-        for v in values:
-            if v > limit:
-                raise UsageError(f"{flag} {v} exceeds the model's context limit (max_position_embeddings={limit})")
 
 
 def _check_out_file(path: Path, flag: str) -> None:
@@ -275,8 +267,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     reference = _layouts(args.reference_layout, cfg, "--reference-layout") if args.reference_layout else None
     if reference is not None and len(reference) != 1:
         raise UsageError(f"--reference-layout: give one layout, got {args.reference_layout!r}")
-    modes = _modes(args.ep_attention, "--ep-attention")
-    _check_sizes(args, cfg, args.chunk_sizes)
+    modes = _modes(args.expert_mode, "--expert-mode")
+    check_context(cfg, [*(("--chunk-size(s)", v) for v in args.chunk_sizes), ("--page-size", args.page_size)])
     _check_hardware(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -305,7 +297,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
                          f"factor x pipeline microbatch groups of any layout ({', '.join(str(x) for x in layouts)})")
     spec = SweepSpec(model=args.model, layouts=tuple(layouts), chunk_sizes=tuple(args.chunk_sizes),
                      max_running=tuple(args.max_running), workload=workload,
-                     hardware=_resolve_hardware(args, devices[0]), ep_attention=modes, dtype=args.dtype,
+                     hardware=_resolve_hardware(args, devices[0]), expert_mode=modes, dtype=args.dtype,
                      seed=args.weights_seed, page_size=args.page_size, max_prefill_seqs=args.max_prefill_seqs,
                      decode_buckets=args.decode_buckets, reference_layout=reference[0] if reference else None,
                      efficiency=args.efficiency, microbatches=microbatches)
@@ -334,11 +326,11 @@ def run_serve_command(args: argparse.Namespace) -> int:
     if layouts is None or len(layouts) != 1:
         raise UsageError(f"--layout: give one layout, got {args.layout!r}; `moejax sweep` runs many")
     (layout,) = layouts
-    modes = _modes(args.ep_attention, "--ep-attention")
+    modes = _modes(args.expert_mode, "--expert-mode")
     if len(modes) > 1:
-        raise UsageError("--ep-attention: give one mode; `moejax sweep` runs several")
+        raise UsageError("--expert-mode: give one mode; `moejax sweep` runs several")
     mode = modes[0]
-    _check_sizes(args, cfg, [args.chunk_size])
+    check_context(cfg, (("--chunk-size(s)", args.chunk_size), ("--page-size", args.page_size)))
     if args.microbatches is not None and layout.stage == 1:
         raise UsageError(f"--microbatches {args.microbatches}: layout {layout} has no pipeline stages; give a layout "
                          f"with PP > 1, or drop --microbatches")
@@ -353,7 +345,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     devices = _start_jax([layout], args.devices)
     spec = sweep_lib.SweepSpec(model=args.model, layouts=(layout,), chunk_sizes=(args.chunk_size,),
                                max_running=(args.max_running,), workload=workload,
-                               hardware=_resolve_hardware(args, devices[0]), ep_attention=(mode,), dtype=args.dtype,
+                               hardware=_resolve_hardware(args, devices[0]), expert_mode=(mode,), dtype=args.dtype,
                                seed=args.weights_seed, page_size=args.page_size,
                                max_prefill_seqs=args.max_prefill_seqs, decode_buckets=args.decode_buckets,
                                efficiency=args.efficiency)
@@ -373,7 +365,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
                                       args.microbatches, progress)
     finally:
         jax.monitoring.unregister_event_duration_listener(counter)
-    row["ep_attention_requested"] = mode or sweep_lib.DEFAULT
+    row["expert_mode_requested"] = mode or sweep_lib.DEFAULT
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         append_row(Path(args.out), row)  # whole, as the sweep's rows: a ^C never leaves half a line
@@ -383,7 +375,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
         return 0
     decode = row["comm"]["decode"]
     header = [("Model", cfg.name), ("Layout", f"{row['layout']} ({row['devices']} {row['platform']})"),
-              ("Expert mode", row["ep_attention"]),
+              ("Expert mode", row["expert_mode"]),
               ("Chunk size / max running", f"{args.chunk_size} / {args.max_running}"),
               ("Compile time (s)", f"{row['compile_s']:.2f}"),
               ("Warm-up requests (s)", f"{row['warmup_requests_s']:.2f}"),

@@ -334,7 +334,7 @@ def account(engine) -> dict:
     return out
 
 
-def planner_volume(cfg, layout, ep_attention: str, group_tokens: float, act_bytes: float, hw,
+def planner_volume(cfg, layout, expert_mode: str, group_tokens: float, act_bytes: float, hw,
                    pipelined: bool = False) -> dict:
     """The planner's predicted bytes one device sends per step, for `group_tokens` tokens per batch shard.
 
@@ -352,7 +352,7 @@ def planner_volume(cfg, layout, ep_attention: str, group_tokens: float, act_byte
     from moejax.planner.memory import stages
     from moejax.planner.workload import Options, Workload
 
-    options = Options(ep_attention=ep_attention)
+    options = Options(expert_mode=expert_mode)
     workload = Workload(act_bytes=act_bytes)
     load = Load(decode=group_tokens, group_decode=group_tokens)
     no_expert = dataclasses.replace(layout, expert=1)

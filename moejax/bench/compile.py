@@ -28,7 +28,7 @@ import resource
 import sys
 import time
 
-from moejax.args import Parser, int_in, read_model_config, run_main
+from moejax.args import Parser, expert_mode, int_in, read_model_config, run_main
 
 
 def hlo_instructions(text: str) -> int:
@@ -36,7 +36,8 @@ def hlo_instructions(text: str) -> int:
     return len(re.findall(r"^\s*(?:ROOT )?%\S+ = ", text, flags=re.MULTILINE))
 
 
-def measure(model_name: str, layout: str, serve_overrides: dict | None = None, ep_attention: str = "data") -> dict:
+def measure(model_name: str, layout: str, serve_overrides: dict | None = None,
+            expert_mode: str = "dp_attention") -> dict:
     """Place, warm up and size one (model, layout); returns the figures as a dict."""
     import jax
 
@@ -44,7 +45,7 @@ def measure(model_name: str, layout: str, serve_overrides: dict | None = None, e
 
     cfg = moejax.load_model_config(model_name)
     t0 = time.perf_counter()
-    model = moejax.Model.random(cfg, layout=layout, ep_attention=ep_attention)
+    model = moejax.Model.random(cfg, layout=layout, expert_mode=expert_mode)
     jax.block_until_ready(model.params)
     place_s = time.perf_counter() - t0
     engine = moejax.Engine(model, moejax.ServeConfig(**(serve_overrides or {})))
@@ -52,7 +53,7 @@ def measure(model_name: str, layout: str, serve_overrides: dict | None = None, e
     engine.warmup()
     warmup_s = time.perf_counter() - t0
     text = engine.compiled_step("decode", engine.decode_buckets[0]).as_text()
-    return {"model": cfg.name, "layout": str(model.layout), "ep_attention": ep_attention,
+    return {"model": cfg.name, "layout": str(model.layout), "expert_mode": expert_mode,
             "experts": cfg.num_experts, "layers": cfg.num_layers,
             "place_s": round(place_s, 2), "warmup_s": round(warmup_s, 2),
             "shapes": 1 + len(engine.decode_buckets), "decode_hlo_instructions": hlo_instructions(text),
@@ -65,12 +66,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen3-30b-a3b-tiny", help="model config name or path (random weights)")
     p.add_argument("--layouts", default="DP1", help="comma-separated layouts, e.g. DP1,EP8,DP2TP2EP2")
-    p.add_argument("--ep-attention", default="data", choices=["data", "replicated"], help="the expert axis's mode")
+    p.add_argument("--expert-mode", "--ep-attention", dest="expert_mode", default="dp_attention", type=expert_mode,
+                   help="the expert axis's mode: dp_attention or replicated_attention")
     p.add_argument("--out", default=None, help="append one JSON line per layout (with --target: per program) here")
     p.add_argument("--target", default=None, help="compile for this GPU (h100-sxm, h200, b200) without one, instead")
     p.add_argument("--phases", default="prefill,decode,engine", help="with --target: programs to compile")
     p.add_argument("--moe-strategy", default="auto", help="with --target: MoE dispatch strategy (moejax.model.moe)")
-    p.add_argument("--exchange", default="auto", help="with --target: the 'data' mode's token exchange")
+    p.add_argument("--exchange", default="auto", help="with --target: the dp_attention mode's token exchange")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"], help="with --target")
     p.add_argument("--batch", type=int_in(1), default=64, help="with --target: concurrent requests per replica")
     p.add_argument("--context", type=int_in(1), default=2048, help="with --target: longest sequence (KV pages)")
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={need}".strip()
     print(f"{'layout':<12} {'place s':>8} {'warm-up s':>10} {'HLO instr':>10} {'peak RSS GiB':>13}")
     for layout in layouts:
-        row = measure(args.model, layout, ep_attention=args.ep_attention)
+        row = measure(args.model, layout, expert_mode=args.expert_mode)
         print(f"{row['layout']:<12} {row['place_s']:>8.2f} {row['warmup_s']:>10.2f} "
               f"{row['decode_hlo_instructions']:>10} {row['peak_rss_gib']:>13.2f}", flush=True)
         if args.out:
@@ -123,13 +125,13 @@ def run_target(p: argparse.ArgumentParser, args, layouts: list[str]) -> int:
     gpu_target.prepare()
     import moejax
     from moejax.mesh import Layout
-    from moejax.model.moe import Strategy
+    from moejax.sharding import Parallelism
 
     try:
         cfg = moejax.load_model_config(args.model)
         for layout in layouts:
             Layout.parse(layout).validate(cfg)
-        Strategy(args.moe_strategy, args.exchange).checked("gpu")
+        Parallelism(moe_strategy=args.moe_strategy, exchange=args.exchange).checked("gpu")
     except (ValueError, FileNotFoundError) as err:
         p.error(str(err))
     if not args.json:
@@ -138,7 +140,7 @@ def run_target(p: argparse.ArgumentParser, args, layouts: list[str]) -> int:
     failed = 0
     for layout in layouts:
         for res in gpu_target.compile_layout(cfg, layout, args.target, shapes, phases, args.dtype, args.moe_strategy,
-                                             args.ep_attention, args.exchange):
+                                             args.expert_mode, args.exchange):
             failed += not res.ok
             row = res.as_dict()
             if args.json:

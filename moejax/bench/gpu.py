@@ -276,9 +276,7 @@ def _sweep_and_calibrate(args, model, cfg, model_path, hw, hw_name, summary, dea
 
 def _steps(model, strategy: str):
     """The model's steps compiled with another MoE dispatch strategy (same weights, same mesh)."""
-    from moejax.steps import Steps
-
-    return Steps(model.module, model.mesh, strategy, model.ep_attention)
+    return model.steps.with_moe(moe_strategy=strategy)
 
 
 def _si(value: float) -> str:

@@ -41,7 +41,7 @@ def styles(labels: list[str]) -> dict[str, tuple[tuple[float, ...], str]]:
 
 
 def _label(row: dict, modes: set[str]) -> str:
-    return row["layout"] if len(modes) <= 1 else f"{row['layout']} ({row['ep_attention']})"
+    return row["layout"] if len(modes) <= 1 else f"{row['layout']} ({row['expert_mode']})"
 
 
 def _frontier(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
@@ -79,11 +79,11 @@ def planner_frontier(rows: list[dict], hw) -> list[tuple[float, float, str]]:
     lo, hi = min(swept), max(swept)
     totals = sorted(swept | {2**k for k in range(32) if lo <= 2**k <= hi})  # requests over the mesh
     points = []
-    for layout, mode in sorted({(r["layout"], r["ep_attention"]) for r in rows}):
+    for layout, mode in sorted({(r["layout"], r["expert_mode"]) for r in rows}):
         lay = Layout.parse(layout)
         for total in (t for t in totals if t % lay.data == 0):
             for chunk in chunks:
-                p = predict(cfg, lay, hw, workload, Options(ep_attention=mode), batch=total // lay.data, chunk=chunk)
+                p = predict(cfg, lay, hw, workload, Options(expert_mode=mode), batch=total // lay.data, chunk=chunk)
                 if p.feasible:
                     points.append((p.tokens_per_s_per_user, p.tokens_per_s_per_device, layout))
     return _frontier(points)
@@ -126,7 +126,7 @@ def tradeoff_figure(rows: list[dict], hw=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = {r["ep_attention"] for r in rows}
+    modes = {r["expert_mode"] for r in rows}
     labels = list(dict.fromkeys(_label(r, modes) for r in rows))
     style = styles(labels)
     fig, ax = plt.subplots(figsize=(10, 6.5))
@@ -183,7 +183,7 @@ def plot_latency_vs_chunk(rows: list[dict], path: Path) -> tuple[Path, list[tupl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = {r["ep_attention"] for r in rows}
+    modes = {r["expert_mode"] for r in rows}
     layouts = list(dict.fromkeys(_label(r, modes) for r in rows))
     style = styles(layouts)
     running = sorted({r["max_running"] for r in rows})

@@ -13,7 +13,9 @@ import json
 import os
 from pathlib import Path
 
-KEY_FIELDS = ("model", "platform", "layout", "ep_attention_requested", "chunk_size", "max_running", "dtype",
+from moejax.axes import DEPRECATED_EXPERT_MODES
+
+KEY_FIELDS = ("model", "platform", "layout", "expert_mode_requested", "chunk_size", "max_running", "dtype",
               "page_size", "max_prefill_seqs", "decode_buckets", "workload_id", "microbatches_requested")
 LAYER_SCOPES = ("attn", "moe", "mlp", "ffn", "shared")  # named blocks inside a layer (the planner's per-layer terms)
 
@@ -38,10 +40,20 @@ def read_rows(path: Path) -> list[dict]:
     for n, line in enumerate(lines, 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                rows.append(_renamed(json.loads(line)))
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{n}: not a JSON line ({err}); fix or remove it to resume the sweep") from err
     return rows
+
+
+def _renamed(row: dict) -> dict:
+    """A row written before the expert modes were renamed (`ep_attention`: "data" / "replicated"), in today's names,
+    so a sweep resumes over it."""
+    for old, new in (("ep_attention", "expert_mode"), ("ep_attention_requested", "expert_mode_requested")):
+        if old in row and new not in row:
+            value = row.pop(old)
+            row[new] = DEPRECATED_EXPERT_MODES.get(value, value)
+    return row
 
 
 def append_row(path: Path, row: dict) -> None:
@@ -67,7 +79,7 @@ _CSV_METRICS = ("ttft_s", "tpot_s", "e2e_s", "tokens_per_s", "tokens_per_s_per_d
                 "e2e_s_p90", "e2e_s_p99", "tokens_per_s_per_user_p50", "tokens_per_s_per_user_p90",
                 "tokens_per_s_per_user_p99", "num_requests", "output_tokens", "duration_s", "errors", "preemptions",
                 "warmup_s", "compile_s", "compilations", "compilations_during_run", "place_s", "peak_memory_bytes",
-                "device_peak_bytes_in_use", "ep_attention", "batch_shards", "devices", "isl", "osl",
+                "device_peak_bytes_in_use", "expert_mode", "batch_shards", "devices", "isl", "osl",
                 "output_digest", "tokens_match_reference")
 
 
@@ -78,7 +90,7 @@ def comm_rows(row: dict) -> list[dict]:
         hlo, plan = row["comm"][phase], row["planner_comm"][phase]
         layers = sum(v for s, v in hlo["by_scope"].items() if s in LAYER_SCOPES)
         sends = hlo["by_kind"]["collective-permute"]["wire_bytes"]
-        entry = {k: row[k] for k in ("layout", "ep_attention", "chunk_size", "max_running")}
+        entry = {k: row[k] for k in ("layout", "expert_mode", "chunk_size", "max_running")}
         entry.update({"phase": phase, "tokens_per_shard": row["comm_tokens"][phase],
                       "hlo_wire_bytes": hlo["wire_bytes"], "hlo_layer_bytes": layers, "hlo_send_bytes": sends,
                       "hlo_other_bytes": hlo["wire_bytes"] - layers - sends,
@@ -130,7 +142,7 @@ def comm_table(flat: list[dict]) -> str:
         other = ", ".join(f"{s} {float(v):.0f}" for s, v in scopes.items()
                           if s not in LAYER_SCOPES and s != "ppermute" and float(v) > 0) or "-"
         ratio = "-" if e["layer_ratio"] is None else f"{e['layer_ratio']:.2f}"
-        lines.append(f"| {e['layout']} | {e['ep_attention']} | {e['phase']} | {e['tokens_per_shard']} | "
+        lines.append(f"| {e['layout']} | {e['expert_mode']} | {e['phase']} | {e['tokens_per_shard']} | "
                      f"{e['hlo_layer_bytes']:.0f} ({layer}) | {e['planner_layer_bytes']:.0f} "
                      f"({e['planner_tensor_bytes']:.0f}+{e['planner_expert_bytes']:.0f}) | {ratio} | "
                      f"{e['hlo_send_bytes']:.0f} | {e['planner_send_bytes']:.0f} | {other} | "

@@ -10,7 +10,7 @@ Output folder (`run_sweep(..., out_dir)`):
 - `results.jsonl`: one line per measured configuration, in the planner's calibration schema
   (`moejax.planner.calibrate`: model, hardware, layout, precision, batch_size = max_running,
   chunk_size, isl / osl = the workload's mean lengths, ttft_s, tpot_s, tokens_per_s_per_device,
-  tokens_per_s_per_user, ep_attention) plus everything else measured (percentiles, compile time,
+  tokens_per_s_per_user, expert_mode) plus everything else measured (percentiles, compile time,
   memory, communication, the planner's prediction, a digest of the greedy output tokens).
 - `failures.jsonl`: one line per configuration that raised, with the error; the sweep goes on.
 - `results.csv`, `comm.csv`: flat tables of both; `tradeoff.png`, `latency_vs_chunk.png` (`plots`).
@@ -47,7 +47,7 @@ from moejax.bench.workload import Workload
 from moejax.mesh import Layout
 
 PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}  # planner names (f16: same bytes as bf16)
-DEFAULT = "default"  # ep_attention_requested when the model's own default mode is used
+DEFAULT = "default"  # expert_mode_requested when the model's own default mode is used
 CPU_CAVEAT = ("simulated CPU devices share the host's cores: these figures check correctness and communication "
               "volume, not which layout is faster")
 _COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration",
@@ -65,7 +65,7 @@ class SweepSpec:
         max_running: ServeConfig.max_running values (requests running at once over the mesh).
         workload: the requests (`moejax.bench.workload.Workload`).
         hardware: planner hardware name for the calibration rows and predictions (e.g. 'cpu-host').
-        ep_attention: expert modes to run (`Model(ep_attention=...)`); None: the model's default.
+        expert_mode: expert modes to run (`Model(expert_mode=...)`); None: the model's default.
         dtype: serving dtype. seed: random-weight seed (config-name models).
         page_size, max_prefill_seqs: ServeConfig knobs, fixed over the sweep.
         decode_buckets: 'pow2' (the engine's powers of two up to the slots) or 'max' (one bucket: fewer compiles).
@@ -82,7 +82,7 @@ class SweepSpec:
     max_running: tuple[int, ...] = (8,)
     workload: Workload = Workload()
     hardware: str = "cpu-host"
-    ep_attention: tuple[str | None, ...] = (None,)
+    expert_mode: tuple[str | None, ...] = (None,)
     dtype: str = "float32"
     seed: int = 0
     page_size: int = 16
@@ -97,7 +97,7 @@ class SweepSpec:
             raise ValueError(f"decode_buckets must be 'pow2' or 'max', got {self.decode_buckets!r}")
         if self.dtype not in PRECISION:
             raise ValueError(f"dtype must be one of {sorted(PRECISION)}, got {self.dtype!r}")
-        for name in ("layouts", "chunk_sizes", "max_running", "ep_attention", "microbatches"):
+        for name in ("layouts", "chunk_sizes", "max_running", "expert_mode", "microbatches"):
             if not getattr(self, name):
                 raise ValueError(f"SweepSpec.{name} is empty")
 
@@ -112,7 +112,7 @@ class SweepSpec:
         if self.reference_layout is not None:
             out.append(self._config(self.reference_layout, None, self.chunk_sizes[0], self.max_running[0], None))
         for layout in self.layouts:
-            for mode in self.ep_attention:
+            for mode in self.expert_mode:
                 for m in self.microbatches if layout.stage > 1 else (None,):
                     for mr in self.max_running:
                         for chunk in self.chunk_sizes:
@@ -122,7 +122,7 @@ class SweepSpec:
         return out
 
     def _config(self, layout: Layout, mode: str | None, chunk: int, mr: int, microbatches: int | None) -> dict:
-        return {"model": self.model, "layout": str(layout), "ep_attention_requested": mode or DEFAULT,
+        return {"model": self.model, "layout": str(layout), "expert_mode_requested": mode or DEFAULT,
                 "chunk_size": chunk, "max_running": mr, "dtype": self.dtype, "page_size": self.page_size,
                 "max_prefill_seqs": self.max_prefill_seqs, "decode_buckets": self.decode_buckets,
                 "workload_id": self.workload.workload_id, "microbatches_requested": microbatches}
@@ -166,12 +166,12 @@ class _CompileCounter:
 
 
 def ep_mode(model) -> str:
-    """The model's expert-axis mode ('replicated' for a model that predates the choice)."""
-    return getattr(model, "ep_attention", getattr(model, "ep_mode", "replicated"))
+    """The model's expert mode."""
+    return model.expert_mode
 
 
 def batch_shards(model) -> int:
-    """Request groups of the model (data, or data x expert in the 'data' expert mode)."""
+    """Request groups of the model (data, or data x expert in the 'dp_attention' expert mode)."""
     return getattr(model, "batch_shards", model.layout.data)
 
 
@@ -232,13 +232,13 @@ def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _Compil
         "batch_size": mr, "chunk_size": chunk, "isl": isl, "osl": osl,
         "ttft_s": metrics["ttft_s"], "tpot_s": metrics["tpot_s"],
         "tokens_per_s_per_device": metrics["tokens_per_s_per_device"],
-        "tokens_per_s_per_user": metrics["tokens_per_s_per_user"], "ep_attention": ep_mode(model),
+        "tokens_per_s_per_user": metrics["tokens_per_s_per_user"], "expert_mode": ep_mode(model),
         # the configuration (KEY_FIELDS) and context
-        "ep_attention_requested": None, "max_running": mr, "dtype": spec.dtype, "page_size": spec.page_size,
+        "expert_mode_requested": None, "max_running": mr, "dtype": spec.dtype, "page_size": spec.page_size,
         "max_prefill_seqs": spec.max_prefill_seqs, "decode_buckets": spec.decode_buckets,
         "workload_id": spec.workload.workload_id, "workload": spec.workload.describe(),
         "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
-        "devices": layout.size, "batch_shards": engine.data, "decode_bucket_sizes": list(engine.decode_buckets),
+        "devices": layout.size, "batch_shards": engine.groups, "decode_bucket_sizes": list(engine.decode_buckets),
         "microbatches_requested": microbatches, "microbatches": engine.microbatches,
         **{k: v for k, v in metrics.items() if k not in ("ttft_s", "tpot_s", "tokens_per_s_per_device",
                                                          "tokens_per_s_per_user")},
@@ -275,7 +275,7 @@ def _build_model(spec: SweepSpec, layout: str, mode: str | None):
 
     kwargs = {"layout": layout, "dtype": spec.dtype}
     if mode is not None:
-        kwargs["ep_attention"] = mode
+        kwargs["expert_mode"] = mode
     if _P(spec.model).is_dir():
         return moejax.load(spec.model, **kwargs)
     return moejax.Model.random(moejax.load_model_config(spec.model), seed=spec.seed, **kwargs)
@@ -363,7 +363,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, progress: bool = True, re
 
 
 def _model_key(spec: SweepSpec, c: dict) -> tuple:
-    return (spec.model, c["layout"], c["ep_attention_requested"], spec.dtype, spec.seed)
+    return (spec.model, c["layout"], c["expert_mode_requested"], spec.dtype, spec.seed)
 
 
 def _run_one(spec: SweepSpec, c: dict, models: dict, hw, counter: _CompileCounter, res: SweepResult,
@@ -374,7 +374,7 @@ def _run_one(spec: SweepSpec, c: dict, models: dict, hw, counter: _CompileCounte
     try:
         if mk not in models:
             t = time.perf_counter()
-            mode = None if c["ep_attention_requested"] == DEFAULT else c["ep_attention_requested"]
+            mode = None if c["expert_mode_requested"] == DEFAULT else c["expert_mode_requested"]
             with phases.phase(f"placing {spec.model} on layout {c['layout']}") if phases else contextlib.nullcontext():
                 models[mk] = (_build_model(spec, c["layout"], mode), time.perf_counter() - t)
         model, place_s = models[mk]
@@ -400,7 +400,7 @@ def _run_one(spec: SweepSpec, c: dict, models: dict, hw, counter: _CompileCounte
         res.failures.append(failure)
         log(f"FAIL  {_label(c)}: {failure['error'][:200]}")
         return None
-    row.update({"ep_attention_requested": c["ep_attention_requested"], "place_s": place_s})
+    row.update({"expert_mode_requested": c["expert_mode_requested"], "place_s": place_s})
     res.outputs[key_of(row)] = result.outputs
     res.measured += 1
     log(f"done  {_label(c)}: {row['tokens_per_s_per_device']:.1f} tok/s/device, "
@@ -410,7 +410,7 @@ def _run_one(spec: SweepSpec, c: dict, models: dict, hw, counter: _CompileCounte
 
 
 def _label(c: dict) -> str:
-    mode = "" if c["ep_attention_requested"] == DEFAULT else f" ep={c['ep_attention_requested']}"
+    mode = "" if c["expert_mode_requested"] == DEFAULT else f" ep={c['expert_mode_requested']}"
     groups = "" if c.get("microbatches_requested") is None else f" microbatches {c['microbatches_requested']}"
     return f"{c['layout']}{mode}{groups} chunk {c['chunk_size']} max_running {c['max_running']}"
 
@@ -481,7 +481,7 @@ def format_summary(res: SweepResult, limit: int = 60) -> str:
         layers = sum(v for s, v in hlo["by_scope"].items() if s in LAYER_SCOPES)
         ok = {True: "same", False: "DIFF", None: "-"}[r.get("tokens_match_reference")]
         flag = " WEIGHTS MOVE" if hlo["weight_moves"] or r["comm"]["prefill"]["weight_moves"] else ""
-        lines.append(f"{r['layout']:<14} {r['ep_attention']:<10} {r['chunk_size']:>5} {r['max_running']:>6} "
+        lines.append(f"{r['layout']:<14} {r['expert_mode']:<10} {r['chunk_size']:>5} {r['max_running']:>6} "
                      f"{r['tokens_per_s_per_device']:>9.1f} {r['tokens_per_s_per_user']:>10.1f} "
                      f"{r['ttft_s'] * 1e3:>8.1f} {r['tpot_s'] * 1e3:>8.2f} {r['compile_s']:>9.1f} "
                      f"{layers:>13.0f} {r['planner_comm']['decode']['layers']:>10.0f} {ok:>6}{flag}")

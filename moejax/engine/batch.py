@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import weakref
 from dataclasses import dataclass
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +32,35 @@ import numpy as np
 
 from moejax import steps as steps_lib
 from moejax.engine.sampling import SamplingParams, sample
+from moejax.engine.scheduler import Work
 from moejax.model.layers import argmax_and_finite
 
 NONFINITE = -1  # the step's id for a row whose logits are not all finite
+
+
+class Runner(Protocol):
+    """What the engine uses of a placed model's compiled steps (`moejax.steps.Steps` is one): the whole interface
+    between serving and the model."""
+
+    mesh: jax.sharding.Mesh
+    params: dict  # the placed weights, passed to every call
+
+    @property
+    def batch_shards(self) -> int: ...  # request groups: each holds its rows and its own KV pool
+
+    @property
+    def num_stages(self) -> int: ...
+
+    def new_cache(self, num_pages: int, page_size: int, dtype=None): ...
+
+    def named(self, axes) -> jax.NamedSharding: ...  # the sharding of an array with these logical axes
+
+    def step(self, params, cache, tokens_BT, pos_BT, page_table_BP, logits_index_B): ...
+
+    def pipeline_step(self, params, cache, x_SRTD, tokens_SBT, pos_SBT, page_table_SBP, logits_index_SB,
+                      active_S): ...
+
+    def new_activations(self, rows: int, num_tokens: int, dtype=None): ...
 
 # Packed batch columns after the T tokens and the P page-table entries (one int32 row per request).
 START, NUM, COUNTER, TOP_K, SEED, TEMPERATURE, TOP_P = range(7)
@@ -43,6 +70,11 @@ META = 7  # columns from START on; TOP_K.. are a request's `sampling_row`
 def packed_layout(T: int, P: int) -> tuple[slice, slice, int]:
     """Column slices (tokens, page table) and the first meta column of a [B, T + P + META] batch."""
     return slice(0, T), slice(T, T + P), T + P
+
+
+def packed_width(T: int, P: int) -> int:
+    """Columns of a packed batch of T tokens and P page-table entries per row."""
+    return T + P + META
 
 
 def sampling_row(params: SamplingParams, seed: int) -> np.ndarray:
@@ -61,6 +93,28 @@ def padding(B: int, T: int, P: int) -> np.ndarray:
     pad = np.zeros((B, m + META), np.int32)
     pad[:, m + TOP_K:] = sampling_row(SamplingParams(), 0)
     return pad
+
+
+def pack(per_group: list[list[Work]], rows: int, T: int, pad: np.ndarray) -> np.ndarray:
+    """The packed [groups * rows, W] batch of `per_group` works, group g's works in rows g * rows + i; `pad` is
+    the all-padding batch of that shape (`padding`), copied (a fresh array each call: the transfer may alias host
+    memory)."""
+    tok, table, m = packed_layout(T, pad.shape[1] - T - META)
+    packed = pad.copy()
+    works = [w for ws in per_group for w in ws]
+    if works:
+        r = np.array([g * rows + i for g, ws in enumerate(per_group) for i in range(len(ws))])
+        n = len(works)  # (concatenate + reshape: a third of np.stack's cost on a few dozen small rows)
+        packed[r, table] = np.concatenate([w.req.page_table for w in works]).reshape(n, -1)
+        packed[r, m + TOP_K:] = np.concatenate([w.req.sampling_row for w in works]).reshape(n, -1)
+        packed[r, m + START:m + COUNTER + 1] = [(w.start, w.num, len(w.req.tokens) - w.req.prompt_len)
+                                               for w in works]
+        if T == 1:
+            packed[r, tok.start] = [w.req.tokens[w.start] for w in works]
+        else:
+            for i, w in zip(r.tolist(), works, strict=True):
+                packed[i, : w.num] = w.req.tokens[w.start: w.start + w.num]
+    return packed
 
 
 def host_input(array: np.ndarray, sharding: jax.NamedSharding):
@@ -96,7 +150,7 @@ _SAMPLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PIPELINED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def sampled_step(steps: steps_lib.Steps):
+def sampled_step(steps: Runner):
     """`fn(params, cache, packed_BW, num_tokens) -> (ids_B, cache)`, jitted once per `Steps` (engines
     share compilations); `num_tokens` (T, static) splits the columns; the cache is donated."""
     if steps not in _SAMPLED:
@@ -112,7 +166,7 @@ def sampled_step(steps: steps_lib.Steps):
     return _SAMPLED[steps]
 
 
-def pipelined_step(steps: steps_lib.Steps):
+def pipelined_step(steps: Runner):
     """`fn(params, cache, x_SRTD, packed_SBW, active_S, num_tokens) -> (ids_B, x_SRTD, cache)`: one
     pipeline tick; ids are those of the microbatch leaving the last stage (row S - 1's parameters).
     Cache and activations are donated."""
@@ -152,9 +206,9 @@ class Pipeline:
     activations on device, [S, data groups x capacity, T, D], allocated on first use.
     """
 
-    def __init__(self, steps: steps_lib.Steps, num_tokens: int, capacity: int, data: int):
-        self.steps, self.T, self.capacity, self.data = steps, num_tokens, capacity, data
-        self.stages = steps.geometry.num_stages
+    def __init__(self, steps: Runner, num_tokens: int, capacity: int, groups: int):
+        self.steps, self.T, self.capacity, self.groups = steps, num_tokens, capacity, groups
+        self.stages = steps.num_stages
         self.in_flight: collections.deque[Microbatch | None] = collections.deque([None] * (self.stages - 1))
         self.x = None
         self._fn = pipelined_step(steps)
@@ -178,7 +232,7 @@ class Pipeline:
             if mb is not None:
                 packed[s, :, : mb.rows] = mb.packed
         active = np.array([mb is not None for mb in stages])
-        ids_B, cache = self._call(params, cache, packed.reshape(self.stages, self.data * rows, -1), active)
+        ids_B, cache = self._call(params, cache, packed.reshape(self.stages, self.groups * rows, -1), active)
         return leaving, (ids_B if leaving is not None else None), cache
 
     def warm(self, params, cache, packed_BW: np.ndarray):
@@ -197,7 +251,7 @@ class Pipeline:
 
     def _activations(self):
         if self.x is None:  # allocated on first use
-            self.x = self.steps.new_activations(self.data * self.capacity, self.T)
+            self.x = self.steps.new_activations(self.groups * self.capacity, self.T)
         return self.x
 
     def _call(self, params, cache, packed_SBW: np.ndarray, active_S: np.ndarray):

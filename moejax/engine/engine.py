@@ -21,7 +21,7 @@ later owner of the pages reaches that stage, and its tokens are dropped when it 
 
 Batch rows are split evenly over the data groups (row b belongs to group b // (B / groups)), and
 each row's page table holds that group's local page ids (see `moejax.kv_cache`). A data group is
-one batch shard of the model (`Model.batch_shards`): a `data` replica, or in the "data" expert mode
+one batch shard of the model (`Model.batch_shards`): a `data` replica, or in the "dp_attention" expert mode
 one (data, expert) pair, since attention is data-parallel over the expert axis too.
 
 A call's whole batch is one packed int32 array (`moejax.engine.batch`). Each request keeps its
@@ -51,7 +51,7 @@ import numpy as np
 from moejax import steps as steps_lib
 from moejax.distributed import fetch
 from moejax.engine import batch as batch_lib
-from moejax.engine.batch import COUNTER, NONFINITE, START, TOP_K, Microbatch, Pipeline, packed_layout
+from moejax.engine.batch import NONFINITE, Microbatch, Pipeline
 from moejax.engine.sampling import SamplingParams, check_context, check_prompt
 from moejax.engine.scheduler import Request, RequestId, Scheduler, Work
 from moejax.fit import check_fits, kv_cache_bytes
@@ -66,14 +66,14 @@ class ServeConfig:
     """Engine knobs. Counts of requests and pages are totals over the mesh except where noted.
 
     Attributes:
-      max_running: most requests running at once (a multiple of the `data` size).
+      max_running: most requests running at once (a multiple of data groups x microbatches).
       page_size: tokens per KV page.
       num_pages: KV pages per data group (each group has its own pool).
       chunk_size: most prompt tokens one request prefills per step (the chunked-prefill knob); a
         step prefills up to max_prefill_seqs * chunk_size tokens per data group.
       max_prefill_seqs: prefill rows per step per data group.
       max_model_len: longest sequence (prompt + new tokens); None: the model's position limit.
-      decode_buckets: decode batch sizes per data group; None: powers of two up to the slots.
+      decode_buckets: decode batch sizes per data group; None: powers of two up to the first one >= the slots.
       seed: seeds the draws of requests that give no seed, in [0, 2**32).
       max_finished_retained: finished requests kept in `Engine.requests` after their last output
         was delivered (oldest dropped first); 0 drops each as soon as it is delivered.
@@ -84,7 +84,7 @@ class ServeConfig:
     Every field is checked on construction (ValueError naming the field, the value and the allowed
     range). Integers may be Python or numpy integers (stored as `int`), never booleans; every count
     is at most 2**31 - 1, as it is packed into int32. Checks that need the model (max_running a
-    multiple of `data`, buckets reaching the slots, max_model_len within the model's positions,
+    multiple of data groups x microbatches, buckets reaching the slots, max_model_len within the model's positions,
     the KV pools fitting in device memory) are made by `Engine`.
     """
 
@@ -177,29 +177,33 @@ class Engine:
         if not isinstance(config, ServeConfig):
             raise ValueError(f"config must be a ServeConfig, got {type(config).__name__}")
         self.model, self.config, self.on_finish = model, config, on_finish
-        self.data = model.steps.batch_shards  # request groups: data, x expert in the 'data' expert mode
+        # The compiled steps and the weights: the engine uses batch_shards, num_stages, new_cache, params and
+        # mesh here, and `moejax.engine.batch` the steps themselves.
+        self.steps = steps = model.steps
+        self.groups = steps.batch_shards  # request groups: data, x expert in the dp_attention expert mode
         self.max_len = config.max_model_len or model.cfg.max_position_embeddings
-        self.stages = model.steps.geometry.num_stages
+        self.stages = steps.num_stages
         self.microbatches = config.microbatches or self.stages
         self._check_config(config)
-        self.slots = config.max_running // (self.data * self.microbatches)  # per data group and microbatch group
+        self.slots = config.max_running // (self.groups * self.microbatches)  # per data group and microbatch group
         self.decode_buckets = tuple(sorted(config.decode_buckets or _powers_of_two(self.slots)))
         self.pages_per_seq = pages_for(self.max_len, config.page_size)
         check_fits(f"the KV cache ({config.num_pages} pages of {config.page_size} tokens per data group)",
-                   kv_cache_bytes(model, config.num_pages * self.data, config.page_size), model.mesh.devices.flat,
+                   kv_cache_bytes(steps, config.num_pages * self.groups, config.page_size, model.dtype),
+                   steps.mesh.devices.flat,
                    "lower ServeConfig.num_pages or page_size, or use a layout with more tensor or stage devices "
                    "(they split the pools)")
-        self.allocator = PageAllocator(self.data, config.num_pages)
+        self.allocator = PageAllocator(self.groups, config.num_pages)
         self.scheduler = Scheduler(self.allocator, config.page_size, self.slots, config.chunk_size,
                                    config.max_prefill_seqs, self.microbatches)
-        self.cache = model.steps.new_cache(config.num_pages * self.data, config.page_size, model.dtype)
-        self._fn = batch_lib.sampled_step(model.steps)
-        self._batch_sharding = model.steps.named(steps_lib.BATCH)
+        self.cache = steps.new_cache(config.num_pages * self.groups, config.page_size, model.dtype)
+        self._fn = batch_lib.sampled_step(steps)
+        self._batch_sharding = steps.named(steps_lib.BATCH)
         # Pipelined (stages and microbatches > 1): the prefill and the decode pipelines, each with its
         # microbatches in flight. Otherwise each call takes its batch through every stage in turn.
         self._pipes = None if self.stages == 1 or self.microbatches == 1 else {
-            "decode": Pipeline(model.steps, 1, self.decode_buckets[-1], self.data),
-            "prefill": Pipeline(model.steps, config.chunk_size, config.max_prefill_seqs, self.data)}
+            "decode": Pipeline(steps, 1, self.decode_buckets[-1], self.groups),
+            "prefill": Pipeline(steps, config.chunk_size, config.max_prefill_seqs, self.groups)}
         self._ticks = 0
         # Live requests, and finished ones until `max_finished_retained` newer ones were delivered.
         self.requests: dict[RequestId, Request] = {}
@@ -213,25 +217,25 @@ class Engine:
 
     def _check_config(self, c: ServeConfig) -> None:
         layout = self.model.layout
-        groups = (f"data {layout.data} x expert {layout.expert}, expert mode 'data'" if self.data != layout.data
-                  else f"data {layout.data}")
-        unit = self.data * self.microbatches
+        groups = (f"data {layout.data} x expert {layout.expert}, expert mode 'dp_attention'"
+                  if self.groups != layout.data else f"data {layout.data}")
+        unit = self.groups * self.microbatches
         if c.max_running % unit:
             raise ValueError(f"ServeConfig.max_running ({c.max_running}) must be a multiple of the data groups "
-                             f"({self.data} = {groups}) of layout {layout} times microbatches "
+                             f"({self.groups} = {groups}) of layout {layout} times microbatches "
                              f"({self.microbatches}{'' if c.microbatches else ' = stages, the default'}): e.g. "
                              f"{unit * max(1, c.max_running // unit)}")
         if self.max_len > self.model.cfg.max_position_embeddings:
             raise ValueError(f"max_model_len ({self.max_len}) exceeds the model's max_position_embeddings "
                              f"({self.model.cfg.max_position_embeddings}); use at most that")
-        slots = c.max_running // (self.data * self.microbatches)
+        slots = c.max_running // (self.groups * self.microbatches)
         if c.decode_buckets and max(c.decode_buckets) < slots:
             raise ValueError(f"decode_buckets {c.decode_buckets} must reach the slots per data group and microbatch "
                              f"group ({slots} = max_running / (data groups x microbatches)); add a bucket of at "
                              f"least that")
-        if c.num_pages * self.data > _INT32_MAX:
-            raise ValueError(f"ServeConfig.num_pages ({c.num_pages}) times data groups ({self.data}) exceeds 2**31 - 1 "
-                             f"pages; lower num_pages")
+        if c.num_pages * self.groups > _INT32_MAX:
+            raise ValueError(f"ServeConfig.num_pages ({c.num_pages}) times data groups ({self.groups}) exceeds "
+                             f"2**31 - 1 pages; lower num_pages")
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -332,7 +336,7 @@ class Engine:
         ids = [fetch(ids_B).tolist() for _, ids_B in calls]  # all rows, on every process (multi-host)
         now = t2 = time.perf_counter()
         for (per_group, _), ids_B in zip(calls, ids, strict=True):
-            rows = len(ids_B) // self.data
+            rows = len(ids_B) // self.groups
             for g, works in enumerate(per_group):
                 for work, token in zip(works, ids_B[g * rows: g * rows + len(works)], strict=True):
                     out = self._commit(work, token, now)
@@ -354,22 +358,22 @@ class Engine:
         if not any(per_group) and not (pipe and pipe.busy):
             return None
         t = time.perf_counter()
-        with jax.set_mesh(self.model.mesh):
+        with jax.set_mesh(self.steps.mesh):
             if pipe is None:
                 packed = batch_lib.host_input(self._pack(per_group, rows, T), self._batch_sharding)
-                ids_B, self.cache = self._fn(self.model.params, self.cache, packed, T)
+                ids_B, self.cache = self._fn(self.steps.params, self.cache, packed, T)
                 leaving = per_group
             else:
                 entering = None
                 if any(per_group):
-                    entering = Microbatch(per_group, self._pack(per_group, rows, T).reshape(self.data, rows, -1))
+                    entering = Microbatch(per_group, self._pack(per_group, rows, T).reshape(self.groups, rows, -1))
                     for works in per_group:
                         for w in works:
                             w.req.in_flight = True
                 else:
                     self.stats.bubbles += 1
-                pad = self._padding(self.data * pipe.capacity, T).reshape(self.data, pipe.capacity, -1)
-                mb, ids_B, self.cache = pipe.tick(self.model.params, self.cache, entering, pad)
+                pad = self._padding(self.groups * pipe.capacity, T).reshape(self.groups, pipe.capacity, -1)
+                mb, ids_B, self.cache = pipe.tick(self.steps.params, self.cache, entering, pad)
                 leaving = mb.works if mb is not None else None
         self.stats.dispatch_s += time.perf_counter() - t
         return leaving, ids_B
@@ -420,23 +424,8 @@ class Engine:
                 self.on_finish(req)
 
     def _pack(self, per_group: list[list[Work]], rows: int, T: int) -> np.ndarray:
-        """The packed [data * rows, W] batch of `per_group` works (see `moejax.engine.batch`)."""
-        tok, table, m = packed_layout(T, self.pages_per_seq)
-        packed = self._padding(self.data * rows, T).copy()  # fresh each call: the transfer may alias host memory
-        works = [w for ws in per_group for w in ws]
-        if works:
-            r = np.array([g * rows + i for g, ws in enumerate(per_group) for i in range(len(ws))])
-            n = len(works)  # (concatenate + reshape: a third of np.stack's cost on a few dozen small rows)
-            packed[r, table] = np.concatenate([w.req.page_table for w in works]).reshape(n, -1)
-            packed[r, m + TOP_K:] = np.concatenate([w.req.sampling_row for w in works]).reshape(n, -1)
-            packed[r, m + START:m + COUNTER + 1] = [(w.start, w.num, len(w.req.tokens) - w.req.prompt_len)
-                                                   for w in works]
-            if T == 1:
-                packed[r, 0] = [w.req.tokens[w.start] for w in works]
-            else:
-                for i, w in zip(r.tolist(), works, strict=True):
-                    packed[i, : w.num] = w.req.tokens[w.start: w.start + w.num]
-        return packed
+        """The packed [data * rows, W] batch of `per_group` works (`moejax.engine.batch.pack`)."""
+        return batch_lib.pack(per_group, rows, T, self._padding(self.groups * rows, T))
 
     def _padding(self, B: int, T: int) -> np.ndarray:
         """The all-padding packed batch [B, W] of T tokens per row, built once per shape."""
@@ -448,11 +437,11 @@ class Engine:
         """The compiled program of this engine's "prefill" or "decode" call with `rows` per data group
         (the pipelined tick with pipeline stages), from the jit cache."""
         T = self.config.chunk_size if kind == "prefill" else 1
-        packed = np.array(self._padding(self.data * rows, T))
-        with jax.set_mesh(self.model.mesh):
+        packed = np.array(self._padding(self.groups * rows, T))
+        with jax.set_mesh(self.steps.mesh):
             if self._pipes is None:
-                return self._fn.lower(self.model.params, self.cache, packed, T).compile()
-            return self._pipes[kind].lower(self.model.params, self.cache, packed)
+                return self._fn.lower(self.steps.params, self.cache, packed, T).compile()
+            return self._pipes[kind].lower(self.steps.params, self.cache, packed)
 
     @property
     def pipelined(self) -> bool:
@@ -467,15 +456,15 @@ class Engine:
         """Compile the prefill shape and every decode bucket (all-padding batches: nothing is written)."""
         shapes = [("prefill", self.config.max_prefill_seqs, self.config.chunk_size)]
         shapes += [("decode", b, 1) for b in self.decode_buckets]
-        with jax.set_mesh(self.model.mesh):
+        with jax.set_mesh(self.steps.mesh):
             for kind, rows, T in shapes:
-                packed = self._padding(self.data * rows, T)
+                packed = self._padding(self.groups * rows, T)
                 if self._pipes is None:
-                    ids_B, self.cache = self._fn(self.model.params, self.cache,
+                    ids_B, self.cache = self._fn(self.steps.params, self.cache,
                                                  batch_lib.host_input(packed, self._batch_sharding), T)
                     jax.block_until_ready(ids_B)
                 else:
-                    self.cache = self._pipes[kind].warm(self.model.params, self.cache, packed)
+                    self.cache = self._pipes[kind].warm(self.steps.params, self.cache, packed)
 
     # ---- drivers --------------------------------------------------------------------------------
 

@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import native, sharding
+from moejax import manual, native
 from moejax.config import ModelConfig
 from moejax.model import paged_attention
 from moejax.model.layers import apply_rope, at_layer, declare, project, rms_norm
+from moejax.sharding import Parallelism
 
 _MASKED = -1e30  # finite, so a fully masked (padding) row gives a uniform softmax rather than NaN
 
@@ -33,22 +34,22 @@ _MASKED = -1e30  # finite, so a fully masked (padding) row gives a uniform softm
 class Attention(nnx.Module):
     """Self-attention weights of every layer, stacked on a leading `layers` axis (split over `stage`)."""
 
-    def __init__(self, cfg: ModelConfig, num_layers: int, num_kv_heads: int, dtype):
-        S, D, N, K, H = num_layers, cfg.hidden_size, cfg.num_heads, num_kv_heads, cfg.head_dim
-        self.cfg = cfg
-        self.wq = declare((S, D, N, H), ("layers", "embed", "heads", "head_dim"), dtype)
-        self.wk = declare((S, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype)
-        self.wv = declare((S, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype)
-        self.wo = declare((S, N, H, D), ("layers", "heads", "head_dim", "embed"), dtype)
+    def __init__(self, cfg: ModelConfig, par: Parallelism, num_layers: int, num_kv_heads: int, dtype):
+        L, D, N, K, H = num_layers, cfg.hidden_size, cfg.num_heads, num_kv_heads, cfg.head_dim
+        self.cfg, self.par = cfg, par
+        self.wq = declare((L, D, N, H), ("layers", "embed", "heads", "head_dim"), dtype)
+        self.wk = declare((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype)
+        self.wv = declare((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype)
+        self.wo = declare((L, N, H, D), ("layers", "heads", "head_dim", "embed"), dtype)
         if cfg.qkv_bias:
-            self.bq = declare((S, N, H), ("layers", "heads", "head_dim"), dtype)
-            self.bk = declare((S, K, H), ("layers", "kv_heads", "head_dim"), dtype)
-            self.bv = declare((S, K, H), ("layers", "kv_heads", "head_dim"), dtype)
+            self.bq = declare((L, N, H), ("layers", "heads", "head_dim"), dtype)
+            self.bk = declare((L, K, H), ("layers", "kv_heads", "head_dim"), dtype)
+            self.bv = declare((L, K, H), ("layers", "kv_heads", "head_dim"), dtype)
         if cfg.o_bias:
-            self.bo = declare((S, D), ("layers", "embed"), dtype)
+            self.bo = declare((L, D), ("layers", "embed"), dtype)
         if cfg.qk_norm:
-            self.q_norm = declare((S, H), ("layers", "head_dim"), dtype)
-            self.k_norm = declare((S, H), ("layers", "head_dim"), dtype)
+            self.q_norm = declare((L, H), ("layers", "head_dim"), dtype)
+            self.k_norm = declare((L, H), ("layers", "head_dim"), dtype)
 
     def __call__(self, layer, x_BTD, pos_BT, rope, cache, page_table_BP):
         """Attention of local layer `layer` for new tokens x_BTD at positions pos_BT.
@@ -88,7 +89,7 @@ class Attention(nnx.Module):
         with jax.named_scope("attn/out"):
             # (N, H) contracted as one axis on both sides: as two dims, XLA:CPU transposed the (large)
             # weight instead, a copy of wo per layer per step.
-            y_BTD = sharding.psum(project(o_BTNH, self.wo, layer, contract=2), "heads")
+            y_BTD = self.par.psum(project(o_BTNH, self.wo, layer, contract=2), "heads")
             if cfg.o_bias:
                 y_BTD = y_BTD + local(self.bo)
         return y_BTD, cache
@@ -105,14 +106,15 @@ def _cached_attention(q_BTNH, cache, layer, page_table_BP, pos_BT, window):
     """
     kind = choose_paged_attention(native.platform(q_BTNH), native.runs(q_BTNH, *cache), cache[0].shape)
     if kind == "native":
-        return native.paged_attention(q_BTNH, *cache, layer, page_table_BP, pos_BT, window)
+        o_BTNH = native.paged_attention(q_BTNH, *cache, layer, page_table_BP, pos_BT, window)
+        return manual.varying_like(o_BTNH, q_BTNH, *cache, page_table_BP, pos_BT)  # FFI results are typed invariant
     if kind == "pallas":
         return paged_attention.paged_attention(q_BTNH, cache, layer, page_table_BP, pos_BT, window)
-    k_BSKH, v_BSKH = (_gather_pages(pool, layer, page_table_BP) for pool in cache)
-    kpos_BS = jnp.broadcast_to(jnp.arange(k_BSKH.shape[1], dtype=jnp.int32), k_BSKH.shape[:2])
-    owned_BS = kpos_BS <= jnp.max(pos_BT, axis=1, keepdims=True)
-    k_BSKH, v_BSKH = (jnp.where(owned_BS[..., None, None], a, 0) for a in (k_BSKH, v_BSKH))
-    return attend(q_BTNH, k_BSKH, v_BSKH, pos_BT, kpos_BS, window)
+    k_BCKH, v_BCKH = (_gather_pages(pool, layer, page_table_BP) for pool in cache)
+    kpos_BC = jnp.broadcast_to(jnp.arange(k_BCKH.shape[1], dtype=jnp.int32), k_BCKH.shape[:2])
+    owned_BC = kpos_BC <= jnp.max(pos_BT, axis=1, keepdims=True)
+    k_BCKH, v_BCKH = (jnp.where(owned_BC[..., None, None], a, 0) for a in (k_BCKH, v_BCKH))
+    return attend(q_BTNH, k_BCKH, v_BCKH, pos_BT, kpos_BC, window)
 
 
 def choose_paged_attention(platform: str, native_ok: bool, pool_shape) -> str:
@@ -126,20 +128,20 @@ def choose_paged_attention(platform: str, native_ok: bool, pool_shape) -> str:
     return "xla"
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, qpos_BT, kpos_BS, window: int | None = None):
-    """Causal GQA over keys at positions kpos_BS (< 0: absent); scores and softmax in float32."""
+def attend(q_BTNH, k_BCKH, v_BCKH, qpos_BT, kpos_BC, window: int | None = None):
+    """Causal GQA over keys at positions kpos_BC (< 0: absent); scores and softmax in float32."""
     B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
+    K = k_BCKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-    s_BKGTS = s_BKGTS * (H**-0.5)
-    qpos, kpos = qpos_BT[:, :, None], kpos_BS[:, None, :]
-    mask_BTS = (kpos <= qpos) & (kpos >= 0)
+    s_BKGTC = jnp.einsum("BTKGH,BCKH->BKGTC", q_BTKGH, k_BCKH, preferred_element_type=jnp.float32)
+    s_BKGTC = s_BKGTC * (H**-0.5)
+    qpos, kpos = qpos_BT[:, :, None], kpos_BC[:, None, :]
+    mask_BTC = (kpos <= qpos) & (kpos >= 0)
     if window:
-        mask_BTS &= qpos - kpos < window
-    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, _MASKED)
-    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKH.dtype)
-    o_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS, v_BSKH)
+        mask_BTC &= qpos - kpos < window
+    s_BKGTC = jnp.where(mask_BTC[:, None, None], s_BKGTC, _MASKED)
+    p_BKGTC = jax.nn.softmax(s_BKGTC, axis=-1).astype(v_BCKH.dtype)
+    o_BTKGH = jnp.einsum("BKGTC,BCKH->BTKGH", p_BKGTC, v_BCKH)
     return o_BTKGH.reshape(B, T, N, H)
 
 

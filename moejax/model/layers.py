@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import native
+from moejax import manual, native
 
 
 def declare(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.Param:
@@ -51,13 +51,14 @@ def project(x, w, layer=None, contract: int = 1):
         w, layer = w[None], 0
     k_in, k_w = x.shape[x.ndim - contract:], w.shape[1:1 + contract]
     assert k_in == k_w, (x.shape, w.shape, contract)
-    K, out = math.prod(k_in), w.shape[1 + contract:]
-    x_MK = x.reshape(-1, K)  # contracted axes flattened on the (small) activation, never transposing w
+    I, out = math.prod(k_in), w.shape[1 + contract:]
+    x_MI = x.reshape(-1, I)  # contracted axes flattened on the (small) activation, never transposing w
     if native.runs(x, w):
-        y_MN = native.matmul(x_MK, w.reshape(w.shape[0], K, -1), layer)
+        w_LIO = w.reshape(w.shape[0], I, -1)
+        y_MO = manual.varying_like(native.matmul(x_MI, w_LIO, layer), x_MI, w_LIO)  # FFI results are typed invariant
     else:
-        y_MN = x_MK @ w[layer].reshape(K, -1)
-    return y_MN.reshape(*x.shape[:x.ndim - contract], *out)
+        y_MO = x_MI @ w[layer].reshape(I, -1)
+    return y_MO.reshape(*x.shape[:x.ndim - contract], *out)
 
 
 def rms_norm(x, weight, eps: float):

@@ -1,16 +1,17 @@
 """Mixture-of-Experts FFN: router, dropless expert dispatch strategies, combine, shared expert.
 
-Expert parallelism runs in one of two modes (`moejax.sharding`, one rules table each):
+Expert parallelism runs in one of two expert modes (`moejax.sharding.Parallelism`, one rules table each):
 
-- "data": the devices of an expert group hold different tokens. Each token is sent once to every
+- "dp_attention": the devices of an expert group hold different tokens. Each token is sent once to every
   shard that holds one of its experts (`exchange`: an all-to-all of fixed capacity), with its local
   expert ids and gate weights; the shard runs them and returns one gate-weighted row by a second
   all-to-all; the rows are summed at the token's home, and an all-reduce over `tensor` finishes the
-  tensor-parallel FFN. The capacity is exact by construction: the largest number of tokens any
-  device sends to any shard (a max over the expert group) picks the smallest of a few power-of-two
-  capacities that holds it (`lax.switch`), so nothing is ever dropped and the buffers are at most
-  ~2x what is sent.
-- "replicated": every device of an expert group sees the same tokens, computes only the pairs
+  tensor-parallel FFN. Nothing is ever dropped: the largest number of units any device sends to any
+  shard (a max over the expert group) picks the smallest of four row capacities that holds it
+  (`row_caps(M, 4)`: the largest powers of two below the M local tokens, then M; `lax.switch`). The
+  buffers are within 2x of that need when it exceeds the smallest capacity (M/8 to M/4); below it they
+  are that smallest capacity (M = 1024 tokens: 128 rows per pair of devices for a need of 3).
+- "replicated_attention": every device of an expert group sees the same tokens, computes only the pairs
   routed to its local experts, and one all-reduce over the axes splitting `experts` and `ffn`
   combines the partial outputs (and finishes the shared expert, split over tensor x expert).
 
@@ -23,7 +24,9 @@ layers. Strategies for the local expert computation (`dispatch`), all exact, sid
 - ``"loop"``: a `lax.fori_loop` over the experts that received tokens (a traced trip count: an
   expert nobody routed to costs nothing). Pairs are sorted by expert; each iteration slices one
   expert's weights (`w[layer, e]`) and runs it on the smallest of a few row capacities that holds
-  its tokens (`row_caps`, a `lax.switch`). Reads only routed experts, at most 2x the routed FLOPs.
+  its tokens (`row_caps`, a `lax.switch`). Reads only routed experts; an expert's FLOPs are within 2x of its
+  routed rows when it has more than the smallest capacity (M/128 to M/64 of M local tokens, at least 1: every
+  expert at decode sizes), else that capacity (M = 4096: 32 rows for a single token).
 - ``"gather"``: one row per (token, expert) pair with that pair's expert weights gathered: the
   simplest form for a handful of pairs (decode at batch 1); it copies k experts' weights per token.
 - ``"blocks"``: sort pairs into fixed-size blocks of one expert each (block-sparse grouped matmul);
@@ -42,46 +45,18 @@ layers. Strategies for the local expert computation (`dispatch`), all exact, sid
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import native, sharding
+from moejax import manual, native
 from moejax.config import ModelConfig
 from moejax.model import grouped_matmul
 from moejax.model.layers import at_layer, declare
+from moejax.sharding import MOE_STRATEGIES, Parallelism
 
-STRATEGIES = ("auto", "loop", "gather", "blocks", "ragged", "native", "pallas")
-EXCHANGES = ("auto", "all_to_all", "ragged_all_to_all")
-
-
-class Strategy(NamedTuple):
-    """How an MoE layer runs: the local `dispatch` strategy and, in the "data" mode, the `exchange`."""
-
-    dispatch: str = "auto"
-    exchange: str = "auto"
-
-    @classmethod
-    def of(cls, value: Strategy | str) -> Strategy:
-        return value if isinstance(value, Strategy) else cls(dispatch=value)
-
-    def checked(self, backend: str) -> Strategy:
-        """Raise ValueError (on the host, before any compilation) for unknown or unsupported names."""
-        if self.dispatch not in STRATEGIES:
-            raise ValueError(f"unknown MoE dispatch strategy {self.dispatch!r}; choose from {STRATEGIES}")
-        if self.exchange not in EXCHANGES:
-            raise ValueError(f"unknown MoE token exchange {self.exchange!r}; choose from {EXCHANGES}")
-        if self.exchange == "ragged_all_to_all" and backend == "cpu":
-            raise ValueError("exchange 'ragged_all_to_all' needs a backend with the ragged-all-to-all collective; "
-                             "XLA:CPU has none: use exchange 'all_to_all' (exact, fixed capacity) on CPU")
-        if self.dispatch == "native" and (backend != "cpu" or not native.available()):
-            why = (f"the backend is {backend!r}" if backend != "cpu" else native.unavailable_reason()
-                   or f"switched off ({native.ENV}=0)")
-            raise ValueError(f"MoE dispatch 'native' needs moejax's CPU kernels, but {why}; "
-                             "use dispatch 'auto' (it picks 'native' where it can run) or 'loop'")
-        return self
+STRATEGIES = MOE_STRATEGIES  # one list, beside the other parallel choices (`moejax.sharding`)
 
 
 class MoE(nnx.Module):
@@ -93,9 +68,9 @@ class MoE(nnx.Module):
         adds silu(0) * 0 = 0).
     """
 
-    def __init__(self, cfg: ModelConfig, num_layers: int, ffn: int, shared_ffn: int, dtype):
+    def __init__(self, cfg: ModelConfig, par: Parallelism, num_layers: int, ffn: int, shared_ffn: int, dtype):
         L, D, E, F = num_layers, cfg.hidden_size, cfg.num_experts, ffn
-        self.cfg = cfg
+        self.cfg, self.par = cfg, par
         self.router = declare((L, D, E), ("layers", "embed", "experts_all"), dtype)
         self.wg = declare((L, E, D, F), ("layers", "experts", "embed", "ffn"), dtype)
         self.wu = declare((L, E, D, F), ("layers", "experts", "embed", "ffn"), dtype)
@@ -107,7 +82,7 @@ class MoE(nnx.Module):
         if cfg.shared_expert_gate:
             self.shared_gate = declare((L, D), ("layers", "embed"), dtype)
 
-    def __call__(self, layer, x_BTD, strategy: Strategy | str = "auto", valid_BT=None):
+    def __call__(self, layer, x_BTD, valid_BT=None):
         """MoE output of local layer `layer`, reduced over the expert and tensor axes.
 
         valid_BT: if given, tokens where it is False (batch padding) are routed to no expert, so
@@ -115,24 +90,24 @@ class MoE(nnx.Module):
         """
         B, T, D = x_BTD.shape
         x_MD = x_BTD.reshape(B * T, D)
-        strategy = Strategy.of(strategy)
+        par = self.par
         with jax.named_scope("moe/route"):
             weights_MX, experts_MX = route(x_MD, at_layer(self.router, layer), self.cfg.num_experts_per_tok,
                                            self.cfg.norm_topk_prob)
             if valid_BT is not None:
                 experts_MX = jnp.where(valid_BT.reshape(B * T, 1), experts_MX, -1)  # -1: no shard's expert
-        exchanged = sharding.tokens_split_over_experts()
+        exchanged = par.tokens_split_over_experts
         with jax.named_scope("moe/experts"):
             w = (self.wg[...], self.wu[...], self.wd[...])
             weights_MX = weights_MX.astype(x_MD.dtype)
             if exchanged:
-                y_MD = exchange(x_MD, weights_MX, experts_MX, w, layer, strategy, self.cfg.num_experts)
+                y_MD = exchange(x_MD, weights_MX, experts_MX, w, layer, par, self.cfg.num_experts)
             else:
-                y_MD = dispatch(x_MD, weights_MX, experts_MX, w, strategy.dispatch, layer=layer)
+                y_MD = dispatch(x_MD, weights_MX, experts_MX, w, par, layer=layer)
         if self.cfg.shared_expert_intermediate_size:
             with jax.named_scope("moe/shared"):
                 # This device's slice of the shared FFN width (split over tensor, and over expert in
-                # "replicated" mode): a partial sum the combine all-reduce completes; computed once.
+                # "replicated_attention" mode): a partial sum the combine all-reduce completes; computed once.
                 shared_MD = _swiglu(x_MD, at_layer(self.shared_wg, layer), at_layer(self.shared_wu, layer),
                                     at_layer(self.shared_wd, layer))
                 if self.cfg.shared_expert_gate:
@@ -140,7 +115,7 @@ class MoE(nnx.Module):
                     shared_MD = shared_MD * gate_M[:, None]
                 y_MD = y_MD + shared_MD
         with jax.named_scope("moe/combine"):
-            y_MD = sharding.psum(y_MD, "ffn") if exchanged else sharding.psum(y_MD, "experts", "ffn")
+            y_MD = par.psum(y_MD, "ffn") if exchanged else par.psum(y_MD, "experts", "ffn")
         return y_MD.reshape(B, T, D)
 
 
@@ -162,13 +137,15 @@ def choose_strategy(strategy: str, num_tokens: int, backend: str | None = None, 
                     pallas_ok: bool = False) -> str:
     """The dispatch strategy to run for `num_tokens` local tokens: the one place "auto" is decided.
 
-    CPU (measured, docs/benchmarks.md): "native" wherever it runs (`native_ok`: kernels built and on,
-    float32): faster than "loop" from 1 to 1024 tokens; else "loop", which reads only routed experts
-    in place of a stacked copy and does at most 2x the routed FLOPs. GPU: "pallas" where its tiles fit the
-    widths (`pallas_ok`: D and the local F multiples of 16), the grouped GEMM, compiled for H100 at <= 1.25x the
-    routed FLOPs at prefill sizes and reading each routed expert's weights in place; else "loop". Neither is
-    timed on a GPU yet (`moejax bench gpu --moe-strategies auto,loop` does); "ragged" is no grouped GEMM there
-    (XLA compiles `ragged_dot` for H100 as a dense dot over every group, docs/benchmarks.md).
+    CPU (measured, docs/benchmarks.md): "native" wherever it runs (`native_ok`: kernels built and on, float32):
+    faster than "loop" at decode batch 1-64 and prefill 64-4096 tokens (docs/benchmarks.md, 2026-12-06); else
+    "loop", which reads only routed experts in place of a stacked copy (its FLOPs: `row_caps`). GPU: "pallas" where
+    its tiles fit the widths (`pallas_ok`: D and the local F multiples of 16), the grouped GEMM, reading each routed
+    expert's weights in place, compiled for H100 at 1.25x the routed FLOPs at a 2048-token DP1 chunk and 1.5x at 512
+    tokens (static grid; more behind the dp_attention exchange's worst-case capacity; docs/benchmarks.md,
+    2026-12-06); else "loop". Neither is timed on a GPU yet (`moejax bench gpu --moe-strategies auto,loop` does);
+    "ragged" is no grouped GEMM there (XLA compiles `ragged_dot` for H100 as a dense dot over every group,
+    docs/benchmarks.md).
     `backend` is the platform of the mesh the program is traced for (`native.platform`), not the process's.
     """
     if strategy not in STRATEGIES:
@@ -185,13 +162,13 @@ def _strategy_fn(strategy: str, x_MD, w):
     ok = native.runs(x_MD, *w)
     pallas_ok = grouped_matmul.supported(x_MD.shape[1], w[0].shape[-1])
     chosen = choose_strategy(strategy, x_MD.shape[0], native.platform(x_MD), ok, pallas_ok)  # the mesh's platform
-    if chosen == "native" and not ok:  # asked for by name (Strategy.checked saw the backend and the build)
+    if chosen == "native" and not ok:  # asked for by name (Parallelism.checked saw the backend and the build)
         raise ValueError(f"MoE dispatch 'native' runs float32 only; this model's activations/weights are "
                          f"{x_MD.dtype}/{w[0].dtype}: use dispatch 'auto' or 'loop'")
     return _STRATEGY_FNS[chosen]
 
 
-def dispatch(x_MD, weights_MX, experts_MX, w, strategy: str = "auto", layer=None):
+def dispatch(x_MD, weights_MX, experts_MX, w, par: Parallelism, layer=None):
     """Sum over the routed local experts of weight * expert(x), for this shard's experts.
 
     Args:
@@ -199,15 +176,16 @@ def dispatch(x_MD, weights_MX, experts_MX, w, strategy: str = "auto", layer=None
       w: (wg, wu, wd) local stacked weights, [El, D, F], [El, D, F], [El, F, D]; or with a leading
         local-layers axis [L, El, ...] when `layer` (an index, may be traced) is given. The local
         experts are global ids [i * El, (i + 1) * El) on expert shard i.
+      par: the model's parallel choices (the expert shards, the dispatch strategy).
     Returns:
       y_MD, a partial sum (this shard's experts, this shard's FFN slice).
     """
     if layer is None:
         w, layer = tuple(a[None] for a in w), 0
     num_local = w[0].shape[1]
-    local_MX = experts_MX - sharding.axis_index("experts") * num_local
+    local_MX = experts_MX - par.axis_index("experts") * num_local
     local_MX = jnp.where((local_MX >= 0) & (local_MX < num_local), local_MX, num_local)  # El: not here
-    return local_dispatch(x_MD, weights_MX, local_MX, w, layer, strategy)
+    return local_dispatch(x_MD, weights_MX, local_MX, w, layer, par.moe_strategy)
 
 
 def local_dispatch(x_MD, weights_MX, local_MX, w, layer, strategy: str = "auto"):
@@ -216,7 +194,7 @@ def local_dispatch(x_MD, weights_MX, local_MX, w, layer, strategy: str = "auto")
 
 
 def choose_exchange(exchange: str, backend: str | None = None) -> str:
-    """The token exchange of the "data" mode to run: the one place "auto" is decided.
+    """The token exchange of the "dp_attention" mode to run: the one place "auto" is decided.
 
     "all_to_all" (fixed capacity, exact, runs everywhere) until a GPU measurement shows the ragged
     collective faster; XLA:CPU has no ragged-all-to-all at all. `backend`: the mesh's platform, as above.
@@ -225,8 +203,8 @@ def choose_exchange(exchange: str, backend: str | None = None) -> str:
     return "all_to_all" if exchange == "auto" else exchange
 
 
-def exchange(x_MD, weights_MX, experts_MX, w, layer, strategy: Strategy, num_experts: int):
-    """The "data" expert mode: send each token once to every shard holding one of its experts, compute there,
+def exchange(x_MD, weights_MX, experts_MX, w, layer, par: Parallelism, num_experts: int):
+    """The "dp_attention" expert mode: send each token once to every shard holding one of its experts, compute there,
     send the weighted sums back, add them up at home.
 
     A token is sent to a shard once however many of its top-k experts live there (the unit of the
@@ -236,7 +214,8 @@ def exchange(x_MD, weights_MX, experts_MX, w, layer, strategy: Strategy, num_exp
     Args:
       x_MD: this device's tokens. weights_MX / experts_MX: their routing (global ids; -1: none).
       w: (wg, wu, wd) local stacked experts [L, El, ...]. layer: local layer index.
-      strategy: the dispatch strategy run on the received rows, and the exchange. num_experts: E.
+      par: the model's parallel choices (the dispatch strategy run on the received rows, the exchange).
+      num_experts: E.
     Returns:
       y_MD, this device's tokens' routed-expert output (partial over `tensor` only).
     """
@@ -244,24 +223,24 @@ def exchange(x_MD, weights_MX, experts_MX, w, layer, strategy: Strategy, num_exp
     El = w[0].shape[1]
     EP = num_experts // El
     shard_MX = jnp.where(experts_MX >= 0, experts_MX // El, EP)  # EP: no shard (batch padding)
-    to_MS = jnp.any(shard_MX[:, :, None] == jnp.arange(EP), axis=1)  # token m goes to shard s
+    to_MJ = jnp.any(shard_MX[:, :, None] == jnp.arange(EP), axis=1)  # token m goes to shard s
     # Units (token, shard), sorted by shard; units not sent sort last.
-    order_U = jnp.argsort(jnp.where(to_MS, jnp.arange(EP), EP).reshape(-1), stable=True)
+    order_U = jnp.argsort(jnp.where(to_MJ, jnp.arange(EP), EP).reshape(-1), stable=True)
     token_U, dest_U = order_U // EP, order_U % EP
-    count_S = jnp.sum(to_MS, axis=0)
-    sent_U = to_MS.reshape(-1)[order_U]
+    count_J = jnp.sum(to_MJ, axis=0)
+    sent_U = to_MJ.reshape(-1)[order_U]
     dest_U = jnp.where(sent_U, dest_U, EP)
-    rank_U = jnp.arange(M * EP) - (jnp.cumsum(count_S) - count_S)[jnp.minimum(dest_U, EP - 1)]
+    rank_U = jnp.arange(M * EP) - (jnp.cumsum(count_J) - count_J)[jnp.minimum(dest_U, EP - 1)]
     mine_UX = shard_MX[token_U] == dest_U[:, None]  # which of the token's experts this unit carries
     local_UX = jnp.where(mine_UX, experts_MX[token_U] % El, El).astype(jnp.int32)  # El: not carried
     gate_UX = jnp.where(mine_UX, weights_MX[token_U], 0)
     units = (dest_U, rank_U, token_U, local_UX, gate_UX)
-    run = partial(_compute_received, strategy.dispatch, w, layer)
-    if choose_exchange(strategy.exchange, native.platform(x_MD)) == "ragged_all_to_all":
-        return _exchange_ragged(EP, El, run, x_MD, count_S, *units)
-    need = sharding.pmax(jnp.max(count_S), "experts")  # the same on every device of the exchange
+    run = partial(_compute_received, par.moe_strategy, w, layer)
+    if choose_exchange(par.exchange, native.platform(x_MD)) == "ragged_all_to_all":
+        return _exchange_ragged(par, EP, El, run, x_MD, count_J, *units)
+    need = par.pmax(jnp.max(count_J), "experts")  # the same on every device of the exchange
     caps = row_caps(M, max_caps=4)  # a token goes to a shard at most once: M rows is the worst case
-    branches = [partial(_exchange_at, cap, EP, El, run, x_MD) for cap in caps]
+    branches = [partial(_exchange_at, par, cap, EP, El, run, x_MD) for cap in caps]
     return jax.lax.switch(jnp.searchsorted(jnp.array(caps), need), branches, *units)
 
 
@@ -275,21 +254,21 @@ def _combine_home(x_MD, unit_UD, token_U):
         return jnp.zeros_like(x_MD).at[token_U].add(unit_UD)
 
 
-def _exchange_at(cap, EP, El, run, x_MD, dest_U, rank_U, token_U, local_UX, gate_UX):
+def _exchange_at(par, cap, EP, El, run, x_MD, dest_U, rank_U, token_U, local_UX, gate_UX):
     """One all-to-all each way with `cap` rows per (sender, receiver): unit u goes to slot dest * cap + rank."""
     D = x_MD.shape[1]
     slot_U = jnp.where(dest_U < EP, dest_U * cap + rank_U, EP * cap)  # out of range: not sent
     with jax.named_scope("moe/dispatch"):
         send = [jnp.full((EP * cap, *a.shape[1:]), fill, a.dtype).at[slot_U].set(a, mode="drop")
                 for a, fill in ((x_MD[token_U], 0), (local_UX, El), (gate_UX, 0))]  # El: empty slot
-        recv_RD, recv_RX, gate_RX = (sharding.all_to_all(a.reshape(EP, cap, *a.shape[1:]), "experts")
+        recv_RD, recv_RX, gate_RX = (par.all_to_all(a.reshape(EP, cap, *a.shape[1:]), "experts")
                                      .reshape(EP * cap, *a.shape[1:]) for a in send)
     out_RD = run(recv_RD, recv_RX, gate_RX)
-    back_RD = sharding.all_to_all(out_RD.reshape(EP, cap, D), "experts").reshape(EP * cap, D)
+    back_RD = par.all_to_all(out_RD.reshape(EP, cap, D), "experts").reshape(EP * cap, D)
     return _combine_home(x_MD, back_RD.at[slot_U].get(mode="fill", fill_value=0), token_U)
 
 
-def _exchange_ragged(EP, El, run, x_MD, count_S, dest_U, rank_U, token_U, local_UX, gate_UX):
+def _exchange_ragged(par, EP, El, run, x_MD, count_J, dest_U, rank_U, token_U, local_UX, gate_UX):
     """Both ways with `ragged_all_to_all`: only the units move (sizes from an all-gather of the counts).
 
     Units are sorted by destination shard; the rows for shard j start at the prefix sum of the counts.
@@ -297,22 +276,22 @@ def _exchange_ragged(EP, El, run, x_MD, count_S, dest_U, rank_U, token_U, local_
     del rank_U
     M, D = x_MD.shape
     U = dest_U.shape[0]
-    counts_SS = sharding.all_gather(count_S, "experts")  # [sender, receiver] units, the same everywhere
-    me = sharding.axis_index("experts")
-    recv_S = counts_SS[:, me]  # what each sender sends me
-    send_off_S = jnp.cumsum(count_S) - count_S
-    land_off_S = (jnp.cumsum(counts_SS, axis=0) - counts_SS)[me]  # where my rows land at each receiver
+    counts_JJ = par.all_gather(count_J, "experts")  # [sender, receiver] units, the same everywhere
+    me = par.axis_index("experts")
+    recv_J = counts_JJ[:, me]  # what each sender sends me
+    send_off_J = jnp.cumsum(count_J) - count_J
+    land_off_J = (jnp.cumsum(counts_JJ, axis=0) - counts_JJ)[me]  # where my rows land at each receiver
     R = EP * M  # worst case received: every sender's every token
     with jax.named_scope("moe/dispatch"):
         recv_RD, recv_RX, gate_RX = (
-            sharding.ragged_all_to_all(a, jnp.full((R, *a.shape[1:]), fill, a.dtype), send_off_S, count_S,
-                                       land_off_S, recv_S, "experts")
+            par.ragged_all_to_all(a, jnp.full((R, *a.shape[1:]), fill, a.dtype), send_off_J, count_J,
+                                       land_off_J, recv_J, "experts")
             for a, fill in ((x_MD[token_U], 0), (local_UX, El), (gate_UX, 0)))  # El: empty slot
     out_RD = run(recv_RD, recv_RX, gate_RX)
-    back_off_S = jnp.cumsum(recv_S) - recv_S  # the rows I computed for each sender, in my buffer
-    home_off_S = (jnp.cumsum(counts_SS, axis=1) - counts_SS)[:, me]  # where they came from in each sender
-    back_UD = sharding.ragged_all_to_all(out_RD, jnp.zeros((U, D), out_RD.dtype), back_off_S, recv_S, home_off_S,
-                                         count_S, "experts")
+    back_off_J = jnp.cumsum(recv_J) - recv_J  # the rows I computed for each sender, in my buffer
+    home_off_J = (jnp.cumsum(counts_JJ, axis=1) - counts_JJ)[:, me]  # where they came from in each sender
+    back_UD = par.ragged_all_to_all(out_RD, jnp.zeros((U, D), out_RD.dtype), back_off_J, recv_J, home_off_J,
+                                         count_J, "experts")
     return _combine_home(x_MD, jnp.where((dest_U < EP)[:, None], back_UD, 0), token_U)
 
 
@@ -324,113 +303,116 @@ def _swiglu(x_MD, wg_DF, wu_DF, wd_FD):
 def _sort_pairs(local_MX, num_local: int):
     """Flatten (token, slot) pairs and sort them by local expert; absent experts sort last.
 
-    Returns (pair order [N], expert of each sorted pair [N], token of each sorted pair [N],
+    Returns (pair order [A], expert of each sorted pair [A], token of each sorted pair [A],
     pairs per local expert [El]).
     """
     M, X = local_MX.shape
-    expert_N = local_MX.reshape(-1)
-    order_N = jnp.argsort(expert_N, stable=True)
-    counts_E = jnp.bincount(expert_N, length=num_local + 1)[:num_local]
-    return order_N, expert_N[order_N], order_N // X, counts_E
+    expert_A = local_MX.reshape(-1)
+    order_A = jnp.argsort(expert_A, stable=True)
+    counts_E = jnp.bincount(expert_A, length=num_local + 1)[:num_local]
+    return order_A, expert_A[order_A], order_A // X, counts_E
 
 
 def _dispatch_loop(x_MD, weights_MX, local_MX, w, layer):
     M, El = x_MD.shape[0], w[0].shape[1]
     caps = row_caps(M)
-    order_N, _, token_N, count_E = _sort_pairs(local_MX, El)
+    order_A, _, token_A, count_E = _sort_pairs(local_MX, El)
     start_E = jnp.cumsum(count_E) - count_E
     # Sorted pair lists padded by M entries, so any expert's window of `cap` pairs is in range;
     # padding and other experts' pairs in a window are masked by the expert's count.
-    token_N = jnp.concatenate([token_N, jnp.full((M,), M, token_N.dtype)])
-    gate_N = jnp.concatenate([weights_MX.reshape(-1)[order_N], jnp.zeros((M,), weights_MX.dtype)])
+    token_A = jnp.concatenate([token_A, jnp.full((M,), M, token_A.dtype)])
+    gate_A = jnp.concatenate([weights_MX.reshape(-1)[order_A], jnp.zeros((M,), weights_MX.dtype)])
     used_U = jnp.nonzero(count_E > 0, size=El, fill_value=0)[0]  # routed experts first
 
     def run_expert(u, y_MD):
         e = used_U[u]
-        branches = [partial(_expert_rows, x_MD, token_N, gate_N, w, layer, cap) for cap in caps]
+        branches = [partial(_expert_rows, x_MD, token_A, gate_A, w, layer, cap) for cap in caps]
         which = jnp.searchsorted(jnp.array(caps), count_E[e])
         return jax.lax.switch(which, branches, y_MD, e, start_E[e], count_E[e])
 
-    return jax.lax.fori_loop(0, jnp.sum(count_E > 0), run_expert, jnp.zeros_like(x_MD))
+    y_MD = manual.varying_like(jnp.zeros_like(x_MD), x_MD, *w)  # each shard adds its own experts' rows
+    return jax.lax.fori_loop(0, jnp.sum(count_E > 0), run_expert, y_MD)
 
 
 def row_caps(num_rows: int, max_caps: int = 8) -> list[int]:
     """Row capacities of the "loop" strategy: powers of two below `num_rows`, then `num_rows`.
 
-    An expert runs on the smallest capacity that holds its tokens, so it does at most twice its
-    routed FLOPs (decode: 1, 2, 4, ... rows rather than the whole batch). Only the `max_caps`
-    largest are kept, which bounds the branches compiled; a large prefill chunk then pads an
-    expert with few tokens up to num_rows / 2**(max_caps - 1) rows.
+    An expert runs on the smallest capacity that holds its tokens (decode: 1, 2, 4, ... rows rather
+    than the whole batch). Only the `max_caps` largest are kept, which bounds the branches compiled:
+    the smallest kept is 2**(k - max_caps + 2) for 2**k < num_rows <= 2**(k + 1) (between
+    num_rows / 2**(max_caps - 1) and twice that), so an expert with more rows than that runs on at most
+    twice its rows, and one with fewer on that many (num_rows 1024, max_caps 8: 8 rows).
     """
     caps = [1 << i for i in range(num_rows.bit_length()) if 1 << i < num_rows] + [num_rows]
     return caps[-max_caps:]
 
 
-def _expert_rows(x_MD, token_N, gate_N, w, layer, cap, y_MD, e, start, count):
+def _expert_rows(x_MD, token_A, gate_A, w, layer, cap, y_MD, e, start, count):
     """y + gate * expert_e(x) on the expert's (at most `cap`) tokens: its pairs start..start+count.
 
     The expert's weights are sliced here, one expert at a time (a copy of that expert only on
     XLA:CPU), never the layer's whole stack.
     """
-    in_C = jnp.arange(cap) < count
-    rows_C = jnp.where(in_C, jax.lax.dynamic_slice_in_dim(token_N, start, cap), x_MD.shape[0])
-    gate_C = jnp.where(in_C, jax.lax.dynamic_slice_in_dim(gate_N, start, cap), 0)
-    x_CD = x_MD.at[rows_C].get(mode="fill", fill_value=0)
-    out_CD = _swiglu(x_CD, *(a[layer, e] for a in w))
-    return y_MD.at[rows_C].add(out_CD * gate_C[:, None], mode="drop")
+    in_R = jnp.arange(cap) < count
+    rows_R = jnp.where(in_R, jax.lax.dynamic_slice_in_dim(token_A, start, cap), x_MD.shape[0])
+    gate_R = jnp.where(in_R, jax.lax.dynamic_slice_in_dim(gate_A, start, cap), 0)
+    x_RD = x_MD.at[rows_R].get(mode="fill", fill_value=0)
+    out_RD = _swiglu(x_RD, *(a[layer, e] for a in w))
+    return y_MD.at[rows_R].add(out_RD * gate_R[:, None], mode="drop")
 
 
 def _dispatch_gather(x_MD, weights_MX, local_MX, w, layer):
     M, X = local_MX.shape
     El = w[0].shape[1]
-    here_N = local_MX.reshape(-1) < El
-    expert_N = jnp.where(here_N, local_MX.reshape(-1), 0)
-    wg, wu, wd = (a[layer, expert_N] for a in w)  # [M * X, ...]: each pair's expert weights
-    x_ND = jnp.repeat(x_MD, X, axis=0)
-    h_NF = jax.nn.silu(jnp.einsum("ND,NDF->NF", x_ND, wg)) * jnp.einsum("ND,NDF->NF", x_ND, wu)
-    out_ND = jnp.einsum("NF,NFD->ND", h_NF, wd) * jnp.where(here_N, weights_MX.reshape(-1), 0)[:, None]
-    return jnp.sum(out_ND.reshape(M, X, -1), axis=1)
+    here_A = local_MX.reshape(-1) < El
+    expert_A = jnp.where(here_A, local_MX.reshape(-1), 0)
+    wg, wu, wd = (a[layer, expert_A] for a in w)  # [M * X, ...]: each pair's expert weights
+    x_AD = jnp.repeat(x_MD, X, axis=0)
+    h_AF = jax.nn.silu(jnp.einsum("AD,ADF->AF", x_AD, wg)) * jnp.einsum("AD,ADF->AF", x_AD, wu)
+    out_AD = jnp.einsum("AF,AFD->AD", h_AF, wd) * jnp.where(here_A, weights_MX.reshape(-1), 0)[:, None]
+    return jnp.sum(out_AD.reshape(M, X, -1), axis=1)
 
 
 def _dispatch_blocks(x_MD, weights_MX, local_MX, w, layer, block: int = 32):
     wg, wu, wd = (a[layer] for a in w)
     El = wg.shape[0]
-    order_N, expert_N, token_N, counts_E = _sort_pairs(local_MX, El)
-    N = expert_N.shape[0]
-    block = min(block, N)
-    num_blocks = -(-N // block) + El  # upper bound: each expert's last block may be partial
+    order_A, expert_A, token_A, counts_E = _sort_pairs(local_MX, El)
+    A = expert_A.shape[0]
+    block = min(block, A)
+    num_blocks = -(-A // block) + El  # upper bound: each expert's last block may be partial
     padded_E = -(-counts_E // block) * block
     pend_E = jnp.cumsum(padded_E)
-    rank_N = jnp.arange(N) - (jnp.cumsum(counts_E) - counts_E)[jnp.minimum(expert_N, El - 1)]
-    dest_N = jnp.where(expert_N < El, (pend_E - padded_E)[jnp.minimum(expert_N, El - 1)] + rank_N,
+    rank_A = jnp.arange(A) - (jnp.cumsum(counts_E) - counts_E)[jnp.minimum(expert_A, El - 1)]
+    dest_A = jnp.where(expert_A < El, (pend_E - padded_E)[jnp.minimum(expert_A, El - 1)] + rank_A,
                        num_blocks * block)
     buf_RD = jnp.zeros((num_blocks * block, x_MD.shape[1]), x_MD.dtype)
-    buf_RD = buf_RD.at[dest_N].set(x_MD[token_N], mode="drop")
+    buf_RD = buf_RD.at[dest_A].set(x_MD[token_A], mode="drop")
     block_expert = jnp.minimum(jnp.searchsorted(pend_E, jnp.arange(num_blocks) * block, side="right"), El - 1)
     xb = buf_RD.reshape(num_blocks, block, -1)
     h = jax.nn.silu(jnp.einsum("bgD,bDF->bgF", xb, wg[block_expert]))
     h = h * jnp.einsum("bgD,bDF->bgF", xb, wu[block_expert])
     out_RD = jnp.einsum("bgF,bFD->bgD", h, wd[block_expert]).reshape(num_blocks * block, -1)
-    pair_ND = out_RD.at[dest_N].get(mode="fill", fill_value=0)
-    pair_ND = pair_ND * weights_MX.reshape(-1)[order_N][:, None]
-    return jnp.zeros_like(x_MD).at[token_N].add(pair_ND)
+    pair_AD = out_RD.at[dest_A].get(mode="fill", fill_value=0)
+    pair_AD = pair_AD * weights_MX.reshape(-1)[order_A][:, None]
+    return jnp.zeros_like(x_MD).at[token_A].add(pair_AD)
 
 
 def _dispatch_ragged(x_MD, weights_MX, local_MX, w, layer):
     wg, wu, wd = (a[layer] for a in w)
     El = wg.shape[0]
-    order_N, expert_N, token_N, counts_E = _sort_pairs(local_MX, El)
+    order_A, expert_A, token_A, counts_E = _sort_pairs(local_MX, El)
     # Pairs for other shards' experts ride along in the last group with a zero weight.
-    counts_E = counts_E.at[-1].add(expert_N.shape[0] - jnp.sum(counts_E))
-    weight_N = jnp.where(expert_N < El, weights_MX.reshape(-1)[order_N], 0)
-    xs_ND = x_MD[token_N]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs_ND, wg, counts_E)) * jax.lax.ragged_dot(xs_ND, wu, counts_E)
-    out_ND = jax.lax.ragged_dot(h, wd, counts_E) * weight_N[:, None].astype(x_MD.dtype)
-    return jnp.zeros_like(x_MD).at[token_N].add(out_ND)
+    counts_E = counts_E.at[-1].add(expert_A.shape[0] - jnp.sum(counts_E))
+    weight_A = jnp.where(expert_A < El, weights_MX.reshape(-1)[order_A], 0)
+    xs_AD = x_MD[token_A]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs_AD, wg, counts_E)) * jax.lax.ragged_dot(xs_AD, wu, counts_E)
+    out_AD = jax.lax.ragged_dot(h, wd, counts_E) * weight_A[:, None].astype(x_MD.dtype)
+    return jnp.zeros_like(x_MD).at[token_A].add(out_AD)
 
 
 def _dispatch_native(x_MD, weights_MX, local_MX, w, layer):
-    return native.moe_swiglu(x_MD, weights_MX, local_MX, *w, layer)
+    y_MD = native.moe_swiglu(x_MD, weights_MX, local_MX, *w, layer)
+    return manual.varying_like(y_MD, x_MD, weights_MX, local_MX, *w)  # an FFI call's result is typed invariant
 
 
 def _dispatch_pallas(x_MD, weights_MX, local_MX, w, layer):

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from moejax import manual
+
 _MASKED = -1e30
 MIN_TILE = 16  # Triton's dot: every tile dim >= 16
 QUERY_TILE = 64  # queries per kernel instance (GPU): 64 x H bf16 in shared memory, 64 x H float32 accumulated
@@ -103,17 +105,18 @@ def paged_attention(q_BTNH, cache, layer, page_table_BP, pos_BT, window: int | N
         qpos_BR = jnp.pad(qpos_BR, ((0, 0), (0, R - T * G)), constant_values=-1)
     MP = page_table_BP.shape[1]
     whole = pl.BlockSpec((L, P, page_size, K, H), lambda b, k, r: (0, 0, 0, 0, 0))  # pages read in place
-    out = pl.pallas_call(
+    call = pl.pallas_call(
         functools.partial(_kernel, page_size=page_size, window=window, scale=H**-0.5),
         grid=(B, K, R // tile),
         in_specs=[pl.BlockSpec((1,), lambda b, k, r: (0,)), pl.BlockSpec((None, MP), lambda b, k, r: (b, 0)),
                   pl.BlockSpec((None, tile), lambda b, k, r: (b, r)),
                   pl.BlockSpec((None, None, tile, H), lambda b, k, r: (b, k, r, 0)), whole, whole],
         out_specs=pl.BlockSpec((None, None, tile, H), lambda b, k, r: (b, k, r, 0)),
-        out_shape=jax.ShapeDtypeStruct((B, K, R, H), q_BTNH.dtype),
+        out_shape=manual.result((B, K, R, H), q_BTNH.dtype, q_BKRH, page_table_BP, qpos_BR, k_pool, v_pool),
         interpret=interpret,
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
         name="paged_attention",
-    )(jnp.asarray(layer, jnp.int32).reshape(1), page_table_BP.astype(jnp.int32), qpos_BR.astype(jnp.int32), q_BKRH,
-      k_pool, v_pool)
+    )
+    out = manual.call_kernel(call, jnp.asarray(layer, jnp.int32).reshape(1), page_table_BP.astype(jnp.int32),
+                             qpos_BR.astype(jnp.int32), q_BKRH, k_pool, v_pool)
     return out[:, :, : T * G].reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)

@@ -26,12 +26,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import sharding
+from moejax import manual
 from moejax.config import ModelConfig, ceil_div, round_up
 from moejax.mesh import Layout
 from moejax.model.attention import Attention
 from moejax.model.layers import at_layer, declare, project, rms_norm, rope_tables
 from moejax.model.moe import MoE
+from moejax.sharding import Parallelism
 
 
 @dataclass(frozen=True)
@@ -74,39 +75,44 @@ class Geometry:
 class Block(nnx.Module):
     """The decoder layers: norms, attention and MoE, each weight stacked over the stored layers."""
 
-    def __init__(self, cfg: ModelConfig, geo: Geometry, dtype):
+    def __init__(self, cfg: ModelConfig, par: Parallelism, geo: Geometry, dtype):
         L, D = geo.num_layers, cfg.hidden_size
         self.attn_norm = declare((L, D), ("layers", "embed"), dtype)
         self.mlp_norm = declare((L, D), ("layers", "embed"), dtype)
-        self.attn = Attention(cfg, L, geo.num_kv_heads, dtype)
-        self.moe = MoE(cfg, L, geo.ffn, geo.shared_ffn, dtype)
+        self.attn = Attention(cfg, par, L, geo.num_kv_heads, dtype)
+        self.moe = MoE(cfg, par, L, geo.ffn, geo.shared_ffn, dtype)
 
-    def __call__(self, layer, x_BTD, pos_BT, rope, cache, page_table_BP, moe_strategy, eps):
+    def __call__(self, layer, x_BTD, pos_BT, rope, cache, page_table_BP, eps):
         h_BTD = rms_norm(x_BTD, at_layer(self.attn_norm, layer), eps)
         a_BTD, cache = self.attn(layer, h_BTD, pos_BT, rope, cache, page_table_BP)
         x_BTD = x_BTD + a_BTD
         h_BTD = rms_norm(x_BTD, at_layer(self.mlp_norm, layer), eps)
-        return x_BTD + self.moe(layer, h_BTD, moe_strategy, valid_BT=pos_BT >= 0), cache
+        return x_BTD + self.moe(layer, h_BTD, valid_BT=pos_BT >= 0), cache
 
 
 class Transformer(nnx.Module):
-    """Weights of the whole model for one layout (stacked layers, padded sizes; see `Geometry`)."""
+    """Weights of the whole model for one layout (stacked layers, padded sizes; see `Geometry`).
 
-    def __init__(self, cfg: ModelConfig, layout: Layout, dtype=jnp.float32):
+    `par` (a `Parallelism`, or a `Layout` for its defaults) is every parallel choice, fixed here: the modules
+    keep it as static data and their collectives and shardings follow it.
+    """
+
+    def __init__(self, cfg: ModelConfig, par: Parallelism | Layout, dtype=jnp.float32):
+        par = par if isinstance(par, Parallelism) else Parallelism(par)
         cfg.check_runtime_support()
-        layout.validate(cfg)
-        self.cfg = cfg
-        self.geometry = geo = Geometry.of(cfg, layout)
+        par.layout.validate(cfg)
+        self.cfg, self.par = cfg, par
+        self.geometry = geo = Geometry.of(cfg, par.layout)
         D, V = cfg.hidden_size, geo.vocab
         self.embed = declare((V, D), ("vocab", "embed"), dtype)
         if not cfg.tie_word_embeddings:
             self.unembed = declare((D, V), ("embed", "vocab"), dtype)
         self.final_norm = declare((D,), ("embed",), dtype)
-        self.layers = Block(cfg, geo, dtype)
+        self.layers = Block(cfg, par, geo, dtype)
 
     # ---- local computation (inside shard_map) -------------------------------------------------
 
-    def run(self, tokens_BT, pos_BT, cache, page_table_BP, *, logits_index_B=None, moe_strategy="auto"):
+    def run(self, tokens_BT, pos_BT, cache, page_table_BP, *, logits_index_B=None):
         """Logits for new tokens, writing their KV into `cache`: the whole batch through every stage.
 
         With several stages this is the sequential schedule: `stage` ticks, at tick t stage t runs
@@ -122,25 +128,27 @@ class Transformer(nnx.Module):
         Returns:
           (logits [B, T, V_local] or [B, V_local] (padded vocabulary columns are -inf), updated cache).
         """
+        par = self.par
         x_BTD = self._embed(tokens_BT)
-        stage = partial(self.run_stage, pos_BT=pos_BT, page_table_BP=page_table_BP, moe_strategy=moe_strategy)
+        stage = partial(self.run_stage, pos_BT=pos_BT, page_table_BP=page_table_BP)
         S = self.geometry.num_stages
         if S == 1:
             x_BTD, cache = stage(x_BTD, cache)
         else:
-            me = sharding.axis_index("layers")
+            me = par.axis_index("layers")
+            to_next = partial(_to_next_stage, par, num_stages=S)
 
             def tick(t, carry):
                 x_BTD, cache = jax.lax.cond(me == t, stage, lambda x, c: (x, c), *carry)
-                x_BTD = jax.lax.cond(t < S - 1, partial(_to_next_stage, num_stages=S), lambda x: x, x_BTD)
+                x_BTD = jax.lax.cond(t < S - 1, to_next, lambda x: x, x_BTD)
                 return x_BTD, cache
 
-            x_BTD, cache = jax.lax.fori_loop(0, S, tick, (x_BTD, cache))
-            x_BTD = sharding.psum(jnp.where(me == S - 1, x_BTD, 0), "layers")  # the last stage's output, to all
+            # The activations differ per stage from the first tick on (each stage's own layers).
+            x_BTD, cache = jax.lax.fori_loop(0, S, tick, (par.vary(x_BTD, "layers"), cache))
+            x_BTD = par.psum(jnp.where(me == S - 1, x_BTD, 0), "layers")  # the last stage's output, to all
         return self.head(x_BTD, logits_index_B), cache
 
-    def pipeline_tick(self, tokens_BT, pos_BT, x_BTD, cache, page_table_BP, logits_index_B, active, *,
-                      moe_strategy="auto"):
+    def pipeline_tick(self, tokens_BT, pos_BT, x_BTD, cache, page_table_BP, logits_index_B, active):
         """One tick of the pipelined schedule: every stage works on its own microbatch at once.
 
         Stage 0 embeds `tokens_BT` (its microbatch's new tokens); every other stage takes `x_BTD`,
@@ -158,26 +166,27 @@ class Transformer(nnx.Module):
           device holds them; the activations this stage sends, as received by the next one
           (stage 0 receives zeros); the updated cache).
         """
-        S = self.geometry.num_stages
-        me = sharding.axis_index("layers")
-        x_BTD = jax.lax.cond(me == 0, lambda: self._embed(tokens_BT), lambda: x_BTD)
+        S, par = self.geometry.num_stages, self.par
+        me = par.axis_index("layers")
+        x_BTD = jax.lax.cond(me == 0, lambda: par.vary(self._embed(tokens_BT), "layers"), lambda: x_BTD)
         x_BTD = jnp.where((pos_BT >= 0)[..., None], x_BTD, 0)  # padding rows: stale activations never enter
-        stage = partial(self.run_stage, pos_BT=pos_BT, page_table_BP=page_table_BP, moe_strategy=moe_strategy)
+        stage = partial(self.run_stage, pos_BT=pos_BT, page_table_BP=page_table_BP)
         x_BTD, cache = jax.lax.cond(active, stage, lambda x, c: (x, c), x_BTD, cache)
-        V_local = self.embed.shape[0] if self.cfg.tie_word_embeddings else self.unembed.shape[1]
-        logits_BV = jax.lax.cond(active & (me == S - 1), lambda x: self.head(x, logits_index_B),
-                                 lambda x: jnp.zeros((x.shape[0], V_local), x.dtype), x_BTD)
-        logits_BV = sharding.psum(jnp.where(me == S - 1, logits_BV, 0), "layers")
-        return logits_BV, _to_next_stage(x_BTD, S), cache
+        table = self.embed[...] if self.cfg.tie_word_embeddings else self.unembed[...]
+        V_local = table.shape[0] if self.cfg.tie_word_embeddings else table.shape[1]
+        no_logits = lambda x: manual.varying_like(jnp.zeros((x.shape[0], V_local), x.dtype), x, table)  # noqa: E731
+        logits_BV = jax.lax.cond(active & (me == S - 1), lambda x: self.head(x, logits_index_B), no_logits, x_BTD)
+        logits_BV = par.psum(jnp.where(me == S - 1, logits_BV, 0), "layers")
+        return logits_BV, _to_next_stage(par, x_BTD, S), cache
 
-    def run_stage(self, x_BTD, cache, *, pos_BT, page_table_BP, moe_strategy):
+    def run_stage(self, x_BTD, cache, *, pos_BT, page_table_BP):
         """This device's stage: its local layers, one `lax.scan` over the stacked weights."""
         cfg = self.cfg
         rope = rope_tables(pos_BT, cfg.head_dim, cfg.rope_theta)
 
         def layer(carry, i):
             x_BTD, cache = carry
-            return self.layers(i, x_BTD, pos_BT, rope, cache, page_table_BP, moe_strategy, cfg.rms_norm_eps), None
+            return self.layers(i, x_BTD, pos_BT, rope, cache, page_table_BP, cfg.rms_norm_eps), None
 
         (x_BTD, cache), _ = jax.lax.scan(layer, (x_BTD, cache), jnp.arange(self.geometry.layers_per_stage))
         return x_BTD, cache
@@ -192,10 +201,10 @@ class Transformer(nnx.Module):
     def _embed(self, tokens_BT):
         with jax.named_scope("embed"):
             table_VD = self.embed[...]
-            local_BT = tokens_BT - sharding.axis_index("vocab") * table_VD.shape[0]
+            local_BT = tokens_BT - self.par.axis_index("vocab") * table_VD.shape[0]
             here_BT = (local_BT >= 0) & (local_BT < table_VD.shape[0])
             x_BTD = jnp.where(here_BT[..., None], table_VD[jnp.where(here_BT, local_BT, 0)], 0)
-            return sharding.psum(x_BTD, "vocab")
+            return self.par.psum(x_BTD, "vocab")
 
     def _unembed(self, x_D):
         with jax.named_scope("unembed"):
@@ -206,10 +215,10 @@ class Transformer(nnx.Module):
             if self.geometry.vocab == self.cfg.vocab_size:
                 return logits_V
             V_local = logits_V.shape[-1]
-            column_V = sharding.axis_index("vocab") * V_local + jnp.arange(V_local)
+            column_V = self.par.axis_index("vocab") * V_local + jnp.arange(V_local)
             return jnp.where(column_V < self.cfg.vocab_size, logits_V, -jnp.inf)  # padding: never chosen
 
 
-def _to_next_stage(x, num_stages: int):
+def _to_next_stage(par: Parallelism, x, num_stages: int):
     """Stage s's x to stage s + 1 (one `ppermute` over `stage`); stage 0 receives zeros."""
-    return sharding.ppermute(x, "layers", [(s, s + 1) for s in range(num_stages - 1)])
+    return par.ppermute(x, "layers", [(s, s + 1) for s in range(num_stages - 1)])

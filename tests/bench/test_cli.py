@@ -54,7 +54,7 @@ def shared_models(monkeypatch, sweep_models):
     (["sweep", "--hardware", "nope"], "hardware config 'nope' not found"),
     (["sweep", "--lengths-file", "{tmp}/missing.json"], "lengths file"),
     (["sweep", "--lengths-file", "{tmp}/bad.json"], "--lengths-file: {tmp}/bad.json: entry 1: output_len must be"),
-    (["sweep", "--ep-attention", "foo"], "--ep-attention: expected comma-separated modes"),
+    (["sweep", "--expert-mode", "foo"], "--expert-mode: expected comma-separated modes"),
     (["sweep", "--layouts", "DP2,DP4", "--max-running", "3"], "no value is a multiple of the data factor"),
     (["sweep", "--reference-layout", "DP1,DP2"], "--reference-layout: give one layout"),
     (["sweep", "--out", "{tmp}/afile"], "exists and is not a folder"),

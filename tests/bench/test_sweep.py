@@ -9,7 +9,6 @@ every valid 8-device layout in every expert mode the runtime has.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 
 import pytest
@@ -24,7 +23,7 @@ from moejax.planner.hardware import load_hardware
 from tests.bench.conftest import MODEL, SUBSET, WORKLOAD, spec_for
 
 D, LAYERS, BYTES = 128, 4, 4  # tiny-moe: hidden size, layers; float32
-MODES = ("data", "replicated") if "ep_attention" in inspect.signature(moejax.Model.__init__).parameters else (None,)
+MODES = ("dp_attention", "replicated_attention")
 
 
 def _check_tokens(res, rows):
@@ -56,11 +55,11 @@ def _check_comm(row):
         assert (sends["count"], sends["wire_bytes"]) == (min(s - 1, 1), pytest.approx(min(s - 1, 1) * act))
         assert plan["send"] == pytest.approx(sends["wire_bytes"])  # every rank sends its whole copy, once a tick
         moe = hlo["by_scope"].get("moe", 0.0)
-        if row["ep_attention"] == "replicated":
+        if row["expert_mode"] == "replicated_attention":
             # one all-reduce over tensor x expert per layer, in the runtime and in the planner
             assert moe == pytest.approx(layers * 2 * (t * e - 1) / (t * e) * act)
             assert moe == pytest.approx(plan["tensor"] / 2 + plan["expert"])  # collective for collective
-        elif e > 1:  # "data": tokens exchanged with the expert shards
+        elif e > 1:  # "dp_attention": tokens exchanged with the expert shards
             assert hlo["by_kind"]["all-to-all"]["count"] > 0 and plan["expert"] > 0
         if layout.size == layout.data:
             assert hlo["wire_bytes"] < 8  # data-parallel only: at most a flag reduced across shards
@@ -189,9 +188,9 @@ def test_plots_have_a_legend_entry_and_a_style_per_layout(subset_sweep, tmp_path
 @pytest.mark.skipif(MODES == (None,), reason="this runtime has one expert mode, covered by the subset sweep")
 def test_replicated_expert_mode(sweep_models, tmp_path):
     """TP2EP4 with tokens replicated over the expert axis: one fused all-reduce over tensor x expert per layer."""
-    res = sweep.run_sweep(spec_for(["TP2EP4"], ep_attention=("replicated",)), tmp_path, progress=False,
+    res = sweep.run_sweep(spec_for(["TP2EP4"], expert_mode=("replicated_attention",)), tmp_path, progress=False,
                           models=sweep_models, plots=False, log=lambda line: None)
-    assert [(r["layout"], r["ep_attention"]) for r in res.rows][1:] == [("TP2EP4", "replicated")]
+    assert [(r["layout"], r["expert_mode"]) for r in res.rows][1:] == [("TP2EP4", "replicated_attention")]
     _check_tokens(res, res.rows)
     _check_comm(res.rows[1])
 
@@ -203,7 +202,7 @@ def test_every_layout_of_8_devices(tmp_path, sweep_models):
     `pytest -m slow -s tests/bench` prints the comm table (docs/benchmarks.md)."""
     layouts = Layout.enumerate(8, moejax.load_model_config(MODEL))
     assert len(layouts) == 19
-    spec = spec_for([str(x) for x in layouts], ep_attention=MODES)
+    spec = spec_for([str(x) for x in layouts], expert_mode=MODES)
     res = sweep.run_sweep(spec, tmp_path, progress=False, models=sweep_models, log=lambda line: None)
     assert not res.failures and len(res.rows) == 1 + len(layouts) * len(MODES)
     _check_tokens(res, res.rows)

@@ -66,7 +66,7 @@ def model(engine_model):
 
 BAD_ENGINE = [
     ({"max_running": 3, "decode_buckets": None},
-     r"max_running \(3\) must be a multiple of the data groups \(4 = data 2 x expert 2, expert mode 'data'\)"),
+     r"max_running \(3\) must be a multiple of the data groups \(4 = data 2 x expert 2, expert mode 'dp_attention'\)"),
     ({"decode_buckets": (1,)}, r"decode_buckets \(1,\) must reach the slots per data group and microbatch group "
                                r"\(2 = max_running / \(data groups x microbatches\)\)"),
     ({"microbatches": 4}, r"max_running \(8\) must be a multiple of the data groups \(4 = .*\) of layout DP2TP2EP2 "
@@ -98,11 +98,12 @@ def test_byte_counts_are_exact(engine_model, engines):
     engine = engines(engine_model)
     pools = jax.tree.leaves(engine.cache)
     on_device = sum(a.addressable_shards[0].data.nbytes for a in pools)
-    assert fit.kv_cache_bytes(engine_model, engine.config.num_pages * engine.data, engine.config.page_size) \
+    assert fit.kv_cache_bytes(engine_model.steps, engine.config.num_pages * engine.groups, engine.config.page_size,
+                              engine_model.dtype) \
         == on_device
     mesh = engine_model.mesh
     with jax.set_mesh(mesh):
-        abstract = moejax.weights.abstract_model(engine_model.cfg, engine_model.layout, engine_model.dtype)
+        abstract = moejax.weights.abstract_model(engine_model.cfg, engine_model.par, engine_model.dtype)
     first = mesh.devices.flat[0]
     placed = sum(s.data.nbytes for a in jax.tree.leaves(engine_model.params) for s in a.addressable_shards
                  if s.device == first)

@@ -41,7 +41,7 @@ def _drain(engine, max_steps=10_000):
 
 def _assert_idle(engine):
     assert not engine.has_unfinished()
-    assert engine.allocator.total_free == engine.config.num_pages * engine.data
+    assert engine.allocator.total_free == engine.config.num_pages * engine.groups
 
 
 def test_request_joining_busy_engine_matches_alone(engine_model, engines, alone):
@@ -89,9 +89,9 @@ def test_workload_three_times_the_pool_completes_with_preemption(engine_model, e
     # 16 pages of 4 tokens per data group: a request needs up to 15, so two running ones can collide.
     engine = engines(engine_model, num_pages=16)
     rng = np.random.default_rng(4)
-    reqs = _random_requests(rng, 8 * engine.data, max_prompt=40, max_new=(16, 20), sampled_fraction=0.5)
+    reqs = _random_requests(rng, 8 * engine.groups, max_prompt=40, max_new=(16, 20), sampled_fraction=0.5)
     demand = sum(-(-(len(p) + sp.max_new_tokens) // PAGE_SIZE) for p, sp in reqs)
-    assert demand >= 3 * engine.config.num_pages * engine.data
+    assert demand >= 3 * engine.config.num_pages * engine.groups
     before = engine.stats.preemptions
     ids = [engine.add_request(p, sp) for p, sp in reqs]
     _drain(engine)

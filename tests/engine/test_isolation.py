@@ -90,7 +90,7 @@ def test_nonfinite_request_fails_alone_and_harms_nobody(engine_model, engines, a
     assert [engine.requests[i].finish_reason for i in ids + later_ids] == ["length"] * len(normal)
     assert got == expected, "a clean request's tokens changed next to, or after, a NaN request"
     assert engine.stats.nonfinite == 2
-    assert engine.allocator.total_free == NUM_PAGES * engine.data
+    assert engine.allocator.total_free == NUM_PAGES * engine.groups
 
 
 @pytest.mark.parametrize("position", [0, 3])
@@ -123,4 +123,4 @@ def test_error_row_is_finished_and_freed(engine_model, engines, position, monkey
     assert len(target.output_ids) == position and (mine[-1].finish_reason, mine[-1].new_token_ids) == ("error", [])
     assert f"(output position {position})" in mine[-1].error and engine.stats.nonfinite == before + 1
     assert engine.requests[other].finish_reason == "length" and len(engine.requests[other].output_ids) == 6
-    assert engine.allocator.total_free == NUM_PAGES * engine.data
+    assert engine.allocator.total_free == NUM_PAGES * engine.groups

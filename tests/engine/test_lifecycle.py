@@ -30,7 +30,7 @@ def _loop(engine):
 
 def _assert_idle(engine):
     assert not engine.has_unfinished() and not engine.scheduler.waiting and engine.scheduler.num_running == 0
-    assert engine.allocator.total_free == NUM_PAGES * engine.data
+    assert engine.allocator.total_free == NUM_PAGES * engine.groups
 
 
 def test_abort_is_delivered_by_the_documented_loop(model, engines):

@@ -48,7 +48,7 @@ def _run(engine, prompts, params, max_steps=2000):
         groups = max(groups, sum(n > 0 for n in engine.occupancy()))
     else:
         raise AssertionError(f"not finished after {max_steps} steps: {engine.stats}")
-    assert engine.allocator.total_free == engine.config.num_pages * engine.data  # every page back
+    assert engine.allocator.total_free == engine.config.num_pages * engine.groups  # every page back
     return [engine.requests[i].output_ids for i in ids], groups
 
 
@@ -120,7 +120,7 @@ def test_abort_while_in_flight_drops_the_work_and_spares_the_others(pp2, referen
     for rid, want in zip(ids, expected, strict=True):
         if rid != victim:
             assert engine.requests[rid].output_ids == want, rid
-    assert engine.allocator.total_free == engine.config.num_pages * engine.data
+    assert engine.allocator.total_free == engine.config.num_pages * engine.groups
 
 
 def test_each_stage_runs_its_layers_once_and_sends_one_activation(five_layers, pp2):

@@ -60,7 +60,7 @@ def test_soak_with_aborts_and_preemption(engine_model, engines, alone):
     finally:
         engine.on_finish = None
     preemptions = engine.stats.preemptions - preemptions_before
-    leaked = POOL * engine.data - engine.allocator.total_free
+    leaked = POOL * engine.groups - engine.allocator.total_free
     reqs = {rid: engine.requests[rid] for rid in ids}
     mismatches = [rid for rid, (p, sp) in zip(ids, work, strict=True)
                   if rid not in aborted and reqs[rid].output_ids != alone(engine, p, sp)]
