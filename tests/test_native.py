@@ -1,8 +1,11 @@
-"""The native MoE-layer kernel (moejax.native) against a float64 reference and the XLA path it replaces.
+"""The native kernels (moejax.native) against float64 references and the XLA paths they replace.
 
 Skipped where the library was not built or does not load (the XLA path is then the only one, and the
 rest of the suite covers it). CI runs the suite with the kernel (the default) and the MoE tests again with
-MOEJAX_NATIVE=0; the engine comparisons here set the switch in their own subprocesses.
+MOEJAX_NATIVE=0; the engine comparisons here set the switch in their own subprocesses. The kernel tests take
+the `isa` fixture: they run once per ISA variant this CPU runs (AVX-512, AVX2, baseline on an AVX-512 host),
+each selected in-process for the test; tests/test_native_isa.py compares the variants with each other and
+checks the MOEJAX_NATIVE_ISA switch.
 """
 
 import json
@@ -25,6 +28,17 @@ needs_kernel = pytest.mark.skipif(not native.available(),
                                          f"{os.environ.get(native.ENV, '')!r}, {native.unavailable_reason()}")
 
 
+@pytest.fixture(params=native.runnable_isas() if native.available() else ["none"])
+def isa(request):
+    """Each ISA variant this CPU runs, selected for one test (the process's own variant again after it)."""
+    if request.param == "none":
+        pytest.skip(f"native kernel off or unavailable: {native.unavailable_reason()}")
+    before = native.isa()
+    native._select_isa(request.param)
+    yield request.param
+    native._select_isa(before)
+
+
 def _reference(x, gate, local, wg, wu, wd, layer):
     """Sum over routes of gate * SwiGLU_e(x) for local ids e in [0, E), in float64 numpy."""
     x, gate, wg, wu, wd = (np.asarray(a, np.float64) for a in (x, gate, wg, wu, wd))
@@ -45,6 +59,7 @@ def _weights(rng, L, E, D, F):
 @needs_kernel
 @pytest.mark.parametrize("L, E, D, F", [(1, 1, 8, 8), (3, 4, 64, 96), (2, 8, 40, 200), (2, 3, 128, 1000),
                                         (1, 2, 600, 20)])
+@pytest.mark.usefixtures("isa")
 def test_kernel_equals_reference(L, E, D, F):
     """Any row count (tile and tail paths), ids outside [0, E) skipped, every layer, 1 and all threads."""
     rng = np.random.default_rng(L * 1000 + F)
@@ -62,25 +77,31 @@ def test_kernel_equals_reference(L, E, D, F):
 
 
 @needs_kernel
-def test_a_row_does_not_depend_on_the_others():
-    """Bitwise: a row's output alone equals it inside any batch (the engine's busy-vs-alone exactness:
-    alone, the few-row path; in the batch, ~50 rows per expert, the packed-panel path); a NaN row
-    stays in its own row."""
+@pytest.mark.usefixtures("isa")
+@pytest.mark.parametrize("D, F", [(64, 160), (40, 200)])  # (40, 200): widths past the last whole vector
+def test_a_row_does_not_depend_on_the_others(D, F):
+    """Bitwise, within one ISA variant: a row's output alone equals it inside any batch and on one thread
+    or all (the engine's busy-vs-alone exactness: alone, the few-row path and wide column chunks; in the
+    batch, ~50 rows per expert, the packed-panel path and other chunks); a NaN row stays in its own row."""
     rng = np.random.default_rng(5)
-    L, E, D, F = 2, 8, 64, 160
+    L, E = 2, 8
     w = _weights(rng, L, E, D, F)
-    call = jax.jit(native.moe_swiglu)
+    call = jax.jit(native.moe_swiglu, static_argnames="max_threads")
     x = rng.standard_normal((200, D)).astype(np.float32)
     local = rng.integers(0, E, (200, 2)).astype(np.int32)
     gate = rng.random((200, 2)).astype(np.float32)
     alone = np.asarray(call(x[3:4], gate[3:4], local[3:4], *w, 1))
     x[7] = np.nan
-    busy = np.asarray(call(x, gate, local, *w, 1))
-    np.testing.assert_array_equal(busy[3:4], alone)
-    assert np.isnan(busy[7]).all() and np.isfinite(np.delete(busy, 7, axis=0)).all()
+    for threads in (0, 1):
+        busy = np.asarray(call(x, gate, local, *w, 1, max_threads=threads))
+        np.testing.assert_array_equal(busy[3:4], alone)
+        np.testing.assert_array_equal(np.asarray(call(x[:9], gate[:9], local[:9], *w, 1, max_threads=threads)),
+                                      busy[:9])
+        assert np.isnan(busy[7]).all() and np.isfinite(np.delete(busy, 7, axis=0)).all()
 
 
 @needs_kernel
+@pytest.mark.usefixtures("isa")
 def test_kernel_inside_a_loop_with_a_traced_layer():
     rng = np.random.default_rng(0)
     L, E, D, F, M = 3, 4, 32, 48, 6
@@ -114,6 +135,7 @@ def test_argmax_matches_jnp_argmax_on_ties_nan_and_inf():
 
 @needs_kernel
 @pytest.mark.parametrize("V", [50, 1000, 4099])
+@pytest.mark.usefixtures("isa")
 def test_argmax_and_finite_per_row_on_a_sharded_batch(V):
     """The native pass (vector body and scalar tail) gives jnp.argmax and the finiteness flag, also when
     the rows are split over a mesh axis (it runs per shard: a custom call has no sharding rule)."""
@@ -137,6 +159,7 @@ def test_argmax_and_finite_per_row_on_a_sharded_batch(V):
 
 
 @needs_kernel
+@pytest.mark.usefixtures("isa")
 def test_matmul_equals_numpy():
     rng = np.random.default_rng(1)
     # few rows (at most 32: streamed in place, 32 the last); packed panels (above 32 rows) with tail
@@ -147,6 +170,21 @@ def test_matmul_equals_numpy():
         x, w = rng.standard_normal((R, K)).astype(np.float32), rng.standard_normal((K, N)).astype(np.float32)
         want = x.astype(np.float64) @ w
         np.testing.assert_allclose(jax.jit(native.matmul)(x, w), want, rtol=1e-4, atol=1e-4 * np.sqrt(K))
+
+
+@needs_kernel
+@pytest.mark.usefixtures("isa")
+def test_matmul_row_does_not_depend_on_the_others():
+    """Bitwise, within one ISA variant: rows alone, among few rows (streamed weights) and among many (packed
+    panels), on one thread or all, give the same bits, in whole vectors and in the columns past them."""
+    rng = np.random.default_rng(2)
+    call = jax.jit(native.matmul, static_argnames="max_threads")
+    for K, N in ((700, 33), (257, 200), (512, 1030)):
+        x, w = rng.standard_normal((40, K)).astype(np.float32), rng.standard_normal((K, N)).astype(np.float32)
+        many = np.asarray(call(x, w))
+        for rows in (slice(3, 4), slice(0, 9), slice(0, 32)):
+            np.testing.assert_array_equal(np.asarray(call(x[rows], w)), many[rows])
+        np.testing.assert_array_equal(np.asarray(call(x, w, max_threads=1)), many)
 
 
 def _compiled_dispatch_text():
@@ -240,6 +278,7 @@ def test_project_reads_the_layer_in_place_and_equals_the_xla_path(monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.usefixtures("isa")
 def test_project_runs_the_kernel_at_any_row_count():
     """Few rows (decode: streamed weights) and many (prefill: packed panels) both run the kernel on the
     traced layer's weight and equal the float64 product."""
@@ -287,6 +326,7 @@ def _paged_case(rng, B, T, N, K, H, L, P, ps, MP):
     (4, 7, 6, 2, 33, 30, 8, 5, 5),  # sliding window shorter than the chunk
     (1, 32, 8, 2, 64, 8, 16, 3, None),  # a prefill chunk
 ])
+@pytest.mark.usefixtures("isa")
 def test_paged_attention_equals_the_gathered_xla_path(B, T, N, K, H, P, ps, MP, window):
     rng = np.random.default_rng(B * 100 + T)
     q, k_pool, v_pool, table, pos = _paged_case(rng, B, T, N, K, H, 2, P, ps, MP)
@@ -301,6 +341,41 @@ def test_paged_attention_equals_the_gathered_xla_path(B, T, N, K, H, P, ps, MP, 
 
 
 @needs_kernel
+@pytest.mark.usefixtures("isa")
+def test_paged_attention_row_does_not_depend_on_the_others():
+    """Bitwise, within one ISA variant: a row's output alone equals it in a batch, on one thread or all."""
+    rng = np.random.default_rng(8)
+    q, k_pool, v_pool, table, pos = _paged_case(rng, 4, 3, 8, 2, 40, 2, 24, 8, 5)
+    call = jax.jit(native.paged_attention, static_argnames=("window", "max_threads"))
+    busy = np.asarray(call(q, k_pool, v_pool, 1, table, pos))
+    np.testing.assert_array_equal(np.asarray(call(q, k_pool, v_pool, 1, table, pos, max_threads=1)), busy)
+    for b in range(4):
+        one = slice(b, b + 1)
+        np.testing.assert_array_equal(np.asarray(call(q[one], k_pool, v_pool, 1, table[one], pos[one])), busy[one])
+
+
+@needs_kernel
+def test_paged_attention_refuses_a_page_id_outside_the_pool():
+    """A page id the queries would read outside [0, P) is an error naming the row, the entry and the id (not
+    clamped onto another row's page); an entry past the row's last position is not read, so not checked."""
+    rng = np.random.default_rng(9)
+    q, k_pool, v_pool, table, pos = _paged_case(rng, 3, 1, 4, 2, 16, 1, 12, 4, 3)
+    pos[:] = [[5], [9], [2]]  # row 1 reads entries 0-2, row 2 entry 0 only
+    call = jax.jit(native.paged_attention)
+    for bad, entry in ((12, 2), (-1, 0), (1 << 30, 1)):
+        broken = table.copy()
+        broken[1, entry] = bad
+        with pytest.raises(jax.errors.JaxRuntimeError,
+                           match=rf"page id {bad} of row 1 \(page table entry {entry}\) outside the pool's \[0, 12\)"):
+            np.asarray(call(q, k_pool, v_pool, 0, broken, pos))
+    unread = table.copy()
+    unread[2, 1:] = [99, -5]
+    np.testing.assert_array_equal(np.asarray(call(q, k_pool, v_pool, 0, unread, pos)),
+                                  np.asarray(call(q, k_pool, v_pool, 0, table, pos)))
+
+
+@needs_kernel
+@pytest.mark.usefixtures("isa")
 def test_paged_attention_reads_nothing_past_a_query_position():
     """NaN in every slot a query may not see (its own later slots, the rest of its pages, others' pages)
     leaves its output finite and unchanged: isolation holds without any masking copy."""

@@ -2,19 +2,32 @@
 
 `moe_swiglu` runs one MoE layer's routed experts in one call (`kernels.cc`): every routed expert's
 weights read once, in place in the stacked arrays, on exactly the rows routed to it, on XLA's
-intra-op threads, with a register-tiled micro-kernel. XLA:CPU's few-row dots reach 25-45% of the
-streaming bandwidth, copy an expert's slice of a stacked array first, and the "loop" dispatch pads
-each expert to a power-of-two row count; the kernel is faster at every token count measured, from
-a batch-1 decode step to a 1024-token prefill chunk (docs/benchmarks.md). `matmul` is the same
-micro-kernel as a [R, K] x [K, N] product of one layer of a stacked weight read in place, columns
-split over the threads. `paged_attention` is causal GQA over the paged KV cache reading each query's
-own keys in place, where the XLA path gathers every row's whole page window and masks copies of it.
+intra-op threads, with a register-tiled micro-kernel, where the "loop" dispatch runs XLA:CPU's dots on
+each expert, padded to a power-of-two row count. Against "loop" on bench-moe-100m (2026-12-06, a 2-vCPU
+Zen 5 host shared with other jobs): 1.6-1.85x on 256- and 1024-token prefill chunks, 1.15x at 32 decode
+tokens, 0.9-1.05x (no gain) at 1-16. `matmul` is the same micro-kernel as a [R, K] x [K, N] product of
+one layer of a stacked weight read in place, columns split over the threads. `paged_attention` is causal
+GQA over the paged KV cache reading each query's own keys in place, where the XLA path gathers every row's
+whole page window and masks copies of it.
+`argmax` is each row's first maximum and finiteness in one pass.
 
 The shared library is built by the package's own build (setup.py, optional: a machine without a
 compiler installs without it). `available()` says whether it was built, loads, and is enabled:
 MOEJAX_NATIVE=0 forces the XLA path (CI runs both), MOEJAX_NATIVE=1 or unset enables the kernels.
 Callers check at trace time, so the choice is made once per compiled program, from the platform of the
-mesh the program is traced for (`platform`), never the process's default backend.
+mesh the program is traced for (`platform`), never the process's default backend. Inside a `shard_map` body
+each result is typed as varying over every mesh axis its operands vary over (`manual.varying_like`): XLA's FFI
+types a custom call's result as varying over nothing, which would blind the replication check.
+
+The library holds each kernel compiled for three ISA variants (`ISAS`): "v4" (x86-64-v4: AVX-512), "v3"
+(x86-64-v3: AVX2 + FMA) and "baseline" (the build's default target: SSE2 on x86-64). One runs in the whole
+process, chosen when the library loads: MOEJAX_NATIVE_ISA names it (a variant that is unknown, or that this CPU
+cannot run, is a ValueError), unset the best this CPU runs (`runnable_isas`). `isa()` says which runs. Within a
+variant every result is deterministic and a row's does not depend on the other rows (tests/test_native.py
+checks both bitwise for every variant the host runs). Across variants (tests/test_native_isa.py): `matmul` and
+`moe_swiglu` give the same bits on v4 and v3 (one FMA chain per element on both); `paged_attention` differs
+between them in the last bits (its dots summed in trees of 16 and of 8 lanes), and the baseline (no FMA) from
+both.
 """
 
 from __future__ import annotations
@@ -28,8 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import manual
+
 ENV = "MOEJAX_NATIVE"
+ISA_ENV = "MOEJAX_NATIVE_ISA"
 DEFAULT_ON = True
+# The ISA variants, best first: MOEJAX_NATIVE_ISA's values.
+ISAS = {"v4": "x86-64-v4 (AVX-512)", "v3": "x86-64-v3 (AVX2 + FMA)", "baseline": "the build's default target"}
 FFI_TARGETS = {"moejax_moe_swiglu": "MoejaxMoeSwiglu", "moejax_matmul": "MoejaxMatmul",
             "moejax_paged_attention": "MoejaxPagedAttention", "moejax_argmax": "MoejaxArgmax"}
 
@@ -41,18 +59,53 @@ def enabled() -> bool:
 
 
 @functools.cache
-def _load() -> str | None:
-    """Load the library and register its FFI targets; None if it is missing, or why it failed."""
+def _library() -> ctypes.CDLL | str:
+    """The library, loaded with its FFI targets registered (once per process), or why it cannot be."""
     libs = sorted(Path(__file__).parent.glob("_kernels*.so"))
     if not libs:
         return "not built (no compiler at install time, or installed without the build step)"
     try:
         lib = ctypes.cdll.LoadLibrary(str(libs[0]))
+        lib.MoejaxIsaRunnable.restype = lib.MoejaxIsa.restype = ctypes.c_char_p
+        lib.MoejaxIsaSelect.argtypes = [ctypes.c_char_p]
         for target, symbol in FFI_TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, AttributeError) as err:
         return f"{libs[0].name} does not load: {err}"
+    return lib
+
+
+@functools.cache
+def _load() -> str | None:
+    """Load the library and run the ISA variant MOEJAX_NATIVE_ISA names (unset: the best); None, or why the
+    library cannot run. Raises ValueError for a variant that is unknown or that this CPU cannot run."""
+    lib = _library()
+    if isinstance(lib, str):
+        return lib
+    _select_isa(os.environ.get(ISA_ENV, "").strip() or runnable_isas()[0])
     return None
+
+
+def runnable_isas() -> tuple[str, ...]:
+    """The ISA variants (`ISAS`) this CPU runs, best first; () where the library does not load."""
+    lib = _library()
+    return () if isinstance(lib, str) else tuple(lib.MoejaxIsaRunnable().decode().split(","))
+
+
+def isa() -> str | None:
+    """The ISA variant the kernels run ("v4", "v3" or "baseline"); None where the library does not load."""
+    return None if _load() is not None else _library().MoejaxIsa().decode()
+
+
+def _select_isa(name: str) -> None:
+    """Run variant `name` in every later call of this process (load time; tests, to run each variant)."""
+    if name not in ISAS:
+        raise ValueError(f"{ISA_ENV}={name!r}: unknown ISA variant; choose from {', '.join(ISAS)} (unset: the best "
+                         f"this CPU runs)")
+    if name not in runnable_isas():
+        raise ValueError(f"{ISA_ENV}={name!r}: this CPU cannot run the {ISAS[name]} variant; it runs "
+                         f"{', '.join(runnable_isas())}")
+    _library().MoejaxIsaSelect(name.encode())
 
 
 def unavailable_reason() -> str | None:
@@ -103,23 +156,26 @@ def moe_swiglu(x_MD, gate_MX, local_MX, wg, wu, wd, layer, max_threads: int = 0)
       layer: int32 scalar, may be traced; clamps like `lax.dynamic_slice`.
       max_threads: at most this many of XLA's intra-op threads (0: all).
     Returns:
-      float32 [M, D] (rows with no local route are zero). Each element is one fixed sequence of
-      operations whatever else is in the batch: a row's result does not depend on the other rows.
+      float32 [M, D] (rows with no local route are zero). Within one ISA variant (`isa`) each element is
+      one fixed sequence of operations whatever else is in the batch and however many threads run it: a
+      row's result does not depend on the other rows, bit for bit.
     """
     _require()
     call = jax.ffi.ffi_call("moejax_moe_swiglu", jax.ShapeDtypeStruct(x_MD.shape, x_MD.dtype))
-    layer = jnp.asarray(layer, jnp.int32).reshape(())
-    return call(x_MD, gate_MX.astype(jnp.float32), local_MX.astype(jnp.int32), wg, wu, wd, layer,
-                max_threads=max_threads)
+    operands = (x_MD, gate_MX.astype(jnp.float32), local_MX.astype(jnp.int32), wg, wu, wd,
+                jnp.asarray(layer, jnp.int32).reshape(()))
+    return manual.varying_like(call(*operands, max_threads=max_threads), *operands)
 
 
 def matmul(x_RK, w_LKN, layer=0, max_threads: int = 0):
     """float32 x_RK @ w_LKN[layer] on the native micro-kernel, the weight read in place (no slice copy);
-    columns split over XLA's intra-op threads. w may also be [K, N] (layer ignored)."""
+    columns split over XLA's intra-op threads. w may also be [K, N] (layer ignored). A row's result does not
+    depend on the other rows (bit for bit, within one ISA variant)."""
     _require()
     w_LKN = w_LKN[None] if w_LKN.ndim == 2 else w_LKN
     call = jax.ffi.ffi_call("moejax_matmul", jax.ShapeDtypeStruct((x_RK.shape[0], w_LKN.shape[2]), x_RK.dtype))
-    return call(x_RK, w_LKN, jnp.asarray(layer, jnp.int32).reshape(()), max_threads=max_threads)
+    operands = (x_RK, w_LKN, jnp.asarray(layer, jnp.int32).reshape(()))
+    return manual.varying_like(call(*operands, max_threads=max_threads), *operands)
 
 
 def paged_attention(q_BTNH, k_pool, v_pool, layer, page_table_BP, pos_BT, window: int | None = None,
@@ -134,13 +190,17 @@ def paged_attention(q_BTNH, k_pool, v_pool, layer, page_table_BP, pos_BT, window
       float32 [B, T, N, H]: softmax(q k / sqrt(H)) v over the keys at positions [0, q_pos] (within the
       window) of the row's own pages; padding queries give zeros. Equal to `attention.attend` on the
       gathered pages up to float rounding.
+
+    A page id outside [0, P) among those the queries read is an error when the program runs (an
+    XLA runtime error naming the row, the page-table entry and the id), never clamped to another page.
     """
     _require()
     H = q_BTNH.shape[-1]
     call = jax.ffi.ffi_call("moejax_paged_attention", jax.ShapeDtypeStruct(q_BTNH.shape, q_BTNH.dtype))
-    return call(q_BTNH, k_pool, v_pool, jnp.asarray(layer, jnp.int32).reshape(()), page_table_BP.astype(jnp.int32),
-                pos_BT.astype(jnp.int32), window=int(window or 0), scale=np.float32(H**-0.5),
-                max_threads=max_threads)
+    operands = (q_BTNH, k_pool, v_pool, jnp.asarray(layer, jnp.int32).reshape(()), page_table_BP.astype(jnp.int32),
+                pos_BT.astype(jnp.int32))
+    out = call(*operands, window=int(window or 0), scale=np.float32(H**-0.5), max_threads=max_threads)
+    return manual.varying_like(out, *operands)
 
 
 def argmax(x_BV, max_threads: int = 0):
@@ -154,7 +214,7 @@ def argmax(x_BV, max_threads: int = 0):
 
     def local(x_):
         call = jax.ffi.ffi_call("moejax_argmax", (jax.ShapeDtypeStruct((x_.shape[0],), jnp.int32),) * 2)
-        index_, finite_ = call(x_, max_threads=max_threads)
+        index_, finite_ = (manual.varying_like(a, x_) for a in call(x_, max_threads=max_threads))
         return index_, finite_.astype(bool)
 
     sharding = getattr(jax.typeof(x_BV), "sharding", None)
@@ -165,5 +225,4 @@ def argmax(x_BV, max_threads: int = 0):
     if vocab is not None:
         raise ValueError(f"native.argmax: the vocabulary axis of x must not be split (spec {sharding.spec})")
     spec = jax.sharding.PartitionSpec
-    return jax.shard_map(local, mesh=mesh, in_specs=spec(rows, None), out_specs=(spec(rows), spec(rows)),
-                         check_vma=False)(x_BV)
+    return jax.shard_map(local, mesh=mesh, in_specs=spec(rows, None), out_specs=(spec(rows), spec(rows)))(x_BV)

@@ -8,9 +8,9 @@
 // reading each routed expert's weights once, in place in the stacked [L, E, D, F] / [L, E, F, D]
 // arrays (no slice copy), on exactly the rows routed to it (no row-capacity padding), on XLA's
 // intra-op threads. It replaces the "loop" dispatch's per-expert XLA dots on CPU in float32:
-// XLA:CPU's dots reach 25-45% of the streaming bandwidth at 1-8 rows, copy the expert's slice out
-// of the stacked array first, and the loop pads each expert to a power-of-two row count (up to 2x
-// the FLOPs in prefill) (docs/benchmarks.md).
+// XLA:CPU's dots reach 25-50% of the streaming bandwidth at 2-8 rows, copy the expert's slice out of the
+// stacked array first, and the loop pads each expert to a power-of-two row count (up to 2x the FLOPs in
+// prefill) (docs/benchmarks.md).
 //
 // moejax_matmul: y[R, N] = x[R, K] @ w[layer] for w [L, K, N], on the same micro-kernel, columns
 // split over the threads: a layer's projection read in place in its stacked array (XLA:CPU copies
@@ -19,28 +19,41 @@
 // moejax_paged_attention: causal GQA of new queries over a paged KV cache, the pages read in place
 // (no gather of the row's whole page window, no masking copies): each query reads exactly the keys
 // at positions it may see, in its own pages (the isolation invariant of moejax/model/attention.py).
+// A page id the queries would read outside the pool is an error (InvalidArgument), not clamped.
 //
 // moejax_argmax: per row of logits, the first maximum (jnp.argmax: the first NaN if any) and whether
-// the row is all finite, in one vectorized pass (XLA:CPU's variadic argmax reduction does not vectorize).
+// the row is all finite, in one vectorized pass (the XLA path, moejax/model/layers.py, reads each row at
+// least twice: a max, then the least index of its hits).
 //
-// Work: (caller) a counting sort of the (token, route) pairs by local expert, stable in token order;
-// then phases separated by a barrier (no locks; see Job), items claimed by the caller and the pool:
+// Work of moejax_moe_swiglu: (caller) a counting sort of the (token, route) pairs by local expert, stable in
+// token order; then phases separated by a barrier (no locks; see Job), items claimed by the caller and the pool:
 //   0. items (pair block): the pairs' rows gathered into X [N, D].
 //   1. items (expert, F chunk): H[pairs of e, chunk] = silu(X_e @ Wg[:, chunk]) * (X_e @ Wu[:, chunk]),
 //      the experts with the most rows first.
 //   2. items (expert, D chunk): O[pairs of e, chunk] = H_e @ Wd[:, chunk].
 //   3. items (token block): y[token] = sum of gate * O[pair] over the token's pairs in expert order.
-// Deterministic: every output element is one fixed sequence of FMAs whatever the batch holds or
-// which thread ran it (rows are independent; a token's routes are summed in expert order), so a
-// request's tokens do not depend on the other requests in flight; a NaN row stays in its own row.
+// Deterministic within one ISA variant (below), in every kernel: an output element is one fixed sequence of
+// operations whatever the batch holds, how the columns are split, or which thread ran it (rows are
+// independent; a column is in a whole vector or in `tail`, the same arithmetic, by its index alone; a token's
+// routes are summed in expert order), so a request's tokens do not depend on the other requests in flight; a
+// NaN row stays in its own row. tests/test_native.py checks this bitwise for every variant the host runs.
+// Across variants, see "ISA variants".
 //
 // Micro-kernel: a register tile of R rows x NV vectors of W floats over a K block; per k, NV weight
-// vectors loaded once and FMA'd into every row. At most kPackRows rows (decode), the weights are streamed
-// in place; above, GotoBLAS-style packed weight panels (gemm_packed), the next one prefetched while
-// the current one is used. GCC vector extensions, compiled for x86-64-v4 (AVX-512: W = 16, R <= 8),
-// x86-64-v3 (AVX2 + FMA: W = 8, R <= 6) and the baseline (target_clones, chosen at load time; each
-// clone picks its width and tile shapes to fit its register file): one build runs on any x86-64
-// machine.
+// vectors loaded once and multiply-added into every row. At most kPackRows rows (decode), the weights are
+// streamed in place; above, GotoBLAS-style packed weight panels (gemm_packed), the next one prefetched while
+// the current one is used. GCC vector extensions.
+//
+// ISA variants: all of the vector code is compiled three times (MOEJAX_VARIANT): for x86-64-v4
+// (AVX-512: W = 16, R <= 8), x86-64-v3 (AVX2 + FMA: W = 8, R <= 6) and the x86-64 baseline (SSE2: the
+// x86-64-v3 code, W = 8, R <= 6, on SSE registers, each vector two of them, so its larger tiles spill, and
+// no FMA: products rounded before they are added; the fallback for a CPU without AVX2, not tuned). One build
+// runs on any x86-64 machine. The variant is chosen for the whole process (MoejaxIsaSelect: moejax/native's
+// MOEJAX_NATIVE_ISA, else the best this CPU runs), so tests run each one the host can. Across variants: a
+// gemm element (matmul, the MoE layer) is one FMA chain in k order on x86-64-v4 and x86-64-v3 alike, the same
+// bits; attention's query-key dots are summed in trees of 16 lanes on x86-64-v4 and of 8 on x86-64-v3
+// (hsums), and the baseline rounds each product before adding it, so those differ in the last bits
+// (tests/test_native_isa.py).
 
 #include <algorithm>
 #include <atomic>
@@ -60,38 +73,29 @@ namespace ffi = xla::ffi;
 namespace {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MOEJAX_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define MOEJAX_X86_VARIANTS 1  // the x86-64-v4 and x86-64-v3 variants (GCC's target attribute and cpu tests)
 #else
-#define MOEJAX_CLONES
+#define MOEJAX_X86_VARIANTS 0
 #endif
 #define MOEJAX_INLINE inline __attribute__((always_inline))
 
-// Vectors of W floats: W = 16 where the x86-64-v4 clone runs (one AVX-512 register, 32 of them),
-// else W = 8 (one AVX2 register, 16 of them). Every routine that holds vectors is a template on W,
-// and each clone picks its width at run time from `wide()`; a 16-float vector on AVX2 is split
-// into pieces and its register tile spills (measured: 6-7 GFLOP/s at every row count, 2026-12-03).
+// Vectors of W floats: W = 16 in the x86-64-v4 variant (one AVX-512 register, 32 of them), W = 8 in the
+// others (one AVX2 register, 16 of them, in x86-64-v3; two SSE registers in the baseline). Every routine that
+// holds vectors is a template on W, and each variant instantiates it with its own W; a 16-float vector on AVX2
+// is split into pieces and its register tile spills (measured: 6-7 GFLOP/s at every row count, 2026-12-03).
 template <int W>
 struct Vec {
   typedef float f __attribute__((vector_size(W * 4)));
   typedef int32_t i __attribute__((vector_size(W * 4)));
 };
 
-// Whether the machine runs the x86-64-v4 clones (the same test as target_clones' resolver).
-bool wide() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  static const bool v4 = __builtin_cpu_supports("x86-64-v4");
-  return v4;
-#else
-  return false;
-#endif
-}
-
-constexpr int64_t kV = 64;        // column granularity of work items: a multiple of every register tile width
+constexpr int64_t kV = 64;        // column granularity of work items: a multiple of every W, so only a
+                                  // matrix's last N % W columns run `tail`, however the columns are split
 constexpr int64_t kChunk = 128;   // matmul: columns per work item, between half and 4x this (a multiple of kV)
 // One row tile is bound by reading the weights: a short K block keeps all of a chunk's lines of a
 // few weight rows in flight together (measured on bench-moe-100m shapes at 32 tokens: 1.34 -> 1.0 ms
 // per layer, 2026-12-01), and each tile prefetches its lines one K block ahead, so the next block is
-// on its way while a block's row tiles (6 + 2 rows for 8 rows on AVX2) run: 8 rows over 84 MB of
+// on its way while a block's row tiles (4 + 4 rows for 8 rows on AVX2, tile_rows) run: 8 rows over 84 MB of
 // expert weights 17-20 -> 11.5-12.4 ms on one AVX2 core against 16 rows ahead (2026-12-03).
 constexpr int64_t kFewRowsKBlock = 32;
 constexpr int64_t kPrefetchRows = kFewRowsKBlock;
@@ -107,8 +111,9 @@ constexpr int64_t kMaxRoutes = 64;
 constexpr int64_t kGemmKBlock = 256;
 constexpr int64_t kGemmColTiles = 4;
 
-// Rows per register tile: R rows x NV(R) vectors of accumulators, plus NV weight vectors and one
-// broadcast, fit the register file (32 vectors at W = 16, 16 at W = 8).
+// Rows per register tile: R rows x NV(R) vectors of accumulators, plus NV weight vectors and (AVX2) one
+// broadcast, fit the register file (32 vectors at W = 16, where the FMA broadcasts from memory; 16 at
+// W = 8 on AVX2; the baseline's SSE registers hold half a vector each, so its tiles spill).
 template <int W>
 constexpr int64_t kRowsOf = W == 16 ? 8 : 6;
 // Rows per register tile of the packed path (gemm_packed): 6 x 4 vectors at W = 16 (the column
@@ -177,15 +182,23 @@ MOEJAX_INLINE void tile(const float* __restrict x, int64_t ldx, const float* __r
     for (int j = 0; j < NV; ++j) store<W>(y + r * ldy + j * W, acc[r][j]);
 }
 
-// Columns not a multiple of W: plain scalar FMAs, the same sequence per element as the tiles.
+// The last n < W columns (N not a multiple of W): the tiles' arithmetic on one zero-padded vector per row, so
+// each element is the same sequence of multiply-adds as in a tile (fused or not as the tiles' are; a scalar
+// loop here was compiled as products rounded, then added in order, against the tiles' FMAs).
+template <int W>
 MOEJAX_INLINE void tail(const float* __restrict x, int64_t ldx, int64_t R, const float* __restrict w, int64_t ldw,
-                        int64_t K, int64_t N, float* __restrict y, int64_t ldy, bool accumulate) {
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t n = 0; n < N; ++n) {
-      float acc = accumulate ? y[r * ldy + n] : 0.0f;
-      for (int64_t k = 0; k < K; ++k) acc += x[r * ldx + k] * w[k * ldw + n];
-      y[r * ldy + n] = acc;
+                        int64_t K, int64_t n, float* __restrict y, int64_t ldy, bool accumulate) {
+  typedef typename Vec<W>::f vf;
+  for (int64_t r = 0; r < R; ++r) {
+    vf acc{};
+    for (int64_t j = 0; accumulate && j < n; ++j) acc[j] = y[r * ldy + j];
+    for (int64_t k = 0; k < K; ++k) {
+      vf wv{};
+      for (int64_t j = 0; j < n; ++j) wv[j] = w[k * ldw + j];
+      acc += x[r * ldx + k] * wv;
     }
+    for (int64_t j = 0; j < n; ++j) y[r * ldy + j] = acc[j];
+  }
 }
 
 // One row tile of R rows across N columns, one K block.
@@ -196,7 +209,7 @@ MOEJAX_INLINE void row_tile(const float* x, int64_t ldx, const float* w, int64_t
   int64_t n = 0;
   for (; n + NV * W <= N; n += NV * W) tile<W, R, NV>(x, ldx, w + n, ldw, K, y + n, ldy, acc);
   for (; n + W <= N; n += W) tile<W, R, 1>(x, ldx, w + n, ldw, K, y + n, ldy, acc);  // remaining vectors
-  if (n < N) tail(x, ldx, R, w + n, ldw, K, N - n, y + n, ldy, acc);
+  if (n < N) tail<W>(x, ldx, R, w + n, ldw, K, N - n, y + n, ldy, acc);
 }
 
 // Scratch that lives across calls on the calling thread (grown, never shrunk): large prefill
@@ -319,29 +332,18 @@ MOEJAX_INLINE void gemm_packed(const float* x, int64_t ldx, int64_t R, const flo
 template <int W>
 MOEJAX_INLINE void gemm_w(const float* x, int64_t ldx, int64_t R, const float* w, int64_t ldw, int64_t K,
                           int64_t N, float* y, int64_t ldy) {
-  if (R <= kPackRows) {
+  if (K == 0) {
+    for (int64_t r = 0; r < R; ++r) std::memset(y + r * ldy, 0, sizeof(float) * N);
+  } else if (R <= kPackRows) {
     gemm_few<W>(x, ldx, R, w, ldw, K, N, y, ldy);
   } else {
     gemm_packed<W>(x, ldx, R, w, ldw, K, N, y, ldy);
   }
 }
 
-// y[R, N] = x[R, K] @ w[K, N] (row strides ldx, ldw, ldy).
-MOEJAX_CLONES __attribute__((noinline)) void gemm(const float* x, int64_t ldx, int64_t R, const float* w,
-                                                  int64_t ldw, int64_t K, int64_t N, float* y, int64_t ldy) {
-  if (K == 0) {
-    for (int64_t r = 0; r < R; ++r) std::memset(y + r * ldy, 0, sizeof(float) * N);
-    return;
-  }
-  if (wide()) {
-    gemm_w<16>(x, ldx, R, w, ldw, K, N, y, ldy);
-  } else {
-    gemm_w<8>(x, ldx, R, w, ldw, K, N, y, ldy);
-  }
-}
-
-// exp(t) for t in [-88, 88]: Cody-Waite reduction to 2^n * exp(r), |r| <= ln2/2, degree-6
-// polynomial (relative error ~1e-7); plain arithmetic, so the compiler vectorizes it. NaN stays NaN.
+// exp(t): Cody-Waite reduction to 2^n * exp(r), |r| <= ln2/2, degree-6 polynomial: relative error under 1e-7
+// for t in [-87, 88]; t is clamped to [-88, 88], and below about -87.7 (exp(t) subnormal) the result is 0.
+// Plain arithmetic, so the compiler vectorizes it. NaN stays NaN.
 MOEJAX_INLINE float exp_approx(float t) {
   t = t < -88.0f ? -88.0f : t;
   t = t > 88.0f ? 88.0f : t;
@@ -361,10 +363,74 @@ MOEJAX_INLINE float exp_approx(float t) {
   return p * scale;
 }
 
-// Items of up to two phases claimed from atomic counters by the caller and the pool tasks alike.
-// A thread that runs out of phase-1 items waits only for phase-1 items other threads have already
-// claimed (they are running), so the call cannot deadlock on a busy pool: the caller alone can
-// finish every item.
+// y[R, N] = x[R, K] @ w[K, N] (row strides ldx, ldw, ldy): one variant's gemm_w.
+using GemmFn = void (*)(const float* x, int64_t ldx, int64_t R, const float* w, int64_t ldw, int64_t K, int64_t N,
+                        float* y, int64_t ldy);
+
+// Columns [f0, f0 + nf) of H [rows, F]: silu(X @ wg) * (X @ wu) on those columns of wg and wu [D, F] (X [rows, D]).
+MOEJAX_INLINE void up_item(GemmFn gemm, const float* X, int64_t rows, int64_t D, int64_t F, const float* wg,
+                           const float* wu, int64_t f0, int64_t nf, float* H) {
+  thread_local std::vector<float> gbuf, ubuf;
+  float* g = scratch(gbuf, rows * nf);
+  float* u = scratch(ubuf, rows * nf);
+  gemm(X, D, rows, wg + f0, F, D, nf, g, nf);
+  gemm(X, D, rows, wu + f0, F, D, nf, u, nf);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* __restrict h = H + r * F + f0;
+    const float* __restrict gr = g + r * nf;
+    const float* __restrict ur = u + r * nf;
+    for (int64_t j = 0; j < nf; ++j) h[j] = gr[j] / (1.0f + exp_approx(-gr[j])) * ur[j];
+  }
+}
+
+// The lanes of v[0], ..., v[W - 1] summed per vector: lane j of the result is the sum of v[j]'s
+// lanes as a tree of halves (lane t + lane t + W/2, then t + W/4, ...: one fixed order for a given W, so a
+// variant gives the same sums on every run and thread; W = 16 and W = 8 are different trees, so x86-64-v4's
+// sums differ from the other variants' in the last bits), all W vectors together: one shuffle pair and one
+// add per two vectors per level, where reducing each vector alone takes log2(W) dependent shuffle + add steps.
+template <int W>
+MOEJAX_INLINE typename Vec<W>::f hsums(typename Vec<W>::f* v) {
+  typedef typename Vec<W>::i vi;
+  for (int m = 1; m < W; m *= 2) {  // each v[i] holds m vectors' partial sums, W / m lanes each
+    const int P = W / m, Q = P / 2;
+    vi lo, hi;
+    for (int i = 0; i < m; ++i) {
+      for (int t = 0; t < Q; ++t) {
+        lo[i * Q + t] = i * P + t, hi[i * Q + t] = i * P + Q + t;
+        lo[(m + i) * Q + t] = W + i * P + t, hi[(m + i) * Q + t] = W + i * P + Q + t;
+      }
+    }
+    for (int i = 0; i < W / (2 * m); ++i) {
+      v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo) + __builtin_shuffle(v[2 * i], v[2 * i + 1], hi);
+    }
+  }
+  return v[0];
+}
+
+// out[j] = q . keys[j][0, H) for j < W: per lane multiply-adds over h (W at a time), hsums' tree, then the
+// h past the last whole vector in order.
+template <int W>
+MOEJAX_INLINE void dots(const float* __restrict q, const float* const* keys, int64_t H, float* out) {
+  typedef typename Vec<W>::f vf;
+  vf p[W];
+#pragma GCC unroll 16
+  for (int j = 0; j < W; ++j) p[j] = vf{};
+  int64_t h = 0;
+  for (; h + W <= H; h += W) {
+    const vf qv = load<W>(q + h);
+#pragma GCC unroll 16
+    for (int j = 0; j < W; ++j) p[j] += qv * load<W>(keys[j] + h);
+  }
+  store<W>(out, hsums<W>(p));
+  for (; h < H; ++h) {
+    for (int j = 0; j < W; ++j) out[j] += q[h] * keys[j][h];
+  }
+}
+
+// Items of up to kPhases phases, run in phase order (a phase's items all done before the next phase's
+// start), claimed from atomic counters by the caller and the pool tasks alike. A thread that runs out of a
+// phase's items waits only for items of that phase other threads have already claimed (they are running),
+// so the call cannot deadlock on a busy pool: the caller alone can finish every item.
 struct Job {
   static constexpr int kPhases = 4;
   virtual ~Job() = default;
@@ -397,26 +463,250 @@ void run_job(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, int64_t max
   job->run();
 }
 
-// ---- MoE layer ----
+struct AttentionJob;
+struct ArgmaxJob;
 
-MOEJAX_CLONES
-void up_item(const float* X, int64_t rows, int64_t D, int64_t F, const float* wg, const float* wu, int64_t f0,
-             int64_t nf, float* H) {
-  thread_local std::vector<float> gbuf, ubuf;
-  float* g = scratch(gbuf, rows * nf);
-  float* u = scratch(ubuf, rows * nf);
-  gemm(X, D, rows, wg + f0, F, D, nf, g, nf);
-  gemm(X, D, rows, wu + f0, F, D, nf, u, nf);
-  for (int64_t r = 0; r < rows; ++r) {
-    float* __restrict h = H + r * F + f0;
-    const float* __restrict gr = g + r * nf;
-    const float* __restrict ur = u + r * nf;
-    for (int64_t j = 0; j < nf; ++j) h[j] = gr[j] / (1.0f + exp_approx(-gr[j])) * ur[j];
+// One ISA variant's entry points (MOEJAX_VARIANT, below): a call takes its variant once (`kernels()`) and
+// runs every item on it.
+struct Kernels {
+  const char* name;  // "v4", "v3", "baseline": MOEJAX_NATIVE_ISA's values
+  GemmFn gemm;
+  void (*up)(const float* X, int64_t rows, int64_t D, int64_t F, const float* wg, const float* wu, int64_t f0,
+             int64_t nf, float* H);
+  void (*attention)(const AttentionJob& job, int64_t b, int64_t k);
+  void (*argmax)(const ArgmaxJob& job, int64_t b);
+};
+
+// ---- paged attention ----
+
+struct AttentionJob final : Job {
+  const Kernels* kernels;
+  const float *q, *kpool, *vpool;  // kpool/vpool: this layer's [P, ps, K, H]
+  const int32_t *table, *pos;
+  float* o;
+  int64_t B, T, N, K, H, P, ps, MP, window;
+  float scale;
+
+  void item(int, int64_t i) override { kernels->attention(*this, i / K, i % K); }
+
+  // The keys a query at position p >= 0 reads: positions [lo, last] (lo > last: none, a query past its
+  // page table by more than the window).
+  int64_t lo_of(int64_t p) const { return window > 0 ? std::max<int64_t>(0, p - window + 1) : 0; }
+  int64_t last_of(int64_t p) const { return std::min(p, MP * ps - 1); }
+
+  // The positions [first, last] row b's queries read, all of them together (first > last: none).
+  void span(int64_t b, int64_t& first, int64_t& last) const {
+    first = MP * ps, last = -1;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t p = pos[b * T + t];
+      if (p < 0 || lo_of(p) > last_of(p)) continue;
+      first = std::min(first, lo_of(p)), last = std::max(last, last_of(p));
+    }
   }
+
+  // Offset of position s of row b, kv head k, in a layer's pool (the row's own page: AttentionImpl has
+  // checked every page id of the row's span).
+  int64_t offset(int64_t b, int64_t k, int64_t s) const {
+    const int64_t page = table[b * MP + s / ps];
+    return ((page * ps + s % ps) * K + k) * H;
+  }
+
+  // sc[g * S + j] = scale * q_g . key at off[j], for j < S, W keys at a time (dots<W>).
+  template <int W>
+  MOEJAX_INLINE void scores(const int64_t* off, const float* qb, int64_t S, float* sc) const {
+    const int64_t G = N / K;
+    const float* keys[W];
+    float out[W];
+    for (int64_t s0 = 0; s0 < S; s0 += W) {
+      const int64_t n = std::min<int64_t>(W, S - s0);
+      for (int64_t j = 0; j < W; ++j) keys[j] = kpool + off[s0 + std::min(j, n - 1)];
+      for (int64_t g = 0; g < G; ++g) {
+        dots<W>(qb + g * H, keys, H, out);
+        for (int64_t j = 0; j < n; ++j) sc[g * S + s0 + j] = out[j] * scale;
+      }
+    }
+  }
+
+  // acc[g, :] = sum over j < S, in order, of sc[g * S + j] * the value at off[j]: four vectors of a head at a
+  // time held in registers across the keys.
+  template <int W>
+  MOEJAX_INLINE void values(const int64_t* off, int64_t S, const float* sc, float* acc) const {
+    typedef typename Vec<W>::f vf;
+    constexpr int64_t kBlock = 4 * W;
+    const int64_t G = N / K;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* wg = sc + g * S;
+      float* ag = acc + g * H;
+      int64_t h0 = 0;
+      for (; h0 + kBlock <= H; h0 += kBlock) {
+        vf a[4] = {};
+        for (int64_t j = 0; j < S; ++j) {
+          const float* v = vpool + off[j] + h0;
+          const float w = wg[j];
+#pragma GCC unroll 4
+          for (int i = 0; i < 4; ++i) a[i] += w * load<W>(v + i * W);
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) store<W>(ag + h0 + i * W, a[i]);
+      }
+      if (h0 < H) {
+        for (int64_t h = h0; h < H; ++h) ag[h] = 0.0f;
+        for (int64_t j = 0; j < S; ++j) {
+          const float* v = vpool + off[j];
+          const float w = wg[j];
+          for (int64_t h = h0; h < H; ++h) ag[h] += w * v[h];
+        }
+      }
+    }
+  }
+
+  // Queries of row b on kv head k (its G = N / K query heads), every t: keys at positions
+  // [lo, last] of the row's own pages only (last: the query's position; lo: the window's start).
+  template <int W>
+  MOEJAX_INLINE void run(int64_t b, int64_t k) const {
+    const int64_t G = N / K;
+    thread_local std::vector<float> sbuf, obuf;
+    thread_local std::vector<int64_t> offsets;
+    float* out_acc = scratch(obuf, G * H);
+    int64_t first, last_row;
+    span(b, first, last_row);
+    if (offsets.size() < static_cast<size_t>(std::max<int64_t>(0, last_row - first + 1))) {
+      offsets.resize(last_row - first + 1);
+    }
+    for (int64_t s = first; s <= last_row; ++s) offsets[s - first] = offset(b, k, s);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t p = pos[b * T + t];
+      float* ob = o + ((b * T + t) * N + k * G) * H;
+      if (p < 0 || lo_of(p) > last_of(p)) {  // padding (or no key to read): zeros
+        std::memset(ob, 0, sizeof(float) * G * H);
+        continue;
+      }
+      const int64_t lo = lo_of(p), S = last_of(p) - lo + 1;
+      const int64_t* off = offsets.data() + (lo - first);
+      float* sc = scratch(sbuf, G * S);
+      scores<W>(off, q + ((b * T + t) * N + k * G) * H, S, sc);
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = sc + g * S;
+        float m = sg[0];
+        for (int64_t j = 1; j < S; ++j) m = std::max(m, sg[j]);
+        float total = 0.0f;
+        for (int64_t j = 0; j < S; ++j) sg[j] = exp_approx(sg[j] - m);
+        for (int64_t j = 0; j < S; ++j) total += sg[j];
+        const float inv = 1.0f / total;
+        for (int64_t j = 0; j < S; ++j) sg[j] *= inv;
+      }
+      values<W>(off, S, sc, out_acc);
+      std::memcpy(ob, out_acc, sizeof(float) * G * H);
+    }
+  }
+};
+
+// ---- greedy: argmax and finiteness of each row ----
+
+struct ArgmaxJob final : Job {
+  const Kernels* kernels;
+  const float* x;
+  int32_t *index, *finite;
+  int64_t V;
+
+  void item(int, int64_t b) override { kernels->argmax(*this, b); }
+
+  // jnp.argmax semantics: the first maximum, or the first NaN if the row has one; a row of -inf: 0.
+  template <int W>
+  MOEJAX_INLINE void row(int64_t b) const {
+    typedef typename Vec<W>::f vf;
+    typedef typename Vec<W>::i vi;
+    const float* xr = x + b * V;
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    vf top = vf{} + neg_inf;
+    vi odd{};  // lanes that saw inf or NaN (x - x is NaN exactly there)
+    int64_t j = 0;
+    for (; j + W <= V; j += W) {
+      const vf v = load<W>(xr + j), d = v - v;
+      top = v > top ? v : top;
+      odd |= d != d;
+    }
+    float m = neg_inf;
+    bool nonfinite = false;
+    for (int i = 0; i < W; ++i) m = std::max(m, top[i]), nonfinite |= odd[i] != 0;
+    for (; j < V; ++j) m = std::max(m, xr[j]), nonfinite |= !std::isfinite(xr[j]);
+    int64_t at = -1;
+    if (nonfinite) {  // the first NaN, if any, wins
+      for (int64_t i = 0; i < V && at < 0; ++i) at = std::isnan(xr[i]) ? i : -1;
+    }
+    if (at < 0) {
+      for (j = 0; j + W <= V; j += W) {
+        const vi hit = load<W>(xr + j) == m;
+        bool any = false;
+        for (int i = 0; i < W; ++i) any |= hit[i] != 0;
+        if (any) break;
+      }
+      for (; j < V && xr[j] != m; ++j) {}
+      at = j < V ? j : 0;
+    }
+    index[b] = static_cast<int32_t>(at);
+    finite[b] = nonfinite ? 0 : 1;
+  }
+};
+
+// ---- ISA variants ----
+
+// One variant's entry points, compiled for TARGET. Everything they call above is always_inline (or scalar
+// code), and GCC compiles an inlined callee for its caller's target: each variant is a whole copy of the
+// vector code for its ISA.
+#define MOEJAX_VARIANT(NAME, TARGET, W)                                                                         \
+  TARGET __attribute__((noinline)) void gemm_##NAME(const float* x, int64_t ldx, int64_t R, const float* w,     \
+                                                    int64_t ldw, int64_t K, int64_t N, float* y, int64_t ldy) { \
+    gemm_w<W>(x, ldx, R, w, ldw, K, N, y, ldy);                                                                 \
+  }                                                                                                             \
+  TARGET void up_##NAME(const float* X, int64_t rows, int64_t D, int64_t F, const float* wg, const float* wu,   \
+                        int64_t f0, int64_t nf, float* H) {                                                     \
+    up_item(gemm_##NAME, X, rows, D, F, wg, wu, f0, nf, H);                                                     \
+  }                                                                                                             \
+  TARGET void attention_##NAME(const AttentionJob& job, int64_t b, int64_t k) { job.run<W>(b, k); }            \
+  TARGET void argmax_##NAME(const ArgmaxJob& job, int64_t b) { job.row<W>(b); }                                \
+  constexpr Kernels k_##NAME = {#NAME, gemm_##NAME, up_##NAME, attention_##NAME, argmax_##NAME};
+
+#if MOEJAX_X86_VARIANTS
+MOEJAX_VARIANT(v4, __attribute__((target("arch=x86-64-v4"))), 16)
+MOEJAX_VARIANT(v3, __attribute__((target("arch=x86-64-v3"))), 8)
+#endif
+MOEJAX_VARIANT(baseline, , 8)  // the build's default target (x86-64: SSE2)
+#undef MOEJAX_VARIANT
+
+// The variants this CPU runs, best first (__builtin_cpu_supports: the CPU's features and the OS's support for
+// their registers).
+struct Runnable {
+  const Kernels* list[3];
+  int count;
+};
+
+const Runnable& runnable() {
+  static const Runnable found = [] {
+    Runnable r{{}, 0};
+#if MOEJAX_X86_VARIANTS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) r.list[r.count++] = &k_v4;
+    if (__builtin_cpu_supports("x86-64-v3")) r.list[r.count++] = &k_v3;
+#endif
+    r.list[r.count++] = &k_baseline;
+    return r;
+  }();
+  return found;
 }
 
+std::atomic<const Kernels*> selected{nullptr};
+
+// The variant a call runs: the one selected last (MoejaxIsaSelect), else the best this CPU runs.
+const Kernels* kernels() {
+  const Kernels* k = selected.load(std::memory_order_acquire);
+  return k != nullptr ? k : runnable().list[0];
+}
+
+// ---- MoE layer ----
 
 struct MoeJob final : Job {
+  const Kernels* kernels;
   float* X;                   // the sorted pairs' rows [pairs, D] (gathered in phase 0)
   const float *wg, *wu, *wd;  // this layer's [E, D, F] / [E, F, D] block
   float *H, *O;
@@ -467,11 +757,11 @@ struct MoeJob final : Job {
     } else if (phase == 1) {
       const int64_t u = i / f_chunks, f0 = (i % f_chunks) * f_chunk;
       const int64_t block = expert[u] * D * F;
-      up_item(X + start[u] * D, count[u], D, F, wg + block, wu + block, f0, std::min(f_chunk, F - f0),
+      kernels->up(X + start[u] * D, count[u], D, F, wg + block, wu + block, f0, std::min(f_chunk, F - f0),
               H + start[u] * F);
     } else if (phase == 2) {
       const int64_t u = i / d_chunks, d0 = (i % d_chunks) * d_chunk;
-      gemm(H + start[u] * F, F, count[u], wd + expert[u] * F * D + d0, D, F, std::min(d_chunk, D - d0),
+      kernels->gemm(H + start[u] * F, F, count[u], wd + expert[u] * F * D + d0, D, F, std::min(d_chunk, D - d0),
            O + start[u] * D + d0, D);
     } else {  // combine: tokens [i * kRowsPerItem, ...), each token's pairs in expert (slot) order
       for (int64_t m = i * kRowsPerItem; m < std::min(tokens, (i + 1) * kRowsPerItem); ++m) {
@@ -513,8 +803,8 @@ ffi::Error MoeSwigluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   for (int i = 0; i < 4; ++i) {
     if (ud[i] != gd[i]) return ffi::Error::InvalidArgument("moe_swiglu: wg and wu shapes differ");
   }
-  if (gd[2] != D || dd[0] != L || dd[1] != E || dd[2] != F || dd[3] != D) {
-    return ffi::Error::InvalidArgument("moe_swiglu: wg [L, E, D, F], wd [L, E, F, D] expected for x [M, D]");
+  if (gd[2] != D || dd[0] != L || dd[1] != E || dd[2] != F || dd[3] != D || L == 0) {
+    return ffi::Error::InvalidArgument("moe_swiglu: wg [L, E, D, F], wd [L, E, F, D] (L >= 1) expected for x [M, D]");
   }
   const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, L - 1);  // clamps like dynamic_slice
   const float* xp = x.typed_data();
@@ -556,6 +846,7 @@ ffi::Error MoeSwigluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
     }
   }
   auto job = std::make_shared<MoeJob>();
+  job->kernels = kernels();
   job->X = scratch(xbuf, N * D);
   job->H = scratch(hbuf, N * F);
   job->O = scratch(obuf, N * D);
@@ -575,23 +866,25 @@ ffi::Error MoeSwigluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
 // ---- plain matmul ----
 
 struct MatmulJob final : Job {
+  const Kernels* kernels;
   const float *x, *w;
   float* y;
   int64_t R, K, N, chunk;
   void item(int, int64_t i) override {
     const int64_t n0 = i * chunk;
-    gemm(x, K, R, w + n0, N, K, std::min(chunk, N - n0), y + n0, N);
+    kernels->gemm(x, K, R, w + n0, N, K, std::min(chunk, N - n0), y + n0, N);
   }
 };
 
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                       ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out, int64_t max_threads) {
   const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1]) {
-    return ffi::Error::InvalidArgument("matmul: x [R, K] and w [L, K, N] expected");
+  if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1] || wd[0] == 0) {
+    return ffi::Error::InvalidArgument("matmul: x [R, K] and w [L, K, N] (L >= 1) expected");
   }
   const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, wd[0] - 1);  // clamps like dynamic_slice
   auto job = std::make_shared<MatmulJob>();
+  job->kernels = kernels();
   job->R = xd[0], job->K = xd[1], job->N = wd[2];
   job->x = x.typed_data(), job->w = w.typed_data() + l * job->K * job->N, job->y = out->typed_data();
   if (job->R == 0 || job->N == 0) return ffi::Error::Success();
@@ -603,164 +896,6 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   run_job(pool, job, max_threads);
   return ffi::Error::Success();
 }
-
-// ---- paged attention ----
-
-// The lanes of v[0], ..., v[W - 1] summed per vector: lane j of the result is the sum of v[j]'s
-// lanes as a tree of halves (lane t + lane t + W/2, then t + W/4, ...: a fixed order, the same
-// result wherever it runs), all W vectors together: one shuffle pair and one add per two vectors per
-// level, where reducing each vector alone takes log2(W) dependent shuffle + add steps.
-template <int W>
-MOEJAX_INLINE typename Vec<W>::f hsums(typename Vec<W>::f* v) {
-  typedef typename Vec<W>::i vi;
-  for (int m = 1; m < W; m *= 2) {  // each v[i] holds m vectors' partial sums, W / m lanes each
-    const int P = W / m, Q = P / 2;
-    vi lo, hi;
-    for (int i = 0; i < m; ++i) {
-      for (int t = 0; t < Q; ++t) {
-        lo[i * Q + t] = i * P + t, hi[i * Q + t] = i * P + Q + t;
-        lo[(m + i) * Q + t] = W + i * P + t, hi[(m + i) * Q + t] = W + i * P + Q + t;
-      }
-    }
-    for (int i = 0; i < W / (2 * m); ++i) {
-      v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo) + __builtin_shuffle(v[2 * i], v[2 * i + 1], hi);
-    }
-  }
-  return v[0];
-}
-
-// out[j] = q . keys[j][0, H) for j < W: per lane FMAs over h (W at a time), hsums' tree, then the
-// h past the last whole vector in order.
-template <int W>
-MOEJAX_INLINE void dots(const float* __restrict q, const float* const* keys, int64_t H, float* out) {
-  typedef typename Vec<W>::f vf;
-  vf p[W];
-#pragma GCC unroll 16
-  for (int j = 0; j < W; ++j) p[j] = vf{};
-  int64_t h = 0;
-  for (; h + W <= H; h += W) {
-    const vf qv = load<W>(q + h);
-#pragma GCC unroll 16
-    for (int j = 0; j < W; ++j) p[j] += qv * load<W>(keys[j] + h);
-  }
-  store<W>(out, hsums<W>(p));
-  for (; h < H; ++h) {
-    for (int j = 0; j < W; ++j) out[j] += q[h] * keys[j][h];
-  }
-}
-
-struct AttentionJob final : Job {
-  const float *q, *kpool, *vpool;  // kpool/vpool: this layer's [P, ps, K, H]
-  const int32_t *table, *pos;
-  float* o;
-  int64_t B, T, N, K, H, P, ps, MP, window;
-  float scale;
-
-  void item(int, int64_t i) override { run_item(i / K, i % K); }
-
-  // Offset of position s of row b, kv head k, in a layer's pool (the row's own page).
-  int64_t offset(int64_t b, int64_t k, int64_t s) const {
-    const int64_t page = std::clamp<int64_t>(table[b * MP + s / ps], 0, P - 1);
-    return ((page * ps + s % ps) * K + k) * H;
-  }
-
-  // sc[g * S + s - lo] = scale * q_g . key_s for s in [lo, last], W keys at a time (dots<W>).
-  template <int W>
-  MOEJAX_INLINE void scores(const int64_t* off, const float* qb, int64_t lo, int64_t last, float* sc) const {
-    const int64_t G = N / K, S = last - lo + 1;
-    const float* keys[W];
-    float out[W];
-    for (int64_t s0 = lo; s0 <= last; s0 += W) {
-      const int64_t n = std::min<int64_t>(W, last - s0 + 1);
-      for (int64_t j = 0; j < W; ++j) keys[j] = kpool + off[s0 + std::min(j, n - 1)];
-      for (int64_t g = 0; g < G; ++g) {
-        dots<W>(qb + g * H, keys, H, out);
-        for (int64_t j = 0; j < n; ++j) sc[g * S + (s0 - lo) + j] = out[j] * scale;
-      }
-    }
-  }
-
-  // acc[g, :] = sum over s in [lo, last], in order, of sc[g * S + s - lo] * value_s: four vectors of
-  // a head at a time held in registers across the keys.
-  template <int W>
-  MOEJAX_INLINE void values(const int64_t* off, int64_t lo, int64_t last, const float* sc, float* acc) const {
-    typedef typename Vec<W>::f vf;
-    constexpr int64_t kBlock = 4 * W;
-    const int64_t G = N / K, S = last - lo + 1;
-    for (int64_t g = 0; g < G; ++g) {
-      const float* wg = sc + g * S;
-      float* ag = acc + g * H;
-      int64_t h0 = 0;
-      for (; h0 + kBlock <= H; h0 += kBlock) {
-        vf a[4] = {};
-        for (int64_t s = lo; s <= last; ++s) {
-          const float* v = vpool + off[s] + h0;
-          const float w = wg[s - lo];
-#pragma GCC unroll 4
-          for (int i = 0; i < 4; ++i) a[i] += w * load<W>(v + i * W);
-        }
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; ++i) store<W>(ag + h0 + i * W, a[i]);
-      }
-      if (h0 < H) {
-        for (int64_t h = h0; h < H; ++h) ag[h] = 0.0f;
-        for (int64_t s = lo; s <= last; ++s) {
-          const float* v = vpool + off[s];
-          const float w = wg[s - lo];
-          for (int64_t h = h0; h < H; ++h) ag[h] += w * v[h];
-        }
-      }
-    }
-  }
-
-  // Queries of row b on kv head k (its G = N / K query heads), every t: keys at positions
-  // [lo, p] of the row's own pages only (p: the query's position; lo: the window's start).
-  MOEJAX_CLONES void run_item(int64_t b, int64_t k) {
-    const int64_t G = N / K;
-    const bool is_wide = wide();
-    thread_local std::vector<float> sbuf, obuf;
-    thread_local std::vector<int64_t> offsets;
-    float* out_acc = scratch(obuf, G * H);
-    int64_t seen = 0;  // positions [0, seen) have their offset in `offsets`
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t p = pos[b * T + t];
-      float* ob = o + ((b * T + t) * N + k * G) * H;
-      if (p < 0) {  // padding: no query
-        std::memset(ob, 0, sizeof(float) * G * H);
-        continue;
-      }
-      const int64_t last = std::min(p, MP * ps - 1);
-      const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
-      const int64_t S = last - lo + 1;
-      float* sc = scratch(sbuf, G * std::max<int64_t>(S, 1));
-      if (offsets.size() < static_cast<size_t>(last + 1)) offsets.resize(last + 1);
-      for (; seen <= last; ++seen) offsets[seen] = offset(b, k, seen);
-      const int64_t* off = offsets.data();
-      const float* qb = q + ((b * T + t) * N + k * G) * H;
-      if (is_wide) {
-        scores<16>(off, qb, lo, last, sc);
-      } else {
-        scores<8>(off, qb, lo, last, sc);
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = sc + g * S;
-        float m = sg[0];
-        for (int64_t j = 1; j < S; ++j) m = std::max(m, sg[j]);
-        float total = 0.0f;
-        for (int64_t j = 0; j < S; ++j) sg[j] = exp_approx(sg[j] - m);
-        for (int64_t j = 0; j < S; ++j) total += sg[j];
-        const float inv = 1.0f / total;
-        for (int64_t j = 0; j < S; ++j) sg[j] *= inv;
-      }
-      if (is_wide) {
-        values<16>(off, lo, last, sc, out_acc);
-      } else {
-        values<8>(off, lo, last, sc, out_acc);
-      }
-      std::memcpy(ob, out_acc, sizeof(float) * G * H);
-    }
-  }
-};
 
 ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kpool,
                          ffi::Buffer<ffi::F32> vpool, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> table,
@@ -776,11 +911,12 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
     if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("paged_attention: k and v pools differ in shape");
   }
   auto job = std::make_shared<AttentionJob>();
+  job->kernels = kernels();
   job->B = qd[0], job->T = qd[1], job->N = qd[2], job->H = qd[3];
   job->P = kd[1], job->ps = kd[2], job->K = kd[3], job->MP = td[1];
   if (kd[4] != job->H || job->K == 0 || job->N % job->K != 0 || td[0] != job->B || pd[0] != job->B ||
-      pd[1] != job->T || job->P == 0) {
-    return ffi::Error::InvalidArgument("paged_attention: inconsistent shapes (heads, head_dim, rows or pages)");
+      pd[1] != job->T || job->P == 0 || kd[0] == 0) {
+    return ffi::Error::InvalidArgument("paged_attention: inconsistent shapes (heads, head_dim, rows, pages or layers)");
   }
   const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, kd[0] - 1);
   const int64_t per_layer = job->P * job->ps * job->K * job->H;
@@ -790,70 +926,31 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   job->window = window, job->scale = scale;
   job->items[0] = job->B * job->K;
   if (job->items[0] == 0 || job->T == 0) return ffi::Error::Success();
+  // The pages each row's queries read must be in the pool: an id outside it is a broken page table (clamped,
+  // it would read another row's page).
+  for (int64_t b = 0; b < job->B; ++b) {
+    int64_t first, last;
+    job->span(b, first, last);
+    if (first > last) continue;
+    for (int64_t j = first / job->ps; j <= last / job->ps; ++j) {
+      const int32_t page = job->table[b * job->MP + j];
+      if (page < 0 || page >= job->P) {
+        return ffi::Error::InvalidArgument("paged_attention: page id " + std::to_string(page) + " of row " +
+                                           std::to_string(b) + " (page table entry " + std::to_string(j) +
+                                           ") outside the pool's [0, " + std::to_string(job->P) + ")");
+      }
+    }
+  }
   run_job(pool, job, max_threads);
   return ffi::Error::Success();
 }
-
-// ---- greedy: argmax and finiteness of each row ----
-
-struct ArgmaxJob final : Job {
-  const float* x;
-  int32_t *index, *finite;
-  int64_t V;
-
-  void item(int, int64_t b) override { row(b); }
-
-  MOEJAX_CLONES void row(int64_t b) {
-    if (wide()) {
-      row_w<16>(b);
-    } else {
-      row_w<8>(b);
-    }
-  }
-
-  // jnp.argmax semantics: the first maximum, or the first NaN if the row has one; a row of -inf: 0.
-  template <int W>
-  MOEJAX_INLINE void row_w(int64_t b) {
-    typedef typename Vec<W>::f vf;
-    typedef typename Vec<W>::i vi;
-    const float* xr = x + b * V;
-    const float neg_inf = -std::numeric_limits<float>::infinity();
-    vf top = vf{} + neg_inf;
-    vi odd{};  // lanes that saw inf or NaN (x - x is NaN exactly there)
-    int64_t j = 0;
-    for (; j + W <= V; j += W) {
-      const vf v = load<W>(xr + j), d = v - v;
-      top = v > top ? v : top;
-      odd |= d != d;
-    }
-    float m = neg_inf;
-    bool nonfinite = false;
-    for (int i = 0; i < W; ++i) m = std::max(m, top[i]), nonfinite |= odd[i] != 0;
-    for (; j < V; ++j) m = std::max(m, xr[j]), nonfinite |= !std::isfinite(xr[j]);
-    int64_t at = -1;
-    if (nonfinite) {  // the first NaN, if any, wins
-      for (int64_t i = 0; i < V && at < 0; ++i) at = std::isnan(xr[i]) ? i : -1;
-    }
-    if (at < 0) {
-      for (j = 0; j + W <= V; j += W) {
-        const vi hit = load<W>(xr + j) == m;
-        bool any = false;
-        for (int i = 0; i < W; ++i) any |= hit[i] != 0;
-        if (any) break;
-      }
-      for (; j < V && xr[j] != m; ++j) {}
-      at = j < V ? j : 0;
-    }
-    index[b] = static_cast<int32_t>(at);
-    finite[b] = nonfinite ? 0 : 1;
-  }
-};
 
 ffi::Error ArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> index,
                       ffi::ResultBuffer<ffi::S32> finite, int64_t max_threads) {
   const auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("argmax: x [B, V] expected");
   auto job = std::make_shared<ArgmaxJob>();
+  job->kernels = kernels();
   job->x = x.typed_data(), job->index = index->typed_data(), job->finite = finite->typed_data();
   job->V = xd[1];
   job->items[0] = xd[1] == 0 ? 0 : xd[0];
@@ -866,6 +963,33 @@ ffi::Error ArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result
 }
 
 }  // namespace
+
+// ---- ISA selection (plain C, for ctypes: moejax/native/__init__.py) ----
+
+// The variants this CPU runs, best first, comma-separated ("v4,v3,baseline" where it runs AVX-512).
+extern "C" const char* MoejaxIsaRunnable() {
+  static const std::string names = [] {
+    std::string out;
+    for (int i = 0; i < runnable().count; ++i) out += (i > 0 ? "," : "") + std::string(runnable().list[i]->name);
+    return out;
+  }();
+  return names.c_str();
+}
+
+// From now on, every call runs the variant `name`: 0, or -1 (nothing changed) where the name is unknown or
+// this CPU does not run it.
+extern "C" int MoejaxIsaSelect(const char* name) {
+  for (int i = 0; i < runnable().count; ++i) {
+    if (std::strcmp(runnable().list[i]->name, name) == 0) {
+      selected.store(runnable().list[i], std::memory_order_release);
+      return 0;
+    }
+  }
+  return -1;
+}
+
+// The variant the next call runs.
+extern "C" const char* MoejaxIsa() { return kernels()->name; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxMoeSwiglu, MoeSwigluImpl,
                               ffi::Ffi::Bind()
