@@ -94,3 +94,19 @@ def test_the_choice_per_platform():
     assert attention.choose_paged_attention("cpu", True, pool) == "native"
     assert attention.choose_paged_attention("cpu", False, pool) == "xla"
     assert supported(16, 64) and not supported(16, 96) and not supported(8, 128)
+
+
+def test_xla_path_never_reads_or_writes_another_page_for_a_bad_page_id():
+    """The XLA path's answer to a page id outside [0, pages): nothing written (a negative id does not wrap onto
+    the last page), NaN read (never another page's values), so the row's logits go non-finite and the engine
+    ends that request with an error; the native kernel refuses the call (tests/test_native.py)."""
+    L, P, ps, K, H = 1, 4, 2, 1, 2
+    pool = jnp.arange(L * P * ps * K * H, dtype=jnp.float32).reshape(L, P, ps, K, H)
+    new = jnp.full((1, 1, K, H), -7.0)
+    for bad in (-1, P, 2**20):
+        table = jnp.array([[bad]], jnp.int32)
+        written = attention._write_pages(pool, 0, new, jnp.array([[0]], jnp.int32), table)
+        np.testing.assert_array_equal(np.asarray(written), np.asarray(pool))
+        assert np.isnan(np.asarray(attention._gather_pages(pool, 0, table))).all()
+    good = attention._gather_pages(pool, 0, jnp.array([[2, 0]], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(good)[0, :ps], np.asarray(pool)[0, 2])

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import manual, native
+from moejax import native
 from moejax.config import ModelConfig
 from moejax.model import paged_attention
 from moejax.model.layers import apply_rope, at_layer, declare, project, rms_norm
@@ -106,8 +106,7 @@ def _cached_attention(q_BTNH, cache, layer, page_table_BP, pos_BT, window):
     """
     kind = choose_paged_attention(native.platform(q_BTNH), native.runs(q_BTNH, *cache), cache[0].shape)
     if kind == "native":
-        o_BTNH = native.paged_attention(q_BTNH, *cache, layer, page_table_BP, pos_BT, window)
-        return manual.varying_like(o_BTNH, q_BTNH, *cache, page_table_BP, pos_BT)  # FFI results are typed invariant
+        return native.paged_attention(q_BTNH, *cache, layer, page_table_BP, pos_BT, window)
     if kind == "pallas":
         return paged_attention.paged_attention(q_BTNH, cache, layer, page_table_BP, pos_BT, window)
     k_BCKH, v_BCKH = (_gather_pages(pool, layer, page_table_BP) for pool in cache)
@@ -149,12 +148,17 @@ def _write_pages(pool_LPsKH, layer, new_BTKH, pos_BT, page_table_BP):
     _, num_pages, page_size = pool_LPsKH.shape[:3]
     block = jnp.clip(pos_BT // page_size, 0, page_table_BP.shape[1] - 1)
     page_BT = jnp.take_along_axis(page_table_BP, block, axis=1)
-    page_BT = jnp.where(pos_BT >= 0, page_BT, num_pages)  # padding: out of range, dropped
+    # Padding, and a page id outside [0, num_pages) (never wrapped onto another row's page): dropped.
+    page_BT = jnp.where((pos_BT >= 0) & (page_BT >= 0) & (page_BT < num_pages), page_BT, num_pages)
     return pool_LPsKH.at[layer, page_BT, pos_BT % page_size].set(new_BTKH.astype(pool_LPsKH.dtype), mode="drop")
 
 
 def _gather_pages(pool_LPsKH, layer, page_table_BP):
-    """The row's pages of one layer, [B, pages * page_size, K, H]: one gather (never a copy of the pool)."""
+    """The row's pages of one layer, [B, pages * page_size, K, H]: one gather (never a copy of the pool). A page id
+    outside [0, pages) reads NaN (never another page): attended, it makes the row's logits non-finite, which the
+    engine reports as that request's error."""
     B, MP = page_table_BP.shape
     _, _, ps, K, H = pool_LPsKH.shape
-    return pool_LPsKH[layer, page_table_BP].reshape(B, MP * ps, K, H)
+    pages = jnp.asarray(pool_LPsKH).at[layer, page_table_BP].get(mode="fill", fill_value=jnp.nan,
+                                                                 wrap_negative_indices=False)
+    return pages.reshape(B, MP * ps, K, H)

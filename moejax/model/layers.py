@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import manual, native
+from moejax import native
 
 
 def declare(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.Param:
@@ -54,8 +54,7 @@ def project(x, w, layer=None, contract: int = 1):
     I, out = math.prod(k_in), w.shape[1 + contract:]
     x_MI = x.reshape(-1, I)  # contracted axes flattened on the (small) activation, never transposing w
     if native.runs(x, w):
-        w_LIO = w.reshape(w.shape[0], I, -1)
-        y_MO = manual.varying_like(native.matmul(x_MI, w_LIO, layer), x_MI, w_LIO)  # FFI results are typed invariant
+        y_MO = native.matmul(x_MI, w.reshape(w.shape[0], I, -1), layer)
     else:
         y_MO = x_MI @ w[layer].reshape(I, -1)
     return y_MO.reshape(*x.shape[:x.ndim - contract], *out)

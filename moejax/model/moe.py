@@ -411,8 +411,7 @@ def _dispatch_ragged(x_MD, weights_MX, local_MX, w, layer):
 
 
 def _dispatch_native(x_MD, weights_MX, local_MX, w, layer):
-    y_MD = native.moe_swiglu(x_MD, weights_MX, local_MX, *w, layer)
-    return manual.varying_like(y_MD, x_MD, weights_MX, local_MX, *w)  # an FFI call's result is typed invariant
+    return native.moe_swiglu(x_MD, weights_MX, local_MX, *w, layer)
 
 
 def _dispatch_pallas(x_MD, weights_MX, local_MX, w, layer):
