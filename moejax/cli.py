@@ -1,4 +1,5 @@
-"""`moejax` command line: generate | plan | convert | demo-checkpoint | sweep | bench serve|decode|gemm|compile|gpu.
+"""`moejax` command line: generate | plan | convert | demo-checkpoint | sweep | bench serve|decode|gemm|native|
+compile|gpu.
 
 Every user mistake (a bad flag, an unknown model or hardware name, a malformed file, a prompt or sampling
 value the model cannot take) prints one line `moejax: error: ...` to stderr and exits with status 2; `--debug`

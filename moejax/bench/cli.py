@@ -135,6 +135,7 @@ def add_parsers(subparsers) -> list[argparse.ArgumentParser]:
 _MODULES = {
     "decode": ("moejax.bench.decode", "decode speed on one CPU device against Hugging Face and the bandwidth limit"),
     "gemm": ("moejax.bench.gemm", "the few-row matmul roofline of this host"),
+    "native": ("moejax.bench.native_vs_xla", "each native CPU kernel against its pure-XLA fallback"),
     "compile": ("moejax.bench.compile", "time to place and warm up a model per layout, and its program size"),
     "gpu": ("moejax.bench.gpu", "the first GPU's figures: decode bandwidth, prefill MFU, a sweep, a calibration"),
 }
