@@ -58,8 +58,12 @@ def test_a_missing_collective_is_a_trace_time_error(monkeypatch):
 
 
 def test_deprecated_expert_mode_names_still_work_for_one_release():
-    with pytest.warns(DeprecationWarning, match="ep_attention is deprecated"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         model = moejax.Model.random(CFG, layout="EP2", ep_attention="replicated")
+    said = [str(w.message) for w in caught if w.category is DeprecationWarning]
+    assert any("ep_attention is deprecated" in m for m in said), said
+    assert any("'replicated' is deprecated: use 'replicated_attention'" in m for m in said), said
     assert model.expert_mode == "replicated_attention" and model.par.expert_mode == "replicated_attention"
     with pytest.warns(DeprecationWarning, match="'data' is deprecated: use 'dp_attention'"):
         assert sharding.expert_mode_of("data") == "dp_attention"

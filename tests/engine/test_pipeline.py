@@ -139,7 +139,7 @@ def test_each_stage_runs_its_layers_once_and_sends_one_activation(five_layers, p
             assert len(permutes) == 1, permutes
             assert re.sub(r"\{.*", "", permutes[0]) == "f32[4,1,48]", permutes  # 4 rows x 1 token x hidden 48
             sent = comm.account(engine)["decode"]["by_kind"]["collective-permute"]["wire_bytes"]
-            plan = comm.planner_volume(model.cfg, model.layout, "data", 4, 4, load_hardware("cpu-host"),
+            plan = comm.planner_volume(model.cfg, model.layout, "dp_attention", 4, 4, load_hardware("cpu-host"),
                                        pipelined=True)
             assert sent == plan["send"] == 4 * 48 * 4
     assert dots["pp"] == dots["flat"] > 0, dots
