@@ -216,15 +216,22 @@ def _run_generate(args) -> int:
 
 
 class _Counted:
-    """A weight source that reports the number of values read (the progress of placing the weights)."""
+    """A weight source that reports the number of values read (the progress of placing the weights), through
+    `read` and, where the source has it, `read_into` (checkpoint sources fill blocks in place)."""
 
     def __init__(self, source, advance):
         self._source, self._advance = source, advance
+        if hasattr(source, "read_into"):
+            self.read_into = self._read_into
 
     def read(self, name, layer, index):
         part = self._source.read(name, layer, index)
         self._advance(part.size)
         return part
+
+    def _read_into(self, name, layer, index, out):
+        self._source.read_into(name, layer, index, out)
+        self._advance(out.size)
 
     def __getattr__(self, name):
         return getattr(self._source, name)

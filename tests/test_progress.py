@@ -44,3 +44,29 @@ def test_a_failed_phase_reports_no_completion():
     except ValueError:
         pass
     assert file.getvalue() == "moejax: placing ...\n"
+
+
+def test_weight_loading_progress_counts_blocks_filled_in_place():
+    """A checkpoint source fills blocks in place (`read_into`); the bar counts those values too, and a source
+    without `read_into` still looks like one without it (weights.place then calls `read`)."""
+    import numpy as np
+
+    from moejax.cli import _Counted
+
+    class InPlace:
+        def read(self, name, layer, index):
+            return np.zeros((2, 3))
+
+        def read_into(self, name, layer, index, out):
+            out[...] = 1
+
+    class Plain:
+        def read(self, name, layer, index):
+            return np.zeros((4,))
+
+    seen = []
+    counted = _Counted(InPlace(), seen.append)
+    out = np.zeros((5, 7))
+    counted.read_into("embed", None, (), out)
+    assert counted.read("embed", None, ()).shape == (2, 3) and seen == [35, 6] and out.all()
+    assert not hasattr(_Counted(Plain(), seen.append), "read_into")

@@ -183,7 +183,7 @@ def workspace_bytes(cfg: ModelConfig, layout: Layout, workload: Workload, option
     """
     plan = PlanLayout.of(layout, options.expert_mode)
     groups, sized = plan.attention_data, stored_config(cfg, plan)
-    m = microbatches(layout, batch, options)
+    m = microbatches(layout, max(1, batch // groups), options)  # as the serving model caps it (an attention group's)
     tokens_group = batch / groups / m + chunk
     tokens_replica = tokens_group * groups
     t, d, ab = plan.tensor, cfg.hidden_size, workload.act_bytes
@@ -196,7 +196,7 @@ def workspace_bytes(cfg: ModelConfig, layout: Layout, workload: Workload, option
 
 def microbatches(layout: Layout | PlanLayout, batch: int, options: Options) -> int:
     """Pipeline microbatch groups M: `options.microbatches` (the runtime's `ServeConfig.microbatches`), else one
-    per stage; never more than `batch` (the requests the caller passes)."""
+    per stage; never more than `batch`, the requests of one attention group (what both callers pass)."""
     m = options.microbatches or layout.stage
     return max(1, min(m, int(batch)))
 
