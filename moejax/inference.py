@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import native
 from moejax import steps as steps_lib
 from moejax.config import ModelConfig, ceil_div, round_up
 from moejax.distributed import fetch
@@ -71,7 +72,7 @@ class Model:
             expert_mode = None  # the deprecated keyword given alone
         par = Parallelism(layout, expert_mode_of(expert_mode, ep_attention), moe_strategy, exchange)
         self.mesh = make_mesh(layout, devices)
-        self.par = par.checked(self.mesh.devices.flat[0].platform)  # before any device work
+        self.par = par.checked(native.mesh_platform(self.mesh))  # before any device work
         self.dtype = DTYPES[dtype]
         with jax.set_mesh(self.mesh):
             abstract = abstract_model(cfg, par, self.dtype)

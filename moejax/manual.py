@@ -35,7 +35,6 @@ def aligned(*operands):
     return tuple(varying_like(a, *operands) if jax.typeof(a).mat.varying != axes else a for a in operands)
 
 
-
 def call_kernel(call, *operands):
     """`call(*operands)` for a Pallas kernel whose `out_shape` comes from `result`: the operands typed alike."""
     return call(*aligned(*operands))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from moejax import manual
+from moejax import manual, native
 from moejax.model.layers import argmax
 from moejax.model.transformer import Transformer
 
@@ -51,7 +51,7 @@ class Steps:
             is_leaf=lambda x: isinstance(x, nnx.Variable)))
         # One (k, v) pair of pools, each [L_pad, pages, page_size, K, H] (layers over `stage`).
         self.cache_specs = (self.spec(CACHE_AXES),) * 2
-        self.platform = mesh_platform(mesh)
+        self.platform = native.mesh_platform(mesh)
         self.check_vma = manual.checks_replication(self.platform, self.par.moe_strategy)
         self.forward = jax.jit(self._forward)
         self.step = jax.jit(self._step, donate_argnums=(1,))
@@ -171,9 +171,3 @@ class Steps:
         logits_BV, x_SRTD, cache = fn(params, cache, x_SRTD, tokens_SBT, pos_SBT, page_table_SBP,
                                       logits_index_SB, active_S)
         return self._gathered(logits_BV), x_SRTD, cache
-
-
-def mesh_platform(mesh: jax.sharding.Mesh) -> str:
-    """The platform of the devices `mesh` spans ("cpu", "gpu"), topology devices of a GPU target too."""
-    device = getattr(mesh.abstract_mesh, "abstract_device", None)
-    return device.platform if device is not None and device.platform else mesh.devices.flat[0].platform

@@ -358,7 +358,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     if args.max_running % (shards * groups_used):
         groups = f" x {groups_used} pipeline microbatch groups" if groups_used > 1 else ""
         raise UsageError(f"--max-running {args.max_running} must be a multiple of the {shards} batch shards{groups} "
-                         f"of {layout} in expert mode {sweep_lib.ep_mode(model)!r}")
+                         f"of {layout} in expert mode {model.expert_mode!r}")
     counter = sweep_lib._CompileCounter()
     jax.monitoring.register_event_duration_secs_listener(counter)
     try:

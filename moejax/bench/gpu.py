@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> dict:
             record({**tag, "ok": False, "error": "skipped: --budget-s spent"})
             continue
         try:
-            steps = model.steps if strategy == "auto" else _steps(model, strategy)
+            steps = model.steps if strategy == "auto" else model.steps.with_moe(moe_strategy=strategy)  # same weights
             if phase == "decode":
                 step_s = time_step(model, batch, 1, args.context, args.steps, steps=steps)
                 parts = decode_bytes(cfg, batch, args.context, size, size)
@@ -272,11 +272,6 @@ def _sweep_and_calibrate(args, model, cfg, model_path, hw, hw_name, summary, dea
     errors = [calib.get(f"mean_abs_rel_error_{k}", float("nan")) for k in ("before", "after")]
     say(f"calibration: {path} (memory {eff.memory:.2f}, compute {eff.compute:.2f}, step overhead "
         f"{eff.step_overhead_s * 1e3:.2f} ms); planner error on the sweep rows {errors[0]:.0%} -> {errors[1]:.0%}")
-
-
-def _steps(model, strategy: str):
-    """The model's steps compiled with another MoE dispatch strategy (same weights, same mesh)."""
-    return model.steps.with_moe(moe_strategy=strategy)
 
 
 def _si(value: float) -> str:

@@ -165,11 +165,6 @@ class _CompileCounter:
         self._on = False
 
 
-def ep_mode(model) -> str:
-    """The model's expert mode."""
-    return model.expert_mode
-
-
 def batch_shards(model) -> int:
     """Request groups of the model (data, or data x expert in the 'dp_attention' expert mode)."""
     return getattr(model, "batch_shards", model.layout.data)
@@ -222,7 +217,7 @@ def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _Compil
     cfg, layout = model.cfg, model.layout
     isl, osl = spec.workload.mean_lengths(cfg.vocab_size)
     act_bytes = jax.numpy.dtype(model.dtype).itemsize
-    planner = {phase: comm.planner_volume(cfg, layout, ep_mode(model), accounts["tokens"][phase], act_bytes, hw,
+    planner = {phase: comm.planner_volume(cfg, layout, model.expert_mode, accounts["tokens"][phase], act_bytes, hw,
                                           pipelined=engine.pipelined)
                for phase in ("decode", "prefill")}
     device_peak = [d.memory_stats().get("peak_bytes_in_use") for d in model.mesh.devices.flat if d.memory_stats()]
@@ -232,7 +227,7 @@ def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _Compil
         "batch_size": mr, "chunk_size": chunk, "isl": isl, "osl": osl,
         "ttft_s": metrics["ttft_s"], "tpot_s": metrics["tpot_s"],
         "tokens_per_s_per_device": metrics["tokens_per_s_per_device"],
-        "tokens_per_s_per_user": metrics["tokens_per_s_per_user"], "expert_mode": ep_mode(model),
+        "tokens_per_s_per_user": metrics["tokens_per_s_per_user"], "expert_mode": model.expert_mode,
         # the configuration (KEY_FIELDS) and context
         "expert_mode_requested": None, "max_running": mr, "dtype": spec.dtype, "page_size": spec.page_size,
         "max_prefill_seqs": spec.max_prefill_seqs, "decode_buckets": spec.decode_buckets,

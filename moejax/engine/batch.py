@@ -90,7 +90,7 @@ def sampling_row(params: SamplingParams, seed: int) -> np.ndarray:
 def padding(B: int, T: int, P: int) -> np.ndarray:
     """An all-padding packed batch [B, T + P + META] (count 0, greedy, top_p 1)."""
     _, _, m = packed_layout(T, P)
-    pad = np.zeros((B, m + META), np.int32)
+    pad = np.zeros((B, packed_width(T, P)), np.int32)
     pad[:, m + TOP_K:] = sampling_row(SamplingParams(), 0)
     return pad
 

@@ -130,10 +130,18 @@ def platform(*arrays) -> str:
     meshes = [jax.sharding.get_abstract_mesh()]
     meshes += [getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None) for a in arrays]
     for mesh in meshes:
-        device = getattr(mesh, "abstract_device", None)
-        if device is not None and device.platform:
-            return device.platform
+        found = mesh_platform(mesh)
+        if found:
+            return found
     return jax.default_backend()
+
+
+def mesh_platform(mesh) -> str | None:
+    """The platform of the devices a mesh spans (a `Mesh` or an `AbstractMesh`; topology devices of a GPU target
+    too), or None for none or an `AbstractMesh` built without devices."""
+    abstract = getattr(mesh, "abstract_mesh", mesh)  # a concrete Mesh carries its abstract one
+    device = getattr(abstract, "abstract_device", None)
+    return device.platform if device is not None and device.platform else None
 
 
 def runs(*arrays) -> bool:
