@@ -16,16 +16,22 @@ from typing import Any
 
 import yaml
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_moe")
-RUNTIME_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "glm4_moe", "olmoe", "gpt_oss",
+            "gpt_moe")
+RUNTIME_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe", "olmoe", "gpt_oss")
+ROUTERS = ("softmax", "sigmoid", "topk_softmax")  # `moejax.model.router`
+ROPE_TYPES = ("default", "yarn", "linear")  # `moejax.model.rope`
+EXPERT_ACTIVATIONS = ("silu", "swiglu_clamped")  # `moejax.model.moe`
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape and semantics of an MoE transformer.
+    """Shape and semantics of an MoE transformer: every field that changes the math, in one vocabulary shared by
+    the runtime, the checkpoint loader and the planner.
 
     Dimension letters (see `moejax.model`): V vocab, D width, L layers, N query heads, K kv heads,
-    H head dim, F routed-expert FFN width, E experts, X experts per token.
+    H head dim, F routed-expert FFN width, E experts, X experts per token. MLA (`attention="mla"`): H is
+    qk_nope_head_dim, the query/key width without the decoupled rope part (qk_rope_head_dim).
     """
 
     family: str
@@ -41,23 +47,48 @@ class ModelConfig:
     norm_topk_prob: bool = True
     shared_expert_intermediate_size: int = 0  # 0: no shared expert
     shared_expert_gate: bool = False  # Qwen2-MoE: shared output scaled by sigmoid(x . w)
-    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k, per head
-    qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm on q and k: per head (Qwen3, GLM) or over the whole projected width (OLMoE)
+    qk_norm_scope: str = "head"  # "head" | "all" (OLMoE: one norm over the N x H / K x H projection)
+    qkv_bias: bool = False  # GQA: q/k/v biases; MLA: q_a / kv_a biases (attention_bias)
     o_bias: bool = False
+    clip_qkv: float | None = None  # OLMoE: q, k, v clamped to [-clip, clip] after projection
+    attention_sinks: bool = False  # gpt-oss: a learned logit per head joins each softmax
     rope_theta: float = 10000.0
+    rope_type: str = "default"  # "default" | "yarn" | "linear" (Hugging Face's rope_parameters)
+    rope_factor: float = 1.0
+    rope_original_max_position_embeddings: int = 0  # YaRN: the pre-training context
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float = 0.0  # YaRN (DeepSeek): 0 for none
+    rope_mscale_all_dim: float = 0.0
+    rope_attention_factor: float = 0.0  # YaRN: 0 derives it from factor / mscale (as Hugging Face does)
+    rope_truncate: bool = True  # YaRN: round the correction range (gpt-oss: false)
+    rope_interleave: bool = False  # DeepSeek MLA: rotary pairs (x0, x1), (x2, x3)... instead of halves
+    partial_rotary_factor: float = 1.0  # GLM: the first head_dim x factor dims are rotated, the rest pass
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
     sliding_window: int | None = None
-    # Structure read by the planner; the runtime rejects non-default values (check_runtime_support).
-    first_dense_layers: int = 0  # DeepSeek-V3: leading layers with a dense FFN instead of MoE
+    sliding_layers: tuple[int, ...] | None = None  # layers that use `sliding_window` (None: every layer)
+    # Routing (`moejax.model.router`)
+    router: str = "softmax"  # "softmax" (then top-k) | "sigmoid" (grouped, bias-corrected) | "topk_softmax"
+    router_bias: bool = False  # gpt-oss: a bias on the router logits
+    n_group: int = 1  # sigmoid router: experts in n_group groups, tokens choose topk_group groups first
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    # Expert FFN
+    expert_activation: str = "silu"  # "silu" (SwiGLU) | "swiglu_clamped" (gpt-oss)
+    swiglu_alpha: float = 1.702  # swiglu_clamped: gate * sigmoid(alpha gate) * (up + 1), clamped to `swiglu_limit`
+    swiglu_limit: float = 7.0
+    expert_bias: bool = False  # gpt-oss: biases on the experts' gate, up and down projections
+    # Layers with a dense FFN before the MoE layers (DeepSeek-V3, GLM-4.5)
+    first_dense_layers: int = 0
     dense_intermediate_size: int = 0  # FFN width of those dense layers
     attention: str = "gqa"  # "gqa" | "mla"
     kv_lora_rank: int = 0  # MLA: compressed KV width cached per token per layer
     q_lora_rank: int = 0  # MLA: compressed query width (0: no query compression)
     qk_rope_head_dim: int = 0  # MLA: decoupled RoPE key width cached per token per layer
     v_head_dim: int = 0  # MLA: value head dim (0: head_dim)
-    routed_scaling_factor: float = 1.0
     name: str = ""
 
     def __post_init__(self):
@@ -73,18 +104,68 @@ class ModelConfig:
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts ({self.num_experts})")
-        if self.attention not in ("gqa", "mla"):
-            raise ValueError(f"attention must be 'gqa' or 'mla', got {self.attention!r}")
-        rope_field = "qk_rope_head_dim" if self.attention == "mla" else "head_dim"
-        if getattr(self, rope_field) % 2:  # RoPE rotates pairs of dimensions (the kernels take any even width)
-            raise ValueError(f"ModelConfig.{rope_field} must be even (rotary embeddings rotate pairs of dimensions), "
-                             f"got {getattr(self, rope_field)}")
+        for field, allowed in (("attention", ("gqa", "mla")), ("router", ROUTERS), ("rope_type", ROPE_TYPES),
+                               ("expert_activation", EXPERT_ACTIVATIONS), ("qk_norm_scope", ("head", "all"))):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"ModelConfig.{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        if self.rotary_dim % 2 or self.rotary_dim < 2:  # RoPE rotates pairs of dimensions
+            what = ("ModelConfig.qk_rope_head_dim" if self.attention == "mla" else "ModelConfig.head_dim"
+                    if self.partial_rotary_factor == 1 else "head_dim x partial_rotary_factor")
+            raise ValueError(f"{what} must be even (rotary embeddings rotate pairs of dimensions), got "
+                             f"{self.rotary_dim}")
         if not 0 <= self.first_dense_layers <= self.num_layers:
             raise ValueError(f"first_dense_layers ({self.first_dense_layers}) must lie in [0, {self.num_layers}]")
+        if self.first_dense_layers and self.dense_intermediate_size < 1:
+            raise ValueError(f"first_dense_layers={self.first_dense_layers} needs dense_intermediate_size >= 1")
+        if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"n_group ({self.n_group}) must divide num_experts ({self.num_experts}) and topk_group "
+                             f"({self.topk_group}) lie in [1, n_group]")
+        if self.n_group > 1 and self.topk_group * (self.num_experts // self.n_group) < self.num_experts_per_tok:
+            raise ValueError(f"topk_group ({self.topk_group}) groups of {self.num_experts // self.n_group} experts "
+                             f"hold fewer than num_experts_per_tok ({self.num_experts_per_tok})")
+        if self.sliding_layers is not None:
+            if not isinstance(self.sliding_layers, tuple):  # YAML gives a list: keep the config hashable
+                object.__setattr__(self, "sliding_layers", tuple(self.sliding_layers))
+            bad = [i for i in self.sliding_layers if not 0 <= i < self.num_layers]
+            if bad:
+                raise ValueError(f"sliding_layers {bad} outside [0, {self.num_layers})")
+        if self.attention == "mla" and (self.kv_lora_rank < 1 or self.qk_rope_head_dim < 1):
+            raise ValueError("MLA needs kv_lora_rank >= 1 and qk_rope_head_dim >= 1")
 
     @property
     def num_moe_layers(self) -> int:
         return self.num_layers - self.first_dense_layers
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each query/key head that RoPE rotates."""
+        if self.attention == "mla":
+            return self.qk_rope_head_dim
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Width of a query (and key) head: head_dim, plus the decoupled rope part for MLA."""
+        return self.head_dim + (self.qk_rope_head_dim if self.attention == "mla" else 0)
+
+    @property
+    def value_head_dim(self) -> int:
+        return (self.v_head_dim or self.head_dim) if self.attention == "mla" else self.head_dim
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of `layer` (None: full attention)."""
+        if self.sliding_window and (self.sliding_layers is None or layer in self.sliding_layers):
+            return self.sliding_window
+        return None
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """Bytes the KV cache holds per token, all layers: the one formula (runtime pools and planner agree with it).
+
+        GQA: a key and a value of head_dim per kv head; MLA: the compressed latent (kv_lora_rank) and the
+        decoupled rope key (qk_rope_head_dim), shared by all heads."""
+        per_layer = (self.kv_lora_rank + self.qk_rope_head_dim if self.attention == "mla"
+                     else 2 * self.num_kv_heads * self.head_dim)
+        return per_layer * self.num_layers * dtype_bytes
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -94,12 +175,6 @@ class ModelConfig:
         problems = []
         if self.family not in RUNTIME_FAMILIES:
             problems.append(f"family {self.family!r} is planner-only (runtime families: {RUNTIME_FAMILIES})")
-        if self.attention != "gqa":
-            problems.append(f"attention {self.attention!r} (runtime supports 'gqa')")
-        if self.first_dense_layers:
-            problems.append(f"first_dense_layers={self.first_dense_layers} (runtime supports MoE in every layer)")
-        if self.routed_scaling_factor != 1.0:
-            problems.append(f"routed_scaling_factor={self.routed_scaling_factor} (runtime supports 1.0)")
         if problems:
             raise ValueError(f"model {self.name or self.family} cannot run in moejax yet: " + "; ".join(problems))
 
@@ -115,30 +190,18 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str = "") -> ModelConfig:
-        """Translate a Hugging Face config.json dict (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+        """Translate a Hugging Face config.json dict. Every field that changes the math is read or refused by name
+        (`_HF_FAMILIES` holds one translator per model_type; `_refuse_unsupported` the fields no family runs)."""
         model_type = hf.get("model_type")
-        if model_type not in RUNTIME_FAMILIES:
-            raise ValueError(
-                f"Hugging Face model_type {model_type!r} is not supported; supported: {RUNTIME_FAMILIES}")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"rope_type {rope_type!r} is not supported (only 'default' RoPE)")
-        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        for key in ("mlp_only_layers",):
-            if hf.get(key):
-                raise ValueError(f"{key}={hf[key]} (dense FFN layers in an MoE model) is not supported")
-        if hf.get("decoder_sparse_step", 1) != 1:
-            raise ValueError(f"decoder_sparse_step={hf['decoder_sparse_step']} is not supported (only 1)")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+        if model_type in _UNSUPPORTED_TYPES:
+            raise ValueError(f"Hugging Face model_type {model_type!r} is not supported: "
+                             f"{_UNSUPPORTED_TYPES[model_type]}; supported: {tuple(_HF_FAMILIES)}")
+        if model_type not in _HF_FAMILIES:
+            raise ValueError(f"Hugging Face model_type {model_type!r} is not supported; supported: "
+                             f"{tuple(_HF_FAMILIES)}")
+        _refuse_unsupported(hf)
         num_heads = hf["num_attention_heads"]
         hidden = hf["hidden_size"]
-        head_dim = hf.get("head_dim") or hidden // num_heads
-        sliding = hf.get("sliding_window")
-        if model_type != "mixtral" and not hf.get("use_sliding_window", False):
-            sliding = None
-        num_experts = hf.get("num_local_experts") or hf.get("num_experts")
         common = dict(
             name=name or hf.get("_name_or_path", "") or model_type,
             vocab_size=hf["vocab_size"],
@@ -146,29 +209,169 @@ class ModelConfig:
             num_layers=hf["num_hidden_layers"],
             num_heads=num_heads,
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
-            num_experts=num_experts,
+            head_dim=hf.get("head_dim") or hidden // num_heads,
             num_experts_per_tok=hf["num_experts_per_tok"],
-            rope_theta=float(rope_theta),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            sliding_window=sliding or None,
+            **_hf_rope(hf),
         )
-        if model_type == "mixtral":
-            return cls(family="mixtral", moe_intermediate_size=hf["intermediate_size"], norm_topk_prob=True, **common)
-        shared = hf.get("shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0
-        return cls(
-            family=model_type,
-            moe_intermediate_size=hf["moe_intermediate_size"],
-            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-            shared_expert_intermediate_size=shared,
-            shared_expert_gate=bool(shared),
-            qk_norm=model_type == "qwen3_moe",
-            qkv_bias=bool(hf.get("qkv_bias", True)) if model_type == "qwen2_moe" else bool(hf.get("attention_bias")),
-            o_bias=model_type == "qwen3_moe" and bool(hf.get("attention_bias")),
-            **common,
-        )
+        return cls(**{**common, **_HF_FAMILIES[model_type](hf)})
+
+
+# ---- Hugging Face config.json translation, one function per model_type --------------------------
+
+
+def _hf_rope(hf: dict[str, Any]) -> dict[str, Any]:
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_type {rope_type!r} is not supported (supported: {ROPE_TYPES})")
+    out = dict(rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), rope_type=rope_type,
+               partial_rotary_factor=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))))
+    if rope_type == "linear":
+        out["rope_factor"] = float(rope["factor"])
+    if rope_type == "yarn":
+        original = rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+        if not original:
+            raise ValueError("YaRN rope_parameters need original_max_position_embeddings")
+        factor = rope.get("factor") or hf["max_position_embeddings"] / original
+        out |= dict(rope_factor=float(factor), rope_original_max_position_embeddings=int(original),
+                    rope_beta_fast=float(rope.get("beta_fast") or 32), rope_beta_slow=float(rope.get("beta_slow") or 1),
+                    rope_mscale=float(rope.get("mscale") or 0), rope_mscale_all_dim=float(rope.get("mscale_all_dim") or 0),
+                    rope_attention_factor=float(rope.get("attention_factor") or 0),
+                    rope_truncate=bool(rope.get("truncate", True)))
+    return out
+
+
+def _refuse_unsupported(hf: dict[str, Any]) -> None:
+    """Fields no runtime family implements, refused by name (they would load silently wrong)."""
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?")
+        raise ValueError(f"quantization_config (quant_method {method!r}) is not supported yet: the loader reads "
+                         f"float checkpoints (F32/F16/BF16) only")
+    act = hf.get("hidden_act", "silu")
+    if hf.get("model_type") != "gpt_oss" and act != "silu":
+        raise ValueError(f"hidden_act {act!r} is not supported (only 'silu')")
+
+
+def _sliding(hf: dict[str, Any], use_window: bool) -> dict[str, Any]:
+    """The sliding window and the layers it applies to, from `layer_types` when the config has them."""
+    window = hf.get("sliding_window") if use_window else None
+    types = hf.get("layer_types")
+    if not window:
+        if types and "sliding_attention" in types:
+            raise ValueError("layer_types names sliding_attention layers but the config has no sliding window")
+        return dict(sliding_window=None)
+    if not types:
+        return dict(sliding_window=int(window))
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise ValueError(f"layer_types {unknown} are not supported (only sliding_attention and full_attention)")
+    if len(types) != hf["num_hidden_layers"]:
+        raise ValueError(f"layer_types has {len(types)} entries for {hf['num_hidden_layers']} layers")
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    return dict(sliding_window=int(window), sliding_layers=None if len(sliding) == len(types) else sliding)
+
+
+def _num_experts(hf) -> int:
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):  # each family's own name, as saved
+        if hf.get(key):
+            return hf[key]
+    raise KeyError("num_local_experts")
+
+
+def _mixtral(hf):
+    return dict(family="mixtral", moe_intermediate_size=hf["intermediate_size"], num_experts=_num_experts(hf),
+                norm_topk_prob=True, **_sliding(hf, True))
+
+
+def _qwen_moe(hf):
+    model_type = hf["model_type"]
+    if hf.get("mlp_only_layers"):
+        raise ValueError(f"mlp_only_layers={hf['mlp_only_layers']} (dense FFN layers among the MoE layers) is not "
+                         f"supported")
+    if hf.get("decoder_sparse_step", 1) != 1:
+        raise ValueError(f"decoder_sparse_step={hf['decoder_sparse_step']} (MoE every few layers) is not supported "
+                         f"(only 1)")
+    shared = hf.get("shared_expert_intermediate_size", 0) if model_type == "qwen2_moe" else 0
+    return dict(family=model_type, moe_intermediate_size=hf["moe_intermediate_size"], num_experts=_num_experts(hf),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)), shared_expert_intermediate_size=shared,
+                shared_expert_gate=bool(shared), qk_norm=model_type == "qwen3_moe",
+                qkv_bias=bool(hf.get("qkv_bias", True)) if model_type == "qwen2_moe" else bool(hf.get("attention_bias")),
+                o_bias=model_type == "qwen3_moe" and bool(hf.get("attention_bias")),
+                **_sliding(hf, bool(hf.get("use_sliding_window", False))))
+
+
+def _grouped_routing(hf) -> dict[str, Any]:
+    """DeepSeek-V3 / GLM-4.5 routing and layer structure: sigmoid scores with a correction bias, group-limited
+    top-k, scaled; `first_k_dense_replace` dense layers; `n_shared_experts` ungated shared experts."""
+    if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise ValueError(f"routing scoring_func={hf.get('scoring_func')!r} topk_method={hf.get('topk_method')!r} is "
+                         f"not supported (sigmoid with noaux_tc)")
+    moe_every = hf.get("moe_layer_freq", 1)
+    if moe_every != 1:
+        raise ValueError(f"moe_layer_freq={moe_every} (MoE every few layers) is not supported (only 1)")
+    return dict(num_experts=_num_experts(hf), moe_intermediate_size=hf["moe_intermediate_size"], router="sigmoid",
+                n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1,
+                routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+                shared_expert_intermediate_size=hf["moe_intermediate_size"] * (hf.get("n_shared_experts") or 0),
+                first_dense_layers=min(hf.get("first_k_dense_replace", 0), hf["num_hidden_layers"]),
+                dense_intermediate_size=hf["intermediate_size"])
+
+
+def _deepseek_v3(hf):
+    rope, nope = hf["qk_rope_head_dim"], hf["qk_nope_head_dim"]
+    return dict(family="deepseek_v3", attention="mla", head_dim=nope, num_kv_heads=hf["num_attention_heads"],
+                kv_lora_rank=hf["kv_lora_rank"], q_lora_rank=hf.get("q_lora_rank") or 0, qk_rope_head_dim=rope,
+                v_head_dim=hf["v_head_dim"], rope_interleave=bool(hf.get("rope_interleave", True)),
+                qkv_bias=bool(hf.get("attention_bias")), o_bias=bool(hf.get("attention_bias")),
+                partial_rotary_factor=1.0, **_grouped_routing(hf))
+
+
+def _glm4_moe(hf):
+    return dict(family="glm4_moe", qkv_bias=bool(hf.get("attention_bias")), qk_norm=bool(hf.get("use_qk_norm")),
+                **_grouped_routing(hf))
+
+
+def _olmoe(hf):
+    return dict(family="olmoe", moe_intermediate_size=hf["intermediate_size"], num_experts=_num_experts(hf),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)), qk_norm=True, qk_norm_scope="all",
+                qkv_bias=bool(hf.get("attention_bias")), o_bias=bool(hf.get("attention_bias")),
+                clip_qkv=float(hf["clip_qkv"]) if hf.get("clip_qkv") is not None else None)
+
+
+def _gpt_oss(hf):
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act {act!r} is not supported for gpt_oss (its clamped SwiGLU uses silu)")
+    return dict(family="gpt_oss", moe_intermediate_size=hf["intermediate_size"], num_experts=_num_experts(hf),
+                router="topk_softmax", router_bias=True, expert_activation="swiglu_clamped",
+                swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)), swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
+                expert_bias=True, attention_sinks=True, qkv_bias=bool(hf.get("attention_bias", True)),
+                o_bias=bool(hf.get("attention_bias", True)), **_sliding(hf, True))
+
+
+_HF_FAMILIES = {"mixtral": _mixtral, "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe, "deepseek_v3": _deepseek_v3,
+                "glm4_moe": _glm4_moe, "olmoe": _olmoe, "gpt_oss": _gpt_oss}
+# MoE model types transformers ships that the runtime does not run, with what each lacks.
+_UNSUPPORTED_TYPES = {
+    "deepseek_v2": "its softmax group-limited routing (topk_method 'group_limited_greedy') is not implemented",
+    "qwen3_next": "linear attention layers (gated DeltaNet, with a recurrent state cache) are not supported",
+    "qwen3_5_moe": "linear attention layers (gated DeltaNet, with a recurrent state cache) are not supported",
+    "llama4_text": "NoPE layers, chunked attention and top-1 sigmoid routing that scales the input are not supported",
+    "llama4": "a vision-language model (and Llama 4's NoPE / chunked attention layers) is not supported",
+    "minimax_m2": "its routing and attention variants are not implemented",
+    "longcat_flash": "zero-compute experts are not supported",
+    "jamba": "Mamba (state-space) layers are not supported",
+    "granitemoehybrid": "Mamba (state-space) layers are not supported",
+    "dbrx": "its fused Wqkv / expert layout and clip_qkv attention are not implemented",
+    "jetmoe": "mixture-of-attention-heads layers are not supported",
+    "phimoe": "its sparsemixer routing and LayerNorm are not implemented",
+    "switch_transformers": "encoder-decoder models are not supported",
+    "nllb_moe": "encoder-decoder models are not supported",
+}
 
 
 def load_model_config(source: str | Path | dict) -> ModelConfig:

@@ -11,8 +11,9 @@ goes in, through every layer on any layout, and comes out again. The model's voc
 which is the config's `vocab_size` when the corpus yields that many tokens (tiny-moe's 512 does), smaller
 otherwise (then the config's vocabulary shrinks to it, said in the summary).
 
-The Hugging Face names come from the loader's own mapping table (`moejax.checkpoint.hf`), inverted here
-element by element, so writer and reader cannot disagree on a name or a transpose.
+The Hugging Face names come from the loader's own mapping tables (`moejax.checkpoint.families`), inverted
+element by element (`moejax.checkpoint.hf.hf_tensors`), so writer and reader cannot disagree on a name or a
+transpose.
 """
 
 from __future__ import annotations
@@ -103,46 +104,21 @@ def hf_config(cfg: ModelConfig) -> dict:
     return out
 
 
-def _to_hf(form, canonical: np.ndarray) -> np.ndarray:
-    """The stored (Hugging Face) array whose `form.to_canonical` is `canonical`: the loader's view, inverted by
-    sending every stored position's index through it."""
-    stored_shape = tuple(form.hf_shape(canonical.shape))
-    where = form.to_canonical(np.arange(math.prod(stored_shape)).reshape(stored_shape), canonical.shape)
-    out = np.empty(math.prod(stored_shape), canonical.dtype)
-    out[np.asarray(where).ravel()] = canonical.ravel()
-    return out.reshape(stored_shape)
-
-
 def hf_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Hugging Face tensor name -> float32 array: the weights of `Model.random(cfg, seed=seed)`."""
     from moejax.checkpoint import hf
     from moejax.weights import RandomSource
 
     source = RandomSource(cfg, seed)
-    moe = "block_sparse_moe" if cfg.family == "mixtral" else "mlp"  # the names Hugging Face's exports use
-    experts = hf.EXPERT_NAMES[moe]
-    out = {}
-    for name, (shape, per_layer) in source.shapes.items():
-        whole = tuple(slice(None) for _ in shape)
-        for layer in range(cfg.num_layers) if per_layer else [None]:
-            value = source.read(name, layer, whole)
-            if name in experts:  # routed experts [E, D, F] / [E, F, D]: one matrix per expert, transposed
-                for e in range(shape[0]):
-                    out[f"model.layers.{layer}.{moe}.experts.{e}.{experts[name]}.weight"] = _to_hf(hf._T, value[e])
-            elif layer is None:
-                stored, form = hf.GLOBAL_NAMES[name]
-                out[stored] = _to_hf(form, value)
-            else:
-                stored, form = hf.LAYER_NAMES[name]
-                out[f"model.layers.{layer}." + stored.format(moe=moe)] = _to_hf(form, value)
-    return out
+    return hf.hf_tensors(cfg, lambda name, layer: source.read(  # in each family's default (hub) names
+        name, layer, tuple(slice(None) for _ in source.shapes[name][0])))
 
 
 def _parameters(cfg: ModelConfig) -> int:
     from moejax.weights import canonical_shapes
 
-    return sum(math.prod(shape) * (cfg.num_layers if per_layer else 1)
-               for shape, per_layer in canonical_shapes(cfg).values())
+    return sum(math.prod(shape) * (len(layers) if layers is not None else 1)
+               for shape, layers in canonical_shapes(cfg).values())
 
 
 def _check_target(path: Path) -> None:

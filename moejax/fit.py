@@ -72,15 +72,13 @@ def kv_cache_bytes(steps, num_pages: int, page_size: int, dtype) -> int:
     """Bytes per device of the KV pools `steps.new_cache(num_pages, page_size, dtype)` would allocate
     (`moejax.steps.Steps`).
 
-    The pools' shapes come from tracing `new_cache` abstractly (nothing is allocated); each pool
-    is laid out by `moejax.steps.CACHE_AXES` (pages over the batch shards, kv heads over `tensor`,
-    layers over `stage`).
+    The pools' shapes come from tracing `new_cache` abstractly (nothing is allocated); each pool is laid out by
+    the attention kind's axes (`Steps.cache_axes`: pages over the batch shards, kv heads over `tensor` (an MLA
+    latent is replicated over it), layers over `stage`).
     """
-    from moejax.steps import CACHE_AXES
-
     pools = jax.eval_shape(lambda: steps.new_cache(num_pages, page_size, dtype))
-    layout = steps.named(CACHE_AXES)
-    return sum(sharded_bytes(pool.shape, pool.dtype, layout) for pool in jax.tree.leaves(pools))
+    return sum(sharded_bytes(pool.shape, pool.dtype, steps.named(axes))
+               for pool, axes in zip(pools, steps.cache_axes, strict=True))
 
 
 def _host_available_bytes() -> int | None:

@@ -175,7 +175,8 @@ def program(steps, params, shapes: Shapes, phase: str):
     rows = -(-shapes.batch // per_replica)
     pages = pages_for(shapes.context, shapes.page_size)
     dtype = params["embed"].dtype
-    cache = (_sds(steps, steps.cache_shape(shards * rows * pages, shapes.page_size), dtype, steps_lib.CACHE_AXES),) * 2
+    cache = tuple(_sds(steps, shape, dtype, axes) for shape, axes in
+                  zip(steps.cache_shapes(shards * rows * pages, shapes.page_size), steps.cache_axes, strict=True))
     i32 = functools.partial(_sds, steps, dtype=jnp.int32)
     if phase in ("prefill", "decode"):
         B, T = (shards, shapes.chunk) if phase == "prefill" else (shards * rows, 1)

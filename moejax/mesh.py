@@ -85,9 +85,7 @@ class Layout:
         if (k >= t and k % t) or (k < t and t % k):
             out.append(f"kv heads ({k}) must divide or be divisible by tensor ({t}) "
                        f"(fewer kv heads than tensor are replicated)")
-        # Vocabulary and FFN widths need no divisibility: the model pads them per shard (exact).
-        if cfg.dense_intermediate_size % t:
-            out.append(f"dense_intermediate_size ({cfg.dense_intermediate_size}) must be divisible by tensor ({t})")
+        # Vocabulary and FFN widths (routed, shared, dense) need no divisibility: the model pads them per shard (exact).
         if cfg.num_experts % e:
             out.append(f"num_experts ({cfg.num_experts}) must be divisible by expert ({e})")
         if s > cfg.num_layers:

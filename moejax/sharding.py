@@ -51,8 +51,9 @@ _REPLICATED: dict[str, tuple[str, ...]] = {
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "head_dim": (),
+    "latent": (),  # MLA's compressed widths (q and kv latents, the cached latent): shared by every head
     "ffn": ("tensor",),
-    "shared_ffn": ("tensor", "expert"),  # the shared expert: computed once, split over the expert group too
+    "shared_ffn": ("tensor", "expert"),  # the shared expert and dense FFN layers: split over the expert group too
     "experts": ("expert",),
     "experts_all": (),  # router output: every device scores every expert
     "vocab": ("tensor",),

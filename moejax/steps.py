@@ -3,7 +3,7 @@
 `Steps` is the one handle on a placed model's weights: the module's graph (`graphdef`, static: the config, the
 geometry and the `Parallelism`) and its placed arrays (`params`, a nested dict) with their partition specs
 (`param_specs`). Inside each step the module is merged from the two (`nnx.merge`, at trace time only). The KV
-cache is a plain pair of global arrays, donated to the step, so writing a token updates the pools in place.
+cache is a plain tuple of global arrays (the attention kind's pools), donated to the step, so writing a token updates the pools in place.
 Each function is compiled once per input shape (callers bucket shapes).
 
 Every `shard_map` runs with `check_vma=True`: JAX checks that what the out_specs call replicated is (a missing
@@ -22,10 +22,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from moejax import manual, native
+from moejax.model.attention import CACHE_PREFIX
 from moejax.model.layers import argmax
 from moejax.model.transformer import Transformer
 
-CACHE_AXES = ("layers", "cache_pages", "page_slot", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "cache_pages", "page_slot", "kv_heads", "head_dim")  # a GQA pool's (`cache_layout`)
 BATCH = ("batch", None)  # logical axes of [B, T] inputs
 TOKENS = ("batch",)
 STAGED = ("layers", "batch", None)  # [S, B, W] pipeline inputs: row s is stage s's microbatch
@@ -49,8 +50,11 @@ class Steps:
         self.param_specs = nnx.to_pure_dict(jax.tree.map(
             lambda v: v.replace(self.par.spec(v.get_metadata()["out_sharding"])), state,
             is_leaf=lambda x: isinstance(x, nnx.Variable)))
-        # One (k, v) pair of pools, each [L_pad, pages, page_size, K, H] (layers over `stage`).
-        self.cache_specs = (self.spec(CACHE_AXES),) * 2
+        # The attention kind's pools (GQA: a (k, v) pair, each [L_cache, pages, page_size, K, H]; MLA: one latent
+        # pool [L_cache, pages, page_size, 1, R + r]); layers over `stage`, pages over the batch shards.
+        self.cache_axes = tuple(CACHE_PREFIX + axes for _, axes in model.cache_layout())
+        self._cache_tails = tuple(shape for shape, _ in model.cache_layout())
+        self.cache_specs = tuple(self.spec(axes) for axes in self.cache_axes)
         self.platform = native.mesh_platform(mesh)
         self.check_vma = manual.checks_replication(self.platform, self.par.moe_strategy)
         self.forward = jax.jit(self._forward)
@@ -79,21 +83,19 @@ class Steps:
         """Host array -> global array laid out with logical `axes` (each device gets only its slice)."""
         return jax.device_put(array, self.named(axes))
 
-    def cache_shape(self, num_pages: int, page_size: int) -> tuple[int, ...]:
-        """Global shape of each of the k and v pools: [L_pad, num_pages, page_size, K, H]."""
-        geo = self.geometry
-        return (geo.num_layers, num_pages, page_size, geo.num_kv_heads, self.cfg.head_dim)
+    def cache_shapes(self, num_pages: int, page_size: int) -> tuple[tuple[int, ...], ...]:
+        """Global shape of each KV pool: [L_cache, num_pages, page_size, *the attention kind's tail]."""
+        return tuple((self.geometry.num_cache_layers, num_pages, page_size, *tail) for tail in self._cache_tails)
 
     def new_cache(self, num_pages: int, page_size: int, dtype=None):
-        """Zeroed KV page pools: a (k, v) pair, each `cache_shape(...)`; layers split over `stage`,
-        pages over the batch shards, kv heads over `tensor`.
+        """Zeroed KV page pools, one per `cache_shapes(...)` entry (the attention kind's layout); layers split over
+        `stage`, pages over the batch shards, kv heads over `tensor` (an MLA latent is replicated over it).
 
         Stacked over layers (one buffer per pool), so the decoder's layer scan writes and gathers a
         layer's pages in place inside the loop (the pools are loop state and donated to the step)."""
         dtype = dtype or self.params["embed"].dtype
-        make = jax.jit(partial(jnp.zeros, self.cache_shape(num_pages, page_size), dtype),
-                       out_shardings=self.named(CACHE_AXES))
-        return make(), make()
+        return tuple(jax.jit(partial(jnp.zeros, shape, dtype), out_shardings=self.named(axes))()
+                     for shape, axes in zip(self.cache_shapes(num_pages, page_size), self.cache_axes, strict=True))
 
     def new_activations(self, rows: int, num_tokens: int, dtype=None):
         """Zeroed in-flight activations of a pipeline, [stages, rows, num_tokens, D] (rows over `batch`)."""

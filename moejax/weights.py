@@ -39,20 +39,30 @@ class WeightSource(Protocol):
         `place` then uses it, with no temporary the size of the slice."""
 
 
-def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """Canonical tensor name -> (shape without the layer axis, per-layer?) for one model config.
+def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...] | None]]:
+    """Canonical tensor name -> (shape without the layer axis, the global layers that carry it (None: a global
+    tensor)) for one model config.
 
     Derived from the model's own declarations (`moejax.model`) at the trivial layout, where nothing
-    is padded or repeated: each weight's shape is written once, there.
+    is padded or repeated: each weight's shape is written once, there. A name may be carried by several stacks
+    (attention in dense and MoE layers alike): its layers are the union.
     """
     from moejax.mesh import Layout
 
-    _, state = nnx.split(abstract_model(cfg, Layout(), np.float32))
-    out = {}
+    model = abstract_model(cfg, Layout(), np.float32)
+    _, state = nnx.split(model)
+    out: dict[str, tuple[tuple[int, ...], tuple[int, ...] | None]] = {}
     for path, var in _variables(state):
-        name, stacked = _canonical(path)
+        name, stack = _canonical(path)
         shape = tuple(var.get_value().shape)
-        out[name] = (shape[1:], True) if stacked else (shape, False)
+        if stack is None:
+            out[name] = (shape, None)
+            continue
+        layers = tuple(model.geometry.stack(stack).slot_of_layer())
+        if name in out:
+            assert out[name][0] == shape[1:], (name, out[name][0], shape)
+            layers = tuple(sorted(set(out[name][1]) | set(layers)))
+        out[name] = (shape[1:], layers)
     return out
 
 
@@ -67,12 +77,13 @@ def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> 
         return source.place(model, mesh)
     graphdef, state = nnx.split(model)
     geo, cfg = model.geometry, model.cfg
-    layer_of_slot = {slot: layer for layer, slot in enumerate(geo.slot_of_layer())}
     kv_repeat = geo.num_kv_heads // cfg.num_kv_heads
     canonical = canonical_shapes(cfg)
 
     def build(path, var):
-        name, stacked = _canonical(path)
+        name, stack = _canonical(path)
+        stacked = stack is not None
+        layer_of_slot = {slot: layer for layer, slot in geo.stack(stack).slot_of_layer().items()} if stacked else {}
         axes = var.get_metadata()["out_sharding"]
         shape, dtype = var.get_value().shape, var.get_value().dtype
         inner_axes, inner_shape = (axes[1:], shape[1:]) if stacked else (axes, shape)
@@ -148,15 +159,19 @@ def _clip(index: slice, stored: int, size: int, repeated: bool):
     return (slice(start, stop), stop - start) if stop > start else None
 
 
-def _canonical(path) -> tuple[str, bool]:
-    """A parameter's state path -> (canonical name, stacked over layers?).
+def _canonical(path) -> tuple[str, str | None]:
+    """A parameter's state path -> (canonical name, the layer stack it is stacked over, or None).
 
-    `layers.attn.wq` -> ("attn.wq", True); `layers.moe.wg` -> ("moe.wg", True); `embed` -> ("embed", False).
+    `layers.attn.wq` -> ("attn.wq", "layers"); `dense_layers.mlp.wg` -> ("mlp.wg", "dense_layers");
+    `embed` -> ("embed", None).
     """
     keys = [str(p.key) for p in path[:-1] if hasattr(p, "key")]
-    if keys[0] == "layers":
-        return ".".join(keys[1:]), True
-    return ".".join(keys), False
+    if keys[0] in STACKS:
+        return ".".join(keys[1:]), keys[0]
+    return ".".join(keys), None
+
+
+STACKS = ("dense_layers", "layers")  # `moejax.model.transformer.Geometry.stacks` names
 
 
 def _variables(state):
@@ -212,9 +227,10 @@ class RandomSource:
 
 def _std(cfg: ModelConfig, name: str, scale: float = 1.0) -> float:
     """Random weights' standard deviation: 1 / sqrt(fan-in), so activations keep their scale through the layers."""
-    fan_in = {"embed": 1, "attn.wo": cfg.num_heads * cfg.head_dim, "moe.wd": cfg.moe_intermediate_size,
-              "moe.shared_wd": cfg.shared_expert_intermediate_size}.get(name, cfg.hidden_size)
-    return scale / math.sqrt(fan_in)
+    fan_in = {"embed": 1, "attn.wo": cfg.num_heads * cfg.value_head_dim, "moe.wd": cfg.moe_intermediate_size,
+              "moe.shared_wd": cfg.shared_expert_intermediate_size, "mlp.wd": cfg.dense_intermediate_size,
+              "attn.wq_b": cfg.q_lora_rank, "attn.wkv_b": cfg.kv_lora_rank}.get(name, cfg.hidden_size)
+    return scale / math.sqrt(max(1, fan_in))
 
 
 class DeviceRandomSource:
@@ -233,12 +249,14 @@ class DeviceRandomSource:
     def place(self, model: Transformer, mesh: jax.sharding.Mesh) -> Transformer:
         graphdef, state = nnx.split(model)
         canonical = canonical_shapes(self.cfg)
-        live = np.zeros(model.geometry.num_layers, bool)
-        live[list(model.geometry.slot_of_layer())] = True
         paths, draws, shardings = [], [], []
         for path, var in _variables(state):
-            name, stacked = _canonical(path)
+            name, stack = _canonical(path)
+            stacked = stack is not None
             value = var.get_value()
+            if stacked:
+                live = np.zeros(value.shape[0], bool)
+                live[list(model.geometry.stack(stack).slot_of_layer().values())] = True
             paths.append(path)
             draws.append(functools.partial(
                 _draw, shape=tuple(value.shape), dtype=value.dtype,

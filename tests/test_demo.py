@@ -97,7 +97,7 @@ def test_a_second_run_replaces_it_and_other_folders_are_refused(checkpoint, tmp_
             ([str(tmp_path / "mine")], "exists and holds other files"),
             ([str(tmp_path / "mine" / "notes.txt")], "exists and is not a folder"),
             ([str(tmp_path / "x"), "--model", "mixtral-8x7b"], "demo checkpoint holds at most 200M"),
-            ([str(tmp_path / "x"), "--model", "deepseek-v3"], "cannot run in moejax yet"),
+            ([str(tmp_path / "x"), "--model", "gpt-moe-1800b"], "cannot run in moejax yet"),
             ([str(tmp_path / "x"), "--model", "no-such-model"], "no model config 'no-such-model'"),
             ([str(tmp_path / "x"), "--seed", "-1"], "argument --seed")):
         assert cli.main(["demo-checkpoint", *argv]) == 2

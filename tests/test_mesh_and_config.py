@@ -68,9 +68,46 @@ def test_every_yaml_config_loads():
 
 
 def test_planner_only_models_are_rejected_by_the_runtime():
-    cfg = load_model_config("tiny-moe").replace(family="deepseek_v3", attention="mla", first_dense_layers=1)
-    with pytest.raises(ValueError, match="cannot run in moejax yet.*attention 'mla'.*first_dense_layers=1"):
+    cfg = load_model_config("tiny-moe").replace(family="gpt_moe")
+    with pytest.raises(ValueError, match="cannot run in moejax yet.*family 'gpt_moe' is planner-only"):
         moejax.Model.random(cfg)
+
+
+@pytest.mark.parametrize("model_type,lacks", [
+    ("qwen3_next", "linear attention layers"), ("deepseek_v2", "group_limited_greedy"),
+    ("jamba", "Mamba"), ("llama4_text", "NoPE layers")])
+def test_unsupported_families_are_refused_naming_what_they_lack(model_type, lacks):
+    with pytest.raises(ValueError, match=f"model_type '{model_type}' is not supported: .*{lacks}"):
+        load_model_config({"model_type": model_type})
+
+
+def _hf_dict(family: str, **overrides) -> dict:
+    from tests import hf_models
+
+    return {**hf_models.hf_config(family, **overrides).to_dict(), "model_type": family}
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("quantization_config", {"quant_method": "fp8"}, "quantization_config .quant_method 'fp8'. is not supported"),
+    ("hidden_act", "gelu", "hidden_act 'gelu' is not supported"),
+    ("mlp_only_layers", [1], "mlp_only_layers=.1. .dense FFN layers among the MoE layers. is not supported"),
+    ("decoder_sparse_step", 2, "decoder_sparse_step=2 .MoE every few layers. is not supported"),
+    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4}, "rope_type 'longrope' is not supported"),
+])
+def test_config_fields_that_change_the_math_are_refused_by_name(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        load_model_config({**_hf_dict("qwen2_moe"), field: value})
+
+
+def test_qwen2_moe_layer_types_window_only_their_layers():
+    """layer_types decides which layers slide (a probe once found every layer windowed: logits off by 4.2)."""
+    hf = _hf_dict("qwen2_moe", use_sliding_window=True, sliding_window=6, max_window_layers=2)
+    cfg = load_model_config(hf)
+    sliding = tuple(i for i, t in enumerate(hf["layer_types"]) if t == "sliding_attention")
+    assert 0 < len(sliding) < cfg.num_layers
+    assert cfg.sliding_window == 6 and cfg.sliding_layers == sliding
+    assert [cfg.window_of(i) for i in range(cfg.num_layers)] == [6 if i in sliding else None
+                                                                 for i in range(cfg.num_layers)]
 
 
 def test_hf_config_translation(hf_checkpoints):

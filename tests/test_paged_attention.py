@@ -105,7 +105,7 @@ def test_xla_path_never_reads_or_writes_another_page_for_a_bad_page_id():
     new = jnp.full((1, 1, K, H), -7.0)
     for bad in (-1, P, 2**20):
         table = jnp.array([[bad]], jnp.int32)
-        written = attention._write_pages(pool, 0, new, jnp.array([[0]], jnp.int32), table)
+        written = attention.write_pages(pool, 0, new, jnp.array([[0]], jnp.int32), table)
         np.testing.assert_array_equal(np.asarray(written), np.asarray(pool))
         assert np.isnan(np.asarray(attention._gather_pages(pool, 0, table))).all()
     good = attention._gather_pages(pool, 0, jnp.array([[2, 0]], jnp.int32))

@@ -75,7 +75,7 @@ def _projections(i, x, wq, wk, wv, wo):
 
 
 def _attention_step(table, pos, i, q, k_pool, v_pool):
-    return q + 1e-3 * attention._cached_attention(q, (k_pool, v_pool), i, table, pos, None)
+    return q + 1e-3 * attention.cached_attention(q, (k_pool, v_pool), i, table, pos, None, q.shape[-1] ** -0.5)
 
 
 def run(kernels=KERNELS, rows=(1, 8, 32), reps: int = 15, seed: int = 0) -> list[dict]:

@@ -1,23 +1,28 @@
-"""Hugging Face safetensors import for Mixtral, Qwen2-MoE and Qwen3-MoE checkpoints.
+"""Hugging Face safetensors import for every runtime family (Mixtral, Qwen2/3-MoE, DeepSeek-V3, GLM-4.5, OLMoE,
+gpt-oss).
 
-Reads config.json and model.safetensors (or sharded files listed by model.safetensors.index.json).
-Experts may be stored per expert (`experts.{e}.w1/w2/w3`, `experts.{e}.gate_proj/up_proj/down_proj`)
-or fused (`experts.gate_up_proj` [E, 2F, D] with gate rows first, `experts.down_proj` [E, D, F]).
-The whole checkpoint is checked against the config before any tensor is read: a missing,
-unexpected or mis-shaped tensor is an error naming it with the expected and found shapes.
-Malformed files (JSON, safetensors headers, paths) are refused by `safetensors_files`, and every
-block read is checked for NaN/inf unless `allow_nonfinite=True`.
+Reads config.json and model.safetensors (or sharded files listed by model.safetensors.index.json). Where each
+canonical tensor is stored, and in which layout, is the family's table (`moejax.checkpoint.families`); this
+module is the generic reader: it checks the whole checkpoint against the config before any tensor is read (a
+missing, unexpected or mis-shaped tensor is an error naming it with the expected and found shapes), then reads
+each requested slice in pieces of stored rows. Multi-token-prediction layers stored after the last layer
+(DeepSeek-V3, GLM-4.5) are skipped with a warning. Malformed files (JSON, safetensors headers, paths) are
+refused by `safetensors_files`, and every block read is checked for NaN/inf unless `allow_nonfinite=True`.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any
 
 import numpy as np
 
+from moejax.checkpoint import families
+from moejax.checkpoint.families.forms import Experts, Form, Stored, stored_shape, to_hf
 from moejax.checkpoint.safetensors_files import (
     DTYPES,
     CheckpointError,
@@ -30,63 +35,10 @@ from moejax.checkpoint.safetensors_files import (
 )
 from moejax.config import ModelConfig
 
-__all__ = ["CheckpointError", "HFSource"]
+__all__ = ["CheckpointError", "HFSource", "hf_tensors"]
 
-
-class _Form(NamedTuple):
-    """How a checkpoint stores a canonical tensor: its shape from the canonical one, the conversion of a range
-    of stored rows (first axis) to canonical, and which canonical axis those rows run along."""
-
-    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
-    to_canonical: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]  # (stored rows, their canonical shape)
-    row_axis: int | None  # canonical axis along the stored rows (None: read whole, a single stored row)
-    row_unit: Callable[[tuple[int, ...]], int] = lambda c: 1  # stored rows per step along row_axis
-
-
-# Every conversion is a view (reshape / transpose) of the stored rows read.
-_SAME = _Form(lambda c: c, lambda a, c: a, 0)
-_T = _Form(lambda c: c[::-1], lambda a, c: a.T, 1)  # torch Linear [out, in] -> [in, out]
-_HEADS_IN = _Form(lambda c: (c[1] * c[2], c[0]), lambda a, c: a.reshape(c[1], c[2], c[0]).transpose(2, 0, 1), 1,
-                  lambda c: c[2])
-_HEADS_OUT = _Form(lambda c: (c[2], c[0] * c[1]), lambda a, c: a.T.reshape(c), 2)
-_FLAT = _Form(lambda c: (int(np.prod(c)),), lambda a, c: a.reshape(c), 0, lambda c: int(np.prod(c[1:])))
-_ROW = _Form(lambda c: (1, *c), lambda a, c: a[0], None)
 READ_BYTES = 2 << 20  # stored rows are read in pieces of about this size: the temporary buffer of a read
-
-# THE mapping of the runtime families: canonical name (see `moejax.weights.canonical_shapes`, derived
-# from the model's declarations) -> (Hugging Face name, stored form). Per-layer names are under
-# `model.layers.{layer}.`; "{moe}" is the MoE block's prefix ("mlp", or "block_sparse_moe" in
-# Mixtral exports). Which tensors a model has (biases, q/k norms, shared expert) follows from the
-# declarations for its config; adding a weight is its declaration plus one line here. Public: the demo
-# checkpoint writer (moejax.demo) inverts the same tables.
-GLOBAL_NAMES = {
-    "embed": ("model.embed_tokens.weight", _SAME),
-    "unembed": ("lm_head.weight", _T),
-    "final_norm": ("model.norm.weight", _SAME),
-}
-LAYER_NAMES = {
-    "attn_norm": ("input_layernorm.weight", _SAME),
-    "mlp_norm": ("post_attention_layernorm.weight", _SAME),
-    "attn.wq": ("self_attn.q_proj.weight", _HEADS_IN),
-    "attn.wk": ("self_attn.k_proj.weight", _HEADS_IN),
-    "attn.wv": ("self_attn.v_proj.weight", _HEADS_IN),
-    "attn.wo": ("self_attn.o_proj.weight", _HEADS_OUT),
-    "attn.bq": ("self_attn.q_proj.bias", _FLAT),
-    "attn.bk": ("self_attn.k_proj.bias", _FLAT),
-    "attn.bv": ("self_attn.v_proj.bias", _FLAT),
-    "attn.bo": ("self_attn.o_proj.bias", _SAME),
-    "attn.q_norm": ("self_attn.q_norm.weight", _SAME),
-    "attn.k_norm": ("self_attn.k_norm.weight", _SAME),
-    "moe.router": ("{moe}.gate.weight", _T),
-    "moe.shared_wg": ("mlp.shared_expert.gate_proj.weight", _T),
-    "moe.shared_wu": ("mlp.shared_expert.up_proj.weight", _T),
-    "moe.shared_wd": ("mlp.shared_expert.down_proj.weight", _T),
-    "moe.shared_gate": ("mlp.shared_expert_gate.weight", _ROW),
-}
-# Routed experts, canonical [E, D, F] / [E, F, D]: per expert `{moe}.experts.{e}.<name>` ([F, D] / [D, F],
-# transposed), or fused `{moe}.experts.gate_up_proj` [E, 2F, D] (gate rows first) and `.down_proj` [E, D, F].
-EXPERT_NAMES = {"mlp": {"moe.wg": "gate_proj", "moe.wu": "up_proj", "moe.wd": "down_proj"},
-                 "block_sparse_moe": {"moe.wg": "w1", "moe.wu": "w3", "moe.wd": "w2"}}
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class HFSource:
@@ -98,41 +50,35 @@ class HFSource:
         self.path = Path(path)
         if not os.path.lexists(self.path / "config.json"):
             raise FileNotFoundError(f"{self.path} is not a Hugging Face checkpoint: no config.json")
-        self.cfg = cfg or _load_config(self.path / "config.json")
+        hf_config = read_json(self.path / "config.json", "config")
+        self.cfg = cfg or _config(self.path / "config.json", hf_config)
         self.allow_nonfinite = allow_nonfinite
         self.files = _tensor_files(self.path)
         self.shapes = {name: info[1] for name, info in self.files.items()}
         self.canonical = canonical_shapes(self.cfg)
-        self.moe_prefix = self._moe_prefix()
-        self.fused = f"model.layers.0.{self.moe_prefix}.experts.gate_up_proj" in self.shapes
+        self.names = families.names_for(self.cfg, self.files)
+        unknown = sorted(set(self.canonical) - set(self.names))
+        if unknown:
+            raise CheckpointError(f"checkpoint {self.path}: the {self.cfg.family} checkpoint table has no entry for "
+                                  f"the model's tensor(s) {unknown}")
+        self.mtp_layers = families.mtp_layers(self.cfg, hf_config)
         self._check()
 
     # ---- names and validation ----------------------------------------------------------------
 
-    def hf_name(self, name: str, layer: int | None) -> str:
-        """The checkpoint tensor holding canonical tensor `name` (not the routed experts)."""
-        if layer is None:
-            return GLOBAL_NAMES[name][0]
-        return f"model.layers.{layer}." + LAYER_NAMES[name][0].format(moe=self.moe_prefix)
+    def hf_name(self, name: str, layer: int | None, expert: int | None = None) -> str:
+        """The checkpoint tensor holding canonical tensor `name` of `layer` (for one tensor per expert: of `expert`)."""
+        return self.names[name].name.format(layer=layer, expert=expert)
 
     def expected(self) -> dict[str, tuple[int, ...]]:
         """Hugging Face tensor name -> shape this config requires (derived from the declarations)."""
         out = {}
-        for name, (shape, per_layer) in self.canonical.items():
-            if name in ("moe.wg", "moe.wu", "moe.wd"):
-                continue
-            form = (LAYER_NAMES if per_layer else GLOBAL_NAMES)[name][1]
-            for layer in range(self.cfg.num_layers) if per_layer else [None]:
-                out[self.hf_name(name, layer)] = tuple(form.hf_shape(shape))
-        E, D, F = self.canonical["moe.wg"][0]
-        for layer in range(self.cfg.num_layers):
-            m = f"model.layers.{layer}.{self.moe_prefix}.experts"
-            if self.fused:
-                out |= {f"{m}.gate_up_proj": (E, 2 * F, D), f"{m}.down_proj": (E, D, F)}
-            else:
-                for e in range(E):
-                    out |= {self._expert_name(name, layer, e): shape for name, shape in
-                            (("moe.wg", (F, D)), ("moe.wu", (F, D)), ("moe.wd", (D, F)))}
+        for name, (shape, layers) in self.canonical.items():
+            stored = self.names[name]
+            per_expert = "{expert}" in stored.name
+            for layer in layers or [None]:
+                for expert in range(shape[0]) if per_expert else [None]:
+                    out[self.hf_name(name, layer, expert)] = stored_shape(stored, shape)
         return out
 
     def _check(self) -> None:
@@ -140,6 +86,10 @@ class HFSource:
         found = dict(self.shapes)
         if self.cfg.tie_word_embeddings:
             found.pop("lm_head.weight", None)  # some exporters save the tied head anyway
+        mtp = [n for n in found if (m := _LAYER.match(n)) and
+               self.cfg.num_layers <= int(m[1]) < self.cfg.num_layers + self.mtp_layers]
+        for n in mtp:
+            del found[n]
         missing = sorted(set(expected) - set(found))
         unexpected = sorted(set(found) - set(expected))
         wrong = [f"{n}: expected shape {expected[n]}, found {found[n]}" for n in sorted(set(expected) & set(found))
@@ -150,14 +100,11 @@ class HFSource:
             more = max(0, len(missing) - 20) + max(0, len(unexpected) - 20)
             raise CheckpointError(f"checkpoint {self.path} does not match its config ({self.cfg.family}): "
                                   + "; ".join(problems) + (f"; and {more} more" if more else ""))
-
-    def _moe_prefix(self) -> str:
-        if self.cfg.family == "mixtral" and "model.layers.0.block_sparse_moe.gate.weight" in self.shapes:
-            return "block_sparse_moe"
-        return "mlp"
-
-    def _expert_name(self, name: str, layer: int, e: int) -> str:
-        return f"model.layers.{layer}.{self.moe_prefix}.experts.{e}.{EXPERT_NAMES[self.moe_prefix][name]}.weight"
+        if mtp:
+            first, last = self.cfg.num_layers, self.cfg.num_layers + self.mtp_layers - 1
+            warnings.warn(f"checkpoint {self.path}: skipped {len(mtp)} tensors of the multi-token-prediction "
+                          f"layer(s) (model.layers.{first}" + (f"-{last}" if last > first else "")
+                          + "; kept in the checkpoint for speculative decoding, not loaded)", stacklevel=3)
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -168,41 +115,41 @@ class HFSource:
     def read(self, name: str, layer: int | None, index: tuple[slice, ...]) -> np.ndarray:
         shape = self.canonical[name][0]
         out = np.empty([len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True)],
-                       DTYPES[self._stored(name, layer, 0)[1].dtype])
+                       DTYPES[self._entry(name, layer, 0)[1].dtype])
         return self.read_into(name, layer, index, out)
 
     def read_into(self, name: str, layer: int | None, index: tuple[slice, ...], out: np.ndarray) -> np.ndarray:
         """Fill `out` with canonical tensor `name` (of `layer`) sliced by `index` (cast to `out`'s dtype);
         the stored rows it covers are read in pieces of about `READ_BYTES`, nothing else is allocated."""
-        canonical = self.canonical[name][0]
-        if name not in ("moe.wg", "moe.wu", "moe.wd"):
-            hf, entry = self._stored(name, layer, 0)
-            form = (GLOBAL_NAMES if layer is None else LAYER_NAMES)[name][1]
-            self._read_form(f"{hf} ({name})", entry, form, canonical, index, out)
+        canonical, form = self.canonical[name][0], self.names[name].form
+        if isinstance(form, Form):
+            what, entry = self._entry(name, layer, 0)
+            self._read_form(what, entry, form, canonical, index, out)
             return out
-        for i, e in enumerate(range(*index[0].indices(canonical[0]))):  # [E, D, F] or [E, F, D]: one expert at a time
-            what, entry = self._stored(name, layer, e)
-            self._read_form(what, entry, _T, canonical[1:], index[1:], out[i])
+        for i, e in enumerate(range(*index[0].indices(canonical[0]))):  # [E, ...]: one expert at a time
+            what, entry = self._entry(name, layer, e)
+            self._read_form(what, entry, form.form, canonical[1:], index[1:], out[i])
         return out
 
-    def _stored(self, name: str, layer: int | None, expert: int) -> tuple[str, TensorEntry]:
-        """(what to call it in errors, where its bytes are) for canonical `name`, or one expert's matrix of a
-        routed-expert tensor (stored [F, D] for gate/up and [D, F] for down: canonical transposed)."""
-        if name not in ("moe.wg", "moe.wu", "moe.wd"):
+    def _entry(self, name: str, layer: int | None, expert: int) -> tuple[str, TensorEntry]:
+        """(what to call it in errors, where its bytes are) for canonical `name`, or for one expert's matrix of a
+        routed-expert tensor (`Experts`): its own tensor, or its block of the fused one."""
+        stored = self.names[name]
+        if not isinstance(stored.form, Experts):
             hf = self.hf_name(name, layer)
+            return f"{hf} ({name})", self.files[hf]
+        if "{expert}" in stored.name:
+            hf = self.hf_name(name, layer, expert)
             return hf, self.files[hf]
-        if not self.fused:
-            hf = self._expert_name(name, layer, expert)
-            return hf, self.files[hf]
-        hf = f"model.layers.{layer}.{self.moe_prefix}.experts.{'down_proj' if name == 'moe.wd' else 'gate_up_proj'}"
+        hf = self.hf_name(name, layer)
         entry = self.files[hf]
-        _, rows, cols = entry.shape  # [E, D, F], or [E, 2F, D] with gate rows first
-        kept = {"moe.wd": (0, rows), "moe.wg": (0, rows // 2), "moe.wu": (rows // 2, rows)}[name]
-        itemsize = np.dtype(DTYPES[entry.dtype]).itemsize
-        offset = entry.offset + (expert * rows + kept[0]) * cols * itemsize
-        return f"{hf} (expert {expert})", entry._replace(shape=(kept[1] - kept[0], cols), offset=offset)
+        rows, cols = entry.shape[1], int(np.prod(entry.shape[2:]))  # [E, rows, ...]: this tensor's part of the rows
+        part, parts = stored.form.part
+        kept = rows // parts
+        offset = entry.offset + (expert * rows + part * kept) * cols * np.dtype(DTYPES[entry.dtype]).itemsize
+        return f"{hf} (expert {expert}, {name})", entry._replace(shape=(kept, *entry.shape[2:]), offset=offset)
 
-    def _read_form(self, what: str, entry: TensorEntry, form: _Form, canonical: tuple[int, ...],
+    def _read_form(self, what: str, entry: TensorEntry, form: Form, canonical: tuple[int, ...],
                    index: tuple[slice, ...], out: np.ndarray) -> None:
         """`out` = the canonical tensor stored in `entry` as `form`, sliced by `index`, read in pieces of rows."""
         bounds = [s.indices(n)[:2] for s, n in zip(index, canonical, strict=True)]
@@ -237,14 +184,46 @@ class HFSource:
         return block
 
 
+def hf_tensors(cfg: ModelConfig, read: Callable[[str, int | None], np.ndarray],
+               names: dict[str, Stored] | None = None) -> dict[str, np.ndarray]:
+    """Hugging Face tensor name -> array holding the canonical tensors `read(name, layer)` (whole), in the family's
+    names and layouts (`names`: a table of `families.names_for`, by default the family's default export): the
+    reader's views inverted, so that a writer and the reader cannot disagree on a name or a layout."""
+    from moejax.weights import canonical_shapes
+
+    names = names or families.names_for(cfg)
+    out: dict[str, np.ndarray] = {}
+    for name, (shape, layers) in canonical_shapes(cfg).items():
+        stored = names[name]
+        for layer in layers or [None]:
+            value = read(name, layer)
+            if isinstance(stored.form, Form):
+                hf = stored.name.format(layer=layer)
+                target = out.setdefault(hf, np.zeros(stored_shape(stored, shape), value.dtype))
+                to_hf(stored.form, value, target)
+                continue
+            for e in range(shape[0]):
+                if "{expert}" in stored.name:
+                    hf = stored.name.format(layer=layer, expert=e)
+                    target = out.setdefault(hf, np.zeros(stored_shape(stored, shape), value.dtype))
+                else:
+                    fused = out.setdefault(stored.name.format(layer=layer),
+                                           np.zeros(stored_shape(stored, shape), value.dtype))
+                    part, parts = stored.form.part
+                    kept = fused.shape[1] // parts
+                    target = fused[e, part * kept:(part + 1) * kept]
+                to_hf(stored.form.form, value[e], target)
+    return out
+
+
 def _tensor_files(path: Path) -> dict[str, TensorEntry]:
     """name -> (file, shape, dtype, byte offset) over the checkpoint's safetensors files (headers only)."""
     return tensor_files(path)
 
 
-def _load_config(file: Path) -> ModelConfig:
-    """The ModelConfig of a config.json; a malformed file is a CheckpointError naming it."""
-    data = read_json(file, "config")
+def _config(file: Path, data: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig of config.json `data`; a config that cannot be read (a missing entry, an unsupported feature
+    such as quantization_config) is a CheckpointError naming the file."""
     try:
         return ModelConfig.from_hf(data, name=file.parent.name)
     except KeyError as e:

@@ -2,7 +2,8 @@
 
 `save` (behind `moejax convert`) writes a plain orbax PyTree checkpoint (OCDBT + zarr3) of numpy
 arrays, one per canonical tensor (`moejax.weights.canonical_shapes`): global tensors as they are,
-per-layer tensors stacked [L, ...]. Its custom metadata (key "moejax") holds the format version, the
+per-layer tensors stacked over the layers that carry them ([L, ...]; dense-FFN tensors over the dense
+layers only, MoE tensors over the MoE layers). Its custom metadata (key "moejax") holds the format version, the
 `ModelConfig`, the stored dtype and the source checkpoint. `open_source` tells a Hugging Face
 directory from a moejax checkpoint and returns a weight source for either; `moejax.load` goes
 through it, so both kinds are placed by the same `weights.place` into any layout.
@@ -147,12 +148,12 @@ def save(path: str | Path, source, cfg: ModelConfig, dtype: str = "float32", ori
     stored = DTYPES[dtype]
     checkpoint_id = uuid.uuid4().hex
     fingerprint = _fingerprint(cfg, dtype, checkpoint_id)
-    item = {FINGERPRINT: _Tensor(FINGERPRINT, (len(fingerprint),), np.dtype(np.uint8), False, _Bytes(fingerprint))}
+    item = {FINGERPRINT: _Tensor(FINGERPRINT, (len(fingerprint),), np.dtype(np.uint8), None, _Bytes(fingerprint))}
     save_args = {FINGERPRINT: ocp.SaveArgs()}
-    for name, (shape, per_layer) in canonical_shapes(cfg).items():
-        full = (cfg.num_layers, *shape) if per_layer else shape
-        item[name] = _Tensor(name, full, stored, per_layer, source)
-        save_args[name] = ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=(0,) if per_layer else ())
+    for name, (shape, layers) in canonical_shapes(cfg).items():
+        full = (len(layers), *shape) if layers is not None else shape
+        item[name] = _Tensor(name, full, stored, layers, source)
+        save_args[name] = ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=(0,) if layers is not None else ())
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "dtype": dtype,
             "checkpoint_id": checkpoint_id, "source": origin or {},
             "written_by": {p: _version(p) for p in ("moejax", "orbax-checkpoint")}}
@@ -191,7 +192,9 @@ def _partial_writes(path: Path) -> list[Path]:
 
 def _fingerprint(cfg: ModelConfig, dtype: str, checkpoint_id: str) -> bytes:
     """sha256 of what the metadata says about the data: the checkpoint id, config, dtype, tensor names and shapes."""
-    tensors = {name: [list(shape), per_layer] for name, (shape, per_layer) in canonical_shapes(cfg).items()}
+    every = tuple(range(cfg.num_layers))  # written as `true`, as before tensors had layer sets: same fingerprints
+    tensors = {name: [list(shape), layers == every or (list(layers) if layers else False)]
+               for name, (shape, layers) in canonical_shapes(cfg).items()}
     text = json.dumps({"id": checkpoint_id, "config": dataclasses.asdict(cfg), "dtype": dtype, "tensors": tensors},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).digest()
@@ -222,8 +225,8 @@ def _orbax_errors_raised_not_logged():
 def total_bytes(cfg: ModelConfig, dtype: str) -> int:
     """Bytes of every canonical tensor of `cfg` stored as `dtype` (what `save` writes, before compression)."""
     itemsize = DTYPES[dtype].itemsize
-    return sum(int(np.prod(shape)) * (cfg.num_layers if per_layer else 1) * itemsize
-               for shape, per_layer in canonical_shapes(cfg).values())
+    return sum(int(np.prod(shape)) * (len(layers) if layers is not None else 1) * itemsize
+               for shape, layers in canonical_shapes(cfg).values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,15 +236,15 @@ class _Tensor:
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
-    per_layer: bool
+    layers: tuple[int, ...] | None  # the global layers stacked along the first axis (None: a global tensor)
     source: Any
 
     def blocks(self, rows: int) -> Iterator[tuple[int | slice, np.ndarray]]:
         """(index along the first axis, block in the stored dtype): one per layer, or `rows` rows at a time."""
         inner = tuple(slice(None) for _ in self.shape[1:])
-        if self.per_layer:
-            for layer in range(self.shape[0]):
-                yield layer, self._cast(self.source.read(self.name, layer, inner))
+        if self.layers is not None:
+            for i, layer in enumerate(self.layers):
+                yield i, self._cast(self.source.read(self.name, layer, inner))
             return
         for start in range(0, self.shape[0], rows):
             index = slice(start, min(start + rows, self.shape[0]))
@@ -336,6 +339,8 @@ class OrbaxSource:
         if self.dtype not in DTYPES:
             raise CheckpointError(f"checkpoint {self.path}: stored dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         self.canonical = canonical_shapes(self.cfg)
+        self._row = {name: {layer: i for i, layer in enumerate(layers)}  # global layer -> its row of the stack
+                     for name, (_, layers) in self.canonical.items() if layers is not None}
         names = _stored_names(self.path, data)
         self._stores = {name: self._open(name) for name in names if name in self.canonical}
         self._check([n for n in names if n != FINGERPRINT])
@@ -354,7 +359,7 @@ class OrbaxSource:
         each chunk is decoded once, and a read holds about one piece.
         """
         store = self._stores[name]
-        view = (store if layer is None else store[layer])[index].translate_to[0]  # origin 0 on every axis
+        view = (store if layer is None else store[self._row[name][layer]])[index].translate_to[0]  # origin 0
         shape = tuple(store.shape[0 if layer is None else 1:])
         chunk = tuple(store.chunk_layout.read_chunk.shape[0 if layer is None else 1:])
         axis = next((a for a, (c, n) in enumerate(zip(chunk, shape, strict=True)) if c < n), 0)
@@ -380,8 +385,8 @@ class OrbaxSource:
 
     def _check(self, names: list[str]) -> None:
         """Stored tensors (listed `names`, opened `_stores`) against the config's canonical tensors."""
-        expected = {name: ((self.cfg.num_layers, *shape) if per_layer else tuple(shape))
-                    for name, (shape, per_layer) in self.canonical.items()}
+        expected = {name: ((len(layers), *shape) if layers is not None else tuple(shape))
+                    for name, (shape, layers) in self.canonical.items()}
         problems = [f"missing tensor {n} (expected shape {expected[n]})" for n in sorted(set(expected) - set(names))]
         problems += [f"unexpected tensor {n}" for n in sorted(set(names) - set(expected))]
         for n, store in sorted(self._stores.items()):

@@ -1,4 +1,5 @@
-"""Small building blocks shared by attention and MoE: weight declaration, RMSNorm, RoPE.
+"""Small building blocks shared by attention and MoE: weight declaration, projections, RMSNorm, argmax (RoPE:
+`moejax.model.rope`).
 
 Numerics policy (one place): norms, RoPE, router logits and softmax run in float32 whatever the
 serving dtype, because bf16 rounding there flips expert choices and shifts positions; weights
@@ -65,23 +66,6 @@ def rms_norm(x, weight, eps: float):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight * x32.astype(x.dtype)
-
-
-def rope_tables(positions_BT, head_dim: int, theta: float):
-    """cos/sin tables [B, T, H/2] in float32 for the default (non-interleaved) RoPE."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x_BTNH, cos_BTh, sin_BTh):
-    """Rotate halves: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), in float32."""
-    x = x_BTNH.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos_BTh[:, :, None, :], sin_BTh[:, :, None, :]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BTNH.dtype)
 
 
 def argmax(x_BV):

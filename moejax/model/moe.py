@@ -53,28 +53,38 @@ from flax import nnx
 from moejax import manual, native
 from moejax.config import ModelConfig
 from moejax.model import grouped_matmul
+from moejax.model.ffn import SILU, activation_of, glu, swiglu
 from moejax.model.layers import at_layer, declare
+from moejax.model.router import route
 from moejax.sharding import MOE_STRATEGIES, Parallelism
 
 STRATEGIES = MOE_STRATEGIES  # one list, beside the other parallel choices (`moejax.sharding`)
 
 
 class MoE(nnx.Module):
-    """Router, routed experts (SwiGLU, stacked) and optional shared expert of every layer.
+    """Router, routed experts (SwiGLU, stacked) and optional shared expert of a stack's layers.
 
     Args:
       num_layers: layers stored (the stage-padded count). ffn / shared_ffn: the FFN widths stored,
         padded with zero columns to a multiple of the axes that split them (exact: a zero column
-        adds silu(0) * 0 = 0).
+        adds silu(0) * 0 = 0; with gpt-oss's biases the padded columns' biases are zero too: glu(0, 0) = 0).
     """
 
     def __init__(self, cfg: ModelConfig, par: Parallelism, num_layers: int, ffn: int, shared_ffn: int, dtype):
         L, D, E, F = num_layers, cfg.hidden_size, cfg.num_experts, ffn
         self.cfg, self.par = cfg, par
         self.router = declare((L, D, E), ("layers", "embed", "experts_all"), dtype)
+        if cfg.router_bias:
+            self.router_bias = declare((L, E), ("layers", "experts_all"), dtype)
+        if cfg.router == "sigmoid":  # for choosing only (a load-balancing buffer); float32 as published
+            self.score_bias = declare((L, E), ("layers", "experts_all"), jnp.float32)
         self.wg = declare((L, E, D, F), ("layers", "experts", "embed", "ffn"), dtype)
         self.wu = declare((L, E, D, F), ("layers", "experts", "embed", "ffn"), dtype)
         self.wd = declare((L, E, F, D), ("layers", "experts", "ffn", "embed"), dtype)
+        if cfg.expert_bias:
+            self.bg = declare((L, E, F), ("layers", "experts", "ffn"), dtype)
+            self.bu = declare((L, E, F), ("layers", "experts", "ffn"), dtype)
+            self.bd = declare((L, E, D), ("layers", "experts", "embed"), dtype)
         if shared_ffn:
             self.shared_wg = declare((L, D, shared_ffn), ("layers", "embed", "shared_ffn"), dtype)
             self.shared_wu = declare((L, D, shared_ffn), ("layers", "embed", "shared_ffn"), dtype)
@@ -90,47 +100,39 @@ class MoE(nnx.Module):
         """
         B, T, D = x_BTD.shape
         x_MD = x_BTD.reshape(B * T, D)
-        par = self.par
+        par, cfg = self.par, self.cfg
         with jax.named_scope("moe/route"):
-            weights_MX, experts_MX = route(x_MD, at_layer(self.router, layer), self.cfg.num_experts_per_tok,
-                                           self.cfg.norm_topk_prob)
+            weights_MX, experts_MX = route(
+                cfg, x_MD, at_layer(self.router, layer), at_layer(self.router_bias, layer) if cfg.router_bias else None,
+                at_layer(self.score_bias, layer) if cfg.router == "sigmoid" else None)
             if valid_BT is not None:
                 experts_MX = jnp.where(valid_BT.reshape(B * T, 1), experts_MX, -1)  # -1: no shard's expert
         exchanged = par.tokens_split_over_experts
         with jax.named_scope("moe/experts"):
             w = (self.wg[...], self.wu[...], self.wd[...])
+            if cfg.expert_bias:
+                # The down bias is added once per (token, expert), not once per tensor shard of the expert's width.
+                first = par.axis_index("ffn") == 0
+                w += (self.bg[...], self.bu[...], jnp.where(first, self.bd[...], 0).astype(self.bd.dtype))
             weights_MX = weights_MX.astype(x_MD.dtype)
+            act = activation_of(cfg)
             if exchanged:
-                y_MD = exchange(x_MD, weights_MX, experts_MX, w, layer, par, self.cfg.num_experts)
+                y_MD = exchange(x_MD, weights_MX, experts_MX, w, layer, par, cfg.num_experts, act)
             else:
-                y_MD = dispatch(x_MD, weights_MX, experts_MX, w, par, layer=layer)
-        if self.cfg.shared_expert_intermediate_size:
+                y_MD = dispatch(x_MD, weights_MX, experts_MX, w, par, layer=layer, act=act)
+        if cfg.shared_expert_intermediate_size:
             with jax.named_scope("moe/shared"):
                 # This device's slice of the shared FFN width (split over tensor, and over expert in
                 # "replicated_attention" mode): a partial sum the combine all-reduce completes; computed once.
-                shared_MD = _swiglu(x_MD, at_layer(self.shared_wg, layer), at_layer(self.shared_wu, layer),
-                                    at_layer(self.shared_wd, layer))
-                if self.cfg.shared_expert_gate:
+                shared_MD = swiglu(x_MD, at_layer(self.shared_wg, layer), at_layer(self.shared_wu, layer),
+                                   at_layer(self.shared_wd, layer))
+                if cfg.shared_expert_gate:
                     gate_M = jax.nn.sigmoid(x_MD @ at_layer(self.shared_gate, layer))
                     shared_MD = shared_MD * gate_M[:, None]
                 y_MD = y_MD + shared_MD
         with jax.named_scope("moe/combine"):
             y_MD = par.psum(y_MD, "ffn") if exchanged else par.psum(y_MD, "experts", "ffn")
         return y_MD.reshape(B, T, D)
-
-
-def route(x_MD, router_DE, k: int, normalize: bool):
-    """Softmax-then-top-k routing. Returns (weights [M, X] float32, expert ids [M, X] int32).
-
-    Logits and softmax in float32 (numerics policy); weights renormalised over the k chosen
-    experts when `normalize` (Mixtral always, Qwen when norm_topk_prob).
-    """
-    logits_ME = jnp.einsum("MD,DE->ME", x_MD, router_DE, preferred_element_type=jnp.float32)
-    probs_ME = jax.nn.softmax(logits_ME, axis=-1)
-    weights_MX, experts_MX = jax.lax.top_k(probs_ME, k)
-    if normalize:
-        weights_MX = weights_MX / jnp.sum(weights_MX, axis=-1, keepdims=True)
-    return weights_MX, experts_MX.astype(jnp.int32)
 
 
 def choose_strategy(strategy: str, num_tokens: int, backend: str | None = None, native_ok: bool = False,
@@ -158,7 +160,12 @@ def choose_strategy(strategy: str, num_tokens: int, backend: str | None = None, 
     return "pallas" if backend == "gpu" and pallas_ok else "loop"
 
 
-def _strategy_fn(strategy: str, x_MD, w):
+def _strategy_fn(strategy: str, x_MD, w, act: tuple = SILU):
+    if act != SILU or len(w) > 3:  # gpt-oss: expert biases, clamped SwiGLU
+        if strategy not in ("auto", "loop", "gather"):
+            raise ValueError(f"MoE dispatch {strategy!r} runs bias-free SiLU experts only; this model's experts have "
+                             f"biases or the {act[0]} activation: use dispatch 'auto', 'loop' or 'gather'")
+        return partial(_STRATEGY_FNS["loop" if strategy == "auto" else strategy], act=act)
     ok = native.runs(x_MD, *w)
     pallas_ok = grouped_matmul.supported(x_MD.shape[1], w[0].shape[-1])
     chosen = choose_strategy(strategy, x_MD.shape[0], native.platform(x_MD), ok, pallas_ok)  # the mesh's platform
@@ -168,15 +175,16 @@ def _strategy_fn(strategy: str, x_MD, w):
     return _STRATEGY_FNS[chosen]
 
 
-def dispatch(x_MD, weights_MX, experts_MX, w, par: Parallelism, layer=None):
+def dispatch(x_MD, weights_MX, experts_MX, w, par: Parallelism, layer=None, act: tuple = SILU):
     """Sum over the routed local experts of weight * expert(x), for this shard's experts.
 
     Args:
       x_MD: local tokens. weights_MX / experts_MX: routing (global expert ids; -1: none).
-      w: (wg, wu, wd) local stacked weights, [El, D, F], [El, D, F], [El, F, D]; or with a leading
-        local-layers axis [L, El, ...] when `layer` (an index, may be traced) is given. The local
-        experts are global ids [i * El, (i + 1) * El) on expert shard i.
+      w: (wg, wu, wd) local stacked weights, [El, D, F], [El, D, F], [El, F, D], then optionally the biases
+        (bg, bu, bd) [El, F], [El, F], [El, D]; or with a leading local-layers axis [L, El, ...] when `layer` (an
+        index, may be traced) is given. The local experts are global ids [i * El, (i + 1) * El) on expert shard i.
       par: the model's parallel choices (the expert shards, the dispatch strategy).
+      act: the experts' activation (`moejax.model.ffn.activation_of`).
     Returns:
       y_MD, a partial sum (this shard's experts, this shard's FFN slice).
     """
@@ -185,12 +193,12 @@ def dispatch(x_MD, weights_MX, experts_MX, w, par: Parallelism, layer=None):
     num_local = w[0].shape[1]
     local_MX = experts_MX - par.axis_index("experts") * num_local
     local_MX = jnp.where((local_MX >= 0) & (local_MX < num_local), local_MX, num_local)  # El: not here
-    return local_dispatch(x_MD, weights_MX, local_MX, w, layer, par.moe_strategy)
+    return local_dispatch(x_MD, weights_MX, local_MX, w, layer, par.moe_strategy, act)
 
 
-def local_dispatch(x_MD, weights_MX, local_MX, w, layer, strategy: str = "auto"):
+def local_dispatch(x_MD, weights_MX, local_MX, w, layer, strategy: str = "auto", act: tuple = SILU):
     """`dispatch` on one shard's local expert ids (El or any id outside [0, El): not here); w: [L, El, ...]."""
-    return _strategy_fn(strategy, x_MD, w)(x_MD, weights_MX, local_MX, w, layer)
+    return _strategy_fn(strategy, x_MD, w, act)(x_MD, weights_MX, local_MX, w, layer)
 
 
 def choose_exchange(exchange: str, backend: str | None = None) -> str:
@@ -203,7 +211,7 @@ def choose_exchange(exchange: str, backend: str | None = None) -> str:
     return "all_to_all" if exchange == "auto" else exchange
 
 
-def exchange(x_MD, weights_MX, experts_MX, w, layer, par: Parallelism, num_experts: int):
+def exchange(x_MD, weights_MX, experts_MX, w, layer, par: Parallelism, num_experts: int, act: tuple = SILU):
     """The "dp_attention" expert mode: send each token once to every shard holding one of its experts, compute there,
     send the weighted sums back, add them up at home.
 
@@ -235,7 +243,7 @@ def exchange(x_MD, weights_MX, experts_MX, w, layer, par: Parallelism, num_exper
     local_UX = jnp.where(mine_UX, experts_MX[token_U] % El, El).astype(jnp.int32)  # El: not carried
     gate_UX = jnp.where(mine_UX, weights_MX[token_U], 0)
     units = (dest_U, rank_U, token_U, local_UX, gate_UX)
-    run = partial(_compute_received, par.moe_strategy, w, layer)
+    run = partial(_compute_received, par.moe_strategy, w, layer, act)
     if choose_exchange(par.exchange, native.platform(x_MD)) == "ragged_all_to_all":
         return _exchange_ragged(par, EP, El, run, x_MD, count_J, *units)
     need = par.pmax(jnp.max(count_J), "experts")  # the same on every device of the exchange
@@ -244,9 +252,9 @@ def exchange(x_MD, weights_MX, experts_MX, w, layer, par: Parallelism, num_exper
     return jax.lax.switch(jnp.searchsorted(jnp.array(caps), need), branches, *units)
 
 
-def _compute_received(strategy, w, layer, recv_RD, local_RX, gate_RX):
+def _compute_received(strategy, w, layer, act, recv_RD, local_RX, gate_RX):
     """Received rows, each with its local experts (El: none) and gate weights: the gate-weighted sum per row."""
-    return local_dispatch(recv_RD, gate_RX, local_RX, w, layer, strategy)
+    return local_dispatch(recv_RD, gate_RX, local_RX, w, layer, strategy, act)
 
 
 def _combine_home(x_MD, unit_UD, token_U):
@@ -295,11 +303,6 @@ def _exchange_ragged(par, EP, El, run, x_MD, count_J, dest_U, rank_U, token_U, l
     return _combine_home(x_MD, jnp.where((dest_U < EP)[:, None], back_UD, 0), token_U)
 
 
-def _swiglu(x_MD, wg_DF, wu_DF, wd_FD):
-    h_MF = jax.nn.silu(x_MD @ wg_DF) * (x_MD @ wu_DF)
-    return h_MF @ wd_FD
-
-
 def _sort_pairs(local_MX, num_local: int):
     """Flatten (token, slot) pairs and sort them by local expert; absent experts sort last.
 
@@ -313,7 +316,7 @@ def _sort_pairs(local_MX, num_local: int):
     return order_A, expert_A[order_A], order_A // X, counts_E
 
 
-def _dispatch_loop(x_MD, weights_MX, local_MX, w, layer):
+def _dispatch_loop(x_MD, weights_MX, local_MX, w, layer, act: tuple = SILU):
     M, El = x_MD.shape[0], w[0].shape[1]
     caps = row_caps(M)
     order_A, _, token_A, count_E = _sort_pairs(local_MX, El)
@@ -326,7 +329,7 @@ def _dispatch_loop(x_MD, weights_MX, local_MX, w, layer):
 
     def run_expert(u, y_MD):
         e = used_U[u]
-        branches = [partial(_expert_rows, x_MD, token_A, gate_A, w, layer, cap) for cap in caps]
+        branches = [partial(_expert_rows, x_MD, token_A, gate_A, w, layer, act, cap) for cap in caps]
         which = jnp.searchsorted(jnp.array(caps), count_E[e])
         return jax.lax.switch(which, branches, y_MD, e, start_E[e], count_E[e])
 
@@ -347,7 +350,7 @@ def row_caps(num_rows: int, max_caps: int = 8) -> list[int]:
     return caps[-max_caps:]
 
 
-def _expert_rows(x_MD, token_A, gate_A, w, layer, cap, y_MD, e, start, count):
+def _expert_rows(x_MD, token_A, gate_A, w, layer, act, cap, y_MD, e, start, count):
     """y + gate * expert_e(x) on the expert's (at most `cap`) tokens: its pairs start..start+count.
 
     The expert's weights are sliced here, one expert at a time (a copy of that expert only on
@@ -357,19 +360,25 @@ def _expert_rows(x_MD, token_A, gate_A, w, layer, cap, y_MD, e, start, count):
     rows_R = jnp.where(in_R, jax.lax.dynamic_slice_in_dim(token_A, start, cap), x_MD.shape[0])
     gate_R = jnp.where(in_R, jax.lax.dynamic_slice_in_dim(gate_A, start, cap), 0)
     x_RD = x_MD.at[rows_R].get(mode="fill", fill_value=0)
-    out_RD = _swiglu(x_RD, *(a[layer, e] for a in w))
+    expert = [a[layer, e] for a in w]
+    out_RD = swiglu(x_RD, *expert[:3], expert[3:] or None, act)
     return y_MD.at[rows_R].add(out_RD * gate_R[:, None], mode="drop")
 
 
-def _dispatch_gather(x_MD, weights_MX, local_MX, w, layer):
+def _dispatch_gather(x_MD, weights_MX, local_MX, w, layer, act: tuple = SILU):
     M, X = local_MX.shape
     El = w[0].shape[1]
     here_A = local_MX.reshape(-1) < El
     expert_A = jnp.where(here_A, local_MX.reshape(-1), 0)
-    wg, wu, wd = (a[layer, expert_A] for a in w)  # [M * X, ...]: each pair's expert weights
+    wg, wu, wd, *biases = (a[layer, expert_A] for a in w)  # [M * X, ...]: each pair's expert weights
     x_AD = jnp.repeat(x_MD, X, axis=0)
-    h_AF = jax.nn.silu(jnp.einsum("AD,ADF->AF", x_AD, wg)) * jnp.einsum("AD,ADF->AF", x_AD, wu)
-    out_AD = jnp.einsum("AF,AFD->AD", h_AF, wd) * jnp.where(here_A, weights_MX.reshape(-1), 0)[:, None]
+    g_AF, u_AF = jnp.einsum("AD,ADF->AF", x_AD, wg), jnp.einsum("AD,ADF->AF", x_AD, wu)
+    if biases:
+        g_AF, u_AF = g_AF + biases[0], u_AF + biases[1]
+    out_AD = jnp.einsum("AF,AFD->AD", glu(g_AF, u_AF, act), wd)
+    if biases:
+        out_AD = out_AD + biases[2]
+    out_AD = out_AD * jnp.where(here_A, weights_MX.reshape(-1), 0)[:, None]
     return jnp.sum(out_AD.reshape(M, X, -1), axis=1)
 
 

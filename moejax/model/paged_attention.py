@@ -1,6 +1,6 @@
 """Paged attention as a Pallas kernel: each query reads its row's pages in place (GPU; interpret mode on CPU).
 
-XLA's path (`attention._cached_attention`) gathers every page of a row's page window into a contiguous copy
+XLA's path (`attention.cached_attention`) gathers every page of a row's page window into a contiguous copy
 [B, pages * page_size, K, H] per layer per step before attending; on a GPU that copy is as large as the KV the
 step reads. This kernel reads the pages where they lie: one instance per (row, kv head) walks the row's page
 table up to the last query position of its tile (and from the first page the sliding window can reach), loads

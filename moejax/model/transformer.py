@@ -1,17 +1,18 @@
 """The MoE transformer: embedding, decoder layers stacked per pipeline stage, final norm, unembedding.
 
 `Transformer.run` is the local (per-shard) computation called inside `jax.shard_map` by
-`moejax.steps`. Every per-layer weight is ONE array stacked over the layers, [L_pad, ...] with
-L_pad = stage * ceil(L / stage), split over `stage`; a stage runs its local layers with one
-`lax.scan`, so the compiled program does not grow with the number of layers (nor, with the
-stacked experts of `moejax.model.moe`, with the number of experts). Each device's program holds
+`moejax.steps`. A model is a sequence of homogeneous layer stacks (`Geometry.stacks`: dense-FFN layers, then
+MoE layers); every per-layer weight of a stack is ONE array stacked over its slots, [stage * slots, ...], split
+over `stage`; a stage runs each stack's local layers with one `lax.scan`, so the compiled program does not grow
+with the number of layers (nor, with the stacked experts of `moejax.model.moe`, with the number of experts).
+The attention kind (GQA or MLA, `ATTENTION`) and the router (`moejax.model.router`) are chosen from the config. Each device's program holds
 its own stage's layers once; two schedules move activations between stages with `ppermute`:
 `run` takes one batch through every stage in turn (`stage` ticks in one call, the others idle),
 `pipeline_tick` is one tick of the pipeline, every stage working on a different microbatch
 (`moejax.steps.Steps.pipeline_step`, driven by the engine's microbatch groups).
 
-Padding: a stage with fewer real layers than ceil(L / stage) holds zero-weight layers, each an
-exact identity (zero attention and MoE outputs). The vocabulary is padded to a multiple of the
+Padding: a stage with fewer real layers of a stack than the stack's slots per stage holds zero weights in the
+other slots and skips them (`lax.cond`). The vocabulary is padded to a multiple of the
 axes that split it (rows of zeros in the embedding, columns of zeros in the unembedding); the
 padded logits are masked to -inf here and cut off by `moejax.steps`, so they are never sampled
 or returned. FFN widths are padded with zero columns the same way (exact).
@@ -25,70 +26,121 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moejax import manual
 from moejax.config import ModelConfig, ceil_div, round_up
 from moejax.mesh import Layout
 from moejax.model.attention import Attention
-from moejax.model.layers import at_layer, declare, project, rms_norm, rope_tables
+from moejax.model.ffn import DenseFFN
+from moejax.model.layers import at_layer, declare, project, rms_norm
+from moejax.model.mla import MLA
 from moejax.model.moe import MoE
+from moejax.model.rope import Rope
 from moejax.sharding import Parallelism
 
 
 @dataclass(frozen=True)
-class Geometry:
-    """How a model is laid out for one Layout: stored (padded) sizes and layers per stage."""
+class Stack:
+    """One homogeneous run of layers (the same FFN kind): its weights are stacked [S * layers_per_stage, ...]
+    over `stage`, each stage scanning its own slots with one `lax.scan`."""
 
-    layers_per_stage: int
+    name: str  # the Transformer attribute holding its weights: "dense_layers" | "layers"
+    ffn: str  # "dense" | "moe"
+    first_layer: int  # global index of its first layer
+    stage_layers: tuple[int, ...]  # real layers of this stack on each stage
+    layers_per_stage: int  # slots per stage (the largest stage_layers); the rest are skipped
+    cache_offset: int  # the stack's first slot in a stage's cache pools
+
+    def layers_of_stage(self, stage: int) -> range:
+        """Global indices of the stack's layers on `stage`, in order."""
+        start = self.first_layer + sum(self.stage_layers[:stage])
+        return range(start, start + self.stage_layers[stage])
+
+    def slot_of_layer(self) -> dict[int, int]:
+        """Global layer index -> stored slot (over all stages) of this stack's weights."""
+        return {layer: s * self.layers_per_stage + j for s in range(len(self.stage_layers))
+                for j, layer in enumerate(self.layers_of_stage(s))}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a model is laid out for one Layout: stored (padded) sizes, its layer stacks and their stage split.
+
+    A model is a sequence of homogeneous stacks (DeepSeek-V3: 3 dense layers, then 58 MoE layers); the layers
+    are split over stages as one sequence, so a stage boundary may fall inside a stack or between two. Each stage
+    holds `layers_per_stage` slots of each stack (slots past the stage's own layers of that stack are skipped).
+    The KV cache is one set of pools over every stack's slots: [S * cache_layers_per_stage, ...].
+    """
+
+    stacks: tuple[Stack, ...]
+    stage_layers: tuple[int, ...]  # real layers on each stage, all stacks
     num_kv_heads: int  # kv heads stored (replicated up to `tensor` when fewer)
-    stage_layers: tuple[int, ...]  # real layers in each stage
     expert_shards: int  # the `expert` axis size: experts per device = num_experts / expert_shards
     vocab: int  # vocabulary stored: padded to a multiple of `tensor`
     ffn: int  # routed-expert FFN width stored: padded to a multiple of `tensor`
     shared_ffn: int  # shared-expert FFN width stored: padded to a multiple of tensor x expert (0: none)
+    dense_ffn: int  # dense layers' FFN width stored: padded like the shared expert's (0: no dense layers)
 
     @classmethod
     def of(cls, cfg: ModelConfig, layout: Layout) -> Geometry:
         t, e = layout.tensor, layout.expert
-        shared = round_up(cfg.shared_expert_intermediate_size, t * e)
-        return cls(ceil_div(cfg.num_layers, layout.stage), layout.kv_heads_per_model(cfg),
-                   tuple(layout.stage_layers(cfg.num_layers)), e, round_up(cfg.vocab_size, t),
-                   round_up(cfg.moe_intermediate_size, t), shared)
+        per_stage = layout.stage_layers(cfg.num_layers)
+        starts = [sum(per_stage[:s]) for s in range(len(per_stage))]
+        stacks, offset = [], 0
+        for name, ffn, lo, hi in (("dense_layers", "dense", 0, cfg.first_dense_layers),
+                                  ("layers", "moe", cfg.first_dense_layers, cfg.num_layers)):
+            if hi == lo:
+                continue
+            counts = tuple(max(0, min(hi, a + n) - max(lo, a)) for a, n in zip(starts, per_stage, strict=True))
+            stacks.append(Stack(name, ffn, lo, counts, max(counts), offset))
+            offset += max(counts)
+        return cls(tuple(stacks), tuple(per_stage), layout.kv_heads_per_model(cfg), e, round_up(cfg.vocab_size, t),
+                   round_up(cfg.moe_intermediate_size, t), round_up(cfg.shared_expert_intermediate_size, t * e),
+                   round_up(cfg.dense_intermediate_size, t * e) if cfg.first_dense_layers else 0)
 
     @property
     def num_stages(self) -> int:
         return len(self.stage_layers)
 
     @property
-    def num_layers(self) -> int:
-        """Layers stored: real layers plus the zero padding that evens out the stages."""
-        return self.num_stages * self.layers_per_stage
+    def cache_layers_per_stage(self) -> int:
+        """Cache slots per stage: every stack's slots."""
+        return sum(stack.layers_per_stage for stack in self.stacks)
 
-    def slot_of_layer(self) -> list[int]:
-        """Stored (padded) layer index of each real layer, in order."""
-        slots = []
-        for s, n in enumerate(self.stage_layers):
-            slots += [s * self.layers_per_stage + j for j in range(n)]
-        return slots
+    @property
+    def num_cache_layers(self) -> int:
+        """Layers the KV pools hold: every stage's slots (padding slots are never written)."""
+        return self.num_stages * self.cache_layers_per_stage
+
+    def stack(self, name: str) -> Stack:
+        return next(s for s in self.stacks if s.name == name)
 
 
 class Block(nnx.Module):
-    """The decoder layers: norms, attention and MoE, each weight stacked over the stored layers."""
+    """A stack's decoder layers: norms, attention and an FFN of one kind, each weight stacked over its slots."""
 
-    def __init__(self, cfg: ModelConfig, par: Parallelism, geo: Geometry, dtype):
-        L, D = geo.num_layers, cfg.hidden_size
+    def __init__(self, cfg: ModelConfig, par: Parallelism, geo: Geometry, stack: Stack, dtype):
+        L, D = geo.num_stages * stack.layers_per_stage, cfg.hidden_size
         self.attn_norm = declare((L, D), ("layers", "embed"), dtype)
         self.mlp_norm = declare((L, D), ("layers", "embed"), dtype)
-        self.attn = Attention(cfg, par, L, geo.num_kv_heads, dtype)
-        self.moe = MoE(cfg, par, L, geo.ffn, geo.shared_ffn, dtype)
+        self.attn = ATTENTION[cfg.attention](cfg, par, L, geo.num_kv_heads, dtype)
+        if stack.ffn == "moe":
+            self.moe = MoE(cfg, par, L, geo.ffn, geo.shared_ffn, dtype)
+        else:
+            self.mlp = DenseFFN(cfg, par, L, geo.dense_ffn, dtype)
 
-    def __call__(self, layer, x_BTD, pos_BT, rope, cache, page_table_BP, eps):
+    def __call__(self, layer, x_BTD, pos_BT, rope, cache, page_table_BP, eps, cache_layer, windowed):
         h_BTD = rms_norm(x_BTD, at_layer(self.attn_norm, layer), eps)
-        a_BTD, cache = self.attn(layer, h_BTD, pos_BT, rope, cache, page_table_BP)
+        a_BTD, cache = self.attn(layer, h_BTD, pos_BT, rope, cache, page_table_BP, cache_layer, windowed)
         x_BTD = x_BTD + a_BTD
         h_BTD = rms_norm(x_BTD, at_layer(self.mlp_norm, layer), eps)
-        return x_BTD + self.moe(layer, h_BTD, valid_BT=pos_BT >= 0), cache
+        ffn = self.moe if hasattr(self, "moe") else self.mlp
+        return x_BTD + ffn(layer, h_BTD, valid_BT=pos_BT >= 0), cache
+
+
+ATTENTION = {"gqa": Attention, "mla": MLA}  # the attention kinds; each owns its cache layout
 
 
 class Transformer(nnx.Module):
@@ -109,7 +161,12 @@ class Transformer(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.unembed = declare((D, V), ("embed", "vocab"), dtype)
         self.final_norm = declare((D,), ("embed",), dtype)
-        self.layers = Block(cfg, par, geo, dtype)
+        for stack in geo.stacks:
+            setattr(self, stack.name, Block(cfg, par, geo, stack, dtype))
+
+    def cache_layout(self) -> tuple[tuple[tuple[int, ...], tuple], ...]:
+        """The KV pools' shapes and logical axes after [layers, pages, page_size]: the attention kind's."""
+        return ATTENTION[self.cfg.attention].cache_layout(self.cfg, self.geometry.num_kv_heads)
 
     # ---- local computation (inside shard_map) -------------------------------------------------
 
@@ -181,16 +238,40 @@ class Transformer(nnx.Module):
         return logits_BV, _to_next_stage(par, x_BTD, S), cache
 
     def run_stage(self, x_BTD, cache, *, pos_BT, page_table_BP):
-        """This device's stage: its local layers, one `lax.scan` over the stacked weights."""
-        cfg = self.cfg
-        rope = rope_tables(pos_BT, cfg.head_dim, cfg.rope_theta)
+        """This device's stage: each stack's local layers in order, one `lax.scan` per stack over its stacked
+        weights. A slot past the stage's own layers of a stack is skipped (`lax.cond`: no FLOPs, no cache write)."""
+        cfg, geo = self.cfg, self.geometry
+        rope = Rope.of(cfg)
+        rope = (rope, rope.tables(pos_BT))
+        me = self.par.axis_index("layers")
+        for stack in geo.stacks:
+            block = getattr(self, stack.name)
+            real = jnp.asarray(stack.stage_layers, jnp.int32)[me]
+            windowed = self._windowed(stack)
 
-        def layer(carry, i):
-            x_BTD, cache = carry
-            return self.layers(i, x_BTD, pos_BT, rope, cache, page_table_BP, cfg.rms_norm_eps), None
+            def layer(carry, i, block=block, real=real, stack=stack, windowed=windowed):
+                def run(x_BTD, cache):
+                    w = None if windowed is None else windowed[me, i]
+                    return block(i, x_BTD, pos_BT, rope, cache, page_table_BP, cfg.rms_norm_eps,
+                                 stack.cache_offset + i, w)
 
-        (x_BTD, cache), _ = jax.lax.scan(layer, (x_BTD, cache), jnp.arange(self.geometry.layers_per_stage))
+                if all(n == stack.layers_per_stage for n in stack.stage_layers):  # no stage has empty slots
+                    return run(*carry), None
+                return jax.lax.cond(i < real, run, lambda x, c: (x, c), *carry), None
+
+            (x_BTD, cache), _ = jax.lax.scan(layer, (x_BTD, cache), jnp.arange(stack.layers_per_stage))
         return x_BTD, cache
+
+    def _windowed(self, stack: Stack):
+        """[stages, slots] bool: slot j of stage s uses the sliding window; None when every layer is alike."""
+        cfg = self.cfg
+        if not cfg.sliding_window or cfg.sliding_layers is None:
+            return None
+        table = np.zeros((self.geometry.num_stages, stack.layers_per_stage), bool)
+        for s in range(self.geometry.num_stages):
+            for j, layer in enumerate(stack.layers_of_stage(s)):
+                table[s, j] = cfg.window_of(layer) is not None
+        return jnp.asarray(table)
 
     def head(self, x_BTD, logits_index_B=None):
         """Final norm and unembedding (of the tokens at `logits_index_B` only, when given)."""

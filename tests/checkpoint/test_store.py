@@ -18,6 +18,7 @@ import pytest
 import moejax
 from moejax.checkpoint import hf as hf_module
 from moejax.checkpoint import store
+from moejax.checkpoint.families.forms import Experts
 from moejax.checkpoint.hf import CheckpointError, HFSource
 from moejax.cli import main
 from moejax.weights import RandomSource
@@ -88,17 +89,20 @@ def test_bfloat16_conversion_matches_hf_rounded_once(hf_dir, tmp_path, capsys):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b)), path
 
 
-def test_slices_read_across_chunks_equal_the_source(hf_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", [FAMILY, "deepseek_v3", "gpt_oss"])
+def test_slices_read_across_chunks_equal_the_source(family, hf_checkpoints, tmp_path, monkeypatch):
     """With 1 KiB chunks every tensor spans many, and with ~1 KiB read pieces every slice is read in many pieces
-    (by both loaders); any slice of any layer reads back exactly: the memory-mapped stored tensor, converted."""
-    hf = HFSource(hf_dir)
+    (by both loaders); any slice of any layer reads back exactly: the memory-mapped stored tensor, converted.
+    DeepSeek-V3: tensors of the dense layer or of the MoE layers only (stacked over those); gpt-oss: interleaved
+    fused experts."""
+    hf = HFSource(hf_checkpoints[family][0])
     store.save(tmp_path / "small", hf, hf.cfg, chunk_bytes=1024)
     orbax = store.OrbaxSource(tmp_path / "small")
     monkeypatch.setattr(store, "READ_BYTES", 1000)
     monkeypatch.setattr(hf_module, "READ_BYTES", 1000)
     rng = np.random.default_rng(0)
-    for name, (shape, per_layer) in hf.canonical.items():
-        for layer in ([0, 2] if per_layer else [None]):
+    for name, (shape, layers) in hf.canonical.items():
+        for layer in sorted({layers[0], layers[-1]}) if layers else [None]:
             for _ in range(3):
                 index = tuple(slice(int(a), int(b) + 1) for a, b in (sorted(rng.integers(0, n, 2)) for n in shape))
                 expected = _mapped(hf, name, layer)[index]
@@ -108,10 +112,17 @@ def test_slices_read_across_chunks_equal_the_source(hf_dir, tmp_path, monkeypatc
 
 def _mapped(hf, name, layer):
     """Canonical tensor `name` as a view of the memory-mapped file (the reference for the loaders' piecewise reads)."""
-    if name in ("moe.wg", "moe.wu", "moe.wd"):
-        return np.stack([hf.tensor(hf._expert_name(name, layer, e)).T for e in range(hf.cfg.num_experts)])
-    form = (hf_module.GLOBAL_NAMES if layer is None else hf_module.LAYER_NAMES)[name][1]
-    return form.to_canonical(hf.tensor(hf.hf_name(name, layer)), hf.canonical[name][0])
+    stored, shape = hf.names[name], hf.canonical[name][0]
+    if not isinstance(stored.form, Experts):
+        return stored.form.to_canonical(hf.tensor(hf.hf_name(name, layer)), shape)
+    if "{expert}" in stored.name:
+        matrices = [hf.tensor(hf.hf_name(name, layer, e)) for e in range(shape[0])]
+    else:
+        fused = hf.tensor(hf.hf_name(name, layer))
+        part, parts = stored.form.part
+        rows = fused.shape[1] // parts
+        matrices = [fused[e, part * rows:(part + 1) * rows] for e in range(shape[0])]
+    return np.stack([stored.form.form.to_canonical(m, shape[1:]) for m in matrices])
 
 
 def test_checkpoint_is_plain_orbax_with_its_metadata(converted, hf_dir):
@@ -263,7 +274,7 @@ CASES = {
                                               r"\['window'\]"),
     "config-missing-key": (_moejax(lambda m: m["config"].pop("hidden_size")),
                            r"model config does not match this moejax: .*hidden_size"),
-    "config-planner-only": (_config(family="deepseek_v3"), r"model config does not match this moejax: .*planner-only"),
+    "config-planner-only": (_config(family="deepseek_v2"), r"model config does not match this moejax: .*planner-only"),
     "stored-dtype-unknown": (_moejax(lambda m: m.update(dtype="int4")), r"stored dtype 'int4' is not one of"),
     # tensors vs config
     "config-more-layers": (_config(num_layers=4), MISMATCH + r".*attn\.wq: expected shape \(4, 48, 8, 16\), "
