@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import secrets
 import sys
@@ -242,7 +241,7 @@ def _build_model(args, run: _Run, progress: Progress):
     from pathlib import Path
 
     from moejax.inference import Model
-    from moejax.weights import RandomSource, canonical_shapes
+    from moejax.weights import RandomSource, parameter_count
 
     cfg = run.cfg
     if Path(args.model).is_dir():
@@ -252,8 +251,7 @@ def _build_model(args, run: _Run, progress: Progress):
         cfg = source.cfg
     else:
         source, what = RandomSource(cfg, args.seed), f"making random weights for {cfg.name}"
-    total = sum(math.prod(shape) * (cfg.num_layers if per_layer else 1)
-                for shape, per_layer in canonical_shapes(cfg).values())
+    total = parameter_count(cfg)
     with progress.phase(f"{what} ({total / 1e6:.1f}M parameters) and placing them on layout {run.layout}",
                         total=total) as advance:
         model = Model(cfg, _Counted(source, advance), layout=run.layout, dtype=args.dtype)

@@ -238,7 +238,8 @@ def _hf_rope(hf: dict[str, Any]) -> dict[str, Any]:
         factor = rope.get("factor") or hf["max_position_embeddings"] / original
         out |= dict(rope_factor=float(factor), rope_original_max_position_embeddings=int(original),
                     rope_beta_fast=float(rope.get("beta_fast") or 32), rope_beta_slow=float(rope.get("beta_slow") or 1),
-                    rope_mscale=float(rope.get("mscale") or 0), rope_mscale_all_dim=float(rope.get("mscale_all_dim") or 0),
+                    rope_mscale=float(rope.get("mscale") or 0),
+                    rope_mscale_all_dim=float(rope.get("mscale_all_dim") or 0),
                     rope_attention_factor=float(rope.get("attention_factor") or 0),
                     rope_truncate=bool(rope.get("truncate", True)))
     return out
@@ -298,7 +299,8 @@ def _qwen_moe(hf):
     return dict(family=model_type, moe_intermediate_size=hf["moe_intermediate_size"], num_experts=_num_experts(hf),
                 norm_topk_prob=bool(hf.get("norm_topk_prob", False)), shared_expert_intermediate_size=shared,
                 shared_expert_gate=bool(shared), qk_norm=model_type == "qwen3_moe",
-                qkv_bias=bool(hf.get("qkv_bias", True)) if model_type == "qwen2_moe" else bool(hf.get("attention_bias")),
+                qkv_bias=(bool(hf.get("qkv_bias", True)) if model_type == "qwen2_moe"
+                          else bool(hf.get("attention_bias"))),
                 o_bias=model_type == "qwen3_moe" and bool(hf.get("attention_bias")),
                 **_sliding(hf, bool(hf.get("use_sliding_window", False))))
 

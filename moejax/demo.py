@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import string
@@ -115,10 +114,9 @@ def hf_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _parameters(cfg: ModelConfig) -> int:
-    from moejax.weights import canonical_shapes
+    from moejax.weights import parameter_count
 
-    return sum(math.prod(shape) * (len(layers) if layers is not None else 1)
-               for shape, layers in canonical_shapes(cfg).values())
+    return parameter_count(cfg)
 
 
 def _check_target(path: Path) -> None:

@@ -303,6 +303,7 @@ class Result:
     unknown_loops: int = 0
     tokens: int = 0  # tokens per batch shard
     compile_s: float = 0.0
+    hlo_instructions: int = 0  # the compiled program's size (independent of the layer and expert counts)
     planner: dict = field(default_factory=dict)  # the planner's figures for the same shapes
 
     @property
@@ -312,6 +313,11 @@ class Result:
 
     def as_dict(self) -> dict:
         return asdict(self) | {"total_bytes": self.total_bytes}
+
+
+def hlo_instructions(text: str) -> int:
+    """Instructions in an HLO module's text (lines of the form `%name = type op(...)`)."""
+    return len(re.findall(r"^\s*(?:ROOT )?%\S+ = ", text, flags=re.MULTILINE))
 
 
 def compile_layout(cfg, layout, target: str = "h100-sxm", shapes: Shapes | None = None, phases=PHASES,
@@ -344,6 +350,7 @@ def compile_layout(cfg, layout, target: str = "h100-sxm", shapes: Shapes | None 
             continue
         res.compile_s = round(time.perf_counter() - t0, 2)
         text = compiled.as_text()
+        res.hlo_instructions = hlo_instructions(text)
         mem = compiled.memory_analysis()
         res.argument_bytes, res.output_bytes = mem.argument_size_in_bytes, mem.output_size_in_bytes
         res.alias_bytes, res.temp_bytes = mem.alias_size_in_bytes, mem.temp_size_in_bytes

@@ -3,7 +3,8 @@
 `Steps` is the one handle on a placed model's weights: the module's graph (`graphdef`, static: the config, the
 geometry and the `Parallelism`) and its placed arrays (`params`, a nested dict) with their partition specs
 (`param_specs`). Inside each step the module is merged from the two (`nnx.merge`, at trace time only). The KV
-cache is a plain tuple of global arrays (the attention kind's pools), donated to the step, so writing a token updates the pools in place.
+cache is a plain tuple of global arrays (the attention kind's pools), donated to the step, so writing a token
+updates the pools in place.
 Each function is compiled once per input shape (callers bucket shapes).
 
 Every `shard_map` runs with `check_vma=True`: JAX checks that what the out_specs call replicated is (a missing

@@ -66,6 +66,12 @@ def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple
     return out
 
 
+def parameter_count(cfg: ModelConfig) -> int:
+    """Parameters of the checkpoint (canonical tensors, every layer that carries them; no padding)."""
+    return sum(math.prod(shape) * (len(layers) if layers is not None else 1)
+               for shape, layers in canonical_shapes(cfg).values())
+
+
 def abstract_model(cfg: ModelConfig, par, dtype) -> Transformer:
     """The model's declarations with no memory behind them; `par`: a `Parallelism` (or a `Layout`)."""
     return nnx.eval_shape(lambda: Transformer(cfg, par, dtype))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import moejax
-from moejax.bench.compile import hlo_instructions
+from moejax.gpu_target import hlo_instructions
 
 BASE = dict(family="qwen3_moe", vocab_size=64, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8,
             moe_intermediate_size=16, num_experts_per_tok=4, norm_topk_prob=True, qk_norm=True)

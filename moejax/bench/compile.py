@@ -23,17 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import sys
 import time
 
 from moejax.args import Parser, expert_mode, int_in, read_model_config, run_main
-
-
-def hlo_instructions(text: str) -> int:
-    """Instructions in an HLO module's text (lines of the form `%name = type op(...)`)."""
-    return len(re.findall(r"^\s*(?:ROOT )?%\S+ = ", text, flags=re.MULTILINE))
+from moejax.gpu_target import hlo_instructions
 
 
 def measure(model_name: str, layout: str, serve_overrides: dict | None = None,

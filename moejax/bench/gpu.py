@@ -74,8 +74,10 @@ def layers_that_fit(cfg, dtype, free_bytes: float | None, fraction: float) -> in
         return cfg.num_layers
     size = np.dtype(dtype).itemsize
     shapes = canonical_shapes(cfg)
-    per_layer = sum(math.prod(s) for s, stacked in shapes.values() if stacked) * size
-    rest = sum(math.prod(s) for s, stacked in shapes.values() if not stacked) * size
+    # The heaviest layer kind (an MoE layer) bounds every layer: bytes per layer from the tensors a MoE layer carries.
+    last = cfg.num_layers - 1
+    per_layer = sum(math.prod(s) for s, layers in shapes.values() if layers and last in layers) * size
+    rest = sum(math.prod(s) for s, layers in shapes.values() if layers is None) * size
     n = int((fraction * free_bytes - rest) // per_layer)
     if n < 1:
         raise ValueError(f"not even one layer of {cfg.name or cfg.family} fits: {rest / 2**30:.2f} GiB outside the "
@@ -91,14 +93,13 @@ def decode_bytes(cfg, batch: int, context: int, weight_bytes: int, kv_bytes: int
     from moejax.weights import canonical_shapes
 
     shapes = canonical_shapes(cfg)
-    experts = {n for n in shapes if n.startswith("moe.w") and not n.startswith("moe.shared")}
+    experts = {n for n in shapes if n in ("moe.wg", "moe.wu", "moe.wd", "moe.bg", "moe.bu", "moe.bd")}
     per_expert = sum(math.prod(shapes[n][0][1:]) for n in experts) * weight_bytes
-    dense = sum(math.prod(s) for n, (s, stacked) in shapes.items() if stacked and n not in experts)
-    dense = (dense * cfg.num_layers + sum(math.prod(s) for n, (s, st) in shapes.items() if not st and n != "embed")
-             ) * weight_bytes
+    dense = sum(math.prod(s) * (len(layers) if layers else 1) for n, (s, layers) in shapes.items()
+                if n not in experts and n != "embed") * weight_bytes
     touched = cfg.num_experts * expert_hit_fraction(cfg.num_experts, cfg.num_experts_per_tok, batch)
-    kv_per_token = 2 * cfg.num_kv_heads * cfg.head_dim * kv_bytes * cfg.num_layers
-    return {"weights": float(dense), "experts": cfg.num_layers * touched * per_expert,
+    kv_per_token = cfg.kv_bytes_per_token(kv_bytes)
+    return {"weights": float(dense), "experts": cfg.num_moe_layers * touched * per_expert,
             "embed": batch * cfg.hidden_size * weight_bytes,
             "kv": batch * cached_positions(cfg, context + 1) * kv_per_token}
 

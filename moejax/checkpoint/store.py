@@ -55,7 +55,7 @@ from etils import epath
 from moejax.checkpoint.hf import HFSource
 from moejax.checkpoint.safetensors_files import CheckpointError, all_finite, read_json
 from moejax.config import ModelConfig
-from moejax.weights import canonical_shapes
+from moejax.weights import canonical_shapes, parameter_count
 
 FORMAT = "moejax.canonical"
 FORMAT_VERSION = 2  # 2: the fingerprint tensor
@@ -224,9 +224,7 @@ def _orbax_errors_raised_not_logged():
 
 def total_bytes(cfg: ModelConfig, dtype: str) -> int:
     """Bytes of every canonical tensor of `cfg` stored as `dtype` (what `save` writes, before compression)."""
-    itemsize = DTYPES[dtype].itemsize
-    return sum(int(np.prod(shape)) * (len(layers) if layers is not None else 1) * itemsize
-               for shape, layers in canonical_shapes(cfg).values())
+    return parameter_count(cfg) * DTYPES[dtype].itemsize
 
 
 @dataclasses.dataclass(frozen=True)

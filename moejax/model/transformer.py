@@ -1,14 +1,14 @@
 """The MoE transformer: embedding, decoder layers stacked per pipeline stage, final norm, unembedding.
 
-`Transformer.run` is the local (per-shard) computation called inside `jax.shard_map` by
-`moejax.steps`. A model is a sequence of homogeneous layer stacks (`Geometry.stacks`: dense-FFN layers, then
-MoE layers); every per-layer weight of a stack is ONE array stacked over its slots, [stage * slots, ...], split
-over `stage`; a stage runs each stack's local layers with one `lax.scan`, so the compiled program does not grow
+`Transformer.run` is the local (per-shard) computation called inside `jax.shard_map` by `moejax.steps`.
+A model is a sequence of homogeneous layer stacks (`Geometry.stacks`: dense-FFN layers, then MoE layers);
+every per-layer weight of a stack is ONE array stacked over its slots, [stage * slots, ...], split over
+`stage`; a stage runs each stack's local layers with one `lax.scan`, so the compiled program does not grow
 with the number of layers (nor, with the stacked experts of `moejax.model.moe`, with the number of experts).
-The attention kind (GQA or MLA, `ATTENTION`) and the router (`moejax.model.router`) are chosen from the config. Each device's program holds
-its own stage's layers once; two schedules move activations between stages with `ppermute`:
-`run` takes one batch through every stage in turn (`stage` ticks in one call, the others idle),
-`pipeline_tick` is one tick of the pipeline, every stage working on a different microbatch
+The attention kind (GQA or MLA, `ATTENTION`) and the router (`moejax.model.router`) are chosen from the
+config. Each device's program holds its own stage's layers once; two schedules move activations between
+stages with `ppermute`: `run` takes one batch through every stage in turn (`stage` ticks in one call, the
+others idle), `pipeline_tick` is one tick of the pipeline, every stage working on a different microbatch
 (`moejax.steps.Steps.pipeline_step`, driven by the engine's microbatch groups).
 
 Padding: a stage with fewer real layers of a stack than the stack's slots per stage holds zero weights in the
@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from moejax import manual
-from moejax.config import ModelConfig, ceil_div, round_up
+from moejax.config import ModelConfig, round_up
 from moejax.mesh import Layout
 from moejax.model.attention import Attention
 from moejax.model.ffn import DenseFFN
@@ -51,7 +51,7 @@ class Stack:
     first_layer: int  # global index of its first layer
     stage_layers: tuple[int, ...]  # real layers of this stack on each stage
     layers_per_stage: int  # slots per stage (the largest stage_layers); the rest are skipped
-    cache_offset: int  # the stack's first slot in a stage's cache pools
+    cache_offsets: tuple[int, ...]  # per stage: the stack's first layer's index in the stage's cache pools
 
     def layers_of_stage(self, stage: int) -> range:
         """Global indices of the stack's layers on `stage`, in order."""
@@ -71,7 +71,8 @@ class Geometry:
     A model is a sequence of homogeneous stacks (DeepSeek-V3: 3 dense layers, then 58 MoE layers); the layers
     are split over stages as one sequence, so a stage boundary may fall inside a stack or between two. Each stage
     holds `layers_per_stage` slots of each stack (slots past the stage's own layers of that stack are skipped).
-    The KV cache is one set of pools over every stack's slots: [S * cache_layers_per_stage, ...].
+    The KV cache is one set of pools over the stages' layers in order, whatever their stack:
+    [S * ceil(L / S), ...] (stage s's cache layer j is its j-th layer).
     """
 
     stacks: tuple[Stack, ...]
@@ -88,14 +89,14 @@ class Geometry:
         t, e = layout.tensor, layout.expert
         per_stage = layout.stage_layers(cfg.num_layers)
         starts = [sum(per_stage[:s]) for s in range(len(per_stage))]
-        stacks, offset = [], 0
+        stacks, offsets = [], (0,) * len(per_stage)
         for name, ffn, lo, hi in (("dense_layers", "dense", 0, cfg.first_dense_layers),
                                   ("layers", "moe", cfg.first_dense_layers, cfg.num_layers)):
             if hi == lo:
                 continue
             counts = tuple(max(0, min(hi, a + n) - max(lo, a)) for a, n in zip(starts, per_stage, strict=True))
-            stacks.append(Stack(name, ffn, lo, counts, max(counts), offset))
-            offset += max(counts)
+            stacks.append(Stack(name, ffn, lo, counts, max(counts), offsets))
+            offsets = tuple(o + c for o, c in zip(offsets, counts, strict=True))
         return cls(tuple(stacks), tuple(per_stage), layout.kv_heads_per_model(cfg), e, round_up(cfg.vocab_size, t),
                    round_up(cfg.moe_intermediate_size, t), round_up(cfg.shared_expert_intermediate_size, t * e),
                    round_up(cfg.dense_intermediate_size, t * e) if cfg.first_dense_layers else 0)
@@ -106,8 +107,8 @@ class Geometry:
 
     @property
     def cache_layers_per_stage(self) -> int:
-        """Cache slots per stage: every stack's slots."""
-        return sum(stack.layers_per_stage for stack in self.stacks)
+        """Cache layers per stage: the most layers any stage holds (stages' padding layers are never written)."""
+        return max(self.stage_layers)
 
     @property
     def num_cache_layers(self) -> int:
@@ -247,13 +248,14 @@ class Transformer(nnx.Module):
         for stack in geo.stacks:
             block = getattr(self, stack.name)
             real = jnp.asarray(stack.stage_layers, jnp.int32)[me]
+            offset = jnp.asarray(stack.cache_offsets, jnp.int32)[me] if len(set(stack.cache_offsets)) > 1 else \
+                stack.cache_offsets[0]
             windowed = self._windowed(stack)
 
-            def layer(carry, i, block=block, real=real, stack=stack, windowed=windowed):
-                def run(x_BTD, cache):
+            def layer(carry, i, block=block, real=real, offset=offset, windowed=windowed, stack=stack):
+                def run(x_, cache_):
                     w = None if windowed is None else windowed[me, i]
-                    return block(i, x_BTD, pos_BT, rope, cache, page_table_BP, cfg.rms_norm_eps,
-                                 stack.cache_offset + i, w)
+                    return block(i, x_, pos_BT, rope, cache_, page_table_BP, cfg.rms_norm_eps, offset + i, w)
 
                 if all(n == stack.layers_per_stage for n in stack.stage_layers):  # no stage has empty slots
                     return run(*carry), None

@@ -3,9 +3,10 @@
     moejax plan --model gpt-moe-1800b --hardware gb200-nvl72 --devices 64 --precision fp4 \\
         --isl 1024 --osl 256 --target-tps-user 20 [--json | --json-full] [--out out/plan]
 
-Also `python -m moejax.planner.cli --model ...` (same flags). A mistake in a flag or a named file is one line,
-`moejax: error: ...`, and exit status 2; the device count, the lists and the number of configurations are
-bounded, so a run never hangs.
+Also `python -m moejax.planner.cli --model ...` (same flags). `--model` takes a built-in name, a YAML file, a
+Hugging Face config.json or checkpoint folder (every family `moejax.config.ModelConfig.from_hf` reads), or a
+moejax checkpoint. A mistake in a flag or a named file is one line, `moejax: error: ...`, and exit status 2; the
+device count, the lists and the number of configurations are bounded, so a run never hangs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from moejax.args import (
     Parser,
@@ -26,6 +28,7 @@ from moejax.args import (
     real_in,
     run_main,
 )
+from moejax.config import ModelConfig
 from moejax.planner.hardware import PRECISIONS, load_hardware
 from moejax.planner.report import compact_json, format_summary, write_outputs
 from moejax.planner.rules import Rules, enumerate_layouts
@@ -94,7 +97,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run the planner for parsed `args`; print the summary (or JSON); return the exit code."""
     start = time.perf_counter()
-    cfg = read_model_config(args.model)
+    cfg = read_planned_model(args.model)
     hw = load_hardware(args.hardware, efficiency=args.efficiency)
     workload = Workload(isl=args.isl, osl=args.osl, precision=args.precision, kv_precision=args.kv_precision,
                         arrival_rate=args.arrival_rate or None)
@@ -118,6 +121,26 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_summary(result, args.top, paths))
     return 0
+
+
+def read_planned_model(source: str) -> ModelConfig:
+    """The model `--model` names (`moejax.args.read_model_config`), except that a Hugging Face config.json's
+    `quantization_config` is set aside: it says how the published weights are stored (DeepSeek-V3's fp8,
+    gpt-oss's mxfp4), which the runtime's loader refuses, while the planner's weight format is --precision."""
+    path = Path(source)
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        hf = json.loads(file.read_text()) if file.suffix == ".json" and file.is_file() else None
+    except (ValueError, UnicodeDecodeError):
+        hf = None  # read_model_config names the error
+    if not isinstance(hf, dict) or not hf.get("quantization_config"):
+        return read_model_config(source)
+    try:
+        return ModelConfig.from_hf({k: v for k, v in hf.items() if k != "quantization_config"}, name=file.parent.name)
+    except KeyError as err:
+        raise UsageError(f"model config {source!r}: missing key {err.args[0]!r}") from err
+    except (TypeError, ValueError, AttributeError) as err:
+        raise UsageError(f"model config {source!r}: {err}") from err
 
 
 def _check_size(cfg, hw, rules: Rules, args: argparse.Namespace) -> None:

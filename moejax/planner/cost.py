@@ -29,24 +29,30 @@ cache bytes read and written.
 
 - FLOPs: 2 per multiply-add. Linear layers 2 x params per token. Attention 2 N (Hqk + Hv) per cached position;
   MLA decode absorbed (Hqk = kv_lora + R, Hv = kv_lora), MLA prefill expanded (Hqk = H + R, Hv = v_head_dim).
-- Activations: per layer and token 8 D + 3 (N + 2 K) H / TP values around attention (norms, residuals,
-  projections' outputs) and, per routed token-expert on the device, 4 D + 6 F / MTP (permute, expert
-  intermediates, activation, un-permute), streamed at `memory` x bandwidth (t_act).
+  Cached positions per layer are capped by the sliding window on windowed layers (`cached_positions`, the
+  stage's own layers).
+- Activations: per layer and token 8 D + 3 (N Hqk + K (Hqk + Hv)) / TP values around attention (norms,
+  residuals, projections' outputs; 8 D + 3 (N + 2 K) H / TP for GQA) and, per routed token-expert on the
+  device, 4 D + 6 F / MTP (permute, expert intermediates, activation, un-permute), streamed at `memory` x
+  bandwidth (t_act).
 - Weights read: a stage's non-expert weights once per microbatch; the experts at least one token routes to:
   with n tokens choosing X of E uniformly, an expert is hit with probability 1 - (1 - X/E)^n.
 - KV: decode tokens read their request's cache; prefill chunks write theirs and read their prefix once.
-- Sizes: the padded ones the runtime stores (`moejax.planner.memory.stored_config`): vocabulary, routed and
-  shared expert widths rounded up, so the LM head's and the experts' FLOPs and bytes include the padding.
+- Sizes: the padded ones the runtime stores (`moejax.planner.memory.stored_config`): vocabulary and FFN widths
+  (routed, shared, dense) rounded up, so the LM head's and the FFNs' FLOPs and bytes include the padding.
 - Split (`moejax.planner.layout.PlanLayout`): attention, shared/dense FFN and router on the busiest attention
-  group's tokens over attention TP (the shared expert over TP x EP where attention is replicated over the
-  expert group, `PlanLayout.shared_split`); routed experts on the replica's tokens over MoE TP x EP.
-- Collectives per layer: an all-reduce over attention TP after attention and after dense FFNs (ring:
-  2 (n-1)/n of the message on the wire, 2 ceil(log2 n) latency steps). MoE layers: with attention
-  data-parallel inside the group (ADP > 1) a TP all-reduce and an all-to-all dispatch + combine sending each
-  token to the distinct remote expert ranks its top-X experts live on (`expert_fanout`) x MTP / TP; with
-  attention replicated or ADP = 1, one all-reduce over the whole MoE group (MTP x EP) in place of the FFN's TP
-  all-reduce (the runtime's 'replicated_attention' mode). Groups within one NVLink domain use NVLink, otherwise the
-  scale-out network (`Hardware.link`); placement is tensor innermost, then expert, then stage, then data.
+  group's tokens over attention TP (MLA's down-projections replicated over it; the shared expert and dense FFNs
+  over TP x EP where attention is replicated over the expert group, `PlanLayout.shared_split`); routed experts on
+  the replica's tokens over MoE TP x EP.
+- Collectives per layer: an all-reduce over attention TP after attention, and after dense FFNs (over the whole
+  group instead where attention is replicated) (ring: 2 (n-1)/n of the message on the wire, 2 ceil(log2 n)
+  latency steps). MoE layers: with attention data-parallel inside the group (ADP > 1) a TP all-reduce and an
+  all-to-all dispatch + combine sending each token to the distinct remote expert ranks its top-X experts live on
+  (`expert_fanout`, bounded by group-limited routing: at most the ranks `topk_group` expert groups span)
+  x MTP / TP; with attention replicated or ADP = 1, one all-reduce over the whole MoE group (MTP x EP) in place
+  of the FFN's TP all-reduce (the runtime's 'replicated_attention' mode). Groups within one NVLink domain use
+  NVLink, otherwise the scale-out network (`Hardware.link`); placement is tensor innermost, then expert, then
+  stage, then data.
 - Kernels: per layer 4 for attention (norm, QKV, attention, output), 7 per MoE block (norm, router, top-k and
   permute, two grouped GEMMs, activation, un-permute), +3 for a shared expert, 4 per dense FFN; +1 embedding on
   the first stage, +2 (LM head, sampling) on the last.
@@ -54,6 +60,7 @@ cache bytes read and written.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -129,14 +136,53 @@ class StageCost:
         return self.t_roofline + (1.0 - self.comm_overlap) * self.t_comm + self.t_overhead
 
 
-def expert_fanout(num_experts: int, top_k: int, expert_parallel: int) -> float:
+@functools.lru_cache(maxsize=1024)
+def expert_fanout(num_experts: int, top_k: int, expert_parallel: int, n_group: int = 1, topk_group: int = 1
+                  ) -> float:
     """Expected number of distinct expert ranks a token's top-k experts live on (uniform routing).
 
-    Rank r holds E / EP experts; it is missed when all k choices fall among the other E - E/EP experts.
+    Rank r holds experts [r E/EP, (r+1) E/EP) (as the runtime places them); group g, [g E/G, (g+1) E/G).
+    Group-limited routing (DeepSeek-V3, GLM-4.5: G = `n_group`, `topk_group`) picks topk_group groups, then the
+    top-k experts among the pool of theirs, m = topk_group E/G; uniform routing: the groups uniformly, then k of
+    the pool uniformly. Rank r is missed when none of the k falls among the c_r pool experts it holds:
+    P(miss | groups) = C(m - c_r, k) / C(m, k), averaged over the choices of groups by counting the chosen groups
+    that overlap rank r (exact, without enumerating the C(G, topk_group) choices). G = 1 gives
+    EP (1 - C(E - E/EP, k) / C(E, k)). Never above `expert_fanout_bound`.
     """
-    per_rank = num_experts // expert_parallel
-    miss = math.comb(num_experts - per_rank, top_k) / math.comb(num_experts, top_k)
-    return expert_parallel * (1.0 - miss)
+    per_rank, per_group = num_experts // expert_parallel, num_experts // n_group
+    pool = topk_group * per_group
+    choices = math.comb(n_group, topk_group) * math.comb(pool, top_k)
+    hit = 0.0
+    for lo in range(0, num_experts, per_rank):
+        overlaps = _overlaps(lo, lo + per_rank, per_group, n_group)
+        ways = {(0, 0): 1}  # (overlapping groups chosen, pool experts on the rank) -> choices of those groups
+        for o in overlaps:
+            nxt = dict(ways)
+            for (chosen, held), w in ways.items():
+                nxt[chosen + 1, held + o] = nxt.get((chosen + 1, held + o), 0) + w
+            ways = nxt
+        others = n_group - len(overlaps)
+        miss = sum(w * math.comb(others, topk_group - chosen) * math.comb(pool - held, top_k)
+                   for (chosen, held), w in ways.items() if chosen <= topk_group)
+        hit += 1.0 - miss / choices
+    return hit
+
+
+def expert_fanout_bound(num_experts: int, top_k: int, expert_parallel: int, n_group: int = 1,
+                        topk_group: int = 1) -> int:
+    """Most distinct expert ranks one token reaches: min(EP, k, the ranks its topk_group groups can span).
+
+    DeepSeek-V3 on EP8 (256 experts in 8 groups, topk_group 4, top-8): each group on one rank, so at most 4."""
+    per_rank, per_group = num_experts // expert_parallel, num_experts // n_group
+    spans = sorted((len(_overlaps(lo, lo + per_group, per_rank, expert_parallel))
+                    for lo in range(0, num_experts, per_group)), reverse=True)
+    return min(expert_parallel, top_k, sum(spans[:topk_group]))
+
+
+def _overlaps(lo: int, hi: int, size: int, count: int) -> list[int]:
+    """Sizes of the non-empty overlaps of experts [lo, hi) with the `count` contiguous blocks of `size` experts."""
+    out = [min(hi, (j + 1) * size) - max(lo, j * size) for j in range(lo // size, min(count, -(-hi // size)))]
+    return [o for o in out if o > 0]
 
 
 def expert_hit_fraction(num_experts: int, top_k: int, tokens: float) -> float:
@@ -151,8 +197,10 @@ def allreduce_time(nbytes: float, n: int, bandwidth: float, latency: float) -> f
     return 2.0 * (n - 1) / n * nbytes / bandwidth + 2 * math.ceil(math.log2(n)) * latency
 
 
-def layer_flops_per_token(cfg: ModelConfig, context: float, phase: str) -> dict[str, float]:
-    """FLOPs one token costs in one layer, by part, for the whole model replica (before any split).
+def layer_flops_per_token(cfg: ModelConfig, context: float, phase: str, layers: range | None = None
+                          ) -> dict[str, float]:
+    """FLOPs one token costs in one layer, by part, for the whole model replica (before any split); attention
+    over the mean cached positions of `layers` (default: every layer; windowed layers cap them).
 
     Returns:
         dict with 'attention' (projections + scores), 'scores' (the part over cached positions), 'dense_ffn',
@@ -167,7 +215,7 @@ def layer_flops_per_token(cfg: ModelConfig, context: float, phase: str) -> dict[
             hqk, hv = h + cfg.qk_rope_head_dim, cfg.v_head_dim or h
     else:
         hqk = hv = h
-    scores = 2.0 * n * (hqk + hv) * cached_positions(cfg, context)
+    scores = 2.0 * n * (hqk + hv) * cached_positions(cfg, context, layers)
     return {"attention": 2.0 * pc.attention + scores, "scores": scores, "dense_ffn": 2.0 * pc.dense_ffn,
             "shared": 2.0 * pc.shared, "router": 2.0 * pc.router,
             "experts": 2.0 * cfg.num_experts_per_tok * pc.expert}
@@ -190,20 +238,24 @@ def stage_features(cfg: ModelConfig, layout: PlanLayout | Layout | str, hw: Hard
     lay = PlanLayout.of(layout, options.expert_mode)
     cfg = stored_config(cfg, lay)  # the padded sizes the runtime stores and multiplies
     pc, wb, t, mt, e = param_counts(cfg), workload.weight_bytes, lay.tensor, lay.moe_tensor, lay.expert
-    dec = layer_flops_per_token(cfg, load.decode_context, "decode")
-    pre = layer_flops_per_token(cfg, load.prefill_context, "prefill")
+    dec = layer_flops_per_token(cfg, load.decode_context, "decode", stage.layer_ids)
+    pre = layer_flops_per_token(cfg, load.prefill_context, "prefill", stage.layer_ids)
 
     def group(name: str) -> float:
         return load.group_decode * dec[name] + load.group_prefill * pre[name]
 
-    proj = stage.layers * (group("attention") - group("scores")) + stage.dense_layers * group("dense_ffn")
-    shared = stage.moe_layers / lay.shared_split
-    linear = stage.layers * pc.attention + stage.dense_layers * pc.dense_ffn
+    # Attention projections over TP (MLA's down-projections replicated), shared expert and dense FFNs over the
+    # "shared_ffn" split, router replicated.
+    latent = stage.layers * 2.0 * pc.attention_latent * load.group_tokens
+    proj = (stage.layers * (group("attention") - group("scores")) - latent) / t + latent
+    ffn = (stage.dense_layers * group("dense_ffn") + stage.moe_layers * group("shared")) / lay.shared_split
+    weights = (stage.layers * ((pc.attention - pc.attention_latent) / t + pc.attention_latent)
+               + (stage.dense_layers * pc.dense_ffn + stage.moe_layers * pc.shared) / lay.shared_split)
     matrices = stage.layers * (5 if cfg.attention == "mla" else 4) + 3 * (
         stage.moe_layers * (pc.shared > 0) + stage.dense_layers)
     router = stage.moe_layers * pc.router
-    f = {"gemm_flops": proj / t + shared * group("shared") + group("router") * stage.moe_layers,
-         "gemm_bytes": (linear / t + shared * pc.shared) * wb + router * 2.0, "gemm_rows": load.group_tokens}
+    f = {"gemm_flops": proj + ffn + group("router") * stage.moe_layers,
+         "gemm_bytes": weights * wb + router * 2.0, "gemm_rows": load.group_tokens}
     f["gemm_mat"] = f["gemm_bytes"] / max(1, matrices + stage.moe_layers)
     # LM head (last stage): logits of decode tokens and finishing prompts over the padded vocabulary, bf16.
     head = pc.embed / t * 2.0 if stage.last else 0.0
@@ -218,13 +270,15 @@ def stage_features(cfg: ModelConfig, layout: PlanLayout | Layout | str, hw: Hard
     # Activation traffic (norms, residuals, QKV and attention outputs; MoE permute, expert intermediates,
     # activation, un-permute), read + write, memory-bound.
     d, ab, width = cfg.hidden_size, workload.act_bytes, cfg.moe_intermediate_size / mt
-    attn_act = 8 * d + 3 * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim / t
+    attn_act = 8 * d + 3 * (cfg.num_heads * cfg.qk_head_dim + cfg.num_kv_heads * (
+        cfg.qk_head_dim + cfg.value_head_dim)) / t
     routed = load.tokens * cfg.num_experts_per_tok / e
     f["act_bytes"] = ab * (stage.layers * load.group_tokens * attn_act
                            + stage.moe_layers * routed * (4 * d + 6 * width))
     kv_token = kv_bytes_per_token_layer(cfg, lay, workload)
-    positions = (load.group_decode * cached_positions(cfg, load.decode_context)
-                 + load.chunks * cached_positions(cfg, load.prefix) + load.group_prefill)  # reads + prefill writes
+    ids = stage.layer_ids
+    positions = (load.group_decode * cached_positions(cfg, load.decode_context, ids)
+                 + load.chunks * cached_positions(cfg, load.prefix, ids) + load.group_prefill)  # reads + writes
     scores = stage.layers * group("scores") / t
     context = (load.group_prefill * load.prefill_context + load.group_decode * load.decode_context) / max(
         load.group_tokens, 1e-9)
@@ -242,10 +296,14 @@ def _comm_features(cfg: ModelConfig, lay: PlanLayout, hw: Hardware, workload: Wo
     t, e, g = lay.tensor, lay.expert, lay.group
     group_bytes = load.group_tokens * cfg.hidden_size * workload.act_bytes
     a2a = lay.attention_data > 1 and e > 1
-    tp_count = stage.layers + stage.dense_layers + (stage.moe_layers if (a2a or g == t) else 0)
+    moe_on_tp = a2a or g == t  # the MoE block ends with a TP all-reduce, else one over the whole group
+    dense_on_group = lay.shared_split > t  # attention replicated: dense FFNs split over the group (= shared_split)
+    tp_count = stage.layers + stage.dense_layers * (not dense_on_group) + stage.moe_layers * moe_on_tp
     out = _collective("tp", group_bytes, t, tp_count, hw, t)
-    out |= _collective("moe", group_bytes, g, 0 if (a2a or g == t) else stage.moe_layers, hw, g)
-    remote = expert_fanout(cfg.num_experts, cfg.num_experts_per_tok, e) * (e - 1) / e if a2a else 0.0
+    out |= _collective("moe", group_bytes, g, stage.moe_layers * (not moe_on_tp) + stage.dense_layers * dense_on_group,
+                       hw, g)
+    fanout = expert_fanout(cfg.num_experts, cfg.num_experts_per_tok, e, cfg.n_group, cfg.topk_group) if a2a else 0.0
+    remote = fanout * (e - 1) / e  # the token's own rank is one of the e, hit as often as any other
     out |= _collective("a2a", group_bytes * remote * lay.moe_tensor / t, e, 2 * stage.moe_layers, hw, g)
     return out
 

@@ -1,28 +1,42 @@
 """Parameter counts and memory per device: weights by precision, KV cache, activation workspace.
 
 Counting conventions (each a stated approximation, all < 0.1% of a model's parameters):
-- Linear layers only, SwiGLU FFNs (3 matrices of D x F per expert), no biases, norms ignored.
-- GQA attention: q and o are D x (N H), k and v are D x (K H).
+- Linear layers only, SwiGLU FFNs (3 matrices of D x F per expert, gpt-oss's clamped SwiGLU too), norms ignored,
+  biases ignored: gpt-oss's expert biases (2 F + D per expert against 3 D F), router bias and attention sinks
+  (one logit per head), attention biases, DeepSeek's routing correction bias (E per MoE layer) and Qwen2-MoE's
+  shared-expert gate (D per MoE layer).
+- GQA attention: q and o are D x (N H), k and v are D x (K H) (partial rotary changes no size).
 - MLA attention (DeepSeek-V3): q = D x q_lora + q_lora x N (H + R) (or D x N (H + R) without q_lora),
   kv = D x (kv_lora + R) + kv_lora x N (H + Hv), o = N Hv x D, with H = qk_nope (head_dim), R = qk_rope_head_dim,
-  Hv = v_head_dim. The cache holds kv_lora + R values per token per layer for all heads together.
-- Router D x E per MoE layer (bf16). Shared expert 3 D Fs per MoE layer. Dense leading layers 3 D Fd.
+  Hv = v_head_dim.
+- Router D x E per MoE layer (bf16), whatever its kind (softmax, grouped sigmoid, gpt-oss's top-k softmax: the
+  same matrix). Shared expert 3 D Fs per MoE layer. Dense leading layers (`first_dense_layers`) 3 D Fd each, in
+  place of the MoE block.
 - Embedding V x D and LM head V x D (one table if tied) on *every* pipeline stage, split over `tensor`: the
   runtime keeps both on each stage (replicated over `stage`), though only the first embeds and the last
   computes logits.
 
+KV cache (`kv_bytes_per_token_layer`): `ModelConfig.kv_bytes_per_token`, the one formula the runtime's pools
+use (GQA 2 K H per layer, MLA kv_lora + R per layer), per layer and per device. The GQA cache splits over
+`tensor` by kv heads, those fewer than TP replicated up to TP (a device holds max(K, TP) / TP heads); the MLA
+latent is shared by all heads and is replicated over `tensor` (every TP rank holds all of it). A layer with a
+sliding window (`ModelConfig.window_of`: every layer, or only `sliding_layers`) holds at most `sliding_window`
+positions per request; the others hold the whole context (`cached_positions`).
+
 Placement per device (the runtime's sharding rules, `moejax.sharding.RULES`, generalised by
-`moejax.planner.layout.PlanLayout`): attention heads, dense FFN width and vocabulary split over `tensor`; the
-shared expert's width over `tensor` (times `expert` in the 'replicated_attention' mode, `PlanLayout.shared_split`);
-experts over `expert` and their width over the MoE tensor factor; layers over `stage` (`Layout.stage_layers`:
-the first stages take the extra layers); nothing is split over `data`. KV heads fewer than `tensor` are
-replicated, so a device holds max(K, TP) / TP of them; an MLA latent cache is not split by `tensor` at all.
+`moejax.planner.layout.PlanLayout`): attention heads and vocabulary split over `tensor`, MLA's down-projections
+(the "latent" dim, `attention_latent_params`) replicated; the shared expert's and the dense FFN layers' width over
+`tensor` (times `expert` in the 'replicated_attention' mode, `PlanLayout.shared_split`); experts over `expert` and
+their width over the MoE tensor factor; layers over `stage` (`Layout.stage_layers`: the first stages take the
+extra layers, the dense leading layers sit in the first); nothing is split over `data`.
 
 Stored sizes: per-device bytes (and the FLOPs of `moejax.planner.cost`) are counted on the sizes the runtime
 stores (`stored_config`, from `moejax.model.transformer.Geometry`): the vocabulary padded to a multiple of TP,
-the routed-expert width to a multiple of the MoE tensor factor, the shared expert's to one of TP x EP, and KV
-heads fewer than TP replicated up to TP (their K and V projections included). The padding is zeros, but it is
-stored, read and multiplied. `param_counts(cfg)` stays the model's own count.
+the routed-expert width to a multiple of the MoE tensor factor, the shared expert's and the dense FFN's to one
+of TP x EP, and KV heads fewer than TP replicated up to TP (their K and V projections included). The padding is
+zeros, but it is stored, read and multiplied. Weights per device count the layer slots every stage stores
+(`stored_stage`: each kind of layer stacked with the fullest stage's count); time and KV count the stage's own
+layers. `param_counts(cfg)` stays the model's own count.
 """
 
 from __future__ import annotations
@@ -55,6 +69,7 @@ class ParamCounts:
     num_dense_layers: int
     num_experts: int
     experts_per_token: int
+    attention_latent: int = 0  # of `attention`: MLA's down-projections, replicated over tensor
 
     @property
     def total(self) -> int:
@@ -81,6 +96,14 @@ def attention_params(cfg: ModelConfig) -> int:
     return q + kv + n * hv * d
 
 
+def attention_latent_params(cfg: ModelConfig) -> int:
+    """The part of `attention_params` no head owns, so tensor parallelism replicates it (the runtime's "latent"
+    dim): MLA's down-projections D x q_lora and D x (kv_lora + R); 0 for GQA."""
+    if cfg.attention == "gqa":
+        return 0
+    return cfg.hidden_size * (cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+
+
 @functools.lru_cache(maxsize=64)
 def param_counts(cfg: ModelConfig) -> ParamCounts:
     """Count the parameters of `cfg` by component."""
@@ -97,6 +120,7 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
         num_dense_layers=cfg.first_dense_layers,
         num_experts=cfg.num_experts,
         experts_per_token=cfg.num_experts_per_tok,
+        attention_latent=attention_latent_params(cfg),
     )
 
 
@@ -104,28 +128,33 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
 def stored_config(cfg: ModelConfig, layout: Layout | PlanLayout) -> ModelConfig:
     """`cfg` with the sizes the runtime stores for `layout` (`Geometry.of`, its one source): vocabulary padded to
     a multiple of TP, routed-expert width to a multiple of the MoE tensor factor (TP for a runtime layout),
-    shared-expert width to a multiple of TP x EP, KV heads fewer than TP replicated up to TP. Dense FFN widths
-    are not padded (the runtime requires TP to divide them)."""
+    shared-expert and dense-FFN widths to a multiple of TP x EP, KV heads fewer than TP replicated up to TP."""
     lay = PlanLayout.of(layout)
     geo = Geometry.of(cfg, Layout(lay.data, lay.tensor, lay.expert, lay.stage))
     moe = geo if lay.moe_tensor == lay.tensor else Geometry.of(cfg, Layout(tensor=lay.moe_tensor, expert=lay.expert))
     return cfg.replace(vocab_size=geo.vocab, moe_intermediate_size=moe.ffn,
-                       shared_expert_intermediate_size=geo.shared_ffn, num_kv_heads=geo.num_kv_heads)
+                       shared_expert_intermediate_size=geo.shared_ffn, num_kv_heads=geo.num_kv_heads,
+                       dense_intermediate_size=geo.dense_ffn)
 
 
 @dataclass(frozen=True)
 class StageShape:
-    """Which layers one pipeline stage holds."""
+    """Which layers one pipeline stage holds: `layers` consecutive ones from layer `start`, the dense ones first."""
 
     index: int
     moe_layers: int
     dense_layers: int
     first: bool
     last: bool
+    start: int = 0  # index of the stage's first layer in the model
 
     @property
     def layers(self) -> int:
         return self.moe_layers + self.dense_layers
+
+    @property
+    def layer_ids(self) -> range:
+        return range(self.start, self.start + self.layers)
 
 
 def stages(cfg: ModelConfig, layout: Layout) -> list[StageShape]:
@@ -134,9 +163,17 @@ def stages(cfg: ModelConfig, layout: Layout) -> list[StageShape]:
     sizes = layout.stage_layers(cfg.num_layers)
     for i, n in enumerate(sizes):
         dense = max(0, min(start + n, cfg.first_dense_layers) - start)
-        out.append(StageShape(i, n - dense, dense, first=i == 0, last=i == len(sizes) - 1))
+        out.append(StageShape(i, n - dense, dense, first=i == 0, last=i == len(sizes) - 1, start=start))
         start += n
     return out
+
+
+def stored_stage(cfg: ModelConfig, layout: Layout | PlanLayout) -> StageShape:
+    """The layers every stage stores: the runtime stacks each kind of layer (dense, MoE) over `stage` with as many
+    slots per stage as its fullest stage has (`moejax.model.transformer.Geometry`); slots past a stage's own
+    layers hold zeros, skipped in compute but stored (DeepSeek-V3 over 4 stages: 3 dense + 15 MoE slots each)."""
+    shapes = stages(cfg, layout)
+    return StageShape(0, max(s.moe_layers for s in shapes), max(s.dense_layers for s in shapes), True, True)
 
 
 def stage_weight_bytes(cfg: ModelConfig, layout: Layout | PlanLayout, workload: Workload, stage: StageShape) -> float:
@@ -144,31 +181,47 @@ def stage_weight_bytes(cfg: ModelConfig, layout: Layout | PlanLayout, workload: 
     the runtime does). A `Layout` is read in the 'dp_attention' mode; pass a `PlanLayout` for another."""
     layout = PlanLayout.of(layout)
     pc, t, wb = param_counts(stored_config(cfg, layout)), layout.tensor, workload.weight_bytes
-    linear = stage.layers * pc.attention + stage.dense_layers * pc.dense_ffn
-    shared = stage.moe_layers * pc.shared / layout.shared_split
+    attention = stage.layers * ((pc.attention - pc.attention_latent) / t + pc.attention_latent)
+    ffn = (stage.dense_layers * pc.dense_ffn + stage.moe_layers * pc.shared) / layout.shared_split
     experts = stage.moe_layers * (pc.num_experts // layout.expert) * pc.expert / layout.moe_tensor
     bf16 = stage.moe_layers * pc.router * 2.0 + (pc.embed + pc.unembed) / t * 2.0  # router replicated
-    return (linear / t + shared + experts) * wb + bf16
+    return (attention + ffn + experts) * wb + bf16
 
 
 def kv_bytes_per_token_layer(cfg: ModelConfig, layout: Layout | PlanLayout, workload: Workload) -> float:
-    """KV-cache bytes one device stores per cached token per layer."""
-    if cfg.attention == "mla":
-        return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * workload.kv_bytes
-    kv_heads_local = layout.kv_heads_per_model(cfg) / layout.tensor
-    return 2 * cfg.head_dim * kv_heads_local * workload.kv_bytes
+    """KV-cache bytes one device stores per cached token per layer: `ModelConfig.kv_bytes_per_token` over the
+    layers; GQA split over `tensor` by kv heads (replicated up to TP when fewer), MLA's latent replicated."""
+    per_layer = cfg.kv_bytes_per_token(workload.kv_bytes) / cfg.num_layers
+    if cfg.attention == "mla":  # one latent for all heads: every TP rank holds it whole
+        return per_layer
+    return per_layer * layout.kv_heads_per_model(cfg) / cfg.num_kv_heads / layout.tensor
 
 
-def cached_positions(cfg: ModelConfig, context: float) -> float:
-    """Positions a request of `context` tokens keeps in cache (capped by a sliding window)."""
-    return min(context, cfg.sliding_window) if cfg.sliding_window else context
+def windowed_layers(cfg: ModelConfig, layers: range) -> int:
+    """How many of `layers` attend over a sliding window (`ModelConfig.window_of`)."""
+    return _windowed_layers(cfg, layers) if cfg.sliding_window else 0  # the sweep's hot path: no hashing
+
+
+@functools.lru_cache(maxsize=1024)
+def _windowed_layers(cfg: ModelConfig, layers: range) -> int:
+    return sum(cfg.window_of(i) is not None for i in layers)
+
+
+def cached_positions(cfg: ModelConfig, context: float, layers: range | None = None) -> float:
+    """Mean positions per layer of `layers` (default: every layer) that a request of `context` tokens keeps in
+    cache: a windowed layer at most `sliding_window`, the others all `context`."""
+    if not cfg.sliding_window:
+        return context
+    layers = range(cfg.num_layers) if layers is None else layers
+    windowed = windowed_layers(cfg, layers)
+    return context + windowed * (min(context, cfg.sliding_window) - context) / len(layers)
 
 
 def stage_kv_bytes(cfg: ModelConfig, layout: Layout, workload: Workload, options: Options,
                    batch: int, stage: StageShape) -> float:
     """KV-cache bytes one device of `stage` holds for `batch` requests per replica at full context."""
     requests = math.ceil(batch / PlanLayout.of(layout, options.expert_mode).attention_data)  # busiest group's
-    positions = cached_positions(cfg, workload.max_context)
+    positions = cached_positions(cfg, workload.max_context, stage.layer_ids)
     return requests * positions * stage.layers * kv_bytes_per_token_layer(cfg, layout, workload)
 
 
@@ -177,9 +230,9 @@ def workspace_bytes(cfg: ModelConfig, layout: Layout, workload: Workload, option
     """Activation workspace of one device: the largest layer's live activations at a full step.
 
     A step carries one microbatch group's decode tokens plus a full prefill chunk, per attention group. Live at
-    once: the residual stream and attention projections (2 D + 3 N H / TP per token), the routed tokens' expert
-    activations (X / EP of the replica's tokens, D + 2 F / MTP each, plus D each as dispatch buffers),
-    and fp32 logits for the decode tokens (V / TP each).
+    once: the residual stream and attention projections (2 D + N (2 Hqk + Hv) / TP per token, 2 D + 3 N H for
+    GQA), the routed tokens' expert activations (X / EP of the replica's tokens, D + 2 F / MTP each, plus D each
+    as dispatch buffers), and fp32 logits for the decode tokens (V / TP each).
     """
     plan = PlanLayout.of(layout, options.expert_mode)
     groups, sized = plan.attention_data, stored_config(cfg, plan)
@@ -187,7 +240,7 @@ def workspace_bytes(cfg: ModelConfig, layout: Layout, workload: Workload, option
     tokens_group = batch / groups / m + chunk
     tokens_replica = tokens_group * groups
     t, d, ab = plan.tensor, cfg.hidden_size, workload.act_bytes
-    attn = tokens_group * (2 * d + 3 * cfg.num_heads * cfg.head_dim / t)
+    attn = tokens_group * (2 * d + cfg.num_heads * (2 * cfg.qk_head_dim + cfg.value_head_dim) / t)
     ffn_width = max(sized.moe_intermediate_size, sized.dense_intermediate_size, sized.shared_expert_intermediate_size)
     routed = tokens_replica * cfg.num_experts_per_tok / plan.expert * (2 * d + 2 * ffn_width / plan.moe_tensor)
     logits = batch / groups / m * sized.vocab_size / t * 4.0
@@ -242,15 +295,13 @@ def memory_fit(cfg: ModelConfig, layout: Layout, hw, workload: Workload, options
         chunk: prefill tokens per step per attention group.
     """
     layout = PlanLayout.of(layout, options.expert_mode)
-    per_stage = [(stage_weight_bytes(cfg, layout, workload, s), stage_kv_bytes(cfg, layout, workload, options,
-                                                                               batch, s))
-                 for s in stages(cfg, layout)]
-    weights, kv = max(per_stage, key=lambda wk: wk[0] + wk[1])
+    weights = stage_weight_bytes(cfg, layout, workload, stored_stage(cfg, layout))  # the same on every stage
+    kv = max(stage_kv_bytes(cfg, layout, workload, options, batch, s) for s in stages(cfg, layout))
     return MemoryFit(weights=weights, kv_cache=kv,
                      workspace=workspace_bytes(cfg, layout, workload, options, batch, chunk),
                      reserved=hw.reserved_memory_bytes, capacity=hw.memory_bytes)
 
 
 def weights_per_device(cfg: ModelConfig, layout: Layout, workload: Workload) -> float:
-    """Weight bytes on the heaviest device."""
-    return max(stage_weight_bytes(cfg, layout, workload, s) for s in stages(cfg, layout))
+    """Weight bytes on each device: the stored layers of a stage (`stored_stage`)."""
+    return stage_weight_bytes(cfg, layout, workload, stored_stage(cfg, layout))

@@ -3,8 +3,8 @@
 Every layout whose factors multiply to N is generated (`Layout.enumerate(n)`), then each rule below either
 accepts it or names the numbers that break it. The rules start from the runtime's own check,
 `moejax.mesh.Layout.problems` (what `Layout.validate` raises), called rather than restated, so with default
-`Rules()` the accepted set is exactly the layouts the runtime builds: the vocabulary and the expert and
-shared-expert widths need not divide anything, since the runtime pads them (`moejax.model.transformer.Geometry`;
+`Rules()` the accepted set is exactly the layouts the runtime builds: the vocabulary and the expert, shared-expert
+and dense FFN widths need not divide anything, since the runtime pads them (`moejax.model.transformer.Geometry`;
 the planner counts bytes and FLOPs on the padded sizes, `moejax.planner.memory.stored_config`). Flags only
 tighten, with deployment knowledge (no KV-head replication, tensor or expert groups inside one NVLink domain, a
 minimum of layers per stage). `split_moe` adds the layouts whose MoE tensor factor differs from the attention one
@@ -48,8 +48,7 @@ class Rules:
             "TP divides the attention heads",
             ("TP divides the KV heads, or the KV heads divide TP (KV heads replicated)" if self.allow_kv_replication
              else "TP divides the KV heads (no KV-head replication)"),
-            "TP divides the dense FFN width",
-            "vocabulary and routed-expert width padded to a multiple of TP, shared-expert width to TP x EP",
+            "vocabulary, routed-expert and dense FFN widths padded to a multiple of TP, shared-expert width to TP x EP",
             "EP divides the number of routed experts",
             f"PP <= layers / {self.min_layers_per_stage} (at least {self.min_layers_per_stage} layer(s) per stage)",
         ]

@@ -54,7 +54,7 @@ from moejax.mesh import Layout
 from moejax.planner.cost import Load, device_features, op_times, sat, send_features, stage_features
 from moejax.planner.hardware import Hardware
 from moejax.planner.layout import PlanLayout
-from moejax.planner.memory import memory_fit, microbatches, stages
+from moejax.planner.memory import memory_fit, microbatches, stages, windowed_layers
 from moejax.planner.workload import Options, Workload
 
 STAGE_SLOTS = 8  # distinct stage shapes costed per configuration (first, last, larger and smaller middles, ...)
@@ -152,7 +152,8 @@ def features(cfg: ModelConfig, layout: PlanLayout | Layout | str, hw: Hardware, 
     if cfg.num_experts % lay.expert:
         raise ValueError(f"expert ({lay.expert}) must divide num_experts ({cfg.num_experts}) to be costed")
     state, f, mixed, decode, m = round_loads(cfg, lay, workload, options, batch, chunk)
-    shapes = list({(s.moe_layers, s.dense_layers, s.first, s.last): s for s in stages(cfg, lay)}.values())
+    shapes = list({(s.moe_layers, s.dense_layers, s.first, s.last, windowed_layers(cfg, s.layer_ids)): s
+                   for s in stages(cfg, lay)}.values())
     if len(shapes) > STAGE_SLOTS:
         raise ValueError(f"more than {STAGE_SLOTS} distinct stage shapes")
     rows = [[stage_features(cfg, lay, hw, workload, options, s, load) | {"valid": 1.0} for s in shapes]

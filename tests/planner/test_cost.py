@@ -1,7 +1,9 @@
 """Cost-model formulas against hand-computed cases and the worked decode example of "How to Scale Your Model"."""
 
+import itertools
 import math
 
+import numpy as np
 import pytest
 
 from moejax.config import load_model_config
@@ -10,6 +12,7 @@ from moejax.planner.cost import (
     Load,
     allreduce_time,
     expert_fanout,
+    expert_fanout_bound,
     layer_flops_per_token,
     stage_comm_time,
     stage_cost,
@@ -44,6 +47,80 @@ def test_expert_fanout_by_hand():
     assert expert_fanout(16, 2, 1) == pytest.approx(1.0)
     assert expert_fanout(16, 2, 16) == pytest.approx(2.0)  # one expert per rank: k distinct ranks
     assert expert_fanout(256, 8, 64) == pytest.approx(64 * (1 - math.comb(252, 8) / math.comb(256, 8)))
+
+
+def _fanout_by_enumeration(e, k, ep, groups, topk_group):
+    """(mean, most) distinct ranks over every choice of groups and of k experts among theirs: the uniform
+    group-limited model, counted. Rank r holds experts [r e/ep, (r+1) e/ep), group g [g e/groups, ...)."""
+    per_group, per_rank = e // groups, e // ep
+    ranks = []
+    for chosen in itertools.combinations(range(groups), topk_group):
+        pool = [x for g in chosen for x in range(g * per_group, (g + 1) * per_group)]
+        ranks += [len({x // per_rank for x in experts}) for experts in itertools.combinations(pool, k)]
+    return sum(ranks) / len(ranks), max(ranks)
+
+
+@pytest.mark.parametrize("e,k,ep,groups,topk_group,aligned", [
+    (16, 2, 8, 1, 1, True),  # no groups: the plain formula
+    (16, 3, 4, 4, 2, True),  # a group per rank
+    (16, 3, 2, 8, 3, True),  # four groups per rank
+    (16, 3, 8, 4, 2, True),  # a group over two ranks
+    (24, 3, 3, 4, 2, False),  # groups of 6 across ranks of 8
+    (24, 4, 6, 4, 3, False),  # groups of 6 across ranks of 4
+])
+def test_grouped_fanout_equals_the_enumerated_mean(e, k, ep, groups, topk_group, aligned):
+    mean, most = _fanout_by_enumeration(e, k, ep, groups, topk_group)
+    assert expert_fanout(e, k, ep, groups, topk_group) == pytest.approx(mean, rel=1e-12)
+    bound = expert_fanout_bound(e, k, ep, groups, topk_group)
+    assert most == bound if aligned else most <= bound  # groups and ranks nested: the bound is reached
+
+
+def test_deepseek_v3_group_limit_bounds_the_fanout():
+    """256 experts in 8 groups, 4 groups per token, top-8, EP8: each group is one rank, so a token reaches at
+    most 4 ranks; in expectation 4 (1 - C(96, 8) / C(128, 8)) = 3.63 of them, against 5.29 without groups."""
+    cfg = load_model_config("deepseek-v3")
+    args = (cfg.num_experts, cfg.num_experts_per_tok, 8, cfg.n_group, cfg.topk_group)
+    assert expert_fanout_bound(*args) == 4 and expert_fanout_bound(256, 8, 8) == 8
+    grouped = expert_fanout(*args)
+    assert grouped == pytest.approx(4 * (1 - math.comb(96, 8) / math.comb(128, 8)))
+    assert grouped == pytest.approx(3.63, abs=0.01) and expert_fanout(256, 8, 8) == pytest.approx(5.29, abs=0.01)
+    assert expert_fanout_bound(256, 8, 16, 8, 4) == 8  # a group over two ranks: the top-8 is the limit
+    assert expert_fanout(256, 8, 16, 8, 4) < expert_fanout(256, 8, 16)
+    assert expert_fanout(256, 8, 1, 8, 4) == pytest.approx(1.0)
+
+
+def _deepseek_routing(scores_TE, n_group, topk_group, k):
+    """DeepSeek-V3's group-limited top-k, naively: groups ranked by the sum of their two best scores, the best
+    topk_group kept, the top-k experts among theirs."""
+    t, e = scores_TE.shape
+    top2_TG = np.sort(scores_TE.reshape(t, n_group, e // n_group), axis=-1)[..., -2:].sum(-1)
+    keep_TG = np.zeros((t, n_group), bool)
+    np.put_along_axis(keep_TG, np.argsort(-top2_TG, axis=-1)[:, :topk_group], True, axis=1)
+    masked_TE = np.where(np.repeat(keep_TG, e // n_group, axis=1), scores_TE, -np.inf)
+    return np.argsort(-masked_TE, axis=-1)[:, :k]
+
+
+@pytest.mark.parametrize("ep", [8, 16, 64])
+def test_grouped_fanout_against_the_router_on_random_scores(ep):
+    """The uniform model (groups, then experts among theirs, uniformly) against DeepSeek-V3's router on i.i.d.
+    random scores: the router spreads a token's experts over its chosen groups a little more (a chosen group has
+    high top-2 scores), so the model is low, by less than 10% (3.63 against 3.95 at EP8), and under the bound."""
+    experts_TX = _deepseek_routing(np.random.default_rng(0).random((20_000, 256)), 8, 4, 8)
+    ranks_TX = np.sort(experts_TX // (256 // ep), axis=-1)
+    measured = float(np.mean(1 + np.sum(np.diff(ranks_TX, axis=-1) != 0, axis=-1)))
+    model = expert_fanout(256, 8, ep, 8, 4)
+    assert model < measured < 1.1 * model and measured <= expert_fanout_bound(256, 8, ep, 8, 4)
+
+
+def test_all_to_all_volume_uses_the_group_limited_fanout():
+    cfg, hw = load_model_config("deepseek-v3"), _ideal(load_hardware("h200"))
+    lay, load = Layout(expert=8), Load(decode=64, group_decode=8)
+    stage = stages(cfg, lay)[0]
+    volume, _ = stage_comm_time(cfg, lay, hw, Workload(), Options(), stage, load)
+    token = 7168 * 2  # bf16 activations; TP1: no all-reduce, only dispatch and combine
+    assert volume == pytest.approx(58 * 2 * 8 * token * expert_fanout(256, 8, 8, 8, 4) * 7 / 8)
+    ungrouped, _ = stage_comm_time(cfg.replace(n_group=1, topk_group=1), lay, hw, Workload(), Options(), stage, load)
+    assert volume / ungrouped == pytest.approx(expert_fanout(256, 8, 8, 8, 4) / expert_fanout(256, 8, 8))
 
 
 # Ideal curves: every fraction 1, every half-saturation size, latency and skew 0 (the plain roofline).
@@ -97,6 +174,37 @@ def test_shared_expert_flops_split_like_its_weights():
     shared = 32 * 16 * 2 * 3 * 4096 * 1000  # layers x tokens x 2 x params
     assert data["gemm_flops"] - rep["gemm_flops"] == pytest.approx(shared / 2 - shared / 8)
     assert data["gemm_bytes"] - rep["gemm_bytes"] == pytest.approx(32 * 3 * 4096 * 1000 * 2 * (1 / 2 - 1 / 8))
+
+
+def test_mla_down_projections_are_replicated_over_tensor():
+    """DeepSeek-V3 at TP8: q_a (D x 1536) and kv_a (D x 576) belong to no head, so every TP rank computes and
+    reads them whole; the rest of attention, the dense FFNs and the shared expert split 8 ways."""
+    cfg, hw, w = load_model_config("deepseek-v3"), load_hardware("h200"), Workload(precision="bf16")
+    lay, load = Layout(tensor=8), Load(decode=8, group_decode=8, decode_context=100)
+    stage = stages(cfg, lay)[0]
+    f = stage_features(cfg, lay, hw, w, Options(), stage, load)
+    pc = param_counts(cfg)
+    latent = 7168 * (1536 + 512 + 64)
+    assert pc.attention_latent == latent
+    flops = 8 * 2 * (61 * ((pc.attention - latent) / 8 + latent) + (3 * pc.dense_ffn + 58 * pc.shared) / 8
+                     + 58 * pc.router)
+    assert f["gemm_flops"] == pytest.approx(flops)
+    weights = 61 * ((pc.attention - latent) / 8 + latent) + (3 * pc.dense_ffn + 58 * pc.shared) / 8
+    assert f["gemm_bytes"] == pytest.approx(weights * 2 + 58 * pc.router * 2)
+
+
+def test_dense_ffn_all_reduce_follows_the_expert_mode():
+    """GLM-4.5-Air TP2EP4: its dense first layer all-reduces over tensor with attention data-parallel, over the
+    whole group of 8 with attention replicated (the MoE blocks too, there)."""
+    cfg, hw = load_model_config("glm-4.5-air"), _ideal(load_hardware("h200"))
+    lay, stage, token = Layout(tensor=2, expert=4), stages(cfg, Layout())[0], 4096 * 2
+    rep = Load(decode=16, group_decode=16)
+    volume, _ = stage_comm_time(cfg, lay, hw, Workload(), Options(expert_mode="replicated_attention"), stage, rep)
+    assert volume == pytest.approx(46 * 2 * 1 / 2 * 16 * token + (45 + 1) * 2 * 7 / 8 * 16 * token)
+    data = Load(decode=16, group_decode=4)
+    volume, _ = stage_comm_time(cfg, lay, hw, Workload(), Options(), stage, data)
+    a2a = 2 * 45 * 4 * token * expert_fanout(128, 8, 4) * 3 / 4
+    assert volume == pytest.approx((46 + 1 + 45) * 2 * 1 / 2 * 4 * token + a2a)
 
 
 def test_allreduce_ring_formula():

@@ -2,9 +2,10 @@
 
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from moejax.config import ModelConfig, load_model_config
-from moejax.fit import weight_bytes
+from moejax.fit import sharded_bytes
 from moejax.mesh import Layout, make_mesh
 from moejax.model.transformer import Geometry
 from moejax.planner.hardware import load_hardware
@@ -20,6 +21,7 @@ from moejax.planner.memory import (
     weights_per_device,
 )
 from moejax.planner.workload import Options, Workload
+from moejax.sharding import Parallelism
 from moejax.weights import abstract_model
 
 # Sizes no TP > 1 divides: vocabulary 131, expert width 30, shared-expert width 36; 2 KV heads (replicated at TP4+).
@@ -122,17 +124,55 @@ def test_stored_sizes_are_the_runtime_geometry(layout):
     assert sized.shared_expert_intermediate_size % (t * e) == 0 and sized.vocab_size - ODD.vocab_size < t
 
 
-@pytest.mark.parametrize("layout", ["DP1", "TP2", "TP4", "TP8", "TP2PP2", "TP4EP2", "EP8", "TP2EP2PP2"])
-def test_weights_per_device_are_the_runtime_s_padded_bytes(layout):
-    """The planner's weight bytes per device == the runtime's abstract model in its shardings (bf16), but the
-    norms, which the planner leaves out (< 0.1% of a real model). With EP > 1 the shared expert's split depends
-    on the expert mode (the next test), so there the model has none."""
+# DeepSeek-shaped: MLA (replicated down-projections), 2 dense leading layers of an odd width, a shared expert,
+# grouped sigmoid routing; 5 layers, so that pipeline stages store padding slots.
+ODD_MLA = ModelConfig(family="deepseek_v3", vocab_size=131, hidden_size=32, num_layers=5, num_heads=8,
+                      num_kv_heads=8, head_dim=8, moe_intermediate_size=30, num_experts=8, num_experts_per_tok=2,
+                      shared_expert_intermediate_size=36, first_dense_layers=2, dense_intermediate_size=50,
+                      attention="mla", kv_lora_rank=12, q_lora_rank=20, qk_rope_head_dim=4, v_head_dim=6,
+                      router="sigmoid", n_group=4, topk_group=2, name="odd-mla")
+
+
+# gpt-oss-shaped (router and expert biases, sinks, q/k/v/o biases, windows on some layers) and GLM-shaped (a dense
+# leading layer, partial rotary, q/k/v biases, ungrouped sigmoid routing) variants of ODD.
+ODD_GPT_OSS = ODD.replace(family="gpt_oss", router="topk_softmax", router_bias=True, expert_activation="swiglu_clamped",
+                          expert_bias=True, attention_sinks=True, qkv_bias=True, o_bias=True, sliding_window=4,
+                          sliding_layers=(0, 2), shared_expert_intermediate_size=0, name="odd-gpt-oss")
+ODD_GLM = ODD.replace(family="glm4_moe", num_layers=4, first_dense_layers=1, dense_intermediate_size=50,
+                      partial_rotary_factor=0.5, qkv_bias=True, router="sigmoid", name="odd-glm")
+
+
+def _runtime_linear_bytes(cfg, lay, expert_mode: str = "dp_attention") -> int:
+    """Bytes per device of the runtime's linear weights (names w*, shared_w*, router, embed, unembed) in their
+    shardings: what the planner counts (norms, biases, sinks and the routing bias left out)."""
+    model = abstract_model(cfg, Parallelism(lay, expert_mode), jnp.bfloat16)
+    linear = [(path, var) for path, var in nnx.to_flat_state(nnx.state(model))
+              if str(path[-1]).startswith(("w", "shared_w")) or path[-1] in ("router", "embed", "unembed")]
+    mesh = make_mesh(lay)
+    return sum(sharded_bytes(var.get_value().shape, var.get_value().dtype,
+                             model.par.named(mesh, var.get_metadata()["out_sharding"])) for _, var in linear)
+
+
+@pytest.mark.parametrize("layout", ["DP1", "TP2", "TP4", "TP8", "TP2PP2", "TP4EP2", "EP8", "TP2EP2PP2", "PP3"])
+@pytest.mark.parametrize("cfg", [ODD, ODD_MLA, ODD_GPT_OSS, ODD_GLM], ids=["gqa", "mla-dense", "gpt-oss", "glm"])
+def test_weights_per_device_are_the_runtime_s_padded_bytes(cfg, layout):
+    """The planner's weight bytes per device == the runtime's abstract model's linear weights in their shardings
+    (bf16), padding and padding slots included. With EP > 1 the shared expert's and dense FFNs' split depends on
+    the expert mode (the next test), so there the model has neither."""
     lay = Layout.parse(layout)
-    cfg = ODD if lay.expert == 1 else ODD.replace(shared_expert_intermediate_size=0)
-    runtime = weight_bytes(abstract_model(cfg, lay, jnp.bfloat16), make_mesh(lay))
-    planner = weights_per_device(cfg, lay, Workload(precision="bf16"))
-    norms = (2 * Geometry.of(cfg, lay).layers_per_stage + 1) * cfg.hidden_size * 2
-    assert planner == runtime - norms
+    if lay.expert > 1:
+        cfg = cfg.replace(shared_expert_intermediate_size=0, first_dense_layers=0)
+    assert weights_per_device(cfg, lay, Workload(precision="bf16")) == _runtime_linear_bytes(cfg, lay)
+
+
+@pytest.mark.parametrize("layout", ["EP8", "TP2EP2", "TP2EP2PP2", "EP4PP2"])
+@pytest.mark.parametrize("mode", ["dp_attention", "replicated_attention"])
+def test_shared_expert_and_dense_ffn_bytes_follow_the_expert_mode(layout, mode):
+    """Dense FFN layers and the shared expert split over tensor ('dp_attention') or tensor x expert
+    ('replicated_attention'), padded to TP x EP either way: the planner's bytes == the runtime's."""
+    lay = Layout.parse(layout)
+    planner = weights_per_device(ODD_MLA, PlanLayout.of(lay, mode), Workload(precision="bf16"))
+    assert planner == _runtime_linear_bytes(ODD_MLA, lay, mode)
 
 
 def test_padding_is_counted_by_hand():
