@@ -18,7 +18,8 @@ import yaml
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "glm4_moe", "olmoe", "gpt_oss",
             "gpt_moe")
-RUNTIME_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe", "olmoe", "gpt_oss")
+RUNTIME_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "glm4_moe", "olmoe",
+                    "gpt_oss")
 ROUTERS = ("softmax", "sigmoid", "topk_softmax")  # `moejax.model.router`
 ROPE_TYPES = ("default", "yarn", "linear")  # `moejax.model.rope`
 EXPERT_ACTIVATIONS = ("silu", "swiglu_clamped")  # `moejax.model.moe`
@@ -73,7 +74,7 @@ class ModelConfig:
     # Routing (`moejax.model.router`)
     router: str = "softmax"  # "softmax" (then top-k) | "sigmoid" (grouped, bias-corrected) | "topk_softmax"
     router_bias: bool = False  # gpt-oss: a bias on the router logits
-    n_group: int = 1  # sigmoid router: experts in n_group groups, tokens choose topk_group groups first
+    n_group: int = 1  # experts in n_group groups, tokens choose topk_group groups first (DeepSeek-V2/V3, GLM)
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     # Expert FFN
@@ -323,13 +324,40 @@ def _grouped_routing(hf) -> dict[str, Any]:
                 dense_intermediate_size=hf["intermediate_size"])
 
 
-def _deepseek_v3(hf):
-    rope, nope = hf["qk_rope_head_dim"], hf["qk_nope_head_dim"]
-    return dict(family="deepseek_v3", attention="mla", head_dim=nope, num_kv_heads=hf["num_attention_heads"],
-                kv_lora_rank=hf["kv_lora_rank"], q_lora_rank=hf.get("q_lora_rank") or 0, qk_rope_head_dim=rope,
-                v_head_dim=hf["v_head_dim"], rope_interleave=bool(hf.get("rope_interleave", True)),
+def _mla(hf) -> dict[str, Any]:
+    """DeepSeek's multi-head latent attention (V2 and V3 alike)."""
+    return dict(attention="mla", head_dim=hf["qk_nope_head_dim"], num_kv_heads=hf["num_attention_heads"],
+                kv_lora_rank=hf["kv_lora_rank"], q_lora_rank=hf.get("q_lora_rank") or 0,
+                qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
                 qkv_bias=bool(hf.get("attention_bias")), o_bias=bool(hf.get("attention_bias")),
-                partial_rotary_factor=1.0, **_grouped_routing(hf))
+                partial_rotary_factor=1.0)
+
+
+def _deepseek_v3(hf):
+    return dict(family="deepseek_v3", rope_interleave=bool(hf.get("rope_interleave", True)), **_mla(hf),
+                **_grouped_routing(hf))
+
+
+def _deepseek_v2(hf):
+    """DeepSeek-V2 (and V2-Lite): MLA, softmax scores, top-k over all experts ("greedy") or within the topk_group
+    groups of highest maximum ("group_limited_greedy"), weights not renormalised, times routed_scaling_factor.
+    Its complex-number RoPE rotates adjacent pairs: the interleaved layout (outputs laid out differently from
+    Hugging Face's, identically for q and k, so every q.k is the same)."""
+    method = hf.get("topk_method", "greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ValueError(f"topk_method {method!r} is not supported for deepseek_v2 (greedy, group_limited_greedy)")
+    if hf.get("mlp_bias"):
+        raise ValueError("mlp_bias=True (biases on the dense and shared FFNs) is not supported")
+    if hf.get("moe_layer_freq", 1) != 1:
+        raise ValueError(f"moe_layer_freq={hf['moe_layer_freq']} (MoE every few layers) is not supported (only 1)")
+    grouped = method == "group_limited_greedy"
+    return dict(family="deepseek_v2", rope_interleave=True, **_mla(hf), num_experts=_num_experts(hf),
+                moe_intermediate_size=hf["moe_intermediate_size"], router="softmax", norm_topk_prob=False,
+                n_group=(hf.get("n_group") or 1) if grouped else 1, topk_group=(hf.get("topk_group") or 1) if grouped
+                else 1, routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+                shared_expert_intermediate_size=hf["moe_intermediate_size"] * (hf.get("n_shared_experts") or 0),
+                first_dense_layers=min(hf.get("first_k_dense_replace", 0), hf["num_hidden_layers"]),
+                dense_intermediate_size=hf["intermediate_size"])
 
 
 def _glm4_moe(hf):
@@ -356,10 +384,9 @@ def _gpt_oss(hf):
 
 
 _HF_FAMILIES = {"mixtral": _mixtral, "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe, "deepseek_v3": _deepseek_v3,
-                "glm4_moe": _glm4_moe, "olmoe": _olmoe, "gpt_oss": _gpt_oss}
+                "deepseek_v2": _deepseek_v2, "glm4_moe": _glm4_moe, "olmoe": _olmoe, "gpt_oss": _gpt_oss}
 # MoE model types transformers ships that the runtime does not run, with what each lacks.
 _UNSUPPORTED_TYPES = {
-    "deepseek_v2": "its softmax group-limited routing (topk_method 'group_limited_greedy') is not implemented",
     "qwen3_next": "linear attention layers (gated DeltaNet, with a recurrent state cache) are not supported",
     "qwen3_5_moe": "linear attention layers (gated DeltaNet, with a recurrent state cache) are not supported",
     "llama4_text": "NoPE layers, chunked attention and top-1 sigmoid routing that scales the input are not supported",

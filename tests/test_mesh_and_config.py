@@ -74,7 +74,7 @@ def test_planner_only_models_are_rejected_by_the_runtime():
 
 
 @pytest.mark.parametrize("model_type,lacks", [
-    ("qwen3_next", "linear attention layers"), ("deepseek_v2", "group_limited_greedy"),
+    ("qwen3_next", "linear attention layers"), ("longcat_flash", "zero-compute experts"),
     ("jamba", "Mamba"), ("llama4_text", "NoPE layers")])
 def test_unsupported_families_are_refused_naming_what_they_lack(model_type, lacks):
     with pytest.raises(ValueError, match=f"model_type '{model_type}' is not supported: .*{lacks}"):

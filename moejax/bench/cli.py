@@ -137,6 +137,7 @@ _MODULES = {
     "gemm": ("moejax.bench.gemm", "the few-row matmul roofline of this host"),
     "native": ("moejax.bench.native_vs_xla", "each native CPU kernel against its pure-XLA fallback"),
     "compile": ("moejax.bench.compile", "time to place and warm up a model per layout, and its program size"),
+    "kv": ("moejax.bench.kv_bytes", "KV cache bytes per token: the runtime's pools, the planner's, a GQA cache's"),
     "gpu": ("moejax.bench.gpu", "the first GPU's figures: decode bandwidth, prefill MFU, a sweep, a calibration"),
 }
 

@@ -1,7 +1,8 @@
 """Routers: which experts each token uses, and with what weight. One function per kind (`ModelConfig.router`):
 
-- "softmax" (Mixtral, Qwen, OLMoE): softmax over all experts, then the top-k, renormalised over the k when
-  `norm_topk_prob`.
+- "softmax" (Mixtral, Qwen, OLMoE, DeepSeek-V2): softmax over all experts, then the top-k (DeepSeek-V2's
+  group_limited_greedy: within the `topk_group` groups of highest maximum score), renormalised over the k when
+  `norm_topk_prob`, times `routed_scaling_factor`.
 - "sigmoid" (DeepSeek-V3, GLM-4.5): sigmoid scores; a per-expert correction bias (`score_bias`, a buffer learnt
   for load balance) is added for choosing only; experts sit in `n_group` groups, a group scores the sum of its
   two best, the `topk_group` best groups are kept and the top-k is taken inside them; the weights are the
@@ -28,23 +29,36 @@ def route(cfg: ModelConfig, x_MD, router_DE, bias_E=None, score_bias_E=None):
 
 
 def _softmax(cfg: ModelConfig, logits_ME, _):
-    weights_MX, experts_MX = jax.lax.top_k(jax.nn.softmax(logits_ME, axis=-1), cfg.num_experts_per_tok)
+    probs_ME = jax.nn.softmax(logits_ME, axis=-1)
+    if cfg.n_group > 1:  # a group scores its best expert
+        probs_ME = _keep_groups(probs_ME, jnp.max(_grouped(cfg, probs_ME), axis=-1), cfg, 0.0)
+    weights_MX, experts_MX = jax.lax.top_k(probs_ME, cfg.num_experts_per_tok)
     if cfg.norm_topk_prob:
         weights_MX = weights_MX / jnp.sum(weights_MX, axis=-1, keepdims=True)
+    if cfg.routed_scaling_factor != 1.0:
+        weights_MX = weights_MX * cfg.routed_scaling_factor
     return weights_MX, experts_MX.astype(jnp.int32)
 
 
+def _grouped(cfg: ModelConfig, x_ME):
+    M, E = x_ME.shape
+    return x_ME.reshape(M, cfg.n_group, E // cfg.n_group)
+
+
+def _keep_groups(x_ME, group_MG, cfg: ModelConfig, fill: float):
+    """x with every expert outside the `topk_group` best groups (by `group_MG`) set to `fill`."""
+    M, G = group_MG.shape
+    _, keep_MK = jax.lax.top_k(group_MG, cfg.topk_group)
+    kept_MG = jnp.zeros((M, G), bool).at[jnp.arange(M)[:, None], keep_MK].set(True)
+    return jnp.where(kept_MG[:, :, None], _grouped(cfg, x_ME), fill).reshape(x_ME.shape)
+
+
 def _sigmoid(cfg: ModelConfig, logits_ME, score_bias_E):
-    M, E = logits_ME.shape
     scores_ME = jax.nn.sigmoid(logits_ME)
     choice_ME = scores_ME + score_bias_E.astype(jnp.float32)
-    if cfg.n_group > 1:
-        G = cfg.n_group
-        grouped = choice_ME.reshape(M, G, E // G)
-        group_MG = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
-        _, keep_MK = jax.lax.top_k(group_MG, cfg.topk_group)
-        kept_MG = jnp.zeros((M, G), bool).at[jnp.arange(M)[:, None], keep_MK].set(True)
-        choice_ME = jnp.where(kept_MG[:, :, None], grouped, -jnp.inf).reshape(M, E)
+    if cfg.n_group > 1:  # a group scores the sum of its two best
+        group_MG = jnp.sum(jax.lax.top_k(_grouped(cfg, choice_ME), 2)[0], axis=-1)
+        choice_ME = _keep_groups(choice_ME, group_MG, cfg, -jnp.inf)
     _, experts_MX = jax.lax.top_k(choice_ME, cfg.num_experts_per_tok)
     weights_MX = jnp.take_along_axis(scores_ME, experts_MX, axis=-1)
     if cfg.norm_topk_prob:

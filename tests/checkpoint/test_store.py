@@ -274,7 +274,7 @@ CASES = {
                                               r"\['window'\]"),
     "config-missing-key": (_moejax(lambda m: m["config"].pop("hidden_size")),
                            r"model config does not match this moejax: .*hidden_size"),
-    "config-planner-only": (_config(family="deepseek_v2"), r"model config does not match this moejax: .*planner-only"),
+    "config-planner-only": (_config(family="gpt_moe"), r"model config does not match this moejax: .*planner-only"),
     "stored-dtype-unknown": (_moejax(lambda m: m.update(dtype="int4")), r"stored dtype 'int4' is not one of"),
     # tensors vs config
     "config-more-layers": (_config(num_layers=4), MISMATCH + r".*attn\.wq: expected shape \(4, 48, 8, 16\), "

@@ -21,7 +21,8 @@ from moejax.config import ModelConfig
 __all__ = ["FAMILIES", "mtp_layers", "names_for"]
 
 FAMILIES: dict[str, ModuleType] = {"mixtral": mixtral, "qwen2_moe": qwen_moe, "qwen3_moe": qwen_moe,
-                                   "deepseek_v3": deepseek_v3, "glm4_moe": glm4_moe, "olmoe": olmoe,
+                                   "deepseek_v3": deepseek_v3, "deepseek_v2": deepseek_v3, "glm4_moe": glm4_moe,
+                                   "olmoe": olmoe,
                                    "gpt_oss": gpt_oss}
 
 

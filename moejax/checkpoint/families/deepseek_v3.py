@@ -1,5 +1,6 @@
 """DeepSeek-V3 (and R1, V3.1, Kimi K2): multi-head latent attention, dense first layers, sigmoid router with a
-score-correction bias, routed experts and ungated shared experts (`mlp.shared_experts`).
+score-correction bias, routed experts and ungated shared experts (`mlp.shared_experts`). DeepSeek-V2 stores the
+same names (its softmax router has no correction bias, which its config does not declare).
 
 MLA: the query is `q_proj` [N*(nope+rope), D], or with query compression `q_a_proj` [Rq, D] ->
 `q_a_layernorm` -> `q_b_proj` [N*(nope+rope), Rq]; keys and values come from `kv_a_proj_with_mqa`
