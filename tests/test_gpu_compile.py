@@ -215,6 +215,24 @@ def test_qwen3_30b_compiles_for_h100(layout, mode, exchange):
 
 @pytest.mark.gpu_compile
 @needs_plugin
+@pytest.mark.parametrize(("model", "layout", "mode"), [
+    ("deepseek-count-tiny", "DP2TP2EP2", "dp_attention"),  # MLA (latent pool), grouped routing, dense + MoE stacks
+    ("deepseek-count-tiny", "TP2EP2PP2", "replicated_attention"),
+    ("gpt-oss-20b", "EP8", "dp_attention"),  # sinks, sliding layers, biased clamped experts (the "loop" strategy)
+], ids=["deepseek-dp", "deepseek-pp-replicated", "gpt-oss-ep8"])
+def test_new_families_compile_for_h100(model, layout, mode):
+    """The new attention kinds and experts compile for a GPU with no CPU kernel (MLA and sinks run XLA's paged
+    attention there; gpt-oss's experts the loop strategy)."""
+    cfg = moejax.load_model_config(model)
+    small = gpu_target.Shapes(batch=8, context=256, chunk=64)
+    for res in gpu_target.compile_layout(cfg, layout, "h100-sxm", small, ("prefill", "engine"), expert_mode=mode):
+        assert res.ok, f"{res.phase}: {res.error}"
+        assert gpu_target.cpu_kernels(res) == [], res.custom_calls
+        assert res.total_bytes <= H100_BYTES, (res.phase, res.total_bytes)
+
+
+@pytest.mark.gpu_compile
+@needs_plugin
 def test_a_float32_program_compiles_for_gpu_only_with_the_mesh_s_platform(monkeypatch):
     """float32 is where the CPU kernels are chosen: with the choice made from the mesh the GPU program has none;
     made from this (CPU) process instead, as before, XLA refuses the program for CUDA."""
