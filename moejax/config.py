@@ -52,7 +52,7 @@ class ModelConfig:
     qk_norm_scope: str = "head"  # "head" | "all" (OLMoE: one norm over the N x H / K x H projection)
     qkv_bias: bool = False  # GQA: q/k/v biases; MLA: q_a / kv_a biases (attention_bias)
     o_bias: bool = False
-    clip_qkv: float | None = None  # OLMoE: q, k, v clamped to [-clip, clip] after projection
+    clip_qkv: float | None = None  # OLMoE: q, k, v clamped to [-clip, clip] (q and k after their norms)
     attention_sinks: bool = False  # gpt-oss: a learned logit per head joins each softmax
     rope_theta: float = 10000.0
     rope_type: str = "default"  # "default" | "yarn" | "linear" (Hugging Face's rope_parameters)

@@ -27,9 +27,10 @@ def _build(path, **overrides):
 
 
 @pytest.mark.parametrize("overrides,layout", [
-    (dict(topk_method="greedy"), "TP2EP2"),
+    pytest.param(dict(topk_method="greedy"), "TP2EP2", marks=pytest.mark.slow),
     (dict(topk_method="group_limited_greedy", n_group=4, topk_group=2), "DP2EP2PP2"),
-    (dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, q_lora_rank=None), "EP4"),
+    pytest.param(dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, q_lora_rank=None), "EP4",
+                 marks=pytest.mark.slow),
 ], ids=["greedy", "group-limited", "no-q-lora"])
 def test_logits_and_greedy_tokens_match_transformers(tmp_path, overrides, layout):
     ref = _build(tmp_path, **overrides)

@@ -95,14 +95,14 @@ class Attention(nnx.Module):
             if cfg.qkv_bias:
                 q_BTNH, k_BTKH, v_BTKH = (q_BTNH + local(self.bq), k_BTKH + local(self.bk),
                                           v_BTKH + local(self.bv))
-            if cfg.clip_qkv is not None:
-                q_BTNH, k_BTKH, v_BTKH = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q_BTNH, k_BTKH, v_BTKH))
             if cfg.qk_norm and cfg.qk_norm_scope == "head":
                 q_BTNH = rms_norm(q_BTNH, local(self.q_norm), cfg.rms_norm_eps)
                 k_BTKH = rms_norm(k_BTKH, local(self.k_norm), cfg.rms_norm_eps)
             elif cfg.qk_norm:
                 q_BTNH = self._norm_all(q_BTNH, local(self.q_norm), "heads")
                 k_BTKH = self._norm_all(k_BTKH, local(self.k_norm), "kv_heads")
+            if cfg.clip_qkv is not None:  # after the q/k norms, as transformers' OLMoE does (elementwise: any split)
+                q_BTNH, k_BTKH, v_BTKH = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q_BTNH, k_BTKH, v_BTKH))
             q_BTNH, k_BTKH = rope_.apply(q_BTNH, *tables), rope_.apply(k_BTKH, *tables)
         scale = cfg.head_dim ** -0.5
         sinks_N = local(self.sinks) if cfg.attention_sinks else None

@@ -1,0 +1,121 @@
+"""Serving-engine invariants for DeepSeek-V3, GLM-4.5, OLMoE and gpt-oss, each on one multi-device layout, float32.
+
+A request's greedy tokens are the same served alone (and equal to Hugging Face's `generate`) as among others, with a
+small prefill chunk, and with a KV pool small enough that requests are preempted and recomputed. The layouts:
+DeepSeek-V3 DP2EP2 dp_attention (the MLA latent pool's pages split over data x expert), GLM-4.5 TP2EP2
+replicated_attention, OLMoE DP2TP2EP2 dp_attention (q/k norms over heads split by tensor), gpt-oss TP2PP2
+(pipelined microbatches; attention sinks and sliding windows on the paged path).
+
+Engines have 32 pages of 4 tokens per data group (tests/engine/conftest.py); the preemption test's have 16 (a request
+needs up to 15), so two running requests of a group can collide.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moejax import Engine, SamplingParams
+from tests import hf_models
+from tests.engine.conftest import PAGE_SIZE, base_config
+from tests.engine.test_engine import VOCAB, _assert_idle, _drain, _random_requests
+
+CASES = [("deepseek_v3", "DP2EP2", "dp_attention"), ("glm4_moe", "TP2EP2", "replicated_attention"),
+         ("olmoe", "DP2TP2EP2", "dp_attention"), ("gpt_oss", "TP2PP2", "dp_attention")]
+SMALL_POOL = 16  # pages per data group
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{lay}" for f, lay, _ in CASES])
+def family_model(request, hf_checkpoints):
+    import moejax
+
+    family, layout, mode = request.param
+    path, torch_model = hf_checkpoints[family]
+    model = moejax.load(path, layout=layout, expert_mode=mode)
+    model.torch_reference = torch_model
+    return model
+
+
+@pytest.fixture(scope="module")
+def engine_of():
+    """(model, **config overrides) -> a warm Engine, reused across tests (they leave it idle)."""
+    cache = {}
+
+    def get(model, **overrides):
+        key = (id(model), tuple(sorted(overrides.items())))
+        if key not in cache:
+            engine = Engine(model, base_config(model, **overrides))
+            engine.warmup()
+            cache[key] = (model, engine)  # the model kept alive with its key
+        engine = cache[key][1]
+        assert not engine.has_unfinished()
+        return engine
+
+    yield get
+    cache.clear()
+
+
+@pytest.fixture(scope="module")
+def alone():
+    """(engine, prompt, params) -> the request's tokens when it runs alone in the engine (memoised per model)."""
+    memo = {}
+
+    def run(engine, prompt, params):
+        key = (id(engine.model), tuple(prompt), params)
+        if key not in memo:
+            assert not engine.has_unfinished()
+            memo[key] = (engine.model, engine.generate([list(prompt)], params)[0])
+        return memo[key][1]
+
+    yield run
+    memo.clear()
+
+
+def test_request_joining_busy_engine_matches_alone(family_model, engine_of, alone):
+    engine = engine_of(family_model)
+    rng = np.random.default_rng(31)
+    needle_prompt, needle_params = rng.integers(0, VOCAB, 23).tolist(), SamplingParams(max_new_tokens=12)
+    expected = alone(engine, needle_prompt, needle_params)
+    assert expected == hf_models.hf_greedy(family_model.torch_reference, needle_prompt, 12)
+    others = _random_requests(rng, 10, sampled_fraction=0.25)
+    mixed_before = engine.stats.mixed_steps
+    ids = [engine.add_request(p, sp) for p, sp in others]
+    for _ in range(int(rng.integers(3, 7))):
+        engine.step()
+    assert engine.scheduler.num_running > 1  # it really joins a busy engine
+    if engine.pipelined:
+        assert engine.microbatches > 1 and min(engine.occupancy()) > 0
+    needle = engine.add_request(needle_prompt, needle_params)
+    _drain(engine)
+    assert engine.requests[needle].output_ids == expected
+    assert engine.stats.mixed_steps > mixed_before  # prefill chunks and decodes ran in the same steps
+    for rid, (p, sp) in zip(ids, others, strict=True):
+        assert engine.requests[rid].output_ids == alone(engine, p, sp), rid
+    _assert_idle(engine)
+
+
+def test_small_prefill_chunks_give_identical_tokens(family_model, engine_of, alone):
+    # Chunks of 7 with pages of 4: chunk boundaries (7, 14, 21, 28) fall inside pages (and, for gpt-oss, inside
+    # its window of 8); the reference runs chunks of 16.
+    rng = np.random.default_rng(32)
+    prompts = [rng.integers(0, VOCAB, 30).tolist(), rng.integers(0, VOCAB, 13).tolist()]
+    params = SamplingParams(max_new_tokens=10)
+    reference = [alone(engine_of(family_model), p, params) for p in prompts]
+    assert engine_of(family_model, chunk_size=7).generate(prompts, params) == reference
+
+
+def test_preempted_requests_give_identical_tokens(family_model, engine_of, alone):
+    engine = engine_of(family_model, num_pages=SMALL_POOL)
+    rng = np.random.default_rng(33)
+    reqs = _random_requests(rng, 6 * engine.groups, max_prompt=40, max_new=(14, 20), sampled_fraction=0.25)
+    demand = sum(-(-(len(p) + sp.max_new_tokens) // PAGE_SIZE) for p, sp in reqs)
+    assert demand >= 2 * engine.config.num_pages * engine.groups
+    before = engine.stats.preemptions
+    ids = [engine.add_request(p, sp) for p, sp in reqs]
+    _drain(engine)
+    assert engine.stats.preemptions > before
+    for rid, (p, sp) in zip(ids, reqs, strict=True):
+        req = engine.requests[rid]
+        assert req.finished and req.finish_reason == "length"
+        assert req.output_ids == alone(engine, p, sp), rid
+    _assert_idle(engine)
