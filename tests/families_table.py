@@ -45,8 +45,8 @@ def main() -> int:
             diff = float(np.abs(model.forward(ids) - hf_models.hf_logits(ref, ids)).max())
             prompts = [ids[0, :9].tolist(), ids[1, :3].tolist()]
             equal = model.generate(prompts, max_new_tokens=16) == [hf_models.hf_greedy(ref, p, 16) for p in prompts]
-            rows.append((f"deepseek_v2 ({overrides['topk_method']}{', no q lora' if 'q_lora_rank' in overrides else ''})",
-                         layout, "dp_attention" if "EP" in layout else "-", diff, equal))
+            name = f"deepseek_v2 ({overrides['topk_method']}{', no q lora' if 'q_lora_rank' in overrides else ''})"
+            rows.append((name, layout, "dp_attention" if "EP" in layout else "-", diff, equal))
     print("| checkpoint | layout | expert mode | max logit diff | 16 greedy tokens equal |")
     print("|---|---|---|---:|---|")
     for name, layout, mode, diff, equal in rows:

@@ -60,7 +60,7 @@ def alone():
         key = (id(engine.model), tuple(prompt), params)
         if key not in memo:
             assert not engine.has_unfinished()
-            memo[key] = engine.generate([list(prompt)], params)[0]
-        return memo[key]
+            memo[key] = (engine.model, engine.generate([list(prompt)], params)[0])  # the model kept: its id stays its
+        return memo[key][1]
 
     return run

@@ -44,15 +44,15 @@ def _assert_idle(engine):
     assert engine.allocator.total_free == engine.config.num_pages * engine.groups
 
 
-def test_request_joining_busy_engine_matches_alone(engine_model, engines, alone):
-    engine = engines(engine_model)
-    rng = np.random.default_rng(1)
-    needle_prompt, needle_params = rng.integers(0, VOCAB, 23).tolist(), SamplingParams(max_new_tokens=10)
+def check_busy_matches_alone(engine, alone, rng, needle_new: int, others: int, steps: tuple[int, int]):
+    """A request joining a busy engine (`others` requests, a quarter sampled, after `steps` random steps) gets the
+    tokens it gets alone, and so does every other request. Returns (the needle's prompt, its tokens)."""
+    needle_prompt, needle_params = rng.integers(0, VOCAB, 23).tolist(), SamplingParams(max_new_tokens=needle_new)
     expected = alone(engine, needle_prompt, needle_params)
-    others = _random_requests(rng, 16, sampled_fraction=0.25)
+    requests = _random_requests(rng, others, sampled_fraction=0.25)
     mixed_before = engine.stats.mixed_steps
-    ids = [engine.add_request(p, sp) for p, sp in others]
-    for _ in range(int(rng.integers(3, 9))):
+    ids = [engine.add_request(p, sp) for p, sp in requests]
+    for _ in range(int(rng.integers(*steps))):
         engine.step()
     assert engine.scheduler.num_running > 1  # it really joins a busy engine
     if engine.pipelined:  # stage > 1: microbatch groups in flight through the stages at once
@@ -61,9 +61,14 @@ def test_request_joining_busy_engine_matches_alone(engine_model, engines, alone)
     _drain(engine)
     assert engine.requests[needle].output_ids == expected
     assert engine.stats.mixed_steps > mixed_before  # prefill chunks and decodes ran in the same steps
-    for rid, (p, sp) in zip(ids, others, strict=True):
+    for rid, (p, sp) in zip(ids, requests, strict=True):
         assert engine.requests[rid].output_ids == alone(engine, p, sp), rid
     _assert_idle(engine)
+    return needle_prompt, expected
+
+
+def test_request_joining_busy_engine_matches_alone(engine_model, engines, alone):
+    check_busy_matches_alone(engines(engine_model), alone, np.random.default_rng(1), 10, 16, (3, 9))
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 30])

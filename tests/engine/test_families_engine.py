@@ -18,7 +18,7 @@ import pytest
 from moejax import Engine, SamplingParams
 from tests import hf_models
 from tests.engine.conftest import PAGE_SIZE, base_config
-from tests.engine.test_engine import VOCAB, _assert_idle, _drain, _random_requests
+from tests.engine.test_engine import VOCAB, _assert_idle, _drain, _random_requests, check_busy_matches_alone
 
 CASES = [("deepseek_v3", "DP2EP2", "dp_attention"), ("glm4_moe", "TP2EP2", "replicated_attention"),
          ("olmoe", "DP2TP2EP2", "dp_attention"), ("gpt_oss", "TP2PP2", "dp_attention")]
@@ -55,43 +55,9 @@ def engine_of():
     cache.clear()
 
 
-@pytest.fixture(scope="module")
-def alone():
-    """(engine, prompt, params) -> the request's tokens when it runs alone in the engine (memoised per model)."""
-    memo = {}
-
-    def run(engine, prompt, params):
-        key = (id(engine.model), tuple(prompt), params)
-        if key not in memo:
-            assert not engine.has_unfinished()
-            memo[key] = (engine.model, engine.generate([list(prompt)], params)[0])
-        return memo[key][1]
-
-    yield run
-    memo.clear()
-
-
 def test_request_joining_busy_engine_matches_alone(family_model, engine_of, alone):
-    engine = engine_of(family_model)
-    rng = np.random.default_rng(31)
-    needle_prompt, needle_params = rng.integers(0, VOCAB, 23).tolist(), SamplingParams(max_new_tokens=12)
-    expected = alone(engine, needle_prompt, needle_params)
-    assert expected == hf_models.hf_greedy(family_model.torch_reference, needle_prompt, 12)
-    others = _random_requests(rng, 10, sampled_fraction=0.25)
-    mixed_before = engine.stats.mixed_steps
-    ids = [engine.add_request(p, sp) for p, sp in others]
-    for _ in range(int(rng.integers(3, 7))):
-        engine.step()
-    assert engine.scheduler.num_running > 1  # it really joins a busy engine
-    if engine.pipelined:
-        assert engine.microbatches > 1 and min(engine.occupancy()) > 0
-    needle = engine.add_request(needle_prompt, needle_params)
-    _drain(engine)
-    assert engine.requests[needle].output_ids == expected
-    assert engine.stats.mixed_steps > mixed_before  # prefill chunks and decodes ran in the same steps
-    for rid, (p, sp) in zip(ids, others, strict=True):
-        assert engine.requests[rid].output_ids == alone(engine, p, sp), rid
-    _assert_idle(engine)
+    prompt, tokens = check_busy_matches_alone(engine_of(family_model), alone, np.random.default_rng(31), 12, 10, (3, 7))
+    assert tokens == hf_models.hf_greedy(family_model.torch_reference, prompt, 12)
 
 
 def test_small_prefill_chunks_give_identical_tokens(family_model, engine_of, alone):
