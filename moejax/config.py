@@ -384,6 +384,7 @@ def _gpt_oss(hf):
 
 
 _HF_FAMILIES = {"mixtral": _mixtral, "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe, "deepseek_v3": _deepseek_v3,
+                "kimi_k2": _deepseek_v3,  # Kimi K2 publishes DeepSeek-V3's architecture under its own model_type
                 "deepseek_v2": _deepseek_v2, "glm4_moe": _glm4_moe, "olmoe": _olmoe, "gpt_oss": _gpt_oss}
 # MoE model types transformers ships that the runtime does not run, with what each lacks.
 _UNSUPPORTED_TYPES = {

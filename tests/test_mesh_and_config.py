@@ -99,6 +99,11 @@ def test_config_fields_that_change_the_math_are_refused_by_name(field, value, me
         load_model_config({**_hf_dict("qwen2_moe"), field: value})
 
 
+def test_kimi_k2_reads_as_deepseek_v3():
+    hf = {**_hf_dict("deepseek_v3"), "model_type": "kimi_k2", "architectures": ["DeepseekV3ForCausalLM"]}
+    assert load_model_config(hf).replace(name="") == load_model_config(_hf_dict("deepseek_v3")).replace(name="")
+
+
 def test_qwen2_moe_layer_types_window_only_their_layers():
     """layer_types decides which layers slide (a probe once found every layer windowed: logits off by 4.2)."""
     hf = _hf_dict("qwen2_moe", use_sliding_window=True, sliding_window=6, max_window_layers=2)
