@@ -29,6 +29,7 @@ from moejax.args import (
     read_model_config,
     run_main,
 )
+from moejax.config import QUANTIZATIONS
 from moejax.devices import MAX_SIMULATED_DEVICES, request_cpu_devices
 from moejax.progress import Progress
 from moejax.tokenizer import TOKENIZER_FILE, TextStream, decode, encode, load_tokenizer
@@ -55,6 +56,9 @@ def _add_generate(sub) -> argparse.ArgumentParser:
                          help="comma-separated token ids; repeat for several prompts (default: two built-in prompts)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
+                   help="quantize the weights at load, weight-only (vLLM's flag): int8 / fp8 per output channel, "
+                        "int4 in blocks of 128")
     p.add_argument("--seed", type=int, default=0, help="random-weight seed for config-name models")
     p.add_argument("--devices", type=int_in(1, MAX_SIMULATED_DEVICES), default=8,
                    help=f"simulated CPU devices when running on CPU (default 8, at most {MAX_SIMULATED_DEVICES}); "
@@ -165,7 +169,8 @@ def _fingerprint(args, run: _Run) -> dict:
     process 0's is used everywhere.
     """
     values = {"moejax": _version(), "--model": dataclasses.asdict(run.cfg), "--layout": str(run.layout),
-              "--dtype": args.dtype, "--devices": args.devices, "--across-hosts": ",".join(args.across_hosts),
+              "--dtype": args.dtype, "--quantization": args.quantization, "--devices": args.devices,
+              "--across-hosts": ",".join(args.across_hosts),
               "prompts": run.prompts, "--max-new-tokens": args.max_new_tokens, "--temperature": args.temperature,
               "--top-k": args.top_k, "--top-p": args.top_p, "--stop-token-ids": args.stop_token_ids,
               "--chunk-size": args.chunk_size, "--page-size": args.page_size, "--microbatches": args.microbatches}
@@ -252,9 +257,11 @@ def _build_model(args, run: _Run, progress: Progress):
     else:
         source, what = RandomSource(cfg, args.seed), f"making random weights for {cfg.name}"
     total = parameter_count(cfg)
-    with progress.phase(f"{what} ({total / 1e6:.1f}M parameters) and placing them on layout {run.layout}",
-                        total=total) as advance:
-        model = Model(cfg, _Counted(source, advance), layout=run.layout, dtype=args.dtype)
+    quantized = f", quantized to {args.quantization}" if args.quantization else ""
+    with progress.phase(f"{what} ({total / 1e6:.1f}M parameters{quantized}) and placing them on layout {run.layout}",
+                        total=None if args.quantization else total) as advance:  # quantizing reads blocks whole
+        model = Model(cfg, _Counted(source, advance), layout=run.layout, dtype=args.dtype,
+                      quantization=args.quantization)
     model.tokenizer = run.tokenizer
     return model
 

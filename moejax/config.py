@@ -23,6 +23,7 @@ RUNTIME_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepsee
 ROUTERS = ("softmax", "sigmoid", "topk_softmax")  # `moejax.model.router`
 ROPE_TYPES = ("default", "yarn", "linear")  # `moejax.model.rope`
 EXPERT_ACTIVATIONS = ("silu", "swiglu_clamped")  # `moejax.model.moe`
+QUANTIZATIONS = ("int8", "fp8", "int4")  # post-training weight quantization at load (`moejax.quant`)
 
 
 @dataclass(frozen=True)

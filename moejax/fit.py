@@ -47,8 +47,10 @@ def check_fits(what: str, bytes_per_device: int, devices, hint: str) -> None:
 
 
 def sharded_bytes(shape: tuple[int, ...], dtype, named_sharding: jax.sharding.NamedSharding) -> int:
-    """Bytes of one device's shard of an array of `shape` and `dtype` placed with `named_sharding`."""
-    return math.prod(named_sharding.shard_shape(tuple(shape))) * np.dtype(dtype).itemsize
+    """Bytes of one device's shard of an array of `shape` and `dtype` placed with `named_sharding` (int4: half a
+    byte per value, as XLA packs it)."""
+    values = math.prod(named_sharding.shard_shape(tuple(shape)))
+    return -(-values // 2) if np.dtype(dtype).name == "int4" else values * np.dtype(dtype).itemsize
 
 
 def weight_bytes(module, mesh: jax.sharding.Mesh) -> int:

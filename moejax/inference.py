@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import native
+from moejax import native, quant
 from moejax import steps as steps_lib
 from moejax.config import ModelConfig, ceil_div, round_up
 from moejax.distributed import fetch
@@ -55,6 +55,7 @@ class Model:
         "replicated_attention" (`moejax.sharding`). ep_attention: its deprecated name (values "data",
         "replicated"), accepted for one release.
       exchange: the dp_attention mode's token exchange (`moejax.sharding.EXCHANGES`).
+      quantization: quantize the weights at load, weight-only ("int8", "fp8", "int4": `moejax.quant`), or None.
 
     Every parallel choice is one `Parallelism` (`self.par`), checked before any device work.
     """
@@ -63,9 +64,10 @@ class Model:
 
     def __init__(self, cfg: ModelConfig, source: WeightSource, layout: Layout | str = "DP1",
                  dtype: str = "float32", moe_strategy: str = "auto", devices=None, expert_mode: str = "dp_attention",
-                 exchange: str = "auto", ep_attention: str | None = None):
+                 exchange: str = "auto", ep_attention: str | None = None, quantization: str | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        quant.scheme(quantization)  # an unknown name is refused before any device work
         self.cfg = cfg
         layout = Layout.parse(layout).validate(cfg)
         if ep_attention is not None and expert_mode == EXPERT_MODES[0]:
@@ -75,7 +77,7 @@ class Model:
         self.par = par.checked(native.mesh_platform(self.mesh))  # before any device work
         self.dtype = DTYPES[dtype]
         with jax.set_mesh(self.mesh):
-            abstract = abstract_model(cfg, par, self.dtype)
+            abstract = abstract_model(cfg, par, self.dtype, quantization)
             check_weights_fit(abstract, self.mesh)  # before any placement: refuse with the numbers
             self.steps = steps_lib.Steps(place(abstract, source, self.mesh), self.mesh)
         self.last_stats = GenerateStats()

@@ -45,7 +45,7 @@ class Steps:
 
     def __init__(self, model: Transformer, mesh: jax.sharding.Mesh):
         self.mesh, self.par = mesh, model.par
-        self.cfg, self.geometry = model.cfg, model.geometry
+        self.cfg, self.geometry, self.quantization = model.cfg, model.geometry, model.quantization
         self.graphdef, state = nnx.split(model)
         self.params = nnx.to_pure_dict(state)
         self.param_specs = nnx.to_pure_dict(jax.tree.map(
@@ -111,7 +111,7 @@ class Steps:
         par = self.par.replace(**{k: v for k, v in (("moe_strategy", moe_strategy), ("exchange", exchange))
                                   if v is not None}).checked(self.platform)
         dtype = self.params["embed"].dtype
-        graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(self.cfg, par, dtype)))
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(self.cfg, par, dtype, self.quantization)))
         return Steps(nnx.merge(graphdef, self.params), self.mesh)
 
     # ---- the compiled functions ----------------------------------------------------------------

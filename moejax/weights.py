@@ -72,9 +72,10 @@ def parameter_count(cfg: ModelConfig) -> int:
                for shape, layers in canonical_shapes(cfg).values())
 
 
-def abstract_model(cfg: ModelConfig, par, dtype) -> Transformer:
-    """The model's declarations with no memory behind them; `par`: a `Parallelism` (or a `Layout`)."""
-    return nnx.eval_shape(lambda: Transformer(cfg, par, dtype))
+def abstract_model(cfg: ModelConfig, par, dtype, quantization: str | None = None) -> Transformer:
+    """The model's declarations with no memory behind them; `par`: a `Parallelism` (or a `Layout`);
+    `quantization`: a post-training weight quantization (`moejax.quant.QUANTIZATIONS`) or None."""
+    return nnx.eval_shape(lambda: Transformer(cfg, par, dtype, quantization))
 
 
 def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> Transformer:
@@ -88,11 +89,20 @@ def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> 
 
     def build(path, var):
         name, stack = _canonical(path)
+        part = None
+        if name.endswith((".values", ".scale")):  # a quantized weight (`moejax.quant.Quantized`)
+            name, part = name.rsplit(".", 1)
         stacked = stack is not None
         layer_of_slot = {slot: layer for layer, slot in geo.stack(stack).slot_of_layer().items()} if stacked else {}
         axes = var.get_metadata()["out_sharding"]
         shape, dtype = var.get_value().shape, var.get_value().dtype
-        inner_axes, inner_shape = (axes[1:], shape[1:]) if stacked else (axes, shape)
+        if part is not None:  # read the float weight, quantize each block whole (scales from whole contracted dims)
+            qmod = _module_at(model, path)
+            float_axes = qmod.values.get_metadata()["out_sharding"]
+            float_shape = qmod.shape
+        else:
+            float_axes, float_shape = axes, shape
+        inner_axes, inner_shape = (float_axes[1:], float_shape[1:]) if stacked else (float_axes, float_shape)
         limit = canonical[name][0]  # checkpoint sizes; stored dims beyond them are zero padding
 
         def read(layer: int | None, index: Index, out: np.ndarray) -> None:
@@ -105,15 +115,32 @@ def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> 
                 _read_kv(source, name, layer, tuple(k[0] for k in kept), inner_axes, kv_repeat,
                          out[tuple(slice(0, k[1]) for k in kept)])
 
-        def shard(index: Index) -> np.ndarray:
-            block = _aligned_zeros(tuple(len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True)), dtype)
+        def float_shard(index: Index, block_dtype) -> np.ndarray:
+            block = _aligned_zeros(tuple(len(range(*s.indices(n))) for s, n in zip(index, float_shape, strict=True)),
+                                   block_dtype)
             if not stacked:
                 read(None, index, block)
             else:
-                for i, slot in enumerate(range(*index[0].indices(shape[0]))):
+                for i, slot in enumerate(range(*index[0].indices(float_shape[0]))):
                     read(layer_of_slot.get(slot), index[1:], block[i])
             return block
 
+        def quantized_shard(index: Index) -> np.ndarray:
+            from moejax import quant
+
+            scale_shape = qmod.scale.get_value().shape
+            whole = tuple(slice(None) if d in qmod.contracted else s for d, s in enumerate(index))
+            blocks = tuple(scale_shape[d] for d in qmod.contracted)
+            values, scale = quant.quantize_block(float_shard(whole, np.float32), qmod.contracted,
+                                                 quant.SCHEMES[qmod.scheme_name], blocks, dtype if part == "scale"
+                                                 else qmod.scale.get_value().dtype)
+            picked = values if part == "values" else scale
+            local = picked[tuple(s if d in qmod.contracted else slice(None) for d, s in enumerate(index))]
+            out = _aligned_zeros(local.shape, local.dtype)
+            out[...] = local
+            return out
+
+        shard = quantized_shard if part is not None else lambda index: float_shard(index, dtype)
         return _assemble(shape, model.par.named(mesh, axes), shard)
 
     values = {path: build(path, var) for path, var in _variables(state)}
@@ -178,6 +205,14 @@ def _canonical(path) -> tuple[str, str | None]:
 
 
 STACKS = ("dense_layers", "layers")  # `moejax.model.transformer.Geometry.stacks` names
+
+
+def _module_at(model, path):
+    """The module whose parameter `path` (a quantized weight's values or scale) belongs to: the `Quantized`."""
+    node = model
+    for key in [str(p.key) for p in path[:-1] if hasattr(p, "key")][:-1]:
+        node = getattr(node, key)
+    return node
 
 
 def _variables(state):
@@ -253,6 +288,9 @@ class DeviceRandomSource:
         self.cfg, self.seed, self.scale = cfg, seed, scale
 
     def place(self, model: Transformer, mesh: jax.sharding.Mesh) -> Transformer:
+        if model.quantization:
+            raise ValueError(f"random weights drawn on the devices are float; a {model.quantization}-quantized model "
+                             f"places its weights from a host source (RandomSource, a checkpoint)")
         graphdef, state = nnx.split(model)
         canonical = canonical_shapes(self.cfg)
         paths, draws, shardings = [], [], []

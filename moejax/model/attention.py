@@ -31,6 +31,7 @@ from moejax import native
 from moejax.config import ModelConfig
 from moejax.model import paged_attention
 from moejax.model.layers import at_layer, declare, project, rms_norm
+from moejax.quant import Scheme, declare_weight
 from moejax.sharding import Parallelism
 
 _MASKED = -1e30  # finite, so a fully masked (padding) row gives a uniform softmax rather than NaN
@@ -44,13 +45,14 @@ class Attention(nnx.Module):
     [layers, pages, page_size, K, H], kv heads split over `tensor` like the query heads that read them.
     """
 
-    def __init__(self, cfg: ModelConfig, par: Parallelism, num_layers: int, num_kv_heads: int, dtype):
+    def __init__(self, cfg: ModelConfig, par: Parallelism, num_layers: int, num_kv_heads: int, dtype,
+                 quant: Scheme | None = None):
         L, D, N, K, H = num_layers, cfg.hidden_size, cfg.num_heads, num_kv_heads, cfg.head_dim
         self.cfg, self.par = cfg, par
-        self.wq = declare((L, D, N, H), ("layers", "embed", "heads", "head_dim"), dtype)
-        self.wk = declare((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype)
-        self.wv = declare((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype)
-        self.wo = declare((L, N, H, D), ("layers", "heads", "head_dim", "embed"), dtype)
+        self.wq = declare_weight((L, D, N, H), ("layers", "embed", "heads", "head_dim"), dtype, (1,), quant)
+        self.wk = declare_weight((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype, (1,), quant)
+        self.wv = declare_weight((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype, (1,), quant)
+        self.wo = declare_weight((L, N, H, D), ("layers", "heads", "head_dim", "embed"), dtype, (1, 2), quant)
         if cfg.qkv_bias:
             self.bq = declare((L, N, H), ("layers", "heads", "head_dim"), dtype)
             self.bk = declare((L, K, H), ("layers", "kv_heads", "head_dim"), dtype)

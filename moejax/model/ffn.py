@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import ModelConfig
-from moejax.model.layers import at_layer, declare
+from moejax.model.layers import at_layer
+from moejax.quant import Scheme, declare_weight
 from moejax.sharding import Parallelism
 
 SILU = ("silu",)  # the expert activation of every family but gpt-oss (`activation_of`)
@@ -49,12 +50,14 @@ def swiglu(x_MD, wg_DF, wu_DF, wd_FD, biases=None, act: tuple = SILU):
 class DenseFFN(nnx.Module):
     """SwiGLU weights of a stack's dense layers, width split like the shared expert's."""
 
-    def __init__(self, cfg: ModelConfig, par: Parallelism, num_layers: int, width: int, dtype):
+    def __init__(self, cfg: ModelConfig, par: Parallelism, num_layers: int, width: int, dtype,
+                 quant: Scheme | None = None):
         L, D = num_layers, cfg.hidden_size
         self.par = par
-        self.wg = declare((L, D, width), ("layers", "embed", "shared_ffn"), dtype)
-        self.wu = declare((L, D, width), ("layers", "embed", "shared_ffn"), dtype)
-        self.wd = declare((L, width, D), ("layers", "shared_ffn", "embed"), dtype)
+        self.wg = declare_weight((L, D, width), ("layers", "embed", "shared_ffn"), dtype, (1,), quant)
+        self.wu = declare_weight((L, D, width), ("layers", "embed", "shared_ffn"), dtype, (1,), quant)
+        self.wd = declare_weight((L, width, D), ("layers", "shared_ffn", "embed"), dtype, (1,), quant,
+                                 {1: par.size("shared_ffn")})
 
     def __call__(self, layer, x_BTD, valid_BT=None):
         del valid_BT

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import native
+from moejax import native, quant
 
 
 def declare(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.Param:
@@ -27,14 +27,17 @@ def declare(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.
     return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
-def at_layer(param: nnx.Param, layer):
+def at_layer(param, layer):
     """Layer `layer` of a weight stacked over the local layers of a stage ([L_local, ...] -> [...]).
 
     Inside the decoder's `lax.scan` the index is traced, so this is a dynamic slice. XLA:CPU
     materialises it before a matmul reads it (one copy of the layer's weight per step); routed
     experts are therefore never sliced here as a whole layer, but one expert at a time inside
-    the MoE dispatch (`moejax.model.moe`).
+    the MoE dispatch (`moejax.model.moe`). A quantized weight (`moejax.quant.Quantized`) is dequantized here, one
+    layer's slice into its scale's dtype.
     """
+    if isinstance(param, quant.Quantized):
+        return quant.dense(param.qarray()[layer])
     return param[...][layer]
 
 
@@ -47,6 +50,9 @@ def project(x, w, layer=None, contract: int = 1):
     stream the weight, many rows (prefill) run packed panels (at 256 rows x 512 x 512: 426 against
     285 GFLOP/s on two AVX-512 cores, docs/benchmarks.md); else XLA's dot on `at_layer`.
     """
+    if isinstance(w, quant.Quantized):  # dequantize the layer's slice (no native kernel: it takes float32)
+        w = quant.dense(w.qarray()[layer] if layer is not None else w.qarray(), x.dtype)
+        layer = None
     w = w[...] if isinstance(w, nnx.Param) else w
     if layer is None:
         w, layer = w[None], 0

@@ -24,31 +24,34 @@ from flax import nnx
 from moejax.config import ModelConfig
 from moejax.model.attention import attend, cached_attention, with_window, write_pages
 from moejax.model.layers import at_layer, declare, project, rms_norm
+from moejax.quant import Scheme, declare_weight
 from moejax.sharding import Parallelism
 
 
 class MLA(nnx.Module):
     """MLA weights of a stack's layers (stacked on `layers`), query heads split over `tensor`."""
 
-    def __init__(self, cfg: ModelConfig, par: Parallelism, num_layers: int, num_kv_heads: int, dtype):
+    def __init__(self, cfg: ModelConfig, par: Parallelism, num_layers: int, num_kv_heads: int, dtype,
+                 quant: Scheme | None = None):
         del num_kv_heads  # one latent for all heads
         L, D, N = num_layers, cfg.hidden_size, cfg.num_heads
         R, r, Hqk, Hv = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_head_dim, cfg.value_head_dim
         self.cfg, self.par = cfg, par
         if cfg.q_lora_rank:
-            self.wq_a = declare((L, D, cfg.q_lora_rank), ("layers", "embed", "latent"), dtype)
+            self.wq_a = declare_weight((L, D, cfg.q_lora_rank), ("layers", "embed", "latent"), dtype, (1,), quant)
             self.q_a_norm = declare((L, cfg.q_lora_rank), ("layers", "latent"), dtype)
-            self.wq_b = declare((L, cfg.q_lora_rank, N, Hqk), ("layers", "latent", "heads", "head_dim"), dtype)
+            self.wq_b = declare_weight((L, cfg.q_lora_rank, N, Hqk), ("layers", "latent", "heads", "head_dim"), dtype,
+                                       (1,), quant)
             if cfg.qkv_bias:
                 self.bq_a = declare((L, cfg.q_lora_rank), ("layers", "latent"), dtype)
         else:
-            self.wq = declare((L, D, N, Hqk), ("layers", "embed", "heads", "head_dim"), dtype)
-        self.wkv_a = declare((L, D, R + r), ("layers", "embed", "latent"), dtype)
+            self.wq = declare_weight((L, D, N, Hqk), ("layers", "embed", "heads", "head_dim"), dtype, (1,), quant)
+        self.wkv_a = declare_weight((L, D, R + r), ("layers", "embed", "latent"), dtype, (1,), quant)
         if cfg.qkv_bias:
             self.bkv_a = declare((L, R + r), ("layers", "latent"), dtype)
         self.kv_a_norm = declare((L, R), ("layers", "latent"), dtype)
         self.wkv_b = declare((L, R, N, cfg.head_dim + Hv), ("layers", "latent", "heads", "head_dim"), dtype)
-        self.wo = declare((L, N, Hv, D), ("layers", "heads", "head_dim", "embed"), dtype)
+        self.wo = declare_weight((L, N, Hv, D), ("layers", "heads", "head_dim", "embed"), dtype, (1, 2), quant)
         if cfg.o_bias:
             self.bo = declare((L, D), ("layers", "embed"), dtype)
 

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import manual, native
+from moejax import manual, native, quant
 from moejax.config import ModelConfig
 from moejax.model import grouped_matmul
 from moejax.model.ffn import SILU, activation_of, glu, swiglu
@@ -70,25 +70,28 @@ class MoE(nnx.Module):
         adds silu(0) * 0 = 0; with gpt-oss's biases the padded columns' biases are zero too: glu(0, 0) = 0).
     """
 
-    def __init__(self, cfg: ModelConfig, par: Parallelism, num_layers: int, ffn: int, shared_ffn: int, dtype):
+    def __init__(self, cfg: ModelConfig, par: Parallelism, num_layers: int, ffn: int, shared_ffn: int, dtype,
+                 scheme: quant.Scheme | None = None):
         L, D, E, F = num_layers, cfg.hidden_size, cfg.num_experts, ffn
+        weight = partial(quant.declare_weight, sch=scheme)
         self.cfg, self.par = cfg, par
         self.router = declare((L, D, E), ("layers", "embed", "experts_all"), dtype)
         if cfg.router_bias:
             self.router_bias = declare((L, E), ("layers", "experts_all"), dtype)
         if cfg.router == "sigmoid":  # for choosing only (a load-balancing buffer); float32 as published
             self.score_bias = declare((L, E), ("layers", "experts_all"), jnp.float32)
-        self.wg = declare((L, E, D, F), ("layers", "experts", "embed", "ffn"), dtype)
-        self.wu = declare((L, E, D, F), ("layers", "experts", "embed", "ffn"), dtype)
-        self.wd = declare((L, E, F, D), ("layers", "experts", "ffn", "embed"), dtype)
+        self.wg = weight((L, E, D, F), ("layers", "experts", "embed", "ffn"), dtype, (2,))
+        self.wu = weight((L, E, D, F), ("layers", "experts", "embed", "ffn"), dtype, (2,))
+        self.wd = weight((L, E, F, D), ("layers", "experts", "ffn", "embed"), dtype, (2,), shards={2: par.size("ffn")})
         if cfg.expert_bias:
             self.bg = declare((L, E, F), ("layers", "experts", "ffn"), dtype)
             self.bu = declare((L, E, F), ("layers", "experts", "ffn"), dtype)
             self.bd = declare((L, E, D), ("layers", "experts", "embed"), dtype)
         if shared_ffn:
-            self.shared_wg = declare((L, D, shared_ffn), ("layers", "embed", "shared_ffn"), dtype)
-            self.shared_wu = declare((L, D, shared_ffn), ("layers", "embed", "shared_ffn"), dtype)
-            self.shared_wd = declare((L, shared_ffn, D), ("layers", "shared_ffn", "embed"), dtype)
+            self.shared_wg = weight((L, D, shared_ffn), ("layers", "embed", "shared_ffn"), dtype, (1,))
+            self.shared_wu = weight((L, D, shared_ffn), ("layers", "embed", "shared_ffn"), dtype, (1,))
+            self.shared_wd = weight((L, shared_ffn, D), ("layers", "shared_ffn", "embed"), dtype, (1,),
+                                    shards={1: par.size("shared_ffn")})
         if cfg.shared_expert_gate:
             self.shared_gate = declare((L, D), ("layers", "embed"), dtype)
 
@@ -109,7 +112,7 @@ class MoE(nnx.Module):
                 experts_MX = jnp.where(valid_BT.reshape(B * T, 1), experts_MX, -1)  # -1: no shard's expert
         exchanged = par.tokens_split_over_experts
         with jax.named_scope("moe/experts"):
-            w = (self.wg[...], self.wu[...], self.wd[...])
+            w = tuple(_expert_weight(a) for a in (self.wg, self.wu, self.wd))
             if cfg.expert_bias:
                 # The down bias is added once per (token, expert), not once per tensor shard of the expert's width.
                 first = par.axis_index("ffn") == 0
@@ -160,11 +163,19 @@ def choose_strategy(strategy: str, num_tokens: int, backend: str | None = None, 
     return "pallas" if backend == "gpu" and pallas_ok else "loop"
 
 
+def _expert_weight(param):
+    """A stacked expert weight for the dispatch: the array, or a `qwix.QArray` (sliced per expert, dequantized
+    there: `quant.dense`)."""
+    return param.qarray() if isinstance(param, quant.Quantized) else param[...]
+
+
 def _strategy_fn(strategy: str, x_MD, w, act: tuple = SILU):
-    if act != SILU or len(w) > 3:  # gpt-oss: expert biases, clamped SwiGLU
+    quantized = any(isinstance(a, quant.qwix.QArray) for a in w)
+    if act != SILU or len(w) > 3 or quantized:  # gpt-oss: expert biases, clamped SwiGLU; quantized experts
         if strategy not in ("auto", "loop", "gather"):
-            raise ValueError(f"MoE dispatch {strategy!r} runs bias-free SiLU experts only; this model's experts have "
-                             f"biases or the {act[0]} activation: use dispatch 'auto', 'loop' or 'gather'")
+            raise ValueError(f"MoE dispatch {strategy!r} runs float, bias-free SiLU experts only; this model's "
+                             f"experts are quantized, have biases or the {act[0]} activation: use dispatch 'auto', "
+                             f"'loop' or 'gather'")
         return partial(_STRATEGY_FNS["loop" if strategy == "auto" else strategy], act=act)
     ok = native.runs(x_MD, *w)
     pallas_ok = grouped_matmul.supported(x_MD.shape[1], w[0].shape[-1])
@@ -333,7 +344,7 @@ def _dispatch_loop(x_MD, weights_MX, local_MX, w, layer, act: tuple = SILU):
         which = jnp.searchsorted(jnp.array(caps), count_E[e])
         return jax.lax.switch(which, branches, y_MD, e, start_E[e], count_E[e])
 
-    y_MD = manual.varying_like(jnp.zeros_like(x_MD), x_MD, *w)  # each shard adds its own experts' rows
+    y_MD = manual.varying_like(jnp.zeros_like(x_MD), x_MD, *jax.tree.leaves(w))  # each shard adds its own rows
     return jax.lax.fori_loop(0, jnp.sum(count_E > 0), run_expert, y_MD)
 
 
@@ -360,7 +371,7 @@ def _expert_rows(x_MD, token_A, gate_A, w, layer, act, cap, y_MD, e, start, coun
     rows_R = jnp.where(in_R, jax.lax.dynamic_slice_in_dim(token_A, start, cap), x_MD.shape[0])
     gate_R = jnp.where(in_R, jax.lax.dynamic_slice_in_dim(gate_A, start, cap), 0)
     x_RD = x_MD.at[rows_R].get(mode="fill", fill_value=0)
-    expert = [a[layer, e] for a in w]
+    expert = [quant.dense(a[layer, e], x_MD.dtype) for a in w]  # one expert's slice, dequantized if quantized
     out_RD = swiglu(x_RD, *expert[:3], expert[3:] or None, act)
     return y_MD.at[rows_R].add(out_RD * gate_R[:, None], mode="drop")
 
@@ -370,7 +381,7 @@ def _dispatch_gather(x_MD, weights_MX, local_MX, w, layer, act: tuple = SILU):
     El = w[0].shape[1]
     here_A = local_MX.reshape(-1) < El
     expert_A = jnp.where(here_A, local_MX.reshape(-1), 0)
-    wg, wu, wd, *biases = (a[layer, expert_A] for a in w)  # [M * X, ...]: each pair's expert weights
+    wg, wu, wd, *biases = (quant.dense(a[layer, expert_A], x_MD.dtype) for a in w)  # [M * X, ...] per pair
     x_AD = jnp.repeat(x_MD, X, axis=0)
     g_AF, u_AF = jnp.einsum("AD,ADF->AF", x_AD, wg), jnp.einsum("AD,ADF->AF", x_AD, wu)
     if biases:

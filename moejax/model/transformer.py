@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax import manual
+from moejax import manual, quant
 from moejax.config import ModelConfig, round_up
 from moejax.mesh import Layout
 from moejax.model.attention import Attention
@@ -122,15 +122,15 @@ class Geometry:
 class Block(nnx.Module):
     """A stack's decoder layers: norms, attention and an FFN of one kind, each weight stacked over its slots."""
 
-    def __init__(self, cfg: ModelConfig, par: Parallelism, geo: Geometry, stack: Stack, dtype):
+    def __init__(self, cfg: ModelConfig, par: Parallelism, geo: Geometry, stack: Stack, dtype, quant=None):
         L, D = geo.num_stages * stack.layers_per_stage, cfg.hidden_size
         self.attn_norm = declare((L, D), ("layers", "embed"), dtype)
         self.mlp_norm = declare((L, D), ("layers", "embed"), dtype)
-        self.attn = ATTENTION[cfg.attention](cfg, par, L, geo.num_kv_heads, dtype)
+        self.attn = ATTENTION[cfg.attention](cfg, par, L, geo.num_kv_heads, dtype, quant)
         if stack.ffn == "moe":
-            self.moe = MoE(cfg, par, L, geo.ffn, geo.shared_ffn, dtype)
+            self.moe = MoE(cfg, par, L, geo.ffn, geo.shared_ffn, dtype, quant)
         else:
-            self.mlp = DenseFFN(cfg, par, L, geo.dense_ffn, dtype)
+            self.mlp = DenseFFN(cfg, par, L, geo.dense_ffn, dtype, quant)
 
     def __call__(self, layer, x_BTD, pos_BT, rope, cache, page_table_BP, eps, cache_layer, windowed):
         h_BTD = rms_norm(x_BTD, at_layer(self.attn_norm, layer), eps)
@@ -151,11 +151,11 @@ class Transformer(nnx.Module):
     keep it as static data and their collectives and shardings follow it.
     """
 
-    def __init__(self, cfg: ModelConfig, par: Parallelism | Layout, dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, par: Parallelism | Layout, dtype=jnp.float32, quantization: str | None = None):
         par = par if isinstance(par, Parallelism) else Parallelism(par)
         cfg.check_runtime_support()
         par.layout.validate(cfg)
-        self.cfg, self.par = cfg, par
+        self.cfg, self.par, self.quantization = cfg, par, quantization
         self.geometry = geo = Geometry.of(cfg, par.layout)
         D, V = cfg.hidden_size, geo.vocab
         self.embed = declare((V, D), ("vocab", "embed"), dtype)
@@ -163,7 +163,7 @@ class Transformer(nnx.Module):
             self.unembed = declare((D, V), ("embed", "vocab"), dtype)
         self.final_norm = declare((D,), ("embed",), dtype)
         for stack in geo.stacks:
-            setattr(self, stack.name, Block(cfg, par, geo, stack, dtype))
+            setattr(self, stack.name, Block(cfg, par, geo, stack, dtype, quant.scheme(quantization)))
 
     def cache_layout(self) -> tuple[tuple[tuple[int, ...], tuple], ...]:
         """The KV pools' shapes and logical axes after [layers, pages, page_size]: the attention kind's."""

@@ -1,0 +1,131 @@
+"""Quantized weights: one type (`Quantized`: values in their storage dtype + scales with their own logical axes),
+quantized and dequantized with qwix's arrays (`qwix.quantize`, `qwix.dequantize`), consumed in one place per kind
+of matmul (`moejax.model.layers.project` and `at_layer`, the MoE experts' `expert_weights`).
+
+Post-training, weight-only (`moejax.load(..., quantization=...)`, `--quantization`, vLLM's name):
+
+- "int8": symmetric int8, one scale per output channel (per layer and expert).
+- "fp8": float8 e4m3 (max 448), one scale per output channel.
+- "int4": symmetric int4 in blocks of `INT4_BLOCK` (128) along the contracted dim, one scale per block and output
+  channel (per-channel int4 loses too much; 128 is the group size GPTQ/AWQ checkpoints use); a contracted dim not
+  a multiple of the block (or whose shards are not) falls back to one block.
+
+What is quantized: every matmul weight of the layers (attention projections, MLA's down- and output projections,
+routed / shared experts, dense FFNs) and the unembedding. Kept in the serving dtype: the embedding (a gather),
+norms, biases, the router (numerics policy: expert choice), MLA's kv up-projection (absorbed into the query).
+
+Scales are computed from the whole contracted extent of each output channel (`weights.place` reads it), never
+from one device's shard, so a quantized model is the same on every layout. Values are dequantized into the
+compute dtype inside the step, one layer's (or one routed expert's) slice at a time: never a full-size float
+copy of the weights in device memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import qwix
+from flax import nnx
+
+from moejax.config import QUANTIZATIONS
+
+INT4_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one quantization stores a weight: its qwix qtype, storage dtype and block along the contracted dims."""
+
+    name: str
+    qtype: object
+    block: int | None  # along the (last) contracted dim; None: one scale per output channel
+
+    @property
+    def bytes_per_value(self) -> float:
+        return 0.5 if self.name == "int4" else 1.0
+
+
+SCHEMES = {"int8": Scheme("int8", jnp.int8, None), "fp8": Scheme("fp8", jnp.float8_e4m3fn, None),
+           "int4": Scheme("int4", jnp.int4, INT4_BLOCK)}
+
+
+def scheme(name: str | None) -> Scheme | None:
+    if name is None:
+        return None
+    if name not in SCHEMES:
+        raise ValueError(f"unknown quantization {name!r}; choose from {QUANTIZATIONS} (or None for the checkpoint's "
+                         f"float weights)")
+    return SCHEMES[name]
+
+
+class Quantized(nnx.Module):
+    """A quantized weight: `values` [*shape] in the storage dtype and `scale` [*shape with each contracted dim
+    replaced by its number of blocks (1: per output channel)] in the compute dtype, each with its logical axes
+    (a blocked contracted dim's scale splits like the dim; a per-channel one is replicated)."""
+
+    def __init__(self, shape, axes, dtype, contracted: tuple[int, ...], sch: Scheme, blocks: tuple[int, ...]):
+        self.contracted, self.qtype, self.scheme_name = contracted, sch.qtype, sch.name
+        scale_shape = tuple(blocks[contracted.index(d)] if d in contracted else n for d, n in enumerate(shape))
+        scale_axes = tuple((a if blocks[contracted.index(d)] > 1 else None) if d in contracted else a
+                           for d, a in enumerate(axes))
+        self.values = nnx.Param(jnp.zeros(shape, sch.qtype), out_sharding=tuple(axes), eager_sharding=False)
+        self.scale = nnx.Param(jnp.zeros(scale_shape, dtype), out_sharding=scale_axes, eager_sharding=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    @property
+    def dtype(self):
+        return self.scale.dtype
+
+    def qarray(self) -> qwix.QArray:
+        return qwix.QArray(self.values[...], self.scale[...], qtype=self.qtype)
+
+
+def declare_weight(shape, axes, dtype, contracted: tuple[int, ...], sch: Scheme | None, shards=None):
+    """A matmul weight: an `nnx.Param` in `dtype`, or `Quantized` under a quantization scheme.
+
+    contracted: the dims the matmul contracts (indices into `shape`). shards: dim -> shards that split it (to
+    keep a blocked dim's blocks inside one shard); None: unsplit."""
+    from moejax.model.layers import declare
+
+    if sch is None:
+        return declare(shape, axes, dtype)
+    blocks = []
+    for d in contracted:
+        local = shape[d] // (shards or {}).get(d, 1)
+        blocked = sch.block and local % sch.block == 0 and d == contracted[-1]
+        blocks.append(shape[d] // sch.block if blocked else 1)
+    return Quantized(shape, axes, dtype, tuple(contracted), sch, tuple(blocks))
+
+
+def dense(w, dtype=None):
+    """A float array from a weight (array, `nnx.Param`, `qwix.QArray` or `Quantized`): dequantized when quantized."""
+    if isinstance(w, Quantized):
+        w = w.qarray()
+    if isinstance(w, qwix.QArray):
+        out = qwix.dequantize(w)
+        return out if dtype is None else out.astype(dtype)
+    return w[...] if isinstance(w, nnx.Variable) else w
+
+
+def quantize_block(block: np.ndarray, contracted: tuple[int, ...], sch: Scheme, blocks: tuple[int, ...],
+                   scale_dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(values, scale) of a float block holding whole contracted dims (qwix's absmax calibration and rounding)."""
+    tiled = {d: block.shape[d] // n for d, n in zip(contracted, blocks, strict=True) if n > 1}
+    channelwise = tuple(d for d in range(block.ndim) if d not in contracted)
+    q = qwix.quantize(jnp.asarray(block, jnp.float32), sch.qtype, channelwise_axes=channelwise, tiled_axes=tiled)
+    return np.asarray(q.qvalue), np.asarray(q.scale.astype(scale_dtype))
+
+
+def bytes_of(tree) -> int:
+    """Bytes of the arrays in a pytree (quantized values count their storage: int4 half a byte)."""
+    total = 0
+    for a in jax.tree.leaves(tree):
+        n = int(np.prod(a.shape))
+        total += n // 2 if a.dtype == jnp.int4 else n * a.dtype.itemsize
+    return total
