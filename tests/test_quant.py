@@ -120,3 +120,14 @@ def test_unknown_quantization_and_float_only_kernels_are_refused_by_name():
     with pytest.raises(ValueError, match="MoE dispatch 'blocks' runs float, bias-free SiLU experts only; this "
                                          "model's experts are quantized"):
         model.forward(IDS)
+
+
+def test_the_planner_takes_the_runtime_s_names():
+    from moejax.config import QUANTIZATIONS
+    from moejax.planner.hardware import PRECISIONS, load_hardware
+    from moejax.planner.workload import WEIGHT_BYTES
+
+    assert set(QUANTIZATIONS) <= set(PRECISIONS) and set(QUANTIZATIONS) <= set(WEIGHT_BYTES)
+    assert WEIGHT_BYTES["int4"] == 0.5 + 2 / quant.INT4_BLOCK  # bf16 scales per block of 128
+    hw = load_hardware("h100-sxm")
+    assert hw.compute_precision("int8") == hw.compute_precision("int4") == "bf16"  # weight-only: bf16 matmuls

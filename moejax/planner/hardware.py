@@ -39,7 +39,10 @@ import yaml
 
 from moejax.config import configs_dir
 
-PRECISIONS = ("fp32", "bf16", "fp8", "fp4")
+# Weight formats, widest first; then the runtime's weight-only post-training formats (`moejax.quant`: values
+# dequantized into bf16 matmuls, so they compute at the bf16 peak).
+WEIGHT_ONLY = ("int8", "int4")
+PRECISIONS = ("fp32", "bf16", "fp8", "fp4") + WEIGHT_ONLY
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,8 @@ class Hardware:
 
         fp4 weights on an H100 (no fp4 tensor cores) compute in fp8; fp8 on a CPU computes in bf16.
         """
+        if weight_precision in WEIGHT_ONLY:
+            return "bf16"
         order = PRECISIONS[PRECISIONS.index(weight_precision):: -1]
         for precision in order:
             if precision in self.peak_flops:

@@ -15,7 +15,12 @@ from moejax.sharding import expert_mode_of  # one name shared with the runtime
 #   fp8: e4m3 values with one fp32 scale per 128x128 block (DeepSeek-V3 style) -> 1 + 4 / 16384.
 #   fp4: NVFP4, e2m1 values with one e4m3 scale per 16 values (the per-tensor fp32 scale is negligible)
 #        -> 0.5 + 1 / 16.
-WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0 + 4.0 / (128 * 128), "fp4": 0.5 + 1.0 / 16}
+#   int8: the runtime's post-training int8 (`moejax.quant`), one bf16 scale per output channel (under 0.1% for
+#        contracted widths >= 2048: not counted) -> 1.
+#   int4: the runtime's int4, one bf16 scale per block of 128 along the contracted dim -> 0.5 + 2 / 128.
+#   The runtime's post-training "fp8" (per output channel) is within 0.1% of the block-scaled figure.
+WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0 + 4.0 / (128 * 128), "fp4": 0.5 + 1.0 / 16, "int8": 1.0,
+                "int4": 0.5 + 2.0 / 128}
 KV_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0}
 
 
