@@ -1,6 +1,7 @@
 """Quantized weights: one type (`Quantized`: values in their storage dtype + scales with their own logical axes),
-quantized and dequantized with qwix's arrays (`qwix.quantize`, `qwix.dequantize`), consumed in one place per kind
-of matmul (`moejax.model.layers.project` and `at_layer`, the MoE experts' `expert_weights`).
+quantized and dequantized with qwix's arrays (`qwix.quantize`, `qwix.dequantize`), declared by
+`moejax.model.layers.declare_weight` and consumed in one place per kind of matmul (`moejax.model.layers.project`
+and `at_layer`, the MoE dispatch).
 
 Post-training, weight-only (`moejax.load(..., quantization=...)`, `--quantization`, vLLM's name):
 
@@ -84,23 +85,6 @@ class Quantized(nnx.Module):
 
     def qarray(self) -> qwix.QArray:
         return qwix.QArray(self.values[...], self.scale[...], qtype=self.qtype)
-
-
-def declare_weight(shape, axes, dtype, contracted: tuple[int, ...], sch: Scheme | None, shards=None):
-    """A matmul weight: an `nnx.Param` in `dtype`, or `Quantized` under a quantization scheme.
-
-    contracted: the dims the matmul contracts (indices into `shape`). shards: dim -> shards that split it (to
-    keep a blocked dim's blocks inside one shard); None: unsplit."""
-    from moejax.model.layers import declare
-
-    if sch is None:
-        return declare(shape, axes, dtype)
-    blocks = []
-    for d in contracted:
-        local = shape[d] // (shards or {}).get(d, 1)
-        blocked = sch.block and local % sch.block == 0 and d == contracted[-1]
-        blocks.append(shape[d] // sch.block if blocked else 1)
-    return Quantized(shape, axes, dtype, tuple(contracted), sch, tuple(blocks))
 
 
 def dense(w, dtype=None):

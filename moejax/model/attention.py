@@ -30,8 +30,8 @@ from flax import nnx
 from moejax import native
 from moejax.config import ModelConfig
 from moejax.model import paged_attention
-from moejax.model.layers import at_layer, declare, project, rms_norm
-from moejax.quant import Scheme, declare_weight
+from moejax.model.layers import at_layer, declare, declare_weight, project, rms_norm
+from moejax.quant import Scheme
 from moejax.sharding import Parallelism
 
 _MASKED = -1e30  # finite, so a fully masked (padding) row gives a uniform softmax rather than NaN

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import ModelConfig
-from moejax.model.layers import at_layer
-from moejax.quant import Scheme, declare_weight
+from moejax.model.layers import at_layer, declare_weight
+from moejax.quant import Scheme
 from moejax.sharding import Parallelism
 
 SILU = ("silu",)  # the expert activation of every family but gpt-oss (`activation_of`)

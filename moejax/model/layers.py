@@ -27,6 +27,21 @@ def declare(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.
     return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
+def declare_weight(shape, axes, dtype, contracted: tuple[int, ...], sch: quant.Scheme | None, shards=None):
+    """A matmul weight: an `nnx.Param` in `dtype`, or `Quantized` under a quantization scheme.
+
+    contracted: the dims the matmul contracts (indices into `shape`). shards: dim -> shards that split it (to
+    keep a blocked dim's blocks inside one shard); None: unsplit."""
+    if sch is None:
+        return declare(shape, axes, dtype)
+    blocks = []
+    for d in contracted:
+        local = shape[d] // (shards or {}).get(d, 1)
+        blocked = sch.block and local % sch.block == 0 and d == contracted[-1]
+        blocks.append(shape[d] // sch.block if blocked else 1)
+    return quant.Quantized(shape, axes, dtype, tuple(contracted), sch, tuple(blocks))
+
+
 def at_layer(param, layer):
     """Layer `layer` of a weight stacked over the local layers of a stage ([L_local, ...] -> [...]).
 

@@ -23,8 +23,8 @@ from flax import nnx
 
 from moejax.config import ModelConfig
 from moejax.model.attention import attend, cached_attention, with_window, write_pages
-from moejax.model.layers import at_layer, declare, project, rms_norm
-from moejax.quant import Scheme, declare_weight
+from moejax.model.layers import at_layer, declare, declare_weight, project, rms_norm
+from moejax.quant import Scheme
 from moejax.sharding import Parallelism
 
 

@@ -54,7 +54,7 @@ from moejax import manual, native, quant
 from moejax.config import ModelConfig
 from moejax.model import grouped_matmul
 from moejax.model.ffn import SILU, activation_of, glu, swiglu
-from moejax.model.layers import at_layer, declare
+from moejax.model.layers import at_layer, declare, declare_weight
 from moejax.model.router import route
 from moejax.sharding import MOE_STRATEGIES, Parallelism
 
@@ -73,7 +73,7 @@ class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, par: Parallelism, num_layers: int, ffn: int, shared_ffn: int, dtype,
                  scheme: quant.Scheme | None = None):
         L, D, E, F = num_layers, cfg.hidden_size, cfg.num_experts, ffn
-        weight = partial(quant.declare_weight, sch=scheme)
+        weight = partial(declare_weight, sch=scheme)
         self.cfg, self.par = cfg, par
         self.router = declare((L, D, E), ("layers", "embed", "experts_all"), dtype)
         if cfg.router_bias:
