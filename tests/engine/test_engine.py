@@ -90,13 +90,14 @@ def test_greedy_matches_hf_generate(engine_model, engines):
     assert got == want
 
 
-def test_workload_three_times_the_pool_completes_with_preemption(engine_model, engines, alone):
-    # 16 pages of 4 tokens per data group: a request needs up to 15, so two running ones can collide.
-    engine = engines(engine_model, num_pages=16)
-    rng = np.random.default_rng(4)
-    reqs = _random_requests(rng, 8 * engine.groups, max_prompt=40, max_new=(16, 20), sampled_fraction=0.5)
+def check_preempted_requests_match_alone(engine, alone, rng, per_group: int, max_new: tuple[int, int],
+                                         sampled_fraction: float, pool_multiple: int):
+    """A workload of `per_group` requests per data group needing at least `pool_multiple` times the pool completes,
+    with preemptions, every request with the tokens it gets alone."""
+    reqs = _random_requests(rng, per_group * engine.groups, max_prompt=40, max_new=max_new,
+                            sampled_fraction=sampled_fraction)
     demand = sum(-(-(len(p) + sp.max_new_tokens) // PAGE_SIZE) for p, sp in reqs)
-    assert demand >= 3 * engine.config.num_pages * engine.groups
+    assert demand >= pool_multiple * engine.config.num_pages * engine.groups
     before = engine.stats.preemptions
     ids = [engine.add_request(p, sp) for p, sp in reqs]
     _drain(engine)
@@ -107,6 +108,12 @@ def test_workload_three_times_the_pool_completes_with_preemption(engine_model, e
         assert req.finished and req.finish_reason == "length"
         assert req.output_ids == alone(engine, p, sp), rid
     _assert_idle(engine)
+
+
+def test_workload_three_times_the_pool_completes_with_preemption(engine_model, engines, alone):
+    # 16 pages of 4 tokens per data group: a request needs up to 15, so two running ones can collide.
+    check_preempted_requests_match_alone(engines(engine_model, num_pages=16), alone, np.random.default_rng(4), 8,
+                                         (16, 20), 0.5, 3)
 
 
 def test_abort_during_prefill_and_decode_returns_pages(engine_model, engines, alone):

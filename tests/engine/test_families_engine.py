@@ -17,8 +17,8 @@ import pytest
 
 from moejax import Engine, SamplingParams
 from tests import hf_models
-from tests.engine.conftest import PAGE_SIZE, base_config
-from tests.engine.test_engine import VOCAB, _assert_idle, _drain, _random_requests, check_busy_matches_alone
+from tests.engine.conftest import base_config
+from tests.engine.test_engine import VOCAB, check_busy_matches_alone, check_preempted_requests_match_alone
 
 CASES = [("deepseek_v3", "DP2EP2", "dp_attention"), ("glm4_moe", "TP2EP2", "replicated_attention"),
          ("olmoe", "DP2TP2EP2", "dp_attention"), ("gpt_oss", "TP2PP2", "dp_attention")]
@@ -71,17 +71,5 @@ def test_small_prefill_chunks_give_identical_tokens(family_model, engine_of, alo
 
 
 def test_preempted_requests_give_identical_tokens(family_model, engine_of, alone):
-    engine = engine_of(family_model, num_pages=SMALL_POOL)
-    rng = np.random.default_rng(33)
-    reqs = _random_requests(rng, 6 * engine.groups, max_prompt=40, max_new=(14, 20), sampled_fraction=0.25)
-    demand = sum(-(-(len(p) + sp.max_new_tokens) // PAGE_SIZE) for p, sp in reqs)
-    assert demand >= 2 * engine.config.num_pages * engine.groups
-    before = engine.stats.preemptions
-    ids = [engine.add_request(p, sp) for p, sp in reqs]
-    _drain(engine)
-    assert engine.stats.preemptions > before
-    for rid, (p, sp) in zip(ids, reqs, strict=True):
-        req = engine.requests[rid]
-        assert req.finished and req.finish_reason == "length"
-        assert req.output_ids == alone(engine, p, sp), rid
-    _assert_idle(engine)
+    check_preempted_requests_match_alone(engine_of(family_model, num_pages=SMALL_POOL), alone,
+                                         np.random.default_rng(33), 6, (14, 20), 0.25, 2)
