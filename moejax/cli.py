@@ -29,7 +29,7 @@ from moejax.args import (
     read_model_config,
     run_main,
 )
-from moejax.config import QUANTIZATIONS
+from moejax.config import KV_CACHE_DTYPES, QUANTIZATIONS
 from moejax.devices import MAX_SIMULATED_DEVICES, request_cpu_devices
 from moejax.progress import Progress
 from moejax.tokenizer import TOKENIZER_FILE, TextStream, decode, encode, load_tokenizer
@@ -59,6 +59,9 @@ def _add_generate(sub) -> argparse.ArgumentParser:
     p.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
                    help="quantize the weights at load, weight-only (vLLM's flag): int8 / fp8 per output channel, "
                         "int4 in blocks of 128")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *KV_CACHE_DTYPES],
+                   help="KV cache format (vLLM's flag): auto = the serving dtype; fp8 (e4m3) / int8 = 1 byte per "
+                        "value and a float32 scale per token and kv head")
     p.add_argument("--seed", type=int, default=0, help="random-weight seed for config-name models")
     p.add_argument("--devices", type=int_in(1, MAX_SIMULATED_DEVICES), default=8,
                    help=f"simulated CPU devices when running on CPU (default 8, at most {MAX_SIMULATED_DEVICES}); "
@@ -169,7 +172,8 @@ def _fingerprint(args, run: _Run) -> dict:
     process 0's is used everywhere.
     """
     values = {"moejax": _version(), "--model": dataclasses.asdict(run.cfg), "--layout": str(run.layout),
-              "--dtype": args.dtype, "--quantization": args.quantization, "--devices": args.devices,
+              "--dtype": args.dtype, "--quantization": args.quantization, "--kv-cache-dtype": args.kv_cache_dtype,
+              "--devices": args.devices,
               "--across-hosts": ",".join(args.across_hosts),
               "prompts": run.prompts, "--max-new-tokens": args.max_new_tokens, "--temperature": args.temperature,
               "--top-k": args.top_k, "--top-p": args.top_p, "--stop-token-ids": args.stop_token_ids,
@@ -277,7 +281,8 @@ def _start_engine(model, prompts, params, args, progress: Progress):
     per_group = rows // model.batch_shards
     config = moejax.ServeConfig(max_running=rows, page_size=args.page_size, chunk_size=args.chunk_size,
                                 num_pages=per_group * pages_for(longest, args.page_size), max_model_len=longest,
-                                microbatches=args.microbatches)
+                                microbatches=args.microbatches,
+                                kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype)
     engine = moejax.Engine(model, config)
     _warmup(engine, progress)
     ids = [engine.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)]

@@ -24,6 +24,13 @@ ROUTERS = ("softmax", "sigmoid", "topk_softmax")  # `moejax.model.router`
 ROPE_TYPES = ("default", "yarn", "linear")  # `moejax.model.rope`
 EXPERT_ACTIVATIONS = ("silu", "swiglu_clamped")  # `moejax.model.moe`
 QUANTIZATIONS = ("int8", "fp8", "int4")  # post-training weight quantization at load (`moejax.quant`)
+# quantized checkpoints the loader reads as stored (`moejax.checkpoint.quantized`; quantization_config.quant_method)
+CHECKPOINT_QUANT_METHODS = ("fp8", "mxfp4", "compressed-tensors")
+KV_CACHE_DTYPES = ("fp8", "int8")  # quantized KV cache (`ServeConfig.kv_cache_dtype`; None: the serving dtype)
+# KV cache formats by name (the runtime's and the planner's): (bytes per value, bytes per scale). A quantized pool
+# holds 1-byte values (fp8: float8_e4m3fn) and one float32 scale per (token, kv head) (MLA: per token of its latent
+# pool) beside them (`moejax.kv_cache`).
+KV_FORMATS = {"fp32": (4, 0), "bf16": (2, 0), "fp8": (1, 4), "int8": (1, 4)}
 
 
 @dataclass(frozen=True)
@@ -160,14 +167,22 @@ class ModelConfig:
             return self.sliding_window
         return None
 
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+    def kv_bytes_per_token(self, kv_format: str | float) -> float:
         """Bytes the KV cache holds per token, all layers: the one formula (runtime pools and planner agree with it).
 
         GQA: a key and a value of head_dim per kv head; MLA: the compressed latent (kv_lora_rank) and the
-        decoupled rope key (qk_rope_head_dim), shared by all heads."""
-        per_layer = (self.kv_lora_rank + self.qk_rope_head_dim if self.attention == "mla"
-                     else 2 * self.num_kv_heads * self.head_dim)
-        return per_layer * self.num_layers * dtype_bytes
+        decoupled rope key (qk_rope_head_dim), shared by all heads. `kv_format`: a name of `KV_FORMATS` (a
+        quantized one adds a float32 scale per kv head of each pool, MLA one per token), or the bytes per value
+        of a float cache."""
+        if isinstance(kv_format, str):
+            if kv_format not in KV_FORMATS:
+                raise ValueError(f"unknown KV cache format {kv_format!r}; choose from {sorted(KV_FORMATS)}")
+            value_bytes, scale_bytes = KV_FORMATS[kv_format]
+        else:
+            value_bytes, scale_bytes = kv_format, 0
+        values, scales = ((self.kv_lora_rank + self.qk_rope_head_dim, 1) if self.attention == "mla"
+                          else (2 * self.num_kv_heads * self.head_dim, 2 * self.num_kv_heads))
+        return (values * value_bytes + scales * scale_bytes) * self.num_layers
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -249,10 +264,13 @@ def _hf_rope(hf: dict[str, Any]) -> dict[str, Any]:
 
 def _refuse_unsupported(hf: dict[str, Any]) -> None:
     """Fields no runtime family implements, refused by name (they would load silently wrong)."""
-    if hf.get("quantization_config"):
-        method = hf["quantization_config"].get("quant_method", "?")
-        raise ValueError(f"quantization_config (quant_method {method!r}) is not supported yet: the loader reads "
-                         f"float checkpoints (F32/F16/BF16) only")
+    qc = hf.get("quantization_config")
+    if qc:  # how the weights are stored, read by `moejax.checkpoint.quantized`; other methods are refused here
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+        if method not in CHECKPOINT_QUANT_METHODS:
+            raise ValueError(f"quantization_config (quant_method {method!r}) is not supported: the loader reads "
+                             f"{', '.join(CHECKPOINT_QUANT_METHODS)} quantized checkpoints and float ones "
+                             f"(F32/F16/BF16)")
     act = hf.get("hidden_act", "silu")
     if hf.get("model_type") != "gpt_oss" and act != "silu":
         raise ValueError(f"hidden_act {act!r} is not supported (only 'silu')")

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from moejax.kv_cache import pool_parts
+
 GiB = 2**30
 
 
@@ -47,10 +49,10 @@ def check_fits(what: str, bytes_per_device: int, devices, hint: str) -> None:
 
 
 def sharded_bytes(shape: tuple[int, ...], dtype, named_sharding: jax.sharding.NamedSharding) -> int:
-    """Bytes of one device's shard of an array of `shape` and `dtype` placed with `named_sharding` (int4: half a
+    """Bytes of one device's shard of an array of `shape` and `dtype` placed with `named_sharding` (int4, fp4: half a
     byte per value, as XLA packs it)."""
     values = math.prod(named_sharding.shard_shape(tuple(shape)))
-    return -(-values // 2) if np.dtype(dtype).name == "int4" else values * np.dtype(dtype).itemsize
+    return -(-values // 2) if np.dtype(dtype).name in ("int4", "float4_e2m1fn") else values * np.dtype(dtype).itemsize
 
 
 def weight_bytes(module, mesh: jax.sharding.Mesh) -> int:
@@ -72,15 +74,16 @@ def check_weights_fit(module, mesh: jax.sharding.Mesh) -> None:
 
 def kv_cache_bytes(steps, num_pages: int, page_size: int, dtype) -> int:
     """Bytes per device of the KV pools `steps.new_cache(num_pages, page_size, dtype)` would allocate
-    (`moejax.steps.Steps`).
+    (`moejax.steps.Steps`; `dtype` a float dtype or a quantized KV cache dtype, "fp8" / "int8").
 
     The pools' shapes come from tracing `new_cache` abstractly (nothing is allocated); each pool is laid out by
     the attention kind's axes (`Steps.cache_axes`: pages over the batch shards, kv heads over `tensor` (an MLA
-    latent is replicated over it), layers over `stage`).
+    latent is replicated over it), layers over `stage`); a quantized pool's scales are counted with its values.
     """
     pools = jax.eval_shape(lambda: steps.new_cache(num_pages, page_size, dtype))
-    return sum(sharded_bytes(pool.shape, pool.dtype, steps.named(axes))
-               for pool, axes in zip(pools, steps.cache_axes, strict=True))
+    return sum(sharded_bytes(part.shape, part.dtype, steps.named(part_axes))
+               for pool, axes in zip(pools, steps.cache_axes, strict=True)
+               for part, part_axes in pool_parts(pool, axes))
 
 
 def _host_available_bytes() -> int | None:

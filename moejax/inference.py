@@ -21,6 +21,7 @@ from moejax.distributed import fetch
 from moejax.engine.engine import Engine, ServeConfig
 from moejax.engine.sampling import SamplingParams, check_context, check_int, check_prompt
 from moejax.fit import check_weights_fit
+from moejax.kv_cache import check_kv_cache_dtype
 from moejax.mesh import Layout, make_mesh
 from moejax.sharding import EXPERT_MODES, Parallelism, expert_mode_of
 from moejax.weights import RandomSource, WeightSource, abstract_model, place
@@ -55,7 +56,12 @@ class Model:
         "replicated_attention" (`moejax.sharding`). ep_attention: its deprecated name (values "data",
         "replicated"), accepted for one release.
       exchange: the dp_attention mode's token exchange (`moejax.sharding.EXCHANGES`).
-      quantization: quantize the weights at load, weight-only ("int8", "fp8", "int4": `moejax.quant`), or None.
+      quantization: quantize the weights at load, weight-only ("int8", "fp8", "int4": `moejax.quant`), or None: the
+        checkpoint's own (a quantized checkpoint's values and scales as stored: `moejax.checkpoint.quantized`), else
+        float. A name given for a quantized checkpoint quantizes its dequantized weights again.
+      kv_cache_dtype: the KV cache's format in this model's engines (`generate`, and an `Engine` whose
+        `ServeConfig.kv_cache_dtype` is None): "fp8" / "int8" (1 byte per value and a scale, `moejax.kv_cache`),
+        or None (the serving dtype).
 
     Every parallel choice is one `Parallelism` (`self.par`), checked before any device work.
     """
@@ -64,10 +70,12 @@ class Model:
 
     def __init__(self, cfg: ModelConfig, source: WeightSource, layout: Layout | str = "DP1",
                  dtype: str = "float32", moe_strategy: str = "auto", devices=None, expert_mode: str = "dp_attention",
-                 exchange: str = "auto", ep_attention: str | None = None, quantization: str | None = None):
+                 exchange: str = "auto", ep_attention: str | None = None, quantization: str | None = None,
+                 kv_cache_dtype: str | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         quant.scheme(quantization)  # an unknown name is refused before any device work
+        self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         self.cfg = cfg
         layout = Layout.parse(layout).validate(cfg)
         if ep_attention is not None and expert_mode == EXPERT_MODES[0]:
@@ -76,6 +84,9 @@ class Model:
         self.mesh = make_mesh(layout, devices)
         self.par = par.checked(native.mesh_platform(self.mesh))  # before any device work
         self.dtype = DTYPES[dtype]
+        if quantization is None:  # a quantized checkpoint's own scheme: values and scales loaded as stored
+            quantization = getattr(source, "quantization", None)
+        self.quantization = quantization
         with jax.set_mesh(self.mesh):
             abstract = abstract_model(cfg, par, self.dtype, quantization)
             check_weights_fit(abstract, self.mesh)  # before any placement: refuse with the numbers

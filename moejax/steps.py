@@ -3,8 +3,8 @@
 `Steps` is the one handle on a placed model's weights: the module's graph (`graphdef`, static: the config, the
 geometry and the `Parallelism`) and its placed arrays (`params`, a nested dict) with their partition specs
 (`param_specs`). Inside each step the module is merged from the two (`nnx.merge`, at trace time only). The KV
-cache is a plain tuple of global arrays (the attention kind's pools), donated to the step, so writing a token
-updates the pools in place.
+cache is a plain tuple of the attention kind's pools, each a global array or a `moejax.kv_cache.QuantizedPool`
+(1-byte values and their float32 scales), donated to the step, so writing a token updates the pools in place.
 Each function is compiled once per input shape (callers bucket shapes).
 
 Every `shard_map` runs with `check_vma=True`: JAX checks that what the out_specs call replicated is (a missing
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from moejax import manual, native
+from moejax import kv_cache, manual, native
 from moejax.model.attention import CACHE_PREFIX
 from moejax.model.layers import argmax
 from moejax.model.transformer import Transformer
@@ -55,7 +55,6 @@ class Steps:
         # pool [L_cache, pages, page_size, 1, R + r]); layers over `stage`, pages over the batch shards.
         self.cache_axes = tuple(CACHE_PREFIX + axes for _, axes in model.cache_layout())
         self._cache_tails = tuple(shape for shape, _ in model.cache_layout())
-        self.cache_specs = tuple(self.spec(axes) for axes in self.cache_axes)
         self.platform = native.mesh_platform(mesh)
         self.check_vma = manual.checks_replication(self.platform, self.par.moe_strategy)
         self.forward = jax.jit(self._forward)
@@ -92,11 +91,30 @@ class Steps:
         """Zeroed KV page pools, one per `cache_shapes(...)` entry (the attention kind's layout); layers split over
         `stage`, pages over the batch shards, kv heads over `tensor` (an MLA latent is replicated over it).
 
+        dtype: the pools' float dtype (default the serving dtype), or a quantized KV cache dtype
+        (`moejax.config.KV_CACHE_DTYPES`: each pool a `moejax.kv_cache.QuantizedPool`, 1-byte values of these
+        shapes and a float32 scale per vector along the last axis, split like the values).
+
         Stacked over layers (one buffer per pool), so the decoder's layer scan writes and gathers a
         layer's pages in place inside the loop (the pools are loop state and donated to the step)."""
         dtype = dtype or self.params["embed"].dtype
-        return tuple(jax.jit(partial(jnp.zeros, shape, dtype), out_shardings=self.named(axes))()
-                     for shape, axes in zip(self.cache_shapes(num_pages, page_size), self.cache_axes, strict=True))
+
+        def zeros(shape, dtype_, axes):
+            return jax.jit(partial(jnp.zeros, shape, dtype_), out_shardings=self.named(axes))()
+
+        def pool(shape, axes):
+            if isinstance(dtype, str) and dtype in kv_cache.STORAGE:
+                return kv_cache.QuantizedPool(zeros(shape, kv_cache.STORAGE[dtype], axes),
+                                              zeros(shape[:-1], jnp.float32, axes[:-1]))
+            return zeros(shape, dtype, axes)
+
+        return tuple(pool(shape, axes) for shape, axes in
+                     zip(self.cache_shapes(num_pages, page_size), self.cache_axes, strict=True))
+
+    def cache_specs_of(self, cache):
+        """The partition specs of a cache's pools, in its structure (a quantized pool's values and scales)."""
+        return tuple(kv_cache.pool_specs(pool, axes, self.spec) for pool, axes in
+                     zip(cache, self.cache_axes, strict=True))
 
     def new_activations(self, rows: int, num_tokens: int, dtype=None):
         """Zeroed in-flight activations of a pipeline, [stages, rows, num_tokens, D] (rows over `batch`)."""
@@ -136,10 +154,10 @@ class Steps:
         def body(params_, cache_, tokens_, pos_, table_, index_):
             return self._model(params_).run(tokens_, pos_, cache_, table_, logits_index_B=index_)
 
-        batch = self.spec(BATCH)
+        batch, cache_specs = self.spec(BATCH), self.cache_specs_of(cache)
         fn = jax.shard_map(body, mesh=self.mesh,
-                           in_specs=(self.param_specs, self.cache_specs, batch, batch, batch, self.spec(TOKENS)),
-                           out_specs=(self.spec(("batch", "vocab")), self.cache_specs), check_vma=self.check_vma)
+                           in_specs=(self.param_specs, cache_specs, batch, batch, batch, self.spec(TOKENS)),
+                           out_specs=(self.spec(("batch", "vocab")), cache_specs), check_vma=self.check_vma)
         logits_BV, cache = fn(params, cache, tokens_BT, pos_BT, page_table_BP, logits_index_B)
         logits_BV = self._gathered(logits_BV)
         return logits_BV, argmax(logits_BV), cache
@@ -165,11 +183,11 @@ class Steps:
                 tokens_[0], pos_[0], x_[0, :B], cache_, table_[0], index_[0], active_[0])
             return logits_, x_.at[0, :B].set(x_next), cache_
 
-        staged, x_spec = self.spec(STAGED), self.spec(ACTIVATIONS)
+        staged, x_spec, cache_specs = self.spec(STAGED), self.spec(ACTIVATIONS), self.cache_specs_of(cache)
         fn = jax.shard_map(body, mesh=self.mesh,
-                           in_specs=(self.param_specs, self.cache_specs, x_spec, staged, staged, staged,
+                           in_specs=(self.param_specs, cache_specs, x_spec, staged, staged, staged,
                                      self.spec(STAGED_TOKENS), self.spec(("layers",))),
-                           out_specs=(self.spec(("batch", "vocab")), x_spec, self.cache_specs),
+                           out_specs=(self.spec(("batch", "vocab")), x_spec, cache_specs),
                            check_vma=self.check_vma)
         logits_BV, x_SRTD, cache = fn(params, cache, x_SRTD, tokens_SBT, pos_SBT, page_table_SBP,
                                       logits_index_SB, active_S)

@@ -55,7 +55,7 @@ from moejax.engine.batch import NONFINITE, Microbatch, Pipeline
 from moejax.engine.sampling import SamplingParams, check_context, check_prompt
 from moejax.engine.scheduler import Request, RequestId, Scheduler, Work
 from moejax.fit import check_fits, kv_cache_bytes
-from moejax.kv_cache import PageAllocator, pages_for
+from moejax.kv_cache import PageAllocator, check_kv_cache_dtype, pages_for
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 _INT32_MAX = 2**31 - 1  # counts, lengths and page ids are packed into the int32 call batch
@@ -80,6 +80,9 @@ class ServeConfig:
       microbatches: microbatch groups the running requests are split into, taking turns at the
         pipeline's first stage; None: one per pipeline stage (1 without pipeline parallelism).
         max_running must be a multiple of data groups x microbatches.
+      kv_cache_dtype: the KV pools' format: None (the model's `kv_cache_dtype`, by default the serving dtype),
+        "fp8" (float8_e4m3fn) or "int8": 1 byte per value and a float32 scale per (token, kv head)
+        (`moejax.kv_cache`).
 
     Every field is checked on construction (ValueError naming the field, the value and the allowed
     range). Integers may be Python or numpy integers (stored as `int`), never booleans; every count
@@ -98,6 +101,7 @@ class ServeConfig:
     seed: int = 0
     max_finished_retained: int = 1024
     microbatches: int | None = None
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self):
         for name, lo in (("max_running", 1), ("page_size", 1), ("num_pages", 1), ("chunk_size", 1),
@@ -112,6 +116,7 @@ class ServeConfig:
                                                  "; or None: one per pipeline stage"))
         if self.decode_buckets is not None:
             self._set("decode_buckets", _check_buckets(self.decode_buckets))
+        check_kv_cache_dtype(self.kv_cache_dtype, "ServeConfig.kv_cache_dtype")
 
     def _set(self, name: str, value) -> None:
         object.__setattr__(self, name, value)  # frozen: normalise in place during construction
@@ -188,15 +193,19 @@ class Engine:
         self.slots = config.max_running // (self.groups * self.microbatches)  # per data group and microbatch group
         self.decode_buckets = tuple(sorted(config.decode_buckets or _powers_of_two(self.slots)))
         self.pages_per_seq = pages_for(self.max_len, config.page_size)
+        # The pools' format: the config's, else the model's (`moejax.load(..., kv_cache_dtype=...)`), else float.
+        self.kv_cache_dtype = config.kv_cache_dtype or getattr(model, "kv_cache_dtype", None)
+        pool_dtype = self.kv_cache_dtype or model.dtype
         check_fits(f"the KV cache ({config.num_pages} pages of {config.page_size} tokens per data group)",
-                   kv_cache_bytes(steps, config.num_pages * self.groups, config.page_size, model.dtype),
+                   kv_cache_bytes(steps, config.num_pages * self.groups, config.page_size, pool_dtype),
                    steps.mesh.devices.flat,
-                   "lower ServeConfig.num_pages or page_size, or use a layout with more tensor or stage devices "
-                   "(they split the pools)")
+                   "lower ServeConfig.num_pages or page_size"
+                   + ", use kv_cache_dtype 'fp8' or 'int8' (1 byte per value)" * (self.kv_cache_dtype is None)
+                   + ", or use a layout with more tensor or stage devices (they split the pools)")
         self.allocator = PageAllocator(self.groups, config.num_pages)
         self.scheduler = Scheduler(self.allocator, config.page_size, self.slots, config.chunk_size,
                                    config.max_prefill_seqs, self.microbatches)
-        self.cache = steps.new_cache(config.num_pages * self.groups, config.page_size, model.dtype)
+        self.cache = steps.new_cache(config.num_pages * self.groups, config.page_size, pool_dtype)
         self._fn = batch_lib.sampled_step(steps)
         self._batch_sharding = steps.named(steps_lib.BATCH)
         # Pipelined (stages and microbatches > 1): the prefill and the decode pipelines, each with its

@@ -45,7 +45,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int_in(1, MAX_DEVICES), required=True,
                    help=f"number of devices N (1 to {MAX_DEVICES:_})")
     p.add_argument("--precision", default="bf16", choices=PRECISIONS, help="weight format of linear layers")
-    p.add_argument("--kv-precision", default="bf16", choices=sorted(KV_BYTES), help="KV-cache format")
+    p.add_argument("--kv-precision", default="bf16", choices=sorted(KV_BYTES),
+                   help="KV-cache format (fp8 / int8: the runtime's --kv-cache-dtype, scales counted)")
     p.add_argument("--isl", type=int_in(1), default=1024, help="prompt tokens per request")
     p.add_argument("--osl", type=int_in(1), default=256, help="output tokens per request")
     p.add_argument("--target-tps-user", type=real_in(0.0), default=20.0, help="rank at tokens/s/user >= this")

@@ -57,7 +57,7 @@ def alone():
     memo = {}
 
     def run(engine, prompt, params):
-        key = (id(engine.model), tuple(prompt), params)
+        key = (id(engine.model), engine.kv_cache_dtype, tuple(prompt), params)
         if key not in memo:
             assert not engine.has_unfinished()
             memo[key] = (engine.model, engine.generate([list(prompt)], params)[0])  # the model kept: its id stays its

@@ -115,7 +115,8 @@ def test_kv_bytes_per_token_are_the_config_s_formula(name):
     cfg, w = load_model_config(name), Workload(kv_precision="bf16")
     assert kv_bytes_per_token_layer(cfg, Layout(), w) * cfg.num_layers == cfg.kv_bytes_per_token(2)
     assert kv_bytes_per_token_layer(cfg, Layout(), w) == KV_BY_HAND[name]
-    assert kv_bytes_per_token_layer(cfg, Layout(), Workload(kv_precision="fp8")) == KV_BY_HAND[name] / 2
+    scales = 4 * (1 if cfg.attention == "mla" else 2 * cfg.num_kv_heads)  # a float32 scale per token (and kv head)
+    assert kv_bytes_per_token_layer(cfg, Layout(), Workload(kv_precision="fp8")) == KV_BY_HAND[name] / 2 + scales
     for t in (2, 8, 16):
         sized = stored_config(cfg, Layout(tensor=t))  # the cost model's view: kv heads replicated up to TP
         split = kv_bytes_per_token_layer(sized, Layout(tensor=t), w)
