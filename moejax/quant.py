@@ -12,8 +12,11 @@ Post-training, weight-only (`moejax.load(..., quantization=...)`, `--quantizatio
   a multiple of the block (or whose shards are not) falls back to one block.
 
 What is quantized: every matmul weight of the layers (attention projections, MLA's down- and output projections,
-routed / shared experts, dense FFNs) and the unembedding. Kept in the serving dtype: the embedding (a gather),
-norms, biases, the router (numerics policy: expert choice), MLA's kv up-projection (absorbed into the query).
+routed / shared experts, dense FFNs). Kept in the serving dtype: the embedding (a gather), the unembedding, norms,
+biases, the router (numerics policy: expert choice), MLA's kv up-projection (absorbed into the query).
+
+A quantized checkpoint's own scheme (`Scheme(stored=True)`, `moejax.checkpoint.quantized`: FP8 block-scaled,
+MXFP4, compressed-tensors) covers the tensors it stores quantized, values and scales loaded as stored.
 
 Scales are computed from the whole contracted extent of each output channel (`weights.place` reads it), never
 from one device's shard, so a quantized model is the same on every layout. Values are dequantized into the
@@ -38,24 +41,38 @@ INT4_BLOCK = 128
 
 @dataclass(frozen=True)
 class Scheme:
-    """How one quantization stores a weight: its qwix qtype, storage dtype and block along the contracted dims."""
+    """How one quantization stores a weight: its qwix qtype, storage dtype and block along the contracted dims.
+
+    Post-training schemes (`SCHEMES`) quantize every matmul weight; a checkpoint's own (`stored=True`, from
+    `moejax.checkpoint.quantized`) covers the canonical tensors it stores quantized (`names`), with the
+    checkpoint's block along the contracted dim (None: one scale per output channel, or per tensor)."""
 
     name: str
     qtype: object
     block: int | None  # along the (last) contracted dim; None: one scale per output channel
+    stored: bool = False  # the checkpoint's values and scales, loaded as stored (not quantized here)
+    names: frozenset[str] | None = None  # canonical tensors it covers; None: every quantizable weight
+    fmt: str = ""  # a stored scheme's checkpoint format, for messages ("fp8 blocks of 128x128", "mxfp4")
 
     @property
     def bytes_per_value(self) -> float:
-        return 0.5 if self.name == "int4" else 1.0
+        return 0.5 if self.qtype in (jnp.int4, jnp.float4_e2m1fn) else 1.0
+
+    def quantizes(self, name: str) -> bool:
+        """Whether canonical tensor `name` (declared as a matmul weight) is quantized under this scheme."""
+        return self.names is None or name in self.names
+
+    def describe(self) -> str:
+        return self.fmt or self.name
 
 
 SCHEMES = {"int8": Scheme("int8", jnp.int8, None), "fp8": Scheme("fp8", jnp.float8_e4m3fn, None),
            "int4": Scheme("int4", jnp.int4, INT4_BLOCK)}
 
 
-def scheme(name: str | None) -> Scheme | None:
-    if name is None:
-        return None
+def scheme(name: str | Scheme | None) -> Scheme | None:
+    if name is None or isinstance(name, Scheme):
+        return name
     if name not in SCHEMES:
         raise ValueError(f"unknown quantization {name!r}; choose from {QUANTIZATIONS} (or None for the checkpoint's "
                          f"float weights)")
@@ -68,7 +85,7 @@ class Quantized(nnx.Module):
     (a blocked contracted dim's scale splits like the dim; a per-channel one is replicated)."""
 
     def __init__(self, shape, axes, dtype, contracted: tuple[int, ...], sch: Scheme, blocks: tuple[int, ...]):
-        self.contracted, self.qtype, self.scheme_name = contracted, sch.qtype, sch.name
+        self.contracted, self.qtype, self.scheme, self.axes = contracted, sch.qtype, sch, tuple(axes)
         scale_shape = tuple(blocks[contracted.index(d)] if d in contracted else n for d, n in enumerate(shape))
         scale_axes = tuple((a if blocks[contracted.index(d)] > 1 else None) if d in contracted else a
                            for d, a in enumerate(axes))
@@ -107,9 +124,9 @@ def quantize_block(block: np.ndarray, contracted: tuple[int, ...], sch: Scheme, 
 
 
 def bytes_of(tree) -> int:
-    """Bytes of the arrays in a pytree (quantized values count their storage: int4 half a byte)."""
+    """Bytes of the arrays in a pytree (quantized values count their storage: int4 and fp4 half a byte)."""
     total = 0
     for a in jax.tree.leaves(tree):
         n = int(np.prod(a.shape))
-        total += n // 2 if a.dtype == jnp.int4 else n * a.dtype.itemsize
+        total += n // 2 if a.dtype in (jnp.int4, jnp.float4_e2m1fn) else n * a.dtype.itemsize
     return total

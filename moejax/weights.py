@@ -66,6 +66,24 @@ def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple
     return out
 
 
+def quantized_shapes(cfg: ModelConfig, scheme) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Canonical name -> (values shape, scale shape), without the layer axis, of each weight `scheme` (a
+    `moejax.quant.Scheme`) quantizes, at the trivial layout: the layout-independent scale resolution (a stored
+    scheme's tiles of gcd(block, dim)), which any layout's tiles divide."""
+    from moejax.mesh import Layout
+    from moejax.quant import Quantized
+
+    model = abstract_model(cfg, Layout(), np.float32, scheme)
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, Quantized):
+            stacked = str(path[0]) in STACKS
+            name = ".".join(str(p) for p in (path[1:] if stacked else path))
+            values, scale = tuple(node.values.get_value().shape), tuple(node.scale.get_value().shape)
+            out[name] = (values[1:], scale[1:]) if stacked else (values, scale)
+    return out
+
+
 def parameter_count(cfg: ModelConfig) -> int:
     """Parameters of the checkpoint (canonical tensors, every layer that carries them; no padding)."""
     return sum(math.prod(shape) * (len(layers) if layers is not None else 1)
@@ -105,24 +123,24 @@ def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> 
         inner_axes, inner_shape = (float_axes[1:], float_shape[1:]) if stacked else (float_axes, float_shape)
         limit = canonical[name][0]  # checkpoint sizes; stored dims beyond them are zero padding
 
-        def read(layer: int | None, index: Index, out: np.ndarray) -> None:
-            """Fill `out` (zeroed, this weight's block of one layer) from the source."""
+        def read(layer: int | None, index: Index, out: np.ndarray, src) -> None:
+            """Fill `out` (zeroed, this weight's block of one layer) from the source `src`."""
             if stacked and layer is None:  # a padding layer: zero weights make it an exact identity
                 return
             kept = tuple(_clip(s, n, c, axis == "kv_heads")
                          for s, n, c, axis in zip(index, inner_shape, limit, inner_axes, strict=True))
             if all(k is not None for k in kept):
-                _read_kv(source, name, layer, tuple(k[0] for k in kept), inner_axes, kv_repeat,
+                _read_kv(src, name, layer, tuple(k[0] for k in kept), inner_axes, kv_repeat,
                          out[tuple(slice(0, k[1]) for k in kept)])
 
-        def float_shard(index: Index, block_dtype) -> np.ndarray:
+        def float_shard(index: Index, block_dtype, src=source) -> np.ndarray:
             block = _aligned_zeros(tuple(len(range(*s.indices(n))) for s, n in zip(index, float_shape, strict=True)),
                                    block_dtype)
             if not stacked:
-                read(None, index, block)
+                read(None, index, block, src)
             else:
                 for i, slot in enumerate(range(*index[0].indices(float_shape[0]))):
-                    read(layer_of_slot.get(slot), index[1:], block[i])
+                    read(layer_of_slot.get(slot), index[1:], block[i], src)
             return block
 
         def quantized_shard(index: Index) -> np.ndarray:
@@ -132,7 +150,7 @@ def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> 
             whole = tuple(slice(None) if d in qmod.contracted else s for d, s in enumerate(index))
             blocks = tuple(scale_shape[d] for d in qmod.contracted)
             values, scale = quant.quantize_block(float_shard(whole, np.float32), qmod.contracted,
-                                                 quant.SCHEMES[qmod.scheme_name], blocks, dtype if part == "scale"
+                                                 qmod.scheme, blocks, dtype if part == "scale"
                                                  else qmod.scale.get_value().dtype)
             picked = values if part == "values" else scale
             local = picked[tuple(s if d in qmod.contracted else slice(None) for d, s in enumerate(index))]
@@ -140,12 +158,48 @@ def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> 
             out[...] = local
             return out
 
-        shard = quantized_shard if part is not None else lambda index: float_shard(index, dtype)
+        def stored_shard(index: Index) -> np.ndarray:
+            """A checkpoint's own quantized values, or its scales: each element's, one per tile of the scale."""
+            if part == "values":
+                return float_shard(index, dtype, _StoredPart(source, "values", dtype))
+            tiles = [n // m for n, m in zip(float_shape, shape, strict=True)]  # 1 but along tiled contracted dims
+            bounds = [s.indices(n)[:2] for s, n in zip(index, shape, strict=True)]
+            elements = tuple(slice(a * t, b * t) for (a, b), t in zip(bounds, tiles, strict=True))
+            per_element = float_shard(elements, np.float32, _StoredPart(source, "scale", np.float32))
+            picked = per_element[tuple(slice(None, None, t) for t in tiles)]
+            out = _aligned_zeros(picked.shape, dtype)
+            out[...] = picked
+            return out
+
+        if part is None:
+            shard = lambda index: float_shard(index, dtype)  # noqa: E731
+        elif qmod.scheme.stored:
+            if not hasattr(source, "read_quantized_into"):
+                raise ValueError(f"{name}: the model declares the checkpoint's {qmod.scheme.describe()} weights, but "
+                                 f"the weight source {type(source).__name__} serves no quantized tensors")
+            shard = stored_shard
+        else:
+            shard = quantized_shard
         return _assemble(shape, model.par.named(mesh, axes), shard)
 
     values = {path: build(path, var) for path, var in _variables(state)}
     state = jax.tree_util.tree_map_with_path(lambda p, v: values.get(p, v), state)
     return nnx.merge(graphdef, state)
+
+
+class _StoredPart:
+    """A quantized source's stored values, or per-element scales, of its quantized tensors, served as a source."""
+
+    def __init__(self, source, part: str, dtype):
+        self.source, self.part, self.dtype = source, part, np.dtype(dtype)
+
+    def read_into(self, name, layer, index, out):
+        return self.source.read_quantized_into(name, self.part, layer, index, out)
+
+    def read(self, name, layer, index):
+        shape = self.source.canonical[name][0]
+        out = np.empty([len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True)], self.dtype)
+        return self.read_into(name, layer, index, out)
 
 
 def _assemble(shape, named_sharding, shard) -> jax.Array:

@@ -88,7 +88,7 @@ def _hf_dict(family: str, **overrides) -> dict:
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("quantization_config", {"quant_method": "fp8"}, "quantization_config .quant_method 'fp8'. is not supported"),
+    ("quantization_config", {"quant_method": "awq"}, "quantization_config .quant_method 'awq'. is not supported"),
     ("hidden_act", "gelu", "hidden_act 'gelu' is not supported"),
     ("mlp_only_layers", [1], "mlp_only_layers=.1. .dense FFN layers among the MoE layers. is not supported"),
     ("decoder_sparse_step", 2, "decoder_sparse_step=2 .MoE every few layers. is not supported"),

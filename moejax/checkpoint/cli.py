@@ -66,16 +66,17 @@ def run(args: argparse.Namespace) -> int:
     source.cfg.check_runtime_support()
     load_tokenizer(hf)  # a tokenizer.json that cannot be read is refused here, not at the first --prompt
     files = text_files(hf)
-    dtype = args.dtype or store.source_dtype(source)
+    dtype = args.dtype or store.source_dtype(source)  # of the float tensors: quantized ones are kept as stored
     origin = {"kind": "huggingface", "path": str(hf.absolute()),
               "files": sorted({entry.file.name for entry in source.files.values()})}
-    total = store.total_bytes(source.cfg, dtype)
+    total = store.total_bytes(source.cfg, dtype, source.quantization)
     start = time.perf_counter()
     with _progress(total, enabled=not args.no_progress) as advance:
         store.save(out, source, source.cfg, dtype=dtype, origin=origin, progress=advance, files=files)
+    quantized = f" ({source.quantization.describe()} weights as stored)" if source.quantization else ""
     copied = f", with {', '.join(f.name for f in files)}" if files else ", no tokenizer files found"
     print(f"wrote {out}: model {source.cfg.name or source.cfg.family}, {len(source.canonical)} tensors, "
-          f"{total / 2**20:.1f} MiB as {dtype}{copied}, in {time.perf_counter() - start:.1f} s")
+          f"{total / 2**20:.1f} MiB as {dtype}{quantized}{copied}, in {time.perf_counter() - start:.1f} s")
     return 0
 
 

@@ -32,9 +32,14 @@ import numpy as np
 
 INDEX = "model.safetensors.index.json"
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+# The storage types of quantized checkpoints' values and scales (`moejax.checkpoint.quantized`): read, and
+# accepted by the loader only where the checkpoint's quantization_config puts them.
+QUANTIZED_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "I8": np.int8, "U8": np.uint8,
+                    "F8_E8M0": ml_dtypes.float8_e8m0fnu}
+STORED_DTYPES = DTYPES | QUANTIZED_DTYPES
 # Other safetensors dtypes: known to the format, refused by the loader (itemsize for the span check).
-_NOT_FLOAT = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8}
-_UNSUPPORTED = {"C64", "F4", "F6_E2M3", "F6_E3M2", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
+_NOT_FLOAT = {"BOOL": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8}
+_UNSUPPORTED = {"C64", "F4", "F6_E2M3", "F6_E3M2", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 _MAX_JSON_BYTES = 100_000_000
 
@@ -174,8 +179,8 @@ def _entry(file: Path, name: str, info: Any, data_start: int, data_size: int) ->
         raise bad(f"has a negative dimension in shape {shape}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
         raise bad(f"has data_offsets {offsets!r}, not a list of two integers [start, end]")
-    if dtype in DTYPES:
-        itemsize = np.dtype(DTYPES[dtype]).itemsize
+    if dtype in STORED_DTYPES:
+        itemsize = np.dtype(STORED_DTYPES[dtype]).itemsize
     elif dtype in _NOT_FLOAT:
         raise bad(f"has dtype {dtype}, which is not a floating type (expected one of {sorted(DTYPES)})")
     elif dtype in _UNSUPPORTED:
@@ -196,7 +201,7 @@ def _entry(file: Path, name: str, info: Any, data_start: int, data_size: int) ->
 
 
 def _check_overlaps(file: Path, entries: dict[str, TensorEntry], data_start: int) -> None:
-    spans = sorted((e.offset, e.offset + math.prod(e.shape) * np.dtype(DTYPES[e.dtype]).itemsize, name)
+    spans = sorted((e.offset, e.offset + math.prod(e.shape) * np.dtype(STORED_DTYPES[e.dtype]).itemsize, name)
                    for name, e in entries.items() if math.prod(e.shape))
     for (s0, e0, a), (s1, e1, b) in zip(spans, spans[1:], strict=False):
         if s1 < e0:
@@ -273,7 +278,7 @@ def _merge(headers: dict[str, dict[str, TensorEntry]], path: Path, note: str) ->
 
 def open_tensor(name: str, entry: TensorEntry) -> np.ndarray:
     """A read-only memory-mapped view of one stored tensor (bytes are read only when sliced)."""
-    dtype = DTYPES[entry.dtype]
+    dtype = STORED_DTYPES[entry.dtype]
     if math.prod(entry.shape) == 0:
         return np.zeros(entry.shape, dtype)
     try:
@@ -289,7 +294,7 @@ def read_rows(name: str, entry: TensorEntry, start: int, stop: int) -> np.ndarra
     Read into the array rather than through a memory map: a mapped file's pages count in the process's
     resident memory while it is mapped, a read's pages are only the kernel's cache.
     """
-    out = np.empty((stop - start, *entry.shape[1:]), DTYPES[entry.dtype])
+    out = np.empty((stop - start, *entry.shape[1:]), STORED_DTYPES[entry.dtype])
     if out.size == 0:
         return out
     buffer = memoryview(out.reshape(-1).view(np.uint8))

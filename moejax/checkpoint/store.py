@@ -38,6 +38,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
@@ -55,7 +57,7 @@ from etils import epath
 from moejax.checkpoint.hf import HFSource
 from moejax.checkpoint.safetensors_files import CheckpointError, all_finite, read_json
 from moejax.config import ModelConfig
-from moejax.weights import canonical_shapes, parameter_count
+from moejax.weights import canonical_shapes, quantized_shapes
 
 FORMAT = "moejax.canonical"
 FORMAT_VERSION = 2  # 2: the fingerprint tensor
@@ -66,6 +68,9 @@ READ_BYTES = 2 << 20  # a slice is read in pieces of about this size (see OrbaxS
 OCDBT_CACHE_BYTES = 16 << 20  # B-tree nodes kept while reading (orbax's own default is 100 MB)
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+QUANTIZED_STORAGE = ("F8_E4M3", "I8", "U8", "F8_E8M0")  # a quantized checkpoint's values (and E8M0 scales)
+_SCALE_SUFFIXES = ("_scale_inv", "_scale", "_scales")
+SCALE = ".scale"  # a quantized tensor's scales: the tensor `name + SCALE`, one per tile (`weights.quantized_shapes`)
 _ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
 _TMP_SUFFIXES = (".moejax-tmp", ".orbax-checkpoint-tmp")  # save's staging directory; orbax's own (older writes)
 
@@ -102,8 +107,12 @@ def read_config(path: str | Path) -> ModelConfig:
 
 
 def source_dtype(source) -> str:
-    """The one floating dtype every tensor of a Hugging Face checkpoint is stored in (for convert's default)."""
-    found = sorted({entry.dtype for entry in source.files.values()})
+    """The one floating dtype every float tensor of a Hugging Face checkpoint is stored in (for convert's default;
+    a quantized checkpoint's values and scales are kept as they are)."""
+    found = sorted({entry.dtype for entry in source.files.values()} - set(QUANTIZED_STORAGE))
+    if getattr(source, "quantization", None) is not None:  # its float tensors; scales may be F32 beside BF16 ones
+        found = sorted({e.dtype for n, e in source.files.items() if not n.endswith(_SCALE_SUFFIXES)}
+                       - set(QUANTIZED_STORAGE))
     if len(found) == 1 and found[0] in _SAFETENSORS_DTYPES:
         return _SAFETENSORS_DTYPES[found[0]]
     raise CheckpointError(f"checkpoint {source.path} stores tensors as {', '.join(found)}; choose the stored dtype "
@@ -146,17 +155,21 @@ def save(path: str | Path, source, cfg: ModelConfig, dtype: str = "float32", ori
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     stored = DTYPES[dtype]
+    scheme = getattr(source, "quantization", None)
+    quantization = _scheme_meta(scheme)
     checkpoint_id = uuid.uuid4().hex
-    fingerprint = _fingerprint(cfg, dtype, checkpoint_id)
+    fingerprint = _fingerprint(cfg, dtype, checkpoint_id, quantization)
     item = {FINGERPRINT: _Tensor(FINGERPRINT, (len(fingerprint),), np.dtype(np.uint8), None, _Bytes(fingerprint))}
     save_args = {FINGERPRINT: ocp.SaveArgs()}
-    for name, (shape, layers) in canonical_shapes(cfg).items():
+    for name, shape, layers, tensor_dtype, reader in _stored_tensors(cfg, scheme, stored, source):
         full = (len(layers), *shape) if layers is not None else shape
-        item[name] = _Tensor(name, full, stored, layers, source)
+        item[name] = _Tensor(name, full, tensor_dtype, layers, reader)
         save_args[name] = ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=(0,) if layers is not None else ())
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "dtype": dtype,
             "checkpoint_id": checkpoint_id, "source": origin or {},
             "written_by": {p: _version(p) for p in ("moejax", "orbax-checkpoint")}}
+    if quantization:
+        meta["quantization"] = quantization
     streaming = _StreamingHandler(progress)
     registry = ocp.type_handlers.create_type_handler_registry(
         (_Tensor, streaming), (jax.Array, ocp.type_handlers.ArrayHandler()))  # the latter: unused
@@ -190,14 +203,76 @@ def _partial_writes(path: Path) -> list[Path]:
     return sorted(p for suffix in _TMP_SUFFIXES for p in path.parent.glob(f"{path.name}{suffix}*"))
 
 
-def _fingerprint(cfg: ModelConfig, dtype: str, checkpoint_id: str) -> bytes:
-    """sha256 of what the metadata says about the data: the checkpoint id, config, dtype, tensor names and shapes."""
+def _fingerprint(cfg: ModelConfig, dtype: str, checkpoint_id: str, quantization: dict | None = None) -> bytes:
+    """sha256 of what the metadata says about the data: the checkpoint id, config, dtype, tensor names and shapes
+    (and the quantization, for a quantized checkpoint)."""
     every = tuple(range(cfg.num_layers))  # written as `true`, as before tensors had layer sets: same fingerprints
     tensors = {name: [list(shape), layers == every or (list(layers) if layers else False)]
                for name, (shape, layers) in canonical_shapes(cfg).items()}
-    text = json.dumps({"id": checkpoint_id, "config": dataclasses.asdict(cfg), "dtype": dtype, "tensors": tensors},
-                      sort_keys=True)
-    return hashlib.sha256(text.encode()).digest()
+    fields = {"id": checkpoint_id, "config": dataclasses.asdict(cfg), "dtype": dtype, "tensors": tensors}
+    if quantization:
+        fields["quantization"] = quantization
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
+
+
+def _scheme_meta(scheme) -> dict | None:
+    """A stored quantization scheme (`moejax.quant.Scheme`) as metadata, or None."""
+    if scheme is None:
+        return None
+    return {"precision": scheme.name, "qtype": np.dtype(scheme.qtype).name, "block": scheme.block,
+            "fmt": scheme.fmt, "names": sorted(scheme.names or ())}
+
+
+def _scheme_of(meta: dict | None):
+    """The stored `moejax.quant.Scheme` of a checkpoint's metadata entry, or None."""
+    if not meta:
+        return None
+    from moejax.quant import Scheme
+
+    return Scheme(meta["precision"], jnp.dtype(meta["qtype"]).type, meta["block"], stored=True,
+                  names=frozenset(meta["names"]), fmt=meta["fmt"])
+
+
+def _stored_tensors(cfg: ModelConfig, scheme, stored: np.dtype, source):
+    """(name, shape without the layer axis, layers, dtype, reader) of every tensor a checkpoint stores: each
+    canonical tensor in `stored`, or, quantized, its values in their type and its scales (float32, one per tile)."""
+    quantized = quantized_shapes(cfg, scheme) if scheme is not None else {}
+    for name, (shape, layers) in canonical_shapes(cfg).items():
+        if name not in quantized:
+            yield name, shape, layers, stored, source
+            continue
+        values, scale = quantized[name]
+        yield name, shape, layers, np.dtype(scheme.qtype), _QuantizedPart(source, "values", np.dtype(scheme.qtype))
+        tiles = tuple(v // s for v, s in zip(values, scale, strict=True))
+        yield name + SCALE, scale, layers, np.dtype(np.float32), _ScaleTiles(source, name, tiles)
+
+
+class _QuantizedPart:
+    """A quantized source's stored values, as a source (`read`)."""
+
+    def __init__(self, source, part: str, dtype):
+        self.source, self.part, self.dtype = source, part, dtype
+
+    def read(self, name: str, layer: int | None, index: Index) -> np.ndarray:
+        shape = self.source.canonical[name][0]
+        out = np.empty([len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True)], self.dtype)
+        return self.source.read_quantized_into(name, self.part, layer, index, out)
+
+
+class _ScaleTiles:
+    """A quantized tensor's scales, one per tile (`tiles`: elements per tile along each dim), from a source's
+    per-element scales."""
+
+    def __init__(self, source, name: str, tiles: tuple[int, ...]):
+        self.source, self.name, self.tiles = source, name, tiles
+
+    def read(self, name: str, layer: int | None, index: Index) -> np.ndarray:
+        shape = self.source.canonical[self.name][0]
+        bounds = [s.indices(n // t)[:2] for s, n, t in zip(index, shape, self.tiles, strict=True)]
+        elements = tuple(slice(a * t, b * t) for (a, b), t in zip(bounds, self.tiles, strict=True))
+        out = np.empty([(b - a) * t for (a, b), t in zip(bounds, self.tiles, strict=True)], np.float32)
+        self.source.read_quantized_into(self.name, "scale", layer, elements, out)
+        return out[tuple(slice(None, None, t) for t in self.tiles)]
 
 
 class _Bytes:
@@ -222,9 +297,11 @@ def _orbax_errors_raised_not_logged():
         logger.setLevel(level)
 
 
-def total_bytes(cfg: ModelConfig, dtype: str) -> int:
-    """Bytes of every canonical tensor of `cfg` stored as `dtype` (what `save` writes, before compression)."""
-    return parameter_count(cfg) * DTYPES[dtype].itemsize
+def total_bytes(cfg: ModelConfig, dtype: str, scheme=None) -> int:
+    """Bytes of every canonical tensor of `cfg` stored as `dtype`, or quantized as stored under `scheme` (what
+    `save` writes, before compression)."""
+    return sum(math.prod(shape) * (len(layers) if layers is not None else 1) * tensor_dtype.itemsize
+               for _, shape, layers, tensor_dtype, _ in _stored_tensors(cfg, scheme, DTYPES[dtype], None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,18 +416,62 @@ class OrbaxSource:
         self.canonical = canonical_shapes(self.cfg)
         self._row = {name: {layer: i for i, layer in enumerate(layers)}  # global layer -> its row of the stack
                      for name, (_, layers) in self.canonical.items() if layers is not None}
+        try:
+            self.quantization = _scheme_of(self.meta.get("quantization"))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {self.path}: its quantization metadata is malformed ({err!r})") from None
+        self._expected = {name: ((len(layers), *shape) if layers is not None else tuple(shape), tensor_dtype)
+                          for name, shape, layers, tensor_dtype, _ in _stored_tensors(
+                              self.cfg, self.quantization, DTYPES[self.dtype], None)}
+        # stored quantized: the ones the model declares quantized (a scheme's tensor the model keeps float, MLA's
+        # kv_b, was written dequantized)
+        self.quantized = {name for name in self._expected if name + SCALE in self._expected}
+        self._tiles = {name: tuple(v // t for v, t in zip(self._expected[name][0], self._expected[name + SCALE][0],
+                                                          strict=True))[1:] for name in self.quantized}
+        for name in self.quantized:
+            self._row[name + SCALE] = self._row[name]
         names = _stored_names(self.path, data)
-        self._stores = {name: self._open(name) for name in names if name in self.canonical}
+        self._stores = {name: self._open(name) for name in names if name in self._expected}
         self._check([n for n in names if n != FINGERPRINT])
         self._check_fingerprint(FINGERPRINT in names)
 
     def read(self, name: str, layer: int | None, index: Index) -> np.ndarray:
         shape = self._stores[name].shape[0 if layer is None else 1:]
-        out = np.empty([len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True)], DTYPES[self.dtype])
+        dtype = np.float32 if name in self.quantized else DTYPES[self.dtype]
+        out = np.empty([len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True)], dtype)
         return self.read_into(name, layer, index, out)
 
     def read_into(self, name: str, layer: int | None, index: Index, out: np.ndarray) -> np.ndarray:
-        """Fill `out` with the slice `index` of tensor `name` (of `layer`), read in pieces of whole chunks.
+        """Fill `out` with the slice `index` of canonical tensor `name` (of `layer`); a quantized one dequantized."""
+        if name not in self.quantized:
+            return self._read_stored(name, layer, index, out)
+        values = self._read_stored(name, layer, index, np.empty(out.shape, self._expected[name][1]))
+        scale = self.read_quantized_into(name, "scale", layer, index, np.empty(out.shape, np.float32))
+        out[...] = values.astype(np.float32) * scale
+        return out
+
+    def read_quantized_into(self, name: str, part: str, layer: int | None, index: Index,
+                            out: np.ndarray) -> np.ndarray:
+        """A quantized canonical tensor as stored: `part` "values" (their type) or "scale" (each element's scale,
+        float32, same shape as the values), sliced by `index` in canonical coordinates."""
+        if name not in self.quantized:
+            raise KeyError(f"{name} is not stored quantized in {self.path}")
+        if part == "values":
+            return self._read_stored(name, layer, index, out)
+        tiles = self._tiles[name]
+        bounds = [s.indices(n)[:2] for s, n in zip(index, self.canonical[name][0], strict=True)]
+        first = tuple(slice(a // t, -(-b // t)) for (a, b), t in zip(bounds, tiles, strict=True))
+        block = self._read_stored(name + SCALE, layer, first,
+                                  np.empty([s.stop - s.start for s in first], np.float32))
+        for axis, ((a, b), t) in enumerate(zip(bounds, tiles, strict=True)):  # one scale per element, then cut
+            if t > 1:
+                block = np.repeat(block, t, axis=axis)
+            block = block.take(range(a - (a // t) * t, b - (a // t) * t), axis=axis)
+        out[...] = block
+        return out
+
+    def _read_stored(self, name: str, layer: int | None, index: Index, out: np.ndarray) -> np.ndarray:
+        """Fill `out` with the slice `index` of stored tensor `name` (of `layer`), read in pieces of whole chunks.
 
         tensorstore decodes every chunk a read touches and holds them until the read is done, so a slice is
         read in pieces of about `READ_BYTES` cut along the first axis its chunks split, at chunk boundaries:
@@ -383,16 +504,15 @@ class OrbaxSource:
 
     def _check(self, names: list[str]) -> None:
         """Stored tensors (listed `names`, opened `_stores`) against the config's canonical tensors."""
-        expected = {name: ((len(layers), *shape) if layers is not None else tuple(shape))
-                    for name, (shape, layers) in self.canonical.items()}
+        expected = {name: shape for name, (shape, _) in self._expected.items()}
         problems = [f"missing tensor {n} (expected shape {expected[n]})" for n in sorted(set(expected) - set(names))]
         problems += [f"unexpected tensor {n}" for n in sorted(set(names) - set(expected))]
         for n, store in sorted(self._stores.items()):
             dtype = store.dtype.numpy_dtype
             if tuple(store.shape) != expected[n]:
                 problems.append(f"{n}: expected shape {expected[n]}, found {tuple(store.shape)}")
-            elif dtype != DTYPES[self.dtype]:
-                problems.append(f"{n}: expected dtype {self.dtype}, found {dtype}")
+            elif dtype != self._expected[n][1]:
+                problems.append(f"{n}: expected dtype {self._expected[n][1]}, found {dtype}")
         if problems:
             more = f"; and {len(problems) - 20} more" if len(problems) > 20 else ""
             raise CheckpointError(f"checkpoint {self.path} does not match its config ({self.cfg.family}, "
@@ -410,7 +530,8 @@ class OrbaxSource:
             raise CheckpointError(f"checkpoint {self.path}: tensor {FINGERPRINT} cannot be read: {_ts_message(err)}") \
                 from None
         checkpoint_id = self.meta.get("checkpoint_id")
-        if not isinstance(checkpoint_id, str) or found != _fingerprint(self.cfg, self.dtype, checkpoint_id):
+        if not isinstance(checkpoint_id, str) or found != _fingerprint(self.cfg, self.dtype, checkpoint_id,
+                                                                        self.meta.get("quantization")):
             raise CheckpointError(
                 f"checkpoint {self.path}: its metadata ({self.path / '_METADATA'}: model {self.cfg.name or '?'}, "
                 f"{self.cfg.family}) was not written with its tensors (the fingerprint stored with the tensors "

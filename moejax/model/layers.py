@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import native, quant
+from moejax.model import fp8_matmul
 
 
 def declare(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.Param:
@@ -31,12 +32,20 @@ def declare_weight(shape, axes, dtype, contracted: tuple[int, ...], sch: quant.S
     """A matmul weight: an `nnx.Param` in `dtype`, or `Quantized` under a quantization scheme.
 
     contracted: the dims the matmul contracts (indices into `shape`). shards: dim -> shards that split it (to
-    keep a blocked dim's blocks inside one shard); None: unsplit."""
+    keep a blocked dim's blocks inside one shard); None: unsplit. Blocks run along the last contracted dim:
+    post-training int4 takes blocks of `sch.block` where every shard holds whole ones (else one block);
+    a checkpoint's blocks (`sch.stored`) are tiled by gcd(block, the dim's shard), so every tile lies inside
+    one stored block and one shard, and its scale is that block's (exact, whatever the layout)."""
     if sch is None:
         return declare(shape, axes, dtype)
     blocks = []
     for d in contracted:
         local = shape[d] // (shards or {}).get(d, 1)
+        if sch.stored:
+            tiled = sch.block is not None and d == contracted[-1]
+            blocks.append(shape[d] // math.gcd(sch.block, local) if tiled else
+                          (shape[d] if sch.block is not None else 1))
+            continue
         blocked = sch.block and local % sch.block == 0 and d == contracted[-1]
         blocks.append(shape[d] // sch.block if blocked else 1)
     return quant.Quantized(shape, axes, dtype, tuple(contracted), sch, tuple(blocks))
@@ -63,11 +72,15 @@ def project(x, w, layer=None, contract: int = 1):
     `layer` is None. On CPU in float32 the native kernel reads the layer's weight in place, where
     XLA:CPU would copy the dynamic slice first (`at_layer`) and run a slower dot: few rows (decode)
     stream the weight, many rows (prefill) run packed panels (at 256 rows x 512 x 512: 426 against
-    285 GFLOP/s on two AVX-512 cores, docs/benchmarks.md); else XLA's dot on `at_layer`.
+    285 GFLOP/s on two AVX-512 cores, docs/benchmarks.md); else XLA's dot on `at_layer`. A quantized weight's
+    layer slice is dequantized into x's dtype, or, FP8 in a GPU program, multiplied in FP8 with x quantized on
+    the fly (W8A8: `moejax.model.fp8_matmul`).
     """
     if isinstance(w, quant.Quantized):  # dequantize the layer's slice (no native kernel: it takes float32)
-        w = quant.dense(w.qarray()[layer] if layer is not None else w.qarray(), x.dtype)
-        layer = None
+        w = w.qarray()[layer] if layer is not None else w.qarray()
+        if fp8_matmul.applies(x, w):  # FP8 weights in a GPU program: W8A8 on FP8 GEMMs
+            return fp8_matmul.matmul(x, w, contract)
+        w, layer = quant.dense(w, x.dtype), None
     w = w[...] if isinstance(w, nnx.Param) else w
     if layer is None:
         w, layer = w[None], 0

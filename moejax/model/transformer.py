@@ -38,6 +38,7 @@ from moejax.model.layers import at_layer, declare, project, rms_norm
 from moejax.model.mla import MLA
 from moejax.model.moe import MoE
 from moejax.model.rope import Rope
+from moejax.quant import Quantized
 from moejax.sharding import Parallelism
 
 
@@ -131,6 +132,12 @@ class Block(nnx.Module):
             self.moe = MoE(cfg, par, L, geo.ffn, geo.shared_ffn, dtype, quant)
         else:
             self.mlp = DenseFFN(cfg, par, L, geo.dense_ffn, dtype, quant)
+        if quant is not None and quant.names is not None:  # a checkpoint's scheme: what it stores in float stays float
+            for prefix in ("attn", "moe", "mlp"):
+                module = getattr(self, prefix, None)
+                for attr, value in list(vars(module).items()) if module is not None else ():
+                    if isinstance(value, Quantized) and not quant.quantizes(f"{prefix}.{attr}"):
+                        setattr(module, attr, declare(value.shape, value.axes, value.dtype))
 
     def __call__(self, layer, x_BTD, pos_BT, rope, cache, page_table_BP, eps, cache_layer, windowed):
         h_BTD = rms_norm(x_BTD, at_layer(self.attn_norm, layer), eps)

@@ -65,6 +65,14 @@ def interleaved(parity: int) -> Form:
 EVEN, ODD = interleaved(0), interleaved(1)
 
 
+def interleaved_rows(parity: int) -> Form:
+    """[2F, R] with two tensors' rows interleaved, transposed (gpt-oss MXFP4 gate_up: torch's [out, in]) -> [R, F]."""
+    return Form(lambda c: (2 * c[1], c[0]), lambda a, c: a[parity::2].T, 1, lambda c: 2)
+
+
+EVEN_ROWS, ODD_ROWS = interleaved_rows(0), interleaved_rows(1)
+
+
 def stored_shape(stored: Stored, canonical: Shape) -> Shape:
     """The shape of the stored tensor (one expert's, for one tensor per expert) holding canonical shape `canonical`."""
     if isinstance(stored.form, Form):
