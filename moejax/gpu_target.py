@@ -11,7 +11,9 @@ real program (sm_90a for H100) with nothing placed anywhere. What that shows wit
 - memory per device (`compiled.memory_analysis()`: arguments, outputs, aliased, temporaries);
 - the collectives one step runs (`moejax.bench.comm`, on the optimised HLO: async and ragged forms included);
 - the matmul FLOPs of the program (`dot_flops`: XLA's cost analysis is not available on this path), by
-  block, so the routed experts' FLOPs can be set beside the ideal.
+  block, so the routed experts' FLOPs can be set beside the ideal;
+- the FP8 GEMMs of an FP8-quantized model (`fp8_gemms`, `dot_flops`'s "fp8"): the W8A8 path of
+  `moejax.model.fp8_matmul`, as Triton GEMM fusions over f8 operands or cuBLASLt's `__cublas$lt$matmul$f8`.
 
 Invariants: weights, KV pools and batches are `ShapeDtypeStruct`s from the model's own declarations (the
 abstract `Transformer` that `moejax.weights.place` fills for a real run) and `Steps`' own specs; the programs
@@ -45,7 +47,8 @@ PHASES = ("prefill", "decode", "engine")
 # Sorts of >= 32,768 elements use CUB's radix sort, whose scratch size XLA asks of a live device; with no device
 # it cannot compile them. XLA's own sort is used instead: compile-time only, a real GPU run keeps CUB's.
 COMPILER_OPTIONS = {"xla_gpu_enable_cub_radix_sort": False}
-_GEMM_CALLS = ("__cublas$gemm", "__cublas$lt$matmul")
+_GEMM_CALLS = ("__cublas$gemm", "__cublas$lt$matmul")  # the second also matches "__cublas$lt$matmul$f8"
+FP8_GEMM_CALL = "__cublas$lt$matmul$f8"  # cuBLASLt's FP8 GEMM (XLA's name for it; with Triton GEMMs off)
 EXPERTS_SCOPE = "moe/experts"
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
@@ -136,11 +139,12 @@ class Shapes:
 
 
 def abstract_steps(cfg, layout, mesh, dtype="bfloat16", moe_strategy: str = "auto",
-                   expert_mode: str = "dp_attention", exchange: str = "auto"):
+                   expert_mode: str = "dp_attention", exchange: str = "auto", quantization: str | None = None):
     """`moejax.steps.Steps` for `cfg` on `mesh` with abstract weights (nothing placed) and their shardings.
 
     The weights are the model's own declarations (`moejax.weights.abstract_model`, what `place` fills for a real
-    run); returns (steps, params) with params the `Steps.params` tree as ShapeDtypeStructs in `Steps.param_specs`.
+    run; `quantization`: a post-training weight quantization, `moejax.quant`); returns (steps, params) with params
+    the `Steps.params` tree as ShapeDtypeStructs in `Steps.param_specs`.
     """
     from moejax import steps as steps_lib
     from moejax.sharding import Parallelism, expert_mode_of
@@ -148,7 +152,7 @@ def abstract_steps(cfg, layout, mesh, dtype="bfloat16", moe_strategy: str = "aut
 
     par = Parallelism(layout, expert_mode_of(expert_mode), moe_strategy, exchange)
     with jax.set_mesh(mesh):
-        module = abstract_model(cfg, par, DTYPES[dtype])
+        module = abstract_model(cfg, par, DTYPES[dtype], quantization)
     steps = steps_lib.Steps(module, mesh)
     abstract = lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(mesh, spec))  # noqa: E731
     params = jax.tree.map(abstract, steps.params, steps.param_specs)
@@ -215,8 +219,8 @@ def dot_flops(text: str) -> dict:
     Counts `dot`s (in any computation: fusions, loop bodies), cuBLAS GEMM custom calls and the Pallas grouped-GEMM
     kernels of the "pallas" MoE strategy (Triton custom calls: every block of their static grid, the bound the
     kernels skip unused blocks under), with the module docstring's loop and conditional conventions. Returns
-    {"total", "experts" (under the `moe/experts` scope: the routed experts), "unknown_loops" (loops of unknown
-    trip count holding dots, counted once)}.
+    {"total", "experts" (under the `moe/experts` scope: the routed experts), "fp8" (FP8 GEMMs: `fp8_gemms`),
+    "unknown_loops" (loops of unknown trip count holding dots, counted once)}.
     """
     from moejax.bench.comm import _arrays, branches, callees, loop_body, parse_module
 
@@ -255,6 +259,7 @@ def dot_flops(text: str) -> dict:
                 f = flops(name, ins)
                 total["total"] += f
                 total["experts"] += f if experts else 0.0
+                total["fp8"] += f if _fp8_gemm(types[name], ins) else 0.0
             elif ins.opcode == "while":
                 body, trip = loop_body(ins.attrs)
                 inner = visit(body, experts) if body else Counter()
@@ -272,7 +277,40 @@ def dot_flops(text: str) -> dict:
         return total
 
     result = visit(entry, False)
-    return {"total": result["total"], "experts": result["experts"], "unknown_loops": int(result["unknown_loops"])}
+    return {"total": result["total"], "experts": result["experts"], "fp8": result["fp8"],
+            "unknown_loops": int(result["unknown_loops"])}
+
+
+def _fp8_gemm(types: dict, ins) -> bool:
+    """Whether an instruction is an FP8 GEMM: cuBLASLt's FP8 call, or a `dot` of two float8 operands (the form of
+    a Triton GEMM fusion's dot, and of a dot XLA has not rewritten yet)."""
+    if ins.opcode == "custom-call":
+        return f'custom_call_target="{FP8_GEMM_CALL}"' in ins.attrs
+    if ins.opcode != "dot":
+        return False
+    operands = re.findall(r"%([\w.\-]+)", ins.attrs.split(")", 1)[0])[:2]
+    return len(operands) == 2 and all(types.get(o, "").startswith("f8") for o in operands)
+
+
+def fp8_gemms(text: str) -> dict[str, int]:
+    """The FP8 GEMMs of a compiled module, each instruction once (not per execution): op name -> count, the op
+    named as the HLO writes it: "__cublas$lt$matmul$f8" (a cuBLASLt custom call) or "dot(f8e4m3fn, f8e4m3fn)"
+    (operand types; inside a Triton GEMM fusion, the form a deviceless H100 compile picks)."""
+    from moejax.bench.comm import _arrays, parse_module
+
+    comps, _, _ = parse_module(text)
+    found: Counter = Counter()
+    for comp in comps.values():
+        types = {i.name: i.type for i in comp}
+        for ins in comp:
+            if not _fp8_gemm(types, ins):
+                continue
+            if ins.opcode == "custom-call":
+                found[FP8_GEMM_CALL] += 1
+            else:
+                operands = re.findall(r"%([\w.\-]+)", ins.attrs.split(")", 1)[0])[:2]
+                found[f"dot({', '.join(_arrays(types[o])[0][0] for o in operands)})"] += 1
+    return dict(sorted(found.items()))
 
 
 # ---- one (model, layout) on a target --------------------------------------------------------------------
@@ -300,6 +338,9 @@ class Result:
     custom_calls: list = field(default_factory=list)
     flops: float = 0.0
     expert_flops: float = 0.0
+    fp8_flops: float = 0.0  # of `flops`, those of FP8 GEMMs
+    fp8_gemms: dict = field(default_factory=dict)  # op name -> FP8 GEMM instructions in the program (`fp8_gemms`)
+    quantization: str | None = None  # the weights' post-training quantization (`moejax.quant`), None: float
     unknown_loops: int = 0
     tokens: int = 0  # tokens per batch shard
     compile_s: float = 0.0
@@ -322,9 +363,10 @@ def hlo_instructions(text: str) -> int:
 
 def compile_layout(cfg, layout, target: str = "h100-sxm", shapes: Shapes | None = None, phases=PHASES,
                    dtype: str = "bfloat16", moe_strategy: str = "auto", expert_mode: str = "dp_attention",
-                   exchange: str = "auto") -> list[Result]:
+                   exchange: str = "auto", quantization: str | None = None) -> list[Result]:
     """Compile each phase of `cfg` on `layout` for `target`; one `Result` per phase (a failure is a Result with
-    `ok` False and XLA's message, not an exception). Bad names or shapes raise ValueError first."""
+    `ok` False and XLA's message, not an exception). Bad names or shapes raise ValueError first.
+    `quantization`: the weights' post-training quantization ("fp8" runs W8A8 on FP8 GEMMs: `fp8_matmul`)."""
     from moejax.bench import comm
     from moejax.mesh import Layout
 
@@ -334,11 +376,12 @@ def compile_layout(cfg, layout, target: str = "h100-sxm", shapes: Shapes | None 
     if bad or not phases:
         raise ValueError(f"phases must be some of {PHASES}, got {list(phases)}")
     mesh = target_mesh(target, layout)
-    steps, params = abstract_steps(cfg, layout, mesh, dtype, moe_strategy, expert_mode, exchange)
+    steps, params = abstract_steps(cfg, layout, mesh, dtype, moe_strategy, expert_mode, exchange, quantization)
     weights = comm.weight_shapes(type("Abstract", (), {"params": params}))
     out = []
     for phase in phases:
-        res = Result(cfg.name, str(layout), phase, target, expert_mode, exchange, moe_strategy, ok=False)
+        res = Result(cfg.name, str(layout), phase, target, expert_mode, exchange, moe_strategy, ok=False,
+                     quantization=quantization)
         fn, args, res.tokens = program(steps, params, shapes, phase)
         t0 = time.perf_counter()
         try:
@@ -360,14 +403,15 @@ def compile_layout(cfg, layout, target: str = "h100-sxm", shapes: Shapes | None 
         res.custom_calls = custom_calls(text)
         counted = dot_flops(text)
         res.flops, res.expert_flops, res.unknown_loops = counted["total"], counted["experts"], counted["unknown_loops"]
-        res.planner = planner_figures(cfg, layout, target, shapes, phase, res.tokens, expert_mode, steps)
+        res.fp8_flops, res.fp8_gemms = counted["fp8"], fp8_gemms(text)
+        res.planner = planner_figures(cfg, layout, target, shapes, phase, res.tokens, expert_mode, steps, quantization)
         res.ok = True
         out.append(res)
     return out
 
 
 def planner_figures(cfg, layout, target: str, shapes: Shapes, phase: str, tokens: int, expert_mode: str,
-                    steps) -> dict:
+                    steps, quantization: str | None = None) -> dict:
     """The planner's figures for the same program: memory per device (weights + KV + workspace), the collective
     bytes one device sends (`moejax.bench.comm.planner_volume`), and the ideal routed-expert FLOPs per device
     (routed tokens x 2 x D x F x 3 over the devices splitting the experts, on the heaviest stage)."""
@@ -380,7 +424,7 @@ def planner_figures(cfg, layout, target: str, shapes: Shapes, phase: str, tokens
     act = 2.0 if steps.params["embed"].dtype != jnp.float32 else 4.0
     precision = {2.0: "bf16", 4.0: "fp32"}[act]
     workload = Workload(isl=max(1, shapes.context // 2), osl=shapes.context - max(1, shapes.context // 2),
-                        precision=precision, kv_precision=precision, act_bytes=act)
+                        precision=quantization or precision, kv_precision=precision, act_bytes=act)
     fit = memory_fit(cfg, layout, hw, workload, Options(expert_mode=expert_mode), shapes.batch, shapes.chunk)
     pipelined = phase == "engine" and layout.stage > 1
     volume = planner_volume(cfg, layout, expert_mode, tokens, act, hw, pipelined=pipelined)

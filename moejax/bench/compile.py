@@ -16,6 +16,12 @@ nothing placed. Per program (prefill, decode, the engine's step) it prints memor
 planner's, collective bytes beside the planner's, and the routed experts' FLOPs beside the ideal:
 
     moejax bench compile --target h100-sxm --model qwen3-30b-a3b --layouts DP1,EP8,TP4EP2 --json
+
+With `--quantization` (int8, fp8, int4: weights quantized at load, `moejax.quant`) the model's weights are
+quantized; with a target it also prints the FP8 GEMMs the program holds (op name: count of instructions, as the
+HLO names them) and their share of the matmul FLOPs (an fp8 model runs W8A8 on GPUs: `moejax.model.fp8_matmul`):
+
+    moejax bench compile --target h100-sxm --model qwen3-30b-a3b-tiny --quantization fp8 --fp8-gemm --phases decode
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ import sys
 import time
 
 from moejax.args import Parser, expert_mode, int_in, read_model_config, run_main
+from moejax.config import QUANTIZATIONS
 from moejax.gpu_target import hlo_instructions
 
 
 def measure(model_name: str, layout: str, serve_overrides: dict | None = None,
-            expert_mode: str = "dp_attention") -> dict:
+            expert_mode: str = "dp_attention", quantization: str | None = None) -> dict:
     """Place, warm up and size one (model, layout); returns the figures as a dict."""
     import jax
 
@@ -40,7 +47,7 @@ def measure(model_name: str, layout: str, serve_overrides: dict | None = None,
 
     cfg = moejax.load_model_config(model_name)
     t0 = time.perf_counter()
-    model = moejax.Model.random(cfg, layout=layout, expert_mode=expert_mode)
+    model = moejax.Model.random(cfg, layout=layout, expert_mode=expert_mode, quantization=quantization)
     jax.block_until_ready(model.params)
     place_s = time.perf_counter() - t0
     engine = moejax.Engine(model, moejax.ServeConfig(**(serve_overrides or {})))
@@ -48,7 +55,7 @@ def measure(model_name: str, layout: str, serve_overrides: dict | None = None,
     engine.warmup()
     warmup_s = time.perf_counter() - t0
     text = engine.compiled_step("decode", engine.decode_buckets[0]).as_text()
-    return {"model": cfg.name, "layout": str(model.layout), "expert_mode": expert_mode,
+    return {"model": cfg.name, "layout": str(model.layout), "expert_mode": expert_mode, "quantization": quantization,
             "experts": cfg.num_experts, "layers": cfg.num_layers,
             "place_s": round(place_s, 2), "warmup_s": round(warmup_s, 2),
             "shapes": 1 + len(engine.decode_buckets), "decode_hlo_instructions": hlo_instructions(text),
@@ -74,7 +81,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--chunk", type=int_in(1), default=512,
                    help="with --target: prefill tokens per step per batch shard")
     p.add_argument("--json", action="store_true", help="with --target: print one JSON object per program")
+    p.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
+                   help="quantize the weights at load (weight-only)")
+    p.add_argument("--fp8-gemm", action="store_true",
+                   help="with --target and --quantization fp8: run fp8 weights as W8A8 on FP8 GEMMs "
+                        "(moejax.model.fp8_matmul; opt-in: it copies the weights, see its doc)")
     args = p.parse_args(argv)
+    if args.fp8_gemm:
+        from moejax.model import fp8_matmul
+
+        fp8_matmul.PLATFORMS = ("gpu",)
     layouts = [x for x in args.layouts.split(",") if x]
     if not layouts:
         p.error("--layouts is empty")
@@ -92,7 +108,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={need}".strip()
     print(f"{'layout':<12} {'place s':>8} {'warm-up s':>10} {'HLO instr':>10} {'peak RSS GiB':>13}")
     for layout in layouts:
-        row = measure(args.model, layout, expert_mode=args.expert_mode)
+        row = measure(args.model, layout, expert_mode=args.expert_mode, quantization=args.quantization)
         print(f"{row['layout']:<12} {row['place_s']:>8.2f} {row['warmup_s']:>10.2f} "
               f"{row['decode_hlo_instructions']:>10} {row['peak_rss_gib']:>13.2f}", flush=True)
         if args.out:
@@ -135,7 +151,7 @@ def run_target(p: argparse.ArgumentParser, args, layouts: list[str]) -> int:
     failed = 0
     for layout in layouts:
         for res in gpu_target.compile_layout(cfg, layout, args.target, shapes, phases, args.dtype, args.moe_strategy,
-                                             args.expert_mode, args.exchange):
+                                             args.expert_mode, args.exchange, args.quantization):
             failed += not res.ok
             row = res.as_dict()
             if args.json:
@@ -156,7 +172,14 @@ def _target_line(res) -> str:
     return (f"{res.layout:<12} {res.phase:<8} {res.total_bytes / 2**30:>8.2f} {pl['memory_bytes'] / 2**30:>8.2f} "
             f"{res.collective_bytes / 1e6:>9.2f} {pl['collective_bytes'] / 1e6:>9.2f} "
             f"{res.expert_flops / 1e9:>10.1f} {pl['expert_flops'] / 1e9:>9.1f}  {kinds}"
-            + (f" (loops of unknown trip count: {res.unknown_loops}, counted once)" if res.unknown_loops else ""))
+            + (f" (loops of unknown trip count: {res.unknown_loops}, counted once)" if res.unknown_loops else "")
+            + (_fp8_part(res) if res.quantization else ""))
+
+
+def _fp8_part(res) -> str:
+    gemms = ", ".join(f"{op}: {n}" for op, n in res.fp8_gemms.items()) or "none"
+    share = res.fp8_flops / res.flops if res.flops else 0.0
+    return f"; FP8 GEMMs {gemms} ({share:.0%} of matmul FLOPs)"
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import ModelConfig
-from moejax.model.layers import at_layer, declare_weight
+from moejax.model import fp8_matmul
+from moejax.model.fp8_matmul import dot
+from moejax.model.layers import declare_weight
 from moejax.quant import Scheme
 from moejax.sharding import Parallelism
 
@@ -39,11 +41,12 @@ def glu(gate, up, act: tuple = SILU):
 
 
 def swiglu(x_MD, wg_DF, wu_DF, wd_FD, biases=None, act: tuple = SILU):
-    """One SwiGLU FFN (an expert, the shared expert or a dense layer); biases (bg [F], bu [F], bd [D]) or None."""
-    g_MF, u_MF = x_MD @ wg_DF, x_MD @ wu_DF
+    """One SwiGLU FFN (an expert, the shared expert or a dense layer); biases (bg [F], bu [F], bd [D]) or None.
+    A weight may be a quantized slice (`qwix.QArray`): `fp8_matmul.dot` dequantizes it, or runs FP8 (W8A8)."""
+    g_MF, u_MF = dot(x_MD, wg_DF), dot(x_MD, wu_DF)
     if biases is not None:
         g_MF, u_MF = g_MF + biases[0], u_MF + biases[1]
-    y_MD = glu(g_MF, u_MF, act) @ wd_FD
+    y_MD = dot(glu(g_MF, u_MF, act), wd_FD)
     return y_MD if biases is None else y_MD + biases[2]
 
 
@@ -62,5 +65,5 @@ class DenseFFN(nnx.Module):
     def __call__(self, layer, x_BTD, valid_BT=None):
         del valid_BT
         with jax.named_scope("mlp"):
-            y_BTD = swiglu(x_BTD, *(at_layer(w, layer) for w in (self.wg, self.wu, self.wd)))
+            y_BTD = swiglu(x_BTD, *(fp8_matmul.at_layer(w, layer) for w in (self.wg, self.wu, self.wd)))
             return self.par.psum(y_BTD, "shared_ffn")

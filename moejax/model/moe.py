@@ -52,7 +52,7 @@ from flax import nnx
 
 from moejax import manual, native, quant
 from moejax.config import ModelConfig
-from moejax.model import grouped_matmul
+from moejax.model import fp8_matmul, grouped_matmul
 from moejax.model.ffn import SILU, activation_of, glu, swiglu
 from moejax.model.layers import at_layer, declare, declare_weight
 from moejax.model.router import route
@@ -127,8 +127,8 @@ class MoE(nnx.Module):
             with jax.named_scope("moe/shared"):
                 # This device's slice of the shared FFN width (split over tensor, and over expert in
                 # "replicated_attention" mode): a partial sum the combine all-reduce completes; computed once.
-                shared_MD = swiglu(x_MD, at_layer(self.shared_wg, layer), at_layer(self.shared_wu, layer),
-                                   at_layer(self.shared_wd, layer))
+                shared_MD = swiglu(x_MD, *(fp8_matmul.at_layer(w, layer) for w in (self.shared_wg, self.shared_wu,
+                                                                                    self.shared_wd)))
                 if cfg.shared_expert_gate:
                     gate_M = jax.nn.sigmoid(x_MD @ at_layer(self.shared_gate, layer))
                     shared_MD = shared_MD * gate_M[:, None]
@@ -371,7 +371,7 @@ def _expert_rows(x_MD, token_A, gate_A, w, layer, act, cap, y_MD, e, start, coun
     rows_R = jnp.where(in_R, jax.lax.dynamic_slice_in_dim(token_A, start, cap), x_MD.shape[0])
     gate_R = jnp.where(in_R, jax.lax.dynamic_slice_in_dim(gate_A, start, cap), 0)
     x_RD = x_MD.at[rows_R].get(mode="fill", fill_value=0)
-    expert = [quant.dense(a[layer, e], x_MD.dtype) for a in w]  # one expert's slice, dequantized if quantized
+    expert = [a[layer, e] for a in w]  # one expert's slice; quantized: swiglu's fp8_matmul.dot takes it
     out_RD = swiglu(x_RD, *expert[:3], expert[3:] or None, act)
     return y_MD.at[rows_R].add(out_RD * gate_R[:, None], mode="drop")
 
