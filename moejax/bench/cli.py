@@ -37,10 +37,25 @@ from moejax.args import (
     real_in,
 )
 from moejax.bench.results import append_row
+from moejax.config import QUANTIZATIONS
 from moejax.devices import MAX_SIMULATED_DEVICES
 
 MAX_CONFIGS = 10_000
 _GPU_HARDWARE = (("GB200", "gb200-nvl72"), ("B200", "b200"), ("H200", "h200"), ("H100", "h100-sxm"))
+
+
+def _quantizations(text: str) -> tuple[str | None, ...]:
+    """--quantization: comma-separated names, "none" for the float weights (None), in order, each once."""
+    out = []
+    for part in (p.strip().lower() for p in text.split(",")):
+        if part in ("none", "float"):
+            part = None
+        elif part not in QUANTIZATIONS:
+            raise argparse.ArgumentTypeError(f"unknown quantization {part!r}; choose from none, "
+                                             f"{', '.join(QUANTIZATIONS)}")
+        if part not in out:
+            out.append(part)
+    return tuple(out)
 
 
 def _lengths(text: str):
@@ -100,6 +115,9 @@ def add_parsers(subparsers) -> list[argparse.ArgumentParser]:
     sweep.add_argument("--microbatches", type=int_list(1), default=None,
                        help="ServeConfig.microbatches values for layouts with stages (e.g. 1,2,4: 1 is the "
                             "sequential schedule); default: the engine's, one group per stage")
+    sweep.add_argument("--quantization", type=_quantizations, default="none",
+                       help="comma-separated weight quantizations, each run as its own rows: none (the float "
+                            f"weights), {', '.join(QUANTIZATIONS)} (e.g. none,int8,int4)")
     sweep.add_argument("--reference-layout", default=None,
                        help="run this layout first (e.g. DP1) and check every configuration's greedy tokens against it")
     sweep.add_argument("--out", default="out/sweep", help="output folder (resumed when it exists)")
@@ -138,7 +156,9 @@ _MODULES = {
     "native": ("moejax.bench.native_vs_xla", "each native CPU kernel against its pure-XLA fallback"),
     "compile": ("moejax.bench.compile", "time to place and warm up a model per layout, and its program size"),
     "kv": ("moejax.bench.kv_bytes", "KV cache bytes per token: the runtime's pools, the planner's, a GQA cache's"),
+    "kv-quant": ("moejax.bench.kv_quant", "fp8 / int8 KV cache against float KV: greedy tokens, teacher-forced logits"),
     "gpu": ("moejax.bench.gpu", "the first GPU's figures: decode bandwidth, prefill MFU, a sweep, a calibration"),
+    "quant": ("moejax.bench.quant", "post-training quantization: accuracy against float, memory against the planner"),
 }
 
 
@@ -286,7 +306,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
             raise UsageError(f"--layouts all: no layout of {n} devices can run {cfg.name}")
         _start_jax(layouts, args.devices)
     microbatches = tuple(args.microbatches) if args.microbatches else (None,)
-    count = len(layouts) * len(modes) * len(microbatches) * len(args.chunk_sizes) * len(args.max_running)
+    count = (len(layouts) * len(modes) * len(args.quantization) * len(microbatches) * len(args.chunk_sizes)
+             * len(args.max_running))
     if count > MAX_CONFIGS:
         raise UsageError(f"the sweep has {count:_} configurations, more than {MAX_CONFIGS:_}; pass fewer values")
     if args.microbatches and not any(lay.stage > 1 for lay in layouts):
@@ -302,7 +323,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
                      hardware=_resolve_hardware(args, devices[0]), expert_mode=modes, dtype=args.dtype,
                      seed=args.weights_seed, page_size=args.page_size, max_prefill_seqs=args.max_prefill_seqs,
                      decode_buckets=args.decode_buckets, reference_layout=reference[0] if reference else None,
-                     efficiency=args.efficiency, microbatches=microbatches)
+                     efficiency=args.efficiency, microbatches=microbatches, quantization=args.quantization)
     result = run_sweep(spec, out, progress=not args.no_progress, retry_failed=args.retry_failed,
                        plots=not args.no_plot)
     print(format_summary(result))

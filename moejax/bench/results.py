@@ -16,7 +16,8 @@ from pathlib import Path
 from moejax.axes import DEPRECATED_EXPERT_MODES
 
 KEY_FIELDS = ("model", "platform", "layout", "expert_mode_requested", "chunk_size", "max_running", "dtype",
-              "page_size", "max_prefill_seqs", "decode_buckets", "workload_id", "microbatches_requested")
+              "page_size", "max_prefill_seqs", "decode_buckets", "workload_id", "microbatches_requested",
+              "quantization")
 LAYER_SCOPES = ("attn", "moe", "mlp", "ffn", "shared")  # named blocks inside a layer (the planner's per-layer terms)
 
 

@@ -1,9 +1,12 @@
-"""Layout sweep: one workload under many layouts x expert modes x chunk sizes x max-running, measured.
+"""Layout sweep: one workload under many layouts x expert modes x quantizations x chunk sizes x max-running,
+measured.
 
 For each configuration: build the engine on the layout's placed model (placed once per layout and
 expert mode), warm it up (compile time reported apart), read the collectives of its decode step and
 prefill chunk from the compiled HLO (`moejax.bench.comm`), serve the workload's warm-up requests,
-then the measured ones (`moejax.bench.serve`), and append one JSON line.
+then the measured ones (`moejax.bench.serve`), and append one JSON line. A quantization (`moejax.quant`: "int8",
+"fp8", "int4"; None: the float weights) is placed as its own model, and its rows carry it as `quantization` and as
+the planner's weight `precision`.
 
 Output folder (`run_sweep(..., out_dir)`):
 
@@ -39,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moejax import interrupt
+from moejax import interrupt, quant
 from moejax.bench import comm
 from moejax.bench.results import LAYER_SCOPES, append_row, key_of, read_rows, write_tables
 from moejax.bench.serve import Collector, RunResult, serve
@@ -73,6 +76,8 @@ class SweepSpec:
         microbatches: ServeConfig.microbatches values (pipeline microbatch groups); None: the engine's default
             (one per stage). Rows record the value asked for (`microbatches_requested`, part of the key: None
             for rows written before this field) and the groups used (`microbatches`, what the planner reads).
+        quantization: weight quantizations to run (`moejax.load(quantization=...)`); None: the float weights
+            (part of the key: rows written before this field are float rows).
         efficiency: efficiency factors file for the planner's predictions (calibration output).
     """
 
@@ -91,41 +96,51 @@ class SweepSpec:
     reference_layout: Layout | None = None
     efficiency: str | None = None
     microbatches: tuple[int | None, ...] = (None,)
+    quantization: tuple[str | None, ...] = (None,)
 
     def __post_init__(self):
         if self.decode_buckets not in ("pow2", "max"):
             raise ValueError(f"decode_buckets must be 'pow2' or 'max', got {self.decode_buckets!r}")
         if self.dtype not in PRECISION:
             raise ValueError(f"dtype must be one of {sorted(PRECISION)}, got {self.dtype!r}")
-        for name in ("layouts", "chunk_sizes", "max_running", "expert_mode", "microbatches"):
+        for name in ("layouts", "chunk_sizes", "max_running", "expert_mode", "microbatches", "quantization"):
             if not getattr(self, name):
                 raise ValueError(f"SweepSpec.{name} is empty")
+        for q in self.quantization:
+            if q is not None:
+                quant.scheme(q)  # ValueError naming the known ones
 
     @property
     def max_len(self) -> int:
         return self.workload.max_total_len
 
     def configs(self) -> list[dict]:
-        """Every (layout, expert mode, microbatches, chunk, max_running) to run, reference first, as key dicts
-        (no platform). Microbatch values other than the default apply to layouts with stages only."""
+        """Every (layout, expert mode, quantization, microbatches, chunk, max_running) to run, reference first (float
+        weights, unless every run is quantized: then the first quantization), as key dicts (no platform).
+        Microbatch values other than the default apply to layouts with stages only."""
         out = []
         if self.reference_layout is not None:
-            out.append(self._config(self.reference_layout, None, self.chunk_sizes[0], self.max_running[0], None))
+            ref_q = None if None in self.quantization else self.quantization[0]
+            out.append(self._config(self.reference_layout, None, self.chunk_sizes[0], self.max_running[0], None,
+                                    ref_q))
         for layout in self.layouts:
             for mode in self.expert_mode:
-                for m in self.microbatches if layout.stage > 1 else (None,):
-                    for mr in self.max_running:
-                        for chunk in self.chunk_sizes:
-                            cfg = self._config(layout, mode, chunk, mr, m)
-                            if cfg not in out:
-                                out.append(cfg)
+                for q in self.quantization:
+                    for m in self.microbatches if layout.stage > 1 else (None,):
+                        for mr in self.max_running:
+                            for chunk in self.chunk_sizes:
+                                cfg = self._config(layout, mode, chunk, mr, m, q)
+                                if cfg not in out:
+                                    out.append(cfg)
         return out
 
-    def _config(self, layout: Layout, mode: str | None, chunk: int, mr: int, microbatches: int | None) -> dict:
+    def _config(self, layout: Layout, mode: str | None, chunk: int, mr: int, microbatches: int | None,
+                quantization: str | None = None) -> dict:
         return {"model": self.model, "layout": str(layout), "expert_mode_requested": mode or DEFAULT,
                 "chunk_size": chunk, "max_running": mr, "dtype": self.dtype, "page_size": self.page_size,
                 "max_prefill_seqs": self.max_prefill_seqs, "decode_buckets": self.decode_buckets,
-                "workload_id": self.workload.workload_id, "microbatches_requested": microbatches}
+                "workload_id": self.workload.workload_id, "microbatches_requested": microbatches,
+                "quantization": quantization}
 
 
 @dataclass
@@ -214,7 +229,7 @@ def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _Compil
     metrics = result.metrics()
     if metrics["tpot_s"] is None or not metrics["ttft_s"]:
         raise RuntimeError("no request made two tokens, so TPOT is undefined; use output lengths >= 2")
-    cfg, layout = model.cfg, model.layout
+    cfg, layout, quantization = model.cfg, model.layout, model.steps.quantization
     isl, osl = spec.workload.mean_lengths(cfg.vocab_size)
     act_bytes = jax.numpy.dtype(model.dtype).itemsize
     planner = {phase: comm.planner_volume(cfg, layout, model.expert_mode, accounts["tokens"][phase], act_bytes, hw,
@@ -223,7 +238,7 @@ def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _Compil
     device_peak = [d.memory_stats().get("peak_bytes_in_use") for d in model.mesh.devices.flat if d.memory_stats()]
     row = {
         "model": spec.model, "hardware": spec.hardware, "layout": str(layout),
-        "precision": PRECISION[spec.dtype], "kv_precision": PRECISION[spec.dtype],
+        "precision": quantization or PRECISION[spec.dtype], "kv_precision": PRECISION[spec.dtype],
         "batch_size": mr, "chunk_size": chunk, "isl": isl, "osl": osl,
         "ttft_s": metrics["ttft_s"], "tpot_s": metrics["tpot_s"],
         "tokens_per_s_per_device": metrics["tokens_per_s_per_device"],
@@ -234,7 +249,7 @@ def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _Compil
         "workload_id": spec.workload.workload_id, "workload": spec.workload.describe(),
         "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
         "devices": layout.size, "batch_shards": engine.groups, "decode_bucket_sizes": list(engine.decode_buckets),
-        "microbatches_requested": microbatches, "microbatches": engine.microbatches,
+        "microbatches_requested": microbatches, "microbatches": engine.microbatches, "quantization": quantization,
         **{k: v for k, v in metrics.items() if k not in ("ttft_s", "tpot_s", "tokens_per_s_per_device",
                                                          "tokens_per_s_per_user")},
         "warmup_s": warmup_s, "compile_s": compile_s, "compilations": compiles,
@@ -263,12 +278,12 @@ def _predicted(row: dict, hw) -> dict | None:
 # ---- the sweep ---------------------------------------------------------------------------------
 
 
-def _build_model(spec: SweepSpec, layout: str, mode: str | None):
+def _build_model(spec: SweepSpec, layout: str, mode: str | None, quantization: str | None = None):
     from pathlib import Path as _P
 
     import moejax
 
-    kwargs = {"layout": layout, "dtype": spec.dtype}
+    kwargs = {"layout": layout, "dtype": spec.dtype, "quantization": quantization}
     if mode is not None:
         kwargs["expert_mode"] = mode
     if _P(spec.model).is_dir():
@@ -358,7 +373,8 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, progress: bool = True, re
 
 
 def _model_key(spec: SweepSpec, c: dict) -> tuple:
-    return (spec.model, c["layout"], c["expert_mode_requested"], spec.dtype, spec.seed)
+    q = c.get("quantization")  # float models keep the key they always had
+    return (spec.model, c["layout"], c["expert_mode_requested"], spec.dtype, spec.seed) + ((q,) if q else ())
 
 
 def _run_one(spec: SweepSpec, c: dict, models: dict, hw, counter: _CompileCounter, res: SweepResult,
@@ -370,8 +386,10 @@ def _run_one(spec: SweepSpec, c: dict, models: dict, hw, counter: _CompileCounte
         if mk not in models:
             t = time.perf_counter()
             mode = None if c["expert_mode_requested"] == DEFAULT else c["expert_mode_requested"]
-            with phases.phase(f"placing {spec.model} on layout {c['layout']}") if phases else contextlib.nullcontext():
-                models[mk] = (_build_model(spec, c["layout"], mode), time.perf_counter() - t)
+            weights = f" ({c['quantization']} weights)" if c.get("quantization") else ""
+            with (phases.phase(f"placing {spec.model}{weights} on layout {c['layout']}") if phases
+                  else contextlib.nullcontext()):
+                models[mk] = (_build_model(spec, c["layout"], mode, c.get("quantization")), time.perf_counter() - t)
         model, place_s = models[mk]
         groups_used = c["microbatches_requested"] or model.layout.stage  # default: one microbatch group per stage
         unit = batch_shards(model) * groups_used
@@ -407,7 +425,8 @@ def _run_one(spec: SweepSpec, c: dict, models: dict, hw, counter: _CompileCounte
 def _label(c: dict) -> str:
     mode = "" if c["expert_mode_requested"] == DEFAULT else f" ep={c['expert_mode_requested']}"
     groups = "" if c.get("microbatches_requested") is None else f" microbatches {c['microbatches_requested']}"
-    return f"{c['layout']}{mode}{groups} chunk {c['chunk_size']} max_running {c['max_running']}"
+    weights = f" {c['quantization']}" if c.get("quantization") else ""
+    return f"{c['layout']}{mode}{weights}{groups} chunk {c['chunk_size']} max_running {c['max_running']}"
 
 
 class _Progress:
@@ -468,7 +487,7 @@ class _Progress:
 
 def format_summary(res: SweepResult, limit: int = 60) -> str:
     """What `moejax sweep` prints: a row per configuration, token agreement, skips, failures, files, caveat."""
-    head = (f"{'layout':<14} {'ep':<10} {'chunk':>5} {'maxrun':>6} {'tok/s/dev':>9} {'tok/s/user':>10} "
+    head = (f"{'layout':<14} {'ep':<10} {'weights':<7} {'chunk':>5} {'maxrun':>6} {'tok/s/dev':>9} {'tok/s/user':>10} "
             f"{'TTFT ms':>8} {'TPOT ms':>8} {'compile s':>9} {'decode comm B':>13} {'planner B':>10} {'tokens':>6}")
     lines = [head, "-" * len(head)]
     for r in res.rows[:limit]:
@@ -476,7 +495,8 @@ def format_summary(res: SweepResult, limit: int = 60) -> str:
         layers = sum(v for s, v in hlo["by_scope"].items() if s in LAYER_SCOPES)
         ok = {True: "same", False: "DIFF", None: "-"}[r.get("tokens_match_reference")]
         flag = " WEIGHTS MOVE" if hlo["weight_moves"] or r["comm"]["prefill"]["weight_moves"] else ""
-        lines.append(f"{r['layout']:<14} {r['expert_mode']:<10} {r['chunk_size']:>5} {r['max_running']:>6} "
+        lines.append(f"{r['layout']:<14} {r['expert_mode']:<10} {r.get('quantization') or 'float':<7} "
+                     f"{r['chunk_size']:>5} {r['max_running']:>6} "
                      f"{r['tokens_per_s_per_device']:>9.1f} {r['tokens_per_s_per_user']:>10.1f} "
                      f"{r['ttft_s'] * 1e3:>8.1f} {r['tpot_s'] * 1e3:>8.2f} {r['compile_s']:>9.1f} "
                      f"{layers:>13.0f} {r['planner_comm']['decode']['layers']:>10.0f} {ok:>6}{flag}")

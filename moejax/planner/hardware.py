@@ -42,7 +42,7 @@ from moejax.config import configs_dir
 # Weight formats, widest first; then the runtime's weight-only post-training formats (`moejax.quant`: values
 # dequantized into bf16 matmuls, so they compute at the bf16 peak).
 WEIGHT_ONLY = ("int8", "int4")
-PRECISIONS = ("fp32", "bf16", "fp8", "fp4") + WEIGHT_ONLY
+PRECISIONS = ("fp32", "bf16", "fp8", "fp4") + WEIGHT_ONLY + ("mxfp4",)  # mxfp4: gpt-oss's published experts
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,7 @@ class Hardware:
         """
         if weight_precision in WEIGHT_ONLY:
             return "bf16"
+        weight_precision = "fp4" if weight_precision == "mxfp4" else weight_precision
         order = PRECISIONS[PRECISIONS.index(weight_precision):: -1]
         for precision in order:
             if precision in self.peak_flops:

@@ -17,7 +17,8 @@ Counting conventions (each a stated approximation, all < 0.1% of a model's param
   computes logits.
 
 KV cache (`kv_bytes_per_token_layer`): `ModelConfig.kv_bytes_per_token`, the one formula the runtime's pools
-use (GQA 2 K H per layer, MLA kv_lora + R per layer), per layer and per device. The GQA cache splits over
+use (GQA 2 K H values per layer, MLA kv_lora + R; "fp8" / "int8" add a float32 scale per kv head of each pool,
+MLA one), per layer and per device. The GQA cache splits over
 `tensor` by kv heads, those fewer than TP replicated up to TP (a device holds max(K, TP) / TP heads); the MLA
 latent is shared by all heads and is replicated over `tensor` (every TP rank holds all of it). A layer with a
 sliding window (`ModelConfig.window_of`: every layer, or only `sliding_layers`) holds at most `sliding_window`
@@ -49,7 +50,7 @@ from moejax.config import ModelConfig
 from moejax.mesh import Layout
 from moejax.model.transformer import Geometry
 from moejax.planner.layout import PlanLayout
-from moejax.planner.workload import Options, Workload
+from moejax.planner.workload import MXFP4_BLOCK, QUANTIZED, SCALE_BYTES, Options, Workload
 
 GIB = 2**30
 
@@ -178,20 +179,67 @@ def stored_stage(cfg: ModelConfig, layout: Layout | PlanLayout) -> StageShape:
 
 def stage_weight_bytes(cfg: ModelConfig, layout: Layout | PlanLayout, workload: Workload, stage: StageShape) -> float:
     """Weight bytes one device of `stage` holds, padded sizes included (embedding and LM head on every stage, as
-    the runtime does). A `Layout` is read in the 'dp_attention' mode; pass a `PlanLayout` for another."""
+    the runtime does). A `Layout` is read in the 'dp_attention' mode; pass a `PlanLayout` for another.
+
+    The runtime's post-training formats (`QUANTIZED`: int8, fp8, int4) are counted as `moejax.quant` stores them:
+    values in their storage bytes plus every scale (`_scales_per_device`); MLA's kv up-projection stays in the
+    serving dtype, as the router, embedding and LM head do."""
     layout = PlanLayout.of(layout)
-    pc, t, wb = param_counts(stored_config(cfg, layout)), layout.tensor, workload.weight_bytes
+    sized = stored_config(cfg, layout)
+    pc, t = param_counts(sized), layout.tensor
     attention = stage.layers * ((pc.attention - pc.attention_latent) / t + pc.attention_latent)
     ffn = (stage.dense_layers * pc.dense_ffn + stage.moe_layers * pc.shared) / layout.shared_split
     experts = stage.moe_layers * (pc.num_experts // layout.expert) * pc.expert / layout.moe_tensor
     bf16 = stage.moe_layers * pc.router * 2.0 + (pc.embed + pc.unembed) / t * 2.0  # router replicated
-    return (attention + ffn + experts) * wb + bf16
+    if workload.precision == "mxfp4":  # gpt-oss as published: the routed experts in MXFP4, the rest in bf16
+        scales = _scales_per_device(sized, layout, stage, MXFP4_BLOCK, experts_only=True)
+        return experts * 0.5 + scales * SCALE_BYTES + (attention + ffn) * 2.0 + bf16
+    if workload.precision not in QUANTIZED:
+        return (attention + ffn + experts) * workload.weight_bytes + bf16
+    value_bytes, block = QUANTIZED[workload.precision]
+    kv_up = stage.layers * _mla_kv_up_params(sized) / t  # over heads
+    scales = _scales_per_device(sized, layout, stage, block)
+    return (attention - kv_up + ffn + experts) * value_bytes + (kv_up + scales) * SCALE_BYTES + bf16
+
+
+def _mla_kv_up_params(cfg: ModelConfig) -> int:
+    """MLA's kv up-projection (kv_lora x N (H + Hv)) per layer, which the runtime keeps unquantized; 0 for GQA."""
+    return cfg.kv_lora_rank * cfg.num_heads * (cfg.head_dim + cfg.value_head_dim) if cfg.attention == "mla" else 0
+
+
+def _scales_per_device(cfg: ModelConfig, layout: PlanLayout, stage: StageShape, block: int | None,
+                       experts_only: bool = False) -> float:
+    """Scales of the quantized weights one device of `stage` holds (`cfg` at stored sizes), laid out as
+    `moejax.model.layers.declare_weight` lays them out: one per output channel and block of the last contracted
+    dim (`block` None: one block); output dims split like the weight's, a blocked dim's blocks like the dim, a
+    single block replicated."""
+    d, n, t = cfg.hidden_size, cfg.num_heads, layout.tensor
+
+    def blocks(width: int, shards: int = 1) -> int:  # one device's blocks of a contracted dim split `shards` ways
+        return width // block // shards if block and (width // shards) % block == 0 else 1
+
+    def swiglu(width: int, shards: int) -> float:  # gate, up: per output column; down: per output row and block
+        return 2 * width / shards * blocks(d) + d * blocks(width, shards) if width else 0.0
+
+    if cfg.attention == "gqa":
+        h = cfg.head_dim
+        attention = (n + 2 * cfg.num_kv_heads) * h / t * blocks(d) + d * blocks(h)
+    else:
+        q, hqk = cfg.q_lora_rank, cfg.qk_head_dim
+        query = q * blocks(d) + n * hqk / t * blocks(q) if q else n * hqk / t * blocks(d)
+        attention = query + (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * blocks(d) + d * blocks(cfg.value_head_dim)
+    moe = (cfg.num_experts // layout.expert) * swiglu(cfg.moe_intermediate_size, layout.moe_tensor)
+    if experts_only:
+        return stage.moe_layers * moe
+    shared = swiglu(cfg.shared_expert_intermediate_size, layout.shared_split)
+    dense = swiglu(cfg.dense_intermediate_size, layout.shared_split)
+    return stage.layers * attention + stage.moe_layers * (moe + shared) + stage.dense_layers * dense
 
 
 def kv_bytes_per_token_layer(cfg: ModelConfig, layout: Layout | PlanLayout, workload: Workload) -> float:
     """KV-cache bytes one device stores per cached token per layer: `ModelConfig.kv_bytes_per_token` over the
     layers; GQA split over `tensor` by kv heads (replicated up to TP when fewer), MLA's latent replicated."""
-    per_layer = cfg.kv_bytes_per_token(workload.kv_bytes) / cfg.num_layers
+    per_layer = cfg.kv_bytes_per_token(workload.kv_precision) / cfg.num_layers
     if cfg.attention == "mla":  # one latent for all heads: every TP rank holds it whole
         return per_layer
     return per_layer * layout.kv_heads_per_model(cfg) / cfg.num_kv_heads / layout.tensor

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moejax.config import KV_FORMATS
 from moejax.sharding import expert_mode_of  # one name shared with the runtime
 
-# Bytes per weight, block scales included:
+# Bytes per weight, block scales included (the cost model's bytes read per weight):
 #   fp8: e4m3 values with one fp32 scale per 128x128 block (DeepSeek-V3 style) -> 1 + 4 / 16384.
 #   fp4: NVFP4, e2m1 values with one e4m3 scale per 16 values (the per-tensor fp32 scale is negligible)
 #        -> 0.5 + 1 / 16.
@@ -19,9 +20,22 @@ from moejax.sharding import expert_mode_of  # one name shared with the runtime
 #        contracted widths >= 2048: not counted) -> 1.
 #   int4: the runtime's int4, one bf16 scale per block of 128 along the contracted dim -> 0.5 + 2 / 128.
 #   The runtime's post-training "fp8" (per output channel) is within 0.1% of the block-scaled figure.
+#   mxfp4: gpt-oss as published, e2m1 routed experts with one E8M0 scale per 32 values, the rest bf16 (the
+#        memory model counts that split; the cost model reads every linear weight at the experts' bytes).
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0 + 4.0 / (128 * 128), "fp4": 0.5 + 1.0 / 16, "int8": 1.0,
-                "int4": 0.5 + 2.0 / 128}
-KV_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0}
+                "int4": 0.5 + 2.0 / 128, "mxfp4": 0.5 + 1.0 / 32}
+MXFP4_BLOCK = 32
+# The runtime's post-training formats (`moejax.quant.SCHEMES`), counted exactly by the memory model
+# (`moejax.planner.memory.stage_weight_bytes`): precision -> (bytes of one stored value, block along the last
+# contracted dim that one scale covers, None: one scale per output channel). Scales are in the serving dtype
+# (`SCALE_BYTES`, bf16); a contracted dim whose shard is not a multiple of the block has one block. int4 values
+# take half a byte in device memory: XLA packs them two to a byte (measured on XLA:CPU as the process's resident
+# memory; `nbytes` and `on_device_size_in_bytes()` report a byte per value).
+QUANTIZED = {"int8": (1.0, None), "fp8": (1.0, None), "int4": (0.5, 128)}
+SCALE_BYTES = 2.0
+# KV cache formats: the runtime's names (`moejax.config.KV_FORMATS`); bytes per value here, and the quantized ones'
+# float32 scale per (token, kv head) (MLA: per token) counted by `ModelConfig.kv_bytes_per_token`, the one formula.
+KV_BYTES = {name: float(value_bytes) for name, (value_bytes, _) in KV_FORMATS.items()}
 
 
 @dataclass(frozen=True)
@@ -33,7 +47,8 @@ class Workload:
         osl: output tokens per request (the first comes out of prefill, the other osl - 1 out of decode steps).
         precision: format of the linear-layer weights (attention, experts, shared and dense FFN). Embeddings,
             the LM head, norms and the router stay bf16.
-        kv_precision: format of the KV cache.
+        kv_precision: format of the KV cache (`KV_BYTES`: "fp8" and "int8" are the runtime's quantized caches,
+            scales included).
         act_bytes: bytes per activation value on the wire and in workspace (bf16).
         arrival_rate: None: closed loop at the configuration's concurrency (`batch_size`); else Poisson arrivals
             at this many requests/s over all replicas, queueing for prefill (M/D/1, `moejax.planner.serving`).
@@ -62,6 +77,7 @@ class Workload:
 
     @property
     def kv_bytes(self) -> float:
+        """Bytes per KV value (scales not included: `ModelConfig.kv_bytes_per_token(kv_precision)` counts them)."""
         return KV_BYTES[self.kv_precision]
 
     @property

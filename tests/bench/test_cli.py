@@ -32,10 +32,11 @@ def no_model_work(monkeypatch):
 def shared_models(monkeypatch, sweep_models):
     real = sweep._build_model
 
-    def cached(spec, layout, mode):
-        key = (spec.model, layout, mode or sweep.DEFAULT, spec.dtype, spec.seed)
+    def cached(spec, layout, mode, quantization=None):
+        key = (spec.model, layout, mode or sweep.DEFAULT, spec.dtype, spec.seed) + ((quantization,) if quantization
+                                                                                     else ())
         if key not in sweep_models:
-            sweep_models[key] = (real(spec, layout, mode), 0.0)
+            sweep_models[key] = (real(spec, layout, mode, quantization), 0.0)
         return sweep_models[key][0]
 
     monkeypatch.setattr(sweep, "_build_model", cached)
@@ -57,6 +58,8 @@ def shared_models(monkeypatch, sweep_models):
     (["sweep", "--expert-mode", "foo"], "--expert-mode: expected comma-separated modes"),
     (["sweep", "--layouts", "DP2,DP4", "--max-running", "3"], "no value is a multiple of the data factor"),
     (["sweep", "--reference-layout", "DP1,DP2"], "--reference-layout: give one layout"),
+    (["sweep", "--quantization", "none,int3"], "argument --quantization: unknown quantization 'int3'; choose from "
+                                               "none, int8, fp8, int4"),
     (["sweep", "--out", "{tmp}/afile"], "exists and is not a folder"),
     (["sweep", "--out", "{tmp}/corrupt"], "results.jsonl:2: not a JSON line"),
     (["sweep", "--layouts", "DP16"], "layout DP16 needs 16 devices but only 8 cpu devices are available"),

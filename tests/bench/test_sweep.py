@@ -195,6 +195,24 @@ def test_replicated_expert_mode(sweep_models, tmp_path):
     _check_comm(res.rows[1])
 
 
+def test_quantization_axis(sweep_models, tmp_path):
+    """Each quantization is its own rows (float first), labelled, keyed apart (a rerun skips both), with the
+    planner's weight precision; the float rows keep the reference's tokens."""
+    spec = spec_for(["TP2"], quantization=(None, "int8"))
+    res = sweep.run_sweep(spec, tmp_path, progress=False, models=sweep_models, plots=False, log=lambda line: None)
+    assert not res.failures
+    assert [(r["layout"], r["quantization"], r["precision"]) for r in res.rows] == [
+        ("DP1", None, "fp32"), ("TP2", None, "fp32"), ("TP2", "int8", "int8")]
+    assert res.rows[1]["tokens_match_reference"] is True
+    assert len(res.outputs[sweep.key_of(res.rows[2])]) == WORKLOAD.num_requests
+    summary = sweep.format_summary(res)
+    assert "weights" in summary.splitlines()[0] and any(" int8 " in line for line in summary.splitlines())
+    again = sweep.run_sweep(spec, tmp_path, progress=False, models=sweep_models, plots=False, log=lambda line: None)
+    assert again.measured == 0 and len(again.skipped) == 3
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        spec_for(["TP2"], quantization=("int3",))
+
+
 @pytest.mark.slow
 def test_every_layout_of_8_devices(tmp_path, sweep_models):
     """Every valid 8-device layout of tiny-moe, in every expert mode: tokens, calibration schema, collectives.
