@@ -226,10 +226,17 @@ def test_decode_reports_the_quantized_run_beside_float(tmp_path, capsys):
 
     m = {"ttft_s": 0.1, "tpot_s": 0.01, "tokens": [[1, 2, 3, 4]], **{k: 0.0 for k in decode._HOST_FIELDS}}
     q = {**m, "tpot_s": 0.02, "tokens": [[1, 2, 5, 6]]}
-    row = {"batch": 1, "ours": m, "hf": None, "vllm": None, "quantized": q, "quantization": "int8"}
+    row = {"batch": 1, "ours": m, "hf": None, "vllm": None, "quantized": q, "quantization": "int8", "weights": "int8",
+           "kv": None}
     decode._report(row)
     assert "int8: TPOT 20.00 ms, TTFT 100.0 ms, tokens/s 0.50x float, tokens equal to float's 50%" in \
         capsys.readouterr().out
     out = tmp_path / "rows.jsonl"
     decode._write_jsonl(str(out), [row], SimpleNamespace(name="bench-moe-100m"), SimpleNamespace(isl=32, osl=64), "cpu")
     assert sorted(r["precision"] for r in map(json.loads, out.read_text().splitlines())) == ["float32", "int8"]
+    kv = {**row, "quantization": "fp8 KV", "weights": None, "kv": "fp8"}  # --kv-cache-dtype fp8
+    decode._report(kv)
+    assert "fp8 KV: TPOT 20.00 ms" in capsys.readouterr().out
+    decode._write_jsonl(str(out), [kv], SimpleNamespace(name="bench-moe-100m"), SimpleNamespace(isl=32, osl=64), "cpu")
+    rows = [json.loads(line) for line in out.read_text().splitlines()][2:]
+    assert sorted((r["precision"], r["kv_precision"]) for r in rows) == [("float32", "float32"), ("float32", "fp8")]
