@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.config import KV_CACHE_DTYPES, ceil_div
+from moejax.quant import as_bits, e4m3_to_float32
 
 STORAGE = {"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}  # a quantized KV cache's value dtype
 _LARGEST = {"fp8": 448.0, "int8": 127.0}  # the value an absmax maps to
@@ -91,24 +92,16 @@ def read(pool: QuantizedPool, at: tuple, dtype):
 
 
 def _bits(values):
-    """float8 values as their uint8 bits (a free bitcast): XLA:CPU scatters into and gathers from a float8 array by
-    converting all of it to float16 and back, a copy of the whole pool per layer per step (a decode step took 2.5x
-    int8's, 2026-12, bench-moe-100m, batch 8 at 1024 tokens); int8 as it is."""
-    return jax.lax.bitcast_convert_type(values, jnp.uint8) if values.dtype == jnp.float8_e4m3fn else values
+    """float8 values as their uint8 bits (`quant.as_bits`, a free bitcast): XLA:CPU scatters into and gathers from a
+    float8 array by converting all of it to float16 and back, a copy of the whole pool per layer per step (a decode
+    step took 2.5x int8's, 2026-12, bench-moe-100m, batch 8 at 1024 tokens); int8 as it is."""
+    return as_bits(values)
 
 
 def _to_float32(bits, dtype):
-    """1-byte values (`_bits` of `dtype`) as float32. float8_e4m3fn by its bits (sign, 4 exponent bits biased by 7,
-    3 mantissa bits), so XLA never converts from float8 (see `_bits`). Exact for every code but NaN (0x7f / 0xff
-    read as +-480: the quantizer never writes them, and a NaN token's scale is NaN)."""
-    if dtype != jnp.float8_e4m3fn:
-        return bits.astype(jnp.float32)
-    bits = bits.astype(jnp.uint32)
-    # The 7 low bits moved into a float32's exponent and mantissa, the exponent rebiased by 127 - 7: exact for
-    # normal codes; a subnormal code m (exponent 0; value m * 2^-9) reads 2^-7 + m * 2^-10 this way, fixed below.
-    x = jax.lax.bitcast_convert_type(((bits & 0x7F) << 20) + (120 << 23), jnp.float32)
-    x = jnp.where((bits & 0x78) == 0, 2 * x - 2.0**-6, x)
-    return jnp.where(bits >= 0x80, -x, x)
+    """1-byte values (`_bits` of `dtype`) as float32: float8_e4m3fn by its bits (`quant.e4m3_to_float32`, so XLA
+    never converts from float8; a NaN token's scale is NaN)."""
+    return e4m3_to_float32(bits) if dtype == jnp.float8_e4m3fn else bits.astype(jnp.float32)
 
 
 def format_of(pool) -> str | None:

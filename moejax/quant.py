@@ -34,6 +34,7 @@ import numpy as np
 import qwix
 from flax import nnx
 
+from moejax import native
 from moejax.config import QUANTIZATIONS
 
 INT4_BLOCK = 128
@@ -105,13 +106,52 @@ class Quantized(nnx.Module):
 
 
 def dense(w, dtype=None):
-    """A float array from a weight (array, `nnx.Param`, `qwix.QArray` or `Quantized`): dequantized when quantized."""
+    """A float array from a weight (array, `nnx.Param`, `qwix.QArray` or `Quantized`): dequantized when quantized.
+
+    float8 e4m3 values in a CPU program are decoded from their bits (`e4m3_to_float32`), faster than XLA:CPU's own
+    convert from float8 (one expert's [1024, 1024] slice dequantized and multiplied by one row: 0.32 against
+    0.46 ms, by 8 rows 0.45 against 0.56 ms, 2026-12-06)."""
     if isinstance(w, Quantized):
         w = w.qarray()
     if isinstance(w, qwix.QArray):
-        out = qwix.dequantize(w)
+        if w.qvalue.dtype == jnp.float8_e4m3fn and native.platform(w.qvalue) == "cpu":
+            out = _times_scale(e4m3_to_float32(as_bits(w.qvalue)).astype(w.scale.dtype), w.scale)
+        else:
+            out = qwix.dequantize(w)
         return out if dtype is None else out.astype(dtype)
     return w[...] if isinstance(w, nnx.Variable) else w
+
+
+def _times_scale(values, scale):
+    """values * scale with qwix's generic broadcast: a scale dim of 1 or the values' size, or a block count
+    (each scale covering values.shape[d] / scale.shape[d] consecutive values)."""
+    v_shape, s_shape = [], []
+    for n, m in zip(values.shape, scale.shape, strict=True):
+        if m in (1, n):
+            v_shape.append(n)
+            s_shape.append(m)
+        else:
+            v_shape += [m, n // m]
+            s_shape += [m, 1]
+    return (values.reshape(v_shape) * scale.reshape(s_shape)).reshape(values.shape)
+
+
+def as_bits(values):
+    """float8 values as their uint8 bits (a free bitcast); other arrays as they are."""
+    return jax.lax.bitcast_convert_type(values, jnp.uint8) if values.dtype == jnp.float8_e4m3fn else values
+
+
+def e4m3_to_float32(bits):
+    """float8_e4m3fn codes (uint8 bits, `as_bits`) as float32, by arithmetic on the bits (sign, 4 exponent bits
+    biased by 7, 3 mantissa bits), so XLA:CPU never converts from float8 (a scalar loop there; scattering into a
+    float8 array converts all of it through float16). Exact for every code but NaN (0x7f / 0xff read as +-480:
+    no quantizer here writes them)."""
+    bits = bits.astype(jnp.uint32)
+    # The 7 low bits moved into a float32's exponent and mantissa, the exponent rebiased by 127 - 7: exact for
+    # normal codes; a subnormal code m (exponent 0; value m * 2^-9) reads 2^-7 + m * 2^-10 this way, fixed below.
+    x = jax.lax.bitcast_convert_type(((bits & 0x7F) << 20) + (120 << 23), jnp.float32)
+    x = jnp.where((bits & 0x78) == 0, 2 * x - 2.0**-6, x)
+    return jnp.where(bits >= 0x80, -x, x)
 
 
 def quantize_block(block: np.ndarray, contracted: tuple[int, ...], sch: Scheme, blocks: tuple[int, ...],

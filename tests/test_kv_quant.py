@@ -179,7 +179,8 @@ def test_decode_with_a_quantized_cache_is_close_to_the_float_cache(family, model
     assert errors["int8"] < errors["fp8"]  # 7 bits of mantissa against 3
 
 
-@pytest.mark.parametrize("layout,family", [("TP2", "mixtral"), ("DP2", "mixtral"), ("DP2TP2EP2", "mixtral"),
+@pytest.mark.parametrize("layout,family", [("TP2", "mixtral"), pytest.param("DP2", "mixtral", marks=pytest.mark.slow),
+                                           pytest.param("DP2TP2EP2", "mixtral", marks=pytest.mark.slow),
                                            ("TP2", "deepseek_v3"), ("DP2EP2", "deepseek_v3")])
 def test_sharded_quantized_cache_equals_one_device(layout, family, hf_checkpoints, models_1dev):
     # Scales are per (token, kv head): a shard holding some of the kv heads stores the bytes one device stores for

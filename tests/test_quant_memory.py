@@ -45,8 +45,10 @@ def test_int4_is_counted_at_half_a_byte():
     assert int4 and measured_weight_bytes(model) == sum(a.size // 2 for a in int4) + sum(a.nbytes for a in rest)
 
 
-@pytest.mark.parametrize(("name", "layout"), [("mixtral-48", "DP1"), ("mixtral-48", "TP2EP2"),
-                                            ("deepseek-48", "TP2"), ("deepseek-128", "TP2EP2")])
+@pytest.mark.parametrize(("name", "layout"), [pytest.param("mixtral-48", "DP1", marks=pytest.mark.slow),
+                                            ("mixtral-48", "TP2EP2"),
+                                            pytest.param("deepseek-48", "TP2", marks=pytest.mark.slow),
+                                            ("deepseek-128", "TP2EP2")])
 def test_planner_weights_per_device_equal_the_placed_arrays(name, layout):
     """Every quantization (and bf16) on 2-3 layouts of each tiny model."""
     cfg = MODELS[name]

@@ -170,6 +170,7 @@ def test_unsupported_quantization_config_is_refused_by_name(qc, message, quantiz
         HFSource(edited)
 
 
+@pytest.mark.slow
 def test_requantizing_a_quantized_checkpoint_reads_it_dequantized(quantized):
     """quantization= on a quantized checkpoint quantizes its dequantized weights again: int8 from the fp8 checkpoint
     is int8 from its dequantized float twin."""
