@@ -366,7 +366,8 @@ def compile_layout(cfg, layout, target: str = "h100-sxm", shapes: Shapes | None 
                    exchange: str = "auto", quantization: str | None = None) -> list[Result]:
     """Compile each phase of `cfg` on `layout` for `target`; one `Result` per phase (a failure is a Result with
     `ok` False and XLA's message, not an exception). Bad names or shapes raise ValueError first.
-    `quantization`: the weights' post-training quantization ("fp8" runs W8A8 on FP8 GEMMs: `fp8_matmul`)."""
+    `quantization`: the weights' post-training quantization ("fp8" runs W8A8 on FP8 GEMMs where
+    `fp8_matmul.PLATFORMS` opts in)."""
     from moejax.bench import comm
     from moejax.mesh import Layout
 
