@@ -161,11 +161,11 @@ def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> 
         def stored_shard(index: Index) -> np.ndarray:
             """A checkpoint's own quantized values, or its scales: each element's, one per tile of the scale."""
             if part == "values":
-                return float_shard(index, dtype, _StoredPart(source, "values", dtype))
+                return float_shard(index, dtype, StoredPart(source, "values", dtype))
             tiles = [n // m for n, m in zip(float_shape, shape, strict=True)]  # 1 but along tiled contracted dims
             bounds = [s.indices(n)[:2] for s, n in zip(index, shape, strict=True)]
             elements = tuple(slice(a * t, b * t) for (a, b), t in zip(bounds, tiles, strict=True))
-            per_element = float_shard(elements, np.float32, _StoredPart(source, "scale", np.float32))
+            per_element = float_shard(elements, np.float32, StoredPart(source, "scale", np.float32))
             picked = per_element[tuple(slice(None, None, t) for t in tiles)]
             out = _aligned_zeros(picked.shape, dtype)
             out[...] = picked
@@ -187,7 +187,7 @@ def place(model: Transformer, source: WeightSource, mesh: jax.sharding.Mesh) -> 
     return nnx.merge(graphdef, state)
 
 
-class _StoredPart:
+class StoredPart:
     """A quantized source's stored values, or per-element scales, of its quantized tensors, served as a source."""
 
     def __init__(self, source, part: str, dtype):

@@ -10,9 +10,9 @@ import qwix
 from jax.sharding import AbstractDevice, AbstractMesh
 
 import moejax
-from moejax.config import ModelConfig
 from moejax.model import fp8_matmul
 from moejax.model.ffn import swiglu
+from tests.test_quant import CONFIGS, IDS
 
 E4M3 = jnp.float8_e4m3fn
 
@@ -105,18 +105,6 @@ def test_applies_to_e4m3_weights_in_gpu_programs_only(monkeypatch):
         assert len(f8_dots(lambda a: fp8_matmul.dot(a, fp8))) == 1
         assert f8_dots(lambda a: fp8_matmul.dot(a, int8)) == []
         assert len(f8_dots(lambda a: swiglu(a, fp8, fp8, qwix.quantize(w.T, E4M3, channelwise_axes=(1,))))) == 3
-
-
-BASE = dict(vocab_size=128, hidden_size=48, num_layers=3, num_heads=8, num_kv_heads=2, head_dim=16,
-            moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
-CONFIGS = {
-    "mixtral": ModelConfig(family="mixtral", **BASE),
-    "deepseek": ModelConfig(family="deepseek_v3", **{**BASE, "num_kv_heads": 8}, attention="mla", kv_lora_rank=16,
-                            q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=16, router="sigmoid", n_group=4,
-                            topk_group=2, shared_expert_intermediate_size=32, first_dense_layers=1,
-                            dense_intermediate_size=40),
-}
-IDS = np.random.default_rng(0).integers(0, 128, (2, 20))
 
 
 @pytest.mark.parametrize("family", [f if f == "mixtral" else pytest.param(f, marks=pytest.mark.slow) for f in CONFIGS])

@@ -57,7 +57,7 @@ from etils import epath
 from moejax.checkpoint.hf import HFSource
 from moejax.checkpoint.safetensors_files import CheckpointError, all_finite, read_json
 from moejax.config import ModelConfig
-from moejax.weights import canonical_shapes, quantized_shapes
+from moejax.weights import StoredPart, canonical_shapes, quantized_shapes
 
 FORMAT = "moejax.canonical"
 FORMAT_VERSION = 2  # 2: the fingerprint tensor
@@ -242,21 +242,9 @@ def _stored_tensors(cfg: ModelConfig, scheme, stored: np.dtype, source):
             yield name, shape, layers, stored, source
             continue
         values, scale = quantized[name]
-        yield name, shape, layers, np.dtype(scheme.qtype), _QuantizedPart(source, "values", np.dtype(scheme.qtype))
+        yield name, shape, layers, np.dtype(scheme.qtype), StoredPart(source, "values", scheme.qtype)
         tiles = tuple(v // s for v, s in zip(values, scale, strict=True))
         yield name + SCALE, scale, layers, np.dtype(np.float32), _ScaleTiles(source, name, tiles)
-
-
-class _QuantizedPart:
-    """A quantized source's stored values, as a source (`read`)."""
-
-    def __init__(self, source, part: str, dtype):
-        self.source, self.part, self.dtype = source, part, dtype
-
-    def read(self, name: str, layer: int | None, index: Index) -> np.ndarray:
-        shape = self.source.canonical[name][0]
-        out = np.empty([len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True)], self.dtype)
-        return self.source.read_quantized_into(name, self.part, layer, index, out)
 
 
 class _ScaleTiles:
