@@ -62,11 +62,20 @@ _REPLICATED: dict[str, tuple[str, ...]] = {
     "page_slot": (),
     "pages_per_seq": (),
 }
-RULES: dict[str, dict[str, tuple[str, ...]]] = {
-    "replicated_attention": _REPLICATED,
-    "dp_attention": {**_REPLICATED, "batch": ("data", "expert"), "cache_pages": ("data", "expert"),
-                     "shared_ffn": ("tensor",)},
+# The dp_attention mode. A split layout's two extra axes (`moejax.axes.SPLIT_AXES`, size 1 and so absent otherwise)
+# each split one attention dim and one MoE dim: `tensor_expert` heads and experts, `data_tensor` requests and FFN width.
+_DP_ATTENTION: dict[str, tuple[str, ...]] = {
+    **_REPLICATED,
+    "batch": ("data", "data_tensor", "expert"),
+    "cache_pages": ("data", "data_tensor", "expert"),
+    "heads": ("tensor", "tensor_expert"),
+    "kv_heads": ("tensor", "tensor_expert"),
+    "ffn": ("tensor", "data_tensor"),
+    "shared_ffn": ("tensor", "tensor_expert"),  # attention's tensor split: the shared expert runs on its tokens
+    "experts": ("tensor_expert", "expert"),
+    "vocab": ("tensor", "tensor_expert"),
 }
+RULES: dict[str, dict[str, tuple[str, ...]]] = {"replicated_attention": _REPLICATED, "dp_attention": _DP_ATTENTION}
 
 Axes = Sequence[str | None]
 
@@ -114,6 +123,10 @@ class Parallelism:
             raise ValueError(f"unknown MoE dispatch strategy {self.moe_strategy!r}; choose from {MOE_STRATEGIES}")
         if self.exchange not in EXCHANGES:
             raise ValueError(f"unknown MoE token exchange {self.exchange!r}; choose from {EXCHANGES}")
+        if self.layout.split and self.expert_mode != "dp_attention":
+            raise ValueError(f"layout {self.layout} splits the MoE apart from attention, which runs data-parallel "
+                             f"inside the group (expert mode 'dp_attention'); expert mode {self.expert_mode!r} "
+                             f"replicates attention over the expert axis: use 'dp_attention' or a layout without MTP")
 
     def replace(self, **changes) -> Parallelism:
         return replace(self, **changes)
@@ -139,21 +152,60 @@ class Parallelism:
         for name in logical:
             if name not in rules:
                 raise KeyError(f"unknown logical dim {name!r}; known: {sorted(rules)}")
-            out += [a for a in rules[name] if a not in out and getattr(self.layout, a) > 1]
+            out += [a for a in rules[name] if a not in out and self.layout.axis_size(a) > 1]
         return tuple(out)
 
     def size(self, *logical: str) -> int:
         """Shards the given logical dims are split into (the product of their mesh axes' sizes)."""
         n = 1
         for axis in self.mesh_axes(*logical):
-            n *= getattr(self.layout, axis)
+            n *= self.layout.axis_size(axis)
         return n
+
+    # ---- the MoE block's collectives, chosen here once (`moejax.model.moe.MoE`; the planner counts the same) ----
+    #
+    # Tokens reach the MoE in attention's split (requests over `batch`'s axes, replicated over `heads`'). In order:
+    # 1. gather: over the axes splitting both requests and the FFN width (`data_tensor`), all-gather the tokens:
+    #    each device then runs its FFN slice on the whole MoE-TP group's tokens;
+    # 2. exchange: if an expert axis still splits the tokens (`expert` in dp_attention), all-to-all over every
+    #    expert axis; the expert axes attention replicated the tokens over (`tensor_expert`) first take one slice
+    #    of them each (`slice_axes`), so each token is sent once. Otherwise each device picks its own experts'
+    #    (token, expert) pairs with no exchange;
+    # 3. scatter: reduce-scatter the gathered tokens' partial outputs back to their home (over the gather axes);
+    # 4. reduce: one all-reduce over the rest of the FFN width's and experts' axes (`reduce_axes`), which also
+    #    finishes the shared expert (split over attention's tensor axes).
+
+    @property
+    def gather_axes(self) -> tuple[str, ...]:
+        """Mesh axes splitting both the requests and each expert's FFN width: tokens are all-gathered over them."""
+        batch = self.mesh_axes("batch")
+        return tuple(a for a in self.mesh_axes("ffn") if a in batch)
+
+    @property
+    def exchange_axes(self) -> tuple[str, ...]:
+        """Mesh axes of the MoE's all-to-all: every expert axis where one of them splits the (gathered) tokens."""
+        tokens = set(self.mesh_axes("batch")) - set(self.gather_axes)
+        experts = self.mesh_axes("experts")
+        return experts if tokens & set(experts) else ()
+
+    @property
+    def slice_axes(self) -> tuple[str, ...]:
+        """Exchange axes the tokens are replicated over: each device sends only its slice of the tokens."""
+        batch = self.mesh_axes("batch")
+        return tuple(a for a in self.exchange_axes if a not in batch)
+
+    @property
+    def reduce_axes(self) -> tuple[str, ...]:
+        """Mesh axes of the MoE block's closing all-reduce: FFN-width axes not gathered over, and expert axes that
+        do not split the requests (partial sums of their experts, or of the exchange's token slices)."""
+        batch, gather = self.mesh_axes("batch"), self.gather_axes
+        return (tuple(a for a in self.mesh_axes("ffn") if a not in gather)
+                + tuple(a for a in self.mesh_axes("experts") if a not in batch))
 
     @property
     def tokens_split_over_experts(self) -> bool:
-        """True when the devices of an expert group hold different tokens (dp_attention on an expert axis of more
-        than one device): the MoE layers then exchange tokens."""
-        return bool(set(self.mesh_axes("batch")) & set(self.mesh_axes("experts")))
+        """True when the MoE layers exchange tokens (`exchange_axes`)."""
+        return bool(self.exchange_axes)
 
     @property
     def batch_shards(self) -> int:
@@ -221,6 +273,29 @@ class Parallelism:
         """Stack x from every shard along the mesh axes splitting `logical`: [shards, *x.shape]."""
         axes = self.mesh_axes(logical)
         return jax.lax.all_gather(x, _one(axes)) if axes else x[None]
+
+    def gather_tokens(self, x):
+        """x [M, ...] of every device over `gather_axes`, concatenated in device order: [shards x M, ...]."""
+        axes = self.gather_axes
+        return jax.lax.all_gather(x, _one(axes), tiled=True) if axes else x
+
+    def scatter_tokens(self, x):
+        """Sum x [shards x M, ...] over `gather_axes` and keep this device's M rows (`gather_tokens` undone)."""
+        axes = self.gather_axes
+        return jax.lax.psum_scatter(x, _one(axes), tiled=True) if axes else x
+
+    def slice_of(self, n: int) -> tuple:
+        """(index, count) of this device's slice when `n` rows are cut over `slice_axes` ((0, 1) when none)."""
+        axes = self.slice_axes
+        count = 1
+        for a in axes:
+            count *= self.layout.axis_size(a)
+        return (jax.lax.axis_index(_one(axes)) if axes else 0), count
+
+    def reduce_moe(self, x):
+        """The MoE block's closing all-reduce over `reduce_axes` (no-op when none)."""
+        axes = self.reduce_axes
+        return jax.lax.psum(x, axes) if axes else x
 
     def ragged_all_to_all(self, operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
                           logical: str):

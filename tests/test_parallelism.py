@@ -49,9 +49,9 @@ def test_a_missing_collective_is_a_trace_time_error(monkeypatch):
     model = moejax.Model.random(CFG, layout="EP2", expert_mode="replicated_attention")
     assert model.steps.check_vma
     model.forward(ids)  # the real model traces and runs
-    psum = Parallelism.psum
-    monkeypatch.setattr(Parallelism, "psum", lambda self, x, *logical: psum(self, x, *[n for n in logical
-                                                                                        if n != "experts"]))
+    reduce_axes = Parallelism.reduce_axes.fget  # the MoE block's closing all-reduce, without the expert axis
+    monkeypatch.setattr(Parallelism, "reduce_axes", property(lambda self: tuple(a for a in reduce_axes(self)
+                                                                                 if a != "expert")))
     broken = moejax.Model.random(CFG, layout="EP2", expert_mode="replicated_attention")
     with pytest.raises(TypeError, match="manual axis types do not match|varying across mesh axes"):
         broken.forward(ids)

@@ -110,23 +110,25 @@ class MoE(nnx.Module):
                 at_layer(self.score_bias, layer) if cfg.router == "sigmoid" else None)
             if valid_BT is not None:
                 experts_MX = jnp.where(valid_BT.reshape(B * T, 1), experts_MX, -1)  # -1: no shard's expert
-        exchanged = par.tokens_split_over_experts
+        # The block's collectives are chosen once, in `Parallelism` (gather, exchange, scatter, reduce).
+        xg_MD, wg_MX, eg_MX = (par.gather_tokens(a) for a in (x_MD, weights_MX, experts_MX))
         with jax.named_scope("moe/experts"):
             w = tuple(_expert_weight(a) for a in (self.wg, self.wu, self.wd))
             if cfg.expert_bias:
                 # The down bias is added once per (token, expert), not once per tensor shard of the expert's width.
                 first = par.axis_index("ffn") == 0
                 w += (self.bg[...], self.bu[...], jnp.where(first, self.bd[...], 0).astype(self.bd.dtype))
-            weights_MX = weights_MX.astype(x_MD.dtype)
+            wg_MX = wg_MX.astype(x_MD.dtype)
             act = activation_of(cfg)
-            if exchanged:
-                y_MD = exchange(x_MD, weights_MX, experts_MX, w, layer, par, cfg.num_experts, act)
+            if par.exchange_axes:
+                y_MD = exchange(xg_MD, wg_MX, eg_MX, w, layer, par, cfg.num_experts, act)
             else:
-                y_MD = dispatch(x_MD, weights_MX, experts_MX, w, par, layer=layer, act=act)
+                y_MD = dispatch(xg_MD, wg_MX, eg_MX, w, par, layer=layer, act=act)
+            y_MD = par.scatter_tokens(y_MD)
         if cfg.shared_expert_intermediate_size:
             with jax.named_scope("moe/shared"):
-                # This device's slice of the shared FFN width (split over tensor, and over expert in
-                # "replicated_attention" mode): a partial sum the combine all-reduce completes; computed once.
+                # This device's slice of the shared FFN width (split over attention's tensor axes, and over expert
+                # in "replicated_attention" mode): a partial sum the closing all-reduce completes; computed once.
                 shared_MD = swiglu(x_MD, *(fp8_matmul.at_layer(w, layer) for w in (self.shared_wg, self.shared_wu,
                                                                                     self.shared_wd)))
                 if cfg.shared_expert_gate:
@@ -134,7 +136,7 @@ class MoE(nnx.Module):
                     shared_MD = shared_MD * gate_M[:, None]
                 y_MD = y_MD + shared_MD
         with jax.named_scope("moe/combine"):
-            y_MD = par.psum(y_MD, "ffn") if exchanged else par.psum(y_MD, "experts", "ffn")
+            y_MD = par.reduce_moe(y_MD)
         return y_MD.reshape(B, T, D)
 
 
@@ -223,8 +225,27 @@ def choose_exchange(exchange: str, backend: str | None = None) -> str:
 
 
 def exchange(x_MD, weights_MX, experts_MX, w, layer, par: Parallelism, num_experts: int, act: tuple = SILU):
-    """The "dp_attention" expert mode: send each token once to every shard holding one of its experts, compute there,
-    send the weighted sums back, add them up at home.
+    """The token exchange over `par.exchange_axes`. Where attention replicated the tokens over some of those axes
+    (`par.slice_axes`: a split layout's `tensor_expert`), each device exchanges one slice of them and returns the
+    rest as zeros, which the block's closing all-reduce over those axes fills in (`Parallelism.reduce_axes`).
+    """
+    index, n = par.slice_of(x_MD.shape[0])
+    if n == 1:
+        return _exchange(x_MD, weights_MX, experts_MX, w, layer, par, num_experts, act)
+    M = x_MD.shape[0]
+    rows = -(-M // n)  # rows per slice; padding rows go to no expert
+    pad = rows * n - M
+    x, gate, experts = (jnp.pad(a, ((0, pad), (0, 0)), constant_values=fill)
+                        for a, fill in ((x_MD, 0), (weights_MX, 0), (experts_MX, -1)))
+    part = [jax.lax.dynamic_slice_in_dim(a, index * rows, rows) for a in (x, gate, experts)]
+    y_RD = _exchange(*part, w, layer, par, num_experts, act)
+    y_MD = jax.lax.dynamic_update_slice_in_dim(manual.varying_like(jnp.zeros_like(x), y_RD), y_RD, index * rows, 0)
+    return y_MD[:M]
+
+
+def _exchange(x_MD, weights_MX, experts_MX, w, layer, par: Parallelism, num_experts: int, act: tuple = SILU):
+    """Send each token once to every shard holding one of its experts, compute there, send the weighted sums back,
+    add them up at home.
 
     A token is sent to a shard once however many of its top-k experts live there (the unit of the
     exchange is a (token, shard) pair, as in DeepEP-style dispatch), with the routing of those experts
@@ -236,7 +257,7 @@ def exchange(x_MD, weights_MX, experts_MX, w, layer, par: Parallelism, num_exper
       par: the model's parallel choices (the dispatch strategy run on the received rows, the exchange).
       num_experts: E.
     Returns:
-      y_MD, this device's tokens' routed-expert output (partial over `tensor` only).
+      y_MD, this device's tokens' routed-expert output (partial over the FFN width's axes only).
     """
     M, X = experts_MX.shape
     El = w[0].shape[1]

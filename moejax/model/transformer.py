@@ -81,7 +81,7 @@ class Geometry:
     num_kv_heads: int  # kv heads stored (replicated up to `tensor` when fewer)
     expert_shards: int  # the `expert` axis size: experts per device = num_experts / expert_shards
     vocab: int  # vocabulary stored: padded to a multiple of `tensor`
-    ffn: int  # routed-expert FFN width stored: padded to a multiple of `tensor`
+    ffn: int  # routed-expert FFN width stored: padded to a multiple of the MoE's tensor factor (`Layout.moe_tp`)
     shared_ffn: int  # shared-expert FFN width stored: padded to a multiple of tensor x expert (0: none)
     dense_ffn: int  # dense layers' FFN width stored: padded like the shared expert's (0: no dense layers)
 
@@ -99,7 +99,8 @@ class Geometry:
             stacks.append(Stack(name, ffn, lo, counts, max(counts), offsets))
             offsets = tuple(o + c for o, c in zip(offsets, counts, strict=True))
         return cls(tuple(stacks), tuple(per_stage), layout.kv_heads_per_model(cfg), e, round_up(cfg.vocab_size, t),
-                   round_up(cfg.moe_intermediate_size, t), round_up(cfg.shared_expert_intermediate_size, t * e),
+                   round_up(cfg.moe_intermediate_size, layout.moe_tp),
+                   round_up(cfg.shared_expert_intermediate_size, t * e),
                    round_up(cfg.dense_intermediate_size, t * e) if cfg.first_dense_layers else 0)
 
     @property

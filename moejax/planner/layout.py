@@ -17,12 +17,9 @@ replicated G / (TP x ADP) times (only the runtime's 'replicated_attention' mode 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from moejax.mesh import Layout
-
-_MTP_RE = re.compile(r"MTP(\d+)", re.IGNORECASE)
 
 
 @dataclass(frozen=True, order=True)
@@ -48,16 +45,16 @@ class PlanLayout:
         """Parse a runtime layout (with its `expert_mode` mode) or a planner string with an `MTP` factor."""
         if isinstance(layout, PlanLayout):
             return layout
-        text = layout if isinstance(layout, str) else str(layout)
-        m = _MTP_RE.search(text)
-        base = Layout.parse(_MTP_RE.sub("", text) or "DP1") if m else Layout.parse(layout)
-        if not m:
-            adp = base.expert if expert_mode == "dp_attention" else 1
-            return cls(base.data, base.tensor, base.expert, base.stage, base.tensor, adp, True)
-        mtp = int(m.group(1))
-        if (mtp * base.expert) % base.tensor:
-            raise ValueError(f"layout {text!r}: MTP {mtp} x EP {base.expert} must be a multiple of TP {base.tensor}")
-        return cls(base.data, base.tensor, base.expert, base.stage, mtp, mtp * base.expert // base.tensor, False)
+        base = Layout.parse(layout)  # one parser for the runtime and the planner (`MTP` included)
+        if base.split:
+            return cls(base.data, base.tensor, base.expert, base.stage, base.moe_tp, base.attention_data, False)
+        adp = base.expert if expert_mode == "dp_attention" else 1
+        return cls(base.data, base.tensor, base.expert, base.stage, base.tensor, adp, True)
+
+    @property
+    def layout(self) -> Layout:
+        """The runtime's `Layout` of the same devices (the expert mode aside)."""
+        return Layout(self.data, self.tensor, self.expert, self.stage, 0 if self.runtime else self.moe_tensor)
 
     def __str__(self) -> str:
         if self.runtime:
@@ -96,20 +93,10 @@ class PlanLayout:
         """What the runtime refuses (`moejax.mesh.Layout.problems`, which `Layout.validate` raises), checked on the
         attention split. The MoE tensor factor adds no rule: the expert width is padded to a multiple of it, as
         the runtime pads it to a multiple of `tensor` (`moejax.planner.memory.stored_config`)."""
-        return Layout(self.data, self.tensor, self.expert, self.stage).problems(cfg)
+        return self.layout.problems(cfg)
 
 
 def enumerate_split(n_devices: int) -> list[PlanLayout]:
-    """Every layout of `n_devices` whose MoE tensor factor differs from the attention one (the non-runtime ones)."""
-    divs = [d for d in range(1, n_devices + 1) if n_devices % d == 0]
-    out = []
-    for data in divs:
-        for stage in (s for s in divs if (n_devices // data) % s == 0):
-            group = n_devices // (data * stage)
-            gdivs = [d for d in divs if group % d == 0]
-            for t in gdivs:
-                for mt in gdivs:
-                    if mt != t:
-                        e = group // mt
-                        out.append(PlanLayout(data, t, e, stage, mt, group // t, False))
-    return sorted(out)
+    """Every layout of `n_devices` whose MoE tensor factor differs from the attention one (the runtime's split
+    layouts, `Layout.enumerate(split_moe=True)`)."""
+    return sorted(PlanLayout.of(lay) for lay in Layout.enumerate(n_devices, split_moe=True) if lay.split)

@@ -64,7 +64,7 @@ class Rules:
         """Every rule `layout` breaks for `cfg`, each naming the numbers involved: the runtime's
         (`Layout.problems`), then the tightening flags."""
         t, e, s = layout.tensor, layout.expert, layout.stage
-        mt = getattr(layout, "moe_tensor", t)
+        mt = layout.moe_tp if isinstance(layout, Layout) else layout.moe_tensor
         out = [p for p in layout.problems(cfg) if not p.startswith("stage (")]  # restated with min_layers_per_stage
         if not self.allow_kv_replication and t > cfg.num_kv_heads:
             out.append(f"TP ({t}) exceeds the kv heads ({cfg.num_kv_heads}) and KV replication is disallowed")
