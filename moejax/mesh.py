@@ -99,6 +99,10 @@ class Layout:
         parts = [f"{_LONG_TO_SHORT[a]}{getattr(self, a)}" for a in AXES if getattr(self, a) > 1]
         return "".join(parts) or "DP1"
 
+    def __repr__(self) -> str:
+        parts = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name != "moe_tensor" or self.split]
+        return f"Layout({', '.join(parts)})"
+
     @property
     def split(self) -> bool:
         """True when the MoE's tensor parallelism differs from attention's (an `MTP` factor)."""
