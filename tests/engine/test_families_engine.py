@@ -1,10 +1,11 @@
-"""Serving-engine invariants for DeepSeek-V3, GLM-4.5, OLMoE and gpt-oss, each on one multi-device layout, float32.
+"""Serving-engine invariants for DeepSeek-V3, GLM-4.5, OLMoE, gpt-oss and Qwen2-MoE on multi-device layouts, float32.
 
 A request's greedy tokens are the same served alone (and equal to Hugging Face's `generate`) as among others, with a
 small prefill chunk, and with a KV pool small enough that requests are preempted and recomputed. The layouts:
 DeepSeek-V3 DP2EP2 dp_attention (the MLA latent pool's pages split over data x expert), GLM-4.5 TP2EP2
 replicated_attention, OLMoE DP2TP2EP2 dp_attention (q/k norms over heads split by tensor), gpt-oss TP2PP2
-(pipelined microbatches; attention sinks and sliding windows on the paged path).
+(pipelined microbatches; attention sinks and sliding windows on the paged path); and two split layouts, DeepSeek-V3
+TP2MTP1EP4 and Qwen2-MoE TP2MTP4EP2 (attention TP x DP, the MoE TP x EP over the same devices).
 
 Engines have 32 pages of 4 tokens per data group (tests/engine/conftest.py); the preemption test's have 16 (a request
 needs up to 15), so two running requests of a group can collide.
@@ -21,7 +22,11 @@ from tests.engine.conftest import base_config
 from tests.engine.test_engine import VOCAB, check_busy_matches_alone, check_preempted_requests_match_alone
 
 CASES = [("deepseek_v3", "DP2EP2", "dp_attention"), ("glm4_moe", "TP2EP2", "replicated_attention"),
-         ("olmoe", "DP2TP2EP2", "dp_attention"), ("gpt_oss", "TP2PP2", "dp_attention")]
+         ("olmoe", "DP2TP2EP2", "dp_attention"), ("gpt_oss", "TP2PP2", "dp_attention"),
+         # split layouts (tests/test_split_layouts.py): the MLA latent pool over attention's 2 data groups, the
+         # exchange over 4 expert ranks in token slices; Qwen2-MoE's gated shared expert, tokens all-gathered over
+         # the MoE's wider tensor split
+         ("deepseek_v3", "TP2MTP1EP4", "dp_attention"), ("qwen2_moe", "TP2MTP4EP2", "dp_attention")]
 SMALL_POOL = 16  # pages per data group
 
 
