@@ -21,7 +21,8 @@ def main() -> int:
     import numpy as np
 
     import moejax
-    from tests import hf_models, test_split_layouts as t
+    from tests import hf_models
+    from tests import test_split_layouts as t
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

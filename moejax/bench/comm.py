@@ -29,10 +29,13 @@ shard, one layer or one expert of it: `weight_shapes`) is flagged as moving weig
 step should never do (e.g. an all-gather of the experts). All-reduces sum partial results and are
 not flagged; a shape match can in principle be an activation of the same shape (read the op_name).
 
-`planner_volume` is the planner's predicted volume for the same tokens and schedule, from
-`moejax.planner.cost.stage_comm_time` (two TP all-reduces per layer, and the expert-axis term of the
-model's expert mode) and the pipeline sends: per pipelined tick the busiest stage and one send, per
-sequential step every stage and one send per boundary.
+`planner_volume` is the planner's volume for the same tokens and schedule, from the collectives
+`moejax.planner.cost` counts (the runtime's: attention TP all-reduces, the MoE's gather / all-to-all /
+reduce-scatter / closing all-reduce, for runtime and split layouts alike) and the pipeline sends: per
+pipelined tick the busiest stage and one send, per sequential step every stage and one send per boundary.
+Its "expected" figure is the planner's prediction (expected routing fanout); its "capacity" figure counts
+the runtime's fixed-capacity all-to-all as the compiled program bounds it, which is what the HLO shows.
+`decode_comparison` and `split_table` put the two beside a compiled decode step.
 """
 
 from __future__ import annotations
@@ -292,20 +295,25 @@ def summarize(colls: list[Collective]) -> dict:
 
 def weight_shapes(model) -> set[tuple[str, tuple[int, ...]]]:
     """(HLO dtype, dims) a collective moving a weight would have: each matrix weight whole, as a device's shard,
-    and (for weights stacked over layers, under `layers`) one layer or one layer's expert of either.
+    and (for weights stacked over layers, under `layers`) one layer of either, and one layer's expert of the
+    experts' stacks (under `moe`).
 
-    Vectors (norms, also when stacked over layers) are left out: their shapes are those of activations.
+    Vectors (norms, also when stacked over layers) are left out: their shapes are those of activations. So is one
+    head of a stacked attention weight (wo's [H, D]), which is the shape of tokens a split layout's MoE gathers
+    ([2 x 8, 128] on tiny-moe).
     """
     import jax
 
     out = set()
     for path, arr in jax.tree_util.tree_leaves_with_path(model.params):
         dtype = _NUMPY_TO_HLO.get(str(arr.dtype), str(arr.dtype))
-        stacked = bool(path) and getattr(path[0], "key", None) == "layers"
+        keys = [getattr(p, "key", None) for p in path]
+        stacked = keys[:1] == ["layers"]
         full, shard = tuple(arr.shape), tuple(arr.sharding.shard_shape(arr.shape))
         if stacked and len(full) < 3:
             continue  # a vector per layer
-        candidates = [full, shard] + ([full[1:], shard[1:], full[2:], shard[2:]] if stacked else [])
+        candidates = [full, shard] + ([full[1:], shard[1:]] if stacked else [])
+        candidates += [full[2:], shard[2:]] if stacked and "moe" in keys else []  # [L, E, ...]: one expert
         out |= {(dtype, dims) for dims in candidates if len(dims) >= 2}
     return out
 
@@ -334,36 +342,179 @@ def account(engine) -> dict:
     return out
 
 
+EXCHANGE_FIGURES = ("expected", "capacity")  # `planner_volume`'s two figures for the MoE all-to-all
+_ROUTING_BYTES = 4 + 4  # per (token, expert slot): a float32 gate and an int32 expert id, as the router makes them
+
+
 def planner_volume(cfg, layout, expert_mode: str, group_tokens: float, act_bytes: float, hw,
-                   pipelined: bool = False) -> dict:
-    """The planner's predicted bytes one device sends per step, for `group_tokens` tokens per batch shard.
+                   pipelined: bool = False, exchange: str = "expected") -> dict:
+    """The planner's bytes one device sends per step, for `group_tokens` tokens per batch shard (attention group).
+
+    The collectives are those `moejax.planner.cost` counts, the runtime's (`moejax.sharding.Parallelism`'s
+    gather, exchange and reduce axes), for runtime and split layouts (`TP4MTP1EP8`) alike. `exchange` picks the
+    figure for the MoE's token exchange:
+
+    - "expected" (the planner's prediction): every token sent to the distinct remote expert ranks its top-X
+      experts live on, on average (`moejax.planner.cost.expert_fanout`), activations only.
+    - "capacity" (the runtime's bound, what HLO accounting reads): the runtime's all-to-all has a fixed row
+      capacity picked by a `lax.switch` (`moejax.model.moe`), and the accounting counts the heaviest branch: M
+      rows to every expert rank each way (M: the tokens the device exchanges, its gathered tokens over its
+      `tensor_expert` slices), the local expert ids (int32) and gates (activation bytes) riding along on the
+      dispatch, plus the int32 all-reduce that picks the capacity; and where the MoE's tensor parallelism
+      gathers the tokens, their routing (a float32 gate and an int32 id per expert slot) gathered with them.
+      This is the 'all_to_all' exchange's program (CPU's); 'ragged_all_to_all' sends from buffers of as many
+      rows, which the accounting also reads as bounds, and all-gathers the row counts instead of the max.
+
+    The all-reduces, the gather's tokens and the reduce-scatter are the same in both. Outside the layers (the
+    embedding's all-reduce, the logits' gather, flags) nothing is counted.
 
     `pipelined`: the step is one pipeline tick (each device runs its own stage, the busiest one is
     the step's critical path, and sends once); else the sequential schedule (every stage in turn,
     one send per boundary). A send is the microbatch's whole activations: every device of a
-    stage holds them (replicated over `tensor` between layers) and sends its copy.
+    stage holds them (replicated over attention TP between layers) and sends its copy.
 
-    Returns {"layers": TP and expert-axis collectives, "tensor": the TP part of it, "expert": the
-    expert-axis part, "send": pipeline sends, "total"}.
+    Returns {"layers": the layers' collectives, "tensor": what the same layers send with the MoE on attention's
+    tensor group alone (EP 1), "expert": the rest (expert axes, gather), "send": pipeline sends, "total",
+    "by_kind": bytes by HLO kind (`KINDS`), sends included, "exchange"}.
     """
-    import dataclasses
-
-    from moejax.planner.cost import Load, stage_comm_time
+    from moejax.mesh import Layout
+    from moejax.planner.cost import COLLECTIVES, Load, stage_features
+    from moejax.planner.layout import PlanLayout
     from moejax.planner.memory import stages
     from moejax.planner.workload import Options, Workload
 
-    options = Options(expert_mode=expert_mode)
-    workload = Workload(act_bytes=act_bytes)
+    if exchange not in EXCHANGE_FIGURES:
+        raise ValueError(f"exchange must be one of {EXCHANGE_FIGURES}, got {exchange!r}")
+    lay = PlanLayout.of(layout, expert_mode)
+    options, workload = Options(expert_mode=expert_mode), Workload(act_bytes=act_bytes)
     load = Load(decode=group_tokens, group_decode=group_tokens)
-    no_expert = dataclasses.replace(layout, expert=1)
-    per_stage = [(stage_comm_time(cfg, layout, hw, workload, options, stage, load)[0],
-                  stage_comm_time(cfg, no_expert, hw, workload, options, stage, load)[0])
-                 for stage in stages(cfg, layout)]
+    tensor_only = PlanLayout.of(Layout(lay.data, lay.tensor, 1, lay.stage), expert_mode)
+
+    def volume(features: dict) -> float:
+        return sum(features[f"{k}_count"] * features[f"{k}_wire"] for k in COLLECTIVES)
+
+    per_stage = []
+    for stage in stages(cfg, lay):
+        f = stage_features(cfg, lay, hw, workload, options, stage, load)
+        kinds = _stage_kinds(cfg, lay, f, stage.moe_layers, group_tokens, act_bytes, exchange)
+        per_stage.append((sum(kinds.values()), volume(stage_features(cfg, tensor_only, hw, workload, options, stage,
+                                                                      load)), kinds))
     if pipelined:
-        layers, tensor = max(per_stage)
-        boundaries = 1 if layout.stage > 1 else 0
+        per_stage = [max(per_stage, key=lambda v: v[0])]
+        boundaries = 1 if lay.stage > 1 else 0
     else:
-        layers, tensor = (sum(x) for x in zip(*per_stage, strict=True))
-        boundaries = layout.stage - 1
+        boundaries = lay.stage - 1
+    layers, tensor = sum(v[0] for v in per_stage), sum(v[1] for v in per_stage)
+    by_kind = {k: sum(v[2].get(k, 0.0) for v in per_stage) for k in KINDS}
     send = boundaries * group_tokens * cfg.hidden_size * act_bytes
-    return {"layers": layers, "tensor": tensor, "expert": layers - tensor, "send": send, "total": layers + send}
+    by_kind["collective-permute"] += send
+    return {"layers": layers, "tensor": tensor, "expert": layers - tensor, "send": send, "total": layers + send,
+            "by_kind": by_kind, "exchange": exchange}
+
+
+def _stage_kinds(cfg, lay, f: dict, moe_layers: int, group_tokens: float, act_bytes: float, exchange: str) -> dict:
+    """Bytes one device sends through one stage by HLO kind, from the planner's features `f` (see `planner_volume`)."""
+    gather = f["gather_count"] * f["gather_wire"]  # an all-gather and a reduce-scatter, (z-1) messages each
+    out = {"all-reduce": f["tp_count"] * f["tp_wire"] + f["moe_count"] * f["moe_wire"],
+           "all-gather": gather / 2, "reduce-scatter": gather / 2, "all-to-all": f["a2a_count"] * f["a2a_wire"]}
+    if exchange == "expected":
+        return out
+    _, y, z, _ = lay.layout.split_factors
+    if f["gather_count"]:
+        out["all-gather"] += moe_layers * (z - 1) * group_tokens * cfg.num_experts_per_tok * _ROUTING_BYTES
+    if f["a2a_count"]:
+        e, x = lay.expert, cfg.num_experts_per_tok
+        rows = math.ceil(math.ceil(z * group_tokens) / y)  # a tensor_expert slice of the gathered tokens
+        dispatch = rows * (cfg.hidden_size * act_bytes + x * (4 + act_bytes))  # tokens, local ids, gates
+        out["all-to-all"] = moe_layers * (e - 1) * (dispatch + rows * cfg.hidden_size * act_bytes)
+        out["all-reduce"] += moe_layers * 2.0 * (e - 1) / e * 4  # the capacity: an int32 max over the expert ranks
+    return out
+
+
+# ---- split layouts: the compiled decode step against the planner -----------------------------------------------
+
+SPLIT_LAYOUTS = ("TP4MTP1EP8", "TP8MTP1EP8", "TP2MTP1EP4", "TP4MTP1EP4", "TP4MTP2EP2", "TP2MTP4EP2", "TP1MTP2EP4",
+                 "TP2MTP4EP1", "DP2TP2MTP1EP2", "TP2MTP1EP2PP2")
+
+
+def in_layers(c: Collective) -> bool:
+    """Whether a collective is one of the layers' (what the planner counts per layer): from a layer's named block
+    (`moejax.bench.results.LAYER_SCOPES`) or from the layer loop's body (the MoE's token gather, which runs
+    outside the named blocks)."""
+    from moejax.bench.results import LAYER_SCOPES
+
+    return c.scope in LAYER_SCOPES or "/while/body/" in c.op_name
+
+
+def decode_comparison(model, config=None, rows: int = 8) -> dict:
+    """The compiled decode step's collectives (`rows` tokens per batch shard) beside the planner's two figures.
+
+    Args:
+        model: a placed `moejax.Model`.
+        config: a `moejax.ServeConfig` (default: `rows` requests per batch shard and microbatch group, decode
+            bucket `rows`).
+        rows: decode tokens per batch shard.
+    Returns:
+        {"layout", "hlo": `summarize` of the layers' collectives and the pipeline sends, "other_bytes": the rest
+        (embedding, logits, flags), "expected" and "capacity": `planner_volume` of both figures, "tokens"}.
+    """
+    import jax
+
+    import moejax
+    from moejax.planner.hardware import load_hardware
+
+    layout = model.layout
+    if config is None:
+        groups = layout.data * (layout.attention_data if model.expert_mode == "dp_attention" else 1)
+        config = moejax.ServeConfig(max_running=rows * groups * layout.stage, page_size=4,
+                                    num_pages=4 * rows * layout.stage, chunk_size=8, max_prefill_seqs=2,
+                                    max_model_len=16, decode_buckets=(rows,), seed=0)
+    engine = moejax.Engine(model, config)
+    tokens = engine.decode_buckets[-1]
+    colls = collectives(engine.compiled_step("decode", tokens).as_text(), weight_shapes(model))
+    planned = [in_layers(c) or c.kind == "collective-permute" for c in colls]
+    act = jax.numpy.dtype(model.dtype).itemsize
+    hw = load_hardware("cpu-host")
+    plan = {mode: planner_volume(model.cfg, layout, model.expert_mode, tokens, act, hw, engine.pipelined, mode)
+            for mode in EXCHANGE_FIGURES}
+    return {"layout": str(layout), "hlo": summarize([c for c, p in zip(colls, planned, strict=True) if p]),
+            "other_bytes": sum(c.wire_bytes * c.executions for c, p in zip(colls, planned, strict=True) if not p),
+            "tokens": tokens, **plan}
+
+
+def split_table(layouts=SPLIT_LAYOUTS, model: str = "tiny-moe", rows: int = 8, dtype: str = "float32") -> str:
+    """A markdown table of the compiled decode step per layout (random weights of the built-in config `model` on
+    simulated CPU devices, `decode_comparison`), `format_split_table`:
+
+        python -c "import moejax; moejax.cpu_devices(8); from moejax.bench.comm import split_table; \\
+                   print(split_table())"
+    """
+    import moejax
+    from moejax.config import load_model_config
+
+    cfg = load_model_config(model)
+    compared = [decode_comparison(moejax.Model.random(cfg, layout=layout, dtype=dtype), rows=rows)
+                for layout in layouts]
+    return (f"Decode step, {model} ({dtype}), {rows} tokens per batch shard, bytes one device sends per step:\n\n"
+            + format_split_table(compared))
+
+
+def format_split_table(compared: list[dict]) -> str:
+    """Rows of `decode_comparison`: the layers' collectives and the pipeline sends by kind (executions per step:
+    bytes one device sends), those outside the layers apart, their HLO total, the planner's expected and
+    capacity figures (`planner_volume`) and HLO / each."""
+    short = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "all-to-all": "A2A",
+             "ragged-all-to-all": "RA2A", "collective-permute": "send"}
+    lines = ["| layout | collectives (count: bytes) | outside the layers | HLO | planner expected (HLO / it) | "
+             "planner capacity (HLO / it) |", "|---|---|---:|---:|---:|---:|"]
+    for row in compared:
+        kinds = ", ".join(f"{short[k]} {v['count']}: {v['wire_bytes']:.0f}"
+                          for k, v in row["hlo"]["by_kind"].items() if v["count"])
+        hlo, exp, cap = row["hlo"]["wire_bytes"], row["expected"]["total"], row["capacity"]["total"]
+        lines.append(f"| {row['layout']} | {kinds or '-'} | {row['other_bytes']:.0f} | {hlo:.0f} | "
+                     f"{exp:.0f} ({_ratio(hlo, exp)}) | {cap:.0f} ({_ratio(hlo, cap)}) |")
+    return "\n".join(lines)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "-"

@@ -111,7 +111,8 @@ class MoE(nnx.Module):
             if valid_BT is not None:
                 experts_MX = jnp.where(valid_BT.reshape(B * T, 1), experts_MX, -1)  # -1: no shard's expert
         # The block's collectives are chosen once, in `Parallelism` (gather, exchange, scatter, reduce).
-        xg_MD, wg_MX, eg_MX = (par.gather_tokens(a) for a in (x_MD, weights_MX, experts_MX))
+        with jax.named_scope("moe/gather"):
+            xg_MD, wg_MX, eg_MX = (par.gather_tokens(a) for a in (x_MD, weights_MX, experts_MX))
         with jax.named_scope("moe/experts"):
             w = tuple(_expert_weight(a) for a in (self.wg, self.wu, self.wd))
             if cfg.expert_bias:

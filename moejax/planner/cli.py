@@ -2,6 +2,7 @@
 
     moejax plan --model gpt-moe-1800b --hardware gb200-nvl72 --devices 64 --precision fp4 \\
         --isl 1024 --osl 256 --target-tps-user 20 [--json | --json-full] [--out out/plan]
+    moejax plan --model deepseek-v3 --hardware h200 --devices 8 --layouts EP8,TP8MTP1EP8,TP4MTP1EP8
 
 Also `python -m moejax.planner.cli --model ...` (same flags). `--model` takes a built-in name, a YAML file, a
 Hugging Face config.json or checkpoint folder (every family `moejax.config.ModelConfig.from_hf` reads), or a
@@ -12,6 +13,7 @@ device count, the lists and the number of configurations are bounded, so a run n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -29,6 +31,7 @@ from moejax.args import (
     run_main,
 )
 from moejax.config import ModelConfig
+from moejax.mesh import Layout
 from moejax.planner.hardware import PRECISIONS, load_hardware
 from moejax.planner.report import compact_json, format_summary, write_outputs
 from moejax.planner.rules import Rules, enumerate_layouts
@@ -65,6 +68,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
                         "at each batch size's concurrency")
     p.add_argument("--split-moe", action="store_true",
                    help="also plan layouts whose MoE splits the devices apart from attention, e.g. TP8MTP1EP8")
+    p.add_argument("--layouts", "--layout", dest="layouts", default=None,
+                   help="plan only these layouts, comma-separated, in the runtime's syntax (e.g. TP4MTP1EP8,TP8EP8: "
+                        "an MTP factor needs no --split-moe); one the runtime refuses is an error with its reasons")
     p.add_argument("--comm-overlap", type=real_in(0.0, 1.0), default=0.0,
                    help="fraction of collective time hidden [0, 1]")
     p.add_argument("--calibration", "--efficiency", dest="efficiency", default=None,
@@ -106,9 +112,12 @@ def run(args: argparse.Namespace) -> int:
     rules = Rules(allow_kv_replication=not args.no_kv_replication, tp_within_domain=args.tp_within_domain,
                   ep_within_domain=args.ep_within_domain, min_layers_per_stage=args.min_layers_per_stage,
                   split_moe=args.split_moe)
-    _check_size(cfg, hw, rules, args)
+    only = _named_layouts(cfg, hw, rules, args)
+    if only and any(lay.split for lay in only):
+        rules = dataclasses.replace(rules, split_moe=True)  # described with the rules in force
+    _check_size(cfg, hw, rules, args, only)
     result = plan(cfg, hw, args.devices, workload, options, rules, args.batch_sizes, args.chunk_sizes,
-                  args.target_tps_user)
+                  args.target_tps_user, layouts=only)
     try:
         paths = write_outputs(result, args.out, plot=not args.no_plot, full_json=args.json)
     except OSError as err:
@@ -144,9 +153,28 @@ def read_planned_model(source: str) -> ModelConfig:
         raise UsageError(f"model config {source!r}: {err}") from err
 
 
-def _check_size(cfg, hw, rules: Rules, args: argparse.Namespace) -> None:
+def _named_layouts(cfg, hw, rules: Rules, args: argparse.Namespace) -> list[Layout] | None:
+    """The layouts `--layouts` names (None: every layout of --devices), each one the rules accept: one the runtime
+    refuses is an error in `Layout.validate`'s words."""
+    if args.layouts is None:
+        return None
+    try:
+        named = [Layout.parse(part) for part in args.layouts.split(",") if part.strip()]
+        if not named:
+            raise ValueError("no layout given")
+        _, rejected = enumerate_layouts(args.devices, cfg, rules, hw.nvlink_domain, only=named)
+    except ValueError as err:
+        raise UsageError(f"--layouts: {err}") from err
+    if rejected:
+        raise UsageError("--layouts: " + "; ".join(
+            f"layout {lay} cannot run model {cfg.name or cfg.family}: " + "; ".join(reasons)
+            for lay, reasons in rejected))
+    return named
+
+
+def _check_size(cfg, hw, rules: Rules, args: argparse.Namespace, only: list[Layout] | None = None) -> None:
     """Refuse a sweep of more than MAX_CONFIGS configurations before predicting any."""
-    layouts, _ = enumerate_layouts(args.devices, cfg, rules, hw.nvlink_domain)
+    layouts, _ = enumerate_layouts(args.devices, cfg, rules, hw.nvlink_domain, only=only)
     count = len(layouts) * len(args.batch_sizes) * len(args.chunk_sizes)
     if count > MAX_CONFIGS:
         raise UsageError(f"the sweep has {count:_} configurations ({len(layouts)} layouts x {len(args.batch_sizes)} "

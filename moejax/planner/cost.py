@@ -44,15 +44,26 @@ cache bytes read and written.
   group's tokens over attention TP (MLA's down-projections replicated over it; the shared expert and dense FFNs
   over TP x EP where attention is replicated over the expert group, `PlanLayout.shared_split`); routed experts on
   the replica's tokens over MoE TP x EP.
-- Collectives per layer: an all-reduce over attention TP after attention, and after dense FFNs (over the whole
-  group instead where attention is replicated) (ring: 2 (n-1)/n of the message on the wire, 2 ceil(log2 n)
-  latency steps). MoE layers: with attention data-parallel inside the group (ADP > 1) a TP all-reduce and an
-  all-to-all dispatch + combine sending each token to the distinct remote expert ranks its top-X experts live on
-  (`expert_fanout`, bounded by group-limited routing: at most the ranks `topk_group` expert groups span)
-  x MTP / TP; with attention replicated or ADP = 1, one all-reduce over the whole MoE group (MTP x EP) in place
-  of the FFN's TP all-reduce (the runtime's 'replicated_attention' mode). Groups within one NVLink domain use
-  NVLink, otherwise the scale-out network (`Hardware.link`); placement is tensor innermost, then expert, then
-  stage, then data.
+- Collectives per layer, the ones the runtime runs (`moejax.sharding.Parallelism`: gather, exchange, scatter and
+  reduce axes), from the mesh axes of the layout (`moejax.mesh.Layout.split_factors` of `PlanLayout.layout`:
+  x tensor, y tensor_expert, z data_tensor, w expert; a runtime layout is (TP, 1, 1, EP)). Messages are the
+  busiest attention group's activations (tokens x D x act bytes):
+  - an all-reduce over attention TP (t = x y) after attention, and after each dense FFN;
+  - MoE layers, with attention data-parallel inside the group (the 'dp_attention' mode; every split layout):
+    where z > 1 an all-gather of the group's tokens over z before the experts and a reduce-scatter after (on the
+    wire an all-reduce over z of the z-times-gathered message: 2 (z-1) x the group's message); where w > 1 an
+    all-to-all dispatch + combine over the EP = y w expert ranks, each device sending its z / y share of the
+    gathered tokens (a `tensor_expert` slice of the tokens attention replicated) to the distinct remote ranks its
+    top-X experts live on (`expert_fanout` (EP - 1) / EP, bounded by group-limited routing: at most the ranks
+    `topk_group` expert groups span); then one all-reduce over attention TP that also finishes the shared expert;
+  - MoE layers and dense FFNs with attention replicated over the expert group (the runtime's
+    'replicated_attention' mode): one all-reduce over the whole group (MTP x EP) in place of the TP one.
+  The expected fanout makes this a prediction of the bytes routing sends; the runtime's all-to-all has a fixed
+  row capacity, whose bound `moejax.bench.comm.planner_volume(exchange="capacity")` counts. The routing ids and
+  gates that ride along with the tokens (X of each per token) are left out (under 1% of a token's D values at
+  real widths). Ring algorithms: an all-reduce sends 2 (n-1)/n of the message with 2 ceil(log2 n) latency steps.
+  Groups within one NVLink domain use NVLink, otherwise the scale-out network (`Hardware.link`); placement is
+  tensor innermost (then tensor_expert, data_tensor), then expert, then stage, then data.
 - Kernels: per layer 4 for attention (norm, QKV, attention, output), 7 per MoE block (norm, router, top-k and
   permute, two grouped GEMMs, activation, un-permute), +3 for a shared expert, 4 per dense FFN; +1 embedding on
   the first stage, +2 (LM head, sampling) on the last.
@@ -73,7 +84,7 @@ from moejax.planner.layout import PlanLayout
 from moejax.planner.memory import StageShape, cached_positions, kv_bytes_per_token_layer, param_counts, stored_config
 from moejax.planner.workload import Options, Workload
 
-COLLECTIVES = ("tp", "moe", "a2a")  # attention-TP all-reduces, MoE-group all-reduce, expert all-to-all
+COLLECTIVES = ("tp", "moe", "gather", "a2a")  # TP all-reduces, MoE-group all-reduce, MoE-TP gather, all-to-all
 
 
 @dataclass(frozen=True)
@@ -293,18 +304,20 @@ def stage_features(cfg: ModelConfig, layout: PlanLayout | Layout | str, hw: Hard
 
 def _comm_features(cfg: ModelConfig, lay: PlanLayout, hw: Hardware, workload: Workload, stage: StageShape,
                    load: Load) -> dict[str, float]:
+    """The collectives of one microbatch through `stage` (module docstring), by kind (`COLLECTIVES`)."""
+    _, y, z, w = lay.layout.split_factors  # tensor, tensor_expert, data_tensor, expert: one source, the runtime's
     t, e, g = lay.tensor, lay.expert, lay.group
     group_bytes = load.group_tokens * cfg.hidden_size * workload.act_bytes
-    a2a = lay.attention_data > 1 and e > 1
-    moe_on_tp = a2a or g == t  # the MoE block ends with a TP all-reduce, else one over the whole group
-    dense_on_group = lay.shared_split > t  # attention replicated: dense FFNs split over the group (= shared_split)
-    tp_count = stage.layers + stage.dense_layers * (not dense_on_group) + stage.moe_layers * moe_on_tp
+    replicated = lay.replication > 1  # attention replicated over the expert group: the FFNs end on the whole group
+    tp_count = stage.layers + (stage.dense_layers + stage.moe_layers) * (not replicated)
     out = _collective("tp", group_bytes, t, tp_count, hw, t)
-    out |= _collective("moe", group_bytes, g, stage.moe_layers * (not moe_on_tp) + stage.dense_layers * dense_on_group,
-                       hw, g)
-    fanout = expert_fanout(cfg.num_experts, cfg.num_experts_per_tok, e, cfg.n_group, cfg.topk_group) if a2a else 0.0
+    out |= _collective("moe", group_bytes, g, (stage.moe_layers + stage.dense_layers) * replicated, hw, g)
+    out |= _collective("gather", z * group_bytes, z, stage.moe_layers, hw, t * z)
+    exchange = w > 1 and not replicated  # tokens split over an expert axis: the all-to-all
+    fanout = (expert_fanout(cfg.num_experts, cfg.num_experts_per_tok, e, cfg.n_group, cfg.topk_group)
+              if exchange else 0.0)
     remote = fanout * (e - 1) / e  # the token's own rank is one of the e, hit as often as any other
-    out |= _collective("a2a", group_bytes * remote * lay.moe_tensor / t, e, 2 * stage.moe_layers, hw, g)
+    out |= _collective("a2a", group_bytes * remote * z / y, e, 2 * stage.moe_layers, hw, g)
     return out
 
 

@@ -90,9 +90,9 @@ class PlanLayout:
         return Layout(stage=self.stage).stage_layers(num_layers)
 
     def problems(self, cfg) -> list[str]:
-        """What the runtime refuses (`moejax.mesh.Layout.problems`, which `Layout.validate` raises), checked on the
-        attention split. The MoE tensor factor adds no rule: the expert width is padded to a multiple of it, as
-        the runtime pads it to a multiple of `tensor` (`moejax.planner.memory.stored_config`)."""
+        """What the runtime refuses for the same layout (`moejax.mesh.Layout.problems` of `self.layout`, which
+        `Layout.validate` raises), word for word. The MoE tensor factor adds no rule: the runtime pads the expert
+        width to a multiple of it (`moejax.planner.memory.stored_config`)."""
         return self.layout.problems(cfg)
 
 

@@ -24,12 +24,14 @@ latent is shared by all heads and is replicated over `tensor` (every TP rank hol
 sliding window (`ModelConfig.window_of`: every layer, or only `sliding_layers`) holds at most `sliding_window`
 positions per request; the others hold the whole context (`cached_positions`).
 
-Placement per device (the runtime's sharding rules, `moejax.sharding.RULES`, generalised by
-`moejax.planner.layout.PlanLayout`): attention heads and vocabulary split over `tensor`, MLA's down-projections
-(the "latent" dim, `attention_latent_params`) replicated; the shared expert's and the dense FFN layers' width over
-`tensor` (times `expert` in the 'replicated_attention' mode, `PlanLayout.shared_split`); experts over `expert` and
-their width over the MoE tensor factor; layers over `stage` (`Layout.stage_layers`: the first stages take the
-extra layers, the dense leading layers sit in the first); nothing is split over `data`.
+Placement per device (the runtime's sharding rules, `moejax.sharding.RULES`, whose mesh axes a split layout
+factors, `moejax.mesh.Layout.split_factors`, to the same counts): attention heads and vocabulary split over
+attention TP, MLA's down-projections (the "latent" dim, `attention_latent_params`) replicated; the shared expert's
+and the dense FFN layers' width over attention TP (times `expert` in the 'replicated_attention' mode,
+`PlanLayout.shared_split`); experts over EP and their width over the MoE tensor factor (MTP); KV pages over
+attention's data parallelism inside a group (`PlanLayout.attention_data`: the requests of the busiest group);
+layers over `stage` (`Layout.stage_layers`: the first stages take the extra layers, the dense leading layers sit
+in the first); nothing is split over `data`.
 
 Stored sizes: per-device bytes (and the FLOPs of `moejax.planner.cost`) are counted on the sizes the runtime
 stores (`stored_config`, from `moejax.model.transformer.Geometry`): the vocabulary padded to a multiple of TP,
@@ -130,10 +132,8 @@ def stored_config(cfg: ModelConfig, layout: Layout | PlanLayout) -> ModelConfig:
     """`cfg` with the sizes the runtime stores for `layout` (`Geometry.of`, its one source): vocabulary padded to
     a multiple of TP, routed-expert width to a multiple of the MoE tensor factor (TP for a runtime layout),
     shared-expert and dense-FFN widths to a multiple of TP x EP, KV heads fewer than TP replicated up to TP."""
-    lay = PlanLayout.of(layout)
-    geo = Geometry.of(cfg, Layout(lay.data, lay.tensor, lay.expert, lay.stage))
-    moe = geo if lay.moe_tensor == lay.tensor else Geometry.of(cfg, Layout(tensor=lay.moe_tensor, expert=lay.expert))
-    return cfg.replace(vocab_size=geo.vocab, moe_intermediate_size=moe.ffn,
+    geo = Geometry.of(cfg, PlanLayout.of(layout).layout)  # a split layout's too: the runtime's own Layout
+    return cfg.replace(vocab_size=geo.vocab, moe_intermediate_size=geo.ffn,
                        shared_expert_intermediate_size=geo.shared_ffn, num_kv_heads=geo.num_kv_heads,
                        dense_intermediate_size=geo.dense_ffn)
 

@@ -9,11 +9,13 @@ the planner counts bytes and FLOPs on the padded sizes, `moejax.planner.memory.s
 tighten, with deployment knowledge (no KV-head replication, tensor or expert groups inside one NVLink domain, a
 minimum of layers per stage). `split_moe` adds the layouts whose MoE tensor factor differs from the attention one
 (`TP8MTP1EP8`, `moejax.planner.layout.PlanLayout`): attention TP x ADP and MoE TP x EP over the same devices,
-checked by the same runtime rules on the attention split (the expert width is padded to the MoE tensor factor).
+which the runtime runs too (`moejax.mesh.Layout.split`), checked by the same rules with the same messages (the
+expert width is padded to the MoE tensor factor).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from moejax.config import ModelConfig
@@ -57,7 +59,8 @@ class Rules:
         if self.ep_within_domain:
             lines.append(f"TP x EP fits one NVLink domain{domain}")
         if self.split_moe:
-            lines.append("MoE split apart from attention (MTP != TP) allowed; expert width padded to a multiple of MTP")
+            lines.append("MoE split apart from attention (MTP != TP: DP x MTP x EP x PP = number of devices, MTP x EP "
+                         "a multiple of TP) allowed; expert width padded to a multiple of MTP")
         return lines
 
     def problems(self, layout: Layout | PlanLayout, cfg: ModelConfig, nvlink_domain: int | None = None) -> list[str]:
@@ -65,10 +68,10 @@ class Rules:
         (`Layout.problems`), then the tightening flags."""
         t, e, s = layout.tensor, layout.expert, layout.stage
         mt = layout.moe_tp if isinstance(layout, Layout) else layout.moe_tensor
-        out = [p for p in layout.problems(cfg) if not p.startswith("stage (")]  # restated with min_layers_per_stage
+        out = layout.problems(cfg)  # the runtime's messages, word for word
         if not self.allow_kv_replication and t > cfg.num_kv_heads:
             out.append(f"TP ({t}) exceeds the kv heads ({cfg.num_kv_heads}) and KV replication is disallowed")
-        if s * self.min_layers_per_stage > cfg.num_layers:
+        if s <= cfg.num_layers < s * self.min_layers_per_stage:  # tighter than the runtime's "stage (s) ..." rule
             out.append(f"PP ({s}) x min layers per stage ({self.min_layers_per_stage}) exceeds the layers "
                        f"({cfg.num_layers})")
         if nvlink_domain and self.tp_within_domain and t > nvlink_domain:
@@ -78,7 +81,8 @@ class Rules:
         return out
 
 
-def enumerate_layouts(n_devices: int, cfg: ModelConfig, rules: Rules | None = None, nvlink_domain: int | None = None
+def enumerate_layouts(n_devices: int, cfg: ModelConfig, rules: Rules | None = None, nvlink_domain: int | None = None,
+                      only: Sequence[Layout | PlanLayout | str] | None = None
                       ) -> tuple[list[Layout | PlanLayout], list[tuple[Layout | PlanLayout, list[str]]]]:
     """All layouts of exactly `n_devices`, split into accepted ones and rejected ones with their reasons.
 
@@ -87,16 +91,34 @@ def enumerate_layouts(n_devices: int, cfg: ModelConfig, rules: Rules | None = No
         cfg: the model the rules are checked against.
         rules: rule switches (default: the runtime's rules).
         nvlink_domain: devices per NVLink domain, for the domain rules.
+        only: check these layouts instead (`Layout.parse` syntax, `MTP` included, whatever `rules.split_moe`
+            says); ValueError for one of another device count.
 
     Returns:
-        (accepted layouts, [(rejected layout, reasons)]), runtime layouts first (sorted), then split ones.
+        (accepted layouts, [(rejected layout, reasons)]), runtime layouts first (sorted), then split ones; with
+        `only`, in its order.
     """
     rules = rules or Rules()
+    if only is not None:
+        candidates = [_candidate(layout) for layout in only]
+        wrong = [f"layout {lay} uses {lay.size} devices" for lay in candidates if lay.size != n_devices]
+        if wrong:
+            raise ValueError(f"{'; '.join(wrong)}, not the {n_devices} planned")
+    else:
+        candidates = Layout.enumerate(n_devices) + (enumerate_split(n_devices) if rules.split_moe else [])
     accepted, rejected = [], []
-    for layout in Layout.enumerate(n_devices) + (enumerate_split(n_devices) if rules.split_moe else []):
+    for layout in candidates:
         problems = rules.problems(layout, cfg, nvlink_domain)
         if problems:
             rejected.append((layout, problems))
         else:
             accepted.append(layout)
     return accepted, rejected
+
+
+def _candidate(layout: Layout | PlanLayout | str) -> Layout | PlanLayout:
+    """A named layout as `enumerate_layouts` lists it: a runtime `Layout`, or a split one's `PlanLayout`."""
+    if isinstance(layout, PlanLayout):
+        return layout
+    layout = Layout.parse(layout)
+    return PlanLayout.of(layout) if layout.split else layout

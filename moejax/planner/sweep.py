@@ -104,7 +104,8 @@ class Plan:
 
 def plan(cfg: ModelConfig, hw: Hardware, devices: int, workload: Workload, options: Options | None = None,
          rules: Rules | None = None, batches: Sequence[int] = DEFAULT_BATCHES,
-         chunks: Sequence[int] = DEFAULT_CHUNKS, target_tps_user: float = 20.0) -> Plan:
+         chunks: Sequence[int] = DEFAULT_CHUNKS, target_tps_user: float = 20.0,
+         layouts: Sequence[Layout | str] | None = None) -> Plan:
     """Enumerate, predict, rank and extract the frontier for `cfg` on `devices` devices of `hw`.
 
     Args:
@@ -117,10 +118,12 @@ def plan(cfg: ModelConfig, hw: Hardware, devices: int, workload: Workload, optio
         batches: concurrent requests per data-parallel replica to sweep.
         chunks: prefill chunk sizes to sweep.
         target_tps_user: interactivity floor of the ranking.
+        layouts: plan only these (`Layout.parse` syntax, split ones included), rather than every layout of
+            `devices`; those the rules refuse are listed as rejected, with their reasons.
     """
     start = time.perf_counter()
     options, rules = options or Options(), rules or Rules()
-    layouts, rejected = enumerate_layouts(devices, cfg, rules, hw.nvlink_domain)
+    layouts, rejected = enumerate_layouts(devices, cfg, rules, hw.nvlink_domain, only=layouts)
     predictions = sweep(cfg, hw, workload, layouts, options, batches, chunks)
     result = Plan(model=cfg.name or cfg.family, hardware=hw.name, devices=devices, workload=workload,
                   options=options, rules=rules.describe(hw.nvlink_domain), layouts=layouts, rejected=rejected,

@@ -198,3 +198,31 @@ def test_gpu_async_and_ragged_forms():
     s = comm.summarize(colls)
     assert s["by_kind"]["ragged-all-to-all"] == {"count": 2, "operand_bytes": (64 + 32) * 128 * 2,
                                                  "wire_bytes": 3 / 4 * (64 + 32) * 128 * 2}
+
+
+def test_planner_volume_of_a_split_layout_by_hand():
+    """tiny-moe (D 128, top-2 of 8 experts, 4 layers) on TP4MTP1EP8, 8 float32 tokens per attention group: two
+    all-reduces over attention TP4 per layer; the all-to-all over the 8 expert ranks of each device's quarter of the
+    group's tokens (the `tensor_expert` slice). Expected: the remote share of the top-2 fanout; capacity: 2 rows to
+    each of the 7 peers each way, with the 2 local ids and gates per row, and the int32 max that picks it."""
+    from moejax.config import load_model_config
+    from moejax.planner.cost import expert_fanout
+    from moejax.planner.hardware import load_hardware
+
+    cfg, hw, msg = load_model_config("tiny-moe"), load_hardware("cpu-host"), 8 * 128 * 4
+    expected, capacity = (comm.planner_volume(cfg, "TP4MTP1EP8", "dp_attention", 8, 4, hw, exchange=mode)
+                          for mode in comm.EXCHANGE_FIGURES)
+    all_reduce = 4 * 2 * 2 * 3 / 4 * msg
+    assert expected["by_kind"]["all-reduce"] == pytest.approx(all_reduce) == expected["tensor"]
+    assert expected["by_kind"]["all-to-all"] == pytest.approx(4 * 2 * msg / 4 * expert_fanout(8, 2, 8) * 7 / 8)
+    assert capacity["by_kind"]["all-reduce"] == pytest.approx(all_reduce + 4 * 2 * 7 / 8 * 4)
+    assert capacity["by_kind"]["all-to-all"] == pytest.approx(4 * 7 * 2 * (128 * 4 + 2 * (4 + 4) + 128 * 4))
+    for volume in (expected, capacity):
+        assert volume["total"] == pytest.approx(sum(volume["by_kind"].values()))
+        assert volume["by_kind"]["all-gather"] == volume["by_kind"]["reduce-scatter"] == volume["send"] == 0
+    # TP2MTP4EP2: the tokens gathered over data_tensor (2) and scattered back, the routing gathered with them
+    gathered = comm.planner_volume(cfg, "TP2MTP4EP2", "dp_attention", 8, 4, hw, exchange="capacity")["by_kind"]
+    assert gathered["reduce-scatter"] == pytest.approx(4 * msg)
+    assert gathered["all-gather"] == pytest.approx(4 * (msg + 8 * 2 * (4 + 4)))
+    with pytest.raises(ValueError, match="exchange must be one of"):
+        comm.planner_volume(cfg, "TP2EP2", "dp_attention", 8, 4, hw, exchange="mean")

@@ -5,6 +5,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+from moejax.config import load_model_config
+from moejax.mesh import Layout
 from moejax.planner import cli
 
 ARGS = ["--model", "gpt-moe-1800b", "--devices", "64", "--precision", "fp4", "--isl", "1024", "--osl", "256",
@@ -55,3 +59,26 @@ def test_add_parser_wires_a_subcommand():
     cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["plan", *ARGS, "--hardware", "h100-sxm", "--tp-within-domain"])
     assert args.func is cli.run and args.tp_within_domain and args.devices == 64
+
+
+
+def _named(tmp_path, layouts: str, model: str = "qwen3-30b-a3b", devices: int = 8) -> list[str]:
+    return ["--model", model, "--hardware", "h200", "--devices", str(devices), "--layouts", layouts, "--out",
+            str(tmp_path), "--no-plot", "--batch-sizes", "8,64", "--chunk-sizes", "512", "--json-full"]
+
+
+def test_plan_named_layouts_split_ones_included(tmp_path, capsys):
+    """--layouts plans just those (an MTP factor needs no --split-moe); one the runtime refuses is a one-line error
+    in the runtime's words (`Layout.validate`), one that does not parse in the parser's."""
+    assert cli.main(_named(tmp_path, "TP4MTP1EP8, TP8MTP1EP8,DP8")) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert {c["layout"] for c in obj["configs"]} == {"TP4MTP1EP8", "TP8MTP1EP8", "DP8"}
+    assert obj["count"]["layouts_total"] == 3 and any("MTP" in rule for rule in obj["rules"])
+    assert cli.main(_named(tmp_path, "TP4MTP1EP8,TP8EP8")) == 2
+    assert "layout TP8EP8 uses 64 devices, not the 8 planned" in capsys.readouterr().err
+    with pytest.raises(ValueError) as refused:  # gpt-oss-20b: 32 experts
+        Layout.parse("TP8MTP1EP64").validate(load_model_config("gpt-oss-20b"))
+    assert cli.main(_named(tmp_path, "TP8MTP1EP64", "gpt-oss-20b", 64)) == 2
+    assert capsys.readouterr().err.strip() == f"moejax: error: --layouts: {refused.value}"
+    assert cli.main(_named(tmp_path, "TP4MTPxEP8")) == 2
+    assert "cannot parse layout 'TP4MTPxEP8'" in capsys.readouterr().err

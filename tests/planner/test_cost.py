@@ -19,6 +19,7 @@ from moejax.planner.cost import (
     stage_features,
 )
 from moejax.planner.hardware import FRACTIONS, Efficiency, Hardware, load_hardware
+from moejax.planner.layout import PlanLayout
 from moejax.planner.memory import param_counts, stages
 from moejax.planner.workload import Options, Workload
 
@@ -205,6 +206,35 @@ def test_dense_ffn_all_reduce_follows_the_expert_mode():
     volume, _ = stage_comm_time(cfg, lay, hw, Workload(), Options(), stage, data)
     a2a = 2 * 45 * 4 * token * expert_fanout(128, 8, 4) * 3 / 4
     assert volume == pytest.approx((46 + 1 + 45) * 2 * 1 / 2 * 4 * token + a2a)
+
+
+@pytest.mark.parametrize("layout,x,y,z,w", [("TP8MTP1EP8", 1, 8, 1, 1), ("TP4MTP1EP8", 1, 4, 1, 2),
+                                             ("TP2MTP4EP2", 2, 1, 2, 2), ("TP1MTP2EP4", 1, 1, 2, 4),
+                                             ("TP2MTP4EP1", 2, 1, 2, 1), ("TP4MTP2EP2", 2, 2, 1, 1)])
+def test_split_layout_collectives_are_the_runtime_s(layout, x, y, z, w):
+    """Mixtral-8x7B (32 MoE layers), 8 decode tokens per attention group, bf16, split layouts: an all-reduce over
+    attention TP t = x y after attention and another closing each MoE block; where z > 1 an all-gather of the
+    group's tokens over z and a reduce-scatter back (2 (z-1) messages on the wire); where w > 1 the all-to-all
+    over EP = y w of each device's z / y share of the gathered tokens (`moejax.sharding.Parallelism`)."""
+    cfg, hw = load_model_config("mixtral-8x7b"), _ideal(load_hardware("h200"))
+    lay = PlanLayout.of(layout)
+    assert lay.layout.split_factors == (x, y, z, w)
+    t, e, msg = x * y, lay.expert, 8 * 4096 * 2
+    volume, _ = stage_comm_time(cfg, lay, hw, Workload(), Options(), stages(cfg, lay)[0],
+                                Load(decode=8 * lay.attention_data, group_decode=8))
+    tp = 2 * 32 * 2 * (t - 1) / t * msg
+    gather = 32 * 2 * (z - 1) * msg
+    a2a = 32 * 2 * msg * z / y * expert_fanout(8, 2, e) * (e - 1) / e if w > 1 else 0.0
+    assert volume == pytest.approx(tp + gather + a2a)
+
+
+def test_runtime_layouts_need_no_gather():
+    """A runtime layout's MoE tensor split is attention's: no gather, whatever the expert mode."""
+    cfg, hw = load_model_config("mixtral-8x7b"), load_hardware("h200")
+    stage, load = stages(cfg, Layout())[0], Load(decode=16, group_decode=4)
+    for mode in ("dp_attention", "replicated_attention"):
+        f = stage_features(cfg, Layout(tensor=2, expert=4), hw, Workload(), Options(expert_mode=mode), stage, load)
+        assert f["gather_count"] == f["gather_wire"] == 0 and f["tp_count"] > 0
 
 
 def test_allreduce_ring_formula():

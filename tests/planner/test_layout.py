@@ -10,6 +10,7 @@ from moejax.planner.memory import stored_config
 from moejax.planner.rules import Rules, enumerate_layouts
 from moejax.planner.serving import predict
 from moejax.planner.workload import Options, Workload
+from moejax.sharding import Parallelism
 
 
 def test_runtime_layouts_are_special_cases():
@@ -29,8 +30,43 @@ def test_split_syntax_round_trips(text, shape):
 
 
 def test_split_must_cover_the_attention_group():
-    with pytest.raises(ValueError, match="multiple of TP"):
+    with pytest.raises(ValueError, match="multiple of TP") as planner:
         PlanLayout.of("TP8MTP1EP4")
+    with pytest.raises(ValueError) as runtime:
+        Layout.parse("TP8MTP1EP4")
+    assert str(planner.value) == str(runtime.value)  # one parser, one message
+
+
+def _runtime_refusal(layout: Layout, cfg) -> str | None:
+    """What the runtime says when asked to run `layout` (None: it builds the layout's parallelism)."""
+    try:
+        Parallelism(layout.validate(cfg)).checked("cpu")
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+# Odd shapes too: 6 heads / 3 kv heads (TP4, TP8 refused), 6 experts (EP4, EP8 refused), 3 layers (PP4+ refused).
+SPLIT_MODELS = [("tiny-moe", {}), ("qwen3-30b-a3b", {}), ("deepseek-v3", {}), ("gpt-oss-20b", {}),
+                ("tiny-moe", dict(num_heads=6, num_kv_heads=3, num_experts=6, num_layers=3))]
+
+
+@pytest.mark.parametrize("n", [8, 16])
+@pytest.mark.parametrize("name,changes", SPLIT_MODELS, ids=[n + ("-odd" if c else "") for n, c in SPLIT_MODELS])
+def test_planner_and_runtime_accept_and_refuse_the_same_layouts_in_the_same_words(name, changes, n):
+    """Every layout of n devices, split ones included: the planner accepts exactly those the runtime builds, and
+    rejects the others with the runtime's own reasons, word for word."""
+    cfg = load_model_config(name).replace(**changes)
+    accepted, rejected = enumerate_layouts(n, cfg, Rules(split_moe=True))
+    candidates = Layout.enumerate(n, split_moe=True)
+    assert len(accepted) + len(rejected) == len(candidates)
+    refusals = {str(lay): _runtime_refusal(lay, cfg) for lay in candidates}
+    assert {str(lay) for lay in accepted} == {k for k, v in refusals.items() if v is None}
+    assert any(lay.split for lay in Layout.enumerate(n, cfg, split_moe=True))
+    for lay, reasons in rejected:
+        assert refusals[str(lay)] == f"layout {lay} cannot run model {cfg.name}: " + "; ".join(reasons)
+    for lay in accepted:  # one layout, one meaning: the planner's reading is the runtime's
+        assert PlanLayout.of(str(lay)).layout == Layout.parse(str(lay))
 
 
 def test_enumeration_extends_the_runtime_set():

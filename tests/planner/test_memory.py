@@ -115,14 +115,28 @@ def test_infeasible_config_names_the_reason():
     assert fit.weights > 400 * GIB  # 1.78T bf16 over 8 devices
 
 
-@pytest.mark.parametrize("layout", ["DP1", "TP2", "TP4", "TP8", "TP2EP4", "TP4EP2", "EP8", "TP2EP2PP2", "PP2"])
+# Split layouts (the MoE's tensor factor apart from attention's), with their mesh axes (tensor, tensor_expert,
+# data_tensor, expert) in the comments: every one of the four split axes, pipeline stages and data parallelism.
+SPLIT = ["TP4MTP1EP4",  # 1, 4, 1, 1
+         "TP4MTP1EP8",  # 1, 4, 1, 2
+         "TP2MTP4EP2",  # 2, 1, 2, 2
+         "TP4MTP2EP2",  # 2, 2, 1, 1
+         "TP1MTP2EP4",  # 1, 1, 2, 4
+         "TP2MTP4EP1",  # 2, 1, 2, 1
+         "DP2TP2MTP1EP2",  # 1, 2, 1, 1
+         "TP2MTP1EP2PP2"]  # 1, 2, 1, 1
+
+
+@pytest.mark.parametrize("layout", ["DP1", "TP2", "TP4", "TP8", "TP2EP4", "TP4EP2", "EP8", "TP2EP2PP2", "PP2",
+                                    *SPLIT])
 def test_stored_sizes_are_the_runtime_geometry(layout):
     lay = Layout.parse(layout)
     geo, sized = Geometry.of(ODD, lay), stored_config(ODD, lay)
+    assert stored_config(ODD, PlanLayout.of(layout)) == sized  # the planner's reading of the string: the same
     assert (sized.vocab_size, sized.moe_intermediate_size, sized.shared_expert_intermediate_size,
             sized.num_kv_heads) == (geo.vocab, geo.ffn, geo.shared_ffn, geo.num_kv_heads)
     t, e = lay.tensor, lay.expert
-    assert sized.vocab_size % t == 0 and sized.moe_intermediate_size % t == 0
+    assert sized.vocab_size % t == 0 and sized.moe_intermediate_size % lay.moe_tp == 0
     assert sized.shared_expert_intermediate_size % (t * e) == 0 and sized.vocab_size - ODD.vocab_size < t
 
 
@@ -164,6 +178,16 @@ def test_weights_per_device_are_the_runtime_s_padded_bytes(cfg, layout):
     lay = Layout.parse(layout)
     if lay.expert > 1:
         cfg = cfg.replace(shared_expert_intermediate_size=0, first_dense_layers=0)
+    assert weights_per_device(cfg, lay, Workload(precision="bf16")) == _runtime_linear_bytes(cfg, lay)
+
+
+@pytest.mark.parametrize("layout", SPLIT)
+@pytest.mark.parametrize("cfg", [ODD, ODD_MLA, ODD_GPT_OSS, ODD_GLM], ids=["gqa", "mla-dense", "gpt-oss", "glm"])
+def test_split_layout_weights_per_device_are_the_runtime_s(cfg, layout):
+    """Split layouts (attention TP t x DP, the MoE TP m x EP e over the same devices): the planner's weight bytes
+    per device == the runtime's linear weights in their shardings, shared experts and dense FFNs included (over
+    attention's tensor split: a split layout runs in the 'dp_attention' mode only)."""
+    lay = Layout.parse(layout)
     assert weights_per_device(cfg, lay, Workload(precision="bf16")) == _runtime_linear_bytes(cfg, lay)
 
 

@@ -37,8 +37,7 @@ def test_planner_valid_equals_runtime_valid(name, changes, n):
     for lay, reasons in rejected:
         with pytest.raises(ValueError) as err:
             lay.validate(cfg)
-        # the runtime's own words, but for its stage rule, restated with the layers-per-stage flag
-        assert reasons and all(r in str(err.value) for r in reasons if not r.startswith("PP ("))
+        assert reasons and str(err.value) == f"layout {lay} cannot run model {cfg.name}: " + "; ".join(reasons)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -73,8 +72,16 @@ def test_flags_tighten():
     assert any("NVLink domain" in r for _, reasons in rejected for r in reasons)
     no_rep, _ = enumerate_layouts(64, gpt, Rules(allow_kv_replication=False))
     assert max(lay.tensor for lay in no_rep) == 8  # 8 KV heads
-    deep, _ = enumerate_layouts(64, gpt, Rules(min_layers_per_stage=4))
+    deep, rejected = enumerate_layouts(64, gpt, Rules(min_layers_per_stage=4))
     assert max(lay.stage for lay in deep) == 16
+    assert dict((str(lay), r) for lay, r in rejected)["DP2PP32"] == [
+        "PP (32) x min layers per stage (4) exceeds the layers (120)"]  # tighter than the runtime: no stage rule
+
+
+def test_default_rules_keep_the_runtime_s_stage_message():
+    cfg = load_model_config("tiny-moe")  # 4 layers
+    _, rejected = enumerate_layouts(8, cfg)
+    assert dict((str(lay), r) for lay, r in rejected)["PP8"] == ["stage (8) cannot exceed the number of layers (4)"]
 
 
 def test_rules_are_described():
