@@ -7,6 +7,7 @@ Measurement file: JSON lines, one object per measured configuration (the moejax 
      "layout": "TP2EP4",             # `Layout.parse` syntax (or `PlanLayout`'s, e.g. TP8MTP1EP8); product = devices
      "precision": "bf16",            # weight format: fp32 | bf16 | fp8 | fp4
      "kv_precision": "bf16",         # optional, default bf16
+     "prefix_hit_rate": 0.0,         # optional, default 0: fraction of prompt tokens served from the prefix cache
      "batch_size": 32,               # concurrent requests over the whole mesh (all data-parallel replicas)
      "chunk_size": 512,              # prefill chunk (tokens per step per attention group)
      "isl": 1024, "osl": 256,        # prompt and output tokens per request
@@ -84,7 +85,7 @@ def _options(row: dict, options: Options | None) -> Options:
 
 def _workload(row: dict) -> Workload:
     return Workload(isl=row["isl"], osl=row["osl"], precision=row["precision"],
-                    kv_precision=row.get("kv_precision", "bf16"))
+                    kv_precision=row.get("kv_precision", "bf16"), prefix_hit_rate=row.get("prefix_hit_rate", 0.0))
 
 
 def _batch(row: dict) -> tuple[PlanLayout, int]:

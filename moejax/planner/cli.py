@@ -2,6 +2,7 @@
 
     moejax plan --model gpt-moe-1800b --hardware gb200-nvl72 --devices 64 --precision fp4 \\
         --isl 1024 --osl 256 --target-tps-user 20 [--json | --json-full] [--out out/plan]
+    moejax plan --model qwen3-30b-a3b --hardware h200 --devices 8 --isl 8192 --prefix-hit-rate 0.8
     moejax plan --model deepseek-v3 --hardware h200 --devices 8 --layouts EP8,TP8MTP1EP8,TP4MTP1EP8
 
 Also `python -m moejax.planner.cli --model ...` (same flags). `--model` takes a built-in name, a YAML file, a
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -63,6 +65,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
                         "the names data / replicated: deprecated, for one release")
     p.add_argument("--microbatches", type=int_in(1), default=None,
                    help="pipeline microbatch groups M, the runtime's ServeConfig.microbatches (default: PP)")
+    p.add_argument("--prefix-hit-rate", type=_hit_rate, default=0.0, metavar="H",
+                   help="fraction of prompt tokens served from the prefix cache, in [0, 1) (the runtime's "
+                        "--enable-prefix-caching): prefill computes (1 - H) of each prompt; default 0")
     p.add_argument("--arrival-rate", type=real_in(0.0), default=None,
                    help="Poisson arrivals in requests/s over all replicas (TTFT queues, M/D/1); default: closed loop "
                         "at each batch size's concurrency")
@@ -92,6 +97,18 @@ def _configure(p: argparse.ArgumentParser) -> None:
                               "sweep)")
 
 
+def _hit_rate(text: str) -> float:
+    """An argparse type for --prefix-hit-rate: a number in [0, 1) (at 1 prefill would compute nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1) (the fraction of prompt tokens served from "
+                                         f"the prefix cache), got {text!r}")
+    return value
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `plan` subcommand to an argparse subparsers object."""
     p = subparsers.add_parser("plan", help="predict and rank every parallel layout of N devices",
@@ -107,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = read_planned_model(args.model)
     hw = load_hardware(args.hardware, efficiency=args.efficiency)
     workload = Workload(isl=args.isl, osl=args.osl, precision=args.precision, kv_precision=args.kv_precision,
-                        arrival_rate=args.arrival_rate or None)
+                        arrival_rate=args.arrival_rate or None, prefix_hit_rate=args.prefix_hit_rate)
     options = Options(expert_mode=args.expert_mode, microbatches=args.microbatches, comm_overlap=args.comm_overlap)
     rules = Rules(allow_kv_replication=not args.no_kv_replication, tp_within_domain=args.tp_within_domain,
                   ep_within_domain=args.ep_within_domain, min_layers_per_stage=args.min_layers_per_stage,

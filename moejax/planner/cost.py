@@ -37,7 +37,8 @@ cache bytes read and written.
   bandwidth (t_act).
 - Weights read: a stage's non-expert weights once per microbatch; the experts at least one token routes to:
   with n tokens choosing X of E uniformly, an expert is hit with probability 1 - (1 - X/E)^n.
-- KV: decode tokens read their request's cache; prefill chunks write theirs and read their prefix once.
+- KV: decode tokens read their request's cache; prefill chunks write theirs and read their prefix once (a
+  prefix-cache hit's pages included: those tokens are read, not computed or written).
 - Sizes: the padded ones the runtime stores (`moejax.planner.memory.stored_config`): vocabulary and FFN widths
   (routed, shared, dense) rounded up, so the LM head's and the FFNs' FLOPs and bytes include the padding.
 - Split (`moejax.planner.layout.PlanLayout`): attention, shared/dense FFN and router on the busiest attention
@@ -101,8 +102,9 @@ class Load:
         logits: tokens of the busiest group that need logits (decode tokens and finishing prompts).
         chunks: prefill chunks of the busiest group (each reads its prefix of the KV cache once).
         decode_context: mean cached positions a decode token attends to.
-        prefill_context: mean positions a prefill token attends to (causal: about half the prompt).
-        prefix: mean prefix length of the chunks.
+        prefill_context: mean positions a prefill token attends to (causal: about half the prompt; with prefix
+            caching, the cached prefix plus about half the computed part).
+        prefix: mean prefix length of the chunks (the cached prefix included: a chunk reads it from the cache).
     """
 
     decode: float = 0.0

@@ -42,8 +42,9 @@ def format_table(rows: list[Prediction], limit: int = 15) -> str:
 def format_summary(result: Plan, limit: int = 15, paths: dict[str, Path] | None = None) -> str:
     """What `moejax plan` prints: rules, counts, the ranking at the target, infeasible examples, file paths."""
     w, c = result.workload, result.count
+    hit = f", prefix hit rate {w.prefix_hit_rate:g}" if w.prefix_hit_rate else ""
     out = [f"moejax plan: {result.model} on {result.devices} x {result.hardware}, weights {w.precision}, "
-           f"KV {w.kv_precision}, isl {w.isl}, osl {w.osl}, expert mode '{result.options.expert_mode}'",
+           f"KV {w.kv_precision}, isl {w.isl}, osl {w.osl}{hit}, expert mode '{result.options.expert_mode}'",
            "", "Rules:"]
     out += [f"  - {r}" for r in result.rules]
     out += ["", f"Layouts of {result.devices} devices: {c['layouts_total']}, {c['layouts_valid']} valid, "

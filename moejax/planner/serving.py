@@ -22,6 +22,10 @@ Requests and groups:
   when prefill demand exceeds the budget requests queue and prefill stretches to
   n = requests x isl / chunk - (osl - 1) turns (fluid). Turns with prefill ("mixed") happen in a fraction f of
   turns; they and decode-only turns are costed apart (weight traffic is concave in the tokens of a turn).
+- Prefix caching (`Workload.prefix_hit_rate` h): the first h x isl prompt tokens come from the cache, so isl
+  above (chunks, turns, service) is the computed part (1 - h) x isl (`Workload.prefill_tokens`); the computed
+  tokens sit after the cached ones and attend over them, and each chunk reads the cached prefix from the KV
+  cache; decode and memory see the whole prompt.
 
 Times (tick = slowest stage's time for one group's microbatch + the send + `step_overhead_s`):
 
@@ -72,8 +76,9 @@ class SteadyState:
     prefill_rounds: float  # turns from arrival to first token
 
 
-def steady_state(requests: float, chunk: int, isl: int, osl: int) -> SteadyState:
-    """Fluid steady state of `requests` concurrent requests sharing a prefill budget of `chunk` tokens per turn."""
+def steady_state(requests: float, chunk: int, isl: float, osl: int) -> SteadyState:
+    """Fluid steady state of `requests` concurrent requests sharing a prefill budget of `chunk` tokens per turn;
+    `isl` is the prompt tokens prefill computes per request (the prefix cache's hits left out)."""
     if requests <= 0 or chunk < 1:
         raise ValueError(f"requests must be > 0 and chunk >= 1, got {requests}, {chunk}")
     decode_rounds = osl - 1
@@ -123,9 +128,10 @@ def round_loads(cfg: ModelConfig, layout: PlanLayout, workload: Workload, option
     """
     groups = layout.attention_data
     isl, osl = workload.isl, workload.osl
+    computed, cached = workload.prefill_tokens, workload.cached_tokens  # computed == isl, cached == 0 without hits
     m = microbatches(layout, max(1, batch // groups), options)
-    state = steady_state(batch / groups / m, chunk, isl, osl)
-    piece = min(chunk, isl)
+    state = steady_state(batch / groups / m, chunk, computed, osl)
+    piece = min(chunk, computed)
     chunks_per_turn = state.prefill / piece  # of one attention group, averaged over turns
     mixed_fraction = min(1.0, chunks_per_turn)
     group_chunks = chunks_per_turn / mixed_fraction  # in a mixed turn; attention groups' mixed turns coincide
@@ -138,7 +144,7 @@ def round_loads(cfg: ModelConfig, layout: PlanLayout, workload: Workload, option
     mixed_load = Load(
         decode=decode, prefill=chunks * piece, group_decode=group_decode, group_prefill=group_chunks * piece,
         logits=group_decode + finishing, chunks=group_chunks, decode_context=context,
-        prefill_context=(isl + 1) / 2.0, prefix=(isl - piece) / 2.0,
+        prefill_context=cached + (computed + 1) / 2.0, prefix=cached + (computed - piece) / 2.0,
     )
     return state, mixed_fraction, mixed_load, decode_load, m
 
@@ -168,8 +174,9 @@ def features(cfg: ModelConfig, layout: PlanLayout | Layout | str, hw: Hardware, 
     out |= {k: np.full((2, STAGE_SLOTS), v) for k, v in dev.items()}
     s = lay.stage
     rate = workload.arrival_rate / (lay.data * lay.attention_data * m) if workload.arrival_rate else 0.0
+    computed = workload.prefill_tokens
     sched = {"stages": s, "microbatches": m, "period": max(m, s), "mixed_fraction": f,
-             "prefill_turns": state.prefill_rounds, "service_turns": workload.isl / min(chunk, workload.isl),
+             "prefill_turns": state.prefill_rounds, "service_turns": computed / min(chunk, computed),
              "tokens_per_turn": m * lay.attention_data * (state.decode + state.completions),
              "devices": lay.group * s, "arrival_rate": rate, "comm_overlap": options.comm_overlap}
     return out | {k: np.float64(v) for k, v in sched.items()}

@@ -7,6 +7,7 @@ frozen and carried unchanged through memory fit, cost model and sweep.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from moejax.config import KV_FORMATS
@@ -52,6 +53,9 @@ class Workload:
         act_bytes: bytes per activation value on the wire and in workspace (bf16).
         arrival_rate: None: closed loop at the configuration's concurrency (`batch_size`); else Poisson arrivals
             at this many requests/s over all replicas, queueing for prefill (M/D/1, `moejax.planner.serving`).
+        prefix_hit_rate: fraction h in [0, 1) of prompt tokens served from the prefix cache (the runtime's
+            `enable_prefix_caching`): prefill computes the other (1 - h) isl tokens (`prefill_tokens`), which still
+            attend over the whole prompt; the cached tokens still occupy the KV cache.
     """
 
     isl: int = 1024
@@ -60,6 +64,7 @@ class Workload:
     kv_precision: str = "bf16"
     act_bytes: float = 2.0
     arrival_rate: float | None = None
+    prefix_hit_rate: float = 0.0
 
     def __post_init__(self):
         if self.isl < 1 or self.osl < 1:
@@ -70,6 +75,10 @@ class Workload:
             raise ValueError(f"unknown kv precision {self.kv_precision!r}; known {sorted(KV_BYTES)}")
         if self.arrival_rate is not None and not self.arrival_rate > 0:
             raise ValueError(f"arrival_rate must be > 0 requests/s (or None), got {self.arrival_rate!r}")
+        h = self.prefix_hit_rate
+        if isinstance(h, bool) or not isinstance(h, numbers.Real) or not 0.0 <= h < 1.0:
+            raise ValueError(f"prefix_hit_rate must be a number in [0, 1) (the fraction of prompt tokens served "
+                             f"from the prefix cache), got {h!r}")
 
     @property
     def weight_bytes(self) -> float:
@@ -79,6 +88,17 @@ class Workload:
     def kv_bytes(self) -> float:
         """Bytes per KV value (scales not included: `ModelConfig.kv_bytes_per_token(kv_precision)` counts them)."""
         return KV_BYTES[self.kv_precision]
+
+    @property
+    def prefill_tokens(self) -> float:
+        """Prompt tokens prefill computes per request: (1 - prefix_hit_rate) x isl (a fluid mean), at least the
+        last one, whose logits give the first output token. isl exactly when nothing is cached."""
+        return max(1.0, self.isl * (1.0 - self.prefix_hit_rate))
+
+    @property
+    def cached_tokens(self) -> float:
+        """Prompt tokens per request served from the prefix cache: the first isl - `prefill_tokens`."""
+        return self.isl - self.prefill_tokens
 
     @property
     def max_context(self) -> int:
