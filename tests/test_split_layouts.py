@@ -18,6 +18,7 @@ Each family runs one of them in the default suite (together they cover the list)
 runs in CI's slow step.
 """
 
+import jax
 import numpy as np
 import pytest
 
@@ -42,6 +43,14 @@ CASES = [pytest.param(f, lay, marks=() if DEFAULT[f] == lay else pytest.mark.slo
 IDS = np.random.default_rng(41).integers(0, 128, (4, 40))
 PROMPTS = [np.random.default_rng(42).integers(0, 128, n).tolist() for n in (5, 17, 30)]
 NEW_TOKENS = 16
+
+
+@pytest.fixture(autouse=True)
+def _drop_compiled_programs_per_case():
+    """Each case compiles its own model's programs; the slow matrix (56 models) would exhaust the JIT's code memory
+    in one module (a run of tests/split_table.py without this aborted in LLVM with "Cannot allocate memory")."""
+    yield
+    jax.clear_caches()
 
 
 @pytest.fixture(scope="module")
