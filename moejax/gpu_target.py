@@ -415,7 +415,8 @@ def planner_figures(cfg, layout, target: str, shapes: Shapes, phase: str, tokens
                     steps, quantization: str | None = None) -> dict:
     """The planner's figures for the same program: memory per device (weights + KV + workspace), the collective
     bytes one device sends (`moejax.bench.comm.planner_volume`), and the ideal routed-expert FLOPs per device
-    (routed tokens x 2 x D x F x 3 over the devices splitting the experts, on the heaviest stage)."""
+    (a replica's routed tokens x 2 x D x F x 3 over the MoE's devices of a group, MoE TP x EP, on the heaviest
+    stage; a split layout's MoE TP is its MTP factor, not attention's TP)."""
     from moejax.bench.comm import planner_volume
     from moejax.planner.hardware import load_hardware
     from moejax.planner.memory import memory_fit, stages
@@ -435,7 +436,7 @@ def planner_figures(cfg, layout, target: str, shapes: Shapes, phase: str, tokens
     return {"memory_bytes": fit.weights + fit.kv_cache + fit.workspace, "weights_bytes": fit.weights,
             "kv_bytes": fit.kv_cache, "workspace_bytes": fit.workspace, "device_bytes": hw.memory_bytes,
             "collective_bytes": volume["total"],
-            "expert_flops": expert * moe_layers / (layout.expert * layout.tensor)}
+            "expert_flops": expert * moe_layers / layout.group}
 
 
 def cpu_kernels(result: Result) -> list[str]:

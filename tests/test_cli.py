@@ -39,6 +39,19 @@ def test_generate_default_runs_the_builtin_model():
     assert stdout.count("->") == 2
 
 
+def test_generate_on_a_split_layout():
+    """A split layout (attention TP4, the MoE EP4 over the same 4 devices): the 1-device library's greedy tokens
+    of the built-in model (random weights, seed 0) and its prompts."""
+    import moejax
+    from moejax.cli import DEFAULT_PROMPTS
+
+    stdout = _run("generate", "--layout", "TP4MTP1EP4", "--devices", "4", "--max-new-tokens", "5", "--json")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["layout"] == "TP4MTP1EP4" and result["devices"] == 4
+    dp1 = moejax.Model.random(moejax.load_model_config("tiny-moe"), seed=0)
+    assert result["tokens"] == dp1.generate([list(p) for p in DEFAULT_PROMPTS], max_new_tokens=5)
+
+
 def test_version_and_python_dash_m(capsys):
     import importlib.metadata
 

@@ -107,6 +107,8 @@ GENERATE_BEFORE_JAX = [
     (["--layout", "EP3"], r"num_experts \(8\) must be divisible by expert \(3\)"),
     (["--layout", "XY2"], r"cannot parse layout 'XY2'"),
     (["--layout", "DP0"], r"Layout.data must be a positive integer, got 0"),
+    (["--layout", "TP4MTP1EP2"], r"layout TP4MTP1EP2: MTP 1 x EP 2 must be a multiple of TP 4"),
+    (["--layout", "TP2MTP0EP4"], r"layout 'TP2MTP0EP4': MTP must be a positive integer"),
     (["--prompt", "hello"], r"--prompt: a built-in config \(random weights\) has no tokenizer.json to encode text "
                             r"with; pass --prompt-ids$"),
     (["--model", "{tmp}/ckpt_tokenizer", "--prompt", "x"], r"ckpt_tokenizer has no tokenizer.json"),
@@ -253,6 +255,8 @@ def test_stand_alone_planner_entry_point_reports_the_same_way(capsys):
 # ---- sweep and bench serve (more in tests/bench/test_cli.py) --------------------------------------
 
 SWEEP = ["sweep", "--layouts", "DP1", "--out", "{tmp}/sweep_out", "--no-plot", "--no-progress"]
+SPLIT = (r"layout TP4MTP1EP8 splits the MoE apart from attention, .*expert mode 'replicated_attention' replicates "
+         r"attention over the expert axis: use 'dp_attention' or a layout without MTP")  # a split layout, replicated
 SWEEP_BAD = [
     (["--layouts", ","], r"--layouts: no layout given in ','"),
     (["--max-running", "0"], r"argument --max-running: each entry must be an integer in \[1, 2147483647\], got 0"),
@@ -281,6 +285,10 @@ SWEEP_BAD = [
     (["--model", "gpt-moe-1800b"], r"model gpt-moe-1800b cannot run in moejax yet"),
     (["--out", "{tmp}/out_is_a_file/sub"], r"--out .*/sub: .*out_is_a_file is a file, not a folder"),
     (["--reference-layout", "TP3"], r"--reference-layout: layout TP3 cannot run model tiny-moe"),
+    (["--layouts", "TP4MTP1EP8,DP2", "--expert-mode", "replicated_attention"], r"--expert-mode: " + SPLIT),
+    (["--layouts", "all", "--split-moe", "--expert-mode", "replicated_attention"],
+     r"--split-moe: layout TP\d+MTP\d+\w* splits the MoE apart from attention"),
+    (["--split-moe"], r"--split-moe adds the split layouts to --layouts all; with --layouts DP1 name them instead"),
     (["--weights-seed=-1"], r"argument --weights-seed: must be an integer in \[0, 2147483647\], got -1"),
     (["--seed=-1"], r"argument --seed: must be an integer in \[0, 4294967295\], got -1"),
     (["--decode-buckets", "all"], r"argument --decode-buckets: invalid choice: 'all'"),
@@ -312,6 +320,7 @@ SERVE_BAD = [
     (["--num-requests", "1.5"], r"argument --num-requests: expected an integer in \[1, 1000000\], got '1.5'"),
     (["--concurrency", "x"], r"argument --concurrency: expected an integer in \[1, 1000000\], got 'x'"),
     (["--model", "{tmp}/ckpt_llama"], r"model_type 'llama' is not supported"),
+    (["--layout", "TP4MTP1EP8", "--expert-mode", "replicated_attention"], r"--expert-mode: " + SPLIT),
 ]
 LENGTHS = {"lengths_dict.json": "{}", "lengths_empty.json": "[]", "lengths_cut.json": "[[4, 4]"}
 
@@ -376,6 +385,9 @@ BENCH_MODULES_BAD = [
     (["compile", "--batch", "0"], r"argument --batch: must be an integer in \[1,"),
     (["compile", "--layouts", "EP3"], r"num_experts|expert"),
     (["compile", "--layouts", ","], r"--layouts is empty"),
+    (["compile", "--layouts", "TP4MTP1EP8", "--expert-mode", "replicated_attention"], SPLIT),
+    (["compile", "--target", "h100-sxm", "--model", "tiny-moe", "--layouts", "DP1,TP4MTP1EP8", "--expert-mode",
+      "replicated_attention"], SPLIT),  # found before the GPU compile packages are looked for
     (["compile", "--target", "a100"], r"--target: unknown GPU target 'a100'"),
     (["compile", "--model", "no-such-model"], r"no-such-model"),
 ]

@@ -246,6 +246,68 @@ def test_qwen3_30b_compiles_for_h100(layout, mode, exchange):
         assert "__gpu$xla.gpu.triton" in res.custom_calls  # the Pallas kernels: paged attention, grouped GEMM
 
 
+def _expected_split_kinds(layout: str, phase: str) -> set[str]:
+    """The collective kinds a split layout's program must run, and no other, from the axes `Parallelism` picks for
+    the MoE (gather, exchange, closing reduce) and attention (heads and vocabulary over attention's tensor axes)."""
+    from moejax.sharding import Parallelism
+
+    lay = moejax.Layout.parse(layout)
+    par = Parallelism(lay, "dp_attention")
+    kinds = set()
+    if par.exchange_axes:
+        kinds |= {"all-to-all", "all-reduce"}  # the rows, and the capacity (a max over the expert group)
+    if par.gather_axes:
+        kinds |= {"all-gather", "reduce-scatter"}  # tokens over the MoE's tensor group, their outputs back
+    if par.reduce_axes or par.mesh_axes("heads"):
+        kinds.add("all-reduce")  # the MoE's closing sum; attention's tensor-parallel partial sums
+    if phase == "engine" and par.batch_shards > lay.data:
+        kinds.add("all-reduce")  # the sampler over rows split inside the group
+    if par.mesh_axes("vocab") or (lay.stage > 1 and phase == "engine"):
+        kinds.add("all-gather")  # the vocabulary-split logits; the leaving microbatch's rows
+    if lay.stage > 1:
+        kinds.add("collective-permute")
+    return kinds
+
+
+# Attention TP becoming expert parallelism (tokens sliced and exchanged); requests split over the MoE's tensor group
+# (tokens gathered, then exchanged); pipeline stages with attention TP over the MoE's experts.
+SPLIT_SET = ["TP4MTP1EP8", "TP2MTP4EP2", "TP2MTP1EP2PP2"]
+
+
+@pytest.mark.gpu_compile
+@needs_plugin
+@pytest.mark.parametrize("layout", SPLIT_SET)
+def test_qwen3_30b_compiles_for_h100_on_a_split_layout(layout):
+    """Split layouts (the MoE split apart from attention over the same devices) compile for H100 at qwen3-30b-a3b's
+    real sizes: no CPU kernel, within the device's memory, the collectives the split implies and no other, the
+    planner's figures for the same program."""
+    cfg = moejax.load_model_config("qwen3-30b-a3b")
+    results = gpu_target.compile_layout(cfg, layout, "h100-sxm", gpu_target.Shapes(), ("prefill", "engine"))
+    for res in results:
+        assert res.ok, f"{res.phase}: {res.error}"
+        assert res.layout == layout and gpu_target.cpu_kernels(res) == [], res.custom_calls
+        assert res.total_bytes <= H100_BYTES, (res.phase, res.total_bytes)
+        assert set(res.collectives) == _expected_split_kinds(layout, res.phase), (res.phase, res.collectives)
+        assert "__gpu$xla.gpu.triton" in res.custom_calls
+        assert res.planner["collective_bytes"] > 0 and res.planner["memory_bytes"] > 0
+
+
+@pytest.mark.gpu_compile
+@needs_plugin
+def test_a_split_layout_s_ideal_expert_flops_are_over_its_moe_devices():
+    """The planner's ideal routed-expert FLOPs spread a replica's tokens over the MoE's devices, MTP x EP (not
+    attention's TP x EP): TP4MTP1EP8's compiled prefill (Pallas kernels over the all-to-all's fixed capacity) is the
+    same multiple of its ideal as EP8's, whose MoE is split the same way over 8 devices."""
+    cfg = moejax.load_model_config("qwen3-30b-a3b")
+    ratio = {}
+    for layout in ("EP8", "TP4MTP1EP8"):
+        (res,) = gpu_target.compile_layout(cfg, layout, "h100-sxm", gpu_target.Shapes(chunk=2048), ("prefill",),
+                                           moe_strategy="pallas")
+        assert res.ok, res.error
+        ratio[layout] = res.expert_flops / res.planner["expert_flops"]
+    assert ratio["TP4MTP1EP8"] == pytest.approx(ratio["EP8"], rel=0.1), ratio
+
+
 @pytest.mark.gpu_compile
 @needs_plugin
 @pytest.mark.parametrize(("model", "layout", "mode"), [
@@ -331,6 +393,17 @@ def test_cli_prints_one_json_object_per_program(capsys):
                 "collectives", "custom_calls", "flops", "planner"} <= set(r)
         assert r["ok"] and r["error"] is None and r["argument_bytes"] > 0 and r["flops"] > 0
     assert rows[0]["collectives"] == {} and "all-to-all" in rows[2]["collectives"]
+
+
+@pytest.mark.gpu_compile
+@needs_plugin
+def test_cli_compiles_a_split_layout(capsys):
+    from moejax.bench import compile as bench_compile
+
+    rc = bench_compile.main(["--target", "h100-sxm", "--model", "qwen3-30b-a3b-tiny", "--layouts", "TP4MTP1EP8",
+                             "--phases", "decode", "--batch", "4", "--context", "64", "--chunk", "16"])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0 and lines[1].startswith("TP4MTP1EP8       decode ") and "all-to-all:" in lines[1], lines
 
 
 # Dots an fp8 model keeps in the serving dtype (numerics policy, `moejax.quant`): the router, the unembedding, the

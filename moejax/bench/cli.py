@@ -4,7 +4,8 @@
         --input-len 8:24 --output-len 8 --num-requests 16 --reference-layout DP1 --out out/sweep
     moejax bench serve --model tiny-moe --layout DP2TP2EP2 --chunk-size 32 --max-running 8 --request-rate 50
 
-`sweep` runs every (layout, expert mode, chunk size, max_running) of the lists (`moejax.bench.sweep`),
+`sweep` runs every (layout, expert mode, chunk size, max_running) of the lists (`moejax.bench.sweep`; a split
+layout such as TP4MTP1EP8, which `--layouts all --split-moe` adds, in expert mode dp_attention only),
 writes results.jsonl (the planner's calibration schema), failures.jsonl, results.csv, comm.csv and the
 PNG plots into --out, skips configurations already there, and exits 1 if a configuration failed in
 this run. `bench serve` runs one configuration and prints a table like `vllm bench serve`.
@@ -104,7 +105,11 @@ def add_parsers(subparsers) -> list[argparse.ArgumentParser]:
     sweep = subparsers.add_parser("sweep", help="measure one workload under many layouts x chunk sizes x load",
                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep.add_argument("--layouts", default="all",
-                       help="'all' (every valid layout of --devices devices) or comma-separated, e.g. DP8,TP2EP4")
+                       help="'all' (every valid layout of --devices devices) or comma-separated, e.g. DP8,TP2EP4,"
+                            "TP4MTP1EP8")
+    sweep.add_argument("--split-moe", action="store_true",
+                       help="with --layouts all: also the layouts that split the MoE apart from attention "
+                            "(TP{t}MTP{m}EP{e}, the planner's --split-moe), run in expert mode dp_attention only")
     sweep.add_argument("--chunk-sizes", type=int_list(1), default=[64], help="prefill chunk sizes (default 64)")
     sweep.add_argument("--max-running", type=int_list(1), default=[8],
                        help="ServeConfig.max_running values (default 8); a value not a multiple of a layout's batch "
@@ -132,7 +137,8 @@ def add_parsers(subparsers) -> list[argparse.ArgumentParser]:
     modes = bench.add_subparsers(dest="bench_command", required=True)
     serve = modes.add_parser("serve", help="serve one workload on one configuration and print a summary",
                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    serve.add_argument("--layout", default=DEFAULT_LAYOUT, help=f"e.g. DP2TP2EP2 (default {DEFAULT_LAYOUT})")
+    serve.add_argument("--layout", default=DEFAULT_LAYOUT,
+                       help=f"e.g. DP2TP2EP2 or TP4MTP1EP8 (default {DEFAULT_LAYOUT})")
     serve.add_argument("--chunk-size", type=int_in(1), default=64, help="prefill chunk size (default 64)")
     serve.add_argument("--max-running", type=int_in(1), default=8, help="ServeConfig.max_running (default 8)")
     serve.add_argument("--expert-mode", "--ep-attention", dest="expert_mode", default=None,
@@ -195,6 +201,22 @@ def _workload(args, cfg, sweep: bool):
 
 def _modes(text: str | None, flag: str) -> tuple[str | None, ...]:
     return (None,) if text is None else expert_modes(text, flag)
+
+
+def _check_modes(layouts: list, modes: tuple[str | None, ...], flag: str = "--expert-mode") -> None:
+    """Refuse a layout that none of `modes` runs (a split layout runs in 'dp_attention' only): `Parallelism`'s
+    reason, one line. None: the model's default mode."""
+    from moejax.sharding import Parallelism
+
+    for layout in layouts:
+        errors = []
+        for mode in modes:
+            try:
+                Parallelism(layout, mode or Parallelism.expert_mode)
+            except ValueError as err:
+                errors.append(err)
+        if len(errors) == len(modes):
+            raise UsageError(f"{flag}: {errors[0]}")
 
 
 def _layouts(text: str, cfg, flag: str) -> list | None:
@@ -290,6 +312,10 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     if reference is not None and len(reference) != 1:
         raise UsageError(f"--reference-layout: give one layout, got {args.reference_layout!r}")
     modes = _modes(args.expert_mode, "--expert-mode")
+    if args.split_moe and layouts is not None:
+        raise UsageError(f"--split-moe adds the split layouts to --layouts all; with --layouts {args.layouts} name "
+                         f"them instead (e.g. TP4MTP1EP8)")
+    _check_modes(layouts or [], modes)  # the reference runs in the model's default mode
     check_context(cfg, [*(("--chunk-size(s)", v) for v in args.chunk_sizes), ("--page-size", args.page_size)])
     _check_hardware(args)
     out = Path(args.out)
@@ -301,9 +327,10 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     devices = _start_jax((layouts or []) + (reference or []), args.devices)
     if layouts is None:
         n = args.devices or len(devices)
-        layouts = Layout.enumerate(n, cfg)
+        layouts = Layout.enumerate(n, cfg, split_moe=args.split_moe)
         if not layouts:
             raise UsageError(f"--layouts all: no layout of {n} devices can run {cfg.name}")
+        _check_modes(layouts, modes, "--split-moe")  # some mode must run the split layouts
         _start_jax(layouts, args.devices)
     microbatches = tuple(args.microbatches) if args.microbatches else (None,)
     count = (len(layouts) * len(modes) * len(args.quantization) * len(microbatches) * len(args.chunk_sizes)
@@ -353,6 +380,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     if len(modes) > 1:
         raise UsageError("--expert-mode: give one mode; `moejax sweep` runs several")
     mode = modes[0]
+    _check_modes([layout], modes)
     check_context(cfg, (("--chunk-size(s)", args.chunk_size), ("--page-size", args.page_size)))
     if args.microbatches is not None and layout.stage == 1:
         raise UsageError(f"--microbatches {args.microbatches}: layout {layout} has no pipeline stages; give a layout "

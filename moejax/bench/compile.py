@@ -15,7 +15,7 @@ GPU on this machine, which needs none (`pip install 'moejax[gpu-compile]'`): rea
 nothing placed. Per program (prefill, decode, the engine's step) it prints memory per device beside the
 planner's, collective bytes beside the planner's, and the routed experts' FLOPs beside the ideal:
 
-    moejax bench compile --target h100-sxm --model qwen3-30b-a3b --layouts DP1,EP8,TP4EP2 --json
+    moejax bench compile --target h100-sxm --model qwen3-30b-a3b --layouts DP1,EP8,TP4EP2,TP4MTP1EP8 --json
 
 With `--quantization` (int8, fp8, int4: weights quantized at load, `moejax.quant`) the model's weights are
 quantized; with a target it also prints the FP8 GEMMs the program holds (op name: count of instructions, as the
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p = Parser(prog=prog or "python -m moejax.bench.compile", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen3-30b-a3b-tiny", help="model config name or path (random weights)")
-    p.add_argument("--layouts", default="DP1", help="comma-separated layouts, e.g. DP1,EP8,DP2TP2EP2")
+    p.add_argument("--layouts", default="DP1", help="comma-separated layouts, e.g. DP1,EP8,DP2TP2EP2,TP4MTP1EP8")
     p.add_argument("--expert-mode", "--ep-attention", dest="expert_mode", default="dp_attention", type=expert_mode,
                    help="the expert axis's mode: dp_attention or replicated_attention")
     p.add_argument("--out", default=None, help="append one JSON line per layout (with --target: per program) here")
@@ -97,19 +97,23 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.target is not None:
         return run_target(p, args, layouts)
     from moejax.mesh import Layout
+    from moejax.sharding import Parallelism
 
     cfg = read_model_config(args.model)
     try:
-        need = max(Layout.parse(x).validate(cfg).size for x in layouts)
+        parsed = [Layout.parse(x).validate(cfg) for x in layouts]
+        for layout in parsed:
+            Parallelism(layout, args.expert_mode)  # a split layout in the replicated_attention mode is refused
     except ValueError as err:
         p.error(str(err))
+    need = max(x.size for x in parsed)
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={need}".strip()
-    print(f"{'layout':<12} {'place s':>8} {'warm-up s':>10} {'HLO instr':>10} {'peak RSS GiB':>13}")
+    print(f"{'layout':<16} {'place s':>8} {'warm-up s':>10} {'HLO instr':>10} {'peak RSS GiB':>13}")
     for layout in layouts:
         row = measure(args.model, layout, expert_mode=args.expert_mode, quantization=args.quantization)
-        print(f"{row['layout']:<12} {row['place_s']:>8.2f} {row['warmup_s']:>10.2f} "
+        print(f"{row['layout']:<16} {row['place_s']:>8.2f} {row['warmup_s']:>10.2f} "
               f"{row['decode_hlo_instructions']:>10} {row['peak_rss_gib']:>13.2f}", flush=True)
         if args.out:
             with open(args.out, "a") as f:
@@ -130,23 +134,23 @@ def run_target(p: argparse.ArgumentParser, args, layouts: list[str]) -> int:
         shapes = gpu_target.Shapes(batch=args.batch, context=args.context, chunk=args.chunk)
     except ValueError as err:
         p.error(str(err))
-    why = gpu_target.unavailable_reason()
-    if why:
-        p.error(f"--target needs the GPU compile packages: {why}")
-    gpu_target.prepare()
     import moejax
     from moejax.mesh import Layout
     from moejax.sharding import Parallelism
 
-    try:
+    try:  # no backend starts here: the layouts are checked whether or not this machine can compile for a GPU
         cfg = moejax.load_model_config(args.model)
-        for layout in layouts:
-            Layout.parse(layout).validate(cfg)
-        Parallelism(moe_strategy=args.moe_strategy, exchange=args.exchange).checked("gpu")
+        for layout in layouts:  # a split layout in the replicated_attention mode is refused here too
+            Parallelism(Layout.parse(layout).validate(cfg), args.expert_mode, args.moe_strategy,
+                        args.exchange).checked("gpu")
     except (ValueError, FileNotFoundError) as err:
         p.error(str(err))
+    why = gpu_target.unavailable_reason()
+    if why:
+        p.error(f"--target needs the GPU compile packages: {why}")
+    gpu_target.prepare()
     if not args.json:
-        print(f"{'layout':<12} {'phase':<8} {'GiB/dev':>8} {'planner':>8} {'coll MB':>9} {'planner':>9} "
+        print(f"{'layout':<16} {'phase':<8} {'GiB/dev':>8} {'planner':>8} {'coll MB':>9} {'planner':>9} "
               f"{'expert GF':>10} {'ideal':>9}  collectives / error")
     failed = 0
     for layout in layouts:
@@ -166,10 +170,10 @@ def run_target(p: argparse.ArgumentParser, args, layouts: list[str]) -> int:
 
 def _target_line(res) -> str:
     if not res.ok:
-        return f"{res.layout:<12} {res.phase:<8} {'FAILED':>8}  {res.error}"
+        return f"{res.layout:<16} {res.phase:<8} {'FAILED':>8}  {res.error}"
     pl = res.planner
     kinds = " ".join(f"{k}:{n}" for k, n in res.collectives.items()) or "none"
-    return (f"{res.layout:<12} {res.phase:<8} {res.total_bytes / 2**30:>8.2f} {pl['memory_bytes'] / 2**30:>8.2f} "
+    return (f"{res.layout:<16} {res.phase:<8} {res.total_bytes / 2**30:>8.2f} {pl['memory_bytes'] / 2**30:>8.2f} "
             f"{res.collective_bytes / 1e6:>9.2f} {pl['collective_bytes'] / 1e6:>9.2f} "
             f"{res.expert_flops / 1e9:>10.1f} {pl['expert_flops'] / 1e9:>9.1f}  {kinds}"
             + (f" (loops of unknown trip count: {res.unknown_loops}, counted once)" if res.unknown_loops else "")

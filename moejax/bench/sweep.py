@@ -26,8 +26,9 @@ A configuration whose max_running is not a multiple of the model's batch shards 
 
 Nothing here depends on how a layout is run: batch shards come from the engine, the expert mode
 from the model, and every collective from the compiled program, so a new parallel mode needs no
-change. On simulated CPU devices the figures check correctness and communication volume, never
-speed: the devices share the host's cores (docs/benchmarks.md).
+change. A split layout (`TP4MTP1EP8`: the MoE split apart from attention) runs in the 'dp_attention' expert
+mode only, so a sweep over several modes pairs it with that one. On simulated CPU devices the figures check
+correctness and communication volume, never speed: the devices share the host's cores (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ class SweepSpec:
         for q in self.quantization:
             if q is not None:
                 quant.scheme(q)  # ValueError naming the known ones
+        split = [str(lay) for lay in self.layouts if lay.split]
+        if split and not any(_runs_split(mode) for mode in self.expert_mode):
+            raise ValueError(f"layouts {', '.join(split)} split the MoE apart from attention and run only in expert "
+                             f"mode 'dp_attention', which the sweep's modes {list(self.expert_mode)} leave out")
 
     @property
     def max_len(self) -> int:
@@ -117,14 +122,15 @@ class SweepSpec:
     def configs(self) -> list[dict]:
         """Every (layout, expert mode, quantization, microbatches, chunk, max_running) to run, reference first (float
         weights, unless every run is quantized: then the first quantization), as key dicts (no platform).
-        Microbatch values other than the default apply to layouts with stages only."""
+        Microbatch values other than the default apply to layouts with stages only; a split layout (`TP4MTP1EP8`)
+        pairs with the modes it runs in only (dp_attention, or the model's default, which is it)."""
         out = []
         if self.reference_layout is not None:
             ref_q = None if None in self.quantization else self.quantization[0]
             out.append(self._config(self.reference_layout, None, self.chunk_sizes[0], self.max_running[0], None,
                                     ref_q))
         for layout in self.layouts:
-            for mode in self.expert_mode:
+            for mode in (m for m in self.expert_mode if not layout.split or _runs_split(m)):
                 for q in self.quantization:
                     for m in self.microbatches if layout.stage > 1 else (None,):
                         for mr in self.max_running:
@@ -141,6 +147,11 @@ class SweepSpec:
                 "max_prefill_seqs": self.max_prefill_seqs, "decode_buckets": self.decode_buckets,
                 "workload_id": self.workload.workload_id, "microbatches_requested": microbatches,
                 "quantization": quantization}
+
+
+def _runs_split(mode: str | None) -> bool:
+    """Whether a split layout runs in expert mode `mode` (None: the model's default, 'dp_attention')."""
+    return mode in (None, "dp_attention")
 
 
 @dataclass
@@ -487,15 +498,16 @@ class _Progress:
 
 def format_summary(res: SweepResult, limit: int = 60) -> str:
     """What `moejax sweep` prints: a row per configuration, token agreement, skips, failures, files, caveat."""
-    head = (f"{'layout':<14} {'ep':<10} {'weights':<7} {'chunk':>5} {'maxrun':>6} {'tok/s/dev':>9} {'tok/s/user':>10} "
-            f"{'TTFT ms':>8} {'TPOT ms':>8} {'compile s':>9} {'decode comm B':>13} {'planner B':>10} {'tokens':>6}")
+    head = (f"{'layout':<16} {'ep':<10} {'weights':<7} {'chunk':>5} {'maxrun':>6} {'tok/s/dev':>9} "
+            f"{'tok/s/user':>10} {'TTFT ms':>8} {'TPOT ms':>8} {'compile s':>9} {'decode comm B':>13} "
+            f"{'planner B':>10} {'tokens':>6}")
     lines = [head, "-" * len(head)]
     for r in res.rows[:limit]:
         hlo = r["comm"]["decode"]
         layers = sum(v for s, v in hlo["by_scope"].items() if s in LAYER_SCOPES)
         ok = {True: "same", False: "DIFF", None: "-"}[r.get("tokens_match_reference")]
         flag = " WEIGHTS MOVE" if hlo["weight_moves"] or r["comm"]["prefill"]["weight_moves"] else ""
-        lines.append(f"{r['layout']:<14} {r['expert_mode']:<10} {r.get('quantization') or 'float':<7} "
+        lines.append(f"{r['layout']:<16} {r['expert_mode']:<10} {r.get('quantization') or 'float':<7} "
                      f"{r['chunk_size']:>5} {r['max_running']:>6} "
                      f"{r['tokens_per_s_per_device']:>9.1f} {r['tokens_per_s_per_user']:>10.1f} "
                      f"{r['ttft_s'] * 1e3:>8.1f} {r['tpot_s'] * 1e3:>8.2f} {r['compile_s']:>9.1f} "

@@ -120,6 +120,45 @@ def test_bench_serve_command(tmp_path, capsys, shared_models):
     assert len(read_measurements(tmp_path / "one.jsonl")) == 2
 
 
+def test_bench_serve_on_a_split_layout_gives_the_1_device_tokens(capsys, shared_models):
+    """A split layout (attention TP2 x DP2, the MoE EP4 over the same 4 devices): the DP1 run's greedy tokens."""
+    argv = ["bench", "serve", "--model", MODEL, "--chunk-size", "16", "--max-running", "8", "--json", *WORKLOAD[:-4]]
+    digests = {}
+    for layout in ("DP1", "TP2MTP1EP4"):
+        assert cli.main([*argv, "--layout", layout]) == 0
+        row = json.loads(capsys.readouterr().out)
+        assert (row["layout"], row["expert_mode"], row["errors"]) == (layout, "dp_attention", 0)
+        digests[layout] = row["output_digest"]
+    assert digests["TP2MTP1EP4"] == digests["DP1"]
+    assert row["batch_shards"] == 2 and row["planner_comm"]["decode"]["layers"] > 0
+
+
+@pytest.mark.parametrize("split_moe", [False, True])
+def test_sweep_layouts_all_with_split_moe(split_moe, tmp_path, monkeypatch, capsys):
+    """--layouts all: every runtime layout of --devices, with --split-moe the split ones too (the planner's
+    `Layout.enumerate(split_moe=True)`); over both expert modes a split layout runs in dp_attention only."""
+    from moejax.mesh import Layout
+
+    specs = []
+
+    def capture(spec, out, **kwargs):
+        specs.append(spec)
+        return sweep.SweepResult()
+
+    monkeypatch.setattr(sweep, "run_sweep", capture)
+    argv = ["sweep", "--model", MODEL, "--devices", "4", "--expert-mode", "dp_attention,replicated_attention",
+            "--out", str(tmp_path / "out"), "--no-progress", *WORKLOAD] + (["--split-moe"] if split_moe else [])
+    assert cli.main(argv) == 0
+    (spec,) = specs
+    cfg = moejax.load_model_config(MODEL)
+    assert list(spec.layouts) == Layout.enumerate(4, cfg, split_moe=split_moe)
+    split = {str(x) for x in spec.layouts if x.split}
+    assert bool(split) == split_moe and (not split_moe or {"TP2MTP1EP4", "TP4MTP1EP4", "DP2TP2MTP1EP2"} <= split)
+    pairs = [(c["layout"], c["expert_mode_requested"]) for c in spec.configs()]
+    assert [m for x, m in pairs if x in split] == ["dp_attention"] * len(split)
+    assert len(pairs) == 2 * len(spec.layouts) - len(split)
+
+
 def test_bench_serve_microbatches_on_a_pipeline_layout(tmp_path, capsys, shared_models):
     """--microbatches 1 on PP2: the sequential schedule, recorded (asked for and used) for the planner."""
     argv = ["bench", "serve", "--model", MODEL, "--layout", "PP2", "--chunk-size", "16", "--max-running", "8",

@@ -2,8 +2,9 @@
 calibration loader accepts, collectives read from the compiled HLO against closed forms and the planner,
 resume, failures recorded, plots with a legend entry and a distinct style per layout.
 
-The default suite sweeps DP1 (the reference) and three 8-device layouts (SUBSET); the `slow` study sweeps
-every valid 8-device layout in every expert mode the runtime has.
+The default suite sweeps DP1 (the reference) and three 8-device layouts (SUBSET), and three split layouts
+(SPLIT: the MoE split apart from attention) beside a runtime one; the `slow` studies sweep every valid 8-device
+layout in every expert mode the runtime has, and every 8-device layout the planner plans with `--split-moe`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from tests.bench.conftest import MODEL, SUBSET, WORKLOAD, spec_for
 
 D, LAYERS, BYTES = 128, 4, 4  # tiny-moe: hidden size, layers; float32
 MODES = ("dp_attention", "replicated_attention")
+# Split layouts: attention TP becomes expert parallelism (tokens exchanged); requests split over the MoE's TP
+# group (tokens gathered, then exchanged); pipeline stages with the MoE on attention's tensor group.
+SPLIT = ("TP4MTP1EP8", "TP2MTP4EP2", "TP2MTP1EP2PP2")
 
 
 def _check_tokens(res, rows):
@@ -211,6 +215,72 @@ def test_quantization_axis(sweep_models, tmp_path):
     assert again.measured == 0 and len(again.skipped) == 3
     with pytest.raises(ValueError, match="unknown quantization 'int3'"):
         spec_for(["TP2"], quantization=("int3",))
+
+
+def test_split_layouts_pair_with_dp_attention_only():
+    spec = spec_for(["TP2EP4", "TP4MTP1EP8"], expert_mode=(*MODES, None))
+    assert [(c["layout"], c["expert_mode_requested"]) for c in spec.configs()][1:] == [
+        ("TP2EP4", "dp_attention"), ("TP2EP4", "replicated_attention"), ("TP2EP4", sweep.DEFAULT),
+        ("TP4MTP1EP8", "dp_attention"), ("TP4MTP1EP8", sweep.DEFAULT)]
+    with pytest.raises(ValueError, match=r"layouts TP4MTP1EP8 split the MoE apart from attention and run only in "
+                                         r"expert mode 'dp_attention', which the sweep's modes"):
+        spec_for(["TP2EP4", "TP4MTP1EP8"], expert_mode=("replicated_attention",))
+
+
+def test_split_layouts_beside_a_runtime_layout(sweep_models, tmp_path):
+    """Split layouts and a runtime one over both expert modes: each split layout runs once, in dp_attention (not
+    failed in the other mode), every row with the reference's greedy tokens; the collectives each implies read from
+    the compiled steps, the planner's volume and prediction beside them."""
+    spec = spec_for([*SPLIT, "TP2EP4"], expert_mode=MODES)
+    res = sweep.run_sweep(spec, tmp_path, progress=False, models=sweep_models, plots=False, log=lambda line: None)
+    assert not res.failures and not res.skipped
+    assert [(r["layout"], r["expert_mode"]) for r in res.rows][1:] == [
+        *((x, "dp_attention") for x in SPLIT), *(("TP2EP4", m) for m in MODES)]
+    _check_tokens(res, res.rows)
+    kinds = {}
+    for row in res.rows[1:]:
+        assert row["predicted"] is not None and row["compilations_during_run"] == 0
+        for phase in ("decode", "prefill"):
+            hlo, plan = row["comm"][phase], row["planner_comm"][phase]
+            assert hlo["weight_moves"] == [] and hlo["unknown_trip_counts"] == 0
+            assert hlo["wire_bytes"] > 0 and plan["layers"] > 0
+        kinds[row["layout"]] = {k for k, v in row["comm"]["decode"]["by_kind"].items() if v["count"]}
+        if not Layout.parse(row["layout"]).split:
+            _check_comm(row)
+    assert {"all-to-all", "all-reduce"} <= kinds["TP4MTP1EP8"]  # experts over attention's TP: tokens exchanged
+    assert {"all-gather", "reduce-scatter", "all-to-all"} <= kinds["TP2MTP4EP2"]  # gathered over the MoE's TP
+    assert "collective-permute" in kinds["TP2MTP1EP2PP2"] and "all-to-all" not in kinds["TP2MTP1EP2PP2"]
+    summary = sweep.format_summary(res)
+    assert "TP2MTP1EP2PP2    dp_attention" in summary
+    assert "greedy tokens: 6 of 6 configurations equal the reference run's" in summary
+
+
+@pytest.mark.slow
+def test_every_layout_of_8_devices_with_split_moe(tmp_path, capsys):
+    """`moejax sweep --layouts all --split-moe` on tiny-moe: every 8-device layout the planner plans with split
+    layouts (`enumerate_layouts(8, cfg, Rules(split_moe=True))`, runtime and split) is measured, once each in the
+    model's default mode (dp_attention), and gives the reference's greedy tokens."""
+    from moejax import cli
+    from moejax.planner.rules import Rules, enumerate_layouts
+
+    planned, _ = enumerate_layouts(8, moejax.load_model_config(MODEL), Rules(split_moe=True))
+    argv = ["sweep", "--model", MODEL, "--layouts", "all", "--split-moe", "--devices", "8", "--reference-layout", "DP1",
+            "--input-len", "4:12", "--output-len", "4", "--num-requests", "8", "--warmup-requests", "0", "--seed",
+            "3", "--decode-buckets", "max", "--chunk-sizes", "16", "--max-running", "8", "--out", str(tmp_path),
+            "--no-progress", "--no-plot"]
+    assert cli.main(argv) == 0
+    summary = capsys.readouterr().out
+    rows = sweep.read_rows(tmp_path / "results.jsonl")
+    assert not (tmp_path / "failures.jsonl").exists()
+    assert rows[0]["layout"] == "DP1" and len({r["output_digest"] for r in rows}) == 1
+    assert all(r["tokens_match_reference"] is True and r["expert_mode"] == "dp_attention" for r in rows)
+    measured = [r["layout"] for r in rows[1:]]
+    assert len(measured) == len(set(measured)) == len(planned) == 49  # 19 runtime layouts, 30 split
+    assert set(measured) == {str(x) for x in planned}
+    assert sum(Layout.parse(x).split for x in measured) == 30
+    assert f"greedy tokens: {len(rows)} of {len(rows)} configurations equal the reference run's" in summary
+    seconds = float(summary.strip().splitlines()[-1].split()[-2])
+    print(json.dumps({"seconds": seconds, "layouts_measured": len(measured), "layouts_planned": len(planned)}))
 
 
 @pytest.mark.slow

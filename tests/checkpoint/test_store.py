@@ -55,6 +55,22 @@ def test_load_equals_hf_load_bitwise(layout, converted, hf_dir, models_1dev):
     np.testing.assert_array_equal(restored.forward(IDS), direct.forward(IDS))
 
 
+@pytest.mark.parametrize("layout", ["TP4MTP1EP8", "TP2MTP4EP2"])
+def test_split_layout_restores_as_hf_load_with_dp1_logits(layout, converted, hf_dir, models_1dev):
+    """A split layout (the MoE split apart from attention, `moejax.mesh.Layout.split`) restores from the orbax
+    checkpoint as from HF: the same shards; the logits of the 1-device model (<= 1e-5). TP4MTP1EP8: attention TP
+    becomes expert parallelism (kv heads repeated, tokens exchanged); TP2MTP4EP2: requests split over the MoE's
+    tensor group (tokens gathered), the gated shared expert over attention's tensor split."""
+    restored = moejax.load(converted, layout=layout)
+    assert restored.layout.split and restored.layout == moejax.Layout.parse(layout)
+    direct = moejax.load(hf_dir, layout=layout)
+    for (path, a), (_, b) in zip(_leaves(restored.params), _leaves(direct.params), strict=True):
+        assert a.sharding == b.sharding, path
+        assert all(np.array_equal(x.data, y.data) for x, y in zip(a.addressable_shards, b.addressable_shards,
+                                                                    strict=True)), path
+    np.testing.assert_allclose(restored.forward(IDS), models_1dev[FAMILY].forward(IDS), rtol=1e-5, atol=1e-5)
+
+
 def _leaves(params):
     import jax
 
