@@ -1,6 +1,6 @@
 """The split-layout table of docs/benchmarks.md: every family x split layout against transformers.
 
-    python -m tests.split_table          (8 simulated CPU devices; builds the tiny checkpoints offline)
+    python -m tests.split_table [LAYOUT,...]   (8 simulated CPU devices; builds the tiny checkpoints offline)
 
 Every case of tests/test_split_layouts.py (default and slow), printed as a markdown table: max logit difference,
 16 greedy tokens equal, and the mesh axes of the group (tensor, tensor_expert, data_tensor, expert).
@@ -17,7 +17,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def main() -> int:
+def main(layouts: list[str] | None = None) -> int:
     import jax
     import numpy as np
 
@@ -31,7 +31,7 @@ def main() -> int:
             ref = hf_models.build(family, Path(tmp) / family)
             want_logits = hf_models.hf_logits(ref, t.IDS)
             want = [hf_models.hf_greedy(ref, p, t.NEW_TOKENS) for p in t.PROMPTS]
-            for layout in t.LAYOUTS:
+            for layout in layouts or t.LAYOUTS:
                 model = moejax.load(Path(tmp) / family, layout=layout)
                 diff = float(np.abs(model.forward(t.IDS) - want_logits).max())
                 equal = model.generate(t.PROMPTS, max_new_tokens=t.NEW_TOKENS) == want
@@ -48,4 +48,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1].split(",") if len(sys.argv) > 1 else None))

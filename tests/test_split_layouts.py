@@ -9,7 +9,8 @@ data_tensor, expert) = `Layout.split_factors`:
     TP2MTP1EP4     (1, 2, 1, 2)  the same over 4; with a shared expert its partial sums ride the closing all-reduce
     TP2MTP4EP2     (2, 1, 2, 2)  tokens all-gathered over data_tensor (MoE TP 4 > attention TP 2), then exchanged
     TP1MTP2EP4     (1, 1, 2, 4)  attention data-parallel only; the gather with expert biases (gpt-oss)
-    TP4MTP2EP2     (2, 2, 1, 1)  no exchange (attention DP 1): each device picks its experts' pairs, one all-reduce
+    TP4MTP1EP4     (1, 4, 1, 1)  no exchange (attention DP 1): each device picks its experts' pairs, one all-reduce
+    TP4MTP2EP2     (2, 2, 1, 1)  the same with the experts' width split too
     TP8MTP1EP8     (1, 8, 1, 1)  the same over 8 (vLLM's TP8 with --enable-expert-parallel)
     DP2TP2MTP1EP2  (1, 2, 1, 1)  with a data replica
     TP2MTP1EP2PP2  (1, 2, 1, 1)  with two pipeline stages (DeepSeek's dense layer and the first MoE layer on stage 0)
@@ -27,8 +28,8 @@ from moejax.mesh import Layout
 from moejax.sharding import Parallelism
 from tests import hf_models
 
-LAYOUTS = ["TP4MTP1EP8", "TP2MTP1EP4", "TP2MTP4EP2", "TP1MTP2EP4", "TP4MTP2EP2", "TP8MTP1EP8", "DP2TP2MTP1EP2",
-           "TP2MTP1EP2PP2"]
+LAYOUTS = ["TP4MTP1EP8", "TP2MTP1EP4", "TP2MTP4EP2", "TP1MTP2EP4", "TP4MTP1EP4", "TP4MTP2EP2", "TP8MTP1EP8",
+           "DP2TP2MTP1EP2", "TP2MTP1EP2PP2"]
 DEFAULT = {  # family -> its default-suite layout
     "mixtral": "TP4MTP1EP8",
     "qwen3_moe": "TP2MTP4EP2",
