@@ -23,6 +23,8 @@ any arithmetic, so reuse needs no zeroing.
 
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict
 from typing import NamedTuple
 
 import jax
@@ -135,12 +137,22 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 
 
 class PageAllocator:
-    """Free lists of local page ids, one per data group. Pure host state, O(pages) per call.
+    """Pages of each data group's pool: a free list, a reference count per page, and the prefix cache. Pure host
+    state.
+
+    A page is free (on the free list), held (reference count >= 1: a running request reads it), or cached and
+    unreferenced (evictable, in a least-recently-released order). Prefix cache: a full page whose KV is known good
+    is registered under the exact key (its parent's entry id, the page's tokens), where the parent is the entry of
+    the page before it in the sequence (`ROOT` for the first page); entry ids are never reused, so a key names one
+    chain of tokens from position 0, and there are no hash collisions. A held page is never evicted or handed out
+    again; an evicted page's key is dropped (its cached children become unreachable until they are evicted too).
 
     Args:
       num_groups: data groups, the model's batch shards (`data`, times `expert` in the dp_attention expert mode).
       pages_per_group: pages in each group's pool.
     """
+
+    ROOT = 0  # the parent entry id of a sequence's first page
 
     def __init__(self, num_groups: int, pages_per_group: int):
         if num_groups < 1 or pages_per_group < 1:
@@ -149,29 +161,99 @@ class PageAllocator:
         self.pages_per_group = pages_per_group
         # Stack of free ids; popping from the end hands out low ids first.
         self._free = [list(range(pages_per_group - 1, -1, -1)) for _ in range(num_groups)]
+        self._refs = [[0] * pages_per_group for _ in range(num_groups)]
+        self._entries: list[dict[tuple, tuple[int, int]]] = [{} for _ in range(num_groups)]  # key -> (id, page)
+        self._key_of: list[dict[int, tuple]] = [{} for _ in range(num_groups)]  # cached page -> its key
+        self._evictable: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(num_groups)]  # oldest first
+        self._ids = itertools.count(self.ROOT + 1)
 
     def num_free(self, group: int) -> int:
-        return len(self._free[group])
+        """Pages a request could get in `group`: free, or cached and unreferenced (evicted on demand)."""
+        return len(self._free[group]) + len(self._evictable[group])
 
     @property
     def total_free(self) -> int:
-        return sum(len(f) for f in self._free)
+        return sum(self.num_free(g) for g in range(self.num_groups))
+
+    def num_cached(self, group: int) -> int:
+        """Pages of `group` holding a cache entry, held or evictable."""
+        return len(self._key_of[group])
+
+    def refcount(self, group: int, page: int) -> int:
+        return self._refs[group][page]
+
+    def is_cached(self, group: int, page: int) -> bool:
+        return page in self._key_of[group]
 
     def allocate(self, group: int, n: int) -> list[int] | None:
-        """n local page ids of `group`, or None (nothing taken) when fewer are free."""
-        free = self._free[group]
-        if n > len(free):
+        """n fresh local page ids of `group` (each held once), or None (nothing taken) when fewer are free.
+
+        The free list goes first; then cached unreferenced pages are evicted, least recently released first."""
+        free, evictable = self._free[group], self._evictable[group]
+        if n > len(free) + len(evictable):
             return None
-        if n == 0:
-            return []
-        taken = free[-n:]
-        del free[-n:]
-        return taken[::-1]
+        taken = free[len(free) - min(n, len(free)):][::-1]
+        del free[len(free) - len(taken):]
+        while len(taken) < n:
+            page, _ = evictable.popitem(last=False)
+            del self._entries[group][self._key_of[group].pop(page)]
+            taken.append(page)
+        refs = self._refs[group]
+        for page in taken:
+            refs[page] = 1
+        return taken
 
     def free(self, group: int, pages: list[int]) -> None:
-        """Return pages to `group`'s pool (most recently freed are reused first)."""
-        free = self._free[group]
-        if len(free) + len(pages) > self.pages_per_group:
-            raise RuntimeError(f"double free in data group {group}: {len(pages)} pages back, {len(free)} already free")
-        free.extend(reversed(pages))
+        """Drop one reference to each page. A page left unreferenced goes back to the free list (the most recently
+        freed is reused first) or, when cached, to the end of the eviction order; `pages` is a sequence's table, so
+        it is walked backwards: a chain's last page is evicted before its first."""
+        refs, free, evictable = self._refs[group], self._free[group], self._evictable[group]
+        key_of = self._key_of[group]
+        for page in reversed(pages):
+            if refs[page] < 1:
+                raise RuntimeError(f"double free in data group {group}: page {page} is not held "
+                                   f"({len(free)} pages free)")
+            refs[page] -= 1
+            if refs[page] == 0:
+                if page in key_of:
+                    evictable[page] = None
+                else:
+                    free.append(page)
 
+    def match(self, group: int, blocks) -> list[tuple[int, int]]:
+        """(entry id, page) of each page of the longest cached chain of `blocks` (each a tuple of one page's
+        tokens, from position 0) in `group`; nothing is taken (see `share`)."""
+        entries, parent, hits = self._entries[group], self.ROOT, []
+        for block in blocks:
+            hit = entries.get((parent, block))
+            if hit is None:
+                break
+            hits.append(hit)
+            parent = hit[0]
+        return hits
+
+    def share(self, group: int, pages: list[int]) -> None:
+        """Take one more reference to each of these cached pages (an unreferenced one stops being evictable)."""
+        refs, evictable = self._refs[group], self._evictable[group]
+        for page in pages:
+            if page not in self._key_of[group]:
+                raise RuntimeError(f"page {page} of data group {group} is not cached: it cannot be shared")
+            if refs[page] == 0:
+                del evictable[page]
+            refs[page] += 1
+
+    def register(self, group: int, parent: int, block: tuple, page: int) -> int:
+        """The entry id of the key (parent, block): the cached one when some page already holds those tokens (this
+        page stays uncached), else a new entry for `page`, a held page whose KV holds `block` after the chain
+        `parent`."""
+        key = (parent, block)
+        hit = self._entries[group].get(key)
+        if hit is not None:
+            return hit[0]
+        if self._refs[group][page] < 1 or page in self._key_of[group]:
+            raise RuntimeError(f"page {page} of data group {group} cannot be registered: it is "
+                               f"{'already cached' if page in self._key_of[group] else 'not held'}")
+        entry = next(self._ids)
+        self._entries[group][key] = (entry, page)
+        self._key_of[group][page] = key
+        return entry

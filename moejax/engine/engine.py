@@ -32,6 +32,11 @@ Numerical isolation: the compiled step also checks, per row, that all the logits
 returns -1 instead of a token id where they are not (no extra transfer). Such a request finishes
 with reason "error" and a message, and its pages are freed; the others are unaffected.
 
+Prefix caching (`ServeConfig.enable_prefix_caching`, `moejax.engine.scheduler`): a request admitted with a cached
+prefix of full pages holds them by reference and its first work starts after them; the device reads pages by table
+and position, so a hit only skips prefill chunks. `_commit` registers a request's full pages when it commits a
+finite token.
+
 Request ids are `str` or `int`, kept as given and compared as given everywhere (`5` and `"5"` are
 two ids). Finished records stay in `Engine.requests` until `max_finished_retained` newer finished
 requests have been delivered, or until `release()`; `on_finish` sees each one as it is delivered.
@@ -83,6 +88,10 @@ class ServeConfig:
       kv_cache_dtype: the KV pools' format: None (the model's `kv_cache_dtype`, by default the serving dtype),
         "fp8" (float8_e4m3fn) or "int8": 1 byte per value and a float32 scale per (token, kv head)
         (`moejax.kv_cache`).
+      enable_prefix_caching: reuse the KV pages of a cached sequence prefix (full pages, per data group): a
+        request is admitted with its longest cached prefix and prefills only the rest; a request's full pages are
+        cached once a token it sampled is finite, and stay until the pool needs them (least recently used first).
+        Outputs are the same as without it.
 
     Every field is checked on construction (ValueError naming the field, the value and the allowed
     range). Integers may be Python or numpy integers (stored as `int`), never booleans; every count
@@ -102,6 +111,7 @@ class ServeConfig:
     max_finished_retained: int = 1024
     microbatches: int | None = None
     kv_cache_dtype: str | None = None
+    enable_prefix_caching: bool = False
 
     def __post_init__(self):
         for name, lo in (("max_running", 1), ("page_size", 1), ("num_pages", 1), ("chunk_size", 1),
@@ -117,6 +127,10 @@ class ServeConfig:
         if self.decode_buckets is not None:
             self._set("decode_buckets", _check_buckets(self.decode_buckets))
         check_kv_cache_dtype(self.kv_cache_dtype, "ServeConfig.kv_cache_dtype")
+        if not isinstance(self.enable_prefix_caching, (bool, np.bool_)):
+            raise ValueError(f"ServeConfig.enable_prefix_caching must be a bool (True or False), got "
+                             f"{self.enable_prefix_caching!r}")
+        self._set("enable_prefix_caching", bool(self.enable_prefix_caching))
 
     def _set(self, name: str, value) -> None:
         object.__setattr__(self, name, value)  # frozen: normalise in place during construction
@@ -153,6 +167,13 @@ class RequestOutput:
 
 @dataclass
 class EngineStats:
+    """Counters since the engine was built (`Engine.stats`).
+
+    Prompt tokens count per admission: a request admitted again after a preemption counts its sequence again
+    (prompt and outputs so far, all recomputed but for a cache hit), so `cached_prompt_tokens / prompt_tokens` is
+    the prefix cache's hit rate over what admissions had to prefill.
+    """
+
     steps: int = 0
     prefill_calls: int = 0
     decode_calls: int = 0
@@ -160,6 +181,9 @@ class EngineStats:
     mixed_steps: int = 0  # steps that ran a prefill chunk and a decode together
     bubbles: int = 0  # pipeline calls in which the first stage had nothing to do (the others had)
     nonfinite: int = 0  # requests finished with "error" because their logits were not all finite
+    prompt_tokens: int = 0  # tokens of the sequences admitted (see above)
+    cached_prompt_tokens: int = 0  # of those, served from the prefix cache (their prefill chunks skipped)
+    prefill_tokens: int = 0  # tokens scheduled in prefill calls (chunks), dropped work included
     host_s: float = 0.0  # wall time of step() outside waiting for device results
     dispatch_s: float = 0.0  # the part of host_s spent inside the compiled calls until they return
     device_wait_s: float = 0.0
@@ -204,7 +228,7 @@ class Engine:
                    + ", or use a layout with more tensor or stage devices (they split the pools)")
         self.allocator = PageAllocator(self.groups, config.num_pages)
         self.scheduler = Scheduler(self.allocator, config.page_size, self.slots, config.chunk_size,
-                                   config.max_prefill_seqs, self.microbatches)
+                                   config.max_prefill_seqs, self.microbatches, config.enable_prefix_caching)
         self.cache = steps.new_cache(config.num_pages * self.groups, config.page_size, pool_dtype)
         self._fn = batch_lib.sampled_step(steps)
         self._batch_sharding = steps.named(steps_lib.BATCH)
@@ -333,7 +357,7 @@ class Engine:
         outputs, self._pending = self._pending, []
         plan = self.scheduler.schedule(self._ticks % self.microbatches)
         self._ticks += 1
-        self.stats.preemptions += len(plan.preempted)
+        self._count(plan)
         prefill = self._launch("prefill", plan.prefill, self.config.max_prefill_seqs, self.config.chunk_size)
         decode_rows = _bucket(max(len(w) for w in plan.decode), self.decode_buckets) if any(plan.decode) else 0
         decode = self._launch("decode", plan.decode, decode_rows, 1)
@@ -356,6 +380,14 @@ class Engine:
         self.stats.host_s += (t1 - t0) + (time.perf_counter() - t2)
         self._retire([req for req, out in outputs if out.finished])
         return outputs
+
+    def _count(self, plan) -> None:
+        stats = self.stats
+        stats.preemptions += len(plan.preempted)
+        for work in plan.admitted:
+            stats.prompt_tokens += len(work.req.tokens)
+            stats.cached_prompt_tokens += work.start
+        stats.prefill_tokens += sum(w.num for works in plan.prefill for w in works)
 
     def _launch(self, kind: str, per_group: list[list[Work]], rows: int, T: int):
         """Dispatch one call of T tokens per row with `per_group` entering (asynchronous).
@@ -400,6 +432,7 @@ class Engine:
             return None
         req.tokens.append(token)
         req.token_times_s.append(now)
+        self.scheduler.register(req)  # a finite token: every page it read holds good KV
         reason = None
         if token in req.params.stop_token_ids:
             reason = "stop"

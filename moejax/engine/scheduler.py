@@ -25,6 +25,15 @@ has left. Policy, per engine step and per data group, within the microbatch grou
   being scheduled, while a data group has a free slot in it, a free prefill row and the pages for
   the first chunk; a request goes to the data group with the fewest running requests in that
   microbatch group. No admission in a step that preempted (no thrash).
+
+Prefix caching (`prefix_caching`; the keys, references and eviction are `PageAllocator`'s): a request is
+admitted with the longest cached chain of its sequence's full pages in a data group, taken by reference, at
+most (len(tokens) - 1) // page_size pages so at least one token is computed and a token is sampled; its
+`num_computed` starts after them, so those prefill chunks are skipped. Admission prefers the data group with
+the longest such prefix among those with room (ties: the rule above). `register` enters a request's full pages
+up to its computed tokens once a token it sampled is known finite (the engine calls it), so a page whose KV a
+finite logit has not read is never served to another request. A preempted request's cached pages stay
+evictable, and its re-admission takes them back while they are still cached.
 """
 
 from __future__ import annotations
@@ -77,6 +86,7 @@ class Request(TokenTimes):
     microbatch: int = -1  # microbatch group while running, else -1
     in_flight: bool = False  # work of it is in a pipeline (set and cleared by the engine)
     pages: list[int] = field(default_factory=list)
+    cache_entries: list[int] = field(default_factory=list)  # prefix-cache entry ids of pages[:len(cache_entries)]
     num_computed: int = 0
     finished: bool = False
     finish_reason: str | None = None
@@ -95,6 +105,7 @@ class Request(TokenTimes):
     @property
     def num_output(self) -> int:
         return len(self.tokens) - self.prompt_len
+
 
 @dataclass
 class Work:
@@ -115,6 +126,7 @@ class Plan:
     prefill: list[list[Work]]  # per data group, at most max_prefill_seqs each
     decode: list[list[Work]]  # per data group
     preempted: list[Request]
+    admitted: list[Work] = field(default_factory=list)  # the first work of each request admitted (start: cached)
 
     @property
     def works(self):
@@ -133,11 +145,13 @@ class Scheduler:
       chunk_size: most prefill tokens per request per step (one prefill row).
       max_prefill_seqs: prefill rows per step per data group.
       microbatches: microbatch groups.
+      prefix_caching: admit requests with their longest cached prefix and `register` pages (module docstring).
     """
 
     def __init__(self, allocator: PageAllocator, page_size: int, slots_per_group: int, chunk_size: int,
-                 max_prefill_seqs: int, microbatches: int = 1):
+                 max_prefill_seqs: int, microbatches: int = 1, prefix_caching: bool = False):
         self.alloc = allocator
+        self.prefix_caching = prefix_caching
         self.page_size = page_size
         self.slots = slots_per_group
         self.microbatches = microbatches
@@ -215,29 +229,61 @@ class Scheduler:
                 plan.prefill[g].append(work)
             i += 1
 
+    def register(self, req: Request) -> None:
+        """Enter `req`'s full pages up to its computed tokens into the prefix cache (no-op without caching).
+
+        Call it only when a token the request sampled is finite: its logits read the KV of every earlier
+        position, so those pages hold no NaN."""
+        if not self.prefix_caching or req.group < 0:
+            return
+        ps, entries = self.page_size, req.cache_entries
+        for i in range(len(entries), req.num_computed // ps):
+            parent = entries[-1] if entries else PageAllocator.ROOT
+            entries.append(self.alloc.register(req.group, parent, tuple(req.tokens[i * ps:(i + 1) * ps]),
+                                               req.pages[i]))
+
     def _admit(self, m: int, plan: Plan) -> None:
         in_m = [sum(r.microbatch == m for r in running) for running in self.running]
         while self.waiting:
             req = self.waiting[0]
+            blocks = self._cacheable_blocks(req)
             best = None
             for g in range(self.alloc.num_groups):
-                num = min(len(req.tokens), self.chunk_size)
-                if (in_m[g] >= self.slots
-                        or len(plan.prefill[g]) == self.max_prefill_seqs
-                        or self.alloc.num_free(g) < pages_for(num, self.page_size)):
+                if in_m[g] >= self.slots or len(plan.prefill[g]) == self.max_prefill_seqs:
                     continue
-                rank = (in_m[g], -self.alloc.num_free(g))
+                hits = self.alloc.match(g, blocks) if blocks else []
+                start = len(hits) * self.page_size
+                num = min(len(req.tokens) - start, self.chunk_size)
+                unreferenced = sum(self.alloc.refcount(g, page) == 0 for _, page in hits)  # no longer evictable
+                if self.alloc.num_free(g) - unreferenced < pages_for(start + num, self.page_size) - len(hits):
+                    continue
+                rank = (-len(hits), in_m[g], -self.alloc.num_free(g))
                 if best is None or rank < best[0]:
-                    best = (rank, g, num)
+                    best = (rank, g, hits, num)
             if best is None:
                 return  # first come, first served: nobody overtakes the head of the queue
-            _, g, num = best
+            _, g, hits, num = best
             self.waiting.pop(0)
             req.group, req.microbatch = g, m
             in_m[g] += 1
-            self._grow(req, num)
+            req.pages = [page for _, page in hits]
+            req.cache_entries = [entry for entry, _ in hits]
+            self.alloc.share(g, req.pages)
+            if req.page_table is not None:
+                req.page_table[:len(hits)] = req.pages
+            req.num_computed = start = len(hits) * self.page_size
+            self._grow(req, start + num)
             bisect.insort(self.running[g], req, key=lambda r: r.order)
-            plan.prefill[g].append(Work(req, 0, num, num == len(req.tokens), req.num_preemptions))
+            work = Work(req, start, num, start + num == len(req.tokens), req.num_preemptions)
+            plan.prefill[g].append(work)
+            plan.admitted.append(work)
+
+    def _cacheable_blocks(self, req: Request) -> list[tuple]:
+        """The tokens of each full page a cache hit may serve: never the last token, which must be computed."""
+        if not self.prefix_caching:
+            return []
+        ps = self.page_size
+        return [tuple(req.tokens[i * ps:(i + 1) * ps]) for i in range((len(req.tokens) - 1) // ps)]
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
         have = len(req.pages)
@@ -262,7 +308,7 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         self.alloc.free(req.group, req.pages)
-        req.pages = []
+        req.pages, req.cache_entries = [], []
         req.group = req.microbatch = -1
         if req.page_table is not None:
             req.page_table[:] = 0

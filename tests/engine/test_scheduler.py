@@ -1,4 +1,5 @@
-"""Host-side policy: page allocator, FCFS admission, token budget, youngest-first preemption; sampler filters."""
+"""Host-side policy: page allocator and prefix cache, FCFS admission, token budget, youngest-first preemption;
+sampler filters."""
 
 from __future__ import annotations
 
@@ -89,6 +90,134 @@ def test_preemption_frees_the_youngest_and_everyone_finishes():
     assert all(r.page_table.tolist() == [0] * 5 for r in reqs)
     assert preempted and preempted[0] == 2  # the youngest goes first
     assert sched.num_preemptions == len(preempted)
+
+
+def test_prefix_cache_keys_are_exact_chains():
+    alloc = PageAllocator(2, 4)
+    a, b = alloc.allocate(0, 2)
+    ea = alloc.register(0, alloc.ROOT, (1, 2), a)
+    eb = alloc.register(0, ea, (3, 4), b)
+    assert alloc.match(0, [(1, 2), (3, 4), (5, 6)]) == [(ea, a), (eb, b)]
+    assert alloc.match(0, [(3, 4)]) == []  # the same tokens under another parent: another key
+    assert alloc.match(0, [(1, 2), (3, 5)]) == [(ea, a)] and alloc.match(1, [(1, 2)]) == []  # per data group
+    (c,) = alloc.allocate(0, 1)
+    assert alloc.register(0, alloc.ROOT, (1, 2), c) == ea and not alloc.is_cached(0, c)  # known tokens: one entry
+    assert alloc.num_cached(0) == 2 and alloc.num_free(0) == 1
+    with pytest.raises(RuntimeError, match="already cached"):
+        alloc.register(0, ea, (7, 7), b)
+    alloc.free(0, [c])
+    with pytest.raises(RuntimeError, match="not held"):
+        alloc.register(0, ea, (7, 7), c)
+
+
+def test_prefix_cache_refcounts_and_lru_eviction():
+    alloc = PageAllocator(1, 4)
+    pages = alloc.allocate(0, 3)
+    parent = alloc.ROOT
+    for i, page in enumerate(pages):
+        parent = alloc.register(0, parent, (i,), page)
+    alloc.share(0, pages[:2])  # a second request takes the first two pages by reference
+    assert [alloc.refcount(0, p) for p in pages] == [2, 2, 1] and alloc.num_free(0) == 1
+    alloc.free(0, pages)  # the first request ends: its third page becomes evictable, the others are still read
+    assert [alloc.refcount(0, p) for p in pages] == [1, 1, 0] and alloc.num_free(0) == 2
+    alloc.free(0, pages[:2])  # walked backwards: the chain's tail goes first, then page 1, then page 0
+    assert alloc.num_free(0) == 4 and alloc.num_cached(0) == 3
+    with pytest.raises(RuntimeError, match="double free"):
+        alloc.free(0, [pages[0]])
+    alloc.share(0, [pages[2]])  # a hit takes the page out of the eviction order
+    assert alloc.allocate(0, 4) is None and alloc.num_free(0) == 3  # all or nothing; a held page is never taken
+    first = alloc.allocate(0, 2)  # the free page, then the least recently released cached page (pages[1])
+    assert first == [3, pages[1]] and not alloc.is_cached(0, pages[1]) and alloc.refcount(0, pages[1]) == 1
+    assert alloc.match(0, [(0,), (1,), (2,)]) == [(1, pages[0])]  # pages[2]'s parent key is gone: unreachable
+    assert alloc.allocate(0, 1) == [pages[0]] and alloc.num_cached(0) == 1 and alloc.num_free(0) == 0
+    alloc.free(0, [pages[2]])
+    assert alloc.allocate(0, 1) == [pages[2]] and alloc.num_cached(0) == 0  # finally evicted too
+
+
+def _cached_scheduler(num_pages, page_size=4, chunk_size=8, groups=1, slots=4):
+    alloc = PageAllocator(groups, num_pages)
+    return alloc, Scheduler(alloc, page_size=page_size, slots_per_group=slots, chunk_size=chunk_size,
+                            max_prefill_seqs=4, prefix_caching=True)
+
+
+def _run(sched, reqs, on_plan=lambda plan: None):
+    """Drive `reqs` to completion in the engine's commit order: computed, token (7), register, finish."""
+    for r in reqs:
+        sched.add(r)
+    for _ in range(500):
+        if not sched.has_work():
+            return
+        plan = sched.schedule()
+        on_plan(plan)
+        for w in plan.works:
+            w.req.num_computed += w.num
+            if w.samples:
+                w.req.tokens.append(7)
+                sched.register(w.req)
+                if w.req.num_output >= w.req.params.max_new_tokens:
+                    sched.remove(w.req)
+                    w.req.finished = True
+    raise AssertionError("did not finish")
+
+
+def test_admission_takes_the_cached_prefix_but_computes_a_token():
+    alloc, sched = _cached_scheduler(16)
+    _run(sched, [_req(0, 10, max_new=3)])  # 0..9 then 7 7 7: pages registered as tokens are sampled, 3 full ones
+    assert alloc.num_cached(0) == 3 and alloc.num_free(0) == 16
+    second = _req(1, 12, max_new=1, max_pages=4)  # 0..11: two pages match; the third differs (8 9 10 11 / 8 9 7 7)
+    sched.add(second)
+    plan = sched.schedule()
+    (work,) = plan.admitted
+    assert (work.start, work.num, second.num_computed) == (8, 4, 8) and plan.prefill[0] == [work]
+    hits = [page for _, page in alloc.match(0, [(0, 1, 2, 3), (4, 5, 6, 7)])]
+    assert second.pages[:2] == hits and second.page_table.tolist()[:3] == second.pages
+    assert [alloc.refcount(0, p) for p in second.pages] == [1, 1, 1]
+    sched.remove(second)
+    third = _req(2, 8, max_new=1)  # two whole cached pages, but at most (8 - 1) // 4 = 1 may be served
+    sched.add(third)
+    (work,) = sched.schedule().admitted
+    assert (work.start, work.num, work.samples) == (4, 4, True)
+    sched.remove(third)
+    assert all(alloc.refcount(0, p) == 0 for p in range(16)) and alloc.num_free(0) == 16
+
+
+def test_admission_prefers_the_group_with_the_longest_prefix():
+    alloc, sched = _cached_scheduler(8, groups=2)
+    _run(sched, [_req(0, 9, max_new=1), _req(1, 5, max_new=1)])  # r0 in group 0, r1 in group 1 (fewest running)
+    assert alloc.num_cached(0) == 2 and alloc.num_cached(1) == 1
+    busy = _req(9, 1)  # makes group 0 the busier one (in flight: never scheduled here)
+    busy.group, busy.microbatch, busy.in_flight = 0, 0, True
+    sched.running[0].append(busy)
+    longer = _req(2, 12, max_new=1)
+    sched.add(longer)
+    (work,) = sched.schedule().admitted
+    assert (longer.group, work.start) == (0, 8)  # two cached pages in group 0, one in group 1
+    sched.remove(longer)
+    shorter = _req(3, 6, max_new=1)  # one servable page, held by both groups: the usual rule (fewest running)
+    sched.add(shorter)
+    (work,) = sched.schedule().admitted
+    assert (shorter.group, work.start) == (1, 4)
+    sched.remove(shorter)
+
+
+def test_preempted_requests_take_back_their_cached_pages():
+    alloc, sched = _cached_scheduler(6, page_size=2, slots=3)
+    reqs = [_req(i, 3, max_new=6, max_pages=5) for i in range(3)]  # 9 tokens = 5 pages each; page (0, 1) shared
+    readmitted = []
+
+    def check(plan):
+        readmitted.extend(w.start for w in plan.admitted if w.req.num_preemptions)
+        held = {}
+        for r in reqs:
+            if r.group >= 0:
+                assert r.page_table.tolist() == r.pages + [0] * (5 - len(r.pages))
+                for p in r.pages:
+                    held[p] = held.get(p, 0) + 1
+        assert all(alloc.refcount(0, p) == held.get(p, 0) for p in range(6))  # a reference per running holder
+
+    _run(sched, reqs, check)
+    assert all(r.finished for r in reqs) and sched.num_preemptions > 0 and any(readmitted)
+    assert alloc.num_free(0) == 6 and all(alloc.refcount(0, p) == 0 for p in range(6))
 
 
 def test_sampler_filters_and_greedy():
