@@ -7,7 +7,7 @@ their int32 bits), handed to the jitted function as numpy and placed by its `in_
 split over the batch shards) in one transfer; positions, the logits index and the typed sampling
 arrays are unpacked on device. Padding rows have count 0: positions -1 (no KV write, no attention).
 
-Two compiled steps read it:
+Three compiled steps read it:
 
 - `sampled_step`: the model step (`Steps.step`, every stage in turn) and the sampler; the batch
   is [B, W].
@@ -15,7 +15,10 @@ Two compiled steps read it:
   row s the microbatch stage s works on. `Pipeline` keeps, on the host, which microbatch is at
   which stage, and on device the activations between stages.
 
-Both return the sampled ids with the non-finite flag riding in them: `NONFINITE` (-1) where a
+- `multistep_decode`: K decode steps of a decode batch in one call (`ServeConfig.decode_steps`), a
+  `lax.scan` over the model step and the sampler, stop conditions checked on device.
+
+All return the sampled ids with the non-finite flag riding in them: `NONFINITE` (-1) where a
 row's logits are not all finite, so the host fetches one array.
 """
 
@@ -147,6 +150,7 @@ def _sample_rows(logits_BV, packed_BW, T: int):
 
 
 _SAMPLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MULTISTEP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PIPELINED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -164,6 +168,64 @@ def sampled_step(steps: Runner):
 
         _SAMPLED[steps] = jax.jit(fn, in_shardings=(None, None, batch), donate_argnums=(1,), static_argnums=(3,))
     return _SAMPLED[steps]
+
+
+def multistep_decode(steps: Runner):
+    """`fn(params, cache, packed_BW, limits_BX, num_steps) -> (ids_BK, cache)`: `num_steps` (K, static) decode
+    steps of a [B, 1 + P + META] decode batch in one call, each sampled token fed to the next step.
+
+    `limits_BX` (`decode_limits`): column 0 the most steps a row may take (0: padding), then its stop token ids
+    (-1 padded). A row stops (count 0: no KV write, no attention) after a stop token, a non-finite row
+    (NONFINITE) or its step limit; step i of a row runs at position start + i with sample counter counter + i,
+    exactly as the i-th of K single-step calls would. ids_BK[b, i] is row b's token of step i (meaningless after
+    it stopped: the host discards those, as it commits tokens in order). Cache donated, jitted once per `Steps`."""
+    if steps not in _MULTISTEP:
+        batch = steps.named(steps_lib.BATCH)
+
+        def fn(params, cache, packed_BW, limits_BX, num_steps):
+            packed_BW = jax.sharding.reshard(packed_BW, batch)
+            limits_BX = jax.sharding.reshard(limits_BX, batch)
+            tok, _, m = packed_layout(1, packed_BW.shape[-1] - 1 - META)
+            steps_B, stops_BX = limits_BX[:, 0], limits_BX[:, 1:]
+
+            def body(carry, i):
+                cache_, tokens_B, done_B = carry
+                live_B = ~done_B & (i < steps_B)
+                packed_i = (packed_BW.at[:, tok.start].set(tokens_B)
+                            .at[:, m + START].add(i).at[:, m + COUNTER].add(i)
+                            .at[:, m + NUM].set(live_B.astype(jnp.int32)))
+                tokens_BT, pos_BT, table_BP, index_B = _unpack(packed_i, 1)
+                logits_BV, _, cache_ = steps.step(params, cache_, tokens_BT, pos_BT, table_BP, index_B)
+                ids_B = _sample_rows(logits_BV, packed_i, 1)
+                stop_B = (ids_B == NONFINITE) | jnp.any(ids_B[:, None] == stops_BX, axis=-1)
+                done_B = done_B | ~live_B | stop_B
+                return (cache_, jnp.where(done_B, tokens_B, ids_B), done_B), ids_B
+
+            start = (cache, packed_BW[:, tok.start], steps_B <= 0)
+            (cache, _, _), ids_KB = jax.lax.scan(body, start, jnp.arange(num_steps, dtype=jnp.int32))
+            return ids_KB.T, cache
+
+        _MULTISTEP[steps] = jax.jit(fn, in_shardings=(None, None, batch, batch), donate_argnums=(1,),
+                                    static_argnums=(4,))
+    return _MULTISTEP[steps]
+
+
+def decode_limits(per_group: list[list[Work]], rows: int, num_steps: int) -> np.ndarray:
+    """The [groups * rows, 1 + X] limits of `multistep_decode`: each work's most steps (at most `num_steps`, never
+    past max_new_tokens) and its stop ids, -1 padded to X, a power of two >= 4 (few shapes to compile)."""
+    works = [w for ws in per_group for w in ws]
+    width = 4
+    while width < max((len(w.req.params.stop_token_ids) for w in works), default=0):
+        width *= 2
+    limits = np.full((len(per_group) * rows, 1 + width), -1, np.int32)
+    limits[:, 0] = 0
+    for g, ws in enumerate(per_group):
+        for i, w in enumerate(ws):
+            req = w.req
+            limits[g * rows + i, 0] = min(num_steps, req.params.max_new_tokens - req.num_output)
+            stops = req.params.stop_token_ids
+            limits[g * rows + i, 1:1 + len(stops)] = stops
+    return limits
 
 
 def pipelined_step(steps: Runner):

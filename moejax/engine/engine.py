@@ -37,6 +37,10 @@ prefix of full pages holds them by reference and its first work starts after the
 and position, so a hit only skips prefill chunks. `_commit` registers a request's full pages when it commits a
 finite token.
 
+Multi-step decode (`ServeConfig.decode_steps` K > 1): a step that only decodes, with nobody waiting and the pages
+of its K tokens free, runs K decode steps in one call (`moejax.engine.batch.multistep_decode`, rows stopping on
+device); `_commit_steps` commits each row's tokens in order as K single steps would.
+
 Request ids are `str` or `int`, kept as given and compared as given everywhere (`5` and `"5"` are
 two ids). Finished records stay in `Engine.requests` until `max_finished_retained` newer finished
 requests have been delivered, or until `release()`; `on_finish` sees each one as it is delivered.
@@ -92,6 +96,10 @@ class ServeConfig:
         request is admitted with its longest cached prefix and prefills only the rest; a request's full pages are
         cached once a token it sampled is finite, and stay until the pool needs them (least recently used first).
         Outputs are the same as without it.
+      decode_steps: decode steps one call runs when a step only decodes and nothing can join or leave early (no
+        prefill, nobody waiting, pages for every step available, no pipelined microbatches): a request then
+        makes up to this many tokens per `step()` (fewer when it stops; stop conditions are checked on device).
+        Outputs are the same as with 1 (the default: one token per step).
 
     Every field is checked on construction (ValueError naming the field, the value and the allowed
     range). Integers may be Python or numpy integers (stored as `int`), never booleans; every count
@@ -112,10 +120,11 @@ class ServeConfig:
     microbatches: int | None = None
     kv_cache_dtype: str | None = None
     enable_prefix_caching: bool = False
+    decode_steps: int = 1
 
     def __post_init__(self):
         for name, lo in (("max_running", 1), ("page_size", 1), ("num_pages", 1), ("chunk_size", 1),
-                         ("max_prefill_seqs", 1), ("max_finished_retained", 0)):
+                         ("max_prefill_seqs", 1), ("max_finished_retained", 0), ("decode_steps", 1)):
             self._set(name, _check_int(name, getattr(self, name), lo, _INT32_MAX))
         if self.max_model_len is not None:
             self._set("max_model_len", _check_int("max_model_len", self.max_model_len, 1, _INT32_MAX,
@@ -184,6 +193,7 @@ class EngineStats:
     prompt_tokens: int = 0  # tokens of the sequences admitted (see above)
     cached_prompt_tokens: int = 0  # of those, served from the prefix cache (their prefill chunks skipped)
     prefill_tokens: int = 0  # tokens scheduled in prefill calls (chunks), dropped work included
+    multistep_calls: int = 0  # decode calls that ran `decode_steps` > 1 steps
     host_s: float = 0.0  # wall time of step() outside waiting for device results
     dispatch_s: float = 0.0  # the part of host_s spent inside the compiled calls until they return
     device_wait_s: float = 0.0
@@ -231,6 +241,7 @@ class Engine:
                                    config.max_prefill_seqs, self.microbatches, config.enable_prefix_caching)
         self.cache = steps.new_cache(config.num_pages * self.groups, config.page_size, pool_dtype)
         self._fn = batch_lib.sampled_step(steps)
+        self._multistep = batch_lib.multistep_decode(steps) if config.decode_steps > 1 else None
         self._batch_sharding = steps.named(steps_lib.BATCH)
         # Pipelined (stages and microbatches > 1): the prefill and the decode pipelines, each with its
         # microbatches in flight. Otherwise each call takes its batch through every stage in turn.
@@ -360,7 +371,10 @@ class Engine:
         self._count(plan)
         prefill = self._launch("prefill", plan.prefill, self.config.max_prefill_seqs, self.config.chunk_size)
         decode_rows = _bucket(max(len(w) for w in plan.decode), self.decode_buckets) if any(plan.decode) else 0
-        decode = self._launch("decode", plan.decode, decode_rows, 1)
+        if self._multistep is not None and self._grow_for_steps(plan):
+            decode = self._launch_steps(plan.decode, decode_rows)
+        else:
+            decode = self._launch("decode", plan.decode, decode_rows, 1)
         self.stats.prefill_calls += prefill is not None
         self.stats.decode_calls += decode is not None
         self.stats.mixed_steps += prefill is not None and decode is not None
@@ -372,7 +386,8 @@ class Engine:
             rows = len(ids_B) // self.groups
             for g, works in enumerate(per_group):
                 for work, token in zip(works, ids_B[g * rows: g * rows + len(works)], strict=True):
-                    out = self._commit(work, token, now)
+                    out = self._commit(work, token, now) if isinstance(token, int) else self._commit_steps(
+                        work, token, now)
                     if out is not None:
                         outputs.append((work.req, out))
         self.stats.steps += 1
@@ -418,6 +433,54 @@ class Engine:
                 leaving = mb.works if mb is not None else None
         self.stats.dispatch_s += time.perf_counter() - t
         return leaving, ids_B
+
+    def _grow_for_steps(self, plan) -> bool:
+        """Whether this step's decode call may run `decode_steps` steps; if so, every decoding request now holds
+        the pages of the tokens it may make in them.
+
+        Only when the step only decodes and nothing could change the batch between those steps in a single-step
+        engine: nobody admitted or waiting (an admission would join), nobody preempted, no prefill, no pipelined
+        microbatches, and every data group has the pages (else single steps take them one by one, and preempt
+        as the single-step engine would)."""
+        if (self._pipes is not None or not any(plan.decode) or any(plan.prefill) or plan.preempted
+                or plan.admitted or self.scheduler.waiting):
+            return False
+        k, ps = self.config.decode_steps, self.config.page_size
+        ends = [[w.start + min(k, w.req.params.max_new_tokens - w.req.num_output) for w in works]
+                for works in plan.decode]
+        for g, works in enumerate(plan.decode):
+            need = sum(max(0, pages_for(end, ps) - len(w.req.pages)) for w, end in zip(works, ends[g], strict=True))
+            if need > self.allocator.num_free(g):
+                return False
+        for works, group_ends in zip(plan.decode, ends, strict=True):
+            for w, end in zip(works, group_ends, strict=True):
+                self.scheduler._grow(w.req, end)  # succeeds: counted above
+        return True
+
+    def _launch_steps(self, per_group: list[list[Work]], rows: int):
+        """Dispatch one `decode_steps`-step decode call (asynchronous); like `_launch`, its ids are [B, K]."""
+        t = time.perf_counter()
+        k = self.config.decode_steps
+        with jax.set_mesh(self.steps.mesh):
+            packed = batch_lib.host_input(self._pack(per_group, rows, 1), self._batch_sharding)
+            limits = batch_lib.host_input(batch_lib.decode_limits(per_group, rows, k), self._batch_sharding)
+            ids_BK, self.cache = self._multistep(self.steps.params, self.cache, packed, limits, k)
+        self.stats.dispatch_s += time.perf_counter() - t
+        self.stats.multistep_calls += 1
+        return per_group, ids_BK
+
+    def _commit_steps(self, work: Work, tokens: list[int], now: float) -> RequestOutput | None:
+        """Commit a decode work's tokens of consecutive steps in order, each as a single step would, up to the
+        request's end (later tokens are discarded); one output with all the new tokens."""
+        new, out = [], None
+        for i, token in enumerate(tokens):
+            out = self._commit(Work(work.req, work.start + i, 1, True, work.epoch), token, now)
+            if out is None:
+                break
+            new += out.new_token_ids
+            if out.finished:
+                break
+        return None if out is None else RequestOutput(out.request_id, new, out.finished, out.finish_reason, out.error)
 
     def _commit(self, work: Work, token: int, now: float) -> RequestOutput | None:
         req = work.req
@@ -499,6 +562,13 @@ class Engine:
         shapes = [("prefill", self.config.max_prefill_seqs, self.config.chunk_size)]
         shapes += [("decode", b, 1) for b in self.decode_buckets]
         with jax.set_mesh(self.steps.mesh):
+            for b in self.decode_buckets if self._multistep is not None and self._pipes is None else ():
+                packed = self._padding(self.groups * b, 1)
+                limits = batch_lib.decode_limits([[]] * self.groups, b, 1)  # no row steps: nothing written
+                ids_BK, self.cache = self._multistep(
+                    self.steps.params, self.cache, batch_lib.host_input(packed, self._batch_sharding),
+                    batch_lib.host_input(limits, self._batch_sharding), self.config.decode_steps)
+                jax.block_until_ready(ids_BK)
             for kind, rows, T in shapes:
                 packed = self._padding(self.groups * rows, T)
                 if self._pipes is None:
