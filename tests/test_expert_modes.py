@@ -12,10 +12,15 @@ import moejax
 from moejax import steps as steps_lib
 
 LAYOUTS = ["EP8", "DP2EP4", "TP2EP4", "EP4PP2", "DP2TP2EP2"]
+MODES = ["dp_attention", "replicated_attention"]
+# The default suite keeps both modes on DP2TP2EP2 (EP alone in "dp_attention", the default mode, is
+# tests/test_sharded_equivalence.py's qwen2_moe EP8); the other layouts run in CI's slow step.
+DEFAULT = {("DP2TP2EP2", "dp_attention"), ("DP2TP2EP2", "replicated_attention")}
+CASES = [pytest.param(layout, mode, marks=() if (layout, mode) in DEFAULT else pytest.mark.slow)
+         for layout in LAYOUTS for mode in MODES]
 
 
-@pytest.mark.parametrize("mode", ["dp_attention", "replicated_attention"])
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("layout", "mode"), CASES)
 def test_modes_match_one_device(hf_checkpoints, models_1dev, layout, mode):
     family = "qwen2_moe"  # a shared expert: split over tensor x expert (replicated_attention) or tensor (dp_attention)
     path, _ = hf_checkpoints[family]

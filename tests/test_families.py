@@ -35,7 +35,7 @@ SLOW = pytest.mark.slow  # the rest of the spread runs in CI's slow step (the de
 # (checkpoint, layout, expert mode). The expert mode matters only where expert > 1.
 LAYOUTS = [
     ("deepseek_v3", "PP4", DP),  # the dense layer alone on stage 0: a boundary between the stacks
-    ("deepseek_v3", "DP2TP2EP2", DP),
+    pytest.param(*("deepseek_v3", "DP2TP2EP2", DP), marks=SLOW),
     pytest.param(*("deepseek_v3", "EP8", REP), marks=SLOW),
     pytest.param(*("deepseek_v3", "TP4", DP), marks=SLOW),  # MLA: query heads split, the latent replicated over tensor
     ("deepseek_v3_no_q_lora", "TP2EP2PP2", DP),  # stage 0 = dense + MoE layer 1: a boundary inside the MoE stack
@@ -46,12 +46,12 @@ LAYOUTS = [
     pytest.param(*("glm4_moe", "DP8", DP), marks=SLOW),
     ("olmoe", "TP4", DP),  # q/k norms over the whole projected width, split over tensor; 2 kv heads repeated
     pytest.param(*("olmoe", "EP8", DP), marks=SLOW),
-    ("olmoe", "DP2TP2EP2", REP),
+    pytest.param(*("olmoe", "DP2TP2EP2", REP), marks=SLOW),
     pytest.param(*("olmoe", "PP2", DP), marks=SLOW),  # 3 layers: 2 + 1
     ("olmoe_clip_qkv", "TP2EP4", DP),
     ("gpt_oss", "TP2EP2PP2", DP),
     pytest.param(*("gpt_oss", "EP8", REP), marks=SLOW),
-    ("gpt_oss", "PP4", DP),  # one layer per stage: sliding, full, sliding, full
+    pytest.param(*("gpt_oss", "PP4", DP), marks=SLOW),  # one layer per stage: sliding, full, sliding, full
     pytest.param(*("gpt_oss", "TP8", DP), marks=SLOW),  # one head (and its sink) per shard
 ]
 IDS = np.random.default_rng(21).integers(0, 128, (4, 40))  # 40 tokens: past gpt-oss's window of 8

@@ -181,7 +181,8 @@ def test_decode_with_a_quantized_cache_is_close_to_the_float_cache(family, model
 
 @pytest.mark.parametrize("layout,family", [("TP2", "mixtral"), pytest.param("DP2", "mixtral", marks=pytest.mark.slow),
                                            pytest.param("DP2TP2EP2", "mixtral", marks=pytest.mark.slow),
-                                           ("TP2", "deepseek_v3"), ("DP2EP2", "deepseek_v3")])
+                                           pytest.param("TP2", "deepseek_v3", marks=pytest.mark.slow),
+                                           ("DP2EP2", "deepseek_v3")])
 def test_sharded_quantized_cache_equals_one_device(layout, family, hf_checkpoints, models_1dev):
     # Scales are per (token, kv head): a shard holding some of the kv heads stores the bytes one device stores for
     # them, given the same keys and values. Those differ by float rounding (<= 1e-5 in the logits with a float cache:

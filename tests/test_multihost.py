@@ -28,6 +28,8 @@ from tests import multihost_worker as worker
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 # Stage across the two processes (each holds one stage's layers), then data across them (each holds half the rows).
+# Each layout is its own run of two processes; TP4PP2's runs in CI's slow step (the default suite runs the README's
+# TP4PP2 command on two processes: tests/test_multihost_errors.py).
 LAYOUTS = ("TP4PP2", "DP2TP2EP2")
 TIMEOUT_S = 300
 
@@ -46,7 +48,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_processes(ckpt: Path, out: Path, logs: Path) -> list[tuple[int, str, str]]:
+def _run_two_processes(ckpt: Path, out: Path, logs: Path, layouts=LAYOUTS) -> list[tuple[int, str, str]]:
     """Start both processes, wait at most TIMEOUT_S, kill whatever is left; (returncode, stdout, stderr) each."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     port = _free_port()
@@ -54,7 +56,7 @@ def _run_two_processes(ckpt: Path, out: Path, logs: Path) -> list[tuple[int, str
     try:
         for i in range(2):
             files.append((open(logs / f"out{i}.txt", "w"), open(logs / f"err{i}.txt", "w")))
-            cmd = [sys.executable, str(WORKER), str(ckpt), str(out), ",".join(LAYOUTS),
+            cmd = [sys.executable, str(WORKER), str(ckpt), str(out), ",".join(layouts),
                    "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
             procs.append(subprocess.Popen(cmd, stdout=files[i][0], stderr=files[i][1], env=env,
                                           start_new_session=True))
@@ -76,21 +78,21 @@ def _run_two_processes(ckpt: Path, out: Path, logs: Path) -> list[tuple[int, str
             for i, p in enumerate(procs)]
 
 
-def test_two_processes_give_the_one_process_tokens_and_logits(ckpt, tmp_path):
+@pytest.mark.parametrize("layout", [pytest.param("TP4PP2", marks=pytest.mark.slow), "DP2TP2EP2"])
+def test_two_processes_give_the_one_process_tokens_and_logits(ckpt, tmp_path, layout):
     out = tmp_path / "result.npz"
-    runs = _run_two_processes(ckpt, out, tmp_path)
+    runs = _run_two_processes(ckpt, out, tmp_path, (layout,))
     for i, (code, _, err) in enumerate(runs):
         assert code == 0, f"process {i} exited with {code}:\n{err[-3000:]}"
     # Only process 0 prints (and its stdout holds nothing else: native gloo notices go to stderr).
     assert runs[0][1].splitlines() == ["stdout of process 0"]
     assert runs[1][1] == ""
     result = np.load(out)
-    for layout in LAYOUTS:
-        model = moejax.load(ckpt, layout=layout)  # 1 process x 8 devices
-        np.testing.assert_allclose(result[f"{layout}/logits"], model.forward(worker.IDS), atol=1e-5, rtol=0)
-        # Greedy decoding through Model.generate in both runs (rows split over processes on DP2TP2EP2).
-        assert result[f"{layout}/tokens"].tolist() == model.generate(worker.PROMPTS, worker.NEW_TOKENS)
-        assert result[f"{layout}/engine"].tolist() == result[f"{layout}/tokens"].tolist()  # the serving engine
+    model = moejax.load(ckpt, layout=layout)  # 1 process x 8 devices
+    np.testing.assert_allclose(result[f"{layout}/logits"], model.forward(worker.IDS), atol=1e-5, rtol=0)
+    # Greedy decoding through Model.generate in both runs (rows split over processes on DP2TP2EP2).
+    assert result[f"{layout}/tokens"].tolist() == model.generate(worker.PROMPTS, worker.NEW_TOKENS)
+    assert result[f"{layout}/engine"].tolist() == result[f"{layout}/tokens"].tolist()  # the serving engine
     # Each process read from the checkpoint only what its own 4 devices hold.
     reads = {}
     for _, _, err in runs:
@@ -99,10 +101,10 @@ def test_two_processes_give_the_one_process_tokens_and_logits(ckpt, tmp_path):
                 row = json.loads(line)
                 reads[row["process"], row["layout"]] = row["layers_read"]
                 assert row["local_devices"] == worker.DEVICES_PER_PROCESS
-    # TP4PP2: stage 0 (layers 0, 1) on process 0, stage 1 (layer 2 and a padding layer) on process 1.
-    assert reads[0, "TP4PP2"] == [0, 1] and reads[1, "TP4PP2"] == [2]
-    # DP2TP2EP2: every process holds a whole model copy.
-    assert reads[0, "DP2TP2EP2"] == reads[1, "DP2TP2EP2"] == [0, 1, 2]
+    if layout == "TP4PP2":  # stage 0 (layers 0, 1) on process 0, stage 1 (layer 2 and a padding layer) on process 1
+        assert reads[0, "TP4PP2"] == [0, 1] and reads[1, "TP4PP2"] == [2]
+    else:  # DP2TP2EP2: every process holds a whole model copy
+        assert reads[0, "DP2TP2EP2"] == reads[1, "DP2TP2EP2"] == [0, 1, 2]
 
 
 # ---- flags and device layout (no JAX runtime) ------------------------------------------------------

@@ -28,9 +28,19 @@ CASES = [("deepseek_v3", "DP2EP2", "dp_attention"), ("glm4_moe", "TP2EP2", "repl
          # the MoE's wider tensor split
          ("deepseek_v3", "TP2MTP1EP4", "dp_attention"), ("qwen2_moe", "TP2MTP4EP2", "dp_attention")]
 SMALL_POOL = 16  # pages per data group
+# The chunk and preemption tests of GLM-4.5 TP2EP2 and OLMoE DP2TP2EP2 run in CI's slow step: their paged path is
+# the tiny Mixtral's (tests/engine/test_engine.py); the busy-engine test (against HF's tokens too) runs every case.
+SLOW_CHUNKS_AND_PREEMPTION = {("glm4_moe", "TP2EP2"), ("olmoe", "DP2TP2EP2")}
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{lay}" for f, lay, _ in CASES])
+def _cases(slow=frozenset()):
+    """CASES as `family_model`'s parameters, those (family, layout) in `slow` marked slow."""
+    return pytest.mark.parametrize("family_model", [
+        pytest.param(case, id=f"{case[0]}-{case[1]}", marks=pytest.mark.slow if case[:2] in slow else ())
+        for case in CASES], indirect=True)
+
+
+@pytest.fixture(scope="module")
 def family_model(request, hf_checkpoints):
     import moejax
 
@@ -60,11 +70,13 @@ def engine_of():
     cache.clear()
 
 
+@_cases()
 def test_request_joining_busy_engine_matches_alone(family_model, engine_of, alone):
     prompt, tokens = check_busy_matches_alone(engine_of(family_model), alone, np.random.default_rng(31), 12, 10, (3, 7))
     assert tokens == hf_models.hf_greedy(family_model.torch_reference, prompt, 12)
 
 
+@_cases(SLOW_CHUNKS_AND_PREEMPTION)
 def test_small_prefill_chunks_give_identical_tokens(family_model, engine_of, alone):
     # Chunks of 7 with pages of 4: chunk boundaries (7, 14, 21, 28) fall inside pages (and, for gpt-oss, inside
     # its window of 8); the reference runs chunks of 16.
@@ -75,6 +87,7 @@ def test_small_prefill_chunks_give_identical_tokens(family_model, engine_of, alo
     assert engine_of(family_model, chunk_size=7).generate(prompts, params) == reference
 
 
+@_cases(SLOW_CHUNKS_AND_PREEMPTION)
 def test_preempted_requests_give_identical_tokens(family_model, engine_of, alone):
     check_preempted_requests_match_alone(engine_of(family_model, num_pages=SMALL_POOL), alone,
                                          np.random.default_rng(33), 6, (14, 20), 0.25, 2)

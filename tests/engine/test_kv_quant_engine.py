@@ -39,7 +39,7 @@ def test_fp8_cache_preempted_requests_match_alone(engine_model, engines, alone):
                                          np.random.default_rng(42), 6, (16, 20), 0.25, 2)
 
 
-@pytest.mark.parametrize("check", ["busy", "preempted"])
+@pytest.mark.parametrize("check", ["busy", pytest.param("preempted", marks=pytest.mark.slow)])  # preempted: slow step
 def test_int8_mla_cache_matches_alone(mla_model, engines, alone, check):
     if check == "busy":
         engine = engines(mla_model, kv_cache_dtype="int8")
