@@ -62,6 +62,9 @@ def _add_generate(sub) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *KV_CACHE_DTYPES],
                    help="KV cache format (vLLM's flag): auto = the serving dtype; fp8 (e4m3) / int8 = 1 byte per "
                         "value and a float32 scale per token and kv head")
+    p.add_argument("--enable-prefix-caching", action="store_true",
+                   help="reuse the KV pages of a prompt prefix an earlier request computed (vLLM's flag; "
+                        "ServeConfig.enable_prefix_caching): the same tokens, less prefill")
     p.add_argument("--seed", type=int, default=0, help="random-weight seed for config-name models")
     p.add_argument("--devices", type=int_in(1, MAX_SIMULATED_DEVICES), default=8,
                    help=f"simulated CPU devices when running on CPU (default 8, at most {MAX_SIMULATED_DEVICES}); "
@@ -173,7 +176,7 @@ def _fingerprint(args, run: _Run) -> dict:
     """
     values = {"moejax": _version(), "--model": dataclasses.asdict(run.cfg), "--layout": str(run.layout),
               "--dtype": args.dtype, "--quantization": args.quantization, "--kv-cache-dtype": args.kv_cache_dtype,
-              "--devices": args.devices,
+              "--devices": args.devices, "--enable-prefix-caching": args.enable_prefix_caching,
               "--across-hosts": ",".join(args.across_hosts),
               "prompts": run.prompts, "--max-new-tokens": args.max_new_tokens, "--temperature": args.temperature,
               "--top-k": args.top_k, "--top-p": args.top_p, "--stop-token-ids": args.stop_token_ids,
@@ -215,6 +218,10 @@ def _run_generate(args) -> int:
     }
     if texts is not None:
         result["text"] = texts[0] if one else texts
+    if args.enable_prefix_caching:
+        stats = engine.stats
+        result.update(prompt_tokens=stats.prompt_tokens, cached_prompt_tokens=stats.cached_prompt_tokens,
+                      prefill_tokens=stats.prefill_tokens)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -282,7 +289,8 @@ def _start_engine(model, prompts, params, args, progress: Progress):
     config = moejax.ServeConfig(max_running=rows, page_size=args.page_size, chunk_size=args.chunk_size,
                                 num_pages=per_group * pages_for(longest, args.page_size), max_model_len=longest,
                                 microbatches=args.microbatches,
-                                kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype)
+                                kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
+                                enable_prefix_caching=args.enable_prefix_caching)
     engine = moejax.Engine(model, config)
     _warmup(engine, progress)
     ids = [engine.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)]

@@ -52,6 +52,22 @@ def test_generate_on_a_split_layout():
     assert result["tokens"] == dp1.generate([list(p) for p in DEFAULT_PROMPTS], max_new_tokens=5)
 
 
+def test_generate_with_prefix_caching_gives_the_same_tokens():
+    """Three prompts sharing a 40-token prefix (two full pages of 16): the later ones are served the prefix from
+    the cache, and every prompt's greedy tokens are the library's without caching."""
+    import moejax
+
+    prefix = [(7 * i) % 500 for i in range(40)]
+    prompts = [prefix + [1, 2], prefix + [3], prefix + [9, 9, 9]]
+    stdout = _run("generate", "--layout", "DP1", "--devices", "1", "--max-new-tokens", "4", "--json",
+                  "--enable-prefix-caching", *[a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))])
+    result = json.loads(stdout.strip().splitlines()[-1])
+    dp1 = moejax.Model.random(moejax.load_model_config("tiny-moe"), seed=0)
+    assert result["tokens"] == dp1.generate(prompts, max_new_tokens=4)
+    assert result["prompt_tokens"] == sum(map(len, prompts))
+    assert result["cached_prompt_tokens"] > 0 and result["cached_prompt_tokens"] % 16 == 0  # whole pages
+
+
 def test_version_and_python_dash_m(capsys):
     import importlib.metadata
 

@@ -147,6 +147,7 @@ GENERATE_BEFORE_JAX = [
     (["--dtype", "float16"], r"argument --dtype: invalid choice: 'float16'"),
     (["--bogus"], r"unrecognized arguments: --bogus"),
     (["--layout"], r"argument --layout: expected one argument \(see 'moejax generate --help'\)"),
+    (["--enable-prefix-caching", "on"], r"unrecognized arguments: on"),
 ]
 
 
@@ -295,6 +296,14 @@ SWEEP_BAD = [
     (["--max-prefill-seqs", "0"], r"argument --max-prefill-seqs: must be an integer in \[1, 2147483647\], got 0"),
     (["--warmup-requests=-1"], r"argument --warmup-requests: must be an integer in \[0, 1000000\], got -1"),
     (["--dtype", "float16"], r"argument --dtype: invalid choice: 'float16'"),
+    (["--enable-prefix-caching", "maybe"],
+     r"argument --enable-prefix-caching: expected comma-separated on / off \(e.g. off,on\), got 'maybe'"),
+    (["--enable-prefix-caching", "on,"], r"argument --enable-prefix-caching: expected comma-separated on / off"),
+    (["--shared-prefix-len=-1"], r"argument --shared-prefix-len: must be an integer in \[0, 1000000\], got -1"),
+    (["--num-prefixes", "0"], r"argument --num-prefixes: must be an integer in \[1, 1000000\], got 0"),
+    (["--num-prefixes", "3"], r"^moejax: error: --num-prefixes 3: give the prefixes' length with --shared-prefix-len"),
+    (["--shared-prefix-len", "2010"], r"--shared-prefix-len / --input-len / --output-len: the workload's longest "
+                                      r"request \(shared prefix 2010 \+ prompt \+ output = 2058 tokens\) exceeds"),
 ]
 
 SERVE = ["bench", "serve", "--layout", "DP1"]
@@ -321,8 +330,14 @@ SERVE_BAD = [
     (["--concurrency", "x"], r"argument --concurrency: expected an integer in \[1, 1000000\], got 'x'"),
     (["--model", "{tmp}/ckpt_llama"], r"model_type 'llama' is not supported"),
     (["--layout", "TP4MTP1EP8", "--expert-mode", "replicated_attention"], r"--expert-mode: " + SPLIT),
+    (["--shared-prefix-len", "x"], r"argument --shared-prefix-len: expected an integer in \[0, 1000000\], got 'x'"),
+    (["--num-prefixes", "2", "--shared-prefix-len", "0"], r"--num-prefixes 2: give the prefixes' length"),
+    (["--lengths-file", "{tmp}/lengths_long.json", "--shared-prefix-len", "8"],
+     r"--shared-prefix-len / --lengths-file: .*\(shared prefix 8 \+ prompt \+ output = 2050 tokens\)"),
+    (["--enable-prefix-caching", "off,on"], r"unrecognized arguments: off,on"),
 ]
-LENGTHS = {"lengths_dict.json": "{}", "lengths_empty.json": "[]", "lengths_cut.json": "[[4, 4]"}
+LENGTHS = {"lengths_dict.json": "{}", "lengths_empty.json": "[]", "lengths_cut.json": "[[4, 4]",
+           "lengths_long.json": "[[2000, 42]]"}
 
 
 @pytest.mark.parametrize("args, message", SWEEP_BAD, ids=[" ".join(a)[:60] for a, _ in SWEEP_BAD])

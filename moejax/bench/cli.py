@@ -4,11 +4,12 @@
         --input-len 8:24 --output-len 8 --num-requests 16 --reference-layout DP1 --out out/sweep
     moejax bench serve --model tiny-moe --layout DP2TP2EP2 --chunk-size 32 --max-running 8 --request-rate 50
 
-`sweep` runs every (layout, expert mode, chunk size, max_running) of the lists (`moejax.bench.sweep`; a split
-layout such as TP4MTP1EP8, which `--layouts all --split-moe` adds, in expert mode dp_attention only),
-writes results.jsonl (the planner's calibration schema), failures.jsonl, results.csv, comm.csv and the
-PNG plots into --out, skips configurations already there, and exits 1 if a configuration failed in
-this run. `bench serve` runs one configuration and prints a table like `vllm bench serve`.
+`sweep` runs every (layout, expert mode, chunk size, max_running, prefix caching) of the lists
+(`moejax.bench.sweep`; a split layout such as TP4MTP1EP8, which `--layouts all --split-moe` adds, in expert mode
+dp_attention only), writes results.jsonl (the planner's calibration schema), failures.jsonl, results.csv,
+comm.csv and the PNG plots into --out, skips configurations already there, and exits 1 if a configuration failed
+in this run. `bench serve` runs one configuration and prints a table like `vllm bench serve`. A shared-prefix
+workload (`--shared-prefix-len 1024 --num-prefixes 4`) with `--enable-prefix-caching` measures prefix reuse.
 
 Every mistake in a flag or a named file is one line `moejax: error: ...` and exit status 2, found
 before any model is built (a layout larger than the devices: right after JAX starts). On simulated
@@ -59,6 +60,17 @@ def _quantizations(text: str) -> tuple[str | None, ...]:
     return tuple(out)
 
 
+def _on_off(text: str) -> tuple[bool, ...]:
+    """sweep --enable-prefix-caching VALUES: comma-separated on / off, in order, each once."""
+    out = []
+    for part in (p.strip().lower() for p in text.split(",")):
+        if part not in ("on", "off"):
+            raise argparse.ArgumentTypeError(f"expected comma-separated on / off (e.g. off,on), got {text!r}")
+        if (part == "on") not in out:
+            out.append(part == "on")
+    return tuple(out)
+
+
 def _lengths(text: str):
     from moejax.bench.workload import Lengths
 
@@ -98,6 +110,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     w.add_argument("--request-rate", type=real_in(1e-6, 1e9), default=None,
                    help="Poisson arrivals per second (default: closed loop)")
     w.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="workload seed (prompts, lengths, arrivals)")
+    w.add_argument("--shared-prefix-len", type=int_in(0, 1_000_000), default=0,
+                   help="tokens of a shared prefix each prompt starts with, before its own --input-len tokens "
+                        "(0: none; for prefix caching)")
+    w.add_argument("--num-prefixes", type=int_in(1, 1_000_000), default=1,
+                   help="distinct shared prefixes (random, seeded), used round robin by the requests")
 
 
 def add_parsers(subparsers) -> list[argparse.ArgumentParser]:
@@ -123,6 +140,10 @@ def add_parsers(subparsers) -> list[argparse.ArgumentParser]:
     sweep.add_argument("--quantization", type=_quantizations, default="none",
                        help="comma-separated weight quantizations, each run as its own rows: none (the float "
                             f"weights), {', '.join(QUANTIZATIONS)} (e.g. none,int8,int4)")
+    sweep.add_argument("--enable-prefix-caching", type=_on_off, nargs="?", const=(True,), default=(False,),
+                       metavar="off,on",
+                       help="ServeConfig.enable_prefix_caching: alone, on in every configuration; with values, each "
+                            "run as its own rows (off,on: every configuration without and with it). Default: off")
     sweep.add_argument("--reference-layout", default=None,
                        help="run this layout first (e.g. DP1) and check every configuration's greedy tokens against it")
     sweep.add_argument("--out", default="out/sweep", help="output folder (resumed when it exists)")
@@ -145,6 +166,8 @@ def add_parsers(subparsers) -> list[argparse.ArgumentParser]:
                        help="expert mode (default: the model's)")
     serve.add_argument("--microbatches", type=int_in(1), default=None,
                        help="ServeConfig.microbatches: pipeline microbatch groups (default: one per stage)")
+    serve.add_argument("--enable-prefix-caching", action="store_true",
+                       help="reuse the KV pages of cached prompt prefixes (ServeConfig.enable_prefix_caching)")
     serve.add_argument("--json", action="store_true", help="print the measurement as one JSON object")
     serve.add_argument("--out", default=None, help="append the measurement as a JSON line (calibration schema)")
     _add_common(serve)
@@ -178,6 +201,9 @@ def _run_module(module: str, prog: str, args: argparse.Namespace) -> int:
 def _workload(args, cfg, sweep: bool):
     from moejax.bench.workload import Workload, read_lengths
 
+    if args.num_prefixes > 1 and not args.shared_prefix_len:
+        raise UsageError(f"--num-prefixes {args.num_prefixes}: give the prefixes' length with --shared-prefix-len N "
+                         f"(N > 0)")
     pairs = None
     if args.lengths_file:
         try:
@@ -187,8 +213,10 @@ def _workload(args, cfg, sweep: bool):
     workload = Workload(input_len=args.input_len, output_len=args.output_len, pairs=pairs,
                         pairs_source=args.lengths_file, num_requests=args.num_requests,
                         warmup_requests=args.warmup_requests, concurrency=args.concurrency,
-                        request_rate=args.request_rate, seed=args.seed)
-    flags = "--lengths-file" if pairs else "--input-len / --output-len"
+                        request_rate=args.request_rate, seed=args.seed,
+                        shared_prefix_len=args.shared_prefix_len, num_prefixes=args.num_prefixes)
+    flags = ("--shared-prefix-len / " if args.shared_prefix_len else "") + ("--lengths-file" if pairs
+                                                                            else "--input-len / --output-len")
     try:
         workload.check(cfg.vocab_size, cfg.max_position_embeddings)
     except ValueError as err:
@@ -334,7 +362,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         _start_jax(layouts, args.devices)
     microbatches = tuple(args.microbatches) if args.microbatches else (None,)
     count = (len(layouts) * len(modes) * len(args.quantization) * len(microbatches) * len(args.chunk_sizes)
-             * len(args.max_running))
+             * len(args.max_running) * len(args.enable_prefix_caching))
     if count > MAX_CONFIGS:
         raise UsageError(f"the sweep has {count:_} configurations, more than {MAX_CONFIGS:_}; pass fewer values")
     if args.microbatches and not any(lay.stage > 1 for lay in layouts):
@@ -350,7 +378,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
                      hardware=_resolve_hardware(args, devices[0]), expert_mode=modes, dtype=args.dtype,
                      seed=args.weights_seed, page_size=args.page_size, max_prefill_seqs=args.max_prefill_seqs,
                      decode_buckets=args.decode_buckets, reference_layout=reference[0] if reference else None,
-                     efficiency=args.efficiency, microbatches=microbatches, quantization=args.quantization)
+                     efficiency=args.efficiency, microbatches=microbatches, quantization=args.quantization,
+                     prefix_caching=args.enable_prefix_caching)
     result = run_sweep(spec, out, progress=not args.no_progress, retry_failed=args.retry_failed,
                        plots=not args.no_plot)
     print(format_summary(result))
@@ -413,7 +442,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     jax.monitoring.register_event_duration_secs_listener(counter)
     try:
         row, _ = sweep_lib.run_config(spec, model, args.chunk_size, args.max_running, hw, counter,
-                                      args.microbatches, progress)
+                                      args.microbatches, progress, args.enable_prefix_caching)
     finally:
         jax.monitoring.unregister_event_duration_listener(counter)
     row["expert_mode_requested"] = mode or sweep_lib.DEFAULT
@@ -428,6 +457,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     header = [("Model", cfg.name), ("Layout", f"{row['layout']} ({row['devices']} {row['platform']})"),
               ("Expert mode", row["expert_mode"]),
               ("Chunk size / max running", f"{args.chunk_size} / {args.max_running}"),
+              ("Prefix caching", "on" if args.enable_prefix_caching else "off"),
               ("Compile time (s)", f"{row['compile_s']:.2f}"),
               ("Warm-up requests (s)", f"{row['warmup_requests_s']:.2f}"),
               ("Program memory per device (MiB)", f"{row['peak_memory_bytes'] / 2**20:.1f}"),

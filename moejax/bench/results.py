@@ -17,12 +17,13 @@ from moejax.axes import DEPRECATED_EXPERT_MODES
 
 KEY_FIELDS = ("model", "platform", "layout", "expert_mode_requested", "chunk_size", "max_running", "dtype",
               "page_size", "max_prefill_seqs", "decode_buckets", "workload_id", "microbatches_requested",
-              "quantization")
+              "quantization", "enable_prefix_caching")
+_KEY_DEFAULTS = {"enable_prefix_caching": False}  # what a row written before the field ran with
 LAYER_SCOPES = ("attn", "moe", "mlp", "ffn", "shared")  # named blocks inside a layer (the planner's per-layer terms)
 
 
 def key_of(row: dict) -> tuple:
-    return tuple(row.get(k) for k in KEY_FIELDS)
+    return tuple(row.get(k, _KEY_DEFAULTS.get(k)) for k in KEY_FIELDS)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -80,7 +81,8 @@ _CSV_METRICS = ("ttft_s", "tpot_s", "e2e_s", "tokens_per_s", "tokens_per_s_per_d
                 "e2e_s_p90", "e2e_s_p99", "tokens_per_s_per_user_p50", "tokens_per_s_per_user_p90",
                 "tokens_per_s_per_user_p99", "num_requests", "output_tokens", "duration_s", "errors", "preemptions",
                 "warmup_s", "compile_s", "compilations", "compilations_during_run", "place_s", "peak_memory_bytes",
-                "device_peak_bytes_in_use", "expert_mode", "batch_shards", "devices", "isl", "osl",
+                "device_peak_bytes_in_use", "prompt_tokens", "cached_prompt_tokens", "prefill_tokens",
+                "prefix_hit_rate", "expert_mode", "batch_shards", "devices", "isl", "osl",
                 "output_digest", "tokens_match_reference")
 
 

@@ -15,6 +15,10 @@ Definitions (per request; the run's figures are over the measured requests only)
 - tokens/s per user: 1 / TPOT of each request (p50 / p90 / p99 over requests); the run's
   `tokens_per_s_per_user` is 1 / mean TPOT (the planner's definition, `moejax.planner.calibrate`).
 - tokens/s: output tokens / duration, duration = first arrival to last token; per device: / devices.
+- prefix cache (the engine's `EngineStats` over the measured requests): prompt tokens admitted (a
+  re-admission after a preemption counts its sequence again), of those cached (served from the prefix
+  cache), prefill tokens computed (scheduled in prefill calls), and the hit rate, cached / prompt tokens
+  (0 without prefix caching: the planner's `Workload.prefix_hit_rate`).
 """
 
 from __future__ import annotations
@@ -71,6 +75,9 @@ class RunResult:
     steps: int = 0
     preemptions: int = 0
     mixed_steps: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    prefill_tokens: int = 0
     wall_s: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -86,6 +93,11 @@ class RunResult:
     @property
     def input_tokens(self) -> int:
         return sum(r.input_len for r in self.records)
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Cached / admitted prompt tokens (0 when none was admitted)."""
+        return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
     @property
     def outputs(self) -> list[list[int]]:
@@ -114,6 +126,8 @@ class RunResult:
             "tokens_per_s_per_user": 1.0 / mean_tpot if mean_tpot else None,
             "errors": sum(r.finish_reason == "error" for r in self.records),
             "steps": self.steps, "preemptions": self.preemptions, "mixed_steps": self.mixed_steps,
+            "prompt_tokens": self.prompt_tokens, "cached_prompt_tokens": self.cached_prompt_tokens,
+            "prefill_tokens": self.prefill_tokens, "prefix_hit_rate": self.prefix_hit_rate,
         }
         user = [1.0 / t for t in tpot if t > 0]
         for name, values in (("ttft_s", ttft), ("tpot_s", tpot), ("e2e_s", e2e), ("tokens_per_s_per_user", user)):
@@ -143,7 +157,8 @@ def run_workload(engine, collector: Collector, specs: list[RequestSpec], in_flig
     if engine.has_unfinished():
         raise ValueError("the engine must be idle before a run (it still has unfinished requests)")
     collector.clear()
-    stats0 = (engine.stats.steps, engine.stats.preemptions, engine.stats.mixed_steps)
+    counted = ("steps", "preemptions", "mixed_steps", "prompt_tokens", "cached_prompt_tokens", "prefill_tokens")
+    stats0 = {name: getattr(engine.stats, name) for name in counted}
     start = clock()
     arrivals: dict = {}
     sent = 0
@@ -169,10 +184,8 @@ def run_workload(engine, collector: Collector, specs: list[RequestSpec], in_flig
         i, arrival = arrivals[rid]
         records[i] = RequestRecord(len(specs[i].prompt), specs[i].max_new_tokens, arrival,
                                    list(req.token_times_s), list(req.output_ids), req.finish_reason)
-    s = engine.stats
-    return RunResult(records, devices=engine.model.layout.size, steps=s.steps - stats0[0],
-                     preemptions=s.preemptions - stats0[1], mixed_steps=s.mixed_steps - stats0[2],
-                     wall_s=clock() - start)
+    deltas = {name: getattr(engine.stats, name) - before for name, before in stats0.items()}
+    return RunResult(records, devices=engine.model.layout.size, wall_s=clock() - start, **deltas)
 
 
 def serve(engine, collector: Collector, workload: Workload) -> tuple[RunResult, float]:
@@ -221,5 +234,10 @@ def format_result(m: dict, title: str = "Serving Benchmark Result", header: list
     row("1 / mean TPOT (tok/s)", num(m["tokens_per_s_per_user"]))
     for q in PERCENTILES:
         row(f"P{q} (tok/s)", num(m[f"tokens_per_s_per_user_p{q}"]))
+    lines.append(f"{'Prefix Cache':-^{width}}")
+    row("Prompt tokens admitted", m["prompt_tokens"])
+    row("Cached prompt tokens", m["cached_prompt_tokens"])
+    row("Prefill tokens computed", m["prefill_tokens"])
+    row("Prefix cache hit rate (%)", num(100 * m["prefix_hit_rate"]))
     lines.append("=" * width)
     return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""Layout sweep: one workload under many layouts x expert modes x quantizations x chunk sizes x max-running,
-measured.
+"""Layout sweep: one workload under many layouts x expert modes x quantizations x chunk sizes x max-running
+(x prefix caching off / on), measured.
 
 For each configuration: build the engine on the layout's placed model (placed once per layout and
 expert mode), warm it up (compile time reported apart), read the collectives of its decode step and
@@ -14,14 +14,15 @@ Output folder (`run_sweep(..., out_dir)`):
   (`moejax.planner.calibrate`: model, hardware, layout, precision, batch_size = max_running,
   chunk_size, isl / osl = the workload's mean lengths, ttft_s, tpot_s, tokens_per_s_per_device,
   tokens_per_s_per_user, expert_mode) plus everything else measured (percentiles, compile time,
-  memory, communication, the planner's prediction, a digest of the greedy output tokens).
+  memory, communication, the prefix cache's prompt / cached / prefill tokens and hit rate, the planner's
+  prediction (given the measured hit rate as its `prefix_hit_rate`), a digest of the greedy output tokens).
 - `failures.jsonl`: one line per configuration that raised, with the error; the sweep goes on.
 - `results.csv`, `comm.csv`: flat tables of both; `tradeoff.png`, `latency_vs_chunk.png` (`plots`).
   (`moejax.bench.results` reads and writes these files.)
 
 Re-running with the same folder skips every configuration already in `results.jsonl` or
 `failures.jsonl` (same model, platform, layout, expert mode, chunk, max_running, dtype, engine
-knobs and workload), so an interrupted sweep resumes; `retry_failed` runs the failed ones again.
+knobs, prefix caching and workload), so an interrupted sweep resumes; `retry_failed` runs the failed ones again.
 A configuration whose max_running is not a multiple of the model's batch shards is skipped, named.
 
 Nothing here depends on how a layout is run: batch shards come from the engine, the expert mode
@@ -80,6 +81,8 @@ class SweepSpec:
         quantization: weight quantizations to run (`moejax.load(quantization=...)`); None: the float weights
             (part of the key: rows written before this field are float rows).
         efficiency: efficiency factors file for the planner's predictions (calibration output).
+        prefix_caching: ServeConfig.enable_prefix_caching values, each run as its own rows (recorded as
+            `enable_prefix_caching`, part of the key: rows written before this field ran without it).
     """
 
     model: str
@@ -98,15 +101,19 @@ class SweepSpec:
     efficiency: str | None = None
     microbatches: tuple[int | None, ...] = (None,)
     quantization: tuple[str | None, ...] = (None,)
+    prefix_caching: tuple[bool, ...] = (False,)
 
     def __post_init__(self):
         if self.decode_buckets not in ("pow2", "max"):
             raise ValueError(f"decode_buckets must be 'pow2' or 'max', got {self.decode_buckets!r}")
         if self.dtype not in PRECISION:
             raise ValueError(f"dtype must be one of {sorted(PRECISION)}, got {self.dtype!r}")
-        for name in ("layouts", "chunk_sizes", "max_running", "expert_mode", "microbatches", "quantization"):
+        for name in ("layouts", "chunk_sizes", "max_running", "expert_mode", "microbatches", "quantization",
+                     "prefix_caching"):
             if not getattr(self, name):
                 raise ValueError(f"SweepSpec.{name} is empty")
+        if not all(isinstance(v, bool) for v in self.prefix_caching):
+            raise ValueError(f"SweepSpec.prefix_caching must hold booleans, got {self.prefix_caching!r}")
         for q in self.quantization:
             if q is not None:
                 quant.scheme(q)  # ValueError naming the known ones
@@ -120,33 +127,35 @@ class SweepSpec:
         return self.workload.max_total_len
 
     def configs(self) -> list[dict]:
-        """Every (layout, expert mode, quantization, microbatches, chunk, max_running) to run, reference first (float
-        weights, unless every run is quantized: then the first quantization), as key dicts (no platform).
+        """Every (layout, expert mode, quantization, microbatches, max_running, chunk, prefix caching) to run,
+        reference first (float weights, unless every run is quantized: then the first quantization; prefix caching
+        off, unless every run has it on), as key dicts (no platform).
         Microbatch values other than the default apply to layouts with stages only; a split layout (`TP4MTP1EP8`)
         pairs with the modes it runs in only (dp_attention, or the model's default, which is it)."""
         out = []
         if self.reference_layout is not None:
             ref_q = None if None in self.quantization else self.quantization[0]
             out.append(self._config(self.reference_layout, None, self.chunk_sizes[0], self.max_running[0], None,
-                                    ref_q))
+                                    ref_q, False not in self.prefix_caching))
         for layout in self.layouts:
             for mode in (m for m in self.expert_mode if not layout.split or _runs_split(m)):
                 for q in self.quantization:
                     for m in self.microbatches if layout.stage > 1 else (None,):
                         for mr in self.max_running:
                             for chunk in self.chunk_sizes:
-                                cfg = self._config(layout, mode, chunk, mr, m, q)
-                                if cfg not in out:
-                                    out.append(cfg)
+                                for cache in self.prefix_caching:
+                                    cfg = self._config(layout, mode, chunk, mr, m, q, cache)
+                                    if cfg not in out:
+                                        out.append(cfg)
         return out
 
     def _config(self, layout: Layout, mode: str | None, chunk: int, mr: int, microbatches: int | None,
-                quantization: str | None = None) -> dict:
+                quantization: str | None = None, prefix_caching: bool = False) -> dict:
         return {"model": self.model, "layout": str(layout), "expert_mode_requested": mode or DEFAULT,
                 "chunk_size": chunk, "max_running": mr, "dtype": self.dtype, "page_size": self.page_size,
                 "max_prefill_seqs": self.max_prefill_seqs, "decode_buckets": self.decode_buckets,
                 "workload_id": self.workload.workload_id, "microbatches_requested": microbatches,
-                "quantization": quantization}
+                "quantization": quantization, "enable_prefix_caching": prefix_caching}
 
 
 def _runs_split(mode: str | None) -> bool:
@@ -196,7 +205,8 @@ def batch_shards(model) -> int:
     return getattr(model, "batch_shards", model.layout.data)
 
 
-def _serve_config(spec: SweepSpec, model, chunk: int, mr: int, microbatches: int | None = None):
+def _serve_config(spec: SweepSpec, model, chunk: int, mr: int, microbatches: int | None = None,
+                  prefix_caching: bool = False):
     import moejax
     from moejax.kv_cache import pages_for
 
@@ -208,12 +218,16 @@ def _serve_config(spec: SweepSpec, model, chunk: int, mr: int, microbatches: int
     return moejax.ServeConfig(max_running=mr, page_size=spec.page_size, num_pages=pool, chunk_size=chunk,
                               max_prefill_seqs=spec.max_prefill_seqs, max_model_len=spec.max_len,
                               decode_buckets=(slots,) if spec.decode_buckets == "max" else None,
-                              microbatches=microbatches)
+                              microbatches=microbatches, enable_prefix_caching=prefix_caching)
 
 
 def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _CompileCounter,
-               microbatches: int | None = None, progress=None) -> tuple[dict, RunResult]:
+               microbatches: int | None = None, progress=None, prefix_caching: bool = False
+               ) -> tuple[dict, RunResult]:
     """Build, warm up, account and serve one configuration on a placed model; returns (row, result).
+
+    The row's `prefix_hit_rate` (measured: cached / admitted prompt tokens) is the planner's `prefix_hit_rate` in
+    its prediction (`predicted`), as in any calibration row.
 
     `progress` (a `moejax.progress.Progress`, or None for nothing) shows the compile, with a line per program
     compiled, and the serving as phases on stderr.
@@ -225,7 +239,8 @@ def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _Compil
 
     progress = progress or Progress(enabled=False)
     collector = Collector()
-    engine = moejax.Engine(model, _serve_config(spec, model, chunk, mr, microbatches), on_finish=collector)
+    engine = moejax.Engine(model, _serve_config(spec, model, chunk, mr, microbatches, prefix_caching),
+                           on_finish=collector)
     buckets = ", ".join(map(str, engine.decode_buckets))
     t0 = time.perf_counter()
     with counter, progress.compiling(f"compiling the steps: prefill ({engine.config.max_prefill_seqs} x {chunk} "
@@ -261,6 +276,7 @@ def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _Compil
         "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
         "devices": layout.size, "batch_shards": engine.groups, "decode_bucket_sizes": list(engine.decode_buckets),
         "microbatches_requested": microbatches, "microbatches": engine.microbatches, "quantization": quantization,
+        "enable_prefix_caching": prefix_caching,
         **{k: v for k, v in metrics.items() if k not in ("ttft_s", "tpot_s", "tokens_per_s_per_device",
                                                          "tokens_per_s_per_user")},
         "warmup_s": warmup_s, "compile_s": compile_s, "compilations": compiles,
@@ -413,7 +429,7 @@ def _run_one(spec: SweepSpec, c: dict, models: dict, hw, counter: _CompileCounte
             return None
         stage = "run"
         row, result = run_config(spec, model, c["chunk_size"], c["max_running"], hw, counter,
-                                 c["microbatches_requested"], phases)
+                                 c["microbatches_requested"], phases, c["enable_prefix_caching"])
     except Exception as err:  # noqa: BLE001 - a failed configuration is recorded and the sweep goes on
         if interrupt.requested():  # what ^C broke (e.g. inside a JAX call) is not this configuration's failure
             raise KeyboardInterrupt from err
@@ -437,7 +453,8 @@ def _label(c: dict) -> str:
     mode = "" if c["expert_mode_requested"] == DEFAULT else f" ep={c['expert_mode_requested']}"
     groups = "" if c.get("microbatches_requested") is None else f" microbatches {c['microbatches_requested']}"
     weights = f" {c['quantization']}" if c.get("quantization") else ""
-    return f"{c['layout']}{mode}{weights}{groups} chunk {c['chunk_size']} max_running {c['max_running']}"
+    cache = " prefix-cache" if c.get("enable_prefix_caching") else ""
+    return f"{c['layout']}{mode}{weights}{groups} chunk {c['chunk_size']} max_running {c['max_running']}{cache}"
 
 
 class _Progress:
@@ -500,18 +517,20 @@ def format_summary(res: SweepResult, limit: int = 60) -> str:
     """What `moejax sweep` prints: a row per configuration, token agreement, skips, failures, files, caveat."""
     head = (f"{'layout':<16} {'ep':<10} {'weights':<7} {'chunk':>5} {'maxrun':>6} {'tok/s/dev':>9} "
             f"{'tok/s/user':>10} {'TTFT ms':>8} {'TPOT ms':>8} {'compile s':>9} {'decode comm B':>13} "
-            f"{'planner B':>10} {'tokens':>6}")
+            f"{'planner B':>10} {'prefill tok':>11} {'hit %':>5} {'tokens':>6}")
     lines = [head, "-" * len(head)]
     for r in res.rows[:limit]:
         hlo = r["comm"]["decode"]
         layers = sum(v for s, v in hlo["by_scope"].items() if s in LAYER_SCOPES)
         ok = {True: "same", False: "DIFF", None: "-"}[r.get("tokens_match_reference")]
         flag = " WEIGHTS MOVE" if hlo["weight_moves"] or r["comm"]["prefill"]["weight_moves"] else ""
+        hit = f"{100 * r['prefix_hit_rate']:.1f}" if r.get("enable_prefix_caching") else "off"
         lines.append(f"{r['layout']:<16} {r['expert_mode']:<10} {r.get('quantization') or 'float':<7} "
                      f"{r['chunk_size']:>5} {r['max_running']:>6} "
                      f"{r['tokens_per_s_per_device']:>9.1f} {r['tokens_per_s_per_user']:>10.1f} "
                      f"{r['ttft_s'] * 1e3:>8.1f} {r['tpot_s'] * 1e3:>8.2f} {r['compile_s']:>9.1f} "
-                     f"{layers:>13.0f} {r['planner_comm']['decode']['layers']:>10.0f} {ok:>6}{flag}")
+                     f"{layers:>13.0f} {r['planner_comm']['decode']['layers']:>10.0f} "
+                     f"{r.get('prefill_tokens', '-'):>11} {hit:>5} {ok:>6}{flag}")
     if len(res.rows) > limit:
         lines.append(f"... {len(res.rows) - limit} more in results.csv")
     digests = {r["output_digest"] for r in res.rows}
@@ -529,7 +548,8 @@ def format_summary(res: SweepResult, limit: int = 60) -> str:
     for f in res.failures[:8]:
         lines.append(f"  FAILED {_label(f)}: {f['error'][:160]}")
     lines.append("decode comm B: bytes one device sends per decode step in the layers' collectives (compiled HLO); "
-                 "planner B: the planner's volume for them")
+                 "planner B: the planner's volume for them; prefill tok: prompt tokens computed in prefill calls; "
+                 "hit %: prompt tokens served from the prefix cache (off: prefix caching off)")
     for name, path in res.paths.items():
         if Path(path).exists():
             lines.append(f"{name}: {path}")

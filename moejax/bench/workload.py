@@ -9,12 +9,16 @@ configuration of a sweep serves exactly the same requests:
 - arrivals: closed loop at a fixed concurrency (a new request as soon as one finishes), or an open
   loop of Poisson arrivals at `request_rate` requests/s (optionally capped by `concurrency`);
 - a warm-up phase of `warmup_requests` requests, served before the measured ones and left out of
-  every figure (XLA:CPU sets up each fusion on its first real execution, docs/engine.md).
+  every figure (XLA:CPU sets up each fusion on its first real execution, docs/engine.md);
+- shared prefixes (for prefix caching): with `shared_prefix_len` N > 0, request i's prompt is prefix
+  i mod `num_prefixes` (N random tokens, the same in the warm-up and the measured requests: a system
+  prompt the warm-up has already sent) followed by its own suffix of the input length drawn as above.
 
 Everything is seeded: prompts (uniform random token ids) and lengths come from
 `numpy.random.default_rng([seed, stream])`, stream 0 for the measured requests and 1 for the
-warm-up, and arrival gaps from stream 2, so one seed sends the same requests in either arrival
-mode. Outputs are greedy and run to `max_new_tokens` (no stop tokens), so the output lengths are
+warm-up, arrival gaps from stream 2 and the shared prefixes from stream 3, so one seed sends the same
+requests in either arrival mode, and a workload without a shared prefix the same requests as before
+prefixes existed. Outputs are greedy and run to `max_new_tokens` (no stop tokens), so the output lengths are
 exactly the workload's and the tokens can be compared across layouts.
 """
 
@@ -30,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 MAX_REQUESTS = 1_000_000
-MEASURED, WARMUP, ARRIVALS = 0, 1, 2  # rng streams
+MEASURED, WARMUP, ARRIVALS, PREFIXES = 0, 1, 2, 3  # rng streams
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class Workload:
     """What a measured run sends (see the module docstring).
 
     Attributes:
-        input_len: prompt tokens per request (ignored when `pairs` is given).
+        input_len: prompt tokens per request (ignored when `pairs` is given); after the shared prefix, if any.
         output_len: output tokens per request (ignored when `pairs` is given).
         pairs: (input, output) lengths, e.g. from `read_lengths`; used in order, cycled.
         pairs_source: where `pairs` came from (a file name; for the record only).
@@ -90,6 +94,9 @@ class Workload:
         concurrency: most requests in flight; None: `max_running` in a closed loop, unbounded with a rate.
         request_rate: Poisson arrivals per second; None: closed loop (next request when one finishes).
         seed: seeds prompts, lengths and arrivals.
+        shared_prefix_len: tokens of the prefix each prompt starts with (0: none); the prompt is the prefix
+            followed by `input_len` (or the pair's input length) tokens of its own.
+        num_prefixes: distinct shared prefixes, used round robin (request i takes prefix i mod num_prefixes).
     """
 
     input_len: Lengths = Lengths(32)
@@ -101,11 +108,13 @@ class Workload:
     concurrency: int | None = None
     request_rate: float | None = None
     seed: int = 0
+    shared_prefix_len: int = 0
+    num_prefixes: int = 1
 
     def __post_init__(self):
-        for name in ("num_requests", "warmup_requests", "concurrency"):
+        for name in ("num_requests", "warmup_requests", "concurrency", "shared_prefix_len", "num_prefixes"):
             value = getattr(self, name)
-            lo = 0 if name == "warmup_requests" else 1
+            lo = 0 if name in ("warmup_requests", "shared_prefix_len") else 1
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or not lo <= value <= MAX_REQUESTS):
                 raise ValueError(f"Workload.{name} must be an integer in [{lo}, {MAX_REQUESTS}], got {value!r}")
@@ -117,6 +126,9 @@ class Workload:
             object.__setattr__(self, "pairs", _check_pairs(self.pairs, self.pairs_source or "pairs"))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"Workload.seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if self.num_prefixes > 1 and not self.shared_prefix_len:
+            raise ValueError(f"Workload.num_prefixes {self.num_prefixes} needs a shared_prefix_len > 0 (the "
+                             f"prefixes' length)")
 
     # ---- lengths ----------------------------------------------------------------------------
 
@@ -129,8 +141,8 @@ class Workload:
     def max_total_len(self) -> int:
         """The longest prompt + output any request of this workload can have."""
         if self.pairs is not None:
-            return max(i + o for i, o in self.pairs)
-        return self.input_len.hi + self.output_len.hi
+            return self.shared_prefix_len + max(i + o for i, o in self.pairs)
+        return self.shared_prefix_len + self.input_len.hi + self.output_len.hi
 
     @property
     def min_output_len(self) -> int:
@@ -141,7 +153,8 @@ class Workload:
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         if self.max_total_len > max_len:
-            raise ValueError(f"the workload's longest request (prompt + output = {self.max_total_len} tokens) "
+            prefix = f"shared prefix {self.shared_prefix_len} + " if self.shared_prefix_len else ""
+            raise ValueError(f"the workload's longest request ({prefix}prompt + output = {self.max_total_len} tokens) "
                              f"exceeds the model's context limit (max_position_embeddings={max_len})")
 
     # ---- requests ---------------------------------------------------------------------------
@@ -150,19 +163,30 @@ class Workload:
         """The measured requests (or, with `warmup` = n, the n warm-up requests), seeded and in order.
 
         Measured requests carry their Poisson arrival offsets when `request_rate` is set (the first
-        arrives at 0); warm-up requests and closed-loop requests carry 0.
+        arrives at 0); warm-up requests and closed-loop requests carry 0. With a shared prefix, each prompt
+        is `prefixes(vocab_size)[i % num_prefixes]` followed by its own tokens.
         """
         stream, count = (MEASURED, self.num_requests) if warmup is None else (WARMUP, warmup)
         rng = np.random.default_rng([self.seed, stream])
         gaps = np.random.default_rng([self.seed, ARRIVALS])
+        prefixes = self.prefixes(vocab_size)
         out, t = [], 0.0
         for i in range(count):
             isl, osl = self._lengths(i, rng)
-            prompt = tuple(int(x) for x in rng.integers(0, vocab_size, isl))
+            prefix = prefixes[i % len(prefixes)] if prefixes else ()
+            prompt = prefix + tuple(int(x) for x in rng.integers(0, vocab_size, isl))
             if self.request_rate is not None and stream == MEASURED:
                 t += 0.0 if i == 0 else float(gaps.exponential(1.0 / self.request_rate))
             out.append(RequestSpec(prompt, osl, t if stream == MEASURED else 0.0))
         return out
+
+    def prefixes(self, vocab_size: int) -> list[tuple[int, ...]]:
+        """The `num_prefixes` shared prefixes of `shared_prefix_len` random tokens each (none without one)."""
+        if not self.shared_prefix_len:
+            return []
+        rng = np.random.default_rng([self.seed, PREFIXES])
+        tokens = rng.integers(0, vocab_size, (self.num_prefixes, self.shared_prefix_len))
+        return [tuple(int(x) for x in row) for row in tokens]
 
     def warmup_count(self, max_running: int) -> int:
         return max_running if self.warmup_requests is None else self.warmup_requests
@@ -176,9 +200,12 @@ class Workload:
     # ---- identity ---------------------------------------------------------------------------
 
     def describe(self) -> dict:
-        """A JSON-able description (what the sweep records beside each measurement)."""
+        """A JSON-able description (what the sweep records beside each measurement); the prefix fields only
+        with a shared prefix, so that a workload without one keeps the description (and id) it always had."""
         d = asdict(self)
         d["input_len"], d["output_len"] = str(self.input_len), str(self.output_len)
+        if not self.shared_prefix_len:
+            d.pop("shared_prefix_len"), d.pop("num_prefixes")
         if self.pairs is not None:
             d.pop("input_len"), d.pop("output_len")
             d["pairs"] = len(self.pairs)

@@ -120,6 +120,39 @@ def test_bench_serve_command(tmp_path, capsys, shared_models):
     assert len(read_measurements(tmp_path / "one.jsonl")) == 2
 
 
+def test_bench_serve_prefix_caching_on_a_shared_prefix(capsys, shared_models):
+    """Caching on vs off over 2 shared 40-token prefixes: the same tokens, prompt tokens served from the cache
+    (hit rate > 0 with caching, 0 without), less prefill computed, and a planner prediction given the hit rate."""
+    from moejax.planner.calibrate import predict_measurement
+    from moejax.planner.hardware import load_hardware
+
+    argv = ["bench", "serve", "--model", MODEL, "--layout", "DP1", "--chunk-size", "16", "--max-running", "4",
+            "--input-len", "4:8", "--output-len", "3", "--num-requests", "8", "--warmup-requests", "0",
+            "--decode-buckets", "max", "--shared-prefix-len", "40", "--num-prefixes", "2", "--json"]
+    rows = {}
+    for cache in (False, True):
+        assert cli.main(argv + ["--enable-prefix-caching"] * cache) == 0
+        rows[cache] = json.loads(capsys.readouterr().out)
+    off, on = rows[False], rows[True]
+    assert (off["enable_prefix_caching"], on["enable_prefix_caching"]) == (False, True)
+    assert on["output_digest"] == off["output_digest"] and on["errors"] == off["errors"] == 0
+    assert off["prompt_tokens"] == on["prompt_tokens"] == on["input_tokens"] > 8 * 40
+    assert off["cached_prompt_tokens"] == 0 and off["prefix_hit_rate"] == 0.0
+    assert on["cached_prompt_tokens"] % 16 == 0 and on["prefix_hit_rate"] > 0  # whole pages
+    assert on["prefix_hit_rate"] == on["cached_prompt_tokens"] / on["prompt_tokens"]
+    assert on["prefill_tokens"] < off["prefill_tokens"]
+    # without preemptions, prompt - cached = prefill up to one token per request (a last token may decode)
+    for row in (off, on):
+        assert 0 <= row["prompt_tokens"] - row["cached_prompt_tokens"] - row["prefill_tokens"] <= 8
+    hw = load_hardware("cpu-host")
+    assert on["predicted"]["ttft_s"] == predict_measurement(on, hw).ttft_s  # the measured hit rate, as calibration
+    assert on["predicted"]["ttft_s"] < predict_measurement({**on, "prefix_hit_rate": 0.0}, hw).ttft_s
+    assert cli.main(argv[:-1] + ["--enable-prefix-caching"]) == 0
+    text = capsys.readouterr().out
+    for line in ("Prefix caching:", "Cached prompt tokens:", "Prefill tokens computed:", "Prefix cache hit rate (%):"):
+        assert line in text
+
+
 def test_bench_serve_on_a_split_layout_gives_the_1_device_tokens(capsys, shared_models):
     """A split layout (attention TP2 x DP2, the MoE EP4 over the same 4 devices): the DP1 run's greedy tokens."""
     argv = ["bench", "serve", "--model", MODEL, "--chunk-size", "16", "--max-running", "8", "--json", *WORKLOAD[:-4]]
@@ -177,6 +210,19 @@ def test_sweep_configs_vary_microbatches_on_staged_layouts_only():
     assert got == [("DP2", None), ("PP2", None), ("PP2", 1), ("PP2", 4)]
     old_row = {k: v for k, v in spec.configs()[0].items() if k != "microbatches_requested"}  # written before the field
     assert key_of(old_row) == key_of(spec.configs()[0])  # still found on resume
+
+
+def test_prefix_caching_and_shared_prefix_flags():
+    """sweep: off by default, alone on for every configuration, a list an axis; bench serve: a switch."""
+    parse = cli.build_parser().parse_args
+    assert parse(["sweep"]).enable_prefix_caching == (False,)
+    assert parse(["sweep", "--enable-prefix-caching", "--layouts", "DP1"]).enable_prefix_caching == (True,)
+    assert parse(["sweep", "--enable-prefix-caching", "off,on,off"]).enable_prefix_caching == (False, True)
+    assert parse(["sweep", "--enable-prefix-caching=on"]).enable_prefix_caching == (True,)
+    serve = parse(["bench", "serve", "--enable-prefix-caching", "--shared-prefix-len", "1024", "--num-prefixes", "4"])
+    assert (serve.enable_prefix_caching, serve.shared_prefix_len, serve.num_prefixes) == (True, 1024, 4)
+    assert (parse(["bench", "serve"]).enable_prefix_caching, parse(["generate"]).enable_prefix_caching) == (False,
+                                                                                                           False)
 
 
 # ---- Ctrl-C and resuming -------------------------------------------------------------------------

@@ -217,6 +217,34 @@ def test_quantization_axis(sweep_models, tmp_path):
         spec_for(["TP2"], quantization=("int3",))
 
 
+def test_prefix_caching_axis(sweep_models, tmp_path):
+    """Caching off and on as rows of their own (reference off), keyed apart, on a shared-prefix workload: the
+    reference's tokens, a hit rate only with caching, less prefill, the counts in the JSON lines and the CSV."""
+    workload = Workload(input_len=WORKLOAD.input_len, output_len=WORKLOAD.output_len, num_requests=8,
+                        warmup_requests=0, seed=3, shared_prefix_len=32, num_prefixes=2)
+    spec = spec_for(["DP2"], prefix_caching=(False, True), workload=workload)
+    assert [c["enable_prefix_caching"] for c in spec.configs()] == [False, False, True]
+    res = sweep.run_sweep(spec, tmp_path, progress=False, models=sweep_models, plots=False, log=lambda line: None)
+    assert not res.failures
+    ref, off, on = res.rows
+    assert [r["enable_prefix_caching"] for r in res.rows] == [False, False, True]
+    assert all(r["tokens_match_reference"] for r in res.rows)
+    assert off["prefix_hit_rate"] == 0 and on["prefix_hit_rate"] == on["cached_prompt_tokens"] / on["prompt_tokens"]
+    assert on["prefix_hit_rate"] > 0 and on["prefill_tokens"] < off["prefill_tokens"]
+    assert [r["prefix_hit_rate"] for r in read_measurements(tmp_path / "results.jsonl")] == [
+        0.0, 0.0, on["prefix_hit_rate"]]
+    with (tmp_path / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [(t["enable_prefix_caching"], t["cached_prompt_tokens"]) for t in table] == [
+        ("False", "0"), ("False", "0"), ("True", str(on["cached_prompt_tokens"]))]
+    summary = sweep.format_summary(res)
+    assert "hit %" in summary.splitlines()[0] and f"{100 * on['prefix_hit_rate']:.1f}" in summary.splitlines()[4]
+    again = sweep.run_sweep(spec, tmp_path, progress=False, models=sweep_models, plots=False, log=lambda line: None)
+    assert again.measured == 0 and len(again.skipped) == 3
+    old = {k: v for k, v in spec.configs()[1].items() if k != "enable_prefix_caching"}  # written before the field
+    assert sweep.key_of(old) == sweep.key_of(spec.configs()[1]) != sweep.key_of(spec.configs()[2])
+
+
 def test_split_layouts_pair_with_dp_attention_only():
     spec = spec_for(["TP2EP4", "TP4MTP1EP8"], expert_mode=(*MODES, None))
     assert [(c["layout"], c["expert_mode_requested"]) for c in spec.configs()][1:] == [

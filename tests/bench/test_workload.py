@@ -75,3 +75,32 @@ def test_check_against_the_model_context():
     Workload(input_len=Lengths(10), output_len=Lengths(6)).check(vocab_size=50, max_len=16)
     with pytest.raises(ValueError, match="17 tokens"):
         Workload(input_len=Lengths(10, 11), output_len=Lengths(6)).check(vocab_size=50, max_len=16)
+
+
+def test_shared_prefixes_are_exact_seeded_and_round_robin():
+    w = Workload(input_len=Lengths(3, 6), output_len=Lengths(2), num_requests=7, seed=5, shared_prefix_len=20,
+                 num_prefixes=3)
+    prefixes = w.prefixes(100)
+    assert len(prefixes) == 3 and {len(p) for p in prefixes} == {20} and len(set(prefixes)) == 3
+    reqs = w.requests(100)
+    assert reqs == w.requests(100) and prefixes == w.prefixes(100)  # seeded
+    for i, r in enumerate(reqs):
+        assert r.prompt[:20] == prefixes[i % 3] and 3 <= len(r.prompt) - 20 <= 6  # prefix, then its own suffix
+    assert all(r.prompt[:20] == prefixes[i % 3] for i, r in enumerate(w.requests(100, warmup=4)))  # the same ones
+    plain = Workload(input_len=Lengths(3, 6), output_len=Lengths(2), num_requests=7, seed=5)
+    assert [r.prompt[20:] for r in reqs] == [r.prompt for r in plain.requests(100)]  # suffixes as without a prefix
+    assert w.max_total_len == 28 and w.workload_id != plain.workload_id
+    assert "shared_prefix_len" not in plain.describe()  # a workload without one keeps its id
+    assert Workload(seed=6, shared_prefix_len=20, num_prefixes=3).prefixes(100) != prefixes
+    with pytest.raises(ValueError, match="shared prefix 20 \\+ prompt \\+ output = 28 tokens"):
+        w.check(vocab_size=100, max_len=27)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"shared_prefix_len": -1}, "shared_prefix_len must be an integer in \\[0, "),
+    ({"num_prefixes": 0}, "num_prefixes must be an integer in \\[1, "),
+    ({"num_prefixes": 2}, "num_prefixes 2 needs a shared_prefix_len > 0"),
+])
+def test_bad_shared_prefixes(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Workload(**kwargs)
