@@ -15,8 +15,9 @@ data_tensor, expert) = `Layout.split_factors`:
     DP2TP2MTP1EP2  (1, 2, 1, 1)  with a data replica
     TP2MTP1EP2PP2  (1, 2, 1, 1)  with two pipeline stages (DeepSeek's dense layer and the first MoE layer on stage 0)
 
-Each family runs one of them in the default suite (together they cover the list); the full family x layout matrix
-runs in CI's slow step.
+Each family has one of them as its default case (together they cover the list); the default suite runs those of
+five families (Qwen3-MoE's and OLMoE's, whose paths the others cover, run in the slow step), and the full
+family x layout matrix runs in CI's slow step.
 """
 
 import jax
@@ -39,8 +40,9 @@ DEFAULT = {  # family -> its default-suite layout
     "olmoe": "DP2TP2MTP1EP2",
     "gpt_oss": "TP1MTP2EP4",  # expert biases, sinks, sliding windows
 }
-CASES = [pytest.param(f, lay, marks=() if DEFAULT[f] == lay else pytest.mark.slow, id=f"{f}-{lay}")
-         for f in hf_models.FAMILIES for lay in LAYOUTS]
+SLOW_FAMILIES = {"qwen3_moe", "olmoe"}  # their default cases run in CI's slow step too: the suite's time (see above)
+CASES = [pytest.param(f, lay, marks=() if DEFAULT[f] == lay and f not in SLOW_FAMILIES else pytest.mark.slow,
+                      id=f"{f}-{lay}") for f in hf_models.FAMILIES for lay in LAYOUTS]
 IDS = np.random.default_rng(41).integers(0, 128, (4, 40))
 PROMPTS = [np.random.default_rng(42).integers(0, 128, n).tolist() for n in (5, 17, 30)]
 NEW_TOKENS = 16

@@ -83,9 +83,9 @@ def decode_steps():
 # Every MoE collective the runtime chooses (`moejax.sharding.Parallelism`): the exchange with tensor_expert slices
 # (TP4MTP1EP8), the gather / scatter with the exchange (TP2MTP4EP2, TP1MTP2EP4) and without it (TP2MTP4EP1), the
 # closing all-reduce alone (TP4MTP2EP2, DP2TP2MTP1EP2), pipeline sends (TP2MTP1EP2PP2); and a runtime layout.
-HLO_LAYOUTS = ["TP4MTP1EP8", "TP2MTP4EP2", "DP2TP2MTP1EP2", "TP2EP4",
+HLO_LAYOUTS = ["TP4MTP1EP8", "TP2MTP4EP2", "TP2EP4",
                *(pytest.param(lay, marks=pytest.mark.slow) for lay in ("TP4MTP2EP2", "TP1MTP2EP4", "TP2MTP4EP1",
-                                                                        "TP2MTP1EP2PP2"))]
+                                                                        "TP2MTP1EP2PP2", "DP2TP2MTP1EP2"))]
 
 
 @pytest.mark.parametrize("layout", HLO_LAYOUTS)

@@ -28,9 +28,11 @@ CASES = [("deepseek_v3", "DP2EP2", "dp_attention"), ("glm4_moe", "TP2EP2", "repl
          # the MoE's wider tensor split
          ("deepseek_v3", "TP2MTP1EP4", "dp_attention"), ("qwen2_moe", "TP2MTP4EP2", "dp_attention")]
 SMALL_POOL = 16  # pages per data group
-# The chunk and preemption tests of GLM-4.5 TP2EP2 and OLMoE DP2TP2EP2 run in CI's slow step: their paged path is
-# the tiny Mixtral's (tests/engine/test_engine.py); the busy-engine test (against HF's tokens too) runs every case.
-SLOW_CHUNKS_AND_PREEMPTION = {("glm4_moe", "TP2EP2"), ("olmoe", "DP2TP2EP2")}
+# The chunk and preemption tests of GLM-4.5 TP2EP2, OLMoE DP2TP2EP2 and the two split layouts run in CI's slow step:
+# their paged path is the tiny Mixtral's (tests/engine/test_engine.py, tests/engine/test_split_engine.py); the
+# busy-engine test (against HF's tokens too) runs every case.
+SLOW_CHUNKS_AND_PREEMPTION = {("glm4_moe", "TP2EP2"), ("olmoe", "DP2TP2EP2"), ("deepseek_v3", "TP2MTP1EP4"),
+                              ("qwen2_moe", "TP2MTP4EP2")}  # the split layouts' busy test runs by default
 
 
 def _cases(slow=frozenset()):
