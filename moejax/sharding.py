@@ -284,8 +284,8 @@ class Parallelism:
         axes = self.gather_axes
         return jax.lax.psum_scatter(x, _one(axes), tiled=True) if axes else x
 
-    def slice_of(self, n: int) -> tuple:
-        """(index, count) of this device's slice when `n` rows are cut over `slice_axes` ((0, 1) when none)."""
+    def slice_of(self) -> tuple:
+        """(index, count) of this device's slice of rows cut over `slice_axes` ((0, 1) when none)."""
         axes = self.slice_axes
         count = 1
         for a in axes:

@@ -230,7 +230,7 @@ def exchange(x_MD, weights_MX, experts_MX, w, layer, par: Parallelism, num_exper
     (`par.slice_axes`: a split layout's `tensor_expert`), each device exchanges one slice of them and returns the
     rest as zeros, which the block's closing all-reduce over those axes fills in (`Parallelism.reduce_axes`).
     """
-    index, n = par.slice_of(x_MD.shape[0])
+    index, n = par.slice_of()
     if n == 1:
         return _exchange(x_MD, weights_MX, experts_MX, w, layer, par, num_experts, act)
     M = x_MD.shape[0]
