@@ -454,7 +454,7 @@ class Engine:
                 return False
         for works, group_ends in zip(plan.decode, ends, strict=True):
             for w, end in zip(works, group_ends, strict=True):
-                self.scheduler._grow(w.req, end)  # succeeds: counted above
+                self.scheduler.grow(w.req, end)  # succeeds: counted above
         return True
 
     def _launch_steps(self, per_group: list[list[Work]], rows: int):

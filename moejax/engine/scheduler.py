@@ -213,7 +213,7 @@ class Scheduler:
                 i += 1
                 continue
             num = 1 if decode else min(remaining, self.chunk_size)
-            if not self._grow(req, req.num_computed + num):
+            if not self.grow(req, req.num_computed + num):
                 # The youngest, in flight or not (never one already scheduled: those are older than req),
                 # so the oldest request always progresses.
                 victim = running[-1]
@@ -272,7 +272,7 @@ class Scheduler:
             if req.page_table is not None:
                 req.page_table[:len(hits)] = req.pages
             req.num_computed = start = len(hits) * self.page_size
-            self._grow(req, start + num)
+            self.grow(req, start + num)
             bisect.insort(self.running[g], req, key=lambda r: r.order)
             work = Work(req, start, num, start + num == len(req.tokens), req.num_preemptions)
             plan.prefill[g].append(work)
@@ -285,7 +285,9 @@ class Scheduler:
         ps = self.page_size
         return [tuple(req.tokens[i * ps:(i + 1) * ps]) for i in range((len(req.tokens) - 1) // ps)]
 
-    def _grow(self, req: Request, num_tokens: int) -> bool:
+    def grow(self, req: Request, num_tokens: int) -> bool:
+        """Give running `req` the pages to hold `num_tokens` positions; False (nothing taken) when its group
+        lacks them."""
         have = len(req.pages)
         if num_tokens <= have * self.page_size:
             return True
