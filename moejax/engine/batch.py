@@ -7,7 +7,7 @@ their int32 bits), handed to the jitted function as numpy and placed by its `in_
 split over the batch shards) in one transfer; positions, the logits index and the typed sampling
 arrays are unpacked on device. Padding rows have count 0: positions -1 (no KV write, no attention).
 
-Three compiled steps read it:
+Four compiled steps read it:
 
 - `sampled_step`: the model step (`Steps.step`, every stage in turn) and the sampler; the batch
   is [B, W].
@@ -15,6 +15,8 @@ Three compiled steps read it:
   row s the microbatch stage s works on. `Pipeline` keeps, on the host, which microbatch is at
   which stage, and on device the activations between stages.
 
+- `fed_step`: `sampled_step` for asynchronous scheduling: a row's token may be one a previous call sampled,
+  read on device from a small feed buffer the calls keep, so the host packs a call before it knows its tokens.
 - `multistep_decode`: K decode steps of a decode batch in one call (`ServeConfig.decode_steps`), a
   `lax.scan` over the model step and the sampler, stop conditions checked on device.
 
@@ -65,9 +67,11 @@ class Runner(Protocol):
 
     def new_activations(self, rows: int, num_tokens: int, dtype=None): ...
 
-# Packed batch columns after the T tokens and the P page-table entries (one int32 row per request).
-START, NUM, COUNTER, TOP_K, SEED, TEMPERATURE, TOP_P = range(7)
-META = 7  # columns from START on; TOP_K.. are a request's `sampling_row`
+# Packed batch columns after the T tokens and the P page-table entries (one int32 row per request). FEED: with
+# asynchronous scheduling (`fed_step`), where the row's (single) token is the one a previous call sampled, its slot
+# in the feed buffer; else -1.
+START, NUM, COUNTER, FEED, TOP_K, SEED, TEMPERATURE, TOP_P = range(8)
+META = 8  # columns from START on; TOP_K.. are a request's `sampling_row`
 
 
 def packed_layout(T: int, P: int) -> tuple[slice, slice, int]:
@@ -94,6 +98,7 @@ def padding(B: int, T: int, P: int) -> np.ndarray:
     """An all-padding packed batch [B, T + P + META] (count 0, greedy, top_p 1)."""
     _, _, m = packed_layout(T, P)
     pad = np.zeros((B, packed_width(T, P)), np.int32)
+    pad[:, m + FEED] = -1
     pad[:, m + TOP_K:] = sampling_row(SamplingParams(), 0)
     return pad
 
@@ -101,7 +106,8 @@ def padding(B: int, T: int, P: int) -> np.ndarray:
 def pack(per_group: list[list[Work]], rows: int, T: int, pad: np.ndarray) -> np.ndarray:
     """The packed [groups * rows, W] batch of `per_group` works, group g's works in rows g * rows + i; `pad` is
     the all-padding batch of that shape (`padding`), copied (a fresh array each call: the transfer may alias host
-    memory)."""
+    memory). A single-token work whose token is still on device (`Request.feed_slot` >= 0, asynchronous
+    scheduling) gets its FEED slot."""
     tok, table, m = packed_layout(T, pad.shape[1] - T - META)
     packed = pad.copy()
     works = [w for ws in per_group for w in ws]
@@ -114,6 +120,7 @@ def pack(per_group: list[list[Work]], rows: int, T: int, pad: np.ndarray) -> np.
                                                for w in works]
         if T == 1:
             packed[r, tok.start] = [w.req.tokens[w.start] for w in works]
+            packed[r, m + FEED] = [w.req.feed_slot for w in works]
         else:
             for i, w in zip(r.tolist(), works, strict=True):
                 packed[i, : w.num] = w.req.tokens[w.start: w.start + w.num]
@@ -126,6 +133,11 @@ def host_input(array: np.ndarray, sharding: jax.NamedSharding):
     array made of each process's own slices, as jit refuses numpy inputs with a sharding there."""
     if jax.process_count() == 1:
         return array
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def device_input(array: np.ndarray, sharding: jax.NamedSharding) -> jax.Array:
+    """A host array placed on the devices with `sharding` (every process holds the whole array)."""
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
@@ -150,6 +162,7 @@ def _sample_rows(logits_BV, packed_BW, T: int):
 
 
 _SAMPLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _MULTISTEP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PIPELINED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -168,6 +181,39 @@ def sampled_step(steps: Runner):
 
         _SAMPLED[steps] = jax.jit(fn, in_shardings=(None, None, batch), donate_argnums=(1,), static_argnums=(3,))
     return _SAMPLED[steps]
+
+
+def fed_step(steps: Runner):
+    """`fn(params, cache, feed_GN, packed_BW, num_tokens, offset) -> (ids_B, cache, feed_GN)`: `sampled_step` for
+    asynchronous scheduling, jitted once per `Steps`.
+
+    `feed_GN` [batch shards, N] holds the ids the previous calls sampled, each data group's in its own row: a
+    single-token row with FEED slot s >= 0 takes its token from feed_GN[its group, s] (a NONFINITE id feeds token
+    0: that request fails when the host reads the id, and this row's result is dropped), so a call can be
+    dispatched before the host has read its input tokens. The call's own ids are written to each group's row at
+    columns [offset, offset + rows) (`offset` static). Cache and feed donated."""
+    if steps not in _FED:
+        batch = steps.named(steps_lib.BATCH)
+
+        def fn(params, cache, feed_GN, packed_BW, num_tokens, offset):
+            packed_BW = jax.sharding.reshard(packed_BW, batch)
+            G, (B, W) = feed_GN.shape[0], packed_BW.shape
+            tok, _, m = packed_layout(num_tokens, W - num_tokens - META)
+            if num_tokens == 1:
+                packed_GRW = packed_BW.reshape(G, B // G, W)
+                slot_GR = packed_GRW[..., m + FEED]
+                fed_GR = jnp.take_along_axis(feed_GN, jnp.maximum(slot_GR, 0), axis=1)
+                tokens_GR = jnp.where(slot_GR >= 0, jnp.maximum(fed_GR, 0), packed_GRW[..., tok.start])
+                packed_BW = packed_GRW.at[..., tok.start].set(tokens_GR).reshape(B, W)
+            tokens_BT, pos_BT, table_BP, index_B = _unpack(packed_BW, num_tokens)
+            logits_BV, _, cache = steps.step(params, cache, tokens_BT, pos_BT, table_BP, index_B)
+            ids_B = _sample_rows(logits_BV, packed_BW, num_tokens)
+            feed_GN = jax.lax.dynamic_update_slice(feed_GN, ids_B.reshape(G, B // G), (0, offset))
+            return ids_B, cache, feed_GN
+
+        _FED[steps] = jax.jit(fn, in_shardings=(None, None, batch, batch), donate_argnums=(1, 2),
+                              static_argnums=(4, 5))
+    return _FED[steps]
 
 
 def multistep_decode(steps: Runner):

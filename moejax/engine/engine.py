@@ -41,6 +41,14 @@ Multi-step decode (`ServeConfig.decode_steps` K > 1): a step that only decodes, 
 of its K tokens free, runs K decode steps in one call (`moejax.engine.batch.multistep_decode`, rows stopping on
 device); `_commit_steps` commits each row's tokens in order as K single steps would.
 
+Asynchronous scheduling (`ServeConfig.async_scheduling`): `step()` schedules, packs and dispatches its calls
+(`_launch_fed`) before it reads the ids of the calls the step before dispatched, so the host's work overlaps the
+device's. A request is advanced when its work is dispatched: its computed count, and a placeholder for the token it
+samples (`Request.pending`), which the next call reads on device from the feed buffer (`batch.fed_step`) and the
+host replaces when it reads the ids. A request that finishes at step t was scheduled at t + 1 already: that work
+is dropped (its KV writes land before any later owner's, as the device runs calls in order); a preemption drops a
+request's pending tokens, to be sampled again (the seeded sampler keys on the output count).
+
 Request ids are `str` or `int`, kept as given and compared as given everywhere (`5` and `"5"` are
 two ids). Finished records stay in `Engine.requests` until `max_finished_retained` newer finished
 requests have been delivered, or until `release()`; `on_finish` sees each one as it is delivered.
@@ -61,106 +69,13 @@ from moejax import steps as steps_lib
 from moejax.distributed import fetch
 from moejax.engine import batch as batch_lib
 from moejax.engine.batch import NONFINITE, Microbatch, Pipeline
+from moejax.engine.config import INT32_MAX, ServeConfig
 from moejax.engine.sampling import SamplingParams, check_context, check_prompt
 from moejax.engine.scheduler import Request, RequestId, Scheduler, Work
 from moejax.fit import check_fits, kv_cache_bytes
-from moejax.kv_cache import PageAllocator, check_kv_cache_dtype, pages_for
+from moejax.kv_cache import PageAllocator, pages_for
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
-_INT32_MAX = 2**31 - 1  # counts, lengths and page ids are packed into the int32 call batch
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Engine knobs. Counts of requests and pages are totals over the mesh except where noted.
-
-    Attributes:
-      max_running: most requests running at once (a multiple of data groups x microbatches).
-      page_size: tokens per KV page.
-      num_pages: KV pages per data group (each group has its own pool).
-      chunk_size: most prompt tokens one request prefills per step (the chunked-prefill knob); a
-        step prefills up to max_prefill_seqs * chunk_size tokens per data group.
-      max_prefill_seqs: prefill rows per step per data group.
-      max_model_len: longest sequence (prompt + new tokens); None: the model's position limit.
-      decode_buckets: decode batch sizes per data group; None: powers of two up to the first one >= the slots.
-      seed: seeds the draws of requests that give no seed, in [0, 2**32).
-      max_finished_retained: finished requests kept in `Engine.requests` after their last output
-        was delivered (oldest dropped first); 0 drops each as soon as it is delivered.
-      microbatches: microbatch groups the running requests are split into, taking turns at the
-        pipeline's first stage; None: one per pipeline stage (1 without pipeline parallelism).
-        max_running must be a multiple of data groups x microbatches.
-      kv_cache_dtype: the KV pools' format: None (the model's `kv_cache_dtype`, by default the serving dtype),
-        "fp8" (float8_e4m3fn) or "int8": 1 byte per value and a float32 scale per (token, kv head)
-        (`moejax.kv_cache`).
-      enable_prefix_caching: reuse the KV pages of a cached sequence prefix (full pages, per data group): a
-        request is admitted with its longest cached prefix and prefills only the rest; a request's full pages are
-        cached once a token it sampled is finite, and stay until the pool needs them (least recently used first).
-        Outputs are the same as without it.
-      decode_steps: decode steps one call runs when a step only decodes and nothing can join or leave early (no
-        prefill, nobody waiting, pages for every step available, no pipelined microbatches): a request then
-        makes up to this many tokens per `step()` (fewer when it stops; stop conditions are checked on device).
-        Outputs are the same as with 1 (the default: one token per step).
-
-    Every field is checked on construction (ValueError naming the field, the value and the allowed
-    range). Integers may be Python or numpy integers (stored as `int`), never booleans; every count
-    is at most 2**31 - 1, as it is packed into int32. Checks that need the model (max_running a
-    multiple of data groups x microbatches, buckets reaching the slots, max_model_len within the model's positions,
-    the KV pools fitting in device memory) are made by `Engine`.
-    """
-
-    max_running: int = 8
-    page_size: int = 16
-    num_pages: int = 256
-    chunk_size: int = 64
-    max_prefill_seqs: int = 1
-    max_model_len: int | None = None
-    decode_buckets: tuple[int, ...] | None = None
-    seed: int = 0
-    max_finished_retained: int = 1024
-    microbatches: int | None = None
-    kv_cache_dtype: str | None = None
-    enable_prefix_caching: bool = False
-    decode_steps: int = 1
-
-    def __post_init__(self):
-        for name, lo in (("max_running", 1), ("page_size", 1), ("num_pages", 1), ("chunk_size", 1),
-                         ("max_prefill_seqs", 1), ("max_finished_retained", 0), ("decode_steps", 1)):
-            self._set(name, _check_int(name, getattr(self, name), lo, _INT32_MAX))
-        if self.max_model_len is not None:
-            self._set("max_model_len", _check_int("max_model_len", self.max_model_len, 1, _INT32_MAX,
-                                                  "; or None: the model's max_position_embeddings"))
-        self._set("seed", _check_int("seed", self.seed, 0, 2**32 - 1))
-        if self.microbatches is not None:
-            self._set("microbatches", _check_int("microbatches", self.microbatches, 1, _INT32_MAX,
-                                                 "; or None: one per pipeline stage"))
-        if self.decode_buckets is not None:
-            self._set("decode_buckets", _check_buckets(self.decode_buckets))
-        check_kv_cache_dtype(self.kv_cache_dtype, "ServeConfig.kv_cache_dtype")
-        if not isinstance(self.enable_prefix_caching, (bool, np.bool_)):
-            raise ValueError(f"ServeConfig.enable_prefix_caching must be a bool (True or False), got "
-                             f"{self.enable_prefix_caching!r}")
-        self._set("enable_prefix_caching", bool(self.enable_prefix_caching))
-
-    def _set(self, name: str, value) -> None:
-        object.__setattr__(self, name, value)  # frozen: normalise in place during construction
-
-
-def _check_int(name: str, value, lo: int, hi: int, note: str = "") -> int:
-    """`value` as an int when it is an integer (Python or numpy, not bool) in [lo, hi]; else ValueError."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        what = "be an integer" + " (booleans are not numbers)" * isinstance(value, (bool, np.bool_))
-    elif not lo <= value <= hi:
-        what = f"be at least {lo}" if value < lo else f"be at most {hi}"
-    else:
-        return int(value)
-    raise ValueError(f"ServeConfig.{name} must {what}, got {value!r}; allowed: integers in [{lo}, {hi}]{note}")
-
-
-def _check_buckets(buckets) -> tuple[int, ...]:
-    if isinstance(buckets, (str, bytes)) or not isinstance(buckets, (tuple, list)) or not buckets:
-        raise ValueError(f"ServeConfig.decode_buckets must be a non-empty tuple of batch sizes (e.g. (1, 2, 4, 8)) "
-                         f"or None, got {buckets!r}")
-    return tuple(_check_int(f"decode_buckets[{i}]", b, 1, _INT32_MAX) for i, b in enumerate(buckets))
 
 
 @dataclass(frozen=True)
@@ -242,6 +157,7 @@ class Engine:
         self.cache = steps.new_cache(config.num_pages * self.groups, config.page_size, pool_dtype)
         self._fn = batch_lib.sampled_step(steps)
         self._multistep = batch_lib.multistep_decode(steps) if config.decode_steps > 1 else None
+        self._fed = batch_lib.fed_step(steps) if config.async_scheduling else None
         self._batch_sharding = steps.named(steps_lib.BATCH)
         # Pipelined (stages and microbatches > 1): the prefill and the decode pipelines, each with its
         # microbatches in flight. Otherwise each call takes its batch through every stage in turn.
@@ -249,6 +165,11 @@ class Engine:
             "decode": Pipeline(steps, 1, self.decode_buckets[-1], self.groups),
             "prefill": Pipeline(steps, config.chunk_size, config.max_prefill_seqs, self.groups)}
         self._ticks = 0
+        # Asynchronous scheduling: the calls dispatched by the last step (their ids not read yet), and the device
+        # buffer of the ids they sampled: per data group, the prefill rows' then the decode rows'.
+        self._inflight: list[tuple[list[list[Work]], jax.Array]] = []
+        self._feed = None if self._fed is None else batch_lib.device_input(
+            np.zeros((self.groups, config.max_prefill_seqs + self.decode_buckets[-1]), np.int32), self._batch_sharding)
         # Live requests, and finished ones until `max_finished_retained` newer ones were delivered.
         self.requests: dict[RequestId, Request] = {}
         self._delivered: collections.deque[Request] = collections.deque()  # finished, oldest first
@@ -277,7 +198,11 @@ class Engine:
             raise ValueError(f"decode_buckets {c.decode_buckets} must reach the slots per data group and microbatch "
                              f"group ({slots} = max_running / (data groups x microbatches)); add a bucket of at "
                              f"least that")
-        if c.num_pages * self.groups > _INT32_MAX:
+        if c.async_scheduling and self.stages > 1 and self.microbatches > 1:
+            raise ValueError(f"ServeConfig.async_scheduling does not run pipelined microbatches (layout {layout}: "
+                             f"{self.stages} stages, {self.microbatches} microbatches), whose ticks overlap already; "
+                             f"turn it off, or set microbatches=1")
+        if c.num_pages * self.groups > INT32_MAX:
             raise ValueError(f"ServeConfig.num_pages ({c.num_pages}) times data groups ({self.groups}) exceeds "
                              f"2**31 - 1 pages; lower num_pages")
 
@@ -355,7 +280,7 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         """True while a request runs or waits, or an output (an abort's) is still to be returned by step()."""
-        return self.scheduler.has_work() or bool(self._pending)
+        return self.scheduler.has_work() or bool(self._pending) or bool(self._inflight)
 
     # ---- stepping -------------------------------------------------------------------------------
 
@@ -369,16 +294,21 @@ class Engine:
         plan = self.scheduler.schedule(self._ticks % self.microbatches)
         self._ticks += 1
         self._count(plan)
-        prefill = self._launch("prefill", plan.prefill, self.config.max_prefill_seqs, self.config.chunk_size)
         decode_rows = _bucket(max(len(w) for w in plan.decode), self.decode_buckets) if any(plan.decode) else 0
-        if self._multistep is not None and self._grow_for_steps(plan):
-            decode = self._launch_steps(plan.decode, decode_rows)
+        if self._fed is not None:  # dispatch this step's calls, then read the last step's
+            decode = self._launch_fed(plan.decode, decode_rows, 1, self.config.max_prefill_seqs)
+            prefill = self._launch_fed(plan.prefill, self.config.max_prefill_seqs, self.config.chunk_size, 0)
+            calls, self._inflight = self._inflight, [c for c in (decode, prefill) if c is not None]
         else:
-            decode = self._launch("decode", plan.decode, decode_rows, 1)
+            prefill = self._launch("prefill", plan.prefill, self.config.max_prefill_seqs, self.config.chunk_size)
+            if self._multistep is not None and self._grow_for_steps(plan):
+                decode = self._launch_steps(plan.decode, decode_rows)
+            else:
+                decode = self._launch("decode", plan.decode, decode_rows, 1)
+            calls = [c for c in (prefill, decode) if c is not None and c[1] is not None]
         self.stats.prefill_calls += prefill is not None
         self.stats.decode_calls += decode is not None
         self.stats.mixed_steps += prefill is not None and decode is not None
-        calls = [c for c in (prefill, decode) if c is not None and c[1] is not None]
         t1 = time.perf_counter()
         ids = [fetch(ids_B).tolist() for _, ids_B in calls]  # all rows, on every process (multi-host)
         now = t2 = time.perf_counter()
@@ -433,6 +363,29 @@ class Engine:
                 leaving = mb.works if mb is not None else None
         self.stats.dispatch_s += time.perf_counter() - t
         return leaving, ids_B
+
+    def _launch_fed(self, per_group: list[list[Work]], rows: int, T: int, offset: int):
+        """Asynchronous scheduling: dispatch one call of T tokens per row (`fed_step`; its ids go to columns
+        [offset, offset + rows) of the feed buffer), and advance its requests at once: their tokens computed, a
+        placeholder for each token it samples (`Request.pending`, read at the next step). Returns None when
+        nothing runs, else (per_group, the ids' future). Decode is dispatched before prefill: it reads the feed
+        the last step's prefill call wrote."""
+        if not any(per_group):
+            return None
+        t = time.perf_counter()
+        with jax.set_mesh(self.steps.mesh):
+            packed = batch_lib.host_input(self._pack(per_group, rows, T), self._batch_sharding)
+            ids_B, self.cache, self._feed = self._fed(self.steps.params, self.cache, self._feed, packed, T, offset)
+        for works in per_group:
+            for i, w in enumerate(works):
+                req = w.req
+                req.num_computed += w.num
+                if w.samples:
+                    req.tokens.append(NONFINITE)  # a placeholder: never read by the host before the id replaces it
+                    req.pending += 1
+                    req.feed_slot = offset + i
+        self.stats.dispatch_s += time.perf_counter() - t
+        return per_group, ids_B
 
     def _grow_for_steps(self, plan) -> bool:
         """Whether this step's decode call may run `decode_steps` steps; if so, every decoding request now holds
@@ -489,17 +442,25 @@ class Engine:
         req.in_flight = False
         if token == NONFINITE:
             return self._fail(req, f"non-finite logits at sequence position {work.start + work.num - 1} "
-                                   f"(output position {req.num_output})", now)
-        req.num_computed += work.num
-        if not work.samples:
-            return None
-        req.tokens.append(token)
+                                   f"(output position {req.num_output - req.pending})", now)
+        index = work.start + work.num  # the position of the token it sampled
+        if self._fed is None:
+            req.num_computed += work.num
+            if not work.samples:
+                return None
+            req.tokens.append(token)
+        else:  # asynchronous: computed when dispatched, the token's placeholder is there
+            if not work.samples:
+                return None
+            req.tokens[index] = token
+            req.pending -= 1
+            req.feed_slot = req.feed_slot if req.pending else -1
         req.token_times_s.append(now)
-        self.scheduler.register(req)  # a finite token: every page it read holds good KV
+        self.scheduler.register(req, index)  # a finite token: every page it read holds good KV
         reason = None
         if token in req.params.stop_token_ids:
             reason = "stop"
-        elif req.num_output >= req.params.max_new_tokens:
+        elif index + 1 - req.prompt_len >= req.params.max_new_tokens:
             reason = "length"
         if reason:
             self.scheduler.remove(req)
@@ -515,6 +476,7 @@ class Engine:
         return RequestOutput(req.request_id, [], True, "error", message)
 
     def _finish(self, req: Request, reason: str, now: float) -> None:
+        req.drop_pending()  # asynchronous scheduling: tokens sampled past the end (never delivered)
         req.finished, req.finish_reason, req.finished_s = True, reason, now
 
     def _retire(self, delivered: list[Request]) -> None:
@@ -571,7 +533,12 @@ class Engine:
                 jax.block_until_ready(ids_BK)
             for kind, rows, T in shapes:
                 packed = self._padding(self.groups * rows, T)
-                if self._pipes is None:
+                if self._fed is not None:
+                    ids_B, self.cache, self._feed = self._fed(
+                        self.steps.params, self.cache, self._feed, batch_lib.host_input(packed, self._batch_sharding),
+                        T, self.config.max_prefill_seqs if kind == "decode" else 0)
+                    jax.block_until_ready(ids_B)
+                elif self._pipes is None:
                     ids_B, self.cache = self._fn(self.steps.params, self.cache,
                                                  batch_lib.host_input(packed, self._batch_sharding), T)
                     jax.block_until_ready(ids_B)

@@ -6,7 +6,9 @@ Requests are split into `microbatches` groups (one per pipeline stage by default
 `moejax.engine`): each running request belongs to one data group and one microbatch group, and an
 engine step (a pipeline tick) schedules one microbatch group, `schedule(m)`. A request whose work
 is still in the pipeline (`Request.in_flight`, set by the engine) is not scheduled again until it
-has left. Policy, per engine step and per data group, within the microbatch group:
+has left. With asynchronous scheduling the engine advances a request as soon as its work is dispatched
+(`Request.pending`: tokens sampled on device, not read yet), so it is scheduled again at once, except when its
+pending token is its last (max_new_tokens). Policy, per engine step and per data group, within the microbatch group:
 
 - Running requests are visited oldest first. One with a single uncomputed token decodes (one
   token, in the decode batch); one with more is prefilling and takes a chunk of up to
@@ -85,6 +87,10 @@ class Request(TokenTimes):
     group: int = -1  # data group while running, else -1
     microbatch: int = -1  # microbatch group while running, else -1
     in_flight: bool = False  # work of it is in a pipeline (set and cleared by the engine)
+    # Asynchronous scheduling: the last `pending` tokens were sampled by calls whose ids the host has not read yet
+    # (placeholders here); the last of them is in slot `feed_slot` of the device's feed buffer (else -1).
+    pending: int = 0
+    feed_slot: int = -1
     pages: list[int] = field(default_factory=list)
     cache_entries: list[int] = field(default_factory=list)  # prefix-cache entry ids of pages[:len(cache_entries)]
     num_computed: int = 0
@@ -100,10 +106,19 @@ class Request(TokenTimes):
 
     @property
     def output_ids(self) -> list[int]:
-        return self.tokens[self.prompt_len:]
+        """The tokens made so far that the host has read (never a pending placeholder)."""
+        return self.tokens[self.prompt_len:len(self.tokens) - self.pending]
+
+    def drop_pending(self) -> None:
+        """Forget the tokens not read yet (a preemption recomputes them; a finished request never had them)."""
+        if self.pending:
+            del self.tokens[len(self.tokens) - self.pending:]
+            self.num_computed = min(self.num_computed, len(self.tokens))
+            self.pending, self.feed_slot = 0, -1
 
     @property
     def num_output(self) -> int:
+        """Tokens made so far, pending ones included (what the scheduler plans with)."""
         return len(self.tokens) - self.prompt_len
 
 
@@ -204,8 +219,8 @@ class Scheduler:
         i = 0
         while i < len(running):
             req = running[i]
-            if req.microbatch != m or req.in_flight:
-                i += 1
+            if req.microbatch != m or req.in_flight or (req.pending and req.num_output >= req.params.max_new_tokens):
+                i += 1  # in a pipeline, or its last token is on its way (asynchronous scheduling)
                 continue
             remaining = len(req.tokens) - req.num_computed
             decode = remaining == 1
@@ -229,15 +244,16 @@ class Scheduler:
                 plan.prefill[g].append(work)
             i += 1
 
-    def register(self, req: Request) -> None:
-        """Enter `req`'s full pages up to its computed tokens into the prefix cache (no-op without caching).
+    def register(self, req: Request, upto: int | None = None) -> None:
+        """Enter `req`'s full pages up to position `upto` (default: its computed tokens) into the prefix cache
+        (no-op without caching).
 
-        Call it only when a token the request sampled is finite: its logits read the KV of every earlier
-        position, so those pages hold no NaN."""
+        Call it only when a token the request sampled at position `upto` is finite: its logits read the KV of
+        every earlier position, so those pages hold no NaN."""
         if not self.prefix_caching or req.group < 0:
             return
         ps, entries = self.page_size, req.cache_entries
-        for i in range(len(entries), req.num_computed // ps):
+        for i in range(len(entries), (req.num_computed if upto is None else upto) // ps):
             parent = entries[-1] if entries else PageAllocator.ROOT
             entries.append(self.alloc.register(req.group, parent, tuple(req.tokens[i * ps:(i + 1) * ps]),
                                                req.pages[i]))
@@ -302,6 +318,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running[req.group].remove(req)
         self._release(req)
+        req.drop_pending()  # its calls in flight are dropped (stale epoch); the tokens are sampled again
         req.num_computed = 0
         req.in_flight = False  # its work still in a pipeline is dropped when it leaves (stale epoch)
         req.num_preemptions += 1

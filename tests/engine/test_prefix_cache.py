@@ -148,7 +148,7 @@ def test_nonfinite_request_pages_are_never_served(engine_model, hf_checkpoints):
     engine = Engine(Model(source.cfg, source, layout=engine_model.layout),
                     base_config(engine_model, enable_prefix_caching=True))
     registered, register = [], engine.scheduler.register
-    engine.scheduler.register = lambda req: (registered.append(req.request_id), register(req))
+    engine.scheduler.register = lambda req, upto=None: (registered.append(req.request_id), register(req, upto))
     rng = np.random.default_rng(3)
     suffix = rng.integers(0, 96, 9).tolist()
     clean = rng.integers(0, 96, 10).tolist() + suffix  # 19 tokens: at most 4 pages served
