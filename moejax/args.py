@@ -14,6 +14,7 @@ import sys
 import traceback
 
 from moejax.axes import DEPRECATED_EXPERT_MODES, EXPERT_MODES
+from moejax.config import SERVING_DTYPES
 from moejax.devices import MAX_SIMULATED_DEVICES
 
 INT32_MAX = 2**31 - 1
@@ -132,6 +133,25 @@ def int_list(lo: int, hi: int = INT32_MAX, allow_empty: bool = False):
         return values
 
     return parse
+
+
+def add_dtype(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    """The `--dtype` flag of a command that serves a model: auto (the checkpoint's own, as vLLM's --dtype auto) or
+    a name of `moejax.config.SERVING_DTYPES`; `resolved_dtype` turns it into a concrete one."""
+    p.add_argument("--dtype", default=default, choices=["auto", *SERVING_DTYPES],
+                   help="serving dtype; auto: the checkpoint's own (config.json torch_dtype; float32 when it "
+                        "declares none, bfloat16 for an FP8 / INT8 checkpoint; a built-in config's dtype)")
+
+
+def resolved_dtype(dtype: str, cfg) -> str:
+    """`--dtype` as a concrete dtype for model config `cfg` (`moejax.config.resolve_dtype`), on the host before any
+    device work; a UsageError naming the flag when auto cannot tell (a dtype moejax does not serve in)."""
+    from moejax.config import resolve_dtype
+
+    try:
+        return resolve_dtype(dtype, cfg)
+    except ValueError as err:
+        raise UsageError(f"--dtype {dtype}: {err}") from err
 
 
 def read_model_config(source: str):

@@ -22,11 +22,13 @@ from moejax.args import (
     Parser,
     UsageError,
     add_debug,
+    add_dtype,
     check_context,
     check_devices,
     int_in,
     int_list,
     read_model_config,
+    resolved_dtype,
     run_main,
 )
 from moejax.config import KV_CACHE_DTYPES, QUANTIZATIONS
@@ -55,7 +57,7 @@ def _add_generate(sub) -> argparse.ArgumentParser:
     prompts.add_argument("--prompt-ids", type=int_list(0), action="append",
                          help="comma-separated token ids; repeat for several prompts (default: two built-in prompts)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_dtype(p)
     p.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
                    help="quantize the weights at load, weight-only (vLLM's flag): int8 / fp8 per output channel, "
                         "int4 in blocks of 128")
@@ -97,10 +99,11 @@ _FLAG_OF_FIELD = {"max_new_tokens": "--max-new-tokens", "temperature": "--temper
 
 @dataclasses.dataclass
 class _Run:
-    """What `generate` checked on the host: the model config, layout, prompts and their sampling."""
+    """What `generate` checked on the host: the model config, layout, serving dtype, prompts and their sampling."""
 
     cfg: object
     layout: object
+    dtype: str  # --dtype resolved ("auto": the checkpoint's own)
     prompts: list[list[int]]
     params: list  # SamplingParams per prompt
     tokenizer: object  # tokenizers.Tokenizer, or None
@@ -120,6 +123,7 @@ def _check_generate(args) -> _Run:
     cfg = read_model_config(args.model)
     cfg.check_runtime_support()
     layout = Layout.parse(args.layout).validate(cfg)
+    dtype = resolved_dtype(args.dtype, cfg)
     tokenizer = load_tokenizer(args.model) if os.path.isdir(args.model) else None
     if args.prompt:
         if tokenizer is None:
@@ -147,7 +151,7 @@ def _check_generate(args) -> _Run:
                          f"{args.max_new_tokens} new tokens = {longest} exceeds the model's context limit "
                          f"(max_position_embeddings={limit})")
     check_context(cfg, (("--chunk-size", args.chunk_size), ("--page-size", args.page_size)))
-    return _Run(cfg, layout, prompts, params, tokenizer, seed, drawn)
+    return _Run(cfg, layout, dtype, prompts, params, tokenizer, seed, drawn)
 
 
 def _sampling(args, seed: int, count: int, vocab: int) -> list:
@@ -175,7 +179,7 @@ def _fingerprint(args, run: _Run) -> dict:
     process 0's is used everywhere.
     """
     values = {"moejax": _version(), "--model": dataclasses.asdict(run.cfg), "--layout": str(run.layout),
-              "--dtype": args.dtype, "--quantization": args.quantization, "--kv-cache-dtype": args.kv_cache_dtype,
+              "--dtype": run.dtype, "--quantization": args.quantization, "--kv-cache-dtype": args.kv_cache_dtype,
               "--devices": args.devices, "--enable-prefix-caching": args.enable_prefix_caching,
               "--across-hosts": ",".join(args.across_hosts),
               "prompts": run.prompts, "--max-new-tokens": args.max_new_tokens, "--temperature": args.temperature,
@@ -212,7 +216,7 @@ def _run_generate(args) -> int:
     tpot_s = sum(r.tpot_s or 0.0 for r in reqs) / len(reqs)
     one = len(new) == 1  # one prompt: flat lists, not lists of one
     result = {
-        "model": model.cfg.name, "layout": str(model.layout), "devices": model.layout.size,
+        "model": model.cfg.name, "layout": str(model.layout), "devices": model.layout.size, "dtype": run.dtype,
         "platform": jax.devices()[0].platform, "prompt_ids": run.prompts[0] if one else run.prompts,
         "tokens": new[0] if one else new, "ttft_s": ttft_s, "tpot_s": tpot_s, "sample_seed": run.seed,
     }
@@ -271,7 +275,7 @@ def _build_model(args, run: _Run, progress: Progress):
     quantized = f", quantized to {args.quantization}" if args.quantization else ""
     with progress.phase(f"{what} ({total / 1e6:.1f}M parameters{quantized}) and placing them on layout {run.layout}",
                         total=None if args.quantization else total) as advance:  # quantizing reads blocks whole
-        model = Model(cfg, _Counted(source, advance), layout=run.layout, dtype=args.dtype,
+        model = Model(cfg, _Counted(source, advance), layout=run.layout, dtype=run.dtype,
                       quantization=args.quantization)
     model.tokenizer = run.tokenizer
     return model
@@ -321,7 +325,7 @@ def _serve(engine, ids, run: _Run, args, progress: Progress):
         stream.push(run.prompts[0])  # the continuation then decodes as it reads after the prompt (spaces included)
     if show:
         print(f"model {model.cfg.name} on {model.layout.size} {jax.devices()[0].platform} devices, layout "
-              f"{model.layout}", flush=True)
+              f"{model.layout}, {model.dtype_name}", flush=True)
     total = sum(p.max_new_tokens for p in run.params)
     with progress.phase(f"generating (up to {total} tokens for {len(ids)} prompt{'s' * (len(ids) > 1)})", total=total,
                         live=args.json) as advance:

@@ -26,6 +26,7 @@ EXPERT_ACTIVATIONS = ("silu", "swiglu_clamped")  # `moejax.model.moe`
 QUANTIZATIONS = ("int8", "fp8", "int4")  # post-training weight quantization at load (`moejax.quant`)
 # quantized checkpoints the loader reads as stored (`moejax.checkpoint.quantized`; quantization_config.quant_method)
 CHECKPOINT_QUANT_METHODS = ("fp8", "mxfp4", "compressed-tensors")
+SERVING_DTYPES = ("float32", "bfloat16", "float16")  # what a model computes in (`moejax.load(dtype=...)`)
 KV_CACHE_DTYPES = ("fp8", "int8")  # quantized KV cache (`ServeConfig.kv_cache_dtype`; None: the serving dtype)
 # KV cache formats by name (the runtime's and the planner's): (bytes per value, bytes per scale). A quantized pool
 # holds 1-byte values (fp8: float8_e4m3fn) and one float32 scale per (token, kv head) (MLA: per token of its latent
@@ -98,6 +99,9 @@ class ModelConfig:
     q_lora_rank: int = 0  # MLA: compressed query width (0: no query compression)
     qk_rope_head_dim: int = 0  # MLA: decoupled RoPE key width cached per token per layer
     v_head_dim: int = 0  # MLA: value head dim (0: head_dim)
+    # The checkpoint's own dtype, as config.json's torch_dtype / dtype names it (a moejax checkpoint: its stored
+    # dtype; none declared: float32). What `dtype="auto"` serves in (`serving_dtype`); it changes no shape.
+    dtype: str = "float32"
     name: str = ""
 
     def __post_init__(self):
@@ -140,6 +144,8 @@ class ModelConfig:
                 raise ValueError(f"sliding_layers {bad} outside [0, {self.num_layers})")
         if self.attention == "mla" and (self.kv_lora_rank < 1 or self.qk_rope_head_dim < 1):
             raise ValueError("MLA needs kv_lora_rank >= 1 and qk_rope_head_dim >= 1")
+        if not isinstance(self.dtype, str) or not self.dtype:
+            raise ValueError(f"ModelConfig.dtype must be a dtype name (e.g. 'bfloat16'), got {self.dtype!r}")
 
     @property
     def num_moe_layers(self) -> int:
@@ -160,6 +166,20 @@ class ModelConfig:
     @property
     def value_head_dim(self) -> int:
         return (self.v_head_dim or self.head_dim) if self.attention == "mla" else self.head_dim
+
+    @property
+    def serving_dtype(self) -> str:
+        """The dtype `dtype="auto"` serves in (one of `SERVING_DTYPES`): the checkpoint's own; bfloat16 for a
+        narrow storage type (float8 / int8 / 4-bit: a quantized checkpoint's values, computed in bfloat16 as vLLM
+        and transformers serve them); float32 for float64. ValueError for any other name: pass a dtype."""
+        name = _DTYPE_ALIASES.get(self.dtype, self.dtype)
+        if name in SERVING_DTYPES:
+            return name
+        if name.startswith(("float8", "float4", "int8", "uint8", "int4")):
+            return "bfloat16"
+        raise ValueError(f"model {self.name or self.family} declares dtype {self.dtype!r} (config.json torch_dtype), "
+                         f"which moejax does not serve in; pass a dtype explicitly (--dtype / dtype=), one of "
+                         f"{', '.join(SERVING_DTYPES)}")
 
     def window_of(self, layer: int) -> int | None:
         """The sliding window of `layer` (None: full attention)."""
@@ -231,12 +251,26 @@ class ModelConfig:
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            dtype=_hf_dtype(hf),
             **_hf_rope(hf),
         )
         return cls(**{**common, **_HF_FAMILIES[model_type](hf)})
 
 
 # ---- Hugging Face config.json translation, one function per model_type --------------------------
+
+
+def _hf_dtype(hf: dict[str, Any]) -> str:
+    """config.json's dtype as torch names it: `dtype` (transformers >= 4.56) or `torch_dtype`; float32 when it
+    declares none (transformers' own default). Mapped to a serving dtype only when asked (`serving_dtype`)."""
+    value = hf.get("dtype") or hf.get("torch_dtype")
+    name = str(value).removeprefix("torch.") if value else "float32"
+    return "float32" if name == "auto" else name
+
+
+# torch's other names for the serving dtypes, and float64 (served in float32, as the widest moejax runs)
+_DTYPE_ALIASES = {"float": "float32", "half": "float16", "double": "float32", "float64": "float32",
+                  "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _hf_rope(hf: dict[str, Any]) -> dict[str, Any]:
@@ -448,6 +482,17 @@ def load_model_config(source: str | Path | dict) -> ModelConfig:
         raise ValueError(f"{path}: expected a mapping of ModelConfig fields, got {type(data).__name__}")
     data.setdefault("name", path.stem)
     return ModelConfig.from_dict(data)
+
+
+def resolve_dtype(dtype: str, cfg: ModelConfig) -> str:
+    """The concrete serving dtype for `dtype`: "auto" -> the model's own (`ModelConfig.serving_dtype`), else
+    `dtype` itself, one of `SERVING_DTYPES` (ValueError otherwise). Resolved once, on the host."""
+    if dtype == "auto":
+        return cfg.serving_dtype
+    if dtype not in SERVING_DTYPES:
+        raise ValueError(f"dtype must be 'auto' (the checkpoint's own) or one of {', '.join(SERVING_DTYPES)}, got "
+                         f"{dtype!r}")
+    return dtype
 
 
 def configs_dir() -> Path:

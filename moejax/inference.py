@@ -16,7 +16,7 @@ import numpy as np
 
 from moejax import native, quant
 from moejax import steps as steps_lib
-from moejax.config import ModelConfig, ceil_div, round_up
+from moejax.config import SERVING_DTYPES, ModelConfig, ceil_div, resolve_dtype, round_up
 from moejax.distributed import fetch
 from moejax.engine.engine import Engine, ServeConfig
 from moejax.engine.sampling import SamplingParams, check_context, check_int, check_prompt
@@ -26,7 +26,7 @@ from moejax.mesh import Layout, make_mesh
 from moejax.sharding import EXPERT_MODES, Parallelism, expert_mode_of
 from moejax.weights import RandomSource, WeightSource, abstract_model, place
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = dict(zip(SERVING_DTYPES, (jnp.float32, jnp.bfloat16, jnp.float16), strict=True))
 
 
 def bucket(n: int, minimum: int = 8) -> int:
@@ -49,7 +49,10 @@ class Model:
 
     Args:
       cfg: the model. source: a weight source (`moejax.weights`). layout: e.g. "DP2TP2EP2".
-      dtype: serving dtype. moe_strategy: MoE dispatch strategy (`moejax.sharding.MOE_STRATEGIES`).
+      dtype: serving dtype: "auto" (the default: the checkpoint's own, `cfg.dtype`, from its config.json
+        torch_dtype; float32 when it declares none; bfloat16 for an FP8 / INT8 one: `ModelConfig.serving_dtype`),
+        or one of "float32", "bfloat16", "float16". Resolved once, before any device work; `dtype_name` holds the
+        resolved name, `dtype` the jax dtype. moe_strategy: MoE dispatch strategy (`moejax.sharding.MOE_STRATEGIES`).
       devices: devices for the mesh (default: the first `layout.size` of `jax.devices()`).
       expert_mode: what the expert axis does outside the MoE blocks: "dp_attention" (attention data-parallel
         over the expert group, tokens exchanged all-to-all with the experts; the default) or
@@ -69,11 +72,10 @@ class Model:
     tokenizer = None  # a `tokenizers.Tokenizer` when `load` found the checkpoint's tokenizer.json (moejax.tokenizer)
 
     def __init__(self, cfg: ModelConfig, source: WeightSource, layout: Layout | str = "DP1",
-                 dtype: str = "float32", moe_strategy: str = "auto", devices=None, expert_mode: str = "dp_attention",
+                 dtype: str = "auto", moe_strategy: str = "auto", devices=None, expert_mode: str = "dp_attention",
                  exchange: str = "auto", ep_attention: str | None = None, quantization: str | None = None,
                  kv_cache_dtype: str | None = None):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.dtype_name = resolve_dtype(dtype, cfg)  # "auto": the checkpoint's own; ValueError for a bad name
         quant.scheme(quantization)  # an unknown name is refused before any device work
         self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         self.cfg = cfg
@@ -83,7 +85,7 @@ class Model:
         par = Parallelism(layout, expert_mode_of(expert_mode, ep_attention), moe_strategy, exchange)
         self.mesh = make_mesh(layout, devices)
         self.par = par.checked(native.mesh_platform(self.mesh))  # before any device work
-        self.dtype = DTYPES[dtype]
+        self.dtype = DTYPES[self.dtype_name]
         if quantization is None:  # a quantized checkpoint's own scheme: values and scales loaded as stored
             quantization = getattr(source, "quantization", None)
         self.quantization = quantization
@@ -113,6 +115,8 @@ class Model:
 
     @classmethod
     def random(cls, cfg: ModelConfig, seed: int = 0, **kwargs) -> Model:
+        """Random weights for `cfg` (`moejax.weights.RandomSource`); `dtype="auto"` (the default) is `cfg.dtype`
+        (a built-in config that declares none: float32)."""
         return cls(cfg, RandomSource(cfg, seed), **kwargs)
 
     @property
@@ -202,7 +206,7 @@ class Model:
         return checked, stops
 
 
-def load(path: str | Path, layout: Layout | str = "DP1", dtype: str = "float32", allow_nonfinite: bool = False,
+def load(path: str | Path, layout: Layout | str = "DP1", dtype: str = "auto", allow_nonfinite: bool = False,
          **kwargs) -> Model:
     """Load a checkpoint directory onto a mesh for `layout`: Hugging Face (config.json + safetensors) or
     moejax (orbax, written by `moejax convert`); the kind is detected (`moejax.checkpoint.store.open_source`).
@@ -211,6 +215,10 @@ def load(path: str | Path, layout: Layout | str = "DP1", dtype: str = "float32",
     checkpoint was written from). A malformed checkpoint is a `CheckpointError` naming the file or tensor;
     NaN/inf weights (either kind of checkpoint) are one too unless `allow_nonfinite`. The model's `tokenizer`
     is the directory's tokenizer.json (`moejax.tokenizer`), or None when it has none.
+
+    `dtype` "auto" (the default, as vLLM's and transformers') serves in the checkpoint's own dtype: config.json's
+    torch_dtype (float32 when it declares none, bfloat16 for an FP8 / INT8 checkpoint), a moejax checkpoint's
+    stored dtype; or name one of "float32", "bfloat16", "float16" (`Model`).
     """
     from moejax.checkpoint.store import open_source
     from moejax.tokenizer import load_tokenizer

@@ -30,6 +30,7 @@ from pathlib import Path
 from moejax.args import (
     DEFAULT_LAYOUT,
     UsageError,
+    add_dtype,
     check_context,
     check_devices,
     expert_modes,
@@ -37,6 +38,7 @@ from moejax.args import (
     int_list,
     read_model_config,
     real_in,
+    resolved_dtype,
 )
 from moejax.bench.results import append_row
 from moejax.config import QUANTIZATIONS
@@ -84,7 +86,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-moe",
                    help="HF checkpoint directory, or a config name in configs/models (random weights; default "
                         "tiny-moe)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="serving dtype")
+    add_dtype(p)
     p.add_argument("--weights-seed", type=int_in(0), default=0, help="random-weight seed for config-name models")
     p.add_argument("--devices", type=int_in(1, MAX_SIMULATED_DEVICES), default=None,
                    help="simulated CPU devices (default: 8, or the largest layout); on GPU: devices to use for "
@@ -334,6 +336,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
     cfg = read_model_config(args.model)
     cfg.check_runtime_support()
+    dtype = resolved_dtype(args.dtype, cfg)  # "auto": the model's own, recorded as such in every row
     workload = _workload(args, cfg, sweep=True)
     layouts = _layouts(args.layouts, cfg, "--layouts")
     reference = _layouts(args.reference_layout, cfg, "--reference-layout") if args.reference_layout else None
@@ -375,7 +378,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
                          f"factor x pipeline microbatch groups of any layout ({', '.join(str(x) for x in layouts)})")
     spec = SweepSpec(model=args.model, layouts=tuple(layouts), chunk_sizes=tuple(args.chunk_sizes),
                      max_running=tuple(args.max_running), workload=workload,
-                     hardware=_resolve_hardware(args, devices[0]), expert_mode=modes, dtype=args.dtype,
+                     hardware=_resolve_hardware(args, devices[0]), expert_mode=modes, dtype=dtype,
                      seed=args.weights_seed, page_size=args.page_size, max_prefill_seqs=args.max_prefill_seqs,
                      decode_buckets=args.decode_buckets, reference_layout=reference[0] if reference else None,
                      efficiency=args.efficiency, microbatches=microbatches, quantization=args.quantization,
@@ -400,6 +403,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
 
     cfg = read_model_config(args.model)
     cfg.check_runtime_support()
+    dtype = resolved_dtype(args.dtype, cfg)
     workload = _workload(args, cfg, sweep=False)
     layouts = _layouts(args.layout, cfg, "--layout")
     if layouts is None or len(layouts) != 1:
@@ -425,7 +429,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     devices = _start_jax([layout], args.devices)
     spec = sweep_lib.SweepSpec(model=args.model, layouts=(layout,), chunk_sizes=(args.chunk_size,),
                                max_running=(args.max_running,), workload=workload,
-                               hardware=_resolve_hardware(args, devices[0]), expert_mode=(mode,), dtype=args.dtype,
+                               hardware=_resolve_hardware(args, devices[0]), expert_mode=(mode,), dtype=dtype,
                                seed=args.weights_seed, page_size=args.page_size,
                                max_prefill_seqs=args.max_prefill_seqs, decode_buckets=args.decode_buckets,
                                efficiency=args.efficiency)
@@ -455,7 +459,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
         return 0
     decode = row["comm"]["decode"]
     header = [("Model", cfg.name), ("Layout", f"{row['layout']} ({row['devices']} {row['platform']})"),
-              ("Expert mode", row["expert_mode"]),
+              ("Expert mode", row["expert_mode"]), ("Dtype", row["dtype"]),
               ("Chunk size / max running", f"{args.chunk_size} / {args.max_running}"),
               ("Prefix caching", "on" if args.enable_prefix_caching else "off"),
               ("Compile time (s)", f"{row['compile_s']:.2f}"),

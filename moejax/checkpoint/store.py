@@ -102,7 +102,8 @@ def open_source(path: str | Path, allow_nonfinite: bool = False):
 
 
 def read_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig stored in a moejax checkpoint (its metadata only; no tensor is opened)."""
+    """The ModelConfig stored in a moejax checkpoint, its `dtype` the stored one (its metadata only; no tensor is
+    opened)."""
     return _config(Path(path), _orbax_metadata(Path(path))[1])
 
 
@@ -165,7 +166,7 @@ def save(path: str | Path, source, cfg: ModelConfig, dtype: str = "float32", ori
         full = (len(layers), *shape) if layers is not None else shape
         item[name] = _Tensor(name, full, tensor_dtype, layers, reader)
         save_args[name] = ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=(0,) if layers is not None else ())
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "dtype": dtype,
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": _config_fields(cfg), "dtype": dtype,
             "checkpoint_id": checkpoint_id, "source": origin or {},
             "written_by": {p: _version(p) for p in ("moejax", "orbax-checkpoint")}}
     if quantization:
@@ -209,10 +210,18 @@ def _fingerprint(cfg: ModelConfig, dtype: str, checkpoint_id: str, quantization:
     every = tuple(range(cfg.num_layers))  # written as `true`, as before tensors had layer sets: same fingerprints
     tensors = {name: [list(shape), layers == every or (list(layers) if layers else False)]
                for name, (shape, layers) in canonical_shapes(cfg).items()}
-    fields = {"id": checkpoint_id, "config": dataclasses.asdict(cfg), "dtype": dtype, "tensors": tensors}
+    fields = {"id": checkpoint_id, "config": _config_fields(cfg), "dtype": dtype, "tensors": tensors}
     if quantization:
         fields["quantization"] = quantization
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
+
+
+def _config_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """The config as stored (and fingerprinted): every field but `dtype`, which is the checkpoint's stored dtype
+    (metadata "dtype"; `_config` puts it back), as in checkpoints written before the config had it."""
+    fields = dataclasses.asdict(cfg)
+    del fields["dtype"]
+    return fields
 
 
 def _scheme_meta(scheme) -> dict | None:
@@ -604,6 +613,8 @@ def _config(path: Path, meta: dict[str, Any]) -> ModelConfig:
     try:
         cfg = ModelConfig.from_dict(data)
         cfg.check_runtime_support()
+        if meta.get("dtype") in DTYPES:  # the checkpoint's own dtype: what dtype="auto" serves in
+            cfg = cfg.replace(dtype=meta["dtype"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path}: its model config does not match this moejax: {err}") from None
     return cfg
