@@ -237,3 +237,8 @@ def run_main(main, argv: list[str] | None = None) -> int:
                 raise
     print(interrupt.MESSAGE, file=sys.stderr)
     return interrupt.EXIT_INTERRUPTED
+
+
+ASYNC_SCHEDULING_HELP = ("overlap the host's scheduling and packing of the next step with the device running the "
+                         "last (vLLM's flag; ServeConfig.async_scheduling): the same tokens. Not with pipelined "
+                         "microbatches")

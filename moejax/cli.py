@@ -18,6 +18,7 @@ import sys
 
 from moejax import distributed
 from moejax.args import (
+    ASYNC_SCHEDULING_HELP,
     DEFAULT_LAYOUT,
     Parser,
     UsageError,
@@ -67,6 +68,7 @@ def _add_generate(sub) -> argparse.ArgumentParser:
     p.add_argument("--enable-prefix-caching", action="store_true",
                    help="reuse the KV pages of a prompt prefix an earlier request computed (vLLM's flag; "
                         "ServeConfig.enable_prefix_caching): the same tokens, less prefill")
+    p.add_argument("--async-scheduling", action="store_true", help=ASYNC_SCHEDULING_HELP)
     p.add_argument("--seed", type=int, default=0, help="random-weight seed for config-name models")
     p.add_argument("--devices", type=int_in(1, MAX_SIMULATED_DEVICES), default=8,
                    help=f"simulated CPU devices when running on CPU (default 8, at most {MAX_SIMULATED_DEVICES}); "
@@ -181,6 +183,7 @@ def _fingerprint(args, run: _Run) -> dict:
     values = {"moejax": _version(), "--model": dataclasses.asdict(run.cfg), "--layout": str(run.layout),
               "--dtype": run.dtype, "--quantization": args.quantization, "--kv-cache-dtype": args.kv_cache_dtype,
               "--devices": args.devices, "--enable-prefix-caching": args.enable_prefix_caching,
+              "--async-scheduling": args.async_scheduling,
               "--across-hosts": ",".join(args.across_hosts),
               "prompts": run.prompts, "--max-new-tokens": args.max_new_tokens, "--temperature": args.temperature,
               "--top-k": args.top_k, "--top-p": args.top_p, "--stop-token-ids": args.stop_token_ids,
@@ -294,7 +297,8 @@ def _start_engine(model, prompts, params, args, progress: Progress):
                                 num_pages=per_group * pages_for(longest, args.page_size), max_model_len=longest,
                                 microbatches=args.microbatches,
                                 kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
-                                enable_prefix_caching=args.enable_prefix_caching)
+                                enable_prefix_caching=args.enable_prefix_caching,
+                                async_scheduling=args.async_scheduling)
     engine = moejax.Engine(model, config)
     _warmup(engine, progress)
     ids = [engine.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)]

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from moejax.args import (
+    ASYNC_SCHEDULING_HELP,
     DEFAULT_LAYOUT,
     UsageError,
     add_dtype,
@@ -146,6 +147,7 @@ def add_parsers(subparsers) -> list[argparse.ArgumentParser]:
                        metavar="off,on",
                        help="ServeConfig.enable_prefix_caching: alone, on in every configuration; with values, each "
                             "run as its own rows (off,on: every configuration without and with it). Default: off")
+    sweep.add_argument("--async-scheduling", action="store_true", help=ASYNC_SCHEDULING_HELP)
     sweep.add_argument("--reference-layout", default=None,
                        help="run this layout first (e.g. DP1) and check every configuration's greedy tokens against it")
     sweep.add_argument("--out", default="out/sweep", help="output folder (resumed when it exists)")
@@ -170,6 +172,7 @@ def add_parsers(subparsers) -> list[argparse.ArgumentParser]:
                        help="ServeConfig.microbatches: pipeline microbatch groups (default: one per stage)")
     serve.add_argument("--enable-prefix-caching", action="store_true",
                        help="reuse the KV pages of cached prompt prefixes (ServeConfig.enable_prefix_caching)")
+    serve.add_argument("--async-scheduling", action="store_true", help=ASYNC_SCHEDULING_HELP)
     serve.add_argument("--json", action="store_true", help="print the measurement as one JSON object")
     serve.add_argument("--out", default=None, help="append the measurement as a JSON line (calibration schema)")
     _add_common(serve)
@@ -382,7 +385,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
                      seed=args.weights_seed, page_size=args.page_size, max_prefill_seqs=args.max_prefill_seqs,
                      decode_buckets=args.decode_buckets, reference_layout=reference[0] if reference else None,
                      efficiency=args.efficiency, microbatches=microbatches, quantization=args.quantization,
-                     prefix_caching=args.enable_prefix_caching)
+                     prefix_caching=args.enable_prefix_caching, async_scheduling=args.async_scheduling)
     result = run_sweep(spec, out, progress=not args.no_progress, retry_failed=args.retry_failed,
                        plots=not args.no_plot)
     print(format_summary(result))
@@ -432,7 +435,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
                                hardware=_resolve_hardware(args, devices[0]), expert_mode=(mode,), dtype=dtype,
                                seed=args.weights_seed, page_size=args.page_size,
                                max_prefill_seqs=args.max_prefill_seqs, decode_buckets=args.decode_buckets,
-                               efficiency=args.efficiency)
+                               efficiency=args.efficiency, async_scheduling=args.async_scheduling)
     hw = load_hardware(spec.hardware, efficiency=args.efficiency)
     progress = Progress()  # stderr: the summary and --json go to stdout
     with progress.phase(f"placing {spec.model} on layout {layout}"):
@@ -462,6 +465,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
               ("Expert mode", row["expert_mode"]), ("Dtype", row["dtype"]),
               ("Chunk size / max running", f"{args.chunk_size} / {args.max_running}"),
               ("Prefix caching", "on" if args.enable_prefix_caching else "off"),
+              ("Async scheduling", "on" if args.async_scheduling else "off"),
               ("Compile time (s)", f"{row['compile_s']:.2f}"),
               ("Warm-up requests (s)", f"{row['warmup_requests_s']:.2f}"),
               ("Program memory per device (MiB)", f"{row['peak_memory_bytes'] / 2**20:.1f}"),

@@ -17,8 +17,9 @@ from moejax.axes import DEPRECATED_EXPERT_MODES
 
 KEY_FIELDS = ("model", "platform", "layout", "expert_mode_requested", "chunk_size", "max_running", "dtype",
               "page_size", "max_prefill_seqs", "decode_buckets", "workload_id", "microbatches_requested",
-              "quantization", "enable_prefix_caching")
-_KEY_DEFAULTS = {"enable_prefix_caching": False}  # what a row written before the field ran with
+              "quantization", "enable_prefix_caching", "async_scheduling")
+# what a row written before the field ran with
+_KEY_DEFAULTS = {"enable_prefix_caching": False, "async_scheduling": False}
 LAYER_SCOPES = ("attn", "moe", "mlp", "ffn", "shared")  # named blocks inside a layer (the planner's per-layer terms)
 
 

@@ -85,6 +85,8 @@ class SweepSpec:
         efficiency: efficiency factors file for the planner's predictions (calibration output).
         prefix_caching: ServeConfig.enable_prefix_caching values, each run as its own rows (recorded as
             `enable_prefix_caching`, part of the key: rows written before this field ran without it).
+        async_scheduling: ServeConfig.async_scheduling in every configuration (recorded, part of the key: rows
+            written before this field ran without it).
     """
 
     model: str
@@ -104,6 +106,7 @@ class SweepSpec:
     microbatches: tuple[int | None, ...] = (None,)
     quantization: tuple[str | None, ...] = (None,)
     prefix_caching: tuple[bool, ...] = (False,)
+    async_scheduling: bool = False
 
     def __post_init__(self):
         if self.decode_buckets not in ("pow2", "max"):
@@ -119,6 +122,8 @@ class SweepSpec:
                      "prefix_caching"):
             if not getattr(self, name):
                 raise ValueError(f"SweepSpec.{name} is empty")
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"SweepSpec.async_scheduling must be a bool, got {self.async_scheduling!r}")
         if not all(isinstance(v, bool) for v in self.prefix_caching):
             raise ValueError(f"SweepSpec.prefix_caching must hold booleans, got {self.prefix_caching!r}")
         for q in self.quantization:
@@ -162,7 +167,8 @@ class SweepSpec:
                 "chunk_size": chunk, "max_running": mr, "dtype": self.dtype, "page_size": self.page_size,
                 "max_prefill_seqs": self.max_prefill_seqs, "decode_buckets": self.decode_buckets,
                 "workload_id": self.workload.workload_id, "microbatches_requested": microbatches,
-                "quantization": quantization, "enable_prefix_caching": prefix_caching}
+                "quantization": quantization, "enable_prefix_caching": prefix_caching,
+                "async_scheduling": self.async_scheduling}
 
 
 def _runs_split(mode: str | None) -> bool:
@@ -225,7 +231,8 @@ def _serve_config(spec: SweepSpec, model, chunk: int, mr: int, microbatches: int
     return moejax.ServeConfig(max_running=mr, page_size=spec.page_size, num_pages=pool, chunk_size=chunk,
                               max_prefill_seqs=spec.max_prefill_seqs, max_model_len=spec.max_len,
                               decode_buckets=(slots,) if spec.decode_buckets == "max" else None,
-                              microbatches=microbatches, enable_prefix_caching=prefix_caching)
+                              microbatches=microbatches, enable_prefix_caching=prefix_caching,
+                              async_scheduling=spec.async_scheduling)
 
 
 def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _CompileCounter,
@@ -283,7 +290,7 @@ def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _Compil
         "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
         "devices": layout.size, "batch_shards": engine.groups, "decode_bucket_sizes": list(engine.decode_buckets),
         "microbatches_requested": microbatches, "microbatches": engine.microbatches, "quantization": quantization,
-        "enable_prefix_caching": prefix_caching,
+        "enable_prefix_caching": prefix_caching, "async_scheduling": spec.async_scheduling,
         **{k: v for k, v in metrics.items() if k not in ("ttft_s", "tpot_s", "tokens_per_s_per_device",
                                                          "tokens_per_s_per_user")},
         "warmup_s": warmup_s, "compile_s": compile_s, "compilations": compiles,

@@ -201,7 +201,7 @@ class Engine:
         if c.async_scheduling and self.stages > 1 and self.microbatches > 1:
             raise ValueError(f"ServeConfig.async_scheduling does not run pipelined microbatches (layout {layout}: "
                              f"{self.stages} stages, {self.microbatches} microbatches), whose ticks overlap already; "
-                             f"turn it off, or set microbatches=1")
+                             f"turn it off, or set microbatches=1 (the CLI: --microbatches 1)")
         if c.num_pages * self.groups > INT32_MAX:
             raise ValueError(f"ServeConfig.num_pages ({c.num_pages}) times data groups ({self.groups}) exceeds "
                              f"2**31 - 1 pages; lower num_pages")

@@ -120,6 +120,21 @@ def test_bench_serve_command(tmp_path, capsys, shared_models):
     assert len(read_measurements(tmp_path / "one.jsonl")) == 2
 
 
+def test_bench_serve_async_scheduling(capsys, shared_models):
+    """--async-scheduling: the same tokens as without, recorded in the row (part of its key)."""
+    from moejax.bench.results import key_of
+
+    argv = ["bench", "serve", "--model", MODEL, "--layout", "DP1", "--chunk-size", "16", "--max-running", "4",
+            "--input-len", "4:8", "--output-len", "5", "--num-requests", "6", "--warmup-requests", "0", "--json"]
+    rows = []
+    for flag in ([], ["--async-scheduling"]):
+        assert cli.main(argv + flag) == 0
+        rows.append(json.loads(capsys.readouterr().out))
+    assert [r["async_scheduling"] for r in rows] == [False, True]
+    assert rows[0]["output_digest"] == rows[1]["output_digest"] and rows[1]["errors"] == 0
+    assert key_of(rows[0]) != key_of(rows[1])
+
+
 def test_bench_serve_prefix_caching_on_a_shared_prefix(capsys, shared_models):
     """Caching on vs off over 2 shared 40-token prefixes: the same tokens, prompt tokens served from the cache
     (hit rate > 0 with caching, 0 without), less prefill computed, and a planner prediction given the hit rate."""
