@@ -3,7 +3,8 @@
 Each variant against the float64 and XLA references is tests/test_native.py (its `isa` fixture); here the
 variants this CPU runs are compared with one another: within float tolerance everywhere, and bit for bit where
 the kernels' comments say so (matmul and MoE layer, x86-64-v4 against x86-64-v3: one fused multiply-add chain
-per element on both; attention differs there, its dots summed in trees of 16 and of 8 lanes).
+per element on both; attention differs there, its dots summed in trees of 16 and of 8 lanes), on float32 and on
+bfloat16 operands alike (a bfloat16 call is the float32 arithmetic on the widened values, rounded once).
 """
 
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,42 +23,45 @@ RUNNABLE = native.runnable_isas() if native.available() else ()
 needs_two = pytest.mark.skipif(len(RUNNABLE) < 2, reason=f"ISA variants this host runs: {RUNNABLE}")
 
 
-def _outputs(isa: str) -> dict:
-    """Every kernel on fixed inputs (few and many rows, widths past the last whole vector), on variant `isa`."""
+def _outputs(isa: str, dtype=np.float32) -> dict:
+    """Every kernel on fixed inputs (few and many rows, widths past the last whole vector), on variant `isa`, with
+    float operands in `dtype` (float outputs returned as float32)."""
     before = native.isa()
     native._select_isa(isa)
     try:
         rng = np.random.default_rng(0)
+        normal = lambda *shape, scale=1.0: jnp.asarray(rng.standard_normal(shape, np.float32) * scale, dtype)  # noqa: E731
         out = {}
         for M, D, F in ((3, 40, 200), (70, 64, 160)):
-            wg, wu = (rng.standard_normal((2, 4, D, F), np.float32) * 0.2 for _ in range(2))
-            wd = rng.standard_normal((2, 4, F, D), np.float32) * 0.2
-            x = rng.standard_normal((M, D), np.float32)
+            wg, wu = normal(2, 4, D, F, scale=0.2), normal(2, 4, D, F, scale=0.2)
+            wd = normal(2, 4, F, D, scale=0.2)
+            x = normal(M, D)
             local, gate = rng.integers(-1, 4, (M, 2)).astype(np.int32), rng.random((M, 2)).astype(np.float32)
             out[f"moe_swiglu {M}x{D}x{F}"] = native.moe_swiglu(x, gate, local, wg, wu, wd, 1)
         for R, K, N in ((1, 96, 40), (9, 700, 33), (45, 257, 200)):
-            x, w = rng.standard_normal((R, K), np.float32), rng.standard_normal((K, N), np.float32)
-            out[f"matmul {R}x{K}x{N}"] = native.matmul(x, w)
-        kp, vp = (rng.standard_normal((1, 12, 8, 2, 40), np.float32) for _ in range(2))
-        q = rng.standard_normal((3, 2, 4, 40), np.float32)
+            out[f"matmul {R}x{K}x{N}"] = native.matmul(normal(R, K), normal(K, N))
+        kp, vp = normal(1, 12, 8, 2, 40), normal(1, 12, 8, 2, 40)
+        q = normal(3, 2, 4, 40)
         table = rng.permutation(12)[:9].reshape(3, 3).astype(np.int32)
         pos = np.array([[4, 5], [20, 21], [0, -1]], np.int32)
         out["paged_attention"] = native.paged_attention(q, kp, vp, 0, table, pos)
-        logits = rng.standard_normal((4, 1001), np.float32)
-        logits[1, 999] = logits[1].max() + 1  # in the scalar tail
+        logits = normal(4, 1001)
+        logits = logits.at[1, 999].set(logits[1].max() + 1)  # in the scalar tail
         out["argmax"] = native.argmax(logits)[0]
-        return {name: np.asarray(a) for name, a in out.items()}
+        return {name: np.asarray(a, np.float32 if a.dtype == dtype else a.dtype) for name, a in out.items()}
     finally:
         native._select_isa(before)
 
 
 @needs_two
-def test_variants_agree_within_float_tolerance_and_bitwise_where_claimed():
-    outputs = {isa: _outputs(isa) for isa in RUNNABLE}
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_variants_agree_within_float_tolerance_and_bitwise_where_claimed(dtype):
+    outputs = {isa: _outputs(isa, dtype) for isa in RUNNABLE}
     first = outputs[RUNNABLE[0]]
+    tol = 2e-5 if dtype == np.float32 else 2.0**-7  # bfloat16: one rounding of a float32 difference, either way
     for isa in RUNNABLE[1:]:
         for name, want in first.items():
-            np.testing.assert_allclose(outputs[isa][name], want, rtol=2e-5, atol=2e-5 * (np.abs(want).max() + 1),
+            np.testing.assert_allclose(outputs[isa][name], want, rtol=tol, atol=tol * (np.abs(want).max() + 1),
                                        err_msg=f"{isa} against {RUNNABLE[0]}: {name}")
     if {"v4", "v3"} <= set(RUNNABLE):
         for name, want in outputs["v4"].items():

@@ -8,6 +8,11 @@ from memory as in a step:
 
     python -m moejax.bench.native_vs_xla                      # every kernel at 1, 8 and 32 rows
     python -m moejax.bench.native_vs_xla --kernels moe --rows 1,8,32,256,1024 --reps 41
+    python -m moejax.bench.native_vs_xla --dtype bfloat16     # bf16 operands; also times native float32
+
+`--dtype bfloat16` builds every operand in bfloat16 (the route weights stay float32, as the model passes them)
+and times a third program: the native kernels on the same operands in float32 ("f32/bf16": above 1, the bf16
+kernel is faster than the float32 one).
 
 The ISA variant is the one the process loads (`MOEJAX_NATIVE_ISA`, or the best this CPU runs).
 """
@@ -43,19 +48,28 @@ def _compiled(make, switch: str, args):
 
 
 def _time(name: str, make, args, reps: int) -> dict:
-    kernel, xla = _compiled(make, "1", args), _compiled(make, "0", args)
-    assert "moejax_" in kernel.as_text() and "moejax_" not in xla.as_text(), name
-    jax.block_until_ready((kernel(*args), xla(*args)))
-    times: dict[str, list[float]] = {"native": [], "xla": []}
+    """Native against XLA on `args`; where they are bfloat16, also native on them cast to float32 ("native_f32")."""
+    programs = {"native": (_compiled(make, "1", args), args), "xla": (_compiled(make, "0", args), args)}
+    assert "moejax_" in programs["native"][0].as_text() and "moejax_" not in programs["xla"][0].as_text(), name
+    if any(a.dtype == jnp.bfloat16 for a in args):
+        args32 = tuple(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args)
+        programs["native_f32"] = (_compiled(make, "1", args32), args32)
+        assert "moejax_" in programs["native_f32"][0].as_text(), name
+    jax.block_until_ready([fn(*a) for fn, a in programs.values()])
+    times: dict[str, list[float]] = {side: [] for side in programs}
     for _ in range(reps):
-        for side, fn in (("native", kernel), ("xla", xla)):
+        for side, (fn, a) in programs.items():
             start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
+            jax.block_until_ready(fn(*a))
             times[side].append(time.perf_counter() - start)
     row = {"case": name, **{f"{side}_s": float(np.median(t)) for side, t in times.items()}}
     row["xla_over_native"] = row["xla_s"] / row["native_s"]
-    print(f"{name:<36} native {row['native_s'] * 1e6:9.1f} us  xla {row['xla_s'] * 1e6:9.1f} us  "
-          f"xla/native {row['xla_over_native']:5.2f}x", flush=True)
+    line = (f"{name:<44} native {row['native_s'] * 1e6:9.1f} us  xla {row['xla_s'] * 1e6:9.1f} us  "
+            f"xla/native {row['xla_over_native']:6.2f}x")
+    if "native_f32_s" in row:
+        row["f32_over_native"] = row["native_f32_s"] / row["native_s"]
+        line += f"  native f32 {row['native_f32_s'] * 1e6:9.1f} us  f32/bf16 {row['f32_over_native']:5.2f}x"
+    print(line, flush=True)
     return row
 
 
@@ -78,12 +92,13 @@ def _attention_step(table, pos, i, q, k_pool, v_pool):
     return q + 1e-3 * attention.cached_attention(q, (k_pool, v_pool), i, table, pos, None, q.shape[-1] ** -0.5)
 
 
-def run(kernels=KERNELS, rows=(1, 8, 32), reps: int = 15, seed: int = 0) -> list[dict]:
-    """Time every case; returns one dict per case (`case`, `native_s`, `xla_s`, `xla_over_native`)."""
+def run(kernels=KERNELS, rows=(1, 8, 32), reps: int = 15, seed: int = 0, dtype: str = "float32") -> list[dict]:
+    """Time every case with operands in `dtype` ("float32" or "bfloat16"); returns one dict per case (`case`,
+    `native_s`, `xla_s`, `xla_over_native`; bfloat16 also `native_f32_s`, `f32_over_native`)."""
     rng = np.random.default_rng(seed)
-    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32) * 0.05)  # noqa: E731
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32) * 0.05, dtype)  # noqa: E731
     out = []
-    print(f"native ISA variant: {native.isa()}", flush=True)
+    print(f"native ISA variant: {native.isa()}, operands {dtype}", flush=True)
     if "moe" in kernels:
         w = (normal(L, E, D, F), normal(L, E, D, F), normal(L, E, F, D))
         for B in rows:
@@ -125,6 +140,8 @@ def main(argv=None, prog: str | None = None) -> int:
     p.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated, from {', '.join(KERNELS)}")
     p.add_argument("--rows", type=int_list(1), default=[1, 8, 32], help="rows (tokens) per case")
     p.add_argument("--reps", type=int_in(1), default=15, help="timed calls per side and case (median)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="operand dtype (bfloat16: also times the native kernels on float32 copies)")
     args = p.parse_args(argv)
     kernels = tuple(k.strip() for k in args.kernels.split(",") if k.strip())
     unknown = [k for k in kernels if k not in KERNELS]
@@ -132,7 +149,7 @@ def main(argv=None, prog: str | None = None) -> int:
         p.error(f"--kernels: expected comma-separated names from {list(KERNELS)}, got {args.kernels!r}")
     if not native.available():
         p.error(f"the native kernels are not available here: {native.unavailable_reason() or 'MOEJAX_NATIVE=0'}")
-    run(kernels, tuple(args.rows), args.reps)
+    run(kernels, tuple(args.rows), args.reps, dtype=args.dtype)
     return 0
 
 

@@ -159,7 +159,7 @@ def with_window(window: int | None, windowed, fn):
 def cached_attention(q_BTNH, cache, layer, page_table_BP, pos_BT, window, scale: float, sinks_N=None):
     """Attention of the new queries over their rows' cached pages (the new tokens already written).
 
-    Chosen by `choose_paged_attention` from the mesh's platform: on CPU in float32 the native kernel reads each
+    Chosen by `choose_paged_attention` from the mesh's platform: on CPU (float32, bfloat16) the native kernel reads each
     query's own keys in place (`moejax.native`); on GPU the Pallas kernel does (`moejax.model.paged_attention`);
     else the row's whole page window is gathered (a quantized pool's dequantized into q's dtype), and the native
     kernel reads it as a pool of the rows' windows ("native-dequantized"), or the slots past the row's last
@@ -191,7 +191,7 @@ def cached_attention(q_BTNH, cache, layer, page_table_BP, pos_BT, window, scale:
 
 def choose_paged_attention(platform: str, native_ok: bool, pool_shape, sinks: bool = False,
                            same_kv: bool = True, quantized: bool = False) -> str:
-    """Which paged attention runs: "native" (CPU kernels, float32), "pallas" (GPU, pages and head dim powers of two
+    """Which paged attention runs: "native" (CPU kernels, f32 or bf16), "pallas" (GPU, pages and head dim powers of two
     >= 16) or "xla" (gather the page window; everywhere); for a quantized pool, whose pages are dequantized as
     they are gathered (the kernels take float pools), "native-dequantized" (CPU: the native kernel over the
     gathered window) or "xla". The one place this is decided. Attention sinks (gpt-oss) and keys wider than the

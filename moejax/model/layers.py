@@ -69,7 +69,7 @@ def project(x, w, layer=None, contract: int = 1):
     """x @ w[layer]: x's last `contract` axes against the first `contract` axes of the layer's weight.
 
     w: a stacked weight [L, *contracted, *out] (an nnx.Param or array), or [*contracted, *out] when
-    `layer` is None. On CPU in float32 the native kernel reads the layer's weight in place, where
+    `layer` is None. On CPU in float32 or bfloat16 the native kernel reads the layer's weight in place, where
     XLA:CPU would copy the dynamic slice first (`at_layer`) and run a slower dot: few rows (decode)
     stream the weight, many rows (prefill) run packed panels (at 256 rows x 512 x 512: 426 against
     285 GFLOP/s on two AVX-512 cores, docs/benchmarks.md); else XLA's dot on `at_layer`. A quantized weight's

@@ -36,7 +36,7 @@ layers. Strategies for the local expert computation (`dispatch`), all exact, sid
 - ``"pallas"``: the grouped matmul as Pallas kernels (`moejax.model.grouped_matmul`): pairs sorted into
   blocks of one expert, each block times its expert's weights read in place; at most pairs + El (block - 1)
   rows of work. Triton kernels on GPU; Pallas' interpret mode elsewhere (exact, slow: for tests).
-- ``"native"``: one call per layer to `moejax.native.moe_swiglu` (CPU, float32): every routed
+- ``"native"``: one call per layer to `moejax.native.moe_swiglu` (CPU, float32 or bfloat16): every routed
   expert on exactly its rows, its weights read in place, on XLA's intra-op threads; a row's result
   does not depend on the other rows. Needs the native kernels (built by the package's install).
 - ``"auto"``: chosen per backend, dtype and token count by `choose_strategy` (one place).
@@ -145,7 +145,7 @@ def choose_strategy(strategy: str, num_tokens: int, backend: str | None = None, 
                     pallas_ok: bool = False) -> str:
     """The dispatch strategy to run for `num_tokens` local tokens: the one place "auto" is decided.
 
-    CPU (measured, docs/benchmarks.md): "native" wherever it runs (`native_ok`: kernels built and on, float32):
+    CPU (measured, docs/benchmarks.md): "native" wherever it runs (`native_ok`: kernels built and on, f32 or bf16):
     faster than "loop" at decode batch 1-64 and prefill 64-4096 tokens (docs/benchmarks.md, 2026-12-06); else
     "loop", which reads only routed experts in place of a stacked copy (its FLOPs: `row_caps`). GPU: "pallas" where
     its tiles fit the widths (`pallas_ok`: D and the local F multiples of 16), the grouped GEMM, reading each routed
@@ -184,7 +184,7 @@ def _strategy_fn(strategy: str, x_MD, w, act: tuple = SILU):
     pallas_ok = grouped_matmul.supported(x_MD.shape[1], w[0].shape[-1])
     chosen = choose_strategy(strategy, x_MD.shape[0], native.platform(x_MD), ok, pallas_ok)  # the mesh's platform
     if chosen == "native" and not ok:  # asked for by name (Parallelism.checked saw the backend and the build)
-        raise ValueError(f"MoE dispatch 'native' runs float32 only; this model's activations/weights are "
+        raise ValueError(f"MoE dispatch 'native' runs float32 or bfloat16 only; this model's activations/weights are "
                          f"{x_MD.dtype}/{w[0].dtype}: use dispatch 'auto' or 'loop'")
     return _STRATEGY_FNS[chosen]
 

@@ -302,10 +302,11 @@ class Transformer(nnx.Module):
         with jax.named_scope("unembed"):
             if self.cfg.tie_word_embeddings:
                 logits_V = jnp.einsum("...D,VD->...V", x_D, self.embed[...])
-            elif math.prod(x_D.shape[:-1]) == 1:
-                # One row: XLA's matrix-vector product streams the [D, V] table about twice as fast as the native
-                # kernel (0.54x native at [512, 32000], 2026-12-06, 2-vCPU Zen 5, moejax.native's measurements);
-                # from two rows on the native kernel is faster (1.1-1.4x).
+            elif math.prod(x_D.shape[:-1]) == 1 and x_D.dtype == jnp.float32:
+                # One float32 row: XLA's matrix-vector product streams the [D, V] table about twice as fast as the
+                # native kernel (0.54x native at [512, 32000], 2026-12-06, 2-vCPU Zen 5, moejax.native's
+                # measurements); from two rows on the native kernel is faster (1.1-1.4x). Not in bfloat16: XLA
+                # converts the whole table to float32 every step, the native kernel reads half the bytes.
                 logits_V = x_D @ self.unembed[...]
             else:
                 logits_V = project(x_D, self.unembed)

@@ -11,6 +11,24 @@ GQA over the paged KV cache reading each query's own keys in place, where the XL
 whole page window and masks copies of it.
 `argmax` is each row's first maximum and finiteness in one pass.
 
+Operands: every kernel takes float32 or bfloat16 (`DTYPES`; a call's float operands all one of them, `runs`), the
+result in the operands' dtype. bfloat16 is the float32 arithmetic on the values widened in registers as they
+are loaded (exact: a 16-bit shift), each output element rounded once to bfloat16 (round to nearest even, as XLA's
+convert): a bfloat16 call equals the float32 kernel on the widened operands, then `astype(bfloat16)`, bit for bit,
+on every ISA variant (tests/test_native_bf16.py); intermediates (the MoE layer's hidden activations, attention's
+scores) stay float32. Why hand-written: XLA:CPU runs bfloat16 dots 25-50x slower than float32 on a 2-vCPU Zen 5
+host (bench-moe-100m decode at batch 1: TPOT 99.7 ms in bfloat16 against 5.6 ms in float32; vLLM's CPU build in
+bfloat16: 7.6 ms); its flags (oneDNN, XNNPACK, YNNPACK) do not change that, PyPI `mkl`'s bfloat16 GEMM converts
+to float32 and runs at sgemm speed, and scipy-openblas has no sbgemm (measured 2026-12). Why widen rather than
+AVX512_BF16's `vdpbf16ps`: decode is bound by reading the weights, and half the bytes is the whole gain there
+(1.7-1.9x the float32 kernels' speed at 1-32 rows, `moejax.bench.native_vs_xla --dtype bfloat16`); prefill runs
+from packed float32 panels (widened while packing) at the float32 kernels' speed, exact, and the same bits on the
+x86-64-v4 and x86-64-v3 variants. `vdpbf16ps` (2x the multiply-adds per instruction for compute-bound prefill)
+would need x rounded to bfloat16 (the MoE layer's float32 hidden activations too), weights interleaved in K
+pairs, and would lose both properties; not built. Weight-only int8 (`moejax.quant`) would ride on the same
+micro-kernel: an int8 `load` (vpmovsxbd + vcvtdq2ps) and a per-column scale applied to the float32 accumulators
+before the store; today a quantized weight is dequantized into x's dtype first (`moejax.model.layers.project`).
+
 The shared library is built by the package's own build (setup.py, optional: a machine without a
 compiler installs without it). `available()` says whether it was built, loads, and is enabled:
 MOEJAX_NATIVE=0 forces the XLA path (CI runs both), MOEJAX_NATIVE=1 or unset enables the kernels.
@@ -144,9 +162,14 @@ def mesh_platform(mesh) -> str | None:
     return device.platform if device is not None and device.platform else None
 
 
+DTYPES = (jnp.float32, jnp.bfloat16)  # the operand types the kernels take (all of a call's operands one of them)
+
+
 def runs(*arrays) -> bool:
-    """Whether a native kernel takes these operands: kernels available, a CPU program (`platform`), all float32."""
-    return all(a.dtype == jnp.float32 for a in arrays) and platform(*arrays) == "cpu" and available()
+    """Whether a native kernel takes these operands: kernels available, a CPU program (`platform`), all float32 or
+    all bfloat16 (mixed: no)."""
+    dtypes = {jnp.dtype(a.dtype) for a in arrays}
+    return len(dtypes) == 1 and dtypes <= set(map(jnp.dtype, DTYPES)) and platform(*arrays) == "cpu" and available()
 
 
 def _require():
@@ -158,13 +181,14 @@ def moe_swiglu(x_MD, gate_MX, local_MX, wg, wu, wd, layer, max_threads: int = 0)
     """Sum over routes (e, g) of each row with e a local expert: g * SwiGLU_e(x), for layer `layer`.
 
     Args:
-      x_MD: float32 [M, D] rows. gate_MX: float32 [M, X] route weights. local_MX: int32 [M, X]
-        local expert ids; any id outside [0, E) is not on this shard (skipped).
-      wg, wu: float32 [L, E, D, F]; wd: [L, E, F, D]: the whole stacked local weights (read in place).
+      x_MD: float32 or bfloat16 [M, D] rows. gate_MX: [M, X] route weights (used in float32). local_MX: int32
+        [M, X] local expert ids; any id outside [0, E) is not on this shard (skipped).
+      wg, wu: [L, E, D, F]; wd: [L, E, F, D], x's dtype: the whole stacked local weights (read in place).
       layer: int32 scalar, may be traced; clamps like `lax.dynamic_slice`.
       max_threads: at most this many of XLA's intra-op threads (0: all).
     Returns:
-      float32 [M, D] (rows with no local route are zero). Within one ISA variant (`isa`) each element is
+      [M, D] in x's dtype (rows with no local route are zero; bfloat16: the hidden activations float32, each output
+      rounded once). Within one ISA variant (`isa`) each element is
       one fixed sequence of operations whatever else is in the batch and however many threads run it: a
       row's result does not depend on the other rows, bit for bit.
     """
@@ -176,9 +200,10 @@ def moe_swiglu(x_MD, gate_MX, local_MX, wg, wu, wd, layer, max_threads: int = 0)
 
 
 def matmul(x_RK, w_LKN, layer=0, max_threads: int = 0):
-    """float32 x_RK @ w_LKN[layer] on the native micro-kernel, the weight read in place (no slice copy);
-    columns split over XLA's intra-op threads. w may also be [K, N] (layer ignored). A row's result does not
-    depend on the other rows (bit for bit, within one ISA variant)."""
+    """x_RK @ w_LKN[layer] (both float32, or both bfloat16: float32 sums rounded once) on the native
+    micro-kernel, the weight read in place (no slice copy); columns split over XLA's intra-op threads. w may also
+    be [K, N] (layer ignored). A row's result does not depend on the other rows (bit for bit, within one ISA
+    variant)."""
     _require()
     w_LKN = w_LKN[None] if w_LKN.ndim == 2 else w_LKN
     call = jax.ffi.ffi_call("moejax_matmul", jax.ShapeDtypeStruct((x_RK.shape[0], w_LKN.shape[2]), x_RK.dtype))
@@ -191,11 +216,11 @@ def paged_attention(q_BTNH, k_pool, v_pool, layer, page_table_BP, pos_BT, window
     """Causal GQA of queries q_BTNH at positions pos_BT over the paged pools' layer `layer`.
 
     Args:
-      q_BTNH: float32 [B, T, N, H] (RoPE applied). k_pool, v_pool: float32 [L, P, page, K, H], the
-        new tokens already written. page_table_BP: int32 [B, pages]. pos_BT: int32 (< 0: padding).
+      q_BTNH: float32 or bfloat16 [B, T, N, H] (RoPE applied). k_pool, v_pool: [L, P, page, K, H] in q's
+        dtype, the new tokens already written. page_table_BP: int32 [B, pages]. pos_BT: int32 (< 0: padding).
       window: sliding window (keys with q_pos - k_pos < window), None for none.
     Returns:
-      float32 [B, T, N, H]: softmax(q k / sqrt(H)) v over the keys at positions [0, q_pos] (within the
+      [B, T, N, H] in q's dtype: softmax(q k / sqrt(H)) v over the keys at positions [0, q_pos] (within the
       window) of the row's own pages; padding queries give zeros. Equal to `attention.attend` on the
       gathered pages up to float rounding.
 
@@ -212,7 +237,7 @@ def paged_attention(q_BTNH, k_pool, v_pool, layer, page_table_BP, pos_BT, window
 
 
 def argmax(x_BV, max_threads: int = 0):
-    """(index [B] int32, finite [B] bool) of float32 x_BV [B, V]: the first maximum of each row (the
+    """(index [B] int32, finite [B] bool) of float32 or bfloat16 x_BV [B, V]: the first maximum of each row (the
     first NaN where it has one: `jnp.argmax`), and whether the row is all finite.
 
     Under a mesh, each device's rows are done where they are (a `shard_map` over x's row sharding):

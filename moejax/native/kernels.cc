@@ -39,6 +39,16 @@
 // NaN row stays in its own row. tests/test_native.py checks this bitwise for every variant the host runs.
 // Across variants, see "ISA variants".
 //
+// Element types: every kernel takes float32 or bfloat16 operands (one handler per kernel, dispatching on the
+// buffers' type: ffi::AnyBuffer), all of one type. bfloat16 values are widened to float32 as they are loaded
+// (`load`, `widen`: exact, a 16-bit shift) and everything runs in float32 on the same micro-kernel (the weights'
+// element type is a template parameter of the register tile; x is widened into a float copy, tiny next to the
+// weights); each output element is rounded once to bfloat16 (`narrow`: to nearest even, as XLA's convert). So a
+// bfloat16 call is the float32 kernel on the widened operands, rounded, bit for bit, on every variant. Decode
+// reads half the weight bytes (bench-moe-100m, one AVX-512 host: 1.7-1.9x the float32 kernels at 1-32 rows);
+// prefill packs widened float32 panels and runs at the float32 kernels' speed. See moejax/native/__init__.py for
+// why not AVX512_BF16's vdpbf16ps.
+//
 // Micro-kernel: a register tile of R rows x NV vectors of W floats over a K block; per k, NV weight
 // vectors loaded once and multiply-added into every row. At most kPackRows rows (decode), the weights are
 // streamed in place; above, GotoBLAS-style packed weight panels (gemm_packed), the next one prefetched while
@@ -64,6 +74,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -87,6 +98,8 @@ template <int W>
 struct Vec {
   typedef float f __attribute__((vector_size(W * 4)));
   typedef int32_t i __attribute__((vector_size(W * 4)));
+  typedef uint32_t u __attribute__((vector_size(W * 4)));
+  typedef uint16_t h __attribute__((vector_size(W * 2)));  // W bf16
 };
 
 constexpr int64_t kV = 64;        // column granularity of work items: a multiple of every W, so only a
@@ -124,15 +137,64 @@ template <int W, int R>
 constexpr int kVectorsOf = W == 16 ? (R <= 3 ? 8 : R == 4 ? 6 : R <= 6 ? 4 : 3)
                                    : (R == 1 ? 6 : R == 2 ? 4 : R == 3 ? 3 : 2);
 
+// bfloat16, as its bits (XLA FFI's BF16 native type). Every kernel is a template on the element type T of its
+// operands, float or bf16; the arithmetic is float32 on the values widened exactly (`widen`, `load`: a 16-bit
+// shift), each output element rounded once to bf16 (`narrow`).
+typedef uint16_t bf16;
+
 template <int W>
 MOEJAX_INLINE typename Vec<W>::f load(const float* p) {
   typename Vec<W>::f v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
+// W bf16 values widened to float32: zero-extended to 32 bits and shifted into the high half (vpmovzxwd +
+// vpslld), exact.
+template <int W>
+MOEJAX_INLINE typename Vec<W>::f load(const bf16* p) {
+  typename Vec<W>::h h;
+  std::memcpy(&h, p, sizeof h);
+  return reinterpret_cast<typename Vec<W>::f>(__builtin_convertvector(h, typename Vec<W>::u) << 16);
+}
 template <int W>
 MOEJAX_INLINE void store(float* p, typename Vec<W>::f v) {
   std::memcpy(p, &v, sizeof v);
+}
+
+MOEJAX_INLINE float widen(float v) { return v; }
+MOEJAX_INLINE float widen(bf16 h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// float32 -> bfloat16, round to nearest even (as XLA's convert); a NaN becomes the quiet NaN of its sign.
+MOEJAX_INLINE bf16 narrow(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16>(((bits >> 16) & 0x8000u) | 0x7fc0u);
+  return static_cast<bf16>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// out[0, n) = in[0, n) in T: copied (float) or each rounded once (bf16).
+template <typename T>
+MOEJAX_INLINE void store_row(T* __restrict out, const float* __restrict in, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(out, in, sizeof(float) * n);
+  } else {
+    for (int64_t j = 0; j < n; ++j) out[j] = narrow(in[j]);
+  }
+}
+
+// in[0, n) widened into out (float: copied).
+template <typename T>
+MOEJAX_INLINE void widen_row(float* __restrict out, const T* __restrict in, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(out, in, sizeof(float) * n);
+  } else {
+    for (int64_t j = 0; j < n; ++j) out[j] = widen(in[j]);
+  }
 }
 
 // How a register tile reads its weights: in place (prefetching its own rows kPrefetchRows ahead),
@@ -141,12 +203,13 @@ MOEJAX_INLINE void store(float* p, typename Vec<W>::f v) {
 enum class Read { kInPlace, kPacking, kPacked };
 
 // y[R, NV * W] (+)= x[R, K] @ w[K, NV * W]; acc reloaded from y when `accumulate` (a later K block).
-// kPacking also stores the weights it reads into pack [K, NV * W]; kPacked prefetches one line of
-// pf + k * pf_ld per k (none when pf is null).
-template <int W, int R, int NV, Read How = Read::kInPlace>
-MOEJAX_INLINE void tile(const float* __restrict x, int64_t ldx, const float* __restrict w, int64_t ldw, int64_t K,
+// w's elements T (float or bf16, widened as loaded: the one micro-kernel for both). kPacking also stores the
+// weights it reads, widened, into pack [K, NV * W]; kPacked prefetches one line at byte pf + k * pf_ld per k
+// (none when pf is null).
+template <int W, int R, int NV, Read How = Read::kInPlace, typename T = float>
+MOEJAX_INLINE void tile(const float* __restrict x, int64_t ldx, const T* __restrict w, int64_t ldw, int64_t K,
                         float* __restrict y, int64_t ldy, bool accumulate, float* __restrict pack = nullptr,
-                        const float* pf = nullptr, int64_t pf_ld = 0) {
+                        const char* pf = nullptr, int64_t pf_ld = 0) {
   typedef typename Vec<W>::f vf;
   vf acc[R][NV];
 #pragma GCC unroll 8
@@ -154,7 +217,7 @@ MOEJAX_INLINE void tile(const float* __restrict x, int64_t ldx, const float* __r
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) acc[r][j] = accumulate ? load<W>(y + r * ldy + j * W) : vf{};
   for (int64_t k = 0; k < K; ++k) {
-    const float* __restrict wk = w + k * ldw;
+    const T* __restrict wk = w + k * ldw;
     vf wv[NV];
     if constexpr (How == Read::kPacked) {
       if (pf != nullptr) __builtin_prefetch(pf + k * pf_ld, 0, 2);
@@ -162,7 +225,7 @@ MOEJAX_INLINE void tile(const float* __restrict x, int64_t ldx, const float* __r
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) {
       if constexpr (How != Read::kPacked) {
-        if (j * W % 16 == 0) __builtin_prefetch(wk + kPrefetchRows * ldw + j * W);  // one per cache line
+        if (j * W * sizeof(T) % 64 == 0) __builtin_prefetch(wk + kPrefetchRows * ldw + j * W);  // one per line
       }
       wv[j] = load<W>(wk + j * W);
       if constexpr (How == Read::kPacking) store<W>(pack + (k * NV + j) * W, wv[j]);
@@ -185,8 +248,8 @@ MOEJAX_INLINE void tile(const float* __restrict x, int64_t ldx, const float* __r
 // The last n < W columns (N not a multiple of W): the tiles' arithmetic on one zero-padded vector per row, so
 // each element is the same sequence of multiply-adds as in a tile (fused or not as the tiles' are; a scalar
 // loop here was compiled as products rounded, then added in order, against the tiles' FMAs).
-template <int W>
-MOEJAX_INLINE void tail(const float* __restrict x, int64_t ldx, int64_t R, const float* __restrict w, int64_t ldw,
+template <int W, typename T>
+MOEJAX_INLINE void tail(const float* __restrict x, int64_t ldx, int64_t R, const T* __restrict w, int64_t ldw,
                         int64_t K, int64_t n, float* __restrict y, int64_t ldy, bool accumulate) {
   typedef typename Vec<W>::f vf;
   for (int64_t r = 0; r < R; ++r) {
@@ -194,7 +257,7 @@ MOEJAX_INLINE void tail(const float* __restrict x, int64_t ldx, int64_t R, const
     for (int64_t j = 0; accumulate && j < n; ++j) acc[j] = y[r * ldy + j];
     for (int64_t k = 0; k < K; ++k) {
       vf wv{};
-      for (int64_t j = 0; j < n; ++j) wv[j] = w[k * ldw + j];
+      for (int64_t j = 0; j < n; ++j) wv[j] = widen(w[k * ldw + j]);
       acc += x[r * ldx + k] * wv;
     }
     for (int64_t j = 0; j < n; ++j) y[r * ldy + j] = acc[j];
@@ -202,13 +265,13 @@ MOEJAX_INLINE void tail(const float* __restrict x, int64_t ldx, int64_t R, const
 }
 
 // One row tile of R rows across N columns, one K block.
-template <int W, int R>
-MOEJAX_INLINE void row_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, int64_t N,
+template <int W, int R, typename T>
+MOEJAX_INLINE void row_tile(const float* x, int64_t ldx, const T* w, int64_t ldw, int64_t K, int64_t N,
                             float* y, int64_t ldy, bool acc) {
   constexpr int NV = kVectorsOf<W, R>;
   int64_t n = 0;
-  for (; n + NV * W <= N; n += NV * W) tile<W, R, NV>(x, ldx, w + n, ldw, K, y + n, ldy, acc);
-  for (; n + W <= N; n += W) tile<W, R, 1>(x, ldx, w + n, ldw, K, y + n, ldy, acc);  // remaining vectors
+  for (; n + NV * W <= N; n += NV * W) tile<W, R, NV, Read::kInPlace, T>(x, ldx, w + n, ldw, K, y + n, ldy, acc);
+  for (; n + W <= N; n += W) tile<W, R, 1, Read::kInPlace, T>(x, ldx, w + n, ldw, K, y + n, ldy, acc);  // the rest
   if (n < N) tail<W>(x, ldx, R, w + n, ldw, K, N - n, y + n, ldy, acc);
 }
 
@@ -226,8 +289,8 @@ MOEJAX_INLINE int64_t tile_rows(int64_t left, int64_t rows) {
   return left > rows && left < 2 * rows ? (left + 1) / 2 : std::min(rows, left);
 }
 
-template <int W>
-MOEJAX_INLINE void row_tiles(const float* x, int64_t ldx, int64_t R, const float* w, int64_t ldw, int64_t K,
+template <int W, typename T>
+MOEJAX_INLINE void row_tiles(const float* x, int64_t ldx, int64_t R, const T* w, int64_t ldw, int64_t K,
                              int64_t N, float* y, int64_t ldy, bool acc) {
   constexpr int64_t rows = kRowsOf<W>;
   for (int64_t r0 = 0, n; r0 < R; r0 += n) {
@@ -249,8 +312,8 @@ MOEJAX_INLINE void row_tiles(const float* x, int64_t ldx, int64_t R, const float
 
 // Few rows (decode, at most kPackRows): each K block's weight rows are streamed from memory once, in place, for every
 // row tile while they sit in L1/L2.
-template <int W>
-MOEJAX_INLINE void gemm_few(const float* x, int64_t ldx, int64_t R, const float* w, int64_t ldw, int64_t K,
+template <int W, typename T>
+MOEJAX_INLINE void gemm_few(const float* x, int64_t ldx, int64_t R, const T* w, int64_t ldw, int64_t K,
                             int64_t N, float* y, int64_t ldy) {
   for (int64_t k0 = 0; k0 < K; k0 += kFewRowsKBlock) {
     row_tiles<W>(x + k0, ldx, R, w + k0 * ldw, ldw, std::min(kFewRowsKBlock, K - k0), N, y, ldy, k0 > 0);
@@ -260,24 +323,27 @@ MOEJAX_INLINE void gemm_few(const float* x, int64_t ldx, int64_t R, const float*
 // One row tile of n rows across a panel's register tiles: kPacking reads the weights in place from w
 // and copies them into pack (each register tile's columns as [kb, NV * W]); kPacked reads pack and
 // prefetches one line per k of pf (stride pf_ld) for each register tile t, at column offset t * TW.
-template <int W, int NV, Read How>
-MOEJAX_INLINE void panel_row(const float* x, int64_t ldx, int64_t n, const float* w, int64_t ldw, float* pack,
-                             int64_t kb, int64_t tiles, float* y, int64_t ldy, bool acc, const float* pf,
+// w and pf: the weights' elements T (kPacking reads w; the panel itself is float); pf_ld in bytes.
+template <int W, int NV, Read How, typename T>
+MOEJAX_INLINE void panel_row(const float* x, int64_t ldx, int64_t n, const T* w, int64_t ldw, float* pack,
+                             int64_t kb, int64_t tiles, float* y, int64_t ldy, bool acc, const T* pf,
                              int64_t pf_ld) {
   constexpr int64_t TW = NV * W;
+  typedef std::conditional_t<How == Read::kPacking, T, float> S;  // what the register tiles read
   for (int64_t t = 0; t < tiles; ++t) {
     float* pt = pack + t * kb * TW;
-    const float* src = How == Read::kPacking ? w + t * TW : pt;
+    const S* src;
+    if constexpr (How == Read::kPacking) src = w + t * TW; else src = pt;
     const int64_t ld = How == Read::kPacking ? ldw : TW;
-    const float* pft = pf == nullptr ? nullptr : pf + t * TW;
+    const char* pft = pf == nullptr ? nullptr : reinterpret_cast<const char*>(pf + t * TW);
     float* yt = y + t * TW;
     switch (n) {
-      case 6: tile<W, 6, NV, How>(x, ldx, src, ld, kb, yt, ldy, acc, pt, pft, pf_ld); break;
-      case 5: tile<W, 5, NV, How>(x, ldx, src, ld, kb, yt, ldy, acc, pt, pft, pf_ld); break;
-      case 4: tile<W, 4, NV, How>(x, ldx, src, ld, kb, yt, ldy, acc, pt, pft, pf_ld); break;
-      case 3: tile<W, 3, NV, How>(x, ldx, src, ld, kb, yt, ldy, acc, pt, pft, pf_ld); break;
-      case 2: tile<W, 2, NV, How>(x, ldx, src, ld, kb, yt, ldy, acc, pt, pft, pf_ld); break;
-      default: tile<W, 1, NV, How>(x, ldx, src, ld, kb, yt, ldy, acc, pt, pft, pf_ld); break;
+      case 6: tile<W, 6, NV, How, S>(x, ldx, src, ld, kb, yt, ldy, acc, pt, pft, pf_ld); break;
+      case 5: tile<W, 5, NV, How, S>(x, ldx, src, ld, kb, yt, ldy, acc, pt, pft, pf_ld); break;
+      case 4: tile<W, 4, NV, How, S>(x, ldx, src, ld, kb, yt, ldy, acc, pt, pft, pf_ld); break;
+      case 3: tile<W, 3, NV, How, S>(x, ldx, src, ld, kb, yt, ldy, acc, pt, pft, pf_ld); break;
+      case 2: tile<W, 2, NV, How, S>(x, ldx, src, ld, kb, yt, ldy, acc, pt, pft, pf_ld); break;
+      default: tile<W, 1, NV, How, S>(x, ldx, src, ld, kb, yt, ldy, acc, pt, pft, pf_ld); break;
     }
   }
 }
@@ -288,15 +354,17 @@ MOEJAX_INLINE void panel_row(const float* x, int64_t ldx, int64_t n, const float
 // (a power-of-two stride maps a panel's rows onto a few cache sets: 512-float rows ran at 190 against
 // 228 GFLOP/s for 576 on one AVX-512 core, 2026-12-03). Columns past the last whole register tile
 // run in place.
-template <int W>
-MOEJAX_INLINE void gemm_packed(const float* x, int64_t ldx, int64_t R, const float* w, int64_t ldw, int64_t K,
+template <int W, typename T>
+MOEJAX_INLINE void gemm_packed(const float* x, int64_t ldx, int64_t R, const T* w, int64_t ldw, int64_t K,
                                int64_t N, float* y, int64_t ldy) {
   constexpr int NV = kVectorsOf<W, kPackedRows>;
   constexpr int64_t TW = NV * W;
   const int64_t full = N / TW * TW;
   thread_local std::vector<float> pbuf;
   float* pack = scratch(pbuf, kGemmKBlock * kGemmColTiles * TW);
-  constexpr int64_t kLines = TW * sizeof(float) / 64;  // cache lines per weight row of a register tile
+  // Cache lines per weight row of a register tile (bf16 at W = 8: half a line, the next tile's other half).
+  constexpr int64_t kLines = std::max<int64_t>(1, TW * sizeof(T) / 64);
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
   for (int64_t c0 = 0; c0 < full; c0 += kGemmColTiles * TW) {
     const int64_t tiles = std::min(kGemmColTiles * TW, full - c0) / TW;
     for (int64_t k0 = 0; k0 < K; k0 += kGemmKBlock) {
@@ -307,17 +375,17 @@ MOEJAX_INLINE void gemm_packed(const float* x, int64_t ldx, int64_t R, const flo
       // the first row tile then packs from L2 instead of waiting on memory (one AVX-512 core, a MoE
       // layer of bench-moe-100m at 256 tokens, weights from memory: 152 -> 189 GFLOP/s; the same
       // expert's weights every time, cache-resident: 195-220).
-      const float* next = k0 + kb < K ? w + (k0 + kb) * ldw + c0
+      const T* next = k0 + kb < K ? w + (k0 + kb) * ldw + c0
                           : c0 + kGemmColTiles * TW < full ? w + c0 + kGemmColTiles * TW : nullptr;
       const int64_t first = tile_rows(R, kPackedRows);  // the first row tile packs the panel as it reads it
-      panel_row<W, NV, Read::kPacking>(x + k0, ldx, first, w + k0 * ldw + c0, ldw, pack, kb, tiles, y + c0, ldy,
-                                       acc, nullptr, 0);
+      panel_row<W, NV, Read::kPacking, T>(x + k0, ldx, first, w + k0 * ldw + c0, ldw, pack, kb, tiles, y + c0,
+                                          ldy, acc, nullptr, 0);
       int64_t i = 0;
       for (int64_t r0 = first, n; r0 < R; r0 += n, ++i) {
         n = tile_rows(R - r0, kPackedRows);
-        const float* pf = next != nullptr && i < kLines ? next + i * 16 : nullptr;
-        panel_row<W, NV, Read::kPacked>(x + r0 * ldx + k0, ldx, n, nullptr, 0, pack, kb, tiles, y + r0 * ldy + c0,
-                                        ldy, acc, pf, ldw);
+        const T* pf = next != nullptr && i < kLines ? next + i * kLine : nullptr;
+        panel_row<W, NV, Read::kPacked, T>(x + r0 * ldx + k0, ldx, n, nullptr, 0, pack, kb, tiles,
+                                           y + r0 * ldy + c0, ldy, acc, pf, ldw * sizeof(T));
       }
     }
   }
@@ -329,8 +397,8 @@ MOEJAX_INLINE void gemm_packed(const float* x, int64_t ldx, int64_t R, const flo
   }
 }
 
-template <int W>
-MOEJAX_INLINE void gemm_w(const float* x, int64_t ldx, int64_t R, const float* w, int64_t ldw, int64_t K,
+template <int W, typename T>
+MOEJAX_INLINE void gemm_w(const float* x, int64_t ldx, int64_t R, const T* w, int64_t ldw, int64_t K,
                           int64_t N, float* y, int64_t ldy) {
   if (K == 0) {
     for (int64_t r = 0; r < R; ++r) std::memset(y + r * ldy, 0, sizeof(float) * N);
@@ -363,13 +431,15 @@ MOEJAX_INLINE float exp_approx(float t) {
   return p * scale;
 }
 
-// y[R, N] = x[R, K] @ w[K, N] (row strides ldx, ldw, ldy): one variant's gemm_w.
-using GemmFn = void (*)(const float* x, int64_t ldx, int64_t R, const float* w, int64_t ldw, int64_t K, int64_t N,
+// y[R, N] = x[R, K] @ w[K, N] (row strides ldx, ldw, ldy), float x and y, weights T: one variant's gemm_w.
+template <typename T>
+using GemmFn = void (*)(const float* x, int64_t ldx, int64_t R, const T* w, int64_t ldw, int64_t K, int64_t N,
                         float* y, int64_t ldy);
 
 // Columns [f0, f0 + nf) of H [rows, F]: silu(X @ wg) * (X @ wu) on those columns of wg and wu [D, F] (X [rows, D]).
-MOEJAX_INLINE void up_item(GemmFn gemm, const float* X, int64_t rows, int64_t D, int64_t F, const float* wg,
-                           const float* wu, int64_t f0, int64_t nf, float* H) {
+template <typename T>
+MOEJAX_INLINE void up_item(GemmFn<T> gemm, const float* X, int64_t rows, int64_t D, int64_t F, const T* wg,
+                           const T* wu, int64_t f0, int64_t nf, float* H) {
   thread_local std::vector<float> gbuf, ubuf;
   float* g = scratch(gbuf, rows * nf);
   float* u = scratch(ubuf, rows * nf);
@@ -409,8 +479,8 @@ MOEJAX_INLINE typename Vec<W>::f hsums(typename Vec<W>::f* v) {
 
 // out[j] = q . keys[j][0, H) for j < W: per lane multiply-adds over h (W at a time), hsums' tree, then the
 // h past the last whole vector in order.
-template <int W>
-MOEJAX_INLINE void dots(const float* __restrict q, const float* const* keys, int64_t H, float* out) {
+template <int W, typename T>
+MOEJAX_INLINE void dots(const float* __restrict q, const T* const* keys, int64_t H, float* out) {
   typedef typename Vec<W>::f vf;
   vf p[W];
 #pragma GCC unroll 16
@@ -423,7 +493,7 @@ MOEJAX_INLINE void dots(const float* __restrict q, const float* const* keys, int
   }
   store<W>(out, hsums<W>(p));
   for (; h < H; ++h) {
-    for (int j = 0; j < W; ++j) out[j] += q[h] * keys[j][h];
+    for (int j = 0; j < W; ++j) out[j] += q[h] * widen(keys[j][h]);
   }
 }
 
@@ -463,27 +533,40 @@ void run_job(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, int64_t max
   job->run();
 }
 
+template <typename T>
 struct AttentionJob;
+template <typename T>
 struct ArgmaxJob;
 
-// One ISA variant's entry points (MOEJAX_VARIANT, below): a call takes its variant once (`kernels()`) and
-// runs every item on it.
+// One ISA variant's entry points for operands of element type T (MOEJAX_VARIANT, below).
+template <typename T>
+struct Ops {
+  GemmFn<T> gemm;
+  void (*up)(const float* X, int64_t rows, int64_t D, int64_t F, const T* wg, const T* wu, int64_t f0, int64_t nf,
+             float* H);
+  void (*attention)(const AttentionJob<T>& job, int64_t b, int64_t k);
+  void (*argmax)(const ArgmaxJob<T>& job, int64_t b);
+};
+
+// One ISA variant: a call takes its variant once (`kernels()`) and runs every item on it.
 struct Kernels {
   const char* name;  // "v4", "v3", "baseline": MOEJAX_NATIVE_ISA's values
-  GemmFn gemm;
-  void (*up)(const float* X, int64_t rows, int64_t D, int64_t F, const float* wg, const float* wu, int64_t f0,
-             int64_t nf, float* H);
-  void (*attention)(const AttentionJob& job, int64_t b, int64_t k);
-  void (*argmax)(const ArgmaxJob& job, int64_t b);
+  Ops<float> f32;
+  Ops<bf16> b16;
+  template <typename T>
+  const Ops<T>* of() const {
+    if constexpr (std::is_same_v<T, float>) return &f32; else return &b16;
+  }
 };
 
 // ---- paged attention ----
 
+template <typename El>
 struct AttentionJob final : Job {
-  const Kernels* kernels;
-  const float *q, *kpool, *vpool;  // kpool/vpool: this layer's [P, ps, K, H]
+  const Ops<El>* kernels;
+  const El *q, *kpool, *vpool;  // kpool/vpool: this layer's [P, ps, K, H]
   const int32_t *table, *pos;
-  float* o;
+  El* o;
   int64_t B, T, N, K, H, P, ps, MP, window;
   float scale;
 
@@ -515,7 +598,7 @@ struct AttentionJob final : Job {
   template <int W>
   MOEJAX_INLINE void scores(const int64_t* off, const float* qb, int64_t S, float* sc) const {
     const int64_t G = N / K;
-    const float* keys[W];
+    const El* keys[W];
     float out[W];
     for (int64_t s0 = 0; s0 < S; s0 += W) {
       const int64_t n = std::min<int64_t>(W, S - s0);
@@ -541,7 +624,7 @@ struct AttentionJob final : Job {
       for (; h0 + kBlock <= H; h0 += kBlock) {
         vf a[4] = {};
         for (int64_t j = 0; j < S; ++j) {
-          const float* v = vpool + off[j] + h0;
+          const El* v = vpool + off[j] + h0;
           const float w = wg[j];
 #pragma GCC unroll 4
           for (int i = 0; i < 4; ++i) a[i] += w * load<W>(v + i * W);
@@ -552,9 +635,9 @@ struct AttentionJob final : Job {
       if (h0 < H) {
         for (int64_t h = h0; h < H; ++h) ag[h] = 0.0f;
         for (int64_t j = 0; j < S; ++j) {
-          const float* v = vpool + off[j];
+          const El* v = vpool + off[j];
           const float w = wg[j];
-          for (int64_t h = h0; h < H; ++h) ag[h] += w * v[h];
+          for (int64_t h = h0; h < H; ++h) ag[h] += w * widen(v[h]);
         }
       }
     }
@@ -565,9 +648,10 @@ struct AttentionJob final : Job {
   template <int W>
   MOEJAX_INLINE void run(int64_t b, int64_t k) const {
     const int64_t G = N / K;
-    thread_local std::vector<float> sbuf, obuf;
+    thread_local std::vector<float> sbuf, obuf, qbuf;
     thread_local std::vector<int64_t> offsets;
     float* out_acc = scratch(obuf, G * H);
+    float* q_wide = scratch(qbuf, G * H);
     int64_t first, last_row;
     span(b, first, last_row);
     if (offsets.size() < static_cast<size_t>(std::max<int64_t>(0, last_row - first + 1))) {
@@ -576,15 +660,18 @@ struct AttentionJob final : Job {
     for (int64_t s = first; s <= last_row; ++s) offsets[s - first] = offset(b, k, s);
     for (int64_t t = 0; t < T; ++t) {
       const int64_t p = pos[b * T + t];
-      float* ob = o + ((b * T + t) * N + k * G) * H;
+      El* ob = o + ((b * T + t) * N + k * G) * H;
       if (p < 0 || lo_of(p) > last_of(p)) {  // padding (or no key to read): zeros
-        std::memset(ob, 0, sizeof(float) * G * H);
+        std::memset(ob, 0, sizeof(El) * G * H);
         continue;
       }
       const int64_t lo = lo_of(p), S = last_of(p) - lo + 1;
       const int64_t* off = offsets.data() + (lo - first);
       float* sc = scratch(sbuf, G * S);
-      scores<W>(off, q + ((b * T + t) * N + k * G) * H, S, sc);
+      const El* qt = q + ((b * T + t) * N + k * G) * H;
+      const float* qw;
+      if constexpr (std::is_same_v<El, float>) qw = qt; else widen_row(q_wide, qt, G * H), qw = q_wide;
+      scores<W>(off, qw, S, sc);
       for (int64_t g = 0; g < G; ++g) {
         float* sg = sc + g * S;
         float m = sg[0];
@@ -596,16 +683,17 @@ struct AttentionJob final : Job {
         for (int64_t j = 0; j < S; ++j) sg[j] *= inv;
       }
       values<W>(off, S, sc, out_acc);
-      std::memcpy(ob, out_acc, sizeof(float) * G * H);
+      store_row(ob, out_acc, G * H);
     }
   }
 };
 
 // ---- greedy: argmax and finiteness of each row ----
 
+template <typename T>
 struct ArgmaxJob final : Job {
-  const Kernels* kernels;
-  const float* x;
+  const Ops<T>* kernels;
+  const T* x;
   int32_t *index, *finite;
   int64_t V;
 
@@ -616,7 +704,7 @@ struct ArgmaxJob final : Job {
   MOEJAX_INLINE void row(int64_t b) const {
     typedef typename Vec<W>::f vf;
     typedef typename Vec<W>::i vi;
-    const float* xr = x + b * V;
+    const T* xr = x + b * V;
     const float neg_inf = -std::numeric_limits<float>::infinity();
     vf top = vf{} + neg_inf;
     vi odd{};  // lanes that saw inf or NaN (x - x is NaN exactly there)
@@ -629,10 +717,10 @@ struct ArgmaxJob final : Job {
     float m = neg_inf;
     bool nonfinite = false;
     for (int i = 0; i < W; ++i) m = std::max(m, top[i]), nonfinite |= odd[i] != 0;
-    for (; j < V; ++j) m = std::max(m, xr[j]), nonfinite |= !std::isfinite(xr[j]);
+    for (; j < V; ++j) m = std::max(m, widen(xr[j])), nonfinite |= !std::isfinite(widen(xr[j]));
     int64_t at = -1;
     if (nonfinite) {  // the first NaN, if any, wins
-      for (int64_t i = 0; i < V && at < 0; ++i) at = std::isnan(xr[i]) ? i : -1;
+      for (int64_t i = 0; i < V && at < 0; ++i) at = std::isnan(widen(xr[i])) ? i : -1;
     }
     if (at < 0) {
       for (j = 0; j + W <= V; j += W) {
@@ -641,7 +729,7 @@ struct ArgmaxJob final : Job {
         for (int i = 0; i < W; ++i) any |= hit[i] != 0;
         if (any) break;
       }
-      for (; j < V && xr[j] != m; ++j) {}
+      for (; j < V && widen(xr[j]) != m; ++j) {}
       at = j < V ? j : 0;
     }
     index[b] = static_cast<int32_t>(at);
@@ -655,17 +743,23 @@ struct ArgmaxJob final : Job {
 // code), and GCC compiles an inlined callee for its caller's target: each variant is a whole copy of the
 // vector code for its ISA.
 #define MOEJAX_VARIANT(NAME, TARGET, W)                                                                         \
-  TARGET __attribute__((noinline)) void gemm_##NAME(const float* x, int64_t ldx, int64_t R, const float* w,     \
+  template <typename T>                                                                                         \
+  TARGET __attribute__((noinline)) void gemm_##NAME(const float* x, int64_t ldx, int64_t R, const T* w,         \
                                                     int64_t ldw, int64_t K, int64_t N, float* y, int64_t ldy) { \
     gemm_w<W>(x, ldx, R, w, ldw, K, N, y, ldy);                                                                 \
   }                                                                                                             \
-  TARGET void up_##NAME(const float* X, int64_t rows, int64_t D, int64_t F, const float* wg, const float* wu,   \
+  template <typename T>                                                                                         \
+  TARGET void up_##NAME(const float* X, int64_t rows, int64_t D, int64_t F, const T* wg, const T* wu,           \
                         int64_t f0, int64_t nf, float* H) {                                                     \
-    up_item(gemm_##NAME, X, rows, D, F, wg, wu, f0, nf, H);                                                     \
+    up_item<T>(gemm_##NAME<T>, X, rows, D, F, wg, wu, f0, nf, H);                                               \
   }                                                                                                             \
-  TARGET void attention_##NAME(const AttentionJob& job, int64_t b, int64_t k) { job.run<W>(b, k); }            \
-  TARGET void argmax_##NAME(const ArgmaxJob& job, int64_t b) { job.row<W>(b); }                                \
-  constexpr Kernels k_##NAME = {#NAME, gemm_##NAME, up_##NAME, attention_##NAME, argmax_##NAME};
+  template <typename T>                                                                                         \
+  TARGET void attention_##NAME(const AttentionJob<T>& job, int64_t b, int64_t k) { job.template run<W>(b, k); } \
+  template <typename T>                                                                                         \
+  TARGET void argmax_##NAME(const ArgmaxJob<T>& job, int64_t b) { job.template row<W>(b); }                    \
+  template <typename T>                                                                                         \
+  constexpr Ops<T> ops_##NAME = {gemm_##NAME<T>, up_##NAME<T>, attention_##NAME<T>, argmax_##NAME<T>};          \
+  constexpr Kernels k_##NAME = {#NAME, ops_##NAME<float>, ops_##NAME<bf16>};
 
 #if MOEJAX_X86_VARIANTS
 MOEJAX_VARIANT(v4, __attribute__((target("arch=x86-64-v4"))), 16)
@@ -705,17 +799,18 @@ const Kernels* kernels() {
 
 // ---- MoE layer ----
 
+template <typename T>
 struct MoeJob final : Job {
-  const Kernels* kernels;
-  float* X;                   // the sorted pairs' rows [pairs, D] (gathered in phase 0)
-  const float *wg, *wu, *wd;  // this layer's [E, D, F] / [E, F, D] block
+  const Ops<T>* kernels;
+  float* X;               // the sorted pairs' rows [pairs, D] (gathered, widened, in phase 0)
+  const T *wg, *wu, *wd;  // this layer's [E, D, F] / [E, F, D] block
   float *H, *O;
   int64_t D, F;
   std::vector<int64_t> expert, start, count;  // routed experts only
   // Gather and combine (phases 0 and 3): x [tokens, D] and y [tokens, D] (the call's buffers); the
   // sorted pairs' tokens and gates; each (token, route)'s slot among the sorted pairs (-1: not here).
-  const float* x;
-  float* y;
+  const T* x;
+  T* y;
   int64_t tokens, routes, pairs;
   const int64_t *pair_token, *token_slot;
   const float* pair_gate;
@@ -752,7 +847,7 @@ struct MoeJob final : Job {
   void item(int phase, int64_t i) override {
     if (phase == 0) {  // gather: pairs [i * kRowsPerItem, ...) of the sorted pairs get their token's row
       for (int64_t r = i * kRowsPerItem; r < std::min(pairs, (i + 1) * kRowsPerItem); ++r) {
-        std::memcpy(X + r * D, x + pair_token[r] * D, sizeof(float) * D);
+        widen_row(X + r * D, x + pair_token[r] * D, D);
       }
     } else if (phase == 1) {
       const int64_t u = i / f_chunks, f0 = (i % f_chunks) * f_chunk;
@@ -774,48 +869,48 @@ struct MoeJob final : Job {
           for (; at > 0 && slots[at - 1] > slot; --at) slots[at] = slots[at - 1];
           slots[at] = slot;
         }
-        float* __restrict yr = y + m * D;
+        thread_local std::vector<float> rowbuf;
+        float* __restrict yr;
+        if constexpr (std::is_same_v<T, float>) yr = y + m * D; else yr = scratch(rowbuf, D);
         std::memset(yr, 0, sizeof(float) * D);
         for (int64_t a = 0; a < n; ++a) {
           const float* __restrict o = O + slots[a] * D;
           const float g = pair_gate[slots[a]];
           for (int64_t j = 0; j < D; ++j) yr[j] += g * o[j];
         }
+        if constexpr (!std::is_same_v<T, float>) store_row(y + m * D, yr, D);
       }
     }
   }
 };
 
-ffi::Error MoeSwigluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gate,
-                         ffi::Buffer<ffi::S32> experts, ffi::Buffer<ffi::F32> wg, ffi::Buffer<ffi::F32> wu,
-                         ffi::Buffer<ffi::F32> wd, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out,
-                         int64_t max_threads) {
-  const auto xd = x.dimensions(), rd = experts.dimensions(), gd = wg.dimensions(), ud = wu.dimensions(),
-             dd = wd.dimensions();
-  if (xd.size() != 2 || rd.size() != 2 || gate.dimensions().size() != 2 || gd.size() != 4 || ud.size() != 4 ||
-      dd.size() != 4) {
-    return ffi::Error::InvalidArgument("moe_swiglu: x [M, D], gate/experts [M, X], weights [L, E, ., .] expected");
-  }
-  const int64_t M = xd[0], D = xd[1], X = rd[1], L = gd[0], E = gd[1], F = gd[3];
-  if (rd[0] != M || gate.dimensions()[0] != M || gate.dimensions()[1] != X) {
-    return ffi::Error::InvalidArgument("moe_swiglu: gate and experts must both be [M, X] for x [M, D]");
-  }
-  for (int i = 0; i < 4; ++i) {
-    if (ud[i] != gd[i]) return ffi::Error::InvalidArgument("moe_swiglu: wg and wu shapes differ");
-  }
-  if (gd[2] != D || dd[0] != L || dd[1] != E || dd[2] != F || dd[3] != D || L == 0) {
-    return ffi::Error::InvalidArgument("moe_swiglu: wg [L, E, D, F], wd [L, E, F, D] (L >= 1) expected for x [M, D]");
-  }
-  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, L - 1);  // clamps like dynamic_slice
-  const float* xp = x.typed_data();
-  const float* gp = gate.typed_data();
-  const int32_t* ep = experts.typed_data();
-  float* y = out->typed_data();
+// ---- the FFI handlers: each takes float32 or bfloat16 operands (ffi::AnyBuffer), all of one type ----
 
-  if (X > kMaxRoutes) {
-    return ffi::Error::InvalidArgument("moe_swiglu: at most " + std::to_string(kMaxRoutes) + " routes per token");
+// The element type all of `buffers` share, F32 or BF16; INVALID where they are not all one of those.
+ffi::DataType common_type(std::initializer_list<ffi::DataType> types) {
+  const ffi::DataType t = *types.begin();
+  if (t != ffi::DataType::F32 && t != ffi::DataType::BF16) return ffi::DataType::INVALID;
+  for (const ffi::DataType u : types) {
+    if (u != t) return ffi::DataType::INVALID;
   }
+  return t;
+}
 
+template <typename T>
+const T* data(const ffi::AnyBuffer& b) {
+  return static_cast<const T*>(b.untyped_data());
+}
+template <typename T>
+T* data(ffi::Result<ffi::AnyBuffer>& b) {
+  return static_cast<T*>(b->untyped_data());
+}
+
+template <typename T>
+ffi::Error MoeSwiglu(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const float* gp, const int32_t* ep,
+                     const ffi::AnyBuffer& wg, const ffi::AnyBuffer& wu, const ffi::AnyBuffer& wd, int64_t l,
+                     ffi::Result<ffi::AnyBuffer>& out, int64_t X, int64_t E, int64_t F, int64_t max_threads) {
+  const int64_t M = x.dimensions()[0], D = x.dimensions()[1];
+  T* y = data<T>(out);
   // Counting sort of the pairs on this shard (ids outside [0, E): another shard's, or none), stable
   // in token order; then phases 0-3 (MoeJob) on the pool: gather, up, down, combine.
   thread_local std::vector<int64_t> counts, pair_token, token_slot;
@@ -828,7 +923,7 @@ ffi::Error MoeSwigluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   for (int64_t e = 0; e < E; ++e) counts[e + 1] += counts[e];  // counts[e]: start of expert e
   const int64_t N = counts[E];
   if (N == 0) {
-    std::memset(y, 0, sizeof(float) * M * D);
+    std::memset(y, 0, sizeof(T) * M * D);
     return ffi::Error::Success();
   }
   pair_token.resize(N);
@@ -845,16 +940,15 @@ ffi::Error MoeSwigluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
       token_slot[p] = slot;
     }
   }
-  auto job = std::make_shared<MoeJob>();
-  job->kernels = kernels();
+  auto job = std::make_shared<MoeJob<T>>();
+  job->kernels = kernels()->of<T>();
   job->X = scratch(xbuf, N * D);
   job->H = scratch(hbuf, N * F);
   job->O = scratch(obuf, N * D);
   const int64_t layer_block = l * E * D * F;
-  job->wg = wg.typed_data() + layer_block, job->wu = wu.typed_data() + layer_block;
-  job->wd = wd.typed_data() + layer_block;
+  job->wg = data<T>(wg) + layer_block, job->wu = data<T>(wu) + layer_block, job->wd = data<T>(wd) + layer_block;
   job->D = D, job->F = F;
-  job->x = xp, job->y = y, job->tokens = M, job->routes = X, job->pairs = N;
+  job->x = data<T>(x), job->y = y, job->tokens = M, job->routes = X, job->pairs = N;
   job->pair_token = pair_token.data(), job->token_slot = token_slot.data(), job->pair_gate = pair_gate.data();
   job->items[0] = (N + kRowsPerItem - 1) / kRowsPerItem;
   job->items[3] = (M + kRowsPerItem - 1) / kRowsPerItem;
@@ -863,66 +957,122 @@ ffi::Error MoeSwigluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   return ffi::Error::Success();
 }
 
+ffi::Error MoeSwigluImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> gate,
+                         ffi::Buffer<ffi::S32> experts, ffi::AnyBuffer wg, ffi::AnyBuffer wu, ffi::AnyBuffer wd,
+                         ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> out, int64_t max_threads) {
+  const auto xd = x.dimensions(), rd = experts.dimensions(), gd = wg.dimensions(), ud = wu.dimensions(),
+             dd = wd.dimensions();
+  const ffi::DataType type = common_type(
+      {x.element_type(), wg.element_type(), wu.element_type(), wd.element_type(), out->element_type()});
+  if (type == ffi::DataType::INVALID) {
+    return ffi::Error::InvalidArgument("moe_swiglu: x, the weights and y must be all float32 or all bfloat16");
+  }
+  if (xd.size() != 2 || rd.size() != 2 || gate.dimensions().size() != 2 || gd.size() != 4 || ud.size() != 4 ||
+      dd.size() != 4) {
+    return ffi::Error::InvalidArgument("moe_swiglu: x [M, D], gate/experts [M, X], weights [L, E, ., .] expected");
+  }
+  const int64_t M = xd[0], D = xd[1], X = rd[1], L = gd[0], E = gd[1], F = gd[3];
+  if (rd[0] != M || gate.dimensions()[0] != M || gate.dimensions()[1] != X) {
+    return ffi::Error::InvalidArgument("moe_swiglu: gate and experts must both be [M, X] for x [M, D]");
+  }
+  for (int i = 0; i < 4; ++i) {
+    if (ud[i] != gd[i]) return ffi::Error::InvalidArgument("moe_swiglu: wg and wu shapes differ");
+  }
+  if (gd[2] != D || dd[0] != L || dd[1] != E || dd[2] != F || dd[3] != D || L == 0) {
+    return ffi::Error::InvalidArgument("moe_swiglu: wg [L, E, D, F], wd [L, E, F, D] (L >= 1) expected for x [M, D]");
+  }
+  if (X > kMaxRoutes) {
+    return ffi::Error::InvalidArgument("moe_swiglu: at most " + std::to_string(kMaxRoutes) + " routes per token");
+  }
+  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, L - 1);  // clamps like dynamic_slice
+  const auto run = type == ffi::DataType::F32 ? MoeSwiglu<float> : MoeSwiglu<bf16>;
+  return run(pool, x, gate.typed_data(), experts.typed_data(), wg, wu, wd, l, out, X, E, F, max_threads);
+}
+
 // ---- plain matmul ----
 
+// Phase 0 (bf16 only): x's rows widened into a float copy, kRowsPerItem per item. Phase 1: column chunks,
+// each computed in float (in place in y for float; bf16: in a scratch block, then rounded into y).
+template <typename T>
 struct MatmulJob final : Job {
-  const Kernels* kernels;
-  const float *x, *w;
-  float* y;
+  const Ops<T>* kernels;
+  const T* x_in;
+  const float* x;
+  float* x_wide;
+  const T* w;
+  T* y;
   int64_t R, K, N, chunk;
-  void item(int, int64_t i) override {
-    const int64_t n0 = i * chunk;
-    kernels->gemm(x, K, R, w + n0, N, K, std::min(chunk, N - n0), y + n0, N);
+  void item(int phase, int64_t i) override {
+    if (phase == 0) {
+      const int64_t r0 = i * kRowsPerItem, rows = std::min(kRowsPerItem, R - r0);
+      widen_row(x_wide + r0 * K, x_in + r0 * K, rows * K);
+      return;
+    }
+    const int64_t n0 = i * chunk, n = std::min(chunk, N - n0);
+    if constexpr (std::is_same_v<T, float>) {
+      kernels->gemm(x, K, R, w + n0, N, K, n, y + n0, N);
+    } else {
+      thread_local std::vector<float> ybuf;
+      float* yf = scratch(ybuf, R * n);
+      kernels->gemm(x, K, R, w + n0, N, K, n, yf, n);
+      for (int64_t r = 0; r < R; ++r) store_row(y + r * N + n0, yf + r * n, n);
+    }
   }
 };
 
-ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                      ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out, int64_t max_threads) {
-  const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1] || wd[0] == 0) {
-    return ffi::Error::InvalidArgument("matmul: x [R, K] and w [L, K, N] (L >= 1) expected");
-  }
-  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, wd[0] - 1);  // clamps like dynamic_slice
-  auto job = std::make_shared<MatmulJob>();
-  job->kernels = kernels();
-  job->R = xd[0], job->K = xd[1], job->N = wd[2];
-  job->x = x.typed_data(), job->w = w.typed_data() + l * job->K * job->N, job->y = out->typed_data();
+template <typename T>
+ffi::Error Matmul(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const ffi::AnyBuffer& w, int64_t l,
+                  ffi::Result<ffi::AnyBuffer>& out, int64_t max_threads) {
+  auto job = std::make_shared<MatmulJob<T>>();
+  job->kernels = kernels()->of<T>();
+  job->R = x.dimensions()[0], job->K = x.dimensions()[1], job->N = w.dimensions()[2];
+  job->x_in = data<T>(x), job->w = data<T>(w) + l * job->K * job->N, job->y = data<T>(out);
   if (job->R == 0 || job->N == 0) return ffi::Error::Success();
+  if constexpr (std::is_same_v<T, float>) {
+    job->x = job->x_in;
+  } else {
+    thread_local std::vector<float> xbuf;
+    job->x = job->x_wide = scratch(xbuf, job->R * job->K);
+    job->items[0] = (job->R + kRowsPerItem - 1) / kRowsPerItem;
+  }
   // Column chunks: about two per thread (whole vectors), between one and four work-item widths.
   const int64_t threads = thread_cap(pool, max_threads);
   const int64_t per = (job->N + 2 * threads - 1) / (2 * threads);
   job->chunk = std::clamp<int64_t>((per + kV - 1) / kV * kV, kChunk / 2, 4 * kChunk);
-  job->items[0] = (job->N + job->chunk - 1) / job->chunk;
+  job->items[1] = (job->N + job->chunk - 1) / job->chunk;
   run_job(pool, job, max_threads);
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kpool,
-                         ffi::Buffer<ffi::F32> vpool, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> table,
-                         ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> out, int64_t window, float scale,
-                         int64_t max_threads) {
-  const auto qd = q.dimensions(), kd = kpool.dimensions(), vd = vpool.dimensions(), td = table.dimensions(),
-             pd = pos.dimensions();
-  if (qd.size() != 4 || kd.size() != 5 || vd.size() != 5 || td.size() != 2 || pd.size() != 2) {
-    return ffi::Error::InvalidArgument(
-        "paged_attention: q [B, T, N, H], pools [L, P, page, K, H], table [B, pages], pos [B, T] expected");
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
+                      ffi::Result<ffi::AnyBuffer> out, int64_t max_threads) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  const ffi::DataType type = common_type({x.element_type(), w.element_type(), out->element_type()});
+  if (type == ffi::DataType::INVALID) {
+    return ffi::Error::InvalidArgument("matmul: x, w and y must be all float32 or all bfloat16");
   }
-  for (int i = 0; i < 5; ++i) {
-    if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("paged_attention: k and v pools differ in shape");
+  if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1] || wd[0] == 0) {
+    return ffi::Error::InvalidArgument("matmul: x [R, K] and w [L, K, N] (L >= 1) expected");
   }
-  auto job = std::make_shared<AttentionJob>();
-  job->kernels = kernels();
+  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, wd[0] - 1);  // clamps like dynamic_slice
+  return (type == ffi::DataType::F32 ? Matmul<float> : Matmul<bf16>)(pool, x, w, l, out, max_threads);
+}
+
+// ---- paged attention ----
+
+template <typename T>
+ffi::Error Attention(ffi::ThreadPool& pool, const ffi::AnyBuffer& q, const ffi::AnyBuffer& kpool,
+                     const ffi::AnyBuffer& vpool, int64_t layer, const int32_t* table, const int32_t* pos,
+                     ffi::Result<ffi::AnyBuffer>& out, int64_t MP, int64_t window, float scale, int64_t max_threads) {
+  const auto qd = q.dimensions(), kd = kpool.dimensions();
+  auto job = std::make_shared<AttentionJob<T>>();
+  job->kernels = kernels()->of<T>();
   job->B = qd[0], job->T = qd[1], job->N = qd[2], job->H = qd[3];
-  job->P = kd[1], job->ps = kd[2], job->K = kd[3], job->MP = td[1];
-  if (kd[4] != job->H || job->K == 0 || job->N % job->K != 0 || td[0] != job->B || pd[0] != job->B ||
-      pd[1] != job->T || job->P == 0 || kd[0] == 0) {
-    return ffi::Error::InvalidArgument("paged_attention: inconsistent shapes (heads, head_dim, rows, pages or layers)");
-  }
-  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, kd[0] - 1);
+  job->P = kd[1], job->ps = kd[2], job->K = kd[3], job->MP = MP;
+  const int64_t l = std::clamp<int64_t>(layer, 0, kd[0] - 1);
   const int64_t per_layer = job->P * job->ps * job->K * job->H;
-  job->q = q.typed_data(), job->kpool = kpool.typed_data() + l * per_layer;
-  job->vpool = vpool.typed_data() + l * per_layer;
-  job->table = table.typed_data(), job->pos = pos.typed_data(), job->o = out->typed_data();
+  job->q = data<T>(q), job->kpool = data<T>(kpool) + l * per_layer, job->vpool = data<T>(vpool) + l * per_layer;
+  job->table = table, job->pos = pos, job->o = data<T>(out);
   job->window = window, job->scale = scale;
   job->items[0] = job->B * job->K;
   if (job->items[0] == 0 || job->T == 0) return ffi::Error::Success();
@@ -945,13 +1095,41 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   return ffi::Error::Success();
 }
 
-ffi::Error ArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> index,
-                      ffi::ResultBuffer<ffi::S32> finite, int64_t max_threads) {
+ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kpool, ffi::AnyBuffer vpool,
+                         ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> pos,
+                         ffi::Result<ffi::AnyBuffer> out, int64_t window, float scale, int64_t max_threads) {
+  const auto qd = q.dimensions(), kd = kpool.dimensions(), vd = vpool.dimensions(), td = table.dimensions(),
+             pd = pos.dimensions();
+  const ffi::DataType type =
+      common_type({q.element_type(), kpool.element_type(), vpool.element_type(), out->element_type()});
+  if (type == ffi::DataType::INVALID) {
+    return ffi::Error::InvalidArgument("paged_attention: q, the pools and o must be all float32 or all bfloat16");
+  }
+  if (qd.size() != 4 || kd.size() != 5 || vd.size() != 5 || td.size() != 2 || pd.size() != 2) {
+    return ffi::Error::InvalidArgument(
+        "paged_attention: q [B, T, N, H], pools [L, P, page, K, H], table [B, pages], pos [B, T] expected");
+  }
+  for (int i = 0; i < 5; ++i) {
+    if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("paged_attention: k and v pools differ in shape");
+  }
+  if (kd[4] != qd[3] || kd[3] == 0 || qd[2] % kd[3] != 0 || td[0] != qd[0] || pd[0] != qd[0] || pd[1] != qd[1] ||
+      kd[1] == 0 || kd[0] == 0) {
+    return ffi::Error::InvalidArgument("paged_attention: inconsistent shapes (heads, head_dim, rows, pages or layers)");
+  }
+  const auto run = type == ffi::DataType::F32 ? Attention<float> : Attention<bf16>;
+  return run(pool, q, kpool, vpool, layer.typed_data()[0], table.typed_data(), pos.typed_data(), out, td[1], window,
+             scale, max_threads);
+}
+
+// ---- argmax ----
+
+template <typename T>
+ffi::Error Argmax(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, int32_t* index, int32_t* finite,
+                  int64_t max_threads) {
   const auto xd = x.dimensions();
-  if (xd.size() != 2) return ffi::Error::InvalidArgument("argmax: x [B, V] expected");
-  auto job = std::make_shared<ArgmaxJob>();
-  job->kernels = kernels();
-  job->x = x.typed_data(), job->index = index->typed_data(), job->finite = finite->typed_data();
+  auto job = std::make_shared<ArgmaxJob<T>>();
+  job->kernels = kernels()->of<T>();
+  job->x = data<T>(x), job->index = index, job->finite = finite;
   job->V = xd[1];
   job->items[0] = xd[1] == 0 ? 0 : xd[0];
   if (job->items[0] == 0) {
@@ -960,6 +1138,15 @@ ffi::Error ArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result
   }
   run_job(pool, job, max_threads);
   return ffi::Error::Success();
+}
+
+ffi::Error ArgmaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::ResultBuffer<ffi::S32> index,
+                      ffi::ResultBuffer<ffi::S32> finite, int64_t max_threads) {
+  if (x.dimensions().size() != 2) return ffi::Error::InvalidArgument("argmax: x [B, V] expected");
+  const ffi::DataType type = common_type({x.element_type()});
+  if (type == ffi::DataType::INVALID) return ffi::Error::InvalidArgument("argmax: x must be float32 or bfloat16");
+  const auto run = type == ffi::DataType::F32 ? Argmax<float> : Argmax<bf16>;
+  return run(pool, x, index->typed_data(), finite->typed_data(), max_threads);
 }
 
 }  // namespace
@@ -994,35 +1181,35 @@ extern "C" const char* MoejaxIsa() { return kernels()->name; }
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxMoeSwiglu, MoeSwigluImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, D]
+                                  .Arg<ffi::AnyBuffer>()         // x [M, D], float32 or bfloat16
                                   .Arg<ffi::Buffer<ffi::F32>>()  // gate [M, X]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // experts [M, X], local ids (else: not here)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // wg [L, E, D, F]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // wu [L, E, D, F]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // wd [L, E, F, D]
+                                  .Arg<ffi::AnyBuffer>()         // wg [L, E, D, F], x's type
+                                  .Arg<ffi::AnyBuffer>()         // wu [L, E, D, F]
+                                  .Arg<ffi::AnyBuffer>()         // wd [L, E, F, D]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer []
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [M, D]
+                                  .Ret<ffi::AnyBuffer>()         // y [M, D], x's type
                                   .Attr<int64_t>("max_threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxMatmul, MatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [R, K]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w [L, K, N]
+                                  .Arg<ffi::AnyBuffer>()         // x [R, K], float32 or bfloat16
+                                  .Arg<ffi::AnyBuffer>()         // w [L, K, N], x's type
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer []
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [R, N]
+                                  .Ret<ffi::AnyBuffer>()         // y [R, N], x's type
                                   .Attr<int64_t>("max_threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxPagedAttention, AttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q [B, T, N, H]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k pool [L, P, page, K, H]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v pool [L, P, page, K, H]
+                                  .Arg<ffi::AnyBuffer>()         // q [B, T, N, H], float32 or bfloat16
+                                  .Arg<ffi::AnyBuffer>()         // k pool [L, P, page, K, H], q's type
+                                  .Arg<ffi::AnyBuffer>()         // v pool [L, P, page, K, H]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer []
                                   .Arg<ffi::Buffer<ffi::S32>>()  // page table [B, pages]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // positions [B, T] (< 0: padding)
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // o [B, T, N, H]
+                                  .Ret<ffi::AnyBuffer>()         // o [B, T, N, H], q's type
                                   .Attr<int64_t>("window")
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("max_threads"));
@@ -1030,7 +1217,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxPagedAttention, AttentionImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxArgmax, ArgmaxImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [B, V]
+                                  .Arg<ffi::AnyBuffer>()         // x [B, V], float32 or bfloat16
                                   .Ret<ffi::Buffer<ffi::S32>>()  // index [B]: first maximum (first NaN)
                                   .Ret<ffi::Buffer<ffi::S32>>()  // finite [B]: 1 where the row is all finite
                                   .Attr<int64_t>("max_threads"));
