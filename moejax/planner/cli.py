@@ -4,6 +4,7 @@
         --isl 1024 --osl 256 --target-tps-user 20 [--json | --json-full] [--out out/plan]
     moejax plan --model qwen3-30b-a3b --hardware h200 --devices 8 --isl 8192 --prefix-hit-rate 0.8
     moejax plan --model deepseek-v3 --hardware h200 --devices 8 --layouts EP8,TP8MTP1EP8,TP4MTP1EP8
+    moejax plan --model mixtral-8x7b --hardware h100-sxm --devices 8 --disaggregated   # prefill / decode apart
 
 Also `python -m moejax.planner.cli --model ...` (same flags). `--model` takes a built-in name, a YAML file, a
 Hugging Face config.json or checkpoint folder (every family `moejax.config.ModelConfig.from_hf` reads), or a
@@ -34,6 +35,7 @@ from moejax.args import (
 )
 from moejax.config import ModelConfig
 from moejax.mesh import Layout
+from moejax.planner.disagg import format_disagg_summary, plan_disaggregated, write_disagg_outputs
 from moejax.planner.hardware import PRECISIONS, load_hardware
 from moejax.planner.report import compact_json, format_summary, write_outputs
 from moejax.planner.rules import Rules, enumerate_layouts
@@ -88,6 +90,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/plan",
                    help="folder for configs.csv, pareto.csv, pareto.png (and plan.json with --json)")
     p.add_argument("--no-plot", action="store_true", help="skip pareto.png")
+    p.add_argument("--disaggregated", action="store_true",
+                   help="plan prefill and decode on separate devices (x prefill instances of one layout, y decode "
+                        "instances of another, KV moved between them) beside the aggregated plan: writes "
+                        "disagg.csv, disagg_pareto.csv, disagg.png (and disagg.json with --json)")
     as_json = p.add_mutually_exclusive_group()
     as_json.add_argument("--json", action="store_true",
                          help="print a compact JSON object (summary, top of the ranking, frontier, file paths) "
@@ -121,6 +127,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run the planner for parsed `args`; print the summary (or JSON); return the exit code."""
     start = time.perf_counter()
+    _check_disaggregated(args)
     cfg = read_planned_model(args.model)
     hw = load_hardware(args.hardware, efficiency=args.efficiency)
     workload = Workload(isl=args.isl, osl=args.osl, precision=args.precision, kv_precision=args.kv_precision,
@@ -133,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     if only and any(lay.split for lay in only):
         rules = dataclasses.replace(rules, split_moe=True)  # described with the rules in force
     _check_size(cfg, hw, rules, args, only)
+    if args.disaggregated:
+        return _run_disaggregated(args, cfg, hw, workload, options, rules, start)
     result = plan(cfg, hw, args.devices, workload, options, rules, args.batch_sizes, args.chunk_sizes,
                   args.target_tps_user, layouts=only)
     try:
@@ -147,6 +156,43 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print(format_summary(result, args.top, paths))
+    return 0
+
+
+def _check_disaggregated(args: argparse.Namespace) -> None:
+    """Refuse what --disaggregated does not model, before reading the model (one line each)."""
+    if not args.disaggregated:
+        return
+    if args.devices < 2:
+        raise UsageError(f"--disaggregated needs --devices >= 2 (prefill and decode on separate devices), "
+                         f"got {args.devices}")
+    if args.osl < 2:
+        raise UsageError(f"--disaggregated needs --osl >= 2 (the first token comes from prefill, the others from "
+                         f"decode), got {args.osl}")
+    for flag, value in (("--layouts", args.layouts), ("--arrival-rate", args.arrival_rate)):
+        if value is not None:
+            raise UsageError(f"{flag} is not supported with --disaggregated (instances are enumerated; the load "
+                             f"is the closed loop)")
+
+
+def _run_disaggregated(args: argparse.Namespace, cfg, hw, workload: Workload, options: Options, rules: Rules,
+                       start: float) -> int:
+    """`moejax plan --disaggregated`: plan, write the files, print the summary (or JSON)."""
+    result = plan_disaggregated(cfg, hw, args.devices, workload, options, rules, args.batch_sizes,
+                                args.chunk_sizes, args.target_tps_user)
+    try:
+        paths = write_disagg_outputs(result, args.out, plot=not args.no_plot, full_json=args.json)
+    except OSError as err:
+        raise UsageError(f"--out {args.out}: cannot write the results: {err}") from err
+    result.seconds = time.perf_counter() - start
+    if args.json or args.json_full:
+        obj = result.to_json(top=args.top if args.json else None)
+        obj["seconds"] = result.seconds
+        obj["files"] = {k: str(v) for k, v in paths.items()}
+        json.dump(obj, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(format_disagg_summary(result, args.top, paths))
     return 0
 
 
