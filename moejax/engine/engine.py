@@ -68,6 +68,7 @@ import numpy as np
 from moejax import steps as steps_lib
 from moejax.distributed import fetch
 from moejax.engine import batch as batch_lib
+from moejax.engine import disagg
 from moejax.engine.batch import NONFINITE, Microbatch, Pipeline
 from moejax.engine.config import INT32_MAX, ServeConfig
 from moejax.engine.sampling import SamplingParams, check_context, check_prompt
@@ -109,6 +110,8 @@ class EngineStats:
     cached_prompt_tokens: int = 0  # of those, served from the prefix cache (their prefill chunks skipped)
     prefill_tokens: int = 0  # tokens scheduled in prefill calls (chunks), dropped work included
     multistep_calls: int = 0  # decode calls that ran `decode_steps` > 1 steps
+    kv_transfers: int = 0  # disaggregated: requests whose KV pages moved from the prefill side
+    kv_transfer_bytes: int = 0  # the bytes those moves carried
     host_s: float = 0.0  # wall time of step() outside waiting for device results
     dispatch_s: float = 0.0  # the part of host_s spent inside the compiled calls until they return
     device_wait_s: float = 0.0
@@ -123,10 +126,14 @@ class Engine:
       on_finish: called with each finished `Request` (its tokens, timings, finish reason) when
         its last output is delivered by `step()`: the way to keep metrics of every request, as
         `Engine.requests` keeps only the newest finished ones. It must not raise.
+      prefill_model: disaggregated serving (`moejax.engine.disagg`): a `moejax.Model` of the same checkpoint,
+        dtype and KV format on other devices (`moejax.load(..., devices=...)`), any layout, that prefills every
+        prompt; `model` then only decodes, each request's KV pages moved to it after its prefill. None: `model`
+        does both.
     """
 
     def __init__(self, model, config: ServeConfig | None = None,
-                 on_finish: Callable[[Request], None] | None = None):
+                 on_finish: Callable[[Request], None] | None = None, prefill_model=None):
         config = ServeConfig() if config is None else config
         if not isinstance(config, ServeConfig):
             raise ValueError(f"config must be a ServeConfig, got {type(config).__name__}")
@@ -154,6 +161,12 @@ class Engine:
         self.allocator = PageAllocator(self.groups, config.num_pages)
         self.scheduler = Scheduler(self.allocator, config.page_size, self.slots, config.chunk_size,
                                    config.max_prefill_seqs, self.microbatches, config.enable_prefix_caching)
+        self.prefill = self.transfer = None  # disaggregated: the prefill side and the KV transfer to this one
+        if prefill_model is not None:
+            self._check_prefill_model(prefill_model, pool_dtype)
+            self.prefill = disagg.PrefillSide(prefill_model, config, pool_dtype, self.pages_per_seq)
+            self.transfer = disagg.KVTransfer(prefill_model.steps, steps)
+            self.scheduler.requeue = self.prefill.scheduler.add  # preempted: prefilled again
         self.cache = steps.new_cache(config.num_pages * self.groups, config.page_size, pool_dtype)
         self._fn = batch_lib.sampled_step(steps)
         self._multistep = batch_lib.multistep_decode(steps) if config.decode_steps > 1 else None
@@ -179,6 +192,30 @@ class Engine:
         self._rng = np.random.default_rng(config.seed)
         self._pad: dict[tuple[int, int], np.ndarray] = {}
         self.stats = EngineStats()
+
+    def _check_prefill_model(self, prefill_model, pool_dtype) -> None:
+        """A prefill model this decode model can take KV from, its pools fitting its devices (ValueError)."""
+        c, model = self.config, self.model
+        if prefill_model.cfg != model.cfg:
+            raise ValueError(f"prefill_model is {prefill_model.cfg.name or 'a model'} and the decode model "
+                             f"{model.cfg.name or 'another'}: they must be the same checkpoint's (configs differ)")
+        if prefill_model.dtype != model.dtype:
+            raise ValueError(f"prefill_model serves in {np.dtype(prefill_model.dtype).name}, the decode model in "
+                             f"{np.dtype(model.dtype).name}: load both with the same dtype")
+        prefill_kv = c.kv_cache_dtype or getattr(prefill_model, "kv_cache_dtype", None)
+        if prefill_kv != self.kv_cache_dtype:
+            raise ValueError(f"prefill_model's KV cache format ({prefill_kv or 'the serving dtype'}) differs from "
+                             f"the decode model's ({self.kv_cache_dtype or 'the serving dtype'}): the pages move as "
+                             f"they are; load both with the same kv_cache_dtype")
+        for name, value in (("enable_prefix_caching", c.enable_prefix_caching),
+                            ("async_scheduling", c.async_scheduling), ("decode_steps > 1", c.decode_steps > 1)):
+            if value:
+                raise ValueError(f"ServeConfig.{name.split()[0]} is not supported with a prefill_model (disaggregated "
+                                 f"serving) yet; turn it off")
+        steps = prefill_model.steps
+        check_fits(f"the prefill model's KV cache ({c.num_pages} pages of {c.page_size} tokens per data group)",
+                   kv_cache_bytes(steps, c.num_pages * steps.batch_shards, c.page_size, pool_dtype),
+                   steps.mesh.devices.flat, "lower ServeConfig.num_pages or page_size")
 
     def _check_config(self, c: ServeConfig) -> None:
         layout = self.model.layout
@@ -227,7 +264,7 @@ class Engine:
                       page_table=np.zeros(self.pages_per_seq, np.int32),
                       sampling_row=batch_lib.sampling_row(params, seed))
         self.requests[rid] = req
-        self.scheduler.add(req)
+        (self.scheduler if self.prefill is None else self.prefill.scheduler).add(req)
         return req
 
     def _check_id(self, request_id) -> RequestId | None:
@@ -266,7 +303,7 @@ class Engine:
         req = self.requests.get(request_id)
         if req is None or req.finished:
             return False
-        self.scheduler.remove(req)
+        self._owner(req).remove(req)
         self._finish(req, "abort", time.perf_counter())
         self._pending.append((req, RequestOutput(req.request_id, [], True, "abort")))
         return True
@@ -280,7 +317,14 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         """True while a request runs or waits, or an output (an abort's) is still to be returned by step()."""
-        return self.scheduler.has_work() or bool(self._pending) or bool(self._inflight)
+        return (self.scheduler.has_work() or bool(self._pending) or bool(self._inflight)
+                or (self.prefill is not None and self.prefill.scheduler.has_work()))
+
+    def _owner(self, req: Request) -> Scheduler:
+        """The scheduler holding `req`: the decode side's, or (disaggregated) the prefill side's."""
+        if self.prefill is not None and self.prefill.scheduler.holds(req):
+            return self.prefill.scheduler
+        return self.scheduler
 
     # ---- stepping -------------------------------------------------------------------------------
 
@@ -295,7 +339,13 @@ class Engine:
         self._ticks += 1
         self._count(plan)
         decode_rows = _bucket(max(len(w) for w in plan.decode), self.decode_buckets) if any(plan.decode) else 0
-        if self._fed is not None:  # dispatch this step's calls, then read the last step's
+        if self.prefill is not None:  # disaggregated: the prefill side's chunks, this side's decodes, at once
+            pplan = self.prefill.scheduler.schedule(0)
+            self._count(pplan)
+            prefill = self.prefill.launch(pplan.prefill)
+            decode = self._launch("decode", plan.decode, decode_rows, 1)
+            calls = [c for c in (prefill, decode) if c is not None and c[1] is not None]
+        elif self._fed is not None:  # dispatch this step's calls, then read the last step's
             decode = self._launch_fed(plan.decode, decode_rows, 1, self.config.max_prefill_seqs)
             prefill = self._launch_fed(plan.prefill, self.config.max_prefill_seqs, self.config.chunk_size, 0)
             calls, self._inflight = self._inflight, [c for c in (decode, prefill) if c is not None]
@@ -313,18 +363,37 @@ class Engine:
         ids = [fetch(ids_B).tolist() for _, ids_B in calls]  # all rows, on every process (multi-host)
         now = t2 = time.perf_counter()
         for (per_group, _), ids_B in zip(calls, ids, strict=True):
-            rows = len(ids_B) // self.groups
+            rows = len(ids_B) // len(per_group)  # per data group of the side that ran it
             for g, works in enumerate(per_group):
                 for work, token in zip(works, ids_B[g * rows: g * rows + len(works)], strict=True):
                     out = self._commit(work, token, now) if isinstance(token, int) else self._commit_steps(
                         work, token, now)
                     if out is not None:
                         outputs.append((work.req, out))
+        if self.prefill is not None:
+            self._hand_over()
         self.stats.steps += 1
         self.stats.device_wait_s += t2 - t1
         self.stats.host_s += (t1 - t0) + (time.perf_counter() - t2)
         self._retire([req for req, out in outputs if out.finished])
         return outputs
+
+    def _hand_over(self) -> None:
+        """Disaggregated: move each finished prefill (oldest first) to this side while it has room (a slot and the
+        pages of the sequence; first come, first served), its KV pages copied from the prefill pools."""
+        ps, P = self.config.page_size, self.config.num_pages
+        for req in self.prefill.scheduler.ready():
+            spot = self.scheduler.find_place(req)
+            if spot is None:
+                return
+            src = disagg.global_ids(req.pages[:pages_for(req.num_computed, ps)], req.group, P)
+            self.prefill.scheduler.remove(req)  # its pages are free once the copy (dispatched below) has read them
+            self.scheduler.place(req, *spot)
+            dst = disagg.global_ids(req.pages[:len(src)], req.group, P)
+            self.cache, moved = self.transfer(self.prefill.cache, self.cache, src, dst)
+            req.kv_bytes_moved += moved
+            self.stats.kv_transfers += 1
+            self.stats.kv_transfer_bytes += moved
 
     def _count(self, plan) -> None:
         stats = self.stats
@@ -440,6 +509,7 @@ class Engine:
         if req.finished or work.epoch != req.num_preemptions:  # aborted or preempted while in a pipeline
             return None
         req.in_flight = False
+        owner = self._owner(req)
         if token == NONFINITE:
             return self._fail(req, f"non-finite logits at sequence position {work.start + work.num - 1} "
                                    f"(output position {req.num_output - req.pending})", now)
@@ -456,20 +526,20 @@ class Engine:
             req.pending -= 1
             req.feed_slot = req.feed_slot if req.pending else -1
         req.token_times_s.append(now)
-        self.scheduler.register(req, index)  # a finite token: every page it read holds good KV
+        owner.register(req, index)  # a finite token: every page it read holds good KV
         reason = None
         if token in req.params.stop_token_ids:
             reason = "stop"
         elif index + 1 - req.prompt_len >= req.params.max_new_tokens:
             reason = "length"
         if reason:
-            self.scheduler.remove(req)
+            owner.remove(req)
             self._finish(req, reason, now)
         return RequestOutput(req.request_id, [token], reason is not None, reason)
 
     def _fail(self, req: Request, message: str, now: float) -> RequestOutput:
         """Finish `req` with reason "error" (no token), freeing its pages."""
-        self.scheduler.remove(req)
+        self._owner(req).remove(req)
         self._finish(req, "error", now)
         req.error = message
         self.stats.nonfinite += 1
@@ -521,8 +591,10 @@ class Engine:
 
     def warmup(self) -> None:
         """Compile the prefill shape and every decode bucket (all-padding batches: nothing is written)."""
-        shapes = [("prefill", self.config.max_prefill_seqs, self.config.chunk_size)]
+        shapes = [("prefill", self.config.max_prefill_seqs, self.config.chunk_size)] if self.prefill is None else []
         shapes += [("decode", b, 1) for b in self.decode_buckets]
+        if self.prefill is not None:
+            self.prefill.warmup()
         with jax.set_mesh(self.steps.mesh):
             for b in self.decode_buckets if self._multistep is not None and self._pipes is None else ():
                 packed = self._padding(self.groups * b, 1)

@@ -98,6 +98,7 @@ class Request(TokenTimes):
     finish_reason: str | None = None
     error: str | None = None  # what went wrong, when finish_reason is "error"
     num_preemptions: int = 0
+    kv_bytes_moved: int = 0  # disaggregated serving: KV bytes moved to the decode side (again after a preemption)
     arrival_s: float = 0.0
     token_times_s: list[float] = field(default_factory=list)
     finished_s: float | None = None
@@ -164,8 +165,11 @@ class Scheduler:
     """
 
     def __init__(self, allocator: PageAllocator, page_size: int, slots_per_group: int, chunk_size: int,
-                 max_prefill_seqs: int, microbatches: int = 1, prefix_caching: bool = False):
+                 max_prefill_seqs: int, microbatches: int = 1, prefix_caching: bool = False,
+                 prefill_only: bool = False, requeue=None):
         self.alloc = allocator
+        self.prefill_only = prefill_only  # never schedule a decode: a request with one token left waits (`ready`)
+        self.requeue = requeue or self.add  # where a preempted request goes (disaggregated: the prefill side)
         self.prefix_caching = prefix_caching
         self.page_size = page_size
         self.slots = slots_per_group
@@ -224,6 +228,9 @@ class Scheduler:
                 continue
             remaining = len(req.tokens) - req.num_computed
             decode = remaining == 1
+            if decode and self.prefill_only:  # its prompt is done: it waits to be handed to the decode side
+                i += 1
+                continue
             if not decode and len(plan.prefill[g]) == self.max_prefill_seqs:
                 i += 1
                 continue
@@ -294,6 +301,40 @@ class Scheduler:
             plan.prefill[g].append(work)
             plan.admitted.append(work)
 
+    def ready(self) -> list[Request]:
+        """Running requests with one token left to compute, oldest first (a `prefill_only` scheduler's finished
+        prefills, to be handed over)."""
+        return sorted((r for running in self.running for r in running if len(r.tokens) - r.num_computed == 1),
+                      key=lambda r: r.order)
+
+    def find_place(self, req: Request) -> tuple[int, int] | None:
+        """Where `place` would put `req`: the (data group, microbatch group) with the fewest running requests among
+        those with a free slot and the pages of its whole sequence; None when none has both."""
+        best = None
+        for g in range(self.alloc.num_groups):
+            counts = [sum(r.microbatch == m for r in self.running[g]) for m in range(self.microbatches)]
+            m = min(range(self.microbatches), key=counts.__getitem__)
+            if counts[m] >= self.slots or self.alloc.num_free(g) < pages_for(len(req.tokens), self.page_size):
+                continue
+            rank = (counts[m], len(self.running[g]), -self.alloc.num_free(g))
+            if best is None or rank < best[0]:
+                best = (rank, g, m)
+        return None if best is None else best[1:]
+
+    def place(self, req: Request, group: int, microbatch: int) -> None:
+        """Put `req` (not held by this scheduler; its KV computed up to its last token elsewhere) straight into
+        running in data group `group` and microbatch group `microbatch` (`find_place`), with the pages of its
+        sequence, which its KV is then copied into."""
+        req.group, req.microbatch, req.pages, req.cache_entries = group, microbatch, [], []
+        if not self.grow(req, len(req.tokens)):
+            raise RuntimeError(f"no pages for request {req.request_id!r} in data group {group}: use find_place")
+        bisect.insort(self.running[group], req, key=lambda r: r.order)
+
+    def holds(self, req: Request) -> bool:
+        """Whether `req` is waiting or running here."""
+        running = self.running[req.group] if 0 <= req.group < len(self.running) else []
+        return any(r is req for r in self.waiting) or any(r is req for r in running)
+
     def _cacheable_blocks(self, req: Request) -> list[tuple]:
         """The tokens of each full page a cache hit may serve: never the last token, which must be computed."""
         if not self.prefix_caching:
@@ -323,7 +364,7 @@ class Scheduler:
         req.in_flight = False  # its work still in a pipeline is dropped when it leaves (stale epoch)
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.add(req)
+        self.requeue(req)
 
     def _release(self, req: Request) -> None:
         self.alloc.free(req.group, req.pages)
