@@ -33,11 +33,12 @@ def page_bytes(steps, page_size: int, dtype) -> int:
     """Bytes of one KV page over every real layer and kv head of the model (what a transfer moves per page): the
     pools of `steps.new_cache` without the stage padding layers or the kv heads replicated for `tensor`."""
     geo, cfg = steps.geometry, steps.cfg
-    pools = jax.eval_shape(lambda: steps.new_cache(1, page_size, dtype))
+    groups = steps.batch_shards  # one page per group: the pools' page axis is split over them
+    pools = jax.eval_shape(lambda: steps.new_cache(groups, page_size, dtype))
     total = 0
     for pool, axes in zip(pools, steps.cache_axes, strict=True):
         for part in jax.tree.leaves(pool):
-            n = math.prod(part.shape) // geo.num_cache_layers * cfg.num_layers
+            n = math.prod(part.shape) // (geo.num_cache_layers * groups) * cfg.num_layers
             if "kv_heads" in axes:
                 n = n // geo.num_kv_heads * cfg.num_kv_heads
             total += n * jnp.dtype(part.dtype).itemsize

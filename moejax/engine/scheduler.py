@@ -98,6 +98,7 @@ class Request(TokenTimes):
     finish_reason: str | None = None
     error: str | None = None  # what went wrong, when finish_reason is "error"
     num_preemptions: int = 0
+    admitted_len: int = 0  # len(tokens) when last admitted
     kv_bytes_moved: int = 0  # disaggregated serving: KV bytes moved to the decode side (again after a preemption)
     arrival_s: float = 0.0
     token_times_s: list[float] = field(default_factory=list)
@@ -228,9 +229,11 @@ class Scheduler:
                 continue
             remaining = len(req.tokens) - req.num_computed
             decode = remaining == 1
-            if decode and self.prefill_only:  # its prompt is done: it waits to be handed to the decode side
-                i += 1
-                continue
+            if decode and self.prefill_only:
+                if self._prefilled(req):  # it sampled here: it waits to be handed to the decode side
+                    i += 1
+                    continue
+                decode = False  # the sequence's last token, computed here as a chunk of one (it samples)
             if not decode and len(plan.prefill[g]) == self.max_prefill_seqs:
                 i += 1
                 continue
@@ -288,6 +291,7 @@ class Scheduler:
             _, g, hits, num = best
             self.waiting.pop(0)
             req.group, req.microbatch = g, m
+            req.admitted_len = len(req.tokens)
             in_m[g] += 1
             req.pages = [page for _, page in hits]
             req.cache_entries = [entry for entry, _ in hits]
@@ -302,10 +306,14 @@ class Scheduler:
             plan.admitted.append(work)
 
     def ready(self) -> list[Request]:
-        """Running requests with one token left to compute, oldest first (a `prefill_only` scheduler's finished
-        prefills, to be handed over)."""
-        return sorted((r for running in self.running for r in running if len(r.tokens) - r.num_computed == 1),
-                      key=lambda r: r.order)
+        """Running requests that computed their whole sequence as admitted and sampled a token, oldest first (a
+        `prefill_only` scheduler's finished prefills, to be handed over)."""
+        return sorted((r for running in self.running for r in running if self._prefilled(r)), key=lambda r: r.order)
+
+    @staticmethod
+    def _prefilled(req: Request) -> bool:
+        """Its whole sequence as admitted computed, and a token sampled after it."""
+        return len(req.tokens) - req.num_computed == 1 and len(req.tokens) > req.admitted_len
 
     def find_place(self, req: Request) -> tuple[int, int] | None:
         """Where `place` would put `req`: the (data group, microbatch group) with the fewest running requests among
