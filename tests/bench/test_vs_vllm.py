@@ -240,3 +240,19 @@ def test_decode_reports_the_quantized_run_beside_float(tmp_path, capsys):
     decode._write_jsonl(str(out), [kv], SimpleNamespace(name="bench-moe-100m"), SimpleNamespace(isl=32, osl=64), "cpu")
     rows = [json.loads(line) for line in out.read_text().splitlines()][2:]
     assert sorted((r["precision"], r["kv_precision"]) for r in rows) == [("float32", "float32"), ("float32", "fp8")]
+
+
+def test_kernel_path_names_the_kernels_and_isa(monkeypatch):
+    """The benchmark prints which kernels each run took: the native ones with their ISA variant and how they take
+    the dtype, or XLA:CPU's with the reason."""
+    import moejax
+    from moejax import native
+    from moejax.bench.vs_vllm import kernel_path
+
+    cfg = moejax.load_model_config("tiny-moe")
+    model = moejax.Model.random(cfg, layout="DP1", dtype="bfloat16")
+    if native.available():
+        text = kernel_path(model)
+        assert f"ISA {native.isa()}" in text and "widened to f32" in text
+    monkeypatch.setenv(native.ENV, "0")
+    assert kernel_path(model) == "XLA:CPU dots in bfloat16 (native kernels off: MOEJAX_NATIVE=0)"
