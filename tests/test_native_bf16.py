@@ -273,3 +273,17 @@ def test_a_bfloat16_model_generates_the_xla_bfloat16_paths_greedy_tokens(monkeyp
         if switch == "1":
             assert all(calls.get(k, 0) > 0 for k in ("matmul", "moe_swiglu", "paged_attention", "argmax")), calls
     assert tokens["1"] == tokens["0"]
+
+
+@pytest.mark.skipif(not native.available() or not native.has("moejax_write_rows"), reason="native kernels not built")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_write_rows_equals_scatter(dtype):
+    """The KV-cache write kernel equals XLA's scatter with mode="drop", bit for bit, in place under donation."""
+    rng = np.random.default_rng(0)
+    pool = jnp.asarray(rng.standard_normal((3, 5, 4, 2, 8)), dtype)
+    rows = jnp.asarray(rng.standard_normal((6, 2, 8)), dtype)
+    page = jnp.array([0, 4, 5, -1, 2, 4], jnp.int32)  # 5 and -1: outside [0, 5), dropped
+    slot = jnp.array([3, 0, 1, 2, 3, 1], jnp.int32)
+    want = pool.at[1, jnp.where((page >= 0) & (page < 5), page, 5), slot].set(rows, mode="drop")
+    got = jax.jit(native.write_rows, donate_argnums=0)(jnp.array(pool), rows, 1, page, slot)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8))

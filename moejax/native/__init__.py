@@ -67,7 +67,9 @@ DEFAULT_ON = True
 # The ISA variants, best first: MOEJAX_NATIVE_ISA's values.
 ISAS = {"v4": "x86-64-v4 (AVX-512)", "v3": "x86-64-v3 (AVX2 + FMA)", "baseline": "the build's default target"}
 FFI_TARGETS = {"moejax_moe_swiglu": "MoejaxMoeSwiglu", "moejax_matmul": "MoejaxMatmul",
-            "moejax_paged_attention": "MoejaxPagedAttention", "moejax_argmax": "MoejaxArgmax"}
+            "moejax_paged_attention": "MoejaxPagedAttention", "moejax_argmax": "MoejaxArgmax",
+            "moejax_write_rows": "MoejaxWriteRows"}
+OPTIONAL_TARGETS = ("moejax_write_rows",)  # a library built before it was added loads without it (`has`)
 
 
 def enabled() -> bool:
@@ -87,6 +89,8 @@ def _library() -> ctypes.CDLL | str:
         lib.MoejaxIsaRunnable.restype = lib.MoejaxIsa.restype = ctypes.c_char_p
         lib.MoejaxIsaSelect.argtypes = [ctypes.c_char_p]
         for target, symbol in FFI_TARGETS.items():
+            if target in OPTIONAL_TARGETS and not hasattr(lib, symbol):
+                continue
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, AttributeError) as err:
         return f"{libs[0].name} does not load: {err}"
@@ -170,6 +174,12 @@ def runs(*arrays) -> bool:
     all bfloat16 (mixed: no)."""
     dtypes = {jnp.dtype(a.dtype) for a in arrays}
     return len(dtypes) == 1 and dtypes <= set(map(jnp.dtype, DTYPES)) and platform(*arrays) == "cpu" and available()
+
+
+def has(target: str) -> bool:
+    """Whether the loaded library holds the FFI target `target` (an `OPTIONAL_TARGETS` one may be missing)."""
+    lib = _library()
+    return not isinstance(lib, str) and hasattr(lib, FFI_TARGETS[target])
 
 
 def _require():
@@ -259,3 +269,16 @@ def argmax(x_BV, max_threads: int = 0):
         raise ValueError(f"native.argmax: the vocabulary axis of x must not be split (spec {sharding.spec})")
     spec = jax.sharding.PartitionSpec
     return jax.shard_map(local, mesh=mesh, in_specs=spec(rows, None), out_specs=(spec(rows), spec(rows)))(x_BV)
+
+
+def write_rows(pool, rows_MR, layer, page_M, slot_M):
+    """`pool` [L, P, S, ...] with rows_MR [M, ...] written at (layer, page_M[m], slot_M[m]), in place where the pool
+    is donated (the result aliases it); a page outside [0, P) or a slot outside [0, S) is dropped (a scatter's
+    mode="drop"); `layer` clamps like `lax.dynamic_slice`. Any element type (bytes are copied): for bfloat16 pools,
+    which XLA:CPU scatters into by converting the whole pool to float32 and back."""
+    _require()
+    call = jax.ffi.ffi_call("moejax_write_rows", jax.ShapeDtypeStruct(pool.shape, pool.dtype),
+                            input_output_aliases={0: 0})
+    operands = (pool, rows_MR.astype(pool.dtype), jnp.asarray(layer, jnp.int32).reshape(()), page_M.astype(jnp.int32),
+                slot_M.astype(jnp.int32))
+    return manual.varying_like(call(*operands), *operands)

@@ -1149,6 +1149,31 @@ ffi::Error ArgmaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::ResultBuffer<
   return run(pool, x, index->typed_data(), finite->typed_data(), max_threads);
 }
 
+// pool [L, P, S, ...] with row m of rows [M, ...] written at (layer, page[m], slot[m]), in place (the result is
+// aliased to the pool); a page outside [0, P) or a slot outside [0, S) is dropped (as a scatter's mode="drop").
+// Bytes only: any element type, the pool's and the rows' one. XLA:CPU scatters into a bfloat16 array by converting
+// all of it to float32 and back (moejax/model/attention.py's write_pages).
+ffi::Error WriteRowsImpl(ffi::AnyBuffer pool, ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> layer,
+                         ffi::Buffer<ffi::S32> page, ffi::Buffer<ffi::S32> slot, ffi::Result<ffi::AnyBuffer> out) {
+  const auto pd = pool.dimensions();
+  if (pd.size() < 3 || rows.element_type() != pool.element_type() || out->element_type() != pool.element_type())
+    return ffi::Error::InvalidArgument("write_rows: pool [L, P, S, ...] and rows [M, ...] of one type expected");
+  const int64_t L = pd[0], P = pd[1], S = pd[2];
+  const size_t M = page.element_count(), row_bytes = pool.size_bytes() / static_cast<size_t>(L * P * S);
+  if (M != slot.element_count() || rows.size_bytes() != M * row_bytes)
+    return ffi::Error::InvalidArgument("write_rows: rows, pages and slots disagree with the pool's row size");
+  char* dst = static_cast<char*>(out->untyped_data());
+  if (dst != pool.untyped_data()) std::memcpy(dst, pool.untyped_data(), pool.size_bytes());  // not aliased
+  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, L - 1);
+  const char* src = static_cast<const char*>(rows.untyped_data());
+  for (size_t m = 0; m < M; ++m) {
+    const int64_t p = page.typed_data()[m], s = slot.typed_data()[m];
+    if (p < 0 || p >= P || s < 0 || s >= S) continue;
+    std::memcpy(dst + static_cast<size_t>((l * P + p) * S + s) * row_bytes, src + m * row_bytes, row_bytes);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // ---- ISA selection (plain C, for ctypes: moejax/native/__init__.py) ----
@@ -1221,3 +1246,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxArgmax, ArgmaxImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()  // index [B]: first maximum (first NaN)
                                   .Ret<ffi::Buffer<ffi::S32>>()  // finite [B]: 1 where the row is all finite
                                   .Attr<int64_t>("max_threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxWriteRows, WriteRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()         // pool [L, P, S, ...], any type
+                                  .Arg<ffi::AnyBuffer>()         // rows [M, ...], the pool's type
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer []
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // page [M] (outside [0, P): dropped)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slot [M]
+                                  .Ret<ffi::AnyBuffer>());       // the pool, aliased to the first operand
