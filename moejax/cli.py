@@ -52,6 +52,10 @@ def _add_generate(sub) -> argparse.ArgumentParser:
                    help=f"HF checkpoint directory, or a config name in configs/models (random weights); "
                         f"default {DEFAULT_MODEL}")
     p.add_argument("--layout", default=DEFAULT_LAYOUT, help=f"e.g. DP2TP2EP2PP1 (default {DEFAULT_LAYOUT})")
+    p.add_argument("--prefill-layout", default=None,
+                   help="disaggregated serving: prefill every prompt on a model of this layout on the first devices, "
+                        "decode on --layout over the next ones, each request's KV pages moved between (--devices "
+                        "must cover both)")
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", action="append",
                          help="a text prompt, encoded with the checkpoint's tokenizer.json; repeat for several")
@@ -105,6 +109,7 @@ class _Run:
 
     cfg: object
     layout: object
+    prefill_layout: object  # --prefill-layout (disaggregated), or None
     dtype: str  # --dtype resolved ("auto": the checkpoint's own)
     prompts: list[list[int]]
     params: list  # SamplingParams per prompt
@@ -125,6 +130,7 @@ def _check_generate(args) -> _Run:
     cfg = read_model_config(args.model)
     cfg.check_runtime_support()
     layout = Layout.parse(args.layout).validate(cfg)
+    prefill_layout = _check_prefill_layout(args, cfg)
     dtype = resolved_dtype(args.dtype, cfg)
     tokenizer = load_tokenizer(args.model) if os.path.isdir(args.model) else None
     if args.prompt:
@@ -153,7 +159,26 @@ def _check_generate(args) -> _Run:
                          f"{args.max_new_tokens} new tokens = {longest} exceeds the model's context limit "
                          f"(max_position_embeddings={limit})")
     check_context(cfg, (("--chunk-size", args.chunk_size), ("--page-size", args.page_size)))
-    return _Run(cfg, layout, dtype, prompts, params, tokenizer, seed, drawn)
+    return _Run(cfg, layout, prefill_layout, dtype, prompts, params, tokenizer, seed, drawn)
+
+
+def _check_prefill_layout(args, cfg):
+    """--prefill-layout parsed and validated, or None; refused with what the disaggregated engine does not run."""
+    from moejax.mesh import Layout
+
+    if args.prefill_layout is None:
+        return None
+    try:
+        layout = Layout.parse(args.prefill_layout).validate(cfg)
+    except ValueError as err:
+        raise UsageError(f"--prefill-layout: {err}") from err
+    for flag, on in (("--enable-prefix-caching", args.enable_prefix_caching),
+                     ("--async-scheduling", args.async_scheduling)):
+        if on:
+            raise UsageError(f"--prefill-layout: disaggregated serving does not run with {flag} yet; drop one")
+    if distributed.cluster_from(args) is not None:
+        raise UsageError("--prefill-layout: disaggregated serving runs in one process; drop the multi-host flags")
+    return layout
 
 
 def _sampling(args, seed: int, count: int, vocab: int) -> list:
@@ -181,6 +206,7 @@ def _fingerprint(args, run: _Run) -> dict:
     process 0's is used everywhere.
     """
     values = {"moejax": _version(), "--model": dataclasses.asdict(run.cfg), "--layout": str(run.layout),
+              "--prefill-layout": str(run.prefill_layout),
               "--dtype": run.dtype, "--quantization": args.quantization, "--kv-cache-dtype": args.kv_cache_dtype,
               "--devices": args.devices, "--enable-prefix-caching": args.enable_prefix_caching,
               "--async-scheduling": args.async_scheduling,
@@ -196,10 +222,13 @@ def _fingerprint(args, run: _Run) -> dict:
 
 
 def _run_generate(args) -> int:
+    from moejax.bench.cli import DeviceSplit
+
     run = _check_generate(args)  # host only: JAX has not started
     cluster = distributed.cluster_from(args)
+    placed = run.layout if run.prefill_layout is None else DeviceSplit(run.prefill_layout, run.layout)
     # --devices counts the run's simulated CPU devices: each process makes its share.
-    simulated = request_cpu_devices(distributed.local_device_count(cluster, args.devices, run.layout.size))
+    simulated = request_cpu_devices(distributed.local_device_count(cluster, args.devices, placed.size))
     # Joins the run (refused unless every process runs this command); only process 0 prints from here on.
     shared = distributed.start(cluster, _fingerprint(args, run), {"sample_seed": run.seed},
                                debug=getattr(args, "debug", False))
@@ -209,22 +238,33 @@ def _run_generate(args) -> int:
 
     import jax
 
-    check_devices(run.layout, jax.devices(), simulated)
+    check_devices(placed, jax.devices(), simulated)
     progress = Progress(enabled=not args.quiet and jax.process_index() == 0)
-    model = _build_model(args, run, progress)
-    engine, ids = _start_engine(model, run.prompts, run.params, args, progress)
+    prefill_model = None
+    if run.prefill_layout is not None:  # the prefill model on the first devices, the decode model on the next
+        n = run.prefill_layout.size
+        prefill_model = _build_model(args, run, progress, run.prefill_layout, jax.devices()[:n])
+        model = _build_model(args, run, progress, run.layout, jax.devices()[n:n + run.layout.size])
+    else:
+        model = _build_model(args, run, progress)
+    engine, ids = _start_engine(model, run.prompts, run.params, args, progress, prefill_model)
     new, texts = _serve(engine, ids, run, args, progress)
     reqs = [engine.requests[i] for i in ids]
     ttft_s = sum(r.ttft_s for r in reqs) / len(reqs)
     tpot_s = sum(r.tpot_s or 0.0 for r in reqs) / len(reqs)
     one = len(new) == 1  # one prompt: flat lists, not lists of one
     result = {
-        "model": model.cfg.name, "layout": str(model.layout), "devices": model.layout.size, "dtype": run.dtype,
+        "model": model.cfg.name, "layout": str(model.layout), "devices": placed.size, "dtype": run.dtype,
         "platform": jax.devices()[0].platform, "prompt_ids": run.prompts[0] if one else run.prompts,
         "tokens": new[0] if one else new, "ttft_s": ttft_s, "tpot_s": tpot_s, "sample_seed": run.seed,
     }
     if texts is not None:
         result["text"] = texts[0] if one else texts
+    if prefill_model is not None:
+        moved = [r.kv_bytes_moved for r in reqs]
+        result.update(prefill_layout=str(prefill_model.layout), prefill_devices=prefill_model.layout.size,
+                      decode_devices=model.layout.size, kv_transfers=engine.stats.kv_transfers,
+                      kv_transfer_bytes=engine.stats.kv_transfer_bytes, kv_bytes_moved=moved[0] if one else moved)
     if args.enable_prefix_caching:
         stats = engine.stats
         result.update(prompt_tokens=stats.prompt_tokens, cached_prompt_tokens=stats.cached_prompt_tokens,
@@ -259,14 +299,15 @@ class _Counted:
         return getattr(self._source, name)
 
 
-def _build_model(args, run: _Run, progress: Progress):
-    """The model on its mesh, weights read and placed under a progress bar (a checkpoint's or random ones)."""
+def _build_model(args, run: _Run, progress: Progress, layout=None, devices=None):
+    """The model on its mesh (`layout`, default --layout, on `devices`, default the first), weights read and placed
+    under a progress bar (a checkpoint's or random ones)."""
     from pathlib import Path
 
     from moejax.inference import Model
     from moejax.weights import RandomSource, parameter_count
 
-    cfg = run.cfg
+    cfg, layout = run.cfg, layout or run.layout
     if Path(args.model).is_dir():
         from moejax.checkpoint.store import open_source
 
@@ -276,16 +317,17 @@ def _build_model(args, run: _Run, progress: Progress):
         source, what = RandomSource(cfg, args.seed), f"making random weights for {cfg.name}"
     total = parameter_count(cfg)
     quantized = f", quantized to {args.quantization}" if args.quantization else ""
-    with progress.phase(f"{what} ({total / 1e6:.1f}M parameters{quantized}) and placing them on layout {run.layout}",
+    with progress.phase(f"{what} ({total / 1e6:.1f}M parameters{quantized}) and placing them on layout {layout}",
                         total=None if args.quantization else total) as advance:  # quantizing reads blocks whole
-        model = Model(cfg, _Counted(source, advance), layout=run.layout, dtype=run.dtype,
-                      quantization=args.quantization)
+        model = Model(cfg, _Counted(source, advance), layout=layout, dtype=run.dtype,
+                      quantization=args.quantization, devices=devices)
     model.tokenizer = run.tokenizer
     return model
 
 
-def _start_engine(model, prompts, params, args, progress: Progress):
-    """A warm engine sized for these prompts, every request added; returns (engine, request ids)."""
+def _start_engine(model, prompts, params, args, progress: Progress, prefill_model=None):
+    """A warm engine sized for these prompts (disaggregated with a `prefill_model`), every request added; returns
+    (engine, request ids)."""
     import moejax
     from moejax.kv_cache import pages_for
 
@@ -299,7 +341,7 @@ def _start_engine(model, prompts, params, args, progress: Progress):
                                 kv_cache_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
                                 enable_prefix_caching=args.enable_prefix_caching,
                                 async_scheduling=args.async_scheduling)
-    engine = moejax.Engine(model, config)
+    engine = moejax.Engine(model, config, prefill_model=prefill_model)
     _warmup(engine, progress)
     ids = [engine.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
     return engine, ids
@@ -328,8 +370,11 @@ def _serve(engine, ids, run: _Run, args, progress: Progress):
     if stream:
         stream.push(run.prompts[0])  # the continuation then decodes as it reads after the prompt (spaces included)
     if show:
-        print(f"model {model.cfg.name} on {model.layout.size} {jax.devices()[0].platform} devices, layout "
-              f"{model.layout}, {model.dtype_name}", flush=True)
+        side = engine.prefill
+        split = "" if side is None else (f"prefill on layout {side.model.layout} ({side.model.layout.size} devices), "
+                                         f"decode on the next {model.layout.size}, ")
+        print(f"model {model.cfg.name} on {model.layout.size + (side.model.layout.size if side else 0)} "
+              f"{jax.devices()[0].platform} devices, {split}layout {model.layout}, {model.dtype_name}", flush=True)
     total = sum(p.max_new_tokens for p in run.params)
     with progress.phase(f"generating (up to {total} tokens for {len(ids)} prompt{'s' * (len(ids) > 1)})", total=total,
                         live=args.json) as advance:

@@ -10,6 +10,8 @@ dp_attention only), writes results.jsonl (the planner's calibration schema), fai
 comm.csv and the PNG plots into --out, skips configurations already there, and exits 1 if a configuration failed
 in this run. `bench serve` runs one configuration and prints a table like `vllm bench serve`. A shared-prefix
 workload (`--shared-prefix-len 1024 --num-prefixes 4`) with `--enable-prefix-caching` measures prefix reuse.
+`--prefill-layout(s)` serves disaggregated: the prefill model on the first devices, the decode model (--layout) on
+the next, each request's KV pages moved between; the rows record the bytes moved per request beside the planner's.
 
 Every mistake in a flag or a named file is one line `moejax: error: ...` and exit status 2, found
 before any model is built (a layout larger than the devices: right after JAX starts). On simulated
@@ -20,6 +22,7 @@ the host's cores).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib
 import json
@@ -148,6 +151,10 @@ def add_parsers(subparsers) -> list[argparse.ArgumentParser]:
                        help="ServeConfig.enable_prefix_caching: alone, on in every configuration; with values, each "
                             "run as its own rows (off,on: every configuration without and with it). Default: off")
     sweep.add_argument("--async-scheduling", action="store_true", help=ASYNC_SCHEDULING_HELP)
+    sweep.add_argument("--prefill-layouts", default=None,
+                       help="disaggregated serving: comma-separated prefill layouts, each paired with every --layouts "
+                            "layout whose size fits the devices beside it (prefill on the first devices, decode on "
+                            "the next); none = aggregated (e.g. none,TP4,DP2). Default: aggregated only")
     sweep.add_argument("--reference-layout", default=None,
                        help="run this layout first (e.g. DP1) and check every configuration's greedy tokens against it")
     sweep.add_argument("--out", default="out/sweep", help="output folder (resumed when it exists)")
@@ -173,6 +180,9 @@ def add_parsers(subparsers) -> list[argparse.ArgumentParser]:
     serve.add_argument("--enable-prefix-caching", action="store_true",
                        help="reuse the KV pages of cached prompt prefixes (ServeConfig.enable_prefix_caching)")
     serve.add_argument("--async-scheduling", action="store_true", help=ASYNC_SCHEDULING_HELP)
+    serve.add_argument("--prefill-layout", default=None,
+                       help="disaggregated serving: prefill on a model of this layout on the first devices, decode on "
+                            "--layout over the next ones (KV pages moved between)")
     serve.add_argument("--json", action="store_true", help="print the measurement as one JSON object")
     serve.add_argument("--out", default=None, help="append the measurement as a JSON line (calibration schema)")
     _add_common(serve)
@@ -193,6 +203,8 @@ _MODULES = {
     "kv-quant": ("moejax.bench.kv_quant", "fp8 / int8 KV cache against float KV: greedy tokens, teacher-forced logits"),
     "gpu": ("moejax.bench.gpu", "the first GPU's figures: decode bandwidth, prefill MFU, a sweep, a calibration"),
     "quant": ("moejax.bench.quant", "post-training quantization: accuracy against float, memory against the planner"),
+    "disagg": ("moejax.bench.disagg", "disaggregated prefill / decode on a device split: tokens against aggregated, KV "
+                                      "bytes moved against the planner"),
 }
 
 
@@ -273,6 +285,27 @@ def _layouts(text: str, cfg, flag: str) -> list | None:
     return out
 
 
+def _prefill_layouts(args, cfg, flag: str) -> tuple:
+    """--prefill-layout(s): layouts (None: aggregated, "none" in the list), refused with prefix caching or async
+    scheduling (the disaggregated engine runs neither yet)."""
+    text = getattr(args, flag[2:].replace("-", "_"))
+    if text is None:
+        return (None,)
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    named = [p for p in parts if p.lower() != "none"]
+    layouts = _layouts(",".join(named), cfg, flag) if named else []
+    if layouts is None:
+        raise UsageError(f"{flag}: name the prefill layouts (e.g. none,TP4,DP2), not 'all'")
+    out = ([None] if len(named) < len(parts) else []) + layouts
+    caching = args.enable_prefix_caching
+    if any(x is not None for x in out) and (args.async_scheduling or caching is True or True in (caching or ())):
+        what = "--async-scheduling" if args.async_scheduling else "--enable-prefix-caching"
+        raise UsageError(f"{flag}: disaggregated serving does not run with {what} yet; drop one")
+    if not out:
+        raise UsageError(f"{flag}: no layout given in {text!r}")
+    return tuple(out)
+
+
 def _check_out_file(path: Path, flag: str) -> None:
     """Refuse a file to append to that cannot be: a folder, a file not writable, a folder that cannot be made."""
     if path.is_dir():
@@ -315,6 +348,22 @@ def _resolve_hardware(args, device) -> str:
                      f"NAME (built-in: {list_hardware()}) or a YAML path")
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceSplit:
+    """A disaggregated run's devices: the prefill layout's first, then the decode layout's (`check_devices` reads
+    `size` and the name; `moejax generate` and `bench serve`)."""
+
+    prefill: object
+    decode: object
+
+    @property
+    def size(self) -> int:
+        return self.prefill.size + self.decode.size
+
+    def __str__(self) -> str:
+        return f"{self.prefill} (prefill) + {self.decode} (decode)"
+
+
 def _start_jax(layouts: list, devices_flag: int | None):
     """Simulate CPU devices as needed, start JAX, and refuse layouts larger than the devices."""
     from moejax.devices import request_cpu_devices
@@ -350,6 +399,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--split-moe adds the split layouts to --layouts all; with --layouts {args.layouts} name "
                          f"them instead (e.g. TP4MTP1EP8)")
     _check_modes(layouts or [], modes)  # the reference runs in the model's default mode
+    prefill_layouts = _prefill_layouts(args, cfg, "--prefill-layouts")
     check_context(cfg, [*(("--chunk-size(s)", v) for v in args.chunk_sizes), ("--page-size", args.page_size)])
     _check_hardware(args)
     out = Path(args.out)
@@ -358,7 +408,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     _check_folder(out, "--out")
     for name in ("results.jsonl", "failures.jsonl"):
         read_rows(out / name)  # a malformed file is refused now, not after the first configuration
-    devices = _start_jax((layouts or []) + (reference or []), args.devices)
+    devices = _start_jax((layouts or []) + (reference or []) + [x for x in prefill_layouts if x is not None],
+                         args.devices)
     if layouts is None:
         n = args.devices or len(devices)
         layouts = Layout.enumerate(n, cfg, split_moe=args.split_moe)
@@ -368,7 +419,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         _start_jax(layouts, args.devices)
     microbatches = tuple(args.microbatches) if args.microbatches else (None,)
     count = (len(layouts) * len(modes) * len(args.quantization) * len(microbatches) * len(args.chunk_sizes)
-             * len(args.max_running) * len(args.enable_prefix_caching))
+             * len(args.max_running) * len(args.enable_prefix_caching) * len(prefill_layouts))
     if count > MAX_CONFIGS:
         raise UsageError(f"the sweep has {count:_} configurations, more than {MAX_CONFIGS:_}; pass fewer values")
     if args.microbatches and not any(lay.stage > 1 for lay in layouts):
@@ -385,7 +436,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
                      seed=args.weights_seed, page_size=args.page_size, max_prefill_seqs=args.max_prefill_seqs,
                      decode_buckets=args.decode_buckets, reference_layout=reference[0] if reference else None,
                      efficiency=args.efficiency, microbatches=microbatches, quantization=args.quantization,
-                     prefix_caching=args.enable_prefix_caching, async_scheduling=args.async_scheduling)
+                     prefix_caching=args.enable_prefix_caching, async_scheduling=args.async_scheduling,
+                     prefill_layouts=prefill_layouts)
     result = run_sweep(spec, out, progress=not args.no_progress, retry_failed=args.retry_failed,
                        plots=not args.no_plot)
     print(format_summary(result))
@@ -426,10 +478,11 @@ def run_serve_command(args: argparse.Namespace) -> int:
         groups = f" x its {groups_used} pipeline microbatch groups" if groups_used > 1 else ""
         raise UsageError(f"--max-running {args.max_running} must be a multiple of the data factor of {layout} "
                          f"({layout.data}){groups}")
+    (prefill_layout,) = _prefill_layouts(args, cfg, "--prefill-layout")
     _check_hardware(args)
     if args.out:
         _check_out_file(Path(args.out), "--out")
-    devices = _start_jax([layout], args.devices)
+    devices = _start_jax([layout if prefill_layout is None else DeviceSplit(prefill_layout, layout)], args.devices)
     spec = sweep_lib.SweepSpec(model=args.model, layouts=(layout,), chunk_sizes=(args.chunk_size,),
                                max_running=(args.max_running,), workload=workload,
                                hardware=_resolve_hardware(args, devices[0]), expert_mode=(mode,), dtype=dtype,
@@ -438,8 +491,16 @@ def run_serve_command(args: argparse.Namespace) -> int:
                                efficiency=args.efficiency, async_scheduling=args.async_scheduling)
     hw = load_hardware(spec.hardware, efficiency=args.efficiency)
     progress = Progress()  # stderr: the summary and --json go to stdout
-    with progress.phase(f"placing {spec.model} on layout {layout}"):
-        model = sweep_lib._build_model(spec, str(layout), mode)
+    prefill_model = None
+    if prefill_layout is not None:  # the prefill model on the first devices, the decode model on the next
+        n = prefill_layout.size
+        with progress.phase(f"placing {spec.model} on layout {prefill_layout} (prefill)"):
+            prefill_model = sweep_lib._build_model(spec, str(prefill_layout), mode)
+        with progress.phase(f"placing {spec.model} on layout {layout} (decode, the next {layout.size} devices)"):
+            model = sweep_lib._build_model(spec, str(layout), mode, devices=devices[n:n + layout.size])
+    else:
+        with progress.phase(f"placing {spec.model} on layout {layout}"):
+            model = sweep_lib._build_model(spec, str(layout), mode)
     shards = sweep_lib.batch_shards(model)
     if args.max_running % (shards * groups_used):
         groups = f" x {groups_used} pipeline microbatch groups" if groups_used > 1 else ""
@@ -449,7 +510,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     jax.monitoring.register_event_duration_secs_listener(counter)
     try:
         row, _ = sweep_lib.run_config(spec, model, args.chunk_size, args.max_running, hw, counter,
-                                      args.microbatches, progress, args.enable_prefix_caching)
+                                      args.microbatches, progress, args.enable_prefix_caching, prefill_model)
     finally:
         jax.monitoring.unregister_event_duration_listener(counter)
     row["expert_mode_requested"] = mode or sweep_lib.DEFAULT
@@ -461,7 +522,8 @@ def run_serve_command(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     decode = row["comm"]["decode"]
-    header = [("Model", cfg.name), ("Layout", f"{row['layout']} ({row['devices']} {row['platform']})"),
+    split = f"{row['prefill_layout']} + " * (prefill_model is not None)
+    header = [("Model", cfg.name), ("Layout", f"{split}{row['layout']} ({row['devices']} {row['platform']})"),
               ("Expert mode", row["expert_mode"]), ("Dtype", row["dtype"]),
               ("Chunk size / max running", f"{args.chunk_size} / {args.max_running}"),
               ("Prefix caching", "on" if args.enable_prefix_caching else "off"),
@@ -470,6 +532,11 @@ def run_serve_command(args: argparse.Namespace) -> int:
               ("Warm-up requests (s)", f"{row['warmup_requests_s']:.2f}"),
               ("Program memory per device (MiB)", f"{row['peak_memory_bytes'] / 2**20:.1f}"),
               ("Decode step comm per device (KiB)", f"{decode['wire_bytes'] / 1024:.1f}")]
+    if prefill_model is not None:
+        measured, planner = row["kv_transfer_bytes_per_request"], row["planner_kv_transfer_bytes_per_request"]
+        header += [("Prefill / decode devices", f"{row['prefill_devices']} / {row['decode_devices']}"),
+                   ("KV moved per request (B)", "n/a" if measured is None else f"{measured:.0f}"),
+                   ("Planner KV per request (B)", "n/a" if planner is None else f"{planner:.0f}")]
     print(format_result(row, header=header))  # the row carries every key of RunResult.metrics()
     if decode["weight_moves"] or row["comm"]["prefill"]["weight_moves"]:
         print("WARNING: the compiled step moves weights: " + "; ".join(decode["weight_moves"]

@@ -17,9 +17,9 @@ from moejax.axes import DEPRECATED_EXPERT_MODES
 
 KEY_FIELDS = ("model", "platform", "layout", "expert_mode_requested", "chunk_size", "max_running", "dtype",
               "page_size", "max_prefill_seqs", "decode_buckets", "workload_id", "microbatches_requested",
-              "quantization", "enable_prefix_caching", "async_scheduling")
-# what a row written before the field ran with
-_KEY_DEFAULTS = {"enable_prefix_caching": False, "async_scheduling": False}
+              "quantization", "enable_prefix_caching", "async_scheduling", "prefill_layout")
+# what a row written before the field ran with (prefill_layout None: aggregated, one model prefills and decodes)
+_KEY_DEFAULTS = {"enable_prefix_caching": False, "async_scheduling": False, "prefill_layout": None}
 LAYER_SCOPES = ("attn", "moe", "mlp", "ffn", "shared")  # named blocks inside a layer (the planner's per-layer terms)
 
 
@@ -83,8 +83,9 @@ _CSV_METRICS = ("ttft_s", "tpot_s", "e2e_s", "tokens_per_s", "tokens_per_s_per_d
                 "tokens_per_s_per_user_p99", "num_requests", "output_tokens", "duration_s", "errors", "preemptions",
                 "warmup_s", "compile_s", "compilations", "compilations_during_run", "place_s", "peak_memory_bytes",
                 "device_peak_bytes_in_use", "prompt_tokens", "cached_prompt_tokens", "prefill_tokens",
-                "prefix_hit_rate", "expert_mode", "batch_shards", "devices", "isl", "osl",
-                "output_digest", "tokens_match_reference")
+                "prefix_hit_rate", "expert_mode", "batch_shards", "devices", "prefill_devices", "decode_devices",
+                "kv_transfers", "kv_transfer_bytes_per_request", "planner_kv_transfer_bytes_per_request", "isl",
+                "osl", "output_digest", "tokens_match_reference")
 
 
 def comm_rows(row: dict) -> list[dict]:

@@ -19,6 +19,9 @@ Definitions (per request; the run's figures are over the measured requests only)
   re-admission after a preemption counts its sequence again), of those cached (served from the prefix
   cache), prefill tokens computed (scheduled in prefill calls), and the hit rate, cached / prompt tokens
   (0 without prefix caching: the planner's `Workload.prefix_hit_rate`).
+- disaggregated serving (`Engine(..., prefill_model=...)`): the KV moves from the prefill side over the measured
+  requests (`EngineStats.kv_transfers`, `kv_transfer_bytes`; each record's `kv_bytes_moved`); devices count both
+  sides.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class RequestRecord(TokenTimes):
     token_times_s: list[float]
     output_ids: list[int]
     finish_reason: str | None
+    kv_bytes_moved: int = 0  # disaggregated: the bytes of KV pages moved to the decode side for it
 
     @property
     def e2e_s(self) -> float | None:
@@ -78,6 +82,8 @@ class RunResult:
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     prefill_tokens: int = 0
+    kv_transfers: int = 0
+    kv_transfer_bytes: int = 0
     wall_s: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -157,7 +163,8 @@ def run_workload(engine, collector: Collector, specs: list[RequestSpec], in_flig
     if engine.has_unfinished():
         raise ValueError("the engine must be idle before a run (it still has unfinished requests)")
     collector.clear()
-    counted = ("steps", "preemptions", "mixed_steps", "prompt_tokens", "cached_prompt_tokens", "prefill_tokens")
+    counted = ("steps", "preemptions", "mixed_steps", "prompt_tokens", "cached_prompt_tokens", "prefill_tokens",
+               "kv_transfers", "kv_transfer_bytes")
     stats0 = {name: getattr(engine.stats, name) for name in counted}
     start = clock()
     arrivals: dict = {}
@@ -183,9 +190,16 @@ def run_workload(engine, collector: Collector, specs: list[RequestSpec], in_flig
     for rid, req in collector.finished.items():
         i, arrival = arrivals[rid]
         records[i] = RequestRecord(len(specs[i].prompt), specs[i].max_new_tokens, arrival,
-                                   list(req.token_times_s), list(req.output_ids), req.finish_reason)
+                                   list(req.token_times_s), list(req.output_ids), req.finish_reason,
+                                   req.kv_bytes_moved)
     deltas = {name: getattr(engine.stats, name) - before for name, before in stats0.items()}
-    return RunResult(records, devices=engine.model.layout.size, wall_s=clock() - start, **deltas)
+    return RunResult(records, devices=engine_devices(engine), wall_s=clock() - start, **deltas)
+
+
+def engine_devices(engine) -> int:
+    """Devices the engine serves on: its model's, and a disaggregated engine's prefill model's."""
+    side = getattr(engine, "prefill", None)
+    return engine.model.layout.size + (side.model.layout.size if side is not None else 0)
 
 
 def serve(engine, collector: Collector, workload: Workload) -> tuple[RunResult, float]:

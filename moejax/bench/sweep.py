@@ -8,6 +8,16 @@ then the measured ones (`moejax.bench.serve`), and append one JSON line. A quant
 "fp8", "int4"; None: the float weights) is placed as its own model, and its rows carry it as `quantization` and as
 the planner's weight `precision`.
 
+Disaggregated configurations (`SweepSpec.prefill_layouts`: a prefill layout beside the decode layout,
+`Engine(..., prefill_model=...)`): the prefill model is placed on the first devices, the decode model on the next
+ones (a pair larger than the devices is skipped, named). Their rows record `prefill_layout` (part of the key; None:
+aggregated), `prefill_devices`, `decode_devices`, `devices` = both, the KV moved per request measured
+(`kv_transfer_bytes_per_request`: bytes moved / requests whose KV moved, over the measured requests) and the
+planner's for the same requests (`planner_kv_transfer_bytes_per_request`: `moejax.planner.disagg.kv_transfer_bytes`
+at each moved request's prompt length, averaged). Their compiled-program and collective accounting (`comm`,
+`peak_memory_bytes`) is the decode model's programs (its prefill program included, which a disaggregated run does
+not call), and they get no aggregated `predicted`.
+
 Output folder (`run_sweep(..., out_dir)`):
 
 - `results.jsonl`: one line per measured configuration, in the planner's calibration schema
@@ -87,6 +97,8 @@ class SweepSpec:
             `enable_prefix_caching`, part of the key: rows written before this field ran without it).
         async_scheduling: ServeConfig.async_scheduling in every configuration (recorded, part of the key: rows
             written before this field ran without it).
+        prefill_layouts: prefill layouts paired with every layout (disaggregated serving, see the module
+            docstring); None: aggregated. Not with prefix caching or async scheduling.
     """
 
     model: str
@@ -107,6 +119,7 @@ class SweepSpec:
     quantization: tuple[str | None, ...] = (None,)
     prefix_caching: tuple[bool, ...] = (False,)
     async_scheduling: bool = False
+    prefill_layouts: tuple[Layout | None, ...] = (None,)
 
     def __post_init__(self):
         if self.decode_buckets not in ("pow2", "max"):
@@ -119,7 +132,7 @@ class SweepSpec:
         if self.dtype not in PRECISION:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(PRECISION)}, got {self.dtype!r}")
         for name in ("layouts", "chunk_sizes", "max_running", "expert_mode", "microbatches", "quantization",
-                     "prefix_caching"):
+                     "prefix_caching", "prefill_layouts"):
             if not getattr(self, name):
                 raise ValueError(f"SweepSpec.{name} is empty")
         if not isinstance(self.async_scheduling, bool):
@@ -129,6 +142,9 @@ class SweepSpec:
         for q in self.quantization:
             if q is not None:
                 quant.scheme(q)  # ValueError naming the known ones
+        if any(p is not None for p in self.prefill_layouts) and (self.async_scheduling or True in self.prefix_caching):
+            raise ValueError("SweepSpec.prefill_layouts (disaggregated serving) do not run with prefix caching or "
+                             "async scheduling yet")
         split = [str(lay) for lay in self.layouts if lay.split]
         if split and not any(_runs_split(mode) for mode in self.expert_mode):
             raise ValueError(f"layouts {', '.join(split)} split the MoE apart from attention and run only in expert "
@@ -139,7 +155,8 @@ class SweepSpec:
         return self.workload.max_total_len
 
     def configs(self) -> list[dict]:
-        """Every (layout, expert mode, quantization, microbatches, max_running, chunk, prefix caching) to run,
+        """Every (layout, prefill layout, expert mode, quantization, microbatches, max_running, chunk, prefix caching)
+        to run,
         reference first (float weights, unless every run is quantized: then the first quantization; prefix caching
         off, unless every run has it on), as key dicts (no platform).
         Microbatch values other than the default apply to layouts with stages only; a split layout (`TP4MTP1EP8`)
@@ -156,19 +173,22 @@ class SweepSpec:
                         for mr in self.max_running:
                             for chunk in self.chunk_sizes:
                                 for cache in self.prefix_caching:
-                                    cfg = self._config(layout, mode, chunk, mr, m, q, cache)
-                                    if cfg not in out:
-                                        out.append(cfg)
+                                    for prefill in self.prefill_layouts:
+                                        cfg = self._config(layout, mode, chunk, mr, m, q, cache, prefill)
+                                        if cfg not in out:
+                                            out.append(cfg)
         return out
 
     def _config(self, layout: Layout, mode: str | None, chunk: int, mr: int, microbatches: int | None,
-                quantization: str | None = None, prefix_caching: bool = False) -> dict:
+                quantization: str | None = None, prefix_caching: bool = False,
+                prefill_layout: Layout | None = None) -> dict:
         return {"model": self.model, "layout": str(layout), "expert_mode_requested": mode or DEFAULT,
                 "chunk_size": chunk, "max_running": mr, "dtype": self.dtype, "page_size": self.page_size,
                 "max_prefill_seqs": self.max_prefill_seqs, "decode_buckets": self.decode_buckets,
                 "workload_id": self.workload.workload_id, "microbatches_requested": microbatches,
                 "quantization": quantization, "enable_prefix_caching": prefix_caching,
-                "async_scheduling": self.async_scheduling}
+                "async_scheduling": self.async_scheduling,
+                "prefill_layout": None if prefill_layout is None else str(prefill_layout)}
 
 
 def _runs_split(mode: str | None) -> bool:
@@ -236,9 +256,10 @@ def _serve_config(spec: SweepSpec, model, chunk: int, mr: int, microbatches: int
 
 
 def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _CompileCounter,
-               microbatches: int | None = None, progress=None, prefix_caching: bool = False
-               ) -> tuple[dict, RunResult]:
-    """Build, warm up, account and serve one configuration on a placed model; returns (row, result).
+               microbatches: int | None = None, progress=None, prefix_caching: bool = False,
+               prefill_model=None) -> tuple[dict, RunResult]:
+    """Build, warm up, account and serve one configuration on a placed model (with a `prefill_model` on other
+    devices: disaggregated, `model` decodes); returns (row, result).
 
     The row's `prefix_hit_rate` (measured: cached / admitted prompt tokens) is the planner's `prefix_hit_rate` in
     its prediction (`predicted`), as in any calibration row.
@@ -254,7 +275,7 @@ def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _Compil
     progress = progress or Progress(enabled=False)
     collector = Collector()
     engine = moejax.Engine(model, _serve_config(spec, model, chunk, mr, microbatches, prefix_caching),
-                           on_finish=collector)
+                           on_finish=collector, prefill_model=prefill_model)
     buckets = ", ".join(map(str, engine.decode_buckets))
     t0 = time.perf_counter()
     with counter, progress.compiling(f"compiling the steps: prefill ({engine.config.max_prefill_seqs} x {chunk} "
@@ -275,7 +296,9 @@ def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _Compil
     planner = {phase: comm.planner_volume(cfg, layout, model.expert_mode, accounts["tokens"][phase], act_bytes, hw,
                                           pipelined=engine.pipelined)
                for phase in ("decode", "prefill")}
-    device_peak = [d.memory_stats().get("peak_bytes_in_use") for d in model.mesh.devices.flat if d.memory_stats()]
+    placed = [model] + ([prefill_model] if prefill_model is not None else [])
+    device_peak = [d.memory_stats().get("peak_bytes_in_use") for m in placed for d in m.mesh.devices.flat
+                   if d.memory_stats()]
     row = {
         "model": spec.model, "hardware": spec.hardware, "layout": str(layout),
         "precision": quantization or PRECISION[spec.dtype], "kv_precision": PRECISION[spec.dtype],
@@ -288,7 +311,7 @@ def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _Compil
         "max_prefill_seqs": spec.max_prefill_seqs, "decode_buckets": spec.decode_buckets,
         "workload_id": spec.workload.workload_id, "workload": spec.workload.describe(),
         "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
-        "devices": layout.size, "batch_shards": engine.groups, "decode_bucket_sizes": list(engine.decode_buckets),
+        "devices": result.devices, "batch_shards": engine.groups, "decode_bucket_sizes": list(engine.decode_buckets),
         "microbatches_requested": microbatches, "microbatches": engine.microbatches, "quantization": quantization,
         "enable_prefix_caching": prefix_caching, "async_scheduling": spec.async_scheduling,
         **{k: v for k, v in metrics.items() if k not in ("ttft_s", "tpot_s", "tokens_per_s_per_device",
@@ -301,8 +324,30 @@ def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _Compil
         "planner_comm": planner, "output_digest": result.output_digest,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    row["predicted"] = _predicted(row, hw)
+    row.update(_transfer_fields(spec, model, prefill_model, result))
+    row["predicted"] = None if prefill_model is not None else _predicted(row, hw)  # the planner's is aggregated
     return row, result
+
+
+def _transfer_fields(spec: SweepSpec, model, prefill_model, result: RunResult) -> dict:
+    """A row's disaggregation fields: the split and the KV moved per request, measured and the planner's (its
+    `kv_transfer_bytes` at each moved request's prompt length, averaged); None for an aggregated run."""
+    from moejax.planner.disagg import kv_transfer_bytes
+    from moejax.planner.workload import Workload as PlanWorkload
+
+    if prefill_model is None:
+        return {"prefill_layout": None, "prefill_devices": 0, "decode_devices": model.layout.size,
+                "kv_transfers": 0, "kv_transfer_bytes_per_request": None,
+                "planner_kv_transfer_bytes_per_request": None}
+    moved = [r for r in result.records if r.kv_bytes_moved]
+    kv_precision = PRECISION[spec.dtype]  # the pools hold the serving dtype (the sweep sets no KV format)
+    planner = [kv_transfer_bytes(model.cfg, PlanWorkload(isl=r.input_len, osl=r.max_new_tokens,
+                                                         kv_precision=kv_precision), spec.page_size) for r in moved]
+    return {"prefill_layout": str(prefill_model.layout), "prefill_devices": prefill_model.layout.size,
+            "decode_devices": model.layout.size, "kv_transfers": result.kv_transfers,
+            "kv_transfer_bytes": result.kv_transfer_bytes,
+            "kv_transfer_bytes_per_request": result.kv_transfer_bytes / len(moved) if moved else None,
+            "planner_kv_transfer_bytes_per_request": sum(planner) / len(planner) if planner else None}
 
 
 def _predicted(row: dict, hw) -> dict | None:
@@ -319,12 +364,15 @@ def _predicted(row: dict, hw) -> dict | None:
 # ---- the sweep ---------------------------------------------------------------------------------
 
 
-def _build_model(spec: SweepSpec, layout: str, mode: str | None, quantization: str | None = None):
+def _build_model(spec: SweepSpec, layout: str, mode: str | None, quantization: str | None = None, devices=None):
+    """The placed model (on `devices`, default the first of the layout's size)."""
     from pathlib import Path as _P
 
     import moejax
 
     kwargs = {"layout": layout, "dtype": spec.dtype, "quantization": quantization}
+    if devices is not None:
+        kwargs["devices"] = devices
     if mode is not None:
         kwargs["expert_mode"] = mode
     if _P(spec.model).is_dir():
@@ -394,8 +442,11 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, progress: bool = True, re
                     append_row(results_path, row)
                     done[key_of(row)] = row
                 bar.advance()
-                if own and not any(_model_key(spec, x) == _model_key(spec, c) for x in todo[i + 1:]):
-                    models.pop(_model_key(spec, c), None)  # free a layout's weights once its configurations ran
+                later = {k for x in todo[i + 1:] for k in _model_keys(spec, x)}
+                if own and any(k not in later for k in _model_keys(spec, c)):
+                    for k in _model_keys(spec, c):  # free a layout's weights once its configurations ran
+                        if k not in later:
+                            models.pop(k, None)
                     gc.collect()
                 interrupt.check()  # a ^C that a finalizer swallowed (gc above) stops the sweep here
     finally:
@@ -418,20 +469,54 @@ def _model_key(spec: SweepSpec, c: dict) -> tuple:
     return (spec.model, c["layout"], c["expert_mode_requested"], spec.dtype, spec.seed) + ((q,) if q else ())
 
 
+def _model_keys(spec: SweepSpec, c: dict) -> list[tuple]:
+    """The placed models configuration `c` runs on: its layout's; disaggregated, the prefill layout's (on the first
+    devices, the same model as an aggregated one of that layout) and the decode model on the devices after them."""
+    prefill = c.get("prefill_layout")
+    if prefill is None:
+        return [_model_key(spec, c)]
+    return [_model_key(spec, {**c, "layout": prefill}), _model_key(spec, c) + (("after", Layout.parse(prefill).size),)]
+
+
+def _place(spec: SweepSpec, c: dict, models: dict, phases) -> tuple[list, float]:
+    """The models of `c` (`_model_keys`: [model], or [prefill model, decode model]), placed where not yet; returns
+    (models, seconds placing them)."""
+    import jax
+
+    mode = None if c["expert_mode_requested"] == DEFAULT else c["expert_mode_requested"]
+    weights = f" ({c['quantization']} weights)" if c.get("quantization") else ""
+    keys = _model_keys(spec, c)
+    wanted = [(keys[0], c["layout"], None)]  # (key, layout, devices: None for the first ones)
+    if c.get("prefill_layout") is not None:
+        n, m = Layout.parse(c["prefill_layout"]).size, Layout.parse(c["layout"]).size
+        wanted = [(keys[0], c["prefill_layout"], None), (keys[1], c["layout"], jax.devices()[n:n + m])]
+    for key, layout, devices in wanted:
+        if key not in models:
+            t = time.perf_counter()
+            extra = {} if devices is None else {"devices": devices}
+            with (phases.phase(f"placing {spec.model}{weights} on layout {layout}") if phases
+                  else contextlib.nullcontext()):
+                models[key] = (_build_model(spec, layout, mode, c.get("quantization"), **extra),
+                               time.perf_counter() - t)
+    return [models[k][0] for k in keys], sum(models[k][1] for k in keys)
+
+
 def _run_one(spec: SweepSpec, c: dict, models: dict, hw, counter: _CompileCounter, res: SweepResult,
              failures_path: Path, log: Callable[[str], None], phases=None) -> dict | None:
     """Run configuration `c`; record a failure (and return None) if anything raises."""
-    mk = _model_key(spec, c)
+    import jax
+
     stage = "place"
     try:
-        if mk not in models:
-            t = time.perf_counter()
-            mode = None if c["expert_mode_requested"] == DEFAULT else c["expert_mode_requested"]
-            weights = f" ({c['quantization']} weights)" if c.get("quantization") else ""
-            with (phases.phase(f"placing {spec.model}{weights} on layout {c['layout']}") if phases
-                  else contextlib.nullcontext()):
-                models[mk] = (_build_model(spec, c["layout"], mode, c.get("quantization")), time.perf_counter() - t)
-        model, place_s = models[mk]
+        prefill = c.get("prefill_layout")
+        need = Layout.parse(c["layout"]).size + (Layout.parse(prefill).size if prefill else 0)
+        if prefill and need > len(jax.devices()):
+            why = f"prefill layout {prefill} + layout {c['layout']} need {need} devices, {len(jax.devices())} here"
+            res.skipped.append((c, why))
+            log(f"skip  {_label(c)}: {why}")
+            return None
+        placed, place_s = _place(spec, c, models, phases)
+        model, prefill_model = placed[-1], placed[0] if prefill else None
         groups_used = c["microbatches_requested"] or model.layout.stage  # default: one microbatch group per stage
         unit = batch_shards(model) * groups_used
         if c["max_running"] % unit:
@@ -443,7 +528,7 @@ def _run_one(spec: SweepSpec, c: dict, models: dict, hw, counter: _CompileCounte
             return None
         stage = "run"
         row, result = run_config(spec, model, c["chunk_size"], c["max_running"], hw, counter,
-                                 c["microbatches_requested"], phases, c["enable_prefix_caching"])
+                                 c["microbatches_requested"], phases, c["enable_prefix_caching"], prefill_model)
     except Exception as err:  # noqa: BLE001 - a failed configuration is recorded and the sweep goes on
         if interrupt.requested():  # what ^C broke (e.g. inside a JAX call) is not this configuration's failure
             raise KeyboardInterrupt from err
@@ -468,7 +553,9 @@ def _label(c: dict) -> str:
     groups = "" if c.get("microbatches_requested") is None else f" microbatches {c['microbatches_requested']}"
     weights = f" {c['quantization']}" if c.get("quantization") else ""
     cache = " prefix-cache" if c.get("enable_prefix_caching") else ""
-    return f"{c['layout']}{mode}{weights}{groups} chunk {c['chunk_size']} max_running {c['max_running']}{cache}"
+    prefill = f"prefill {c['prefill_layout']} + " if c.get("prefill_layout") else ""
+    return (f"{prefill}{c['layout']}{mode}{weights}{groups} chunk {c['chunk_size']} max_running {c['max_running']}"
+            f"{cache}")
 
 
 class _Progress:
@@ -539,7 +626,8 @@ def format_summary(res: SweepResult, limit: int = 60) -> str:
         ok = {True: "same", False: "DIFF", None: "-"}[r.get("tokens_match_reference")]
         flag = " WEIGHTS MOVE" if hlo["weight_moves"] or r["comm"]["prefill"]["weight_moves"] else ""
         hit = f"{100 * r['prefix_hit_rate']:.1f}" if r.get("enable_prefix_caching") else "off"
-        lines.append(f"{r['layout']:<16} {r['expert_mode']:<10} {r.get('quantization') or 'float':<7} "
+        layout = f"{r['prefill_layout']}+{r['layout']}" if r.get("prefill_layout") else r["layout"]
+        lines.append(f"{layout:<16} {r['expert_mode']:<10} {r.get('quantization') or 'float':<7} "
                      f"{r['chunk_size']:>5} {r['max_running']:>6} "
                      f"{r['tokens_per_s_per_device']:>9.1f} {r['tokens_per_s_per_user']:>10.1f} "
                      f"{r['ttft_s'] * 1e3:>8.1f} {r['tpot_s'] * 1e3:>8.2f} {r['compile_s']:>9.1f} "
@@ -547,6 +635,18 @@ def format_summary(res: SweepResult, limit: int = 60) -> str:
                      f"{r.get('prefill_tokens', '-'):>11} {hit:>5} {ok:>6}{flag}")
     if len(res.rows) > limit:
         lines.append(f"... {len(res.rows) - limit} more in results.csv")
+    split = [r for r in res.rows if r.get("prefill_layout")]
+    if split:
+        lines.append("")
+        lines.append("disaggregated (layout P+D: prefill layout P on the first devices, decode layout D on the next): "
+                     "KV bytes moved per request, measured / planner")
+    for r in split[:limit]:
+        measured, planner = r["kv_transfer_bytes_per_request"], r["planner_kv_transfer_bytes_per_request"]
+        ratio = f" = {measured / planner:.3f}" if measured and planner else ""
+        measured, planner = (f"{v:.0f}" if v is not None else "-" for v in (measured, planner))
+        lines.append(f"  {r['prefill_layout']}+{r['layout']} ({r['prefill_devices']}+{r['decode_devices']} devices) "
+                     f"chunk {r['chunk_size']} max_running {r['max_running']}: {measured} / {planner}{ratio} "
+                     f"({r['kv_transfers']} moves)")
     digests = {r["output_digest"] for r in res.rows}
     match = [r.get("tokens_match_reference") for r in res.rows]
     lines.append("")
