@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -54,12 +55,16 @@ FACTORS = tuple(Efficiency.__dataclass_fields__)
 
 
 def read_measurements(path: str | Path) -> list[dict]:
-    """Read and check a JSON-lines measurement file (schema in the module docstring)."""
-    rows = []
+    """Read and check a JSON-lines measurement file (schema in the module docstring). Rows of disaggregated runs
+    (`prefill_layout` set: their throughput is two layouts') are left out, with a line on stderr saying how many."""
+    rows, disaggregated = [], 0
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         row = json.loads(line)
+        if row.get("prefill_layout"):
+            disaggregated += 1
+            continue
         missing = [k for k in REQUIRED if k not in row]
         if missing:
             raise ValueError(f"{path}:{n}: missing keys {missing}")
@@ -67,6 +72,9 @@ def read_measurements(path: str | Path) -> list[dict]:
         if row["batch_size"] % layout.data:
             raise ValueError(f"{path}:{n}: batch_size {row['batch_size']} is not a multiple of DP {layout.data}")
         rows.append(row)
+    if disaggregated:
+        print(f"{path}: left out {disaggregated} disaggregated row(s) (prefill_layout set): the calibration fits "
+              f"aggregated runs", file=sys.stderr)
     return rows
 
 

@@ -77,3 +77,13 @@ def test_measurement_schema_is_checked(tmp_path):
     bad.write_text(json.dumps({"model": "mixtral-8x7b", "layout": "TP2"}) + "\n")
     with pytest.raises(ValueError, match="missing keys"):
         read_measurements(bad)
+
+
+def test_disaggregated_rows_are_left_out_and_counted(tmp_path, capsys):
+    _write_measurements(tmp_path / "runs.jsonl")
+    lines = (tmp_path / "runs.jsonl").read_text().splitlines()
+    disagg = {**json.loads(lines[0]), "prefill_layout": "TP2", "layout": "DP2EP2"}
+    (tmp_path / "mixed.jsonl").write_text("\n".join(lines + [json.dumps(disagg)]) + "\n")
+    rows = read_measurements(tmp_path / "mixed.jsonl")
+    assert rows == read_measurements(tmp_path / "runs.jsonl") and len(rows) == len(lines)
+    assert "left out 1 disaggregated row(s)" in capsys.readouterr().err
