@@ -327,12 +327,13 @@ def account(engine) -> dict:
     """
     shapes = {"decode": (engine.decode_buckets[-1], 1),
               "prefill": (engine.config.max_prefill_seqs, engine.config.chunk_size)}
-    weights = weight_shapes(engine.model)
+    prefill_model = engine.prefill.model if getattr(engine, "prefill", None) is not None else engine.model
+    weights = {"decode": weight_shapes(engine.model), "prefill": weight_shapes(prefill_model)}
     out: dict = {"tokens": {}}
     program = 0
     for phase, (rows, T) in shapes.items():
-        compiled = engine.compiled_step(phase, rows)
-        out[phase] = summarize(collectives(compiled.as_text(), weights))
+        compiled = engine.compiled_step(phase, rows)  # disaggregated: the prefill model's prefill program
+        out[phase] = summarize(collectives(compiled.as_text(), weights[phase]))
         out["tokens"][phase] = rows * T
         mem = compiled.memory_analysis()
         if mem is not None:

@@ -15,8 +15,8 @@ aggregated), `prefill_devices`, `decode_devices`, `devices` = both, the KV moved
 (`kv_transfer_bytes_per_request`: bytes moved / requests whose KV moved, over the measured requests) and the
 planner's for the same requests (`planner_kv_transfer_bytes_per_request`: `moejax.planner.disagg.kv_transfer_bytes`
 at each moved request's prompt length, averaged). Their compiled-program and collective accounting (`comm`,
-`peak_memory_bytes`) is the decode model's programs (its prefill program included, which a disaggregated run does
-not call), and they get no aggregated `predicted`.
+`peak_memory_bytes`, `planner_comm`) is per phase on the model that runs it: decode on the decode model, prefill
+on the prefill model; they get no aggregated `predicted`.
 
 Output folder (`run_sweep(..., out_dir)`):
 
@@ -293,8 +293,11 @@ def run_config(spec: SweepSpec, model, chunk: int, mr: int, hw, counter: _Compil
     cfg, layout, quantization = model.cfg, model.layout, model.steps.quantization
     isl, osl = spec.workload.mean_lengths(cfg.vocab_size)
     act_bytes = jax.numpy.dtype(model.dtype).itemsize
-    planner = {phase: comm.planner_volume(cfg, layout, model.expert_mode, accounts["tokens"][phase], act_bytes, hw,
-                                          pipelined=engine.pipelined)
+    # each phase on the model that runs it (disaggregated: prefill on the prefill model, the sequential schedule)
+    runs = {"decode": (model, engine.pipelined), "prefill": (prefill_model or model, engine.pipelined and not
+                                                            prefill_model)}
+    planner = {phase: comm.planner_volume(cfg, runs[phase][0].layout, runs[phase][0].expert_mode,
+                                          accounts["tokens"][phase], act_bytes, hw, pipelined=runs[phase][1])
                for phase in ("decode", "prefill")}
     placed = [model] + ([prefill_model] if prefill_model is not None else [])
     device_peak = [d.memory_stats().get("peak_bytes_in_use") for m in placed for d in m.mesh.devices.flat

@@ -151,6 +151,14 @@ class PrefillSide:
             ids_B, self.cache = self._fn(self.steps.params, self.cache, packed, self.T)
         return per_group, ids_B
 
+    def compiled_step(self, rows: int):
+        """The compiled prefill call with `rows` per data group, from the jit cache."""
+        from moejax.engine import batch as batch_lib
+
+        packed = batch_lib.padding(self.groups * rows, self.T, self._pad.shape[1] - self.T - batch_lib.META)
+        with jax.set_mesh(self.steps.mesh):
+            return self._fn.lower(self.steps.params, self.cache, packed, self.T).compile()
+
     def warmup(self) -> None:
         from moejax.engine import batch as batch_lib
 

@@ -572,7 +572,10 @@ class Engine:
 
     def compiled_step(self, kind: str, rows: int):
         """The compiled program of this engine's "prefill" or "decode" call with `rows` per data group
-        (the pipelined tick with pipeline stages), from the jit cache."""
+        (the pipelined tick with pipeline stages), from the jit cache; disaggregated, "prefill" is the prefill
+        model's."""
+        if kind == "prefill" and self.prefill is not None:
+            return self.prefill.compiled_step(rows)
         T = self.config.chunk_size if kind == "prefill" else 1
         packed = np.array(self._padding(self.groups * rows, T))
         with jax.set_mesh(self.steps.mesh):

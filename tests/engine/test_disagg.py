@@ -174,3 +174,15 @@ def test_bad_pairs_are_refused(pair, hf_checkpoints):
     fp8 = moejax.load(hf_checkpoints["mixtral"][0], layout="DP1", devices=jax.devices()[6:7], kv_cache_dtype="fp8")
     with pytest.raises(ValueError, match="KV cache format"):
         moejax.Engine(d, ServeConfig(**CONFIG), prefill_model=fp8)
+
+
+def test_compiled_prefill_step_is_the_prefill_models(pair):
+    """`compiled_step("prefill")` (what the sweep's HLO accounting reads) is the prefill model's program: its
+    devices, not the decode model's."""
+    p, d = pair
+    engine = moejax.Engine(d, ServeConfig(**CONFIG), prefill_model=p)
+    prefill = engine.compiled_step("prefill", CONFIG["max_prefill_seqs"])
+    decode = engine.compiled_step("decode", engine.decode_buckets[-1])
+    devices = lambda compiled: {dev.id for s in jax.tree.leaves(compiled.input_shardings) for dev in s.device_set}  # noqa: E731
+    assert devices(prefill) == {dev.id for dev in p.mesh.devices.flat}
+    assert devices(decode) == {dev.id for dev in d.mesh.devices.flat}
