@@ -172,10 +172,8 @@ def _check_prefill_layout(args, cfg):
         layout = Layout.parse(args.prefill_layout).validate(cfg)
     except ValueError as err:
         raise UsageError(f"--prefill-layout: {err}") from err
-    for flag, on in (("--enable-prefix-caching", args.enable_prefix_caching),
-                     ("--async-scheduling", args.async_scheduling)):
-        if on:
-            raise UsageError(f"--prefill-layout: disaggregated serving does not run with {flag} yet; drop one")
+    if args.async_scheduling:
+        raise UsageError("--prefill-layout: disaggregated serving does not run with --async-scheduling yet; drop one")
     if distributed.cluster_from(args) is not None:
         raise UsageError("--prefill-layout: disaggregated serving runs in one process; drop the multi-host flags")
     return layout

@@ -286,8 +286,8 @@ def _layouts(text: str, cfg, flag: str) -> list | None:
 
 
 def _prefill_layouts(args, cfg, flag: str) -> tuple:
-    """--prefill-layout(s): layouts (None: aggregated, "none" in the list), refused with prefix caching or async
-    scheduling (the disaggregated engine runs neither yet)."""
+    """--prefill-layout(s): layouts (None: aggregated, "none" in the list), refused with async scheduling (the
+    disaggregated engine does not run it yet)."""
     text = getattr(args, flag[2:].replace("-", "_"))
     if text is None:
         return (None,)
@@ -297,10 +297,8 @@ def _prefill_layouts(args, cfg, flag: str) -> tuple:
     if layouts is None:
         raise UsageError(f"{flag}: name the prefill layouts (e.g. none,TP4,DP2), not 'all'")
     out = ([None] if len(named) < len(parts) else []) + layouts
-    caching = args.enable_prefix_caching
-    if any(x is not None for x in out) and (args.async_scheduling or caching is True or True in (caching or ())):
-        what = "--async-scheduling" if args.async_scheduling else "--enable-prefix-caching"
-        raise UsageError(f"{flag}: disaggregated serving does not run with {what} yet; drop one")
+    if any(x is not None for x in out) and args.async_scheduling:
+        raise UsageError(f"{flag}: disaggregated serving does not run with --async-scheduling yet; drop one")
     if not out:
         raise UsageError(f"{flag}: no layout given in {text!r}")
     return tuple(out)

@@ -142,8 +142,8 @@ class SweepSpec:
         for q in self.quantization:
             if q is not None:
                 quant.scheme(q)  # ValueError naming the known ones
-        if any(p is not None for p in self.prefill_layouts) and (self.async_scheduling or True in self.prefix_caching):
-            raise ValueError("SweepSpec.prefill_layouts (disaggregated serving) do not run with prefix caching or "
+        if any(p is not None for p in self.prefill_layouts) and self.async_scheduling:
+            raise ValueError("SweepSpec.prefill_layouts (disaggregated serving) do not run with "
                              "async scheduling yet")
         split = [str(lay) for lay in self.layouts if lay.split]
         if split and not any(_runs_split(mode) for mode in self.expert_mode):

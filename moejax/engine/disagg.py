@@ -3,8 +3,9 @@
 `Engine(decode_model, config, prefill_model=prefill_model)` (`moejax.engine.engine`) keeps two sides:
 
 - the prefill side (`PrefillSide`): the prefill model's own KV pools (`num_pages` per prefill data group), its
-  own scheduler (`Scheduler(prefill_only=True)`: prefill chunks only, FCFS admission, preemption within its pool)
-  and its compiled step. A request's last chunk samples its first token there.
+  own scheduler (`Scheduler(prefill_only=True)`: prefill chunks only, FCFS admission, preemption within its pool,
+  the prefix cache when `enable_prefix_caching`: a hit skips prefill chunks there, and the cached pages move like
+  the others) and its compiled step. A request's last chunk samples its first token there.
 - the decode side: the engine's own scheduler, pools and steps, on the decode model. A request arrives with its
   KV (`Scheduler.place`: a data group and microbatch group with a free slot and the pages of its sequence) and
   only decodes. A request preempted there goes back to the prefill side's queue and is prefilled again.
@@ -133,7 +134,7 @@ class PrefillSide:
         self.groups = self.steps.batch_shards
         self.allocator = PageAllocator(self.groups, c.num_pages)
         self.scheduler = Scheduler(self.allocator, c.page_size, c.max_prefill_seqs, c.chunk_size, c.max_prefill_seqs,
-                                   prefill_only=True)
+                                   prefix_caching=c.enable_prefix_caching, prefill_only=True)
         self.cache = self.steps.new_cache(c.num_pages * self.groups, c.page_size, pool_dtype)
         self._fn = batch_lib.sampled_step(self.steps)
         self._sharding = self.steps.named(BATCH)

@@ -167,6 +167,7 @@ class Engine:
             self.prefill = disagg.PrefillSide(prefill_model, config, pool_dtype, self.pages_per_seq)
             self.transfer = disagg.KVTransfer(prefill_model.steps, steps)
             self.scheduler.requeue = self.prefill.scheduler.add  # preempted: prefilled again
+            self.scheduler.prefix_caching = False  # the prefill side's pools hold the prefix cache
         self.cache = steps.new_cache(config.num_pages * self.groups, config.page_size, pool_dtype)
         self._fn = batch_lib.sampled_step(steps)
         self._multistep = batch_lib.multistep_decode(steps) if config.decode_steps > 1 else None
@@ -207,8 +208,7 @@ class Engine:
             raise ValueError(f"prefill_model's KV cache format ({prefill_kv or 'the serving dtype'}) differs from "
                              f"the decode model's ({self.kv_cache_dtype or 'the serving dtype'}): the pages move as "
                              f"they are; load both with the same kv_cache_dtype")
-        for name, value in (("enable_prefix_caching", c.enable_prefix_caching),
-                            ("async_scheduling", c.async_scheduling), ("decode_steps > 1", c.decode_steps > 1)):
+        for name, value in (("async_scheduling", c.async_scheduling), ("decode_steps > 1", c.decode_steps > 1)):
             if value:
                 raise ValueError(f"ServeConfig.{name.split()[0]} is not supported with a prefill_model (disaggregated "
                                  f"serving) yet; turn it off")

@@ -98,6 +98,27 @@ def pair(hf_checkpoints):
     return _split(hf_checkpoints["mixtral"][0], "TP2", "DP2EP2")
 
 
+def test_prefix_caching_on_the_prefill_side(pair, reference):
+    """With enable_prefix_caching the prefill side serves shared prefixes from its cache (chunks skipped), every
+    page of the sequence still moves, and the tokens equal the aggregated engine's; the prefill pool ends with
+    its pages free or cached, nothing referenced."""
+    p, d = pair
+    engine = moejax.Engine(d, ServeConfig(**{**CONFIG, "enable_prefix_caching": True}), prefill_model=p)
+    shared = list(range(3, 27))  # 6 full pages
+    reqs = [(shared + [90 + i, 5], SamplingParams(max_new_tokens=4 + i % 3)) for i in range(6)]
+    assert engine.generate([reqs[0][0]], [reqs[0][1]]) == reference("mixtral", reqs[:1])  # fills the cache
+    ids = [engine.add_request(prompt, sp) for prompt, sp in reqs[1:]]
+    _drain(engine)
+    assert [engine.requests[i].output_ids for i in ids] == reference("mixtral", reqs[1:])
+    assert engine.stats.cached_prompt_tokens >= 5 * 24
+    page = disagg.page_bytes(d.steps, CONFIG["page_size"], d.dtype)
+    assert all(engine.requests[i].kv_bytes_moved == pages_for(26, CONFIG["page_size"]) * page for i in ids)
+    alloc = engine.prefill.allocator  # free or cached and unreferenced (evictable) counts as free
+    assert sum(alloc.num_cached(g) for g in range(alloc.num_groups)) > 0
+    assert all(alloc.refcount(g, page) == 0 for g in range(alloc.num_groups) for page in range(CONFIG["num_pages"]))
+    _assert_pools_full(engine)
+
+
 def test_decode_preemption_prefills_again(pair, reference):
     """A decode pool too small for the workload: the youngest decoding request is preempted, prefilled again on the
     prefill side and moved again; every request gets the aggregated engine's tokens."""
@@ -169,8 +190,8 @@ def test_bad_pairs_are_refused(pair, hf_checkpoints):
     other = moejax.load(hf_checkpoints["qwen3_moe"][0], layout="DP1", devices=jax.devices()[6:7])
     with pytest.raises(ValueError, match="same checkpoint"):
         moejax.Engine(d, ServeConfig(**CONFIG), prefill_model=other)
-    with pytest.raises(ValueError, match="prefix_caching is not supported with a prefill_model"):
-        moejax.Engine(d, ServeConfig(**CONFIG, enable_prefix_caching=True), prefill_model=p)
+    with pytest.raises(ValueError, match="async_scheduling is not supported with a prefill_model"):
+        moejax.Engine(d, ServeConfig(**CONFIG, async_scheduling=True), prefill_model=p)
     fp8 = moejax.load(hf_checkpoints["mixtral"][0], layout="DP1", devices=jax.devices()[6:7], kv_cache_dtype="fp8")
     with pytest.raises(ValueError, match="KV cache format"):
         moejax.Engine(d, ServeConfig(**CONFIG), prefill_model=fp8)
