@@ -252,3 +252,28 @@ def test_quantized_pools_choose_the_native_kernel_over_the_dequantized_window_on
     assert choose_paged_attention("cpu", False, pool, quantized=True) == "xla"
     assert choose_paged_attention("gpu", False, pool, quantized=True) == "xla"  # the Pallas kernel takes float pools
     assert choose_paged_attention("cpu", True, pool, same_kv=False, quantized=True) == "xla"  # MLA
+
+
+@pytest.mark.parametrize("kv", KV_CACHE_DTYPES)
+@pytest.mark.parametrize("tail", [(2, 8), ()])  # GQA (K, H) vectors; MLA: one latent vector per token
+def test_native_quantized_write_equals_the_scatter_bit_for_bit(kv, tail, monkeypatch):
+    """`kv_cache.write` on CPU (native `write_rows`, values and scales) writes the same bits as XLA's scatter
+    (MOEJAX_NATIVE=0), pages outside the pool dropped, in place under donation."""
+    from moejax import native
+
+    if not native.available() or not native.has("moejax_write_rows"):
+        pytest.skip("native kernels not built")
+    rng = np.random.default_rng(1)
+    shape = (3, 5, 4, *tail, 16) if tail else (3, 5, 4, 16)
+    values, scale = kv_cache.quantize(jnp.asarray(rng.standard_normal(shape), jnp.float32), kv)
+    new = jnp.asarray(rng.standard_normal((2, 3, *shape[3:])), jnp.float32)
+    page = jnp.array([[0, 4, 5], [2, 4, 1]], jnp.int32)  # 5: outside [0, 5), dropped
+    slot = jnp.array([[3, 0, 1], [3, 2, 1]], jnp.int32)
+    got = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("MOEJAX_NATIVE", switch)
+        pool = kv_cache.QuantizedPool(jnp.array(values), jnp.array(scale))
+        out = jax.jit(lambda p, n: kv_cache.write(p, (1, page, slot), n), donate_argnums=0)(pool, new)
+        got[switch] = [np.asarray(kv_cache._bits(a)).view(np.uint8) for a in out]
+    for a, b in zip(got["1"], got["0"], strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -74,9 +74,18 @@ def project(x, w, layer=None, contract: int = 1):
     stream the weight, many rows (prefill) run packed panels (at 256 rows x 512 x 512: 426 against
     285 GFLOP/s on two AVX-512 cores, docs/benchmarks.md); else XLA's dot on `at_layer`. A quantized weight's
     layer slice is dequantized into x's dtype, or, FP8 in a GPU program, multiplied in FP8 with x quantized on
-    the fly (W8A8: `moejax.model.fp8_matmul`).
+    the fly (W8A8: `moejax.model.fp8_matmul`), or, int8 with one scale per output channel in a CPU program, read in
+    place by the native kernel (`native.matmul` with `scale`: int8 values widened in registers, the float32 sums
+    times the scale). int4 and fp8 on CPU: dequantized by XLA.
     """
-    if isinstance(w, quant.Quantized):  # dequantize the layer's slice (no native kernel: it takes float32)
+    if isinstance(w, quant.Quantized) and native.runs_int8(x, w):
+        values = w.values[...] if layer is not None else w.values[...][None]
+        I = math.prod(values.shape[1:1 + contract])
+        assert x.shape[x.ndim - contract:] == values.shape[1:1 + contract], (x.shape, values.shape, contract)
+        y_MO = native.matmul(x.reshape(-1, I), values.reshape(values.shape[0], I, -1), 0 if layer is None else layer,
+                             scale=w.scale[...].reshape(values.shape[0], -1))
+        return y_MO.reshape(*x.shape[:x.ndim - contract], *values.shape[1 + contract:])
+    if isinstance(w, quant.Quantized):  # dequantize the layer's slice (native kernels: float or int8 weights)
         w = w.qarray()[layer] if layer is not None else w.qarray()
         if fp8_matmul.applies(x, w):  # FP8 weights in a GPU program: W8A8 on FP8 GEMMs
             return fp8_matmul.matmul(x, w, contract)

@@ -38,7 +38,9 @@ layers. Strategies for the local expert computation (`dispatch`), all exact, sid
   rows of work. Triton kernels on GPU; Pallas' interpret mode elsewhere (exact, slow: for tests).
 - ``"native"``: one call per layer to `moejax.native.moe_swiglu` (CPU, float32 or bfloat16): every routed
   expert on exactly its rows, its weights read in place, on XLA's intra-op threads; a row's result
-  does not depend on the other rows. Needs the native kernels (built by the package's install).
+  does not depend on the other rows. Needs the native kernels (built by the package's install). Experts
+  quantized to int8 (`moejax.quant`, one scale per output channel) run it too, the int8 weights read in place
+  (`_dispatch_native_int8`); int4 and fp8 experts run "loop" (each routed expert's slice dequantized by XLA).
 - ``"auto"``: chosen per backend, dtype and token count by `choose_strategy` (one place).
 """
 
@@ -174,6 +176,9 @@ def _expert_weight(param):
 
 def _strategy_fn(strategy: str, x_MD, w, act: tuple = SILU):
     quantized = any(isinstance(a, quant.qwix.QArray) for a in w)
+    if (quantized and act == SILU and len(w) == 3 and strategy in ("auto", "native")
+            and native.platform(x_MD) == "cpu" and native.runs_int8(x_MD, *w)):
+        return _dispatch_native_int8  # int8 experts (per output channel) on the native kernel, read in place
     if act != SILU or len(w) > 3 or quantized:  # gpt-oss: expert biases, clamped SwiGLU; quantized experts
         if strategy not in ("auto", "loop", "gather"):
             raise ValueError(f"MoE dispatch {strategy!r} runs float, bias-free SiLU experts only; this model's "
@@ -454,6 +459,12 @@ def _dispatch_ragged(x_MD, weights_MX, local_MX, w, layer):
 
 def _dispatch_native(x_MD, weights_MX, local_MX, w, layer):
     return native.moe_swiglu(x_MD, weights_MX, local_MX, *w, layer)
+
+
+def _dispatch_native_int8(x_MD, weights_MX, local_MX, w, layer):
+    """"native" on int8 experts (`qwix.QArray`s: values [L, E, ., .] int8, one scale per output channel)."""
+    return native.moe_swiglu(x_MD, weights_MX, local_MX, *(a.qvalue for a in w), layer,
+                             scales=tuple(a.scale for a in w))
 
 
 def _dispatch_pallas(x_MD, weights_MX, local_MX, w, layer):

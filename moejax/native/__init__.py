@@ -25,9 +25,18 @@ AVX512_BF16's `vdpbf16ps`: decode is bound by reading the weights, and half the 
 from packed float32 panels (widened while packing) at the float32 kernels' speed, exact, and the same bits on the
 x86-64-v4 and x86-64-v3 variants. `vdpbf16ps` (2x the multiply-adds per instruction for compute-bound prefill)
 would need x rounded to bfloat16 (the MoE layer's float32 hidden activations too), weights interleaved in K
-pairs, and would lose both properties; not built. Weight-only int8 (`moejax.quant`) would ride on the same
-micro-kernel: an int8 `load` (vpmovsxbd + vcvtdq2ps) and a per-column scale applied to the float32 accumulators
-before the store; today a quantized weight is dequantized into x's dtype first (`moejax.model.layers.project`).
+pairs, and would lose both properties; not built.
+
+Weight-only int8 (`moejax.quant`'s "int8": int8 values, one scale per output channel in the serving dtype) rides on
+the same micro-kernel (`matmul` and `moe_swiglu` with `scale` / `scales`; targets "moejax_matmul_int8" and
+"moejax_moe_swiglu_int8"): the values and scales read in place in their stacked arrays, each int8 weight widened to
+float32 as it is loaded (vpmovsxbd + vcvtdq2ps, exact), the float32 sums of a column multiplied by its scale once
+after the last K block, then rounded into x's dtype (float32 or bfloat16). So a quarter of float32's weight bytes
+in decode; prefill packs widened float32 panels as for bfloat16. Against XLA's dequantize-then-dot: equal up to
+float32 rounding (the scale applied to the sum instead of to each weight); rows independent and v4 == v3 bit for
+bit, as for float weights (tests/test_native_int8.py). `runs_int8` says whether a call's weights qualify;
+`moejax.model.layers.project` and the MoE "native" dispatch route int8 weights here on CPU. int4 (blocks along the
+contracted dim) and fp8 weights are still dequantized by XLA first.
 
 The shared library is built by the package's own build (setup.py, optional: a machine without a
 compiler installs without it). `available()` says whether it was built, loads, and is enabled:
@@ -68,8 +77,10 @@ DEFAULT_ON = True
 ISAS = {"v4": "x86-64-v4 (AVX-512)", "v3": "x86-64-v3 (AVX2 + FMA)", "baseline": "the build's default target"}
 FFI_TARGETS = {"moejax_moe_swiglu": "MoejaxMoeSwiglu", "moejax_matmul": "MoejaxMatmul",
             "moejax_paged_attention": "MoejaxPagedAttention", "moejax_argmax": "MoejaxArgmax",
-            "moejax_write_rows": "MoejaxWriteRows"}
-OPTIONAL_TARGETS = ("moejax_write_rows",)  # a library built before it was added loads without it (`has`)
+            "moejax_write_rows": "MoejaxWriteRows", "moejax_matmul_int8": "MoejaxMatmulInt8",
+            "moejax_moe_swiglu_int8": "MoejaxMoeSwigluInt8"}
+# A library built before these were added loads without them (`has`).
+OPTIONAL_TARGETS = ("moejax_write_rows", "moejax_matmul_int8", "moejax_moe_swiglu_int8")
 
 
 def enabled() -> bool:
@@ -176,6 +187,19 @@ def runs(*arrays) -> bool:
     return len(dtypes) == 1 and dtypes <= set(map(jnp.dtype, DTYPES)) and platform(*arrays) == "cpu" and available()
 
 
+def runs_int8(x, *weights) -> bool:
+    """Whether the int8-weight kernels take x with these quantized weights (`qwix.QArray`s or
+    `moejax.quant.Quantized`): `runs(x)`, each weight int8 with one scale per output column (no blocks along the
+    contracted dims) in x's dtype, and the library holds the int8 targets."""
+    def per_column(w):
+        values, scale = (w.qvalue, w.scale) if hasattr(w, "qvalue") else (w.values, w.scale)
+        contracted = [d for d in range(values.ndim) if scale.shape[d] != values.shape[d]]
+        return (values.dtype == jnp.int8 and scale.dtype == x.dtype and all(scale.shape[d] == 1 for d in contracted))
+
+    return (runs(x) and all(map(per_column, weights)) and has("moejax_matmul_int8")
+            and has("moejax_moe_swiglu_int8"))
+
+
 def has(target: str) -> bool:
     """Whether the loaded library holds the FFI target `target` (an `OPTIONAL_TARGETS` one may be missing)."""
     lib = _library()
@@ -187,13 +211,16 @@ def _require():
         raise RuntimeError(f"moejax native kernels unavailable: {_load()}")
 
 
-def moe_swiglu(x_MD, gate_MX, local_MX, wg, wu, wd, layer, max_threads: int = 0):
+def moe_swiglu(x_MD, gate_MX, local_MX, wg, wu, wd, layer, max_threads: int = 0, scales=None):
     """Sum over routes (e, g) of each row with e a local expert: g * SwiGLU_e(x), for layer `layer`.
 
     Args:
       x_MD: float32 or bfloat16 [M, D] rows. gate_MX: [M, X] route weights (used in float32). local_MX: int32
         [M, X] local expert ids; any id outside [0, E) is not on this shard (skipped).
-      wg, wu: [L, E, D, F]; wd: [L, E, F, D], x's dtype: the whole stacked local weights (read in place).
+      wg, wu: [L, E, D, F]; wd: [L, E, F, D], x's dtype: the whole stacked local weights (read in place); or int8
+        with `scales`: (wg's, wu's, wd's) one scale per output column, [L, E, 1, F] / [L, E, 1, D] in x's dtype
+        (`moejax.quant`'s "int8"), applied to the float32 sums (the hidden activations before SiLU; the output before
+        the gate), read in place too.
       layer: int32 scalar, may be traced; clamps like `lax.dynamic_slice`.
       max_threads: at most this many of XLA's intra-op threads (0: all).
     Returns:
@@ -203,21 +230,27 @@ def moe_swiglu(x_MD, gate_MX, local_MX, wg, wu, wd, layer, max_threads: int = 0)
       row's result does not depend on the other rows, bit for bit.
     """
     _require()
-    call = jax.ffi.ffi_call("moejax_moe_swiglu", jax.ShapeDtypeStruct(x_MD.shape, x_MD.dtype))
-    operands = (x_MD, gate_MX.astype(jnp.float32), local_MX.astype(jnp.int32), wg, wu, wd,
+    target = "moejax_moe_swiglu" if scales is None else "moejax_moe_swiglu_int8"
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(x_MD.shape, x_MD.dtype))
+    operands = (x_MD, gate_MX.astype(jnp.float32), local_MX.astype(jnp.int32), wg, wu, wd, *(scales or ()),
                 jnp.asarray(layer, jnp.int32).reshape(()))
     return manual.varying_like(call(*operands, max_threads=max_threads), *operands)
 
 
-def matmul(x_RK, w_LKN, layer=0, max_threads: int = 0):
+def matmul(x_RK, w_LKN, layer=0, max_threads: int = 0, scale=None):
     """x_RK @ w_LKN[layer] (both float32, or both bfloat16: float32 sums rounded once) on the native
     micro-kernel, the weight read in place (no slice copy); columns split over XLA's intra-op threads. w may also
     be [K, N] (layer ignored). A row's result does not depend on the other rows (bit for bit, within one ISA
-    variant)."""
+    variant).
+
+    Or w int8 with `scale`, one per output column ([L, N] or [N] with w [K, N]; any shape of that size: `quant`'s
+    [L, 1, N]) in x's dtype: (x @ w[layer] summed in float32) * scale[layer], rounded once into x's dtype."""
     _require()
     w_LKN = w_LKN[None] if w_LKN.ndim == 2 else w_LKN
-    call = jax.ffi.ffi_call("moejax_matmul", jax.ShapeDtypeStruct((x_RK.shape[0], w_LKN.shape[2]), x_RK.dtype))
-    operands = (x_RK, w_LKN, jnp.asarray(layer, jnp.int32).reshape(()))
+    target = "moejax_matmul" if scale is None else "moejax_matmul_int8"
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x_RK.shape[0], w_LKN.shape[2]), x_RK.dtype))
+    scales = () if scale is None else (scale.reshape(w_LKN.shape[0], w_LKN.shape[2]),)
+    operands = (x_RK, w_LKN, *scales, jnp.asarray(layer, jnp.int32).reshape(()))
     return manual.varying_like(call(*operands, max_threads=max_threads), *operands)
 
 

@@ -49,6 +49,12 @@
 // prefill packs widened float32 panels and runs at the float32 kernels' speed. See moejax/native/__init__.py for
 // why not AVX512_BF16's vdpbf16ps.
 //
+// int8 weights (moejax.quant's "int8", moejax_matmul_int8 and moejax_moe_swiglu_int8): the weights' element type
+// int8, widened as loaded (`load`: vpmovsxbd + vcvtdq2ps, exact) on the same micro-kernel; one float32 scale per
+// output column multiplied into the float32 sums once after the last K block (`scale_columns`; in the MoE layer
+// before SiLU and before the gate), then the output rounded into x's type. Values and scales read in place
+// ([L, K, N] / [L, 1, N]; experts [L, E, D, F] / [L, E, 1, F]), scales in x's type (bfloat16: widened per call).
+//
 // Micro-kernel: a register tile of R rows x NV vectors of W floats over a K block; per k, NV weight
 // vectors loaded once and multiply-added into every row. At most kPackRows rows (decode), the weights are
 // streamed in place; above, GotoBLAS-style packed weight panels (gemm_packed), the next one prefetched while
@@ -156,12 +162,25 @@ MOEJAX_INLINE typename Vec<W>::f load(const bf16* p) {
   std::memcpy(&h, p, sizeof h);
   return reinterpret_cast<typename Vec<W>::f>(__builtin_convertvector(h, typename Vec<W>::u) << 16);
 }
+// W int8 weights widened to float32: sign-extended to 32 bits and converted (vpmovsxbd + vcvtdq2ps), exact. Written
+// as a loop into int32 lanes, which GCC turns into one vpmovsxbd from memory; `__builtin_convertvector` from an
+// int8 vector was compiled lane by lane (movsbl + inserts: the int8 kernels ran at 0.3-0.5x float32's speed).
+template <int W>
+MOEJAX_INLINE typename Vec<W>::f load(const int8_t* p) {
+  int32_t wide[W];
+#pragma GCC unroll 16
+  for (int i = 0; i < W; ++i) wide[i] = p[i];
+  typename Vec<W>::i v;
+  std::memcpy(&v, wide, sizeof v);
+  return __builtin_convertvector(v, typename Vec<W>::f);
+}
 template <int W>
 MOEJAX_INLINE void store(float* p, typename Vec<W>::f v) {
   std::memcpy(p, &v, sizeof v);
 }
 
 MOEJAX_INLINE float widen(float v) { return v; }
+MOEJAX_INLINE float widen(int8_t v) { return static_cast<float>(v); }
 MOEJAX_INLINE float widen(bf16 h) {
   const uint32_t bits = static_cast<uint32_t>(h) << 16;
   float v;
@@ -435,16 +454,36 @@ MOEJAX_INLINE float exp_approx(float t) {
 template <typename T>
 using GemmFn = void (*)(const float* x, int64_t ldx, int64_t R, const T* w, int64_t ldw, int64_t K, int64_t N,
                         float* y, int64_t ldy);
+// Columns [f0, f0 + nf) of the MoE hidden activations (up_item), weights T; sg, su: int8 weights' scales.
+template <typename T>
+using UpFn = void (*)(const float* X, int64_t rows, int64_t D, int64_t F, const T* wg, const T* wu, int64_t f0,
+                      int64_t nf, float* H, const float* sg, const float* su);
+
+// y[r, j] *= scale[j] for r < R, j < n (row stride ldy): an int8 weight's per-output-column scale on the float32
+// sums, once, after the last K block (one rounding: the same bits on every variant).
+MOEJAX_INLINE void scale_columns(float* __restrict y, int64_t ldy, int64_t R, int64_t n,
+                                 const float* __restrict scale) {
+  for (int64_t r = 0; r < R; ++r) {
+    float* __restrict yr = y + r * ldy;
+    for (int64_t j = 0; j < n; ++j) yr[j] *= scale[j];
+  }
+}
 
 // Columns [f0, f0 + nf) of H [rows, F]: silu(X @ wg) * (X @ wu) on those columns of wg and wu [D, F] (X [rows, D]).
+// Quantized weights (int8): sg, su [F] their per-column scales, applied to the float32 sums before the
+// activation (null: none).
 template <typename T>
 MOEJAX_INLINE void up_item(GemmFn<T> gemm, const float* X, int64_t rows, int64_t D, int64_t F, const T* wg,
-                           const T* wu, int64_t f0, int64_t nf, float* H) {
+                           const T* wu, int64_t f0, int64_t nf, float* H, const float* sg, const float* su) {
   thread_local std::vector<float> gbuf, ubuf;
   float* g = scratch(gbuf, rows * nf);
   float* u = scratch(ubuf, rows * nf);
   gemm(X, D, rows, wg + f0, F, D, nf, g, nf);
   gemm(X, D, rows, wu + f0, F, D, nf, u, nf);
+  if (sg != nullptr) {
+    scale_columns(g, nf, rows, nf, sg + f0);
+    scale_columns(u, nf, rows, nf, su + f0);
+  }
   for (int64_t r = 0; r < rows; ++r) {
     float* __restrict h = H + r * F + f0;
     const float* __restrict gr = g + r * nf;
@@ -542,8 +581,7 @@ struct ArgmaxJob;
 template <typename T>
 struct Ops {
   GemmFn<T> gemm;
-  void (*up)(const float* X, int64_t rows, int64_t D, int64_t F, const T* wg, const T* wu, int64_t f0, int64_t nf,
-             float* H);
+  UpFn<T> up;
   void (*attention)(const AttentionJob<T>& job, int64_t b, int64_t k);
   void (*argmax)(const ArgmaxJob<T>& job, int64_t b);
 };
@@ -553,9 +591,20 @@ struct Kernels {
   const char* name;  // "v4", "v3", "baseline": MOEJAX_NATIVE_ISA's values
   Ops<float> f32;
   Ops<bf16> b16;
+  GemmFn<int8_t> gemm_i8;  // int8 weights (per-column scales applied by the caller: scale_columns)
+  UpFn<int8_t> up_i8;
   template <typename T>
   const Ops<T>* of() const {
     if constexpr (std::is_same_v<T, float>) return &f32; else return &b16;
+  }
+  // The gemm and MoE up-projection for weights of element type Wt (float, bf16 or int8).
+  template <typename Wt>
+  GemmFn<Wt> gemm() const {
+    if constexpr (std::is_same_v<Wt, int8_t>) return gemm_i8; else return of<Wt>()->gemm;
+  }
+  template <typename Wt>
+  UpFn<Wt> up() const {
+    if constexpr (std::is_same_v<Wt, int8_t>) return up_i8; else return of<Wt>()->up;
   }
 };
 
@@ -750,8 +799,8 @@ struct ArgmaxJob final : Job {
   }                                                                                                             \
   template <typename T>                                                                                         \
   TARGET void up_##NAME(const float* X, int64_t rows, int64_t D, int64_t F, const T* wg, const T* wu,           \
-                        int64_t f0, int64_t nf, float* H) {                                                     \
-    up_item<T>(gemm_##NAME<T>, X, rows, D, F, wg, wu, f0, nf, H);                                               \
+                        int64_t f0, int64_t nf, float* H, const float* sg, const float* su) {                   \
+    up_item<T>(gemm_##NAME<T>, X, rows, D, F, wg, wu, f0, nf, H, sg, su);                                       \
   }                                                                                                             \
   template <typename T>                                                                                         \
   TARGET void attention_##NAME(const AttentionJob<T>& job, int64_t b, int64_t k) { job.template run<W>(b, k); } \
@@ -759,7 +808,8 @@ struct ArgmaxJob final : Job {
   TARGET void argmax_##NAME(const ArgmaxJob<T>& job, int64_t b) { job.template row<W>(b); }                    \
   template <typename T>                                                                                         \
   constexpr Ops<T> ops_##NAME = {gemm_##NAME<T>, up_##NAME<T>, attention_##NAME<T>, argmax_##NAME<T>};          \
-  constexpr Kernels k_##NAME = {#NAME, ops_##NAME<float>, ops_##NAME<bf16>};
+  constexpr Kernels k_##NAME = {#NAME, ops_##NAME<float>, ops_##NAME<bf16>, gemm_##NAME<int8_t>,              \
+                                 up_##NAME<int8_t>};
 
 #if MOEJAX_X86_VARIANTS
 MOEJAX_VARIANT(v4, __attribute__((target("arch=x86-64-v4"))), 16)
@@ -799,11 +849,14 @@ const Kernels* kernels() {
 
 // ---- MoE layer ----
 
-template <typename T>
+// x and y of element type T (float or bf16), the weights Wt (T, or int8 with per-column scales).
+template <typename T, typename Wt = T>
 struct MoeJob final : Job {
-  const Ops<T>* kernels;
-  float* X;               // the sorted pairs' rows [pairs, D] (gathered, widened, in phase 0)
-  const T *wg, *wu, *wd;  // this layer's [E, D, F] / [E, F, D] block
+  GemmFn<Wt> gemm;
+  UpFn<Wt> up;
+  float* X;                // the sorted pairs' rows [pairs, D] (gathered, widened, in phase 0)
+  const Wt *wg, *wu, *wd;  // this layer's [E, D, F] / [E, F, D] block
+  const float *sg = nullptr, *su = nullptr, *sd = nullptr;  // int8: this layer's scales [E, F] / [E, D]
   float *H, *O;
   int64_t D, F;
   std::vector<int64_t> expert, start, count;  // routed experts only
@@ -852,12 +905,12 @@ struct MoeJob final : Job {
     } else if (phase == 1) {
       const int64_t u = i / f_chunks, f0 = (i % f_chunks) * f_chunk;
       const int64_t block = expert[u] * D * F;
-      kernels->up(X + start[u] * D, count[u], D, F, wg + block, wu + block, f0, std::min(f_chunk, F - f0),
-              H + start[u] * F);
+      up(X + start[u] * D, count[u], D, F, wg + block, wu + block, f0, std::min(f_chunk, F - f0), H + start[u] * F,
+         sg == nullptr ? nullptr : sg + expert[u] * F, su == nullptr ? nullptr : su + expert[u] * F);
     } else if (phase == 2) {
-      const int64_t u = i / d_chunks, d0 = (i % d_chunks) * d_chunk;
-      kernels->gemm(H + start[u] * F, F, count[u], wd + expert[u] * F * D + d0, D, F, std::min(d_chunk, D - d0),
-           O + start[u] * D + d0, D);
+      const int64_t u = i / d_chunks, d0 = (i % d_chunks) * d_chunk, n = std::min(d_chunk, D - d0);
+      gemm(H + start[u] * F, F, count[u], wd + expert[u] * F * D + d0, D, F, n, O + start[u] * D + d0, D);
+      if (sd != nullptr) scale_columns(O + start[u] * D + d0, D, count[u], n, sd + expert[u] * D + d0);
     } else {  // combine: tokens [i * kRowsPerItem, ...), each token's pairs in expert (slot) order
       for (int64_t m = i * kRowsPerItem; m < std::min(tokens, (i + 1) * kRowsPerItem); ++m) {
         int64_t slots[kMaxRoutes];
@@ -905,10 +958,23 @@ T* data(ffi::Result<ffi::AnyBuffer>& b) {
   return static_cast<T*>(b->untyped_data());
 }
 
+// A layer's per-column scales of int8 weights, as float32: in place (float32) or widened into buf (bf16).
 template <typename T>
+const float* layer_scales(const ffi::AnyBuffer& scale, int64_t offset, int64_t n, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return data<float>(scale) + offset;
+  } else {
+    widen_row(scratch(buf, n), data<T>(scale) + offset, n);
+    return buf.data();
+  }
+}
+
+// scales: null (float weights), or the int8 weights' [L, E, F] / [L, E, F] / [L, E, D] scales (x's type).
+template <typename T, typename Wt = T>
 ffi::Error MoeSwiglu(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const float* gp, const int32_t* ep,
-                     const ffi::AnyBuffer& wg, const ffi::AnyBuffer& wu, const ffi::AnyBuffer& wd, int64_t l,
-                     ffi::Result<ffi::AnyBuffer>& out, int64_t X, int64_t E, int64_t F, int64_t max_threads) {
+                     const ffi::AnyBuffer& wg, const ffi::AnyBuffer& wu, const ffi::AnyBuffer& wd,
+                     const ffi::AnyBuffer* const* scales, int64_t l, ffi::Result<ffi::AnyBuffer>& out, int64_t X,
+                     int64_t E, int64_t F, int64_t max_threads) {
   const int64_t M = x.dimensions()[0], D = x.dimensions()[1];
   T* y = data<T>(out);
   // Counting sort of the pairs on this shard (ids outside [0, E): another shard's, or none), stable
@@ -940,13 +1006,19 @@ ffi::Error MoeSwiglu(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const float
       token_slot[p] = slot;
     }
   }
-  auto job = std::make_shared<MoeJob<T>>();
-  job->kernels = kernels()->of<T>();
+  auto job = std::make_shared<MoeJob<T, Wt>>();
+  job->gemm = kernels()->gemm<Wt>(), job->up = kernels()->up<Wt>();
   job->X = scratch(xbuf, N * D);
   job->H = scratch(hbuf, N * F);
   job->O = scratch(obuf, N * D);
   const int64_t layer_block = l * E * D * F;
-  job->wg = data<T>(wg) + layer_block, job->wu = data<T>(wu) + layer_block, job->wd = data<T>(wd) + layer_block;
+  job->wg = data<Wt>(wg) + layer_block, job->wu = data<Wt>(wu) + layer_block, job->wd = data<Wt>(wd) + layer_block;
+  if (scales != nullptr) {
+    thread_local std::vector<float> sgbuf, subuf, sdbuf;
+    job->sg = layer_scales<T>(*scales[0], l * E * F, E * F, sgbuf);
+    job->su = layer_scales<T>(*scales[1], l * E * F, E * F, subuf);
+    job->sd = layer_scales<T>(*scales[2], l * E * D, E * D, sdbuf);
+  }
   job->D = D, job->F = F;
   job->x = data<T>(x), job->y = y, job->tokens = M, job->routes = X, job->pairs = N;
   job->pair_token = pair_token.data(), job->token_slot = token_slot.data(), job->pair_gate = pair_gate.data();
@@ -957,16 +1029,11 @@ ffi::Error MoeSwiglu(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const float
   return ffi::Error::Success();
 }
 
-ffi::Error MoeSwigluImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> gate,
-                         ffi::Buffer<ffi::S32> experts, ffi::AnyBuffer wg, ffi::AnyBuffer wu, ffi::AnyBuffer wd,
-                         ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> out, int64_t max_threads) {
+// The shapes of one MoE call: x [M, D], gate / experts [M, X], wg = wu [L, E, D, F], wd [L, E, F, D] (L >= 1).
+ffi::Error check_moe(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::F32>& gate, const ffi::Buffer<ffi::S32>& experts,
+                     const ffi::AnyBuffer& wg, const ffi::AnyBuffer& wu, const ffi::AnyBuffer& wd) {
   const auto xd = x.dimensions(), rd = experts.dimensions(), gd = wg.dimensions(), ud = wu.dimensions(),
              dd = wd.dimensions();
-  const ffi::DataType type = common_type(
-      {x.element_type(), wg.element_type(), wu.element_type(), wd.element_type(), out->element_type()});
-  if (type == ffi::DataType::INVALID) {
-    return ffi::Error::InvalidArgument("moe_swiglu: x, the weights and y must be all float32 or all bfloat16");
-  }
   if (xd.size() != 2 || rd.size() != 2 || gate.dimensions().size() != 2 || gd.size() != 4 || ud.size() != 4 ||
       dd.size() != 4) {
     return ffi::Error::InvalidArgument("moe_swiglu: x [M, D], gate/experts [M, X], weights [L, E, ., .] expected");
@@ -984,22 +1051,63 @@ ffi::Error MoeSwigluImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi
   if (X > kMaxRoutes) {
     return ffi::Error::InvalidArgument("moe_swiglu: at most " + std::to_string(kMaxRoutes) + " routes per token");
   }
+  return ffi::Error::Success();
+}
+
+ffi::Error MoeSwigluImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> gate,
+                         ffi::Buffer<ffi::S32> experts, ffi::AnyBuffer wg, ffi::AnyBuffer wu, ffi::AnyBuffer wd,
+                         ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> out, int64_t max_threads) {
+  const ffi::DataType type = common_type(
+      {x.element_type(), wg.element_type(), wu.element_type(), wd.element_type(), out->element_type()});
+  if (type == ffi::DataType::INVALID) {
+    return ffi::Error::InvalidArgument("moe_swiglu: x, the weights and y must be all float32 or all bfloat16");
+  }
+  if (ffi::Error err = check_moe(x, gate, experts, wg, wu, wd); err.failure()) return err;
+  const int64_t X = experts.dimensions()[1], L = wg.dimensions()[0], E = wg.dimensions()[1], F = wg.dimensions()[3];
   const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, L - 1);  // clamps like dynamic_slice
   const auto run = type == ffi::DataType::F32 ? MoeSwiglu<float> : MoeSwiglu<bf16>;
-  return run(pool, x, gate.typed_data(), experts.typed_data(), wg, wu, wd, l, out, X, E, F, max_threads);
+  return run(pool, x, gate.typed_data(), experts.typed_data(), wg, wu, wd, nullptr, l, out, X, E, F, max_threads);
+}
+
+// int8 weights (moejax.quant's "int8": one scale per output channel), read in place: wg, wu [L, E, D, F] and
+// wd [L, E, F, D] int8, their scales [L, E, (1,) F] / [L, E, (1,) D] in x's type (float32 or bfloat16).
+ffi::Error MoeSwigluInt8Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> gate,
+                             ffi::Buffer<ffi::S32> experts, ffi::AnyBuffer wg, ffi::AnyBuffer wu, ffi::AnyBuffer wd,
+                             ffi::AnyBuffer sg, ffi::AnyBuffer su, ffi::AnyBuffer sd, ffi::Buffer<ffi::S32> layer,
+                             ffi::Result<ffi::AnyBuffer> out, int64_t max_threads) {
+  const ffi::DataType type =
+      common_type({x.element_type(), sg.element_type(), su.element_type(), sd.element_type(), out->element_type()});
+  if (type == ffi::DataType::INVALID || wg.element_type() != ffi::DataType::S8 ||
+      wu.element_type() != ffi::DataType::S8 || wd.element_type() != ffi::DataType::S8) {
+    return ffi::Error::InvalidArgument(
+        "moe_swiglu_int8: int8 weights; x, the scales and y all float32 or all bfloat16 expected");
+  }
+  if (ffi::Error err = check_moe(x, gate, experts, wg, wu, wd); err.failure()) return err;
+  const int64_t X = experts.dimensions()[1], L = wg.dimensions()[0], E = wg.dimensions()[1], D = wg.dimensions()[2],
+                F = wg.dimensions()[3];
+  if (static_cast<int64_t>(sg.element_count()) != L * E * F || static_cast<int64_t>(su.element_count()) != L * E * F ||
+      static_cast<int64_t>(sd.element_count()) != L * E * D) {
+    return ffi::Error::InvalidArgument("moe_swiglu_int8: scales [L, E, F], [L, E, F], [L, E, D] expected");
+  }
+  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, L - 1);
+  const ffi::AnyBuffer* scales[3] = {&sg, &su, &sd};
+  const auto run = type == ffi::DataType::F32 ? MoeSwiglu<float, int8_t> : MoeSwiglu<bf16, int8_t>;
+  return run(pool, x, gate.typed_data(), experts.typed_data(), wg, wu, wd, scales, l, out, X, E, F, max_threads);
 }
 
 // ---- plain matmul ----
 
 // Phase 0 (bf16 only): x's rows widened into a float copy, kRowsPerItem per item. Phase 1: column chunks,
-// each computed in float (in place in y for float; bf16: in a scratch block, then rounded into y).
-template <typename T>
+// each computed in float (in place in y for float; bf16: in a scratch block, then rounded into y). Weights Wt:
+// T, or int8 with per-column scales (`scale`, float32) applied to the float32 sums before the store.
+template <typename T, typename Wt = T>
 struct MatmulJob final : Job {
-  const Ops<T>* kernels;
+  GemmFn<Wt> gemm;
   const T* x_in;
   const float* x;
   float* x_wide;
-  const T* w;
+  const Wt* w;
+  const float* scale = nullptr;  // int8 weights: this layer's [N]
   T* y;
   int64_t R, K, N, chunk;
   void item(int phase, int64_t i) override {
@@ -1010,24 +1118,31 @@ struct MatmulJob final : Job {
     }
     const int64_t n0 = i * chunk, n = std::min(chunk, N - n0);
     if constexpr (std::is_same_v<T, float>) {
-      kernels->gemm(x, K, R, w + n0, N, K, n, y + n0, N);
+      gemm(x, K, R, w + n0, N, K, n, y + n0, N);
+      if (scale != nullptr) scale_columns(y + n0, N, R, n, scale + n0);
     } else {
       thread_local std::vector<float> ybuf;
       float* yf = scratch(ybuf, R * n);
-      kernels->gemm(x, K, R, w + n0, N, K, n, yf, n);
+      gemm(x, K, R, w + n0, N, K, n, yf, n);
+      if (scale != nullptr) scale_columns(yf, n, R, n, scale + n0);
       for (int64_t r = 0; r < R; ++r) store_row(y + r * N + n0, yf + r * n, n);
     }
   }
 };
 
-template <typename T>
-ffi::Error Matmul(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const ffi::AnyBuffer& w, int64_t l,
-                  ffi::Result<ffi::AnyBuffer>& out, int64_t max_threads) {
-  auto job = std::make_shared<MatmulJob<T>>();
-  job->kernels = kernels()->of<T>();
+// scale: null (float weights), or the int8 weights' [L, N] scales (x's type).
+template <typename T, typename Wt = T>
+ffi::Error Matmul(ffi::ThreadPool& pool, const ffi::AnyBuffer& x, const ffi::AnyBuffer& w,
+                  const ffi::AnyBuffer* scale, int64_t l, ffi::Result<ffi::AnyBuffer>& out, int64_t max_threads) {
+  auto job = std::make_shared<MatmulJob<T, Wt>>();
+  job->gemm = kernels()->gemm<Wt>();
   job->R = x.dimensions()[0], job->K = x.dimensions()[1], job->N = w.dimensions()[2];
-  job->x_in = data<T>(x), job->w = data<T>(w) + l * job->K * job->N, job->y = data<T>(out);
+  job->x_in = data<T>(x), job->w = data<Wt>(w) + l * job->K * job->N, job->y = data<T>(out);
   if (job->R == 0 || job->N == 0) return ffi::Error::Success();
+  if (scale != nullptr) {
+    thread_local std::vector<float> sbuf;
+    job->scale = layer_scales<T>(*scale, l * job->N, job->N, sbuf);
+  }
   if constexpr (std::is_same_v<T, float>) {
     job->x = job->x_in;
   } else {
@@ -1055,7 +1170,25 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, 
     return ffi::Error::InvalidArgument("matmul: x [R, K] and w [L, K, N] (L >= 1) expected");
   }
   const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, wd[0] - 1);  // clamps like dynamic_slice
-  return (type == ffi::DataType::F32 ? Matmul<float> : Matmul<bf16>)(pool, x, w, l, out, max_threads);
+  return (type == ffi::DataType::F32 ? Matmul<float> : Matmul<bf16>)(pool, x, w, nullptr, l, out, max_threads);
+}
+
+// int8 weights w [L, K, N] with one scale per output column, scale [L, (1,) N] in x's type (moejax.quant's "int8"),
+// read in place.
+ffi::Error MatmulInt8Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer scale,
+                          ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> out, int64_t max_threads) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  const ffi::DataType type = common_type({x.element_type(), scale.element_type(), out->element_type()});
+  if (type == ffi::DataType::INVALID || w.element_type() != ffi::DataType::S8) {
+    return ffi::Error::InvalidArgument("matmul_int8: w int8; x, the scale and y all float32 or all bfloat16 expected");
+  }
+  if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1] || wd[0] == 0 ||
+      static_cast<int64_t>(scale.element_count()) != wd[0] * wd[2]) {
+    return ffi::Error::InvalidArgument("matmul_int8: x [R, K], w [L, K, N] (L >= 1) and scale [L, N] expected");
+  }
+  const int64_t l = std::clamp<int64_t>(layer.typed_data()[0], 0, wd[0] - 1);
+  const auto run = type == ffi::DataType::F32 ? Matmul<float, int8_t> : Matmul<bf16, int8_t>;
+  return run(pool, x, w, &scale, l, out, max_threads);
 }
 
 // ---- paged attention ----
@@ -1221,6 +1354,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxMatmul, MatmulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()         // x [R, K], float32 or bfloat16
                                   .Arg<ffi::AnyBuffer>()         // w [L, K, N], x's type
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer []
+                                  .Ret<ffi::AnyBuffer>()         // y [R, N], x's type
+                                  .Attr<int64_t>("max_threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxMoeSwigluInt8, MoeSwigluInt8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // x [M, D], float32 or bfloat16
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gate [M, X]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // experts [M, X], local ids (else: not here)
+                                  .Arg<ffi::AnyBuffer>()         // wg [L, E, D, F], int8
+                                  .Arg<ffi::AnyBuffer>()         // wu [L, E, D, F], int8
+                                  .Arg<ffi::AnyBuffer>()         // wd [L, E, F, D], int8
+                                  .Arg<ffi::AnyBuffer>()         // wg's scale [L, E, 1, F], x's type
+                                  .Arg<ffi::AnyBuffer>()         // wu's scale [L, E, 1, F]
+                                  .Arg<ffi::AnyBuffer>()         // wd's scale [L, E, 1, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer []
+                                  .Ret<ffi::AnyBuffer>()         // y [M, D], x's type
+                                  .Attr<int64_t>("max_threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxMatmulInt8, MatmulInt8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // x [R, K], float32 or bfloat16
+                                  .Arg<ffi::AnyBuffer>()         // w [L, K, N], int8
+                                  .Arg<ffi::AnyBuffer>()         // scale [L, (1,) N], x's type
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer []
                                   .Ret<ffi::AnyBuffer>()         // y [R, N], x's type
                                   .Attr<int64_t>("max_threads"));
