@@ -17,10 +17,17 @@ SLOW_ON_PIPELINED = {"test_soak_with_aborts_and_preemption",
                      "test_workload_three_times_the_pool_completes_with_preemption"}
 
 
+# Modules whose every pipelined case runs in the slow step (asynchronous scheduling takes a pipelined layout with one
+# microbatch, the sequential schedule the default suite covers with multi-step decode).
+SLOW_PIPELINED_MODULES = ("test_async.py",)
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if getattr(item, "originalname", None) in SLOW_ON_PIPELINED and "[TP2EP2PP2" in item.nodeid:
+        pipelined = "[TP2EP2PP2" in item.nodeid
+        if pipelined and (getattr(item, "originalname", None) in SLOW_ON_PIPELINED
+                          or item.nodeid.split("::")[0].endswith(SLOW_PIPELINED_MODULES)):
             item.add_marker(pytest.mark.slow)
 
 

@@ -22,7 +22,10 @@ VOCAB = 128
 CONFIG = dict(max_running=8, page_size=4, num_pages=32, chunk_size=16, max_prefill_seqs=2, max_model_len=64, seed=0)
 
 # (prefill layout, decode layout, decode expert mode): prefill devices first, decode on the next ones.
-PAIRS = [("TP4", "DP2EP2", "dp_attention"), ("DP2", "TP2EP2", "replicated_attention"), ("TP2", "EP2PP2", None)]
+# The first pair in the default suite, the others in CI's slow step (the suite's time).
+PAIRS = [("TP4", "DP2EP2", "dp_attention"),
+         pytest.param("DP2", "TP2EP2", "replicated_attention", marks=pytest.mark.slow),
+         pytest.param("TP2", "EP2PP2", None, marks=pytest.mark.slow)]
 
 
 def _split(family_path, prefill: str, decode: str, expert_mode=None, **kw):
@@ -84,7 +87,8 @@ def test_tokens_equal_aggregated_and_bytes_are_pages(hf_checkpoints, reference, 
     _assert_pools_full(engine)
 
 
-@pytest.mark.parametrize("family,kw", [("deepseek_v3", {}), ("mixtral", {"kv_cache_dtype": "fp8"})])
+@pytest.mark.parametrize("family,kw", [("deepseek_v3", {}),
+                                       pytest.param("mixtral", {"kv_cache_dtype": "fp8"}, marks=pytest.mark.slow)])
 def test_mla_and_fp8_pools_move(hf_checkpoints, reference, family, kw):
     p, d = _split(hf_checkpoints[family][0], "TP2", "DP2EP2", **kw)
     engine = moejax.Engine(d, ServeConfig(**CONFIG), prefill_model=p)
