@@ -105,6 +105,7 @@ def test_bench_serve_prefill_layout_row(capsys, split_models):
     assert split["predicted"] is None and key_of(split) != key_of(agg)
 
 
+@pytest.mark.slow  # 14 s: the suite's time (bench serve --prefill-layout runs by default)
 def test_sweep_prefill_layouts(tmp_path, capsys, split_models):
     out = tmp_path / "sweep"
     argv = ["sweep", "--model", MODEL, "--layouts", "DP2,TP4EP2", "--prefill-layouts", "none,TP2",

@@ -121,9 +121,9 @@ def test_native_strategy_where_it_cannot_run_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.skipif(not native.available(), reason="native kernels off or not built")
-def test_native_strategy_in_bfloat16_is_a_clear_error():
-    z = np.zeros((1, E, D, F), jnp.bfloat16)
-    x = jnp.zeros((2, D), jnp.bfloat16)
-    with pytest.raises(ValueError, match="dispatch 'native' runs float32 only.*bfloat16"):
+def test_native_strategy_in_float16_is_a_clear_error():
+    z = np.zeros((1, E, D, F), jnp.float16)
+    x = jnp.zeros((2, D), jnp.float16)
+    with pytest.raises(ValueError, match="dispatch 'native' runs float32 or bfloat16 only.*float16"):
         moe.local_dispatch(x, jnp.zeros((2, X)), jnp.zeros((2, X), jnp.int32), (z, z, z.transpose(0, 1, 3, 2)), 0,
                            "native")

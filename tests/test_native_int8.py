@@ -151,6 +151,7 @@ def _traced_int8_calls(monkeypatch, switch: str) -> dict:
 
 
 @needs_int8
+@pytest.mark.slow  # 24 s: the suite's time; the kernels' own tests above run by default
 def test_an_int8_model_on_the_kernels_matches_the_xla_path(monkeypatch):
     """tiny-moe with int8 weights: projections and experts on the int8 kernels. float32: logits within float32
     rounding of MOEJAX_NATIVE=0 (XLA dequantizing each layer's slice), the same greedy tokens. bfloat16: XLA rounds

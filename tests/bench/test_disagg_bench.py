@@ -1,9 +1,12 @@
 """`python -m moejax.bench.disagg`: the disaggregated engine on a device split, its tokens against the aggregated
 engine's and its KV bytes moved per request against the planner's."""
 
+import pytest
+
 from moejax.bench import disagg
 
 
+@pytest.mark.slow  # 14 s; tests/engine/test_disagg.py checks tokens and bytes by default
 def test_two_pairs_give_the_aggregated_tokens_and_the_planners_bytes(capsys):
     assert disagg.main(["--pairs", "TP2:DP2,DP2:TP2EP1PP2", "--devices", "8", "--num-requests", "6",
                         "--input-len", "8:40", "--output-len", "4"]) == 0

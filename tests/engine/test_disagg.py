@@ -123,6 +123,7 @@ def test_prefix_caching_on_the_prefill_side(pair, reference):
     _assert_pools_full(engine)
 
 
+@pytest.mark.slow  # the suite's time
 def test_decode_preemption_prefills_again(pair, reference):
     """A decode pool too small for the workload: the youngest decoding request is preempted, prefilled again on the
     prefill side and moved again; every request gets the aggregated engine's tokens."""
