@@ -72,7 +72,8 @@ def test_variants_agree_within_float_tolerance_and_bitwise_where_claimed(dtype):
 @pytest.mark.skipif(not RUNNABLE, reason=f"native kernels unavailable: {native.unavailable_reason()}")
 def test_select_refuses_an_unknown_variant_and_one_this_cpu_cannot_run(monkeypatch):
     before = native.isa()
-    with pytest.raises(ValueError, match=r"MOEJAX_NATIVE_ISA='avx9': unknown ISA variant; choose from v4, v3, "):
+    with pytest.raises(ValueError,
+                       match=r"MOEJAX_NATIVE_ISA='avx9': unknown ISA variant; choose from avx512bf16, v4, v3, "):
         native._select_isa("avx9")
     monkeypatch.setattr(native, "runnable_isas", lambda: ("baseline",))
     with pytest.raises(ValueError, match=r"'v4': this CPU cannot run the x86-64-v4 \(AVX-512\) variant; it runs "

@@ -264,8 +264,7 @@ def kernel_path(model) -> str:
         return f"XLA:CPU dots in {dtype} (native kernels off: {why})"
     if dtype not in ("float32", "bfloat16"):
         return f"XLA:CPU dots in {dtype} (the native kernels take float32 and bfloat16)"
-    how = "bf16 weights widened to f32 in registers, f32 FMA, one rounding per output" if dtype == "bfloat16" \
-        else "f32 FMA"
+    how = native.bf16_arithmetic() if dtype == "bfloat16" else "f32 FMA"
     return f"moejax native kernels, ISA {native.isa()} ({native.ISAS[native.isa()]}), {how}"
 
 

@@ -74,7 +74,11 @@ ENV = "MOEJAX_NATIVE"
 ISA_ENV = "MOEJAX_NATIVE_ISA"
 DEFAULT_ON = True
 # The ISA variants, best first: MOEJAX_NATIVE_ISA's values.
-ISAS = {"v4": "x86-64-v4 (AVX-512)", "v3": "x86-64-v3 (AVX2 + FMA)", "baseline": "the build's default target"}
+ISAS = {"avx512bf16": "x86-64-v4 + AVX512_BF16 (bf16 dot products)", "v4": "x86-64-v4 (AVX-512)",
+        "v3": "x86-64-v3 (AVX2 + FMA)", "baseline": "the build's default target"}
+# The variants whose bfloat16 gemm multiplies bfloat16 pairs (AVX512_BF16's vdpbf16ps, float32 accumulation) instead
+# of widening the weights to float32 (see the module docstring).
+BF16_DOT_ISAS = ("avx512bf16",)
 FFI_TARGETS = {"moejax_moe_swiglu": "MoejaxMoeSwiglu", "moejax_matmul": "MoejaxMatmul",
             "moejax_paged_attention": "MoejaxPagedAttention", "moejax_argmax": "MoejaxArgmax",
             "moejax_write_rows": "MoejaxWriteRows", "moejax_matmul_int8": "MoejaxMatmulInt8",
@@ -139,6 +143,14 @@ def _select_isa(name: str) -> None:
         raise ValueError(f"{ISA_ENV}={name!r}: this CPU cannot run the {ISAS[name]} variant; it runs "
                          f"{', '.join(runnable_isas())}")
     _library().MoejaxIsaSelect(name.encode())
+
+
+def bf16_arithmetic(name: str | None = None) -> str:
+    """How the kernels of ISA variant `name` (default: the one running) compute on bfloat16 operands, in words."""
+    if (name or isa()) in BF16_DOT_ISAS:
+        return ("bf16 x bf16 dot products (vdpbf16ps), f32 accumulation, the MoE hidden activations rounded to bf16, "
+                "one rounding per output")
+    return "bf16 weights widened to f32 in registers, f32 FMA, one rounding per output"
 
 
 def unavailable_reason() -> str | None:

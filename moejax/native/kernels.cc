@@ -85,6 +85,10 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -427,6 +431,221 @@ MOEJAX_INLINE void gemm_w(const float* x, int64_t ldx, int64_t R, const T* w, in
     gemm_packed<W>(x, ldx, R, w, ldw, K, N, y, ldy);
   }
 }
+
+// ---- bf16 dot products: the "avx512bf16" variant's bf16 gemm (AVX512_BF16's vdpbf16ps) ----
+//
+// y[R, N] = x[R, K] @ w[K, N] with x rounded to bf16 (x comes in float32: exact for a bf16 call's own operands,
+// rounded once for the MoE layer's float32 hidden activations, as a bf16 model computes them) and w bf16:
+// vdpbf16ps multiplies two bf16 pairs per float32 lane and adds both products into the lane (16 lanes, 32
+// products per instruction: twice an FMA's), so a k pair (x[r, 2kk], x[r, 2kk + 1]) is broadcast to every lane
+// and the weights of 16 columns at rows 2kk and 2kk + 1 are interleaved into one register: in registers as they
+// are read in place (few rows: two loads and two vpermt2w per 32 columns, shared by the tile's rows), or once
+// into a packed panel (many rows). Every element is the same chain whatever the rows, columns or path: y's
+// column j starts at 0 and takes the k pairs in order (an odd K's last pair is (x, 0) . (w, 0)), across K blocks
+// through y (a float32 store and load: exact). Deterministic and rows independent as the other kernels; not the
+// float32 kernel's bits (each pair of products is added by the instruction: AVX512_BF16 flushes denormals).
+#if MOEJAX_X86_VARIANTS
+#define MOEJAX_DP __attribute__((target("arch=x86-64-v4,avx512bf16"))) inline __attribute__((always_inline))
+namespace dp {
+
+constexpr int64_t kFewRows = 8;     // rows per register tile, few rows (in place)
+constexpr int64_t kPackedRowsDp = 6;  // rows per register tile from a packed panel: 6 x 4 vectors
+constexpr int64_t kPanelPairs = 128;  // k pairs per packed panel (256 k)
+constexpr int64_t kPanelTiles = 4;    // 64-column register tiles per packed panel
+
+// The column interleave of rows a (k even) and b (k odd), 32 columns each: lo = columns 0-15, hi = 16-31, each
+// column's pair (a, b) in one 32-bit lane.
+MOEJAX_DP __m512i interleave_lo(__m512i a, __m512i b) {
+  const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                       37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  return _mm512_permutex2var_epi16(a, idx, b);
+}
+MOEJAX_DP __m512i interleave_hi(__m512i a, __m512i b) {
+  const __m512i idx = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54,
+                                       22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+  return _mm512_permutex2var_epi16(a, idx, b);
+}
+
+// 32 columns of row k (n < 32: the first n, the rest 0), or zeros where the row is past K.
+template <bool Masked>
+MOEJAX_DP __m512i row32(const bf16* p, bool present, __mmask32 mask) {
+  if (!present) return _mm512_setzero_si512();
+  if constexpr (Masked) return _mm512_maskz_loadu_epi16(mask, p); else return _mm512_loadu_si512(p);
+}
+
+// Register tile: R rows x NP groups of 32 columns (2 NP vectors) over the k pairs [0, KP) of a K block of K
+// rows (K = 2 KP, or 2 KP - 1: the last pair's second row absent). In place (Packed false): w [K, ldw] bf16,
+// Masked: only the first n < 32 columns (NP 1). Packed: w the panel, per k pair 2 NP vectors of 16 interleaved
+// columns. xp: the rows' k pairs (stride ldp, in 32-bit pairs). acc reloaded from y when `accumulate`.
+template <int R, int NP, bool Packed, bool Masked = false>
+MOEJAX_DP void tile(const uint32_t* __restrict xp, int64_t ldp, const bf16* __restrict w, int64_t ldw, int64_t K,
+                    float* __restrict y, int64_t ldy, bool accumulate, int64_t n = 32) {
+  constexpr int NV = 2 * NP;
+  const int64_t KP = (K + 1) / 2;
+  const __mmask32 mask = Masked ? static_cast<__mmask32>((uint64_t{1} << n) - 1) : ~__mmask32{0};
+  const __mmask16 mlo = static_cast<__mmask16>(mask), mhi = static_cast<__mmask16>(mask >> 16);
+  __m512 acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      if (!accumulate) {
+        acc[r][j] = _mm512_setzero_ps();
+      } else if constexpr (Masked) {
+        acc[r][j] = _mm512_maskz_loadu_ps(j == 0 ? mlo : mhi, y + r * ldy + j * 16);
+      } else {
+        acc[r][j] = _mm512_loadu_ps(y + r * ldy + j * 16);
+      }
+    }
+  for (int64_t kk = 0; kk < KP; ++kk) {
+    __m512i wv[NV];
+    if constexpr (Packed) {
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) wv[j] = _mm512_loadu_si512(w + (kk * NV + j) * 32);
+    } else {
+      const bf16* w0 = w + 2 * kk * ldw;
+      const bool odd = 2 * kk + 1 < K;
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; ++p) {
+        __builtin_prefetch(w0 + kPrefetchRows * ldw + p * 32);  // one line of each row per 32 columns, ahead
+        __builtin_prefetch(w0 + (kPrefetchRows + 1) * ldw + p * 32);
+        const __m512i a = row32<Masked>(w0 + p * 32, true, mask), b = row32<Masked>(w0 + ldw + p * 32, odd, mask);
+        wv[2 * p] = interleave_lo(a, b), wv[2 * p + 1] = interleave_hi(a, b);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[r * ldp + kk]));
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xv, (__m512bh)wv[j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      if constexpr (Masked) {
+        _mm512_mask_storeu_ps(y + r * ldy + j * 16, j == 0 ? mlo : mhi, acc[r][j]);
+      } else {
+        _mm512_storeu_ps(y + r * ldy + j * 16, acc[r][j]);
+      }
+    }
+}
+
+// One row tile of R rows across N columns, one K block, weights in place.
+template <int R>
+MOEJAX_DP void row_tile(const uint32_t* xp, int64_t ldp, const bf16* w, int64_t ldw, int64_t K, int64_t N, float* y,
+                        int64_t ldy, bool acc) {
+  constexpr int NP = R <= 2 ? 4 : R <= 4 ? 2 : 1;
+  int64_t n = 0;
+  for (; n + NP * 32 <= N; n += NP * 32) tile<R, NP, false>(xp, ldp, w + n, ldw, K, y + n, ldy, acc);
+  for (; n + 32 <= N; n += 32) tile<R, 1, false>(xp, ldp, w + n, ldw, K, y + n, ldy, acc);
+  if (n < N) tile<R, 1, false, true>(xp, ldp, w + n, ldw, K, y + n, ldy, acc, N - n);
+}
+
+MOEJAX_DP void row_tiles(const uint32_t* xp, int64_t ldp, int64_t R, const bf16* w, int64_t ldw, int64_t K, int64_t N,
+                         float* y, int64_t ldy, bool acc) {
+  for (int64_t r0 = 0, n; r0 < R; r0 += n) {
+    n = tile_rows(R - r0, kFewRows);
+    const uint32_t* xr = xp + r0 * ldp;
+    float* yr = y + r0 * ldy;
+    switch (n) {
+      case 8: row_tile<8>(xr, ldp, w, ldw, K, N, yr, ldy, acc); break;
+      case 7: row_tile<7>(xr, ldp, w, ldw, K, N, yr, ldy, acc); break;
+      case 6: row_tile<6>(xr, ldp, w, ldw, K, N, yr, ldy, acc); break;
+      case 5: row_tile<5>(xr, ldp, w, ldw, K, N, yr, ldy, acc); break;
+      case 4: row_tile<4>(xr, ldp, w, ldw, K, N, yr, ldy, acc); break;
+      case 3: row_tile<3>(xr, ldp, w, ldw, K, N, yr, ldy, acc); break;
+      case 2: row_tile<2>(xr, ldp, w, ldw, K, N, yr, ldy, acc); break;
+      default: row_tile<1>(xr, ldp, w, ldw, K, N, yr, ldy, acc); break;
+    }
+  }
+}
+
+// The panel of K rows (K <= 2 kPanelPairs) x `tiles` 64-column tiles of w, interleaved: tile t at
+// pack + t * KP * 128, per k pair 4 vectors (columns 0-15, 16-31, 32-47, 48-63 of the tile).
+MOEJAX_DP void pack_panel(const bf16* w, int64_t ldw, int64_t K, int64_t tiles, bf16* pack) {
+  const int64_t KP = (K + 1) / 2;
+  for (int64_t kk = 0; kk < KP; ++kk) {
+    const bf16* w0 = w + 2 * kk * ldw;
+    const bool odd = 2 * kk + 1 < K;
+    __builtin_prefetch(w0 + 16 * ldw);
+    __builtin_prefetch(w0 + 17 * ldw);
+    for (int64_t t = 0; t < tiles; ++t) {
+      bf16* dst = pack + (t * KP + kk) * 128;
+      for (int h = 0; h < 2; ++h) {
+        const __m512i a = row32<false>(w0 + t * 64 + h * 32, true, 0);
+        const __m512i b = row32<false>(w0 + ldw + t * 64 + h * 32, odd, 0);
+        _mm512_storeu_si512(dst + h * 64, interleave_lo(a, b));
+        _mm512_storeu_si512(dst + h * 64 + 32, interleave_hi(a, b));
+      }
+    }
+  }
+}
+
+MOEJAX_DP void gemm(const float* x, int64_t ldx, int64_t R, const bf16* w, int64_t ldw, int64_t K, int64_t N, float* y,
+                    int64_t ldy) {
+  if (K == 0) {
+    for (int64_t r = 0; r < R; ++r) std::memset(y + r * ldy, 0, sizeof(float) * N);
+    return;
+  }
+  // x's rows as bf16 k pairs (the last pair of an odd K: (x, 0)).
+  const int64_t ldp = (K + 1) / 2;
+  thread_local std::vector<uint32_t> pbuf;
+  if (static_cast<int64_t>(pbuf.size()) < R * ldp) pbuf.resize(R * ldp);
+  uint32_t* xp = pbuf.data();
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * ldx;
+    for (int64_t kk = 0; kk < ldp; ++kk) {
+      const uint32_t lo = narrow(xr[2 * kk]), hi = 2 * kk + 1 < K ? narrow(xr[2 * kk + 1]) : 0;
+      xp[r * ldp + kk] = lo | hi << 16;
+    }
+  }
+  if (R <= kPackRows) {  // few rows: each K block of weight rows read in place, by every row tile
+    for (int64_t k0 = 0; k0 < K; k0 += kFewRowsKBlock) {
+      row_tiles(xp + k0 / 2, ldp, R, w + k0 * ldw, ldw, std::min(kFewRowsKBlock, K - k0), N, y, ldy, k0 > 0);
+    }
+    return;
+  }
+  // Many rows: panels of [2 kPanelPairs rows, kPanelTiles x 64 columns] packed once, read by every row tile.
+  constexpr int64_t TW = 64, KB = 2 * kPanelPairs;
+  const int64_t full = N / TW * TW;
+  thread_local std::vector<bf16> packbuf;
+  if (static_cast<int64_t>(packbuf.size()) < KB * kPanelTiles * TW) packbuf.resize(KB * kPanelTiles * TW);
+  bf16* pack = packbuf.data();
+  for (int64_t c0 = 0; c0 < full; c0 += kPanelTiles * TW) {
+    const int64_t tiles = std::min(kPanelTiles * TW, full - c0) / TW;
+    for (int64_t k0 = 0; k0 < K; k0 += KB) {
+      const int64_t kb = std::min(KB, K - k0), KP = (kb + 1) / 2;
+      pack_panel(w + k0 * ldw + c0, ldw, kb, tiles, pack);
+      for (int64_t r0 = 0, n; r0 < R; r0 += n) {
+        n = tile_rows(R - r0, kPackedRowsDp);
+        const uint32_t* xr = xp + r0 * ldp + k0 / 2;
+        for (int64_t t = 0; t < tiles; ++t) {
+          const bf16* pt = pack + t * KP * 128;
+          float* yt = y + r0 * ldy + c0 + t * TW;
+          switch (n) {
+            case 6: tile<6, 2, true>(xr, ldp, pt, 0, kb, yt, ldy, k0 > 0); break;
+            case 5: tile<5, 2, true>(xr, ldp, pt, 0, kb, yt, ldy, k0 > 0); break;
+            case 4: tile<4, 2, true>(xr, ldp, pt, 0, kb, yt, ldy, k0 > 0); break;
+            case 3: tile<3, 2, true>(xr, ldp, pt, 0, kb, yt, ldy, k0 > 0); break;
+            case 2: tile<2, 2, true>(xr, ldp, pt, 0, kb, yt, ldy, k0 > 0); break;
+            default: tile<1, 2, true>(xr, ldp, pt, 0, kb, yt, ldy, k0 > 0); break;
+          }
+        }
+      }
+    }
+  }
+  if (full < N) {
+    for (int64_t k0 = 0; k0 < K; k0 += KB) {
+      row_tiles(xp + k0 / 2, ldp, R, w + k0 * ldw + full, ldw, std::min(KB, K - k0), N - full, y + full, ldy, k0 > 0);
+    }
+  }
+}
+
+}  // namespace dp
+#undef MOEJAX_DP
+#endif
 
 // exp(t): Cody-Waite reduction to 2^n * exp(r), |r| <= ln2/2, degree-6 polynomial: relative error under 1e-7
 // for t in [-87, 88]; t is clamped to [-88, 88], and below about -87.7 (exp(t) subnormal) the result is 0.
@@ -818,10 +1037,26 @@ MOEJAX_VARIANT(v3, __attribute__((target("arch=x86-64-v3"))), 8)
 MOEJAX_VARIANT(baseline, , 8)  // the build's default target (x86-64: SSE2)
 #undef MOEJAX_VARIANT
 
+#if MOEJAX_X86_VARIANTS
+// x86-64-v4 with AVX512_BF16: the v4 variant but for bf16 operands' gemm (dp::gemm, vdpbf16ps).
+__attribute__((target("arch=x86-64-v4,avx512bf16"), noinline)) void gemm_avx512bf16(
+    const float* x, int64_t ldx, int64_t R, const bf16* w, int64_t ldw, int64_t K, int64_t N, float* y, int64_t ldy) {
+  dp::gemm(x, ldx, R, w, ldw, K, N, y, ldy);
+}
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) void up_avx512bf16(const float* X, int64_t rows, int64_t D,
+                                                                      int64_t F, const bf16* wg, const bf16* wu,
+                                                                      int64_t f0, int64_t nf, float* H,
+                                                                      const float* sg, const float* su) {
+  up_item<bf16>(gemm_avx512bf16, X, rows, D, F, wg, wu, f0, nf, H, sg, su);
+}
+constexpr Ops<bf16> ops_avx512bf16 = {gemm_avx512bf16, up_avx512bf16, attention_v4<bf16>, argmax_v4<bf16>};
+constexpr Kernels k_avx512bf16 = {"avx512bf16", ops_v4<float>, ops_avx512bf16, gemm_v4<int8_t>, up_v4<int8_t>};
+#endif
+
 // The variants this CPU runs, best first (__builtin_cpu_supports: the CPU's features and the OS's support for
 // their registers).
 struct Runnable {
-  const Kernels* list[3];
+  const Kernels* list[4];
   int count;
 };
 
@@ -830,6 +1065,9 @@ const Runnable& runnable() {
     Runnable r{{}, 0};
 #if MOEJAX_X86_VARIANTS
     __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512bf16")) {
+      r.list[r.count++] = &k_avx512bf16;
+    }
     if (__builtin_cpu_supports("x86-64-v4")) r.list[r.count++] = &k_v4;
     if (__builtin_cpu_supports("x86-64-v3")) r.list[r.count++] = &k_v3;
 #endif

@@ -253,6 +253,6 @@ def test_kernel_path_names_the_kernels_and_isa(monkeypatch):
     model = moejax.Model.random(cfg, layout="DP1", dtype="bfloat16")
     if native.available():
         text = kernel_path(model)
-        assert f"ISA {native.isa()}" in text and "widened to f32" in text
+        assert f"ISA {native.isa()}" in text and native.bf16_arithmetic() in text
     monkeypatch.setenv(native.ENV, "0")
     assert kernel_path(model) == "XLA:CPU dots in bfloat16 (native kernels off: MOEJAX_NATIVE=0)"
