@@ -122,6 +122,10 @@ constexpr int64_t kChunk = 128;   // matmul: columns per work item, between half
 // expert weights 17-20 -> 11.5-12.4 ms on one AVX2 core against 16 rows ahead (2026-12-03).
 constexpr int64_t kFewRowsKBlock = 32;
 constexpr int64_t kPrefetchRows = kFewRowsKBlock;
+// Those prefetches go to L2, not L1 (prefetcht2, not prefetcht0). A MoE layer of bench-moe-100m x 8 layers, weights
+// from memory, 2-vCPU Zen 5, 2 / 8 tokens: avx512bf16 2.95-3.4 -> 1.6-1.8 / 6.1-6.4 -> 3.9-4.7 ms; v4 float32 at 1 / 8
+// tokens 2.5-3.0 -> 2.0-2.5 / 11.8-13.2 -> 8.4-8.6 ms (prefetcht1 about the same; prefetchnta, none slower), 2026-12-06.
+constexpr int kPrefetchLocality = 1;
 // Above kPackRows rows: packed weight panels of [kGemmKBlock, kGemmColTiles register tiles wide]
 // (gemm_packed); at most, the weights streamed in place (gemm_few). MoE layer of bench-moe-100m from
 // memory, two AVX-512 threads, 64 / 96 / 128 tokens (16-32 rows per expert): packing above 8 rows
@@ -248,7 +252,9 @@ MOEJAX_INLINE void tile(const float* __restrict x, int64_t ldx, const T* __restr
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) {
       if constexpr (How != Read::kPacked) {
-        if (j * W * sizeof(T) % 64 == 0) __builtin_prefetch(wk + kPrefetchRows * ldw + j * W);  // one per line
+        if (j * W * sizeof(T) % 64 == 0) {  // one per line
+          __builtin_prefetch(wk + kPrefetchRows * ldw + j * W, 0, kPrefetchLocality);
+        }
       }
       wv[j] = load<W>(wk + j * W);
       if constexpr (How == Read::kPacking) store<W>(pack + (k * NV + j) * W, wv[j]);
@@ -449,6 +455,7 @@ MOEJAX_INLINE void gemm_w(const float* x, int64_t ldx, int64_t R, const T* w, in
 namespace dp {
 
 constexpr int64_t kFewRows = 8;     // rows per register tile, few rows (in place)
+
 constexpr int64_t kPackedRowsDp = 6;  // rows per register tile from a packed panel: 6 x 4 vectors
 constexpr int64_t kPanelPairs = 128;  // k pairs per packed panel (256 k)
 constexpr int64_t kPanelTiles = 4;    // 64-column register tiles per packed panel
@@ -507,8 +514,9 @@ MOEJAX_DP void tile(const uint32_t* __restrict xp, int64_t ldp, const bf16* __re
       const bool odd = 2 * kk + 1 < K;
 #pragma GCC unroll 4
       for (int p = 0; p < NP; ++p) {
-        __builtin_prefetch(w0 + kPrefetchRows * ldw + p * 32);  // one line of each row per 32 columns, ahead
-        __builtin_prefetch(w0 + (kPrefetchRows + 1) * ldw + p * 32);
+        // One line of each row per 32 columns, a K block ahead, into L2 (kPrefetchLocality).
+        __builtin_prefetch(w0 + kPrefetchRows * ldw + p * 32, 0, kPrefetchLocality);
+        __builtin_prefetch(w0 + (kPrefetchRows + 1) * ldw + p * 32, 0, kPrefetchLocality);
         const __m512i a = row32<Masked>(w0 + p * 32, true, mask), b = row32<Masked>(w0 + ldw + p * 32, odd, mask);
         wv[2 * p] = interleave_lo(a, b), wv[2 * p + 1] = interleave_hi(a, b);
       }
