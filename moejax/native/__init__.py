@@ -12,20 +12,25 @@ whole page window and masks copies of it.
 `argmax` is each row's first maximum and finiteness in one pass.
 
 Operands: every kernel takes float32 or bfloat16 (`DTYPES`; a call's float operands all one of them, `runs`), the
-result in the operands' dtype. bfloat16 is the float32 arithmetic on the values widened in registers as they
-are loaded (exact: a 16-bit shift), each output element rounded once to bfloat16 (round to nearest even, as XLA's
-convert): a bfloat16 call equals the float32 kernel on the widened operands, then `astype(bfloat16)`, bit for bit,
-on every ISA variant (tests/test_native_bf16.py); intermediates (the MoE layer's hidden activations, attention's
-scores) stay float32. Why hand-written: XLA:CPU runs bfloat16 dots 25-50x slower than float32 on a 2-vCPU Zen 5
-host (bench-moe-100m decode at batch 1: TPOT 99.7 ms in bfloat16 against 5.6 ms in float32; vLLM's CPU build in
-bfloat16: 7.6 ms); its flags (oneDNN, XNNPACK, YNNPACK) do not change that, PyPI `mkl`'s bfloat16 GEMM converts
-to float32 and runs at sgemm speed, and scipy-openblas has no sbgemm (measured 2026-12). Why widen rather than
-AVX512_BF16's `vdpbf16ps`: decode is bound by reading the weights, and half the bytes is the whole gain there
-(1.7-1.9x the float32 kernels' speed at 1-32 rows, `moejax.bench.native_vs_xla --dtype bfloat16`); prefill runs
-from packed float32 panels (widened while packing) at the float32 kernels' speed, exact, and the same bits on the
-x86-64-v4 and x86-64-v3 variants. `vdpbf16ps` (2x the multiply-adds per instruction for compute-bound prefill)
-would need x rounded to bfloat16 (the MoE layer's float32 hidden activations too), weights interleaved in K
-pairs, and would lose both properties; not built.
+result in the operands' dtype, each output element rounded once to bfloat16 (round to nearest even, as XLA's
+convert). How bfloat16 is multiplied depends on the ISA variant (`bf16_arithmetic`):
+- "avx512bf16" (x86-64-v4 with AVX512_BF16, `BF16_DOT_ISAS`): the gemms of `matmul` and `moe_swiglu` multiply
+  bfloat16 pairs with `vdpbf16ps` (32 products per instruction, twice an FMA's, float32 accumulation): x rounded to
+  bfloat16 k pairs (exact for a bfloat16 call's own operands; the MoE layer's hidden activations rounded once, as a
+  bfloat16 model computes them), the weights interleaved along K in registers as they are read in place (few rows)
+  or once into packed panels (above 32 rows). Deterministic and rows independent as every variant; not the float32
+  kernel's bits. `paged_attention` and `argmax` are v4's.
+- the others (v4, v3, baseline): the float32 arithmetic on the values widened in registers as they are loaded
+  (exact: a 16-bit shift): a bfloat16 call equals the float32 kernel on the widened operands, then
+  `astype(bfloat16)`, bit for bit (tests/test_native_bf16.py); intermediates stay float32.
+Decode is bound by reading the weights, and half the bytes is the gain there on every variant; prefill and wide
+batches are bound by the multiply-adds, where `vdpbf16ps` doubles them (bench-moe-100m against v4: unembedding at 32
+/ 256 rows 6.5 -> 4.5 / 41.6 -> 29.2 ms, the MoE layer x 8 at 256 tokens 42.3 -> 28.8 ms; docs/benchmarks.md "CPU
+decode against vLLM's CPU engine"). Why hand-written: XLA:CPU runs bfloat16 dots 25-50x slower than float32 on a
+2-vCPU Zen 5 host (bench-moe-100m decode at batch 1: TPOT 99.7 ms in bfloat16 against 5.6 ms in float32; vLLM's
+CPU build in bfloat16: 7.6 ms); its flags (oneDNN, XNNPACK, YNNPACK) do not change that, PyPI `mkl`'s bfloat16
+GEMM converts to float32 and runs at sgemm speed, and scipy-openblas has no sbgemm (measured 2026-12). No AMX path
+(no host with AMX to measure it on).
 
 Weight-only int8 (`moejax.quant`'s "int8": int8 values, one scale per output channel in the serving dtype) rides on
 the same micro-kernel (`matmul` and `moe_swiglu` with `scale` / `scales`; targets "moejax_matmul_int8" and
@@ -47,14 +52,15 @@ each result is typed as varying over every mesh axis its operands vary over (`ma
 types a custom call's result as varying over nothing, which would blind the replication check.
 
 The library holds each kernel compiled for three ISA variants (`ISAS`): "v4" (x86-64-v4: AVX-512), "v3"
-(x86-64-v3: AVX2 + FMA) and "baseline" (the build's default target: SSE2 on x86-64). One runs in the whole
-process, chosen when the library loads: MOEJAX_NATIVE_ISA names it (a variant that is unknown, or that this CPU
-cannot run, is a ValueError), unset the best this CPU runs (`runnable_isas`). `isa()` says which runs. Within a
-variant every result is deterministic and a row's does not depend on the other rows (tests/test_native.py
-checks both bitwise for every variant the host runs). Across variants (tests/test_native_isa.py): `matmul` and
-`moe_swiglu` give the same bits on v4 and v3 (one FMA chain per element on both); `paged_attention` differs
-between them in the last bits (its dots summed in trees of 16 and of 8 lanes), and the baseline (no FMA) from
-both.
+(x86-64-v3: AVX2 + FMA) and "baseline" (the build's default target: SSE2 on x86-64), and a fourth, "avx512bf16",
+that is v4 with the bfloat16 gemms above. One runs in the whole process, chosen when the library loads:
+MOEJAX_NATIVE_ISA names it (a variant that is unknown, or that this CPU cannot run, is a ValueError), unset the
+best this CPU runs (`runnable_isas`). `isa()` says which runs. Within a variant every result is deterministic and a
+row's does not depend on the other rows (tests/test_native.py checks both bitwise for every variant the host runs).
+Across variants (tests/test_native_isa.py): `matmul` and `moe_swiglu` give the same bits on v4 and v3 (one FMA
+chain per element on both); `paged_attention` differs between them in the last bits (its dots summed in trees of
+16 and of 8 lanes), and the baseline (no FMA) from both; avx512bf16's bfloat16 gemms are within bfloat16
+tolerance of v4's (float32 operands: v4's kernels).
 """
 
 from __future__ import annotations
@@ -130,7 +136,7 @@ def runnable_isas() -> tuple[str, ...]:
 
 
 def isa() -> str | None:
-    """The ISA variant the kernels run ("v4", "v3" or "baseline"); None where the library does not load."""
+    """The ISA variant the kernels run ("avx512bf16", "v4", "v3" or "baseline"); None where the library won't load."""
     return None if _load() is not None else _library().MoejaxIsa().decode()
 
 

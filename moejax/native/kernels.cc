@@ -44,10 +44,11 @@
 // (`load`, `widen`: exact, a 16-bit shift) and everything runs in float32 on the same micro-kernel (the weights'
 // element type is a template parameter of the register tile; x is widened into a float copy, tiny next to the
 // weights); each output element is rounded once to bfloat16 (`narrow`: to nearest even, as XLA's convert). So a
-// bfloat16 call is the float32 kernel on the widened operands, rounded, bit for bit, on every variant. Decode
-// reads half the weight bytes (bench-moe-100m, one AVX-512 host: 1.7-1.9x the float32 kernels at 1-32 rows);
-// prefill packs widened float32 panels and runs at the float32 kernels' speed. See moejax/native/__init__.py for
-// why not AVX512_BF16's vdpbf16ps.
+// bfloat16 call is the float32 kernel on the widened operands, rounded, bit for bit, on the v4, v3 and baseline
+// variants. Decode reads half the weight bytes (bench-moe-100m, one AVX-512 host: 1.7-1.9x the float32 kernels at
+// 1-32 rows); prefill packs widened float32 panels and runs at the float32 kernels' speed. The avx512bf16 variant
+// replaces the bf16 gemm by AVX512_BF16 dot products (namespace dp, below: twice the multiply-adds per
+// instruction, float32 accumulation, not the float32 kernel's bits).
 //
 // int8 weights (moejax.quant's "int8", moejax_matmul_int8 and moejax_moe_swiglu_int8): the weights' element type
 // int8, widened as loaded (`load`: vpmovsxbd + vcvtdq2ps, exact) on the same micro-kernel; one float32 scale per
@@ -60,7 +61,8 @@
 // streamed in place; above, GotoBLAS-style packed weight panels (gemm_packed), the next one prefetched while
 // the current one is used. GCC vector extensions.
 //
-// ISA variants: all of the vector code is compiled three times (MOEJAX_VARIANT): for x86-64-v4
+// ISA variants (a fourth, avx512bf16, is v4 with dp::gemm for bf16 operands; see "bf16 dot products"): all of the
+// vector code is compiled three times (MOEJAX_VARIANT): for x86-64-v4
 // (AVX-512: W = 16, R <= 8), x86-64-v3 (AVX2 + FMA: W = 8, R <= 6) and the x86-64 baseline (SSE2: the
 // x86-64-v3 code, W = 8, R <= 6, on SSE registers, each vector two of them, so its larger tiles spill, and
 // no FMA: products rounded before they are added; the fallback for a CPU without AVX2, not tuned). One build
@@ -815,7 +817,7 @@ struct Ops {
 
 // One ISA variant: a call takes its variant once (`kernels()`) and runs every item on it.
 struct Kernels {
-  const char* name;  // "v4", "v3", "baseline": MOEJAX_NATIVE_ISA's values
+  const char* name;  // "avx512bf16", "v4", "v3", "baseline": MOEJAX_NATIVE_ISA's values
   Ops<float> f32;
   Ops<bf16> b16;
   GemmFn<int8_t> gemm_i8;  // int8 weights (per-column scales applied by the caller: scale_columns)
@@ -1557,7 +1559,8 @@ ffi::Error WriteRowsImpl(ffi::AnyBuffer pool, ffi::AnyBuffer rows, ffi::Buffer<f
 
 // ---- ISA selection (plain C, for ctypes: moejax/native/__init__.py) ----
 
-// The variants this CPU runs, best first, comma-separated ("v4,v3,baseline" where it runs AVX-512).
+// The variants this CPU runs, best first, comma-separated ("v4,v3,baseline" where it runs AVX-512 without
+// AVX512_BF16).
 extern "C" const char* MoejaxIsaRunnable() {
   static const std::string names = [] {
     std::string out;
