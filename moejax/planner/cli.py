@@ -144,18 +144,26 @@ def run(args: argparse.Namespace) -> int:
         return _run_disaggregated(args, cfg, hw, workload, options, rules, start)
     result = plan(cfg, hw, args.devices, workload, options, rules, args.batch_sizes, args.chunk_sizes,
                   args.target_tps_user, layouts=only)
+    return _report(args, result, start, write_outputs,
+                   lambda paths: compact_json(result, paths, args.top) if args.json else result.to_json(),
+                   format_summary)
+
+
+def _report(args: argparse.Namespace, result, start: float, write, to_json, summary) -> int:
+    """Write a plan's files under --out (`write`), then print its JSON (`to_json(paths)`, with the files) or its
+    summary (`summary(result, top, paths)`); an --out that cannot be written is one line."""
     try:
-        paths = write_outputs(result, args.out, plot=not args.no_plot, full_json=args.json)
+        paths = write(result, args.out, plot=not args.no_plot, full_json=args.json)
     except OSError as err:
         raise UsageError(f"--out {args.out}: cannot write the results: {err}") from err
     result.seconds = time.perf_counter() - start
     if args.json or args.json_full:
-        obj = compact_json(result, paths, args.top) if args.json else result.to_json()
+        obj = to_json(paths)
         obj["files"] = {k: str(v) for k, v in paths.items()}
         json.dump(obj, sys.stdout)
         sys.stdout.write("\n")
     else:
-        print(format_summary(result, args.top, paths))
+        print(summary(result, args.top, paths))
     return 0
 
 
@@ -180,20 +188,11 @@ def _run_disaggregated(args: argparse.Namespace, cfg, hw, workload: Workload, op
     """`moejax plan --disaggregated`: plan, write the files, print the summary (or JSON)."""
     result = plan_disaggregated(cfg, hw, args.devices, workload, options, rules, args.batch_sizes,
                                 args.chunk_sizes, args.target_tps_user)
-    try:
-        paths = write_disagg_outputs(result, args.out, plot=not args.no_plot, full_json=args.json)
-    except OSError as err:
-        raise UsageError(f"--out {args.out}: cannot write the results: {err}") from err
-    result.seconds = time.perf_counter() - start
-    if args.json or args.json_full:
-        obj = result.to_json(top=args.top if args.json else None)
-        obj["seconds"] = result.seconds
-        obj["files"] = {k: str(v) for k, v in paths.items()}
-        json.dump(obj, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        print(format_disagg_summary(result, args.top, paths))
-    return 0
+
+    def to_json(paths):
+        return {**result.to_json(top=args.top if args.json else None), "seconds": result.seconds}
+
+    return _report(args, result, start, write_disagg_outputs, to_json, format_disagg_summary)
 
 
 def read_planned_model(source: str) -> ModelConfig:
