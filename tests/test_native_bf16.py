@@ -90,9 +90,10 @@ def _reference_rounding_hidden(x, gate, local, wg, wu, wd, layer):
 
 
 @needs_kernel
-@pytest.mark.parametrize("L, E, D, F", [(1, 1, 8, 8), (2, 8, 40, 200), (2, 3, 128, 160)])
+@pytest.mark.parametrize("L, E, D, F", [(1, 1, 8, 8), (2, 8, 40, 200), (2, 3, 128, 160), (1, 2, 37, 45)])
 def test_moe_swiglu_is_the_float32_kernel_rounded_once(isa, L, E, D, F):
-    """Ids outside [0, E) skipped (rows with no local route: zeros), few and many rows per expert."""
+    """Ids outside [0, E) skipped (rows with no local route: zeros), few and many rows per expert, odd widths (an odd
+    number of k pairs' last pair half empty on the dot-product variants)."""
     rng = np.random.default_rng(L * 1000 + F)
     w = (_bf16(rng, L, E, D, F), _bf16(rng, L, E, D, F), _bf16(rng, L, E, F, D))
     call = jax.jit(native.moe_swiglu, static_argnames="max_threads")
