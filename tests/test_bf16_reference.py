@@ -45,8 +45,13 @@ def _compare(family, tmp_path):
     np.testing.assert_array_equal(ref16.argmax(-1)[stable], ref32.argmax(-1)[stable])
 
 
-# qwen2_moe: shared expert with its sigmoid gate, qkv bias; deepseek_v3: MLA, sigmoid grouped router, dense layer.
-@pytest.mark.parametrize("family", ["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.slow),
-                                    pytest.param("qwen2_moe", marks=pytest.mark.slow), "deepseek_v3"])
+# qwen2_moe: shared expert with its sigmoid gate, qkv bias; deepseek_v3: MLA, sigmoid grouped router, dense layer;
+# glm4_moe: qk norm, attention bias, grouped router; olmoe: qk norm; gpt_oss: sinks, sliding window, clamped SwiGLU
+# with biases, yarn.
+SLOW_FAMILIES = ("qwen3_moe", "qwen2_moe", "glm4_moe", "olmoe", "gpt_oss")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3",
+                                    *(pytest.param(f, marks=pytest.mark.slow) for f in SLOW_FAMILIES)])
 def test_bf16_logits_and_greedy_match_hf_bf16(family, tmp_path):
     _compare(family, tmp_path)

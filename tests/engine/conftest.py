@@ -17,9 +17,16 @@ SLOW_ON_PIPELINED = {"test_soak_with_aborts_and_preemption",
                      "test_workload_three_times_the_pool_completes_with_preemption"}
 
 
-# Modules whose every pipelined case runs in the slow step (asynchronous scheduling takes a pipelined layout with one
-# microbatch, the sequential schedule the default suite covers with multi-step decode).
-SLOW_PIPELINED_MODULES = ("test_async.py",)
+# Modules whose every pipelined case runs in the slow step: asynchronous scheduling takes a pipelined layout with one
+# microbatch, the sequential schedule the default suite covers with multi-step decode; the engine's, the KV-format,
+# prefix-cache and config checks on the pipelined layout (the pipeline's own invariants stay in the default suite:
+# test_pipeline.py, test_isolation.py, test_lifecycle.py, test_multistep.py). The suite's time: ~60 s, 2026-12-06.
+SLOW_PIPELINED_MODULES = ("test_async.py", "test_engine.py", "test_kv_quant_engine.py", "test_prefix_cache.py",
+                          "test_config_validation.py")
+# Single cases run in the slow step for the suite's time (each family and pairing keeps a lighter case in the
+# default suite).
+SLOW_CASES = ("test_disagg.py::test_mla_and_fp8_pools_move[deepseek_v3-kw0]",
+              "test_families_engine.py::test_request_joining_busy_engine_matches_alone[deepseek_v3-TP2MTP1EP4]")
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
@@ -28,6 +35,8 @@ def pytest_collection_modifyitems(config, items):
         pipelined = "[TP2EP2PP2" in item.nodeid
         if pipelined and (getattr(item, "originalname", None) in SLOW_ON_PIPELINED
                           or item.nodeid.split("::")[0].endswith(SLOW_PIPELINED_MODULES)):
+            item.add_marker(pytest.mark.slow)
+        elif item.nodeid.endswith(SLOW_CASES):
             item.add_marker(pytest.mark.slow)
 
 
