@@ -47,15 +47,16 @@ def isa(request):
     native._select_isa(before)
 
 
-def _reference(x, gate, local, wg, wu, wd, layer):
-    """Sum over routes of gate * SwiGLU_e(x) for local ids e in [0, E), in float64 numpy."""
+def _reference(x, gate, local, wg, wu, wd, layer, hidden=lambda h: h):
+    """Sum over routes of gate * SwiGLU_e(x) for local ids e in [0, E), in float64 numpy; `hidden` applied to the
+    hidden activations silu(x wg) * (x wu) before the down projection (e.g. a rounding)."""
     x, gate, wg, wu, wd = (np.asarray(a, np.float64) for a in (x, gate, wg, wu, wd))
     y = np.zeros_like(x)
     for m, k in np.ndindex(*local.shape):
         e = int(local[m, k])
         if 0 <= e < wg.shape[1]:
             g = x[m] @ wg[layer, e]
-            y[m] += gate[m, k] * ((g / (1 + np.exp(-g)) * (x[m] @ wu[layer, e])) @ wd[layer, e])
+            y[m] += gate[m, k] * (hidden(g / (1 + np.exp(-g)) * (x[m] @ wu[layer, e])) @ wd[layer, e])
     return y
 
 

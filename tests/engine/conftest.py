@@ -33,10 +33,9 @@ SLOW_CASES = ("test_disagg.py::test_mla_and_fp8_pools_move[deepseek_v3-kw0]",
 def pytest_collection_modifyitems(config, items):
     for item in items:
         pipelined = "[TP2EP2PP2" in item.nodeid
-        if pipelined and (getattr(item, "originalname", None) in SLOW_ON_PIPELINED
-                          or item.nodeid.split("::")[0].endswith(SLOW_PIPELINED_MODULES)):
-            item.add_marker(pytest.mark.slow)
-        elif item.nodeid.endswith(SLOW_CASES):
+        if item.nodeid.endswith(SLOW_CASES) or pipelined and (
+                getattr(item, "originalname", None) in SLOW_ON_PIPELINED
+                or item.nodeid.split("::")[0].endswith(SLOW_PIPELINED_MODULES)):
             item.add_marker(pytest.mark.slow)
 
 
